@@ -1,0 +1,5 @@
+import sys
+
+from ondo.cli import main
+
+sys.exit(main())

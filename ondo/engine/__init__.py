@@ -1,0 +1,1 @@
+"""Requests, block manager, scheduler, model runner and the engine loop."""

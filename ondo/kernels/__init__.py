@@ -1,0 +1,1 @@
+"""Attention kernels: Triton on CUDA, a pure-PyTorch reference everywhere."""

@@ -1,0 +1,38 @@
+"""The flat batch that one engine step hands to the model and the kernels."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class AttentionMetadata:
+    """Where each new token's K/V goes and what each sequence attends to.
+
+    A step packs the new tokens of B sequences into one flat tensor of T tokens
+    (no padding). Sequence ``i`` owns new tokens ``query_start_loc[i]`` up to
+    ``query_start_loc[i + 1]``; they are the last ``query_len`` positions of its
+    ``context_lens[i]`` tokens, all of which (cached prefix and new tokens) are
+    reached through ``block_tables[i]``.
+    """
+
+    slot_mapping: torch.Tensor  # [T] int64: physical slot (block * block_size + offset) per new token
+    block_tables: torch.Tensor  # [B, max_blocks] int32, rows padded with 0 past the used blocks
+    context_lens: torch.Tensor  # [B] int32: tokens in context after this step (prefix + new)
+    query_start_loc: torch.Tensor  # [B + 1] int32: cumulative new-token counts
+    max_query_len: int
+    max_context_len: int
+    block_size: int
+    # Host copies, so the reference path never waits on the device for sizes.
+    query_lens_cpu: list[int] | None = None
+    context_lens_cpu: list[int] | None = None
+
+    @property
+    def num_seqs(self) -> int:
+        return int(self.context_lens.shape[0])
+
+    @property
+    def is_decode_only(self) -> bool:
+        return self.max_query_len == 1

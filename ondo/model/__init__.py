@@ -1,0 +1,1 @@
+"""Decoder models, weight loading (HF folders, GGUF, dummy) and tokenizers."""

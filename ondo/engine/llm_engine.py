@@ -1,0 +1,320 @@
+"""The engine loop: add requests, `step()` them forward one iteration at a time, abort them.
+
+One step = schedule (decide) → run the model on the flat batch (do) → sample →
+detokenize and check stops → free what finished. Single-threaded; `AsyncLLM` drives
+it from its own thread for the server.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from ondo.engine.block_manager import BlockManager
+from ondo.engine.config import EngineArgs
+from ondo.engine.model_runner import ModelRunner
+from ondo.engine.outputs import CompletionOutput, RequestOutput
+from ondo.engine.sampler import sample
+from ondo.engine.sampling_params import SamplingParams
+from ondo.engine.scheduler import Scheduler, SchedulerOutput
+from ondo.engine.sequence import Sequence, SequenceStatus
+from ondo.engine.step_stats import StepStats
+from ondo.engine.stop_checker import check_stop
+from ondo.model.detokenizer import IncrementalDetokenizer
+from ondo.model.loader import load_model
+from ondo.model.tokenizer import load_tokenizer
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={name!r} but no CUDA GPU is visible; use device='cpu'")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device, config_dtype: str | None) -> torch.dtype:
+    if name != "auto":
+        return _DTYPES[name]
+    if device.type == "cpu":
+        return torch.float32
+    return torch.float16 if config_dtype == "float16" else torch.bfloat16
+
+
+@dataclass
+class _TextState:
+    detokenizer: IncrementalDetokenizer
+    text: str = ""
+    emitted: int = 0  # characters of `text` already handed out
+    emitted_tokens: int = 0
+    emitted_logprobs: int = 0
+
+
+class LLMEngine:
+    def __init__(self, args: EngineArgs) -> None:
+        t0 = time.perf_counter()
+        self.args = args
+        self.device = resolve_device(args.device)
+        torch.manual_seed(args.seed)
+        probe_dtype = _DTYPES.get(args.dtype, torch.float32 if self.device.type == "cpu" else torch.bfloat16)
+        self.model, self.model_config = load_model(args.model, args.load_format, probe_dtype, self.device)
+        self.dtype = next(self.model.parameters()).dtype
+        self.tokenizer = load_tokenizer(args.model, args.tokenizer) if args.load_format != "dummy" or args.tokenizer else None
+        cfg = self.model_config
+        self.max_model_len = args.max_model_len or cfg.max_position_embeddings
+        if args.max_model_len and args.max_model_len > cfg.max_position_embeddings:
+            log.warning("max_model_len=%d exceeds the model's %d positions", args.max_model_len,
+                        cfg.max_position_embeddings)
+        default_budget = 8192 if self.device.type == "cuda" else 1024
+        self.max_num_batched_tokens = args.max_num_batched_tokens or default_budget
+        if not args.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
+            raise ValueError(
+                f"max_num_batched_tokens={self.max_num_batched_tokens} is below max_model_len="
+                f"{self.max_model_len}: enable chunked prefill or raise max_num_batched_tokens"
+            )
+        self.eos_token_ids = list(cfg.eos_token_ids or [])
+        if self.tokenizer is not None:
+            self.eos_token_ids = sorted(set(self.eos_token_ids) | set(self.tokenizer.eos_token_ids))
+        self.runner = ModelRunner(args, self.model, cfg, self.device, self.dtype,
+                                  self.max_model_len, self.max_num_batched_tokens)
+        plan = self.runner.profile_and_allocate()
+        self.block_manager = BlockManager(plan.num_gpu_blocks, plan.num_cpu_blocks, args.block_size)
+        self.scheduler = Scheduler(
+            self.block_manager, args.max_num_seqs, self.max_num_batched_tokens,
+            args.preemption_mode, self.runner.costs, args.enable_chunked_prefill,
+        )
+        self.generator = torch.Generator(device=self.device)
+        self.generator.manual_seed(args.seed)
+        self._seq_ids = itertools.count()
+        self._requests: dict[str, Sequence] = {}
+        self._text: dict[str, _TextState] = {}
+        self._pending_outputs: list[RequestOutput] = []
+        self._step_listeners: list[Callable[[StepStats], None]] = []
+        self._step_index = 0
+        self.num_prompt_tokens_total = 0
+        self.num_generation_tokens_total = 0
+        self.startup_s = time.perf_counter() - t0
+        log.info("engine ready in %.1f s on %s (%s), max_model_len %d", self.startup_s, self.device,
+                 self.dtype, self.max_model_len)
+
+    # -- requests ----------------------------------------------------------------
+    def add_request(
+        self,
+        request_id: str,
+        prompt: str | None = None,
+        params: SamplingParams | None = None,
+        prompt_token_ids: list[int] | None = None,
+        arrival_time_s: float | None = None,
+    ) -> Sequence:
+        """Queue a request; raises ValueError (naming the problem) if it cannot run."""
+        params = params or SamplingParams()
+        if request_id in self._requests:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        if prompt_token_ids is None:
+            if not isinstance(prompt, str):
+                raise ValueError("a prompt (text) or prompt_token_ids is required")
+            if self.tokenizer is None:
+                raise ValueError("this engine has no tokenizer: pass prompt_token_ids")
+            prompt_token_ids = self.tokenizer.encode(prompt)
+        prompt_token_ids = list(prompt_token_ids)
+        vocab = self.model_config.vocab_size
+        if not prompt_token_ids:
+            raise ValueError("the prompt is empty")
+        if not all(isinstance(t, int) and 0 <= t < vocab for t in prompt_token_ids):
+            raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
+        if len(prompt_token_ids) > self.max_model_len:
+            raise ValueError(
+                f"the prompt has {len(prompt_token_ids)} tokens, more than max_model_len="
+                f"{self.max_model_len}"
+            )
+        seq = Sequence(next(self._seq_ids), request_id, prompt_token_ids, params,
+                       arrival_time_s if arrival_time_s is not None else time.monotonic(), prompt=prompt)
+        self._requests[request_id] = seq
+        if self.tokenizer is not None:
+            det = IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params.skip_special_tokens)
+            self._text[request_id] = _TextState(det)
+        self.scheduler.add(seq)
+        self.num_prompt_tokens_total += len(prompt_token_ids)
+        return seq
+
+    def abort_request(self, request_id: str) -> bool:
+        """Free the request's blocks now; its final output (finish_reason "abort") comes next step."""
+        seq = self._requests.get(request_id)
+        if seq is None:
+            return False
+        self.scheduler.finish(seq, "abort")
+        self._pending_outputs.append(self._make_output(seq))
+        self._forget(seq)
+        return True
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.num_unfinished > 0 or bool(self._pending_outputs)
+
+    def add_step_listener(self, listener: Callable[[StepStats], None]) -> None:
+        self._step_listeners.append(listener)
+
+    # -- one iteration -----------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        outputs, self._pending_outputs = self._pending_outputs, []
+        start = time.monotonic()
+        sched = self.scheduler.schedule()
+        if sched.is_empty:
+            return outputs
+        for seq in sched.preempted_recompute:
+            log.debug("preempted %s by recompute", seq.request_id)
+        batch = self.runner.prepare(sched)
+        logits = self.runner.execute(sched, batch)
+        sampling = [s.seq for s in sched.scheduled if s.samples]
+        for item in sched.scheduled:
+            item.seq.num_computed_tokens += item.num_new_tokens
+            if item.seq.first_scheduled_s is None:
+                item.seq.first_scheduled_s = start
+        if logits is not None:
+            result = sample(
+                logits,
+                [s.params for s in sampling],
+                [s.prompt_token_ids for s in sampling],
+                [s.output_token_ids for s in sampling],
+                self.generator,
+            )
+            now = time.monotonic()
+            for row, seq in enumerate(sampling):
+                out = self._append_token(seq, result.token_ids[row], result.logprobs[row],
+                                         result.sampled_logprobs[row], now)
+                if out is not None:
+                    outputs.append(out)
+        self.num_generation_tokens_total += len(sampling)
+        self._emit_step_stats(sched, batch, start, len(sampling))
+        return outputs
+
+    def _append_token(self, seq: Sequence, token: int, logprobs: dict[int, float] | None,
+                      sampled_lp: float | None, now: float) -> RequestOutput | None:
+        seq.token_ids.append(token)
+        if seq.first_token_s is None:
+            seq.first_token_s = now
+        if logprobs is not None:
+            seq.output_logprobs.append(logprobs)
+            seq.cumulative_logprob += sampled_lp or 0.0
+        state = self._text.get(seq.request_id)
+        new_text_len = 0
+        if state is not None:
+            delta = state.detokenizer.append(token)
+            state.text += delta
+            new_text_len = len(delta)
+        p = seq.params
+        decision = check_stop(
+            token_id=token, num_output_tokens=seq.num_output_tokens, num_tokens=seq.num_tokens,
+            text=state.text if state else "", new_text_len=new_text_len,
+            eos_token_ids=self.eos_token_ids, stop_token_ids=p.stop_token_ids, stop_strings=p.stop_list,
+            include_stop_str=p.include_stop_str_in_output, ignore_eos=p.ignore_eos,
+            min_tokens=p.min_tokens, max_tokens=p.max_tokens, max_model_len=self.max_model_len,
+        )
+        if decision.finish_reason is not None:
+            if state is not None and decision.truncate_text_to is not None:
+                state.text = state.text[: decision.truncate_text_to]
+            seq.stop_reason = decision.stop_reason
+            self.scheduler.finish(seq, decision.finish_reason)
+            out = self._make_output(seq)
+            self._forget(seq)
+            return out
+        return self._make_output(seq)
+
+    def _make_output(self, seq: Sequence) -> RequestOutput:
+        state = self._text.get(seq.request_id)
+        finished = seq.is_finished
+        text = state.text if state else ""
+        if state is not None:
+            visible = len(text)
+            if not finished and seq.params.stop_list:
+                # Hold back what could be the start of a stop string.
+                visible = max(state.emitted, len(text) - max(len(s) for s in seq.params.stop_list) + 1)
+            new_text = text[state.emitted:visible]
+            state.emitted = visible
+            new_ids = seq.output_token_ids[state.emitted_tokens:]
+            state.emitted_tokens = seq.num_output_tokens
+            new_lps = seq.output_logprobs[state.emitted_logprobs:] if seq.params.logprobs is not None else None
+            state.emitted_logprobs = len(seq.output_logprobs)
+        else:
+            new_text, new_ids, new_lps = "", [seq.token_ids[-1]] if seq.num_output_tokens else [], None
+        completion = CompletionOutput(
+            index=0,
+            text=text if finished else text[: state.emitted if state else 0],
+            token_ids=seq.output_token_ids if finished else [],
+            finish_reason=seq.finish_reason if finished else None,
+            stop_reason=seq.stop_reason,
+            logprobs=seq.output_logprobs if (finished and seq.params.logprobs is not None) else None,
+            cumulative_logprob=seq.cumulative_logprob if seq.params.logprobs is not None else None,
+            new_text=new_text,
+            new_token_ids=new_ids,
+            new_logprobs=new_lps,
+        )
+        metrics = {"arrival_time_s": seq.arrival_time_s}
+        if seq.first_scheduled_s is not None:
+            metrics["first_scheduled_s"] = seq.first_scheduled_s
+        if seq.first_token_s is not None:
+            metrics["first_token_s"] = seq.first_token_s
+        return RequestOutput(seq.request_id, seq.prompt, seq.prompt_token_ids, [completion], finished,
+                             metrics=metrics)
+
+    def _forget(self, seq: Sequence) -> None:
+        self._requests.pop(seq.request_id, None)
+        self._text.pop(seq.request_id, None)
+
+    def _emit_step_stats(self, sched: SchedulerOutput, batch, start: float, num_out: int) -> None:
+        self._step_index += 1
+        if not self._step_listeners:
+            return
+        flops, bytes_moved = self.runner.step_cost(batch)
+        bm = self.block_manager
+        stats = StepStats(
+            step_index=self._step_index, start_monotonic_s=start, end_monotonic_s=time.monotonic(),
+            num_prefill_tokens=batch.num_prefill_tokens, num_decode_tokens=batch.num_decode_tokens,
+            batch_size=len(sched.scheduled), num_kv_blocks_used=bm.num_used_blocks,
+            num_kv_blocks_total=bm.num_total_blocks, num_swapped_blocks=bm.num_cpu_blocks_used,
+            num_preemptions=len(sched.preempted_swap) + len(sched.preempted_recompute),
+            num_waiting=len(self.scheduler.waiting), num_running=len(self.scheduler.running),
+            num_swapped=len(self.scheduler.swapped), num_output_tokens=num_out,
+            flops=flops, bytes_moved=bytes_moved,
+        )
+        for listener in self._step_listeners:
+            try:
+                listener(stats)
+            except Exception:  # a listener never stops the engine
+                log.exception("step listener failed")
+
+    # -- introspection -------------------------------------------------------------
+    def stats(self) -> dict[str, float]:
+        bm, sch = self.block_manager, self.scheduler
+        return {
+            "num_total_blocks": bm.num_total_blocks,
+            "num_free_blocks": bm.num_free_blocks,
+            "num_cpu_blocks": bm.cpu.num_blocks,
+            "num_cpu_blocks_used": bm.num_cpu_blocks_used,
+            "num_preemptions_swap": sch.num_preemptions_swap,
+            "num_preemptions_recompute": sch.num_preemptions_recompute,
+            "num_swapped_out_blocks": bm.num_swapped_out_blocks,
+            "num_swapped_in_blocks": bm.num_swapped_in_blocks,
+            "num_running": len(sch.running),
+            "num_waiting": len(sch.waiting),
+            "num_swapped": len(sch.swapped),
+            "kv_cache_usage": bm.num_used_blocks / max(bm.num_total_blocks, 1),
+            "num_prompt_tokens_total": self.num_prompt_tokens_total,
+            "num_generation_tokens_total": self.num_generation_tokens_total,
+            "block_size": bm.block_size,
+        }
+
+    def waste_per_running_seq(self) -> list[int]:
+        """Allocated-but-unused KV slots of each running sequence (for the KV-waste check)."""
+        bs = self.block_manager.block_size
+        return [len(s.block_table) * bs - s.num_computed_tokens for s in self.scheduler.running
+                if s.status is SequenceStatus.RUNNING]

@@ -1,0 +1,201 @@
+"""Iteration-level scheduling: which sequences run this step, how many tokens each, which blocks.
+
+Plain deciding code: it moves sequences between the waiting, running and swapped
+queues and asks the block manager for blocks; it returns a `SchedulerOutput` and
+never touches a tensor. Order of work each step: running sequences first (oldest
+first; when blocks run short the newest running one is preempted), then swapped
+ones back in, then, only if nothing is left swapped, new ones from the waiting queue.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from ondo.engine.block_manager import BlockManager
+from ondo.engine.sequence import Sequence, SequenceStatus
+
+
+@dataclass(frozen=True)
+class PreemptionCosts:
+    """Measured rates the `auto` mode weighs (seconds per unit of work)."""
+
+    kv_bytes_per_block: int
+    swap_bytes_per_s: float  # host-link copy bandwidth, one direction
+    prefill_tokens_per_s: float
+
+    def swap_cost_s(self, num_blocks: int) -> float:
+        # Out now and back in later.
+        return 2.0 * num_blocks * self.kv_bytes_per_block / self.swap_bytes_per_s
+
+    def recompute_cost_s(self, num_tokens: int) -> float:
+        return num_tokens / self.prefill_tokens_per_s
+
+
+@dataclass
+class ScheduledSeq:
+    seq: Sequence
+    num_new_tokens: int
+    samples: bool = False  # this step reaches the last token, so a new one is sampled
+
+    def __post_init__(self) -> None:
+        self.samples = self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledSeq] = field(default_factory=list)
+    swap_out: list[tuple[int, int]] = field(default_factory=list)  # (gpu, cpu) block copies
+    swap_in: list[tuple[int, int]] = field(default_factory=list)  # (cpu, gpu) block copies
+    preempted_swap: list[Sequence] = field(default_factory=list)
+    preempted_recompute: list[Sequence] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.scheduled)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+class Scheduler:
+    def __init__(
+        self,
+        block_manager: BlockManager,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        preemption_mode: str = "auto",
+        costs: PreemptionCosts | None = None,
+        enable_chunked_prefill: bool = True,
+    ) -> None:
+        self.block_manager = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.preemption_mode = preemption_mode
+        self.costs = costs
+        self.enable_chunked_prefill = enable_chunked_prefill
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.swapped: deque[Sequence] = deque()
+        self.num_preemptions_swap = 0
+        self.num_preemptions_recompute = 0
+
+    # -- queue changes --------------------------------------------------------
+    def add(self, seq: Sequence) -> None:
+        seq.status = SequenceStatus.WAITING
+        self.waiting.append(seq)
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """Take a sequence out of whichever queue holds it and free its blocks."""
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+        elif seq.status is SequenceStatus.WAITING:
+            self.waiting.remove(seq)
+        elif seq.status is SequenceStatus.SWAPPED:
+            self.swapped.remove(seq)
+        if seq.status is not SequenceStatus.FINISHED:
+            self.block_manager.free(seq)
+        seq.status = SequenceStatus.FINISHED
+        if seq.finish_reason is None:
+            seq.finish_reason = reason
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.waiting) + len(self.running) + len(self.swapped)
+
+    # -- the decision ----------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.max_num_batched_tokens
+        running: list[Sequence] = []
+
+        # 1. Running sequences, oldest first; preempt from the tail when blocks run out.
+        queue = deque(self.running)
+        while queue and budget > 0:
+            seq = queue.popleft()
+            num_new = self._tokens_this_step(seq, budget)
+            if num_new == 0:
+                running.append(seq)
+                continue
+            while not self.block_manager.allocate_slots(seq, num_new):
+                victim = queue.pop() if queue else seq
+                self._preempt(victim, out)
+                if victim is seq:
+                    break
+            else:
+                out.scheduled.append(ScheduledSeq(seq, num_new))
+                running.append(seq)
+                budget -= num_new
+        running.extend(queue)  # left for lack of token budget, still running
+        self.running = running
+
+        # 2. Swapped sequences come back before any new one is admitted.
+        preempted = bool(out.preempted_swap or out.preempted_recompute)
+        while self.swapped and not preempted and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.swapped[0]
+            num_new = self._tokens_this_step(seq, budget)
+            if num_new == 0 or not self.block_manager.can_swap_in(seq, num_new):
+                break
+            self.swapped.popleft()
+            out.swap_in.extend(self.block_manager.swap_in(seq))
+            self.block_manager.allocate_slots(seq, num_new)
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            out.scheduled.append(ScheduledSeq(seq, num_new))
+            budget -= num_new
+
+        # 3. New sequences, first come first served.
+        while (
+            self.waiting
+            and not self.swapped
+            and not preempted
+            and budget > 0
+            and len(self.running) < self.max_num_seqs
+        ):
+            seq = self.waiting[0]
+            num_new = self._tokens_this_step(seq, budget)
+            if num_new == 0:
+                break
+            if not self.block_manager.allocate_slots(seq, num_new):
+                break
+            self.waiting.popleft()
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            out.scheduled.append(ScheduledSeq(seq, num_new))
+            budget -= num_new
+        return out
+
+    def _tokens_this_step(self, seq: Sequence, budget: int) -> int:
+        remaining = seq.num_uncomputed_tokens
+        if remaining <= budget:
+            return remaining
+        return budget if self.enable_chunked_prefill else 0
+
+    def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
+        if self._choose_swap(seq):
+            out.swap_out.extend(self.block_manager.swap_out(seq))
+            seq.status = SequenceStatus.SWAPPED
+            self.swapped.appendleft(seq)
+            out.preempted_swap.append(seq)
+            self.num_preemptions_swap += 1
+        else:
+            self.block_manager.free(seq)
+            seq.num_computed_tokens = 0
+            seq.status = SequenceStatus.WAITING
+            self.waiting.appendleft(seq)
+            out.preempted_recompute.append(seq)
+            self.num_preemptions_recompute += 1
+
+    def _choose_swap(self, seq: Sequence) -> bool:
+        if not seq.block_table or not self.block_manager.can_swap_out(seq):
+            return False
+        if self.preemption_mode == "swap":
+            return True
+        if self.preemption_mode == "recompute":
+            return False
+        if self.costs is None:
+            return False
+        swap_s = self.costs.swap_cost_s(len(seq.block_table))
+        recompute_s = self.costs.recompute_cost_s(seq.num_computed_tokens)
+        return swap_s < recompute_s

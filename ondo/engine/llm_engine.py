@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ from ondo.engine.step_stats import StepStats
 from ondo.engine.stop_checker import check_stop
 from ondo.model.detokenizer import IncrementalDetokenizer
 from ondo.model.loader import load_model
-from ondo.model.tokenizer import load_tokenizer
+from ondo.model.tokenizer import Tokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,20 @@ def resolve_dtype(name: str, device: torch.device, config_dtype: str | None) -> 
     return torch.float16 if config_dtype == "float16" else torch.bfloat16
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+def _tokenizer_for(args: EngineArgs) -> Tokenizer | None:
+    """The model's tokenizer; None for a folder that has none (token ids in, token ids out)."""
+    if args.tokenizer:
+        return load_tokenizer(args.model, args.tokenizer)
+    if args.model and os.path.isdir(args.model):
+        if not any(os.path.exists(os.path.join(args.model, f)) for f in TOKENIZER_FILES):
+            log.warning("%s has no tokenizer files: prompts must be token ids", args.model)
+            return None
+    return load_tokenizer(args.model)
+
+
 @dataclass
 class _TextState:
     detokenizer: IncrementalDetokenizer
@@ -69,7 +84,7 @@ class LLMEngine:
         probe_dtype = _DTYPES.get(args.dtype, torch.float32 if self.device.type == "cpu" else torch.bfloat16)
         self.model, self.model_config = load_model(args.model, args.load_format, probe_dtype, self.device)
         self.dtype = next(self.model.parameters()).dtype
-        self.tokenizer = load_tokenizer(args.model, args.tokenizer) if args.load_format != "dummy" or args.tokenizer else None
+        self.tokenizer = _tokenizer_for(args)
         cfg = self.model_config
         self.max_model_len = args.max_model_len or cfg.max_position_embeddings
         if args.max_model_len and args.max_model_len > cfg.max_position_embeddings:

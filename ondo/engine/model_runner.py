@@ -17,12 +17,11 @@ from ondo.engine.config import EngineArgs
 from ondo.engine.memory import MemoryPlan, kv_bytes_per_block
 from ondo.engine.scheduler import PreemptionCosts, SchedulerOutput
 from ondo.kernels.metadata import AttentionMetadata
-from ondo.kernels.reference import copy_blocks_ref
 
 log = logging.getLogger(__name__)
 
 CPU_DEFAULT_KV_BYTES = 1 << 30
-CPU_PROFILE_TOKENS = 256  # CPU profiling only measures speed; memory is a byte budget there
+CPU_PROFILE_TOKENS = 128  # CPU profiling only measures speed; memory is a byte budget there
 
 
 @dataclass
@@ -133,7 +132,7 @@ class ModelRunner:
             source = "profiled"
         else:
             tokens = min(self.max_num_batched_tokens, CPU_PROFILE_TOKENS)
-            self._profile_forward(tokens)
+            self._profile_forward(min(tokens, 16))  # warm-up
             elapsed = self._profile_forward(tokens)
             prefill_tps = tokens / elapsed
             activations = 0
@@ -283,8 +282,9 @@ def _cumsum(values: list[int]) -> list[int]:
 
 
 def _copy_along_blocks(src: torch.Tensor, dst: torch.Tensor, mapping: list[tuple[int, int]]) -> None:
-    """Whole blocks of every layer, src[:, :, a] -> dst[:, :, b]."""
+    """Whole blocks of every layer, src[:, :, a] -> dst[:, :, b] (blocks are dim 2)."""
     if not mapping:
         return
-    # Blocks are dim 2; move them to dim 0 as views for the block-copy reference.
-    copy_blocks_ref(src.transpose(0, 2), dst.transpose(0, 2), mapping)
+    src_idx = torch.tensor([a for a, _ in mapping], dtype=torch.long, device=src.device)
+    dst_idx = torch.tensor([b for _, b in mapping], dtype=torch.long, device=dst.device)
+    dst[:, :, dst_idx] = src[:, :, src_idx].to(dst.device, non_blocking=True)

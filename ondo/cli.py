@@ -25,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
         try:
             module = importlib.import_module(name)
         except ModuleNotFoundError as e:
-            if e.name == name:
+            if e.name and name.startswith(e.name):  # the module (or its package) is absent
                 continue
             raise
         module.register(sub)

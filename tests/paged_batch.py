@@ -34,7 +34,9 @@ class PagedCache:
         slots, positions, context_lens = [], [], []
         for blocks, cached, new in zip(self.block_lists, self.num_cached, new_lens, strict=True):
             for pos in range(cached, cached + new):
-                slots.append(blocks[pos // self.block_size] * self.block_size + pos % self.block_size)
+                slots.append(
+                    blocks[pos // self.block_size] * self.block_size + pos % self.block_size
+                )
                 positions.append(pos)
             context_lens.append(cached + new)
         width = max(len(b) for b in self.block_lists)

@@ -7,19 +7,8 @@ import torch
 
 from ondo.model.loader import load_model
 from tests.paged_batch import PagedCache
+from tests.tiny_checkpoints import TINY_SHAPE, tiny_hf_model
 
-transformers = pytest.importorskip("transformers")
-
-TINY = dict(
-    vocab_size=128,
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=256,
-    rms_norm_eps=1e-6,
-)
 LLAMA3_ROPE = {
     "rope_type": "llama3",
     "factor": 8.0,
@@ -45,27 +34,10 @@ SEQ_LENS = [5, 11, 3]
 BLOCK_SIZE = 4
 
 
-def _hf_model(config_class: str, overrides: dict) -> torch.nn.Module:
-    config = getattr(transformers, config_class)(**{**TINY, **overrides})
-    model = transformers.AutoModelForCausalLM.from_config(
-        config, attn_implementation="eager", dtype=torch.float32
-    )
-    # Larger-than-default weights so logits are O(1) and a wrong piece shows;
-    # norms away from 1 so that a skipped norm weight shows too.
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=gen))
-            else:
-                p.copy_(0.15 * torch.randn(p.shape, generator=gen))
-    return model.eval()
-
-
 @pytest.fixture(params=list(CASES), scope="module")
 def checkpoint(request, tmp_path_factory):
     config_class, overrides = CASES[request.param]
-    hf = _hf_model(config_class, overrides)
+    hf = tiny_hf_model(config_class, overrides)
     path = tmp_path_factory.mktemp(request.param)
     # One case saved in shards, to read model.safetensors.index.json.
     shard = "40KB" if request.param == "llama" else "1GB"
@@ -82,7 +54,7 @@ def test_prefill_then_decode_match_transformers(checkpoint):
     assert config.tie_word_embeddings == (name == "llama_tied")
 
     gen = torch.Generator().manual_seed(1)
-    prompts = [torch.randint(0, TINY["vocab_size"], (n,), generator=gen) for n in SEQ_LENS]
+    prompts = [torch.randint(0, TINY_SHAPE["vocab_size"], (n,), generator=gen) for n in SEQ_LENS]
     cache = PagedCache(config, num_blocks=16, block_size=BLOCK_SIZE, seed=3)
     for n in SEQ_LENS:
         cache.add_sequence(n + 1)

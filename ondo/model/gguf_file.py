@@ -145,7 +145,7 @@ def dequantized(tensor: Any) -> np.ndarray:
     from gguf.quants import dequantize
 
     if tensor.tensor_type in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
-        return np.asarray(tensor.data, dtype=np.float32)
+        return np.array(tensor.data, dtype=np.float32)  # a copy: the memmap is read-only
     return dequantize(tensor.data, tensor.tensor_type)
 
 

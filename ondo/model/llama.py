@@ -17,7 +17,9 @@ from ondo.kernels.metadata import AttentionMetadata
 from ondo.model.config import ModelConfig
 from ondo.model.layers import RMSNorm, RotaryEmbedding, apply_rotary, silu_and_mul
 
-KVCache = tuple[torch.Tensor, torch.Tensor]  # (k_cache, v_cache), each [num_blocks, block_size, Hkv, D]
+KVCache = tuple[
+    torch.Tensor, torch.Tensor
+]  # (k_cache, v_cache), each [num_blocks, block_size, Hkv, D]
 
 # HF checkpoint projection name -> (fused ondo parameter, shard id).
 _FUSED_SHARDS = {

@@ -116,9 +116,7 @@ def _empty_model(config: ModelConfig, dtype: torch.dtype, device: torch.device) 
     return model.to(dtype=dtype).to_empty(device=device).eval()
 
 
-def _fill(
-    model: LlamaForCausalLM, weights: Iterator[tuple[str, torch.Tensor]], path: str
-) -> None:
+def _fill(model: LlamaForCausalLM, weights: Iterator[tuple[str, torch.Tensor]], path: str) -> None:
     loaded = model.load_weights(weights)
     missing = model.missing_parameters(loaded)
     if missing:

@@ -106,7 +106,7 @@ def safetensors_tensors(path: str) -> Iterator[tuple[str, torch.Tensor]]:
                     yield name, f.get_tensor(name)
         except FileNotFoundError:
             raise FileNotFoundError(f"weight file not found: {file_path}") from None
-        except (OSError, RuntimeError, ValueError) as e:
+        except Exception as e:  # safetensors' own SafetensorError has no narrower base
             raise ValueError(f"cannot read weight file {file_path}: {e}") from e
 
 

@@ -1,0 +1,93 @@
+"""The tokenizer the engine and the server use: a thin, typed wrapper over transformers' AutoTokenizer."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from ondo.model.default_model import default_model_path
+
+
+class Tokenizer:
+    def __init__(self, hf_tokenizer: Any, source: str, extra_eos_token_ids: list[int]) -> None:
+        self.hf_tokenizer = hf_tokenizer
+        self.source = source
+        eos = [hf_tokenizer.eos_token_id] if hf_tokenizer.eos_token_id is not None else []
+        self.eos_token_ids: list[int] = list(dict.fromkeys(eos + extra_eos_token_ids))
+
+    @property
+    def vocab_size(self) -> int:
+        # len() counts added special tokens that vocab_size may leave out.
+        return len(self.hf_tokenizer)
+
+    @property
+    def bos_token_id(self) -> int | None:
+        return self.hf_tokenizer.bos_token_id
+
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(getattr(self.hf_tokenizer, "chat_template", None))
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return list(self.hf_tokenizer.encode(text, add_special_tokens=add_special_tokens))
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self.hf_tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def convert_ids_to_tokens(self, ids: list[int]) -> list[str]:
+        return list(self.hf_tokenizer.convert_ids_to_tokens(ids))
+
+    def apply_chat_template(
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        tokenize: bool = True,
+    ) -> list[int] | str:
+        if not self.has_chat_template:
+            raise ValueError(
+                f"the tokenizer from {self.source} has no chat template; "
+                "send a plain completion prompt instead"
+            )
+        result = self.hf_tokenizer.apply_chat_template(
+            messages, add_generation_prompt=add_generation_prompt, tokenize=tokenize
+        )
+        if not tokenize:
+            return str(result)
+        # transformers 5 returns a BatchEncoding here; 4.x returned the id list.
+        if hasattr(result, "keys") and "input_ids" in result:
+            result = result["input_ids"]
+        return [int(i) for i in result]
+
+
+def load_tokenizer(path: str | None, tokenizer_path: str | None = None) -> Tokenizer:
+    """From a HF folder, or a .gguf file (tokenizer and chat template from its metadata).
+
+    tokenizer_path, when given, overrides path; both None means the embedded default model.
+    """
+    from transformers import AutoTokenizer
+
+    source = tokenizer_path or path or default_model_path()
+    if not os.path.exists(source):
+        raise FileNotFoundError(f"tokenizer source not found: {source}")
+    try:
+        if source.endswith(".gguf"):
+            folder, file_name = os.path.split(os.path.abspath(source))
+            hf_tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file_name)
+        else:
+            hf_tokenizer = AutoTokenizer.from_pretrained(source)
+    except Exception as e:  # transformers raises many kinds on a bad file
+        raise ValueError(f"cannot load a tokenizer from {source}: {e}") from e
+    return Tokenizer(hf_tokenizer, source, _generation_eos_ids(source))
+
+
+def _generation_eos_ids(source: str) -> list[int]:
+    # Chat models often stop on more ids than the tokenizer's one eos token.
+    config_path = os.path.join(source, "generation_config.json")
+    if not os.path.isfile(config_path):
+        return []
+    with open(config_path) as f:
+        eos = json.load(f).get("eos_token_id")
+    if eos is None:
+        return []
+    return [eos] if isinstance(eos, int) else [int(i) for i in eos]

@@ -379,3 +379,18 @@ def test_store_submit_never_blocks_while_the_database_is_locked(tmp_path: Path) 
     locker.close()
     store.close()
     assert store.stored + store.dropped == 1000
+
+
+def test_pipeline_wires_source_store_exporter_and_engine_hook(tmp_path: Path) -> None:
+    from ondo.telemetry import Telemetry
+
+    registry = CollectorRegistry()
+    tel = Telemetry.start(tmp_path / "t.db", source="sim", hz=50, registry=registry)
+    sub = tel.hub.subscribe(maxsize=1000, kinds=(EngineSample,))
+    now = time.monotonic()
+    tel.engine.on_step(step(0, now - 0.02, now, flops=989e12 * 0.02))
+    time.sleep(0.3)
+    tel.close()
+    assert sub.queue.get(0).compute_activity == pytest.approx(1.0)
+    assert tel.store.stored == tel.gpu.produced + 1 and tel.store.dropped == 0
+    assert registry.get_sample_value("ondo:gpu_power_watts", {"gpu": "0"}) > 70.0

@@ -1,0 +1,238 @@
+"""The telemetry store: one WAL-mode SQLite file, written by one thread from a bounded queue.
+
+`submit()` never blocks: when the writer falls behind (disk slow, file locked, disk full) the
+queue keeps its newest `max_queue` samples and counts the ones it drops, so that at any time
+after `close()`: stored + dropped == submitted. Raw GPU samples older than `raw_retention_s`
+are folded into 1 s aggregates (mean/min/max per column) in `gpu_samples_1s` and deleted.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from ondo.telemetry.hub import DropOldestQueue, Subscription, TelemetryHub
+from ondo.telemetry.schema import ENGINE_COLUMNS, GPU_VALUE_COLUMNS, EngineSample, GpuSample
+
+log = logging.getLogger(__name__)
+
+GPU_COLUMNS: tuple[str, ...] = (
+    "gpu_index",
+    "source",
+    "t_monotonic_s",
+    "t_wall_s",
+    "period_s",
+    "read_latency_s",
+    *GPU_VALUE_COLUMNS,
+    "stale",
+    "failed",
+)
+# Columns folded into mean/min/max per second; throttle_reasons is folded by bitwise OR.
+AGGREGATED_COLUMNS: tuple[str, ...] = tuple(
+    c for c in ("read_latency_s", *GPU_VALUE_COLUMNS) if c != "throttle_reasons"
+)
+AGGREGATE_COLUMNS: tuple[str, ...] = (
+    "gpu_index",
+    "source",
+    "t_s",
+    "t_wall_s",
+    "n",
+    "throttle_reasons_any",
+    *(f"{c}_{stat}" for c in AGGREGATED_COLUMNS for stat in ("mean", "min", "max")),
+)
+
+_SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS gpu_samples (
+    {", ".join(GPU_COLUMNS)}
+);
+CREATE INDEX IF NOT EXISTS gpu_samples_t ON gpu_samples (t_monotonic_s);
+CREATE TABLE IF NOT EXISTS engine_steps (
+    {", ".join((*ENGINE_COLUMNS, "source"))}
+);
+CREATE INDEX IF NOT EXISTS engine_steps_t ON engine_steps (end_monotonic_s);
+CREATE TABLE IF NOT EXISTS gpu_samples_1s (
+    {", ".join(AGGREGATE_COLUMNS)}
+);
+CREATE INDEX IF NOT EXISTS gpu_samples_1s_t ON gpu_samples_1s (t_s);
+"""
+
+
+class _BitOr:
+    def __init__(self) -> None:
+        self.value: int | None = None
+
+    def step(self, x: int | None) -> None:
+        if x is not None:
+            self.value = int(x) | (self.value or 0)
+
+    def finalize(self) -> int | None:
+        return self.value
+
+
+def connect(path: str | Path, timeout_s: float = 5.0) -> sqlite3.Connection:
+    conn = sqlite3.connect(str(path), timeout=timeout_s, check_same_thread=False)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=NORMAL")
+    conn.create_aggregate("bit_or", 1, _BitOr)  # type: ignore[arg-type]
+    return conn
+
+
+def _gpu_row(s: GpuSample) -> tuple[Any, ...]:
+    return (
+        s.gpu_index,
+        s.source,
+        s.t_monotonic_s,
+        s.t_wall_s,
+        s.period_s,
+        s.read_latency_s,
+        *(getattr(s, c) for c in GPU_VALUE_COLUMNS),
+        ",".join(sorted(s.stale)),
+        ",".join(sorted(s.failed)),
+    )
+
+
+def _engine_row(s: EngineSample) -> tuple[Any, ...]:
+    return (*(getattr(s, c) for c in ENGINE_COLUMNS), s.source)
+
+
+_INSERT_GPU = f"INSERT INTO gpu_samples VALUES ({', '.join('?' * len(GPU_COLUMNS))})"
+_INSERT_ENGINE = f"INSERT INTO engine_steps VALUES ({', '.join('?' * (len(ENGINE_COLUMNS) + 1))})"
+_BUCKET = "(CAST(t_monotonic_s AS INTEGER) - (t_monotonic_s < CAST(t_monotonic_s AS INTEGER)))"
+_AGGREGATE = f"""
+INSERT INTO gpu_samples_1s ({", ".join(AGGREGATE_COLUMNS)})
+SELECT gpu_index, source, {_BUCKET} AS t_s, MIN(t_wall_s), COUNT(*), bit_or(throttle_reasons),
+    {", ".join(f"AVG({c}), MIN({c}), MAX({c})" for c in AGGREGATED_COLUMNS)}
+FROM gpu_samples WHERE t_monotonic_s < ?
+GROUP BY gpu_index, source, t_s
+"""
+
+
+def compact(conn: sqlite3.Connection, before_s: int) -> int:
+    """Fold raw GPU samples with t_monotonic_s < `before_s` (whole seconds) into 1 s aggregates
+    and delete them; returns the number of raw rows folded."""
+    with conn:
+        conn.execute(_AGGREGATE, (before_s,))
+        return conn.execute("DELETE FROM gpu_samples WHERE t_monotonic_s < ?", (before_s,)).rowcount
+
+
+class TelemetryStore:
+    """`submit()` samples (or `attach()` to a hub); `flush()` waits for the writer; `close()`."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        max_queue: int = 50_000,
+        batch_size: int = 2_000,
+        raw_retention_s: float | None = 600.0,
+        busy_timeout_s: float = 0.1,
+        retry_backoff_s: float = 0.05,
+    ) -> None:
+        self.path = Path(path)
+        self.raw_retention_s = raw_retention_s
+        self.batch_size = batch_size
+        self.retry_backoff_s = retry_backoff_s
+        self._queue = DropOldestQueue(max_queue)
+        self.stored = 0
+        self.write_errors = 0
+        self._lost_on_close = 0
+        self._latest_t = float("-inf")
+        self._compacted_before = float("-inf")
+        self._stop = threading.Event()
+        self._sub: Subscription | None = None
+        conn = connect(self.path, timeout_s=5.0)
+        conn.executescript(_SCHEMA)
+        conn.close()
+        self._conn = connect(self.path, timeout_s=busy_timeout_s)
+        self._thread = threading.Thread(target=self._run, name="ondo-telemetry-store", daemon=True)
+        self._thread.start()
+
+    @property
+    def dropped(self) -> int:
+        """Samples lost: dropped from the full queue, or unwritable at close."""
+        return self._queue.dropped + self._lost_on_close
+
+    @property
+    def submitted(self) -> int:
+        return self._queue.added
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    def submit(self, sample: GpuSample | EngineSample) -> None:
+        """Queue a sample for writing; never blocks, never raises for a full queue."""
+        self._queue.put(sample)
+
+    def attach(self, hub: TelemetryHub) -> None:
+        self._sub = hub.subscribe(self.submit, kinds=(GpuSample, EngineSample))
+
+    def flush(self, timeout_s: float = 10.0) -> bool:
+        """Wait until everything submitted so far is written (True) or `timeout_s` passes."""
+        deadline = time.monotonic() + timeout_s
+        target = self.submitted
+        while self.stored + self.dropped < target:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.005)
+        return True
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        if self._sub is not None:
+            self._sub.close()
+        self.flush(timeout_s)
+        self._stop.set()
+        self._thread.join(timeout_s)
+        left = self._queue.drain()
+        if left:
+            self._lost_on_close += len(left)
+            log.error("telemetry store closed with %d samples unwritten (counted as dropped)", len(left))
+        self._conn.close()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            batch = self._queue.get_batch(self.batch_size, timeout=0.05)
+            if not batch:
+                continue
+            try:
+                self._write(batch)
+                self.stored += len(batch)
+            except Exception as e:  # locked, disk full, I/O error: keep what fits, retry
+                self.write_errors += 1
+                lost = self._queue.put_back(batch)
+                if self.write_errors == 1 or self.write_errors % 100 == 0:
+                    log.warning("telemetry store write failed (%s); %d queued, %d dropped so far",
+                                e, len(self._queue), self.dropped)
+                if lost:
+                    log.debug("dropped %d oldest samples", lost)
+                self._stop.wait(self.retry_backoff_s)
+                continue
+            self._maybe_compact()
+
+    def _write(self, batch: list[GpuSample | EngineSample]) -> None:
+        gpu = [_gpu_row(s) for s in batch if isinstance(s, GpuSample)]
+        engine = [_engine_row(s) for s in batch if isinstance(s, EngineSample)]
+        with self._conn:
+            if gpu:
+                self._conn.executemany(_INSERT_GPU, gpu)
+            if engine:
+                self._conn.executemany(_INSERT_ENGINE, engine)
+        if gpu:
+            self._latest_t = max(self._latest_t, max(r[2] for r in gpu))
+
+    def _maybe_compact(self) -> None:
+        if self.raw_retention_s is None:
+            return
+        before_s = int(self._latest_t - self.raw_retention_s)
+        if before_s <= self._compacted_before:
+            return
+        try:
+            n = compact(self._conn, before_s)
+            self._compacted_before = before_s
+            log.debug("folded %d raw samples before t=%d s into 1 s aggregates", n, before_s)
+        except sqlite3.Error as e:
+            log.warning("telemetry compaction deferred: %s", e)

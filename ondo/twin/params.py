@@ -27,13 +27,15 @@ class TwinParams:
     hbm_idle_power_w: float = 20.0  # part of idle power dissipated in the HBM stacks
     hbm_share_of_memory: float = 0.5  # part of memory power dissipated in the HBM stacks
     load_delay_s: float = 0.15  # host-side phase labels lead the GPU's power draw
-    # Thermal RC network: die -> sink <- HBM, sink -> ambient (inlet air).
-    die_c_j_per_c: float = 8.0
-    hbm_c_j_per_c: float = 8.0
-    sink_c_j_per_c: float = 1500.0
-    die_sink_c_per_w: float = 0.022
-    hbm_sink_c_per_w: float = 0.05
-    sink_amb_c_per_w: float = 0.03
+    # Thermal RC network: die -> sink <- HBM, sink -> board -> ambient (inlet air).
+    die_c_j_per_c: float = 4.0
+    hbm_c_j_per_c: float = 4.0
+    sink_c_j_per_c: float = 300.0
+    board_c_j_per_c: float = 3000.0
+    die_sink_c_per_w: float = 0.017
+    hbm_sink_c_per_w: float = 0.07
+    sink_board_c_per_w: float = 0.015
+    board_amb_c_per_w: float = 0.02
     ambient_c: float = 25.0
     # Sensors.
     temp_sensor_tau_s: float = 0.1

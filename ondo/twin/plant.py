@@ -12,11 +12,12 @@ temperatures after a first-order sensor lag, power as a 1 s moving average refre
 100 ms (`power_w`) plus the instantaneous channel (`power_instant_w`), the energy counter,
 clocks, utilisation and throttle-reason bits with NVML's values (`THROTTLE_*`).
 
-Model (each step of dt seconds, forward Euler; keep dt <= 20 ms):
+Model (each step of dt seconds; die and HBM nodes implicit, so they stay stable at any dt):
   thermal   C_die dT_die/dt = P_die - (T_die - T_sink)/R_die_sink
             C_hbm dT_hbm/dt = P_hbm - (T_hbm - T_sink)/R_hbm_sink
             C_sink dT_sink/dt = (T_die - T_sink)/R_die_sink + (T_hbm - T_sink)/R_hbm_sink
-                                - (T_sink - T_amb)/R_sink_amb
+                                - (T_sink - T_board)/R_sink_board
+            C_board dT_board/dt = (T_sink - T_board)/R_sink_board - (T_board - T_amb)/R_board_amb
   power     P = P_idle + k_leak (T_die - T_ref) + P_comp a_c (V(f)/V_max)^2 f/f_max + P_mem a_m
             P_hbm = P_hbm_idle + s_mem P_mem a_m, P_die = P - P_hbm
   clocks    f = min(f_power, f_sw_thermal, f_hw) where
@@ -71,6 +72,7 @@ class PlantState:
     die_c: np.ndarray
     hbm_c: np.ndarray
     sink_c: np.ndarray
+    board_c: np.ndarray
     die_sensor_c: np.ndarray
     hbm_sensor_c: np.ndarray
     cap_power_w: np.ndarray  # the power controller's filtered power
@@ -87,10 +89,14 @@ class PlantState:
     energy_reported_j: np.ndarray
 
     def copy(self) -> PlantState:
-        return PlantState(**{f.name: np.array(getattr(self, f.name)) for f in dataclasses.fields(self)})
+        return PlantState(
+            **{f.name: np.array(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        )
 
     def take(self, index) -> PlantState:
-        return PlantState(**{f.name: np.array(getattr(self, f.name)[index]) for f in dataclasses.fields(self)})
+        return PlantState(
+            **{f.name: np.array(getattr(self, f.name)[index]) for f in dataclasses.fields(self)}
+        )
 
 
 def window_len(params: TwinParams) -> int:
@@ -106,8 +112,12 @@ def voltage_frac(params: TwinParams, sm_mhz):
 def power_split_w(params: TwinParams, compute_activity, memory_activity, sm_mhz, die_c):
     """(total power, power dissipated in the HBM) for a load at a clock and die temperature."""
     v = voltage_frac(params, sm_mhz)
-    compute_w = params.compute_power_w * np.asarray(compute_activity) * v * v * (
-        np.asarray(sm_mhz) / params.sm_max_mhz
+    compute_w = (
+        params.compute_power_w
+        * np.asarray(compute_activity)
+        * v
+        * v
+        * (np.asarray(sm_mhz) / params.sm_max_mhz)
     )
     memory_w = params.memory_power_w * np.asarray(memory_activity)
     idle_w = params.idle_power_w + params.leak_w_per_c * (np.asarray(die_c) - params.leak_ref_c)
@@ -119,16 +129,21 @@ def power_split_w(params: TwinParams, compute_activity, memory_activity, sm_mhz,
 def steady_state(params: TwinParams, load: Load, ambient_c: float, shape=()) -> PlantState:
     """The state the plant settles to under a constant load, power-cap clock included."""
     sm = params.sm_max_mhz
-    die = hbm = sink = ambient_c
+    die = hbm = sink = board = ambient_c
     for _ in range(60):
         total, hbm_w = power_split_w(params, load.compute_activity, load.memory_activity, sm, die)
         if total > params.power_limit_w:
             sm = _cap_clock_mhz(params, load, die)
-            total, hbm_w = power_split_w(params, load.compute_activity, load.memory_activity, sm, die)
-        sink = ambient_c + params.sink_amb_c_per_w * total
+            total, hbm_w = power_split_w(
+                params, load.compute_activity, load.memory_activity, sm, die
+            )
+        board = ambient_c + params.board_amb_c_per_w * total
+        sink = board + params.sink_board_c_per_w * total
         die = sink + params.die_sink_c_per_w * (total - hbm_w)
         hbm = sink + params.hbm_sink_c_per_w * hbm_w
-    return initial_state(params, float(die), float(hbm), float(sink), float(sm), float(total), shape)
+    return initial_state(
+        params, float(die), float(hbm), float(sink), float(board), float(sm), float(total), shape
+    )
 
 
 def _cap_clock_mhz(params: TwinParams, load: Load, die_c: float) -> float:
@@ -145,6 +160,7 @@ def initial_state(
     die_c,
     hbm_c,
     sink_c,
+    board_c,
     sm_mhz,
     power_w,
     shape=(),
@@ -160,6 +176,7 @@ def initial_state(
         die_c=full(die_c),
         hbm_c=full(hbm_c),
         sink_c=full(sink_c),
+        board_c=full(board_c),
         die_sensor_c=full(die_c),
         hbm_sensor_c=full(hbm_c),
         cap_power_w=power.copy(),
@@ -177,7 +194,9 @@ def initial_state(
     )
 
 
-def advance(s: PlantState, p: TwinParams, dt_s, compute_activity, memory_activity, ambient_c) -> None:
+def advance(
+    s: PlantState, p: TwinParams, dt_s, compute_activity, memory_activity, ambient_c
+) -> None:
     """Step every GPU in `s` by dt_s seconds (scalar or per-GPU array) in place."""
     dt = np.asarray(dt_s, dtype=float)
     a_c = np.asarray(compute_activity, dtype=float)
@@ -192,16 +211,22 @@ def advance(s: PlantState, p: TwinParams, dt_s, compute_activity, memory_activit
     die_w = total_w - hbm_w
     s.power_instant_w = total_w
 
-    # Thermal network.
+    # Thermal network: the small die and HBM nodes implicit against the sink, the rest explicit.
+    g_die = dt / (p.die_c_j_per_c * p.die_sink_c_per_w)
+    g_hbm = dt / (p.hbm_c_j_per_c * p.hbm_sink_c_per_w)
+    s.die_c = (s.die_c + dt * die_w / p.die_c_j_per_c + g_die * s.sink_c) / (1 + g_die)
+    s.hbm_c = (s.hbm_c + dt * hbm_w / p.hbm_c_j_per_c + g_hbm * s.sink_c) / (1 + g_hbm)
     q_die = (s.die_c - s.sink_c) / p.die_sink_c_per_w
     q_hbm = (s.hbm_c - s.sink_c) / p.hbm_sink_c_per_w
-    q_amb = (s.sink_c - ambient_c) / p.sink_amb_c_per_w
-    s.die_c = s.die_c + dt * (die_w - q_die) / p.die_c_j_per_c
-    s.hbm_c = s.hbm_c + dt * (hbm_w - q_hbm) / p.hbm_c_j_per_c
-    s.sink_c = s.sink_c + dt * (q_die + q_hbm - q_amb) / p.sink_c_j_per_c
+    q_board = (s.sink_c - s.board_c) / p.sink_board_c_per_w
+    q_amb = (s.board_c - ambient_c) / p.board_amb_c_per_w
+    s.sink_c = s.sink_c + dt * (q_die + q_hbm - q_board) / p.sink_c_j_per_c
+    s.board_c = s.board_c + dt * (q_board - q_amb) / p.board_c_j_per_c
 
     # Temperature sensors: first-order lag (exact discretisation, so any dt is stable).
-    s.die_sensor_c = s.die_sensor_c + (s.die_c - s.die_sensor_c) * -np.expm1(-dt / p.temp_sensor_tau_s)
+    s.die_sensor_c = s.die_sensor_c + (s.die_c - s.die_sensor_c) * -np.expm1(
+        -dt / p.temp_sensor_tau_s
+    )
     s.hbm_sensor_c = s.hbm_sensor_c + (s.hbm_c - s.hbm_sensor_c) * -np.expm1(
         -dt / p.mem_temp_sensor_tau_s
     )
@@ -259,7 +284,9 @@ def reported_sm_mhz(s: PlantState, p: TwinParams) -> np.ndarray:
 class GpuPlant:
     """One simulated GPU; `step` advances it and returns what NVML would read."""
 
-    def __init__(self, params: TwinParams, ambient_c: float | None = None, state: PlantState | None = None):
+    def __init__(
+        self, params: TwinParams, ambient_c: float | None = None, state: PlantState | None = None
+    ):
         self.params = params
         amb = params.ambient_c if ambient_c is None else ambient_c
         self.state = state if state is not None else steady_state(params, Load(), amb)

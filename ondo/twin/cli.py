@@ -23,7 +23,7 @@ def register(subparsers) -> None:
         "--until-s",
         type=float,
         action="append",
-        help="use each trace only before this time (per --trace, in order)",
+        help="use each trace only before this time, one per --trace in order (inf: all of it)",
     )
     fit.add_argument(
         "--facts",
@@ -47,7 +47,7 @@ def run_fit(args: argparse.Namespace) -> int:
 
     traces = [read_trace(p) for p in args.trace]
     for i, until in enumerate(args.until_s or []):
-        if until is not None and until > 0:
+        if until is not None and np.isfinite(until):
             traces[i] = traces[i].window(-np.inf, until)
     facts_path = (
         Path(args.facts) if args.facts else Path(args.trace[0]).with_name("h100_facts.json")

@@ -62,7 +62,9 @@ def main():
         ax[3].set_ylabel("SM clock [MHz]")
         ax[4].plot(tr.t_s, (tr.throttle_reasons & 4) > 0)
         ax[4].plot(tr.t_s, rep.power_cap_pred.astype(float) * 0.95)
-        ax[4].plot(tr.t_s, rep.thermal_slowdown_pred.astype(float) * 0.9, label="twin thermal slowdown")
+        ax[4].plot(
+            tr.t_s, rep.thermal_slowdown_pred.astype(float) * 0.9, label="twin thermal slowdown"
+        )
         ax[4].set_ylabel("SW power cap")
         ax[4].set_xlabel("t [s]")
         ax[0].legend(loc="lower right")

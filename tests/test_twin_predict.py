@@ -138,3 +138,16 @@ def test_predict_cli_writes_one_row_per_trace_row(tmp_path, prbs):
         "thermal_slowdown_pred",
     ]
     assert {r["power_cap_pred"] for r in rows} == {"0", "1"}
+
+
+def test_what_if_half_load_lowers_power_and_lifts_clock_off_the_cap():
+    from ondo.twin.plant import Load, steady_state
+    from ondo.twin.predictor import forecast_constant
+
+    state = steady_state(P, Load(), P.ambient_c)
+    full = forecast_constant(P, state, 10.0, 1.0, 0.0, P.ambient_c, dt_s=0.02)
+    half = forecast_constant(P, state, 10.0, 1.0, 0.0, P.ambient_c, dt_s=0.02, load_scale=0.5)
+    assert full.time_to_power_cap_s is not None and full.time_to_power_cap_s < 1.0
+    assert full.time_to_throttle_s is None  # no thermal slowdown at the fitted inlet
+    assert half.power_w[-1] < full.power_w[-1] - 50
+    assert half.sm_mhz[-1] > full.sm_mhz[-1]

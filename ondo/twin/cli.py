@@ -1,0 +1,108 @@
+"""`ondo twin fit` and `ondo twin predict`."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+
+def register(subparsers) -> None:
+    twin = subparsers.add_parser("twin", help="GPU digital twin: fit to NVML traces, predict")
+    sub = twin.add_subparsers(dest="twin_command", metavar="SUBCOMMAND")
+
+    fit = sub.add_parser("fit", help="identify twin parameters from NVML trace CSVs")
+    fit.add_argument(
+        "--trace", action="append", required=True, help="trace CSV; repeat for several"
+    )
+    fit.add_argument(
+        "--until-s",
+        type=float,
+        action="append",
+        help="use each trace only before this time, one per --trace in order (inf: all of it)",
+    )
+    fit.add_argument(
+        "--facts",
+        help="NVML facts JSON (thresholds, limits); default: facts next to the first trace",
+    )
+    fit.add_argument("-o", "--output", required=True, help="params JSON to write")
+    fit.set_defaults(func=run_fit)
+
+    pred = sub.add_parser("predict", help="forecast every row of a trace horizon-s ahead")
+    pred.add_argument("--params", help="params JSON (default: the packaged H100 fit)")
+    pred.add_argument("--trace", required=True)
+    pred.add_argument("--horizon-s", type=float, default=10.0)
+    pred.add_argument("-o", "--output", required=True)
+    pred.set_defaults(func=run_predict)
+    twin.set_defaults(func=lambda args: (twin.print_help(), 2)[1])
+
+
+def run_fit(args: argparse.Namespace) -> int:
+    from ondo.twin.fit import fit_params
+    from ondo.twin.traces import read_trace
+
+    traces = [read_trace(p) for p in args.trace]
+    for i, until in enumerate(args.until_s or []):
+        if until is not None and np.isfinite(until):
+            traces[i] = traces[i].window(-np.inf, until)
+    facts_path = (
+        Path(args.facts) if args.facts else Path(args.trace[0]).with_name("h100_facts.json")
+    )
+    facts = json.loads(facts_path.read_text()) if facts_path.exists() else None
+    params, report = fit_params(traces, facts=facts)
+    params.save(args.output)
+    print("residuals after fit:")
+    for line in report.lines():
+        print("  " + line)
+    print(f"wrote {args.output}")
+    return 0
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    from ondo.twin.params import TwinParams, h100_params
+    from ondo.twin.replay import replay
+    from ondo.twin.traces import read_trace
+
+    params = TwinParams.load(args.params) if args.params else h100_params()
+    rep = replay(params, read_trace(args.trace), args.horizon_s)
+    with open(args.output, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(
+            [
+                "t",
+                "temp_c_pred",
+                "mem_temp_c_pred",
+                "power_w_pred",
+                "sm_mhz_pred",
+                "power_cap_pred",
+                "thermal_slowdown_pred",
+            ]
+        )
+        for row in zip(
+            rep.t_s,
+            rep.temp_c_pred,
+            rep.mem_temp_c_pred,
+            rep.power_w_pred,
+            rep.sm_mhz_pred,
+            rep.power_cap_pred,
+            rep.thermal_slowdown_pred,
+            strict=True,
+        ):
+            t, temp, mem, pw, f_mhz, cap, slow = row
+            w.writerow(
+                [
+                    f"{t:.4f}",
+                    f"{temp:.2f}",
+                    f"{mem:.2f}",
+                    f"{pw:.1f}",
+                    f"{f_mhz:.0f}",
+                    int(cap),
+                    int(slow),
+                ]
+            )
+    print(f"wrote {len(rep.t_s)} rows to {args.output}", file=sys.stderr)
+    return 0

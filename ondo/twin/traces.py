@@ -1,0 +1,119 @@
+"""NVML trace files (data/traces/*.csv) as arrays, and the load each row was running."""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Trace:
+    name: str
+    t_s: np.ndarray
+    phase: list[str]
+    temp_c: np.ndarray
+    mem_temp_c: np.ndarray
+    power_w: np.ndarray  # NVML's ~1 s average
+    power_fast_w: np.ndarray  # instantaneous channel, else energy-counter differences
+    energy_j: np.ndarray
+    sm_mhz: np.ndarray
+    throttle_reasons: np.ndarray
+    compute_activity: np.ndarray  # as labelled by the host (not delayed)
+    memory_activity: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.t_s)
+
+    def window(self, start_s: float, stop_s: float) -> Trace:
+        keep = (self.t_s >= start_s) & (self.t_s < stop_s)
+        idx = np.flatnonzero(keep)
+        return Trace(
+            name=f"{self.name}[{start_s:g}:{stop_s:g}]",
+            phase=[self.phase[i] for i in idx],
+            **{k: getattr(self, k)[idx] for k in _ARRAYS},
+        )
+
+    def load_at(self, t_s, delay_s: float) -> tuple[np.ndarray, np.ndarray]:
+        """Load the GPU runs at times t_s: the host label delay_s earlier (zero-order hold)."""
+        i = np.searchsorted(self.t_s, np.asarray(t_s) - delay_s, side="right") - 1
+        i = np.clip(i, 0, len(self.t_s) - 1)
+        return self.compute_activity[i], self.memory_activity[i]
+
+
+_ARRAYS = (
+    "t_s",
+    "temp_c",
+    "mem_temp_c",
+    "power_w",
+    "power_fast_w",
+    "energy_j",
+    "sm_mhz",
+    "throttle_reasons",
+    "compute_activity",
+    "memory_activity",
+)
+
+
+def load_from_phase(phase: str) -> tuple[float, float]:
+    """(compute_activity, memory_activity) for a phase label of the shared traces."""
+    if phase.startswith("idle"):
+        return 0.0, 0.0
+    if phase in ("load", "mm"):
+        return 1.0, 0.0
+    if phase == "copy":
+        return 0.0, 1.0
+    if phase.startswith("mm@"):
+        return float(phase[3:]), 0.0
+    raise ValueError(f"unknown phase label {phase!r}")
+
+
+def _energy_power_w(t_s: np.ndarray, energy_j: np.ndarray) -> np.ndarray:
+    """Mean power over each energy-counter refresh interval, held until the next refresh."""
+    change = np.flatnonzero(np.diff(energy_j) != 0) + 1
+    out = np.full(len(t_s), np.nan)
+    for a, b in zip(change[:-1], change[1:], strict=False):
+        out[a:b] = (energy_j[b] - energy_j[a]) / max(t_s[b] - t_s[a], 1e-3)
+    good = np.flatnonzero(~np.isnan(out))
+    if len(good) == 0:
+        return np.zeros(len(t_s))
+    return np.interp(np.arange(len(t_s)), good, out[good])
+
+
+def read_trace(path: str | Path) -> Trace:
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        raise ValueError(f"{path}: no rows")
+
+    def col(name: str, scale: float = 1.0) -> np.ndarray:
+        return np.array([float(r[name]) * scale for r in rows])
+
+    t_s = col("t")
+    energy_j = col("energy_mj", 1e-3)
+    phase = [r.get("phase", "") for r in rows]
+    if "compute_activity" in rows[0]:
+        a_c, a_m = col("compute_activity"), col("memory_activity")
+    else:
+        loads = np.array([load_from_phase(p) for p in phase])
+        a_c, a_m = loads[:, 0], loads[:, 1]
+    if "power_instant_mw" in rows[0]:
+        power_fast_w = col("power_instant_mw", 1e-3)
+    else:
+        power_fast_w = _energy_power_w(t_s, energy_j)
+    return Trace(
+        name=Path(path).name,
+        t_s=t_s,
+        phase=phase,
+        temp_c=col("temp_c"),
+        mem_temp_c=col("mem_temp_c"),
+        power_w=col("power_mw", 1e-3),
+        power_fast_w=power_fast_w,
+        energy_j=energy_j,
+        sm_mhz=col("sm_mhz"),
+        throttle_reasons=col("event_reasons").astype(int),
+        compute_activity=a_c,
+        memory_activity=a_m,
+    )

@@ -40,7 +40,7 @@ def make_paged_batch(
     Block 0 is never handed out: it is what padded table entries point to.
     """
     assert len(query_lens) == len(context_lens)
-    assert all(0 <= q <= c for q, c in zip(query_lens, context_lens))
+    assert all(0 <= q <= c for q, c in zip(query_lens, context_lens, strict=True))
     gen = torch.Generator().manual_seed(seed)
     blocks_per_seq = [(c + block_size - 1) // block_size for c in context_lens]
     num_blocks = 1 + sum(blocks_per_seq) + spare_blocks
@@ -48,7 +48,9 @@ def make_paged_batch(
     max_blocks = max([*blocks_per_seq, 1])
     block_tables = torch.zeros(len(context_lens), max_blocks, dtype=torch.int32)
     slots: list[int] = []
-    for i, (n, q_len, ctx_len) in enumerate(zip(blocks_per_seq, query_lens, context_lens)):
+    for i, (n, q_len, ctx_len) in enumerate(
+        zip(blocks_per_seq, query_lens, context_lens, strict=True)
+    ):
         blocks, order = order[:n], order[n:]
         block_tables[i, :n] = torch.tensor(blocks, dtype=torch.int32)
         for pos in range(ctx_len - q_len, ctx_len):

@@ -96,13 +96,14 @@ def test_decode_matches_reference_on_ragged_mid_block_contexts(heads, head_dim, 
 
 
 def test_decode_flash_decoding_splits_combine_to_reference():
-    # 32-token splits: the 150-token context has 5 splits (the last one partial), the
-    # 20-token context one live split, and the others must be skipped in the reduction.
+    # 64-token splits (a whole number of tiles on CPU and GPU): the 150-token context has
+    # 3 splits (the last one partial), the 20-token context one live split, and the
+    # reduction must skip its dead ones.
     b = _batch([1, 1, 1], [150, 20, 96], heads=(8, 2), head_dim=64, block_size=16)
     write_kv_cache_triton(b.key, b.value, b.k_cache, b.v_cache, b.meta.slot_mapping)
     scale = 64**-0.5
     split = paged_decode_attention_triton(
-        b.query, b.k_cache, b.v_cache, b.meta, scale, split_tokens=32
+        b.query, b.k_cache, b.v_cache, b.meta, scale, split_tokens=64
     )
     whole = paged_decode_attention_triton(
         b.query, b.k_cache, b.v_cache, b.meta, scale, split_tokens=160
@@ -113,9 +114,9 @@ def test_decode_flash_decoding_splits_combine_to_reference():
 
 def test_decode_skips_sequences_without_a_new_token():
     # A sequence with query_len 0 owns no output row; its neighbours must be unaffected.
-    b = _batch([1, 0, 1], [40, 12, 7], heads=(8, 2), head_dim=64)
+    b = _batch([1, 0, 1], [140, 12, 7], heads=(8, 2), head_dim=64)
     assert b.meta.max_query_len == 1
-    out = _write_then_attend(b, lambda *a: paged_decode_attention_triton(*a, split_tokens=32))
+    out = _write_then_attend(b, lambda *a: paged_decode_attention_triton(*a, split_tokens=64))
     assert out.shape[0] == 2
     torch.testing.assert_close(out, _reference(b), atol=ATOL, rtol=RTOL)
 

@@ -25,7 +25,7 @@ from ondo.kernels.metadata import AttentionMetadata
 
 LOG2E = 1.4426950408889634
 # A finite "minus infinity" for running maxima: exp2(-inf - (-inf)) would be NaN.
-NEG_BIG = -1.0e30
+NEG_BIG = tl.constexpr(-1.0e30)
 
 
 @triton.jit
@@ -380,7 +380,7 @@ def paged_decode_attention_triton(
         split_tokens = decode_split_tokens(
             num_seqs, num_kv_heads, max_context_len, block_n, _sm_count(query)
         )
-    assert split_tokens % block_n == 0, f"split_tokens must be a multiple of {block_n}"
+    split_tokens = math.ceil(split_tokens / block_n) * block_n  # whole tiles per split
     num_splits = math.ceil(max_context_len / split_tokens)
 
     if num_splits > 1:

@@ -105,7 +105,12 @@ def run_triton(batch, context, heads, head_dim, block_size, device, on_cuda):
         return paged_attention_triton(query, k_cache, v_cache, meta, scale)
 
     ms = time_ms(step, on_cuda)
-    graph_ms = time_ms(cuda_graph_of(step).replay, on_cuda) if on_cuda else None
+    graph_ms = None
+    if on_cuda:
+        try:
+            graph_ms = time_ms(cuda_graph_of(step).replay, on_cuda)
+        except RuntimeError as e:  # keep the plain timings if capture fails
+            print(f"CUDA graph capture failed ({batch}x{context}): {e}", file=sys.stderr)
     return ms, graph_ms, math.ceil(context / split)
 
 

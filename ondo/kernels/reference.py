@@ -57,7 +57,7 @@ def paged_attention_ref(
     context_lens = meta.context_lens_cpu
     if query_lens is None:
         qsl = meta.query_start_loc.tolist()
-        query_lens = [b - a for a, b in zip(qsl[:-1], qsl[1:])]
+        query_lens = [b - a for a, b in zip(qsl[:-1], qsl[1:], strict=True)]
     if context_lens is None:
         context_lens = meta.context_lens.tolist()
     out = torch.empty_like(query)

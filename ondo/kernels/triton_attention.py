@@ -1,0 +1,521 @@
+"""Paged attention in Triton: a flash-decoding kernel and a tiled prefill/extend kernel.
+
+Both read K/V only through the block table, so a sequence's blocks may lie anywhere
+in the cache. Both are GQA-aware: a program serves every query head that shares one
+KV head, so each K/V tile is loaded once for the whole head group and the head group
+becomes the M dimension of ``tl.dot``. Softmax runs online (flash attention) in fp32
+in the log2 domain (``exp2`` with ``scale * log2(e)`` folded into the scores).
+
+Decode (every sequence brings one new token) is memory-bound: the work is reading
+the context's K/V once. With few sequences there are too few (sequence, kv head)
+programs to keep 132 SMs busy, so the context is cut into splits; each split writes
+a partial (max, sum, normalised output), and a small kernel combines the splits.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ondo.kernels.metadata import AttentionMetadata
+
+LOG2E = 1.4426950408889634
+# A finite "minus infinity" for running maxima: exp2(-inf - (-inf)) would be NaN.
+NEG_BIG = tl.constexpr(-1.0e30)
+
+
+@triton.jit
+def _load_kv_tile(
+    cache_ptr,
+    block_table_row_ptr,
+    kv_head,
+    n,  # [BLOCK_N] token positions in the sequence
+    n_mask,
+    d,
+    d_mask,
+    stride_cache_block,
+    stride_cache_slot,
+    stride_cache_h,
+    BLOCK_SIZE: tl.constexpr,
+):
+    """[BLOCK_N, BLOCK_D] tile of K or V for tokens ``n``, gathered through the table.
+
+    BLOCK_N tokens may span several cache blocks (or part of one); each token looks up
+    its own block id, so the tile size is independent of the cache's block size.
+    """
+    block_ids = tl.load(block_table_row_ptr + n // BLOCK_SIZE, mask=n_mask, other=0)
+    offsets = (
+        block_ids.to(tl.int64)[:, None] * stride_cache_block
+        + (n % BLOCK_SIZE)[:, None] * stride_cache_slot
+        + kv_head * stride_cache_h
+        + d[None, :]
+    )
+    return tl.load(cache_ptr + offsets, mask=n_mask[:, None] & d_mask[None, :], other=0.0)
+
+
+@triton.jit
+def _decode_split_kernel(
+    q_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    block_tables_ptr,
+    context_lens_ptr,
+    query_start_loc_ptr,
+    out_ptr,  # [T, Hq, D]: written directly when NUM_SPLITS == 1
+    part_out_ptr,  # [B, Hq, NUM_SPLITS, BLOCK_D] fp32, normalised per split
+    part_max_ptr,  # [B, Hq, NUM_SPLITS] fp32, log2 domain
+    part_sum_ptr,  # [B, Hq, NUM_SPLITS] fp32
+    scale_log2e,
+    stride_q_t,
+    stride_q_h,
+    stride_o_t,
+    stride_o_h,
+    stride_cache_block,
+    stride_cache_slot,
+    stride_cache_h,
+    stride_bt,
+    split_tokens,  # context tokens per split, a multiple of BLOCK_N
+    NUM_Q_HEADS: tl.constexpr,
+    GROUP: tl.constexpr,  # query heads per kv head
+    GROUP_PAD: tl.constexpr,  # GROUP padded to a power of two >= 16 (tl.dot's minimum M)
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+
+    q_start = tl.load(query_start_loc_ptr + seq)
+    q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
+    ctx_len = tl.load(context_lens_ptr + seq)
+    lo = split * split_tokens
+    if (q_len == 0) | (lo >= ctx_len):  # no new token, or a split past the context end
+        return
+    hi = tl.minimum(lo + split_tokens, ctx_len)
+
+    g = tl.arange(0, GROUP_PAD)
+    g_mask = g < GROUP
+    heads = kv_head * GROUP + g
+    d = tl.arange(0, BLOCK_D)
+    d_mask = d < HEAD_DIM
+    q_offsets = q_start.to(tl.int64) * stride_q_t + heads[:, None] * stride_q_h + d[None, :]
+    q = tl.load(q_ptr + q_offsets, mask=g_mask[:, None] & d_mask[None, :], other=0.0)
+
+    m_i = tl.full([GROUP_PAD], NEG_BIG, dtype=tl.float32)
+    l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
+    acc = tl.zeros([GROUP_PAD, BLOCK_D], dtype=tl.float32)
+    table_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
+
+    for start in range(lo, hi, BLOCK_N):
+        n = start + tl.arange(0, BLOCK_N)
+        n_mask = n < hi
+        k = _load_kv_tile(
+            k_cache_ptr, table_row, kv_head, n, n_mask, d, d_mask,
+            stride_cache_block, stride_cache_slot, stride_cache_h, BLOCK_SIZE,
+        )  # fmt: skip
+        qk = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION) * scale_log2e
+        qk = tl.where(n_mask[None, :], qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(qk - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = _load_kv_tile(
+            v_cache_ptr, table_row, kv_head, n, n_mask, d, d_mask,
+            stride_cache_block, stride_cache_slot, stride_cache_h, BLOCK_SIZE,
+        )  # fmt: skip
+        v = v.to(q.dtype)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    acc = acc / l_i[:, None]  # every live split saw >= 1 key, so l_i > 0
+    if NUM_SPLITS == 1:
+        o_offsets = q_start.to(tl.int64) * stride_o_t + heads[:, None] * stride_o_h + d[None, :]
+        tl.store(
+            out_ptr + o_offsets,
+            acc.to(out_ptr.dtype.element_ty),
+            mask=g_mask[:, None] & d_mask[None, :],
+        )
+    else:
+        row = (seq * NUM_Q_HEADS + heads).to(tl.int64) * NUM_SPLITS + split  # [GROUP_PAD]
+        tl.store(part_max_ptr + row, m_i, mask=g_mask)
+        tl.store(part_sum_ptr + row, l_i, mask=g_mask)
+        tl.store(part_out_ptr + row[:, None] * BLOCK_D + d[None, :], acc, mask=g_mask[:, None])
+
+
+@triton.jit
+def _decode_reduce_kernel(
+    context_lens_ptr,
+    query_start_loc_ptr,
+    out_ptr,
+    part_out_ptr,
+    part_max_ptr,
+    part_sum_ptr,
+    stride_o_t,
+    stride_o_h,
+    split_tokens,
+    NUM_Q_HEADS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    SPLITS_PAD: tl.constexpr,
+):
+    """Combine one (sequence, query head)'s split partials into the final output row."""
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    q_start = tl.load(query_start_loc_ptr + seq)
+    q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
+    if q_len == 0:
+        return
+    ctx_len = tl.load(context_lens_ptr + seq)
+    live_splits = tl.cdiv(ctx_len, split_tokens)  # later splits returned without writing
+
+    s = tl.arange(0, SPLITS_PAD)
+    s_mask = s < live_splits
+    row = (seq * NUM_Q_HEADS + head).to(tl.int64) * NUM_SPLITS + s
+    m = tl.load(part_max_ptr + row, mask=s_mask, other=NEG_BIG)
+    l_s = tl.load(part_sum_ptr + row, mask=s_mask, other=0.0)
+    m_max = tl.max(m, 0)
+    weight = tl.where(s_mask, tl.exp2(m - m_max) * l_s, 0.0)
+    d = tl.arange(0, BLOCK_D)
+    o = tl.load(part_out_ptr + row[:, None] * BLOCK_D + d[None, :], mask=s_mask[:, None], other=0.0)
+    result = tl.sum(o * weight[:, None], 0) / tl.sum(weight, 0)
+    o_offsets = q_start.to(tl.int64) * stride_o_t + head * stride_o_h + d
+    tl.store(out_ptr + o_offsets, result.to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM)
+
+
+@triton.jit
+def _prefill_kernel(
+    q_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    block_tables_ptr,
+    context_lens_ptr,
+    query_start_loc_ptr,
+    out_ptr,
+    scale_log2e,
+    stride_q_t,
+    stride_q_h,
+    stride_o_t,
+    stride_o_h,
+    stride_cache_block,
+    stride_cache_slot,
+    stride_cache_h,
+    stride_bt,
+    GROUP: tl.constexpr,
+    GROUP_PAD: tl.constexpr,  # GROUP padded to a power of two
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr,  # rows per tile = query tokens per tile * GROUP_PAD
+    BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """Causal attention of a tile of one sequence's new tokens over its whole context.
+
+    A tile's rows are (token, head-in-group) pairs, so the kv head's K/V tile is
+    loaded once for all its query heads, and decode rows (one token) mixed into the
+    batch still fill GROUP rows of the dot instead of one.
+    """
+    TOKENS_PER_TILE: tl.constexpr = BLOCK_M // GROUP_PAD
+    tile = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    seq = tl.program_id(2)
+
+    q_start = tl.load(query_start_loc_ptr + seq)
+    q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
+    tok0 = tile * TOKENS_PER_TILE
+    if tok0 >= q_len:  # this sequence has fewer tiles (or no new tokens at all)
+        return
+    ctx_len = tl.load(context_lens_ptr + seq)
+    prefix_len = ctx_len - q_len  # tokens already cached before this step
+
+    rows = tl.arange(0, BLOCK_M)
+    tok = tok0 + rows // GROUP_PAD
+    g = rows % GROUP_PAD
+    row_mask = (tok < q_len) & (g < GROUP)
+    heads = kv_head * GROUP + g
+    d = tl.arange(0, BLOCK_D)
+    d_mask = d < HEAD_DIM
+    token_index = (q_start + tok).to(tl.int64)
+    q_offsets = token_index[:, None] * stride_q_t + heads[:, None] * stride_q_h + d[None, :]
+    q = tl.load(q_ptr + q_offsets, mask=row_mask[:, None] & d_mask[None, :], other=0.0)
+    # Query token r sits at position prefix_len + r and sees keys 0..prefix_len + r.
+    q_pos = prefix_len + tok
+
+    m_i = tl.full([BLOCK_M], NEG_BIG, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    table_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
+    # Keys past the tile's last token are masked for every row: stop there.
+    kv_end = tl.minimum(ctx_len, prefix_len + tok0 + TOKENS_PER_TILE)
+
+    for start in range(0, kv_end, BLOCK_N):
+        n = start + tl.arange(0, BLOCK_N)
+        n_mask = n < kv_end
+        k = _load_kv_tile(
+            k_cache_ptr, table_row, kv_head, n, n_mask, d, d_mask,
+            stride_cache_block, stride_cache_slot, stride_cache_h, BLOCK_SIZE,
+        )  # fmt: skip
+        qk = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION) * scale_log2e
+        visible = n_mask[None, :] & (n[None, :] <= q_pos[:, None])
+        qk = tl.where(visible, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(qk - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = _load_kv_tile(
+            v_cache_ptr, table_row, kv_head, n, n_mask, d, d_mask,
+            stride_cache_block, stride_cache_slot, stride_cache_h, BLOCK_SIZE,
+        )  # fmt: skip
+        v = v.to(q.dtype)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    # Every live row sees key 0, so l_i > 0 there; padded rows are not stored.
+    acc = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    o_offsets = token_index[:, None] * stride_o_t + heads[:, None] * stride_o_h + d[None, :]
+    tl.store(
+        out_ptr + o_offsets,
+        acc.to(out_ptr.dtype.element_ty),
+        mask=row_mask[:, None] & d_mask[None, :],
+    )
+
+
+# ---------------------------------------------------------------- launch configuration
+
+
+@functools.cache
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _sm_count(t: torch.Tensor) -> int:
+    # The interpreter (CPU tensors) has no SMs; pretend to be an H100 so the split
+    # heuristic picks what the GPU would.
+    return _num_sms(t.device.index or 0) if t.is_cuda else 132
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 inputs would silently drop to tf32 (10-bit mantissa) on tensor cores.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _kv_tile_tokens(t: torch.Tensor, block_d: int) -> tuple[int, int]:
+    """(BLOCK_N, num_stages) keeping the pipelined K and V tiles within shared memory.
+
+    64 tokens of a 128-wide bf16 head is 16 KiB per tile: several cache blocks per
+    iteration, so the loads are long enough to run at full bandwidth.
+    """
+    if not t.is_cuda:
+        return 32, 1  # interpreter: smaller tiles still exercise multi-tile loops
+    block_n, stages = 64, 3
+    budget = 160 * 1024
+    while 2 * block_n * block_d * t.element_size() * stages > budget:
+        if stages > 2:
+            stages -= 1
+        else:
+            block_n //= 2
+    return block_n, stages
+
+
+def decode_split_tokens(
+    num_seqs: int, num_kv_heads: int, max_context_len: int, block_n: int, num_sms: int
+) -> int:
+    """Context tokens per flash-decoding split (>= max_context_len means no split).
+
+    Aim for about two waves of (sequence, kv head, split) programs over the SMs, but
+    never cut a split below 256 tokens: each split costs a partial write and a share
+    of the reduction, which only pays when it reads a fair amount of K/V.
+    """
+    programs = num_seqs * num_kv_heads
+    target_programs = 2 * num_sms
+    min_split_tokens = 256
+    splits = min(
+        math.ceil(target_programs / programs),
+        math.ceil(max_context_len / min_split_tokens),
+        64,
+    )
+    splits = max(splits, 1)
+    split_tokens = math.ceil(max_context_len / splits)
+    return max(block_n, math.ceil(split_tokens / block_n) * block_n)
+
+
+def _check_inputs(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+    assert query.dim() == 3 and k_cache.dim() == 4
+    assert k_cache.shape == v_cache.shape and k_cache.stride() == v_cache.stride()
+    assert query.shape[2] == k_cache.shape[3]
+    assert query.shape[1] % k_cache.shape[2] == 0, "query heads must be a multiple of kv heads"
+    assert query.stride(-1) == 1 and k_cache.stride(-1) == 1
+
+
+def paged_decode_attention_triton(
+    query: torch.Tensor,  # [T, Hq, D]
+    k_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+    split_tokens: int | None = None,  # override the split heuristic (tests force splits)
+) -> torch.Tensor:
+    """Attention for batches whose sequences bring at most one new token each."""
+    _check_inputs(query, k_cache, v_cache)
+    num_tokens, num_q_heads, head_dim = query.shape
+    num_kv_heads = k_cache.shape[2]
+    group = num_q_heads // num_kv_heads
+    num_seqs = meta.num_seqs
+    out = torch.empty_like(query)
+    if num_tokens == 0 or num_seqs == 0:
+        return out
+    block_d = triton.next_power_of_2(head_dim)
+    block_n, stages = _kv_tile_tokens(k_cache, block_d)
+    max_context_len = max(meta.max_context_len, 1)
+    if split_tokens is None:
+        split_tokens = decode_split_tokens(
+            num_seqs, num_kv_heads, max_context_len, block_n, _sm_count(query)
+        )
+    split_tokens = math.ceil(split_tokens / block_n) * block_n  # whole tiles per split
+    num_splits = math.ceil(max_context_len / split_tokens)
+
+    if num_splits > 1:
+        part_out = torch.empty(
+            num_seqs, num_q_heads, num_splits, block_d, dtype=torch.float32, device=query.device
+        )
+        part_max = torch.empty(
+            num_seqs, num_q_heads, num_splits, dtype=torch.float32, device=query.device
+        )
+        part_sum = torch.empty_like(part_max)
+    else:  # unused by the kernel; any fp32 tensor satisfies the signature
+        part_out = part_max = part_sum = out.new_empty(1, dtype=torch.float32)
+
+    _decode_split_kernel[(num_seqs, num_kv_heads, num_splits)](
+        query,
+        k_cache,
+        v_cache,
+        meta.block_tables,
+        meta.context_lens,
+        meta.query_start_loc,
+        out,
+        part_out,
+        part_max,
+        part_sum,
+        scale * LOG2E,
+        query.stride(0),
+        query.stride(1),
+        out.stride(0),
+        out.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        meta.block_tables.stride(0),
+        split_tokens,
+        NUM_Q_HEADS=num_q_heads,
+        GROUP=group,
+        GROUP_PAD=max(16, triton.next_power_of_2(group)),
+        HEAD_DIM=head_dim,
+        BLOCK_D=block_d,
+        BLOCK_SIZE=k_cache.shape[1],
+        BLOCK_N=block_n,
+        NUM_SPLITS=num_splits,
+        DOT_PRECISION=_dot_precision(query.dtype),
+        num_warps=4,
+        num_stages=stages,
+    )
+    if num_splits > 1:
+        _decode_reduce_kernel[(num_seqs, num_q_heads)](
+            meta.context_lens,
+            meta.query_start_loc,
+            out,
+            part_out,
+            part_max,
+            part_sum,
+            out.stride(0),
+            out.stride(1),
+            split_tokens,
+            NUM_Q_HEADS=num_q_heads,
+            HEAD_DIM=head_dim,
+            BLOCK_D=block_d,
+            NUM_SPLITS=num_splits,
+            SPLITS_PAD=triton.next_power_of_2(num_splits),
+            num_warps=4 if block_d >= 128 else 2,
+        )
+    return out
+
+
+def paged_prefill_attention_triton(
+    query: torch.Tensor,  # [T, Hq, D]
+    k_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """Causal attention for any batch: prefill, chunked prefill, decode rows, empty rows."""
+    _check_inputs(query, k_cache, v_cache)
+    num_tokens, num_q_heads, head_dim = query.shape
+    num_kv_heads = k_cache.shape[2]
+    group = num_q_heads // num_kv_heads
+    out = torch.empty_like(query)
+    if num_tokens == 0 or meta.num_seqs == 0 or meta.max_query_len == 0:
+        return out
+    group_pad = triton.next_power_of_2(group)
+    block_d = triton.next_power_of_2(head_dim)
+    block_n, stages = _kv_tile_tokens(k_cache, block_d)
+    if query.is_cuda:
+        # 128 rows keep the tensor cores busy; wide or fp32 heads need the registers.
+        small = block_d > 128 or query.element_size() > 2
+        block_m = 64 if small else 128
+        num_warps = 4 if small else 8
+    else:
+        block_m, num_warps = 16, 4
+    block_m = max(block_m, group_pad)
+    tokens_per_tile = block_m // group_pad
+    num_tiles = math.ceil(meta.max_query_len / tokens_per_tile)
+
+    _prefill_kernel[(num_tiles, num_kv_heads, meta.num_seqs)](
+        query,
+        k_cache,
+        v_cache,
+        meta.block_tables,
+        meta.context_lens,
+        meta.query_start_loc,
+        out,
+        scale * LOG2E,
+        query.stride(0),
+        query.stride(1),
+        out.stride(0),
+        out.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        meta.block_tables.stride(0),
+        GROUP=group,
+        GROUP_PAD=group_pad,
+        HEAD_DIM=head_dim,
+        BLOCK_D=block_d,
+        BLOCK_SIZE=k_cache.shape[1],
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        DOT_PRECISION=_dot_precision(query.dtype),
+        num_warps=num_warps,
+        num_stages=stages,
+    )
+    return out
+
+
+def paged_attention_triton(
+    query: torch.Tensor,  # [T, Hq, D]
+    k_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """Same contract as ``paged_attention_ref``: out [T, Hq, D] in query's dtype."""
+    if meta.max_query_len <= 1:
+        return paged_decode_attention_triton(query, k_cache, v_cache, meta, scale)
+    return paged_prefill_attention_triton(query, k_cache, v_cache, meta, scale)

@@ -1,0 +1,109 @@
+"""The Triton kernels and block swaps on a CUDA GPU, in the dtypes the engine serves.
+
+References run in fp32 on the same (rounded) inputs, so the tolerance only covers the
+kernels' own low-precision steps (P cast to bf16/fp16 before the P@V dot).
+"""
+
+import pytest
+import torch
+
+from ondo.kernels.testing import PagedBatch, make_paged_batch
+
+pytestmark = pytest.mark.gpu
+
+if not torch.cuda.is_available():  # collected on CPU machines, never run there
+    pytest.skip("needs a CUDA GPU", allow_module_level=True)
+
+from ondo.kernels.block_copy import copy_blocks, swap_in, swap_out  # noqa: E402
+from ondo.kernels.reference import paged_attention_ref, write_kv_cache_ref  # noqa: E402
+from ondo.kernels.triton_attention import (  # noqa: E402
+    paged_attention_triton,
+    paged_decode_attention_triton,
+    paged_prefill_attention_triton,
+)
+from ondo.kernels.triton_kv_write import write_kv_cache_triton  # noqa: E402
+
+TOLERANCE = {torch.bfloat16: 2e-2, torch.float16: 5e-3, torch.float32: 1e-4}
+
+
+def _batch(query_lens, context_lens, heads, head_dim, dtype, block_size=16, seed=0):
+    return make_paged_batch(
+        query_lens,
+        context_lens,
+        num_q_heads=heads[0],
+        num_kv_heads=heads[1],
+        head_dim=head_dim,
+        block_size=block_size,
+        dtype=dtype,
+        device="cuda",
+        seed=seed,
+    )
+
+
+def _check(b: PagedBatch, attend=paged_attention_triton) -> None:
+    scale = b.query.shape[-1] ** -0.5
+    k_ref, v_ref = b.k_cache.float(), b.v_cache.float()
+    write_kv_cache_ref(b.key.float(), b.value.float(), k_ref, v_ref, b.meta.slot_mapping)
+    expect = paged_attention_ref(b.query.float(), k_ref, v_ref, b.meta, scale)
+
+    write_kv_cache_triton(b.key, b.value, b.k_cache, b.v_cache, b.meta.slot_mapping)
+    assert torch.equal(b.k_cache.float(), k_ref) and torch.equal(b.v_cache.float(), v_ref)
+    out = attend(b.query, b.k_cache, b.v_cache, b.meta, scale)
+    assert out.dtype == b.query.dtype
+    tol = TOLERANCE[b.query.dtype]
+    torch.testing.assert_close(out.float(), expect, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize(
+    "heads, head_dim",
+    [((32, 8), 128), ((8, 8), 64), ((16, 2), 128), ((8, 2), 256), ((4, 1), 32)],
+)
+def test_decode_on_gpu(dtype, heads, head_dim):
+    # 3000 tokens with 4 sequences makes the heuristic split the context.
+    b = _batch([1] * 4, [3000, 17, 1, 640], heads, head_dim, dtype)
+    _check(b)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_decode_forced_splits_on_gpu(dtype):
+    b = _batch([1, 1, 0, 1], [1000, 64, 9, 333], (32, 8), 128, dtype)
+    _check(b, lambda *a: paged_decode_attention_triton(*a, split_tokens=128))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize(
+    "heads, head_dim",
+    [((32, 8), 128), ((8, 8), 64), ((16, 2), 128), ((8, 2), 256), ((4, 1), 32)],
+)
+def test_mixed_prefill_on_gpu(dtype, heads, head_dim):
+    # Fresh prompt, chunked prefill over a long prefix, decode rows, an idle sequence.
+    b = _batch([300, 1, 77, 0, 1, 129], [300, 900, 1100, 40, 5, 129], heads, head_dim, dtype)
+    _check(b)
+
+
+@pytest.mark.parametrize("block_size", [1, 8, 32, 128])
+def test_block_sizes_on_gpu(block_size):
+    b = _batch([1, 1, 1], [513, 77, 2], (32, 8), 128, torch.bfloat16, block_size=block_size)
+    _check(b)
+    b = _batch([50, 1, 3], [513, 77, 3], (32, 8), 128, torch.bfloat16, block_size=block_size)
+    _check(b, paged_prefill_attention_triton)
+
+
+def test_swap_round_trip_and_copy_on_write_on_gpu():
+    gpu = [torch.randn(64, 16, 8, 128, device="cuda", dtype=torch.bfloat16) for _ in range(4)]
+    pool = [torch.zeros(32, 16, 8, 128, dtype=torch.bfloat16, pin_memory=True) for _ in gpu]
+    saved = [t[[3, 4, 5, 60]].clone() for t in gpu]
+    out = swap_out(gpu, pool, [(3, 10), (4, 11), (5, 12), (60, 0)])
+    out.wait()  # compute may now overwrite the GPU blocks
+    for t in gpu:
+        t[[3, 4, 5, 60]] = 0
+    back = swap_in(pool, gpu, [(10, 20), (11, 21), (12, 22), (0, 7)])
+    back.wait()
+    for t, old in zip(gpu, saved, strict=True):
+        assert torch.equal(t[[20, 21, 22, 7]], old)
+    copy_blocks(gpu, [(20, 30), (7, 31)])
+    for t, old in zip(gpu, saved, strict=True):
+        assert torch.equal(t[30], old[0]) and torch.equal(t[31], old[3])
+    back.synchronize()
+    assert out.done() and back.done()

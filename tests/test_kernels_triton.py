@@ -1,0 +1,178 @@
+"""Triton KV write and paged attention against the PyTorch reference.
+
+Without a GPU the kernels run in Triton's interpreter on CPU tensors, so the shapes
+are small; on a CUDA machine the same checks run on the GPU in fp32.
+"""
+
+import os
+
+import torch
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cpu":
+    # Must be set before triton.jit decorates the kernels, i.e. before their import.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from ondo.kernels.reference import paged_attention_ref, write_kv_cache_ref  # noqa: E402
+from ondo.kernels.testing import PagedBatch, make_paged_batch  # noqa: E402
+from ondo.kernels.triton_attention import (  # noqa: E402
+    decode_split_tokens,
+    paged_attention_triton,
+    paged_decode_attention_triton,
+    paged_prefill_attention_triton,
+)
+from ondo.kernels.triton_kv_write import write_kv_cache_triton  # noqa: E402
+
+ATOL = RTOL = 1e-4  # fp32 end to end; only the summation order differs
+
+
+def _batch(query_lens, context_lens, heads=(8, 2), head_dim=64, block_size=16, seed=0):
+    num_q_heads, num_kv_heads = heads
+    return make_paged_batch(
+        query_lens,
+        context_lens,
+        num_q_heads=num_q_heads,
+        num_kv_heads=num_kv_heads,
+        head_dim=head_dim,
+        block_size=block_size,
+        device=DEVICE,
+        seed=seed,
+    )
+
+
+def _reference(b: PagedBatch) -> torch.Tensor:
+    """Reference output with the new tokens' K/V written by the reference writer."""
+    k_cache, v_cache = b.k_cache.clone(), b.v_cache.clone()
+    write_kv_cache_ref(b.key, b.value, k_cache, v_cache, b.meta.slot_mapping)
+    return paged_attention_ref(b.query, k_cache, v_cache, b.meta, b.query.shape[-1] ** -0.5)
+
+
+def _write_then_attend(b: PagedBatch, attend) -> torch.Tensor:
+    """One layer of an engine step on the Triton path: store new K/V, then attend."""
+    write_kv_cache_triton(b.key, b.value, b.k_cache, b.v_cache, b.meta.slot_mapping)
+    return attend(b.query, b.k_cache, b.v_cache, b.meta, b.query.shape[-1] ** -0.5)
+
+
+# ------------------------------------------------------------------ KV-cache write
+
+
+def test_write_kv_cache_stores_strided_rows_and_skips_negative_slots():
+    b = _batch([3, 1, 4], [3, 9, 21], heads=(4, 2), block_size=8)
+    # K and V as views into a fused [T, 2 * Hkv, D] projection, as a model produces them.
+    fused = torch.cat([b.key, b.value], dim=1)
+    key, value = fused[:, :2], fused[:, 2:]
+    slots = b.meta.slot_mapping.clone()
+    slots[[1, 5]] = -1  # e.g. padding tokens of a CUDA-graph batch
+    expect_k, expect_v = b.k_cache.clone(), b.v_cache.clone()
+    write_kv_cache_ref(key, value, expect_k, expect_v, slots)
+    before = b.k_cache.clone()
+
+    write_kv_cache_triton(key, value, b.k_cache, b.v_cache, slots)
+
+    assert torch.equal(b.k_cache, expect_k)
+    assert torch.equal(b.v_cache, expect_v)
+    assert not torch.equal(b.k_cache, before)  # it did write something
+
+
+# ------------------------------------------------------------------ decode
+
+
+@pytest.mark.parametrize(
+    "heads, head_dim, block_size",
+    [
+        ((4, 4), 64, 16),  # MHA
+        ((8, 2), 128, 16),  # GQA 4
+        ((16, 2), 64, 8),  # GQA 8
+        ((8, 1), 128, 16),  # GQA 8, a single kv head
+    ],
+)
+def test_decode_matches_reference_on_ragged_mid_block_contexts(heads, head_dim, block_size):
+    # Contexts end mid-block, on a block edge (32), inside the first block (1, 5).
+    b = _batch([1, 1, 1, 1], [37, 1, 32, 70], heads=heads, head_dim=head_dim, block_size=block_size)
+    out = _write_then_attend(b, paged_attention_triton)
+    torch.testing.assert_close(out, _reference(b), atol=ATOL, rtol=RTOL)
+
+
+def test_decode_flash_decoding_splits_combine_to_reference():
+    # 64-token splits (a whole number of tiles on CPU and GPU): the 150-token context has
+    # 3 splits (the last one partial), the 20-token context one live split, and the
+    # reduction must skip its dead ones.
+    b = _batch([1, 1, 1], [150, 20, 96], heads=(8, 2), head_dim=64, block_size=16)
+    write_kv_cache_triton(b.key, b.value, b.k_cache, b.v_cache, b.meta.slot_mapping)
+    scale = 64**-0.5
+    split = paged_decode_attention_triton(
+        b.query, b.k_cache, b.v_cache, b.meta, scale, split_tokens=64
+    )
+    whole = paged_decode_attention_triton(
+        b.query, b.k_cache, b.v_cache, b.meta, scale, split_tokens=160
+    )
+    torch.testing.assert_close(split, _reference(b), atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(split, whole, atol=ATOL, rtol=RTOL)
+
+
+def test_decode_skips_sequences_without_a_new_token():
+    # A sequence with query_len 0 owns no output row; its neighbours must be unaffected.
+    b = _batch([1, 0, 1], [140, 12, 7], heads=(8, 2), head_dim=64)
+    assert b.meta.max_query_len == 1
+    out = _write_then_attend(b, lambda *a: paged_decode_attention_triton(*a, split_tokens=64))
+    assert out.shape[0] == 2
+    torch.testing.assert_close(out, _reference(b), atol=ATOL, rtol=RTOL)
+
+
+def test_decode_split_heuristic_fills_the_gpu_only_when_needed():
+    # One sequence, 8 kv heads: 8 programs for 132 SMs, so a 32k context is split.
+    one_seq = decode_split_tokens(1, 8, 32768, block_n=64, num_sms=132)
+    assert one_seq == 1024  # 32 splits -> 256 programs, about two waves
+    # 64 sequences x 8 kv heads already give 512 programs: no split.
+    assert decode_split_tokens(64, 8, 2048, block_n=64, num_sms=132) >= 2048
+    # Short contexts are never cut below 256 tokens per split.
+    assert decode_split_tokens(1, 8, 512, block_n=64, num_sms=132) == 256
+
+
+# ------------------------------------------------------------------ prefill / extend
+
+
+def test_prefill_matches_reference_on_fresh_prompts():
+    # Whole prompts (no cached prefix), several query tiles each, ragged, MHA.
+    b = _batch([40, 7, 19], [40, 7, 19], heads=(4, 4), head_dim=64, block_size=16)
+    out = _write_then_attend(b, paged_attention_triton)
+    torch.testing.assert_close(out, _reference(b), atol=ATOL, rtol=RTOL)
+
+
+@pytest.mark.parametrize(
+    "heads, head_dim",
+    [((8, 2), 64), ((8, 1), 128)],  # GQA 4 and GQA 8
+)
+def test_chunked_prefill_attends_to_cached_prefix(heads, head_dim):
+    # Chunks of 9 and 13 new tokens after 30 and 51 cached ones; both end mid-block.
+    b = _batch([9, 13], [39, 64], heads=heads, head_dim=head_dim, block_size=16)
+    out = _write_then_attend(b, paged_attention_triton)
+    torch.testing.assert_close(out, _reference(b), atol=ATOL, rtol=RTOL)
+
+
+def test_mixed_batch_of_prefill_chunks_decode_rows_and_idle_sequences():
+    # Decode rows (1), a chunked prefill (6 of 45), an idle sequence (0), a fresh
+    # prompt (11), with block size 8 so contexts span many shuffled blocks.
+    b = _batch([1, 6, 0, 1, 11], [33, 45, 20, 1, 11], heads=(16, 2), head_dim=64, block_size=8)
+    out = _write_then_attend(b, paged_attention_triton)
+    torch.testing.assert_close(out, _reference(b), atol=ATOL, rtol=RTOL)
+
+
+def test_prefill_kernel_handles_decode_only_batches_too():
+    # The prefill kernel is a superset: it must agree on a batch the decode kernel owns.
+    b = _batch([1, 1], [29, 64], heads=(8, 2), head_dim=128)
+    out = _write_then_attend(b, paged_prefill_attention_triton)
+    torch.testing.assert_close(out, _reference(b), atol=ATOL, rtol=RTOL)
+
+
+def test_fp16_inputs_keep_fp16_output_close_to_fp32_reference():
+    b = _batch([5, 1], [21, 18], heads=(8, 2), head_dim=64)
+    expect = _reference(b)
+    half = PagedBatch(
+        b.query.half(), b.key.half(), b.value.half(), b.k_cache.half(), b.v_cache.half(), b.meta
+    )
+    out = _write_then_attend(half, paged_attention_triton)
+    assert out.dtype == torch.float16
+    torch.testing.assert_close(out.float(), expect, atol=5e-3, rtol=5e-3)

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from enum import IntFlag
 
 from ondo.engine.step_stats import StepStats
+from ondo.twin.plant import Load
 
 
 class ThrottleReason(IntFlag):
@@ -104,12 +105,8 @@ def stale_columns(previous: GpuSample | None, current: GpuSample) -> frozenset[s
     )
 
 
-@dataclass(frozen=True)
-class LoadDescriptor:
-    """How hard the GPU is being driven, each in [0, 1] of its peak."""
-
-    compute_activity: float = 0.0
-    memory_activity: float = 0.0
+# The engine's load descriptor is the twin's plant input: one type for both.
+LoadDescriptor = Load
 
 
 IDLE_LOAD = LoadDescriptor(0.0, 0.0)

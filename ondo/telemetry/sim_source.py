@@ -5,14 +5,27 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import replace
+from typing import Protocol
 
-from ondo.telemetry.first_order_plant import FirstOrderPlant, Plant
 from ondo.telemetry.hub import TelemetryHub
 from ondo.telemetry.polling import PollingThread, period_from_hz
 from ondo.telemetry.schema import IDLE_LOAD, EngineSample, GpuSample, LoadDescriptor, stale_columns
+from ondo.twin.params import h100_params
+from ondo.twin.plant import GpuPlant, Load, PlantReading
 
-# The one default to change when ondo.twin.plant.GpuPlant lands.
-DEFAULT_PLANT: Callable[[], Plant] = FirstOrderPlant
+
+class Plant(Protocol):
+    """What the simulated source needs of a plant: `ondo.twin.plant.GpuPlant` has this shape."""
+
+    def step(self, dt_s: float, load: Load, ambient_c: float | None = None) -> PlantReading: ...
+
+
+def default_plant() -> Plant:
+    """The digital twin's plant, with the parameters fitted to the H100 traces."""
+    return GpuPlant(h100_params())
+
+
+DEFAULT_PLANT: Callable[[], Plant] = default_plant
 
 
 class EngineLoadFollower:

@@ -43,6 +43,7 @@ THROTTLE_SW_POWER_CAP = 0x4
 THROTTLE_HW_SLOWDOWN = 0x8
 THROTTLE_SW_THERMAL = 0x20
 THROTTLE_HW_THERMAL = 0x40
+THROTTLE_GPU_IDLE = 0x1  # nothing running: NVML reports it beside the clock reasons
 THERMAL_BITS = THROTTLE_SW_THERMAL | THROTTLE_HW_THERMAL
 
 
@@ -310,6 +311,6 @@ class GpuPlant:
             energy_j=float(s.energy_reported_j),
             sm_mhz=float(reported_sm_mhz(s, p)),
             mem_mhz=p.mem_mhz,
-            throttle_reasons=int(throttle_reasons(s, p)),
+            throttle_reasons=int(throttle_reasons(s, p)) | (THROTTLE_GPU_IDLE if self._util_pct == 0 else 0),
             util_pct=self._util_pct,
         )

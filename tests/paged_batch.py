@@ -13,11 +13,14 @@ from ondo.model.config import ModelConfig
 class PagedCache:
     """Per-layer K/V caches plus each sequence's (deliberately non-contiguous) block list."""
 
-    def __init__(self, config: ModelConfig, num_blocks: int, block_size: int, seed: int = 0):
+    def __init__(self, config: ModelConfig, num_blocks: int, block_size: int, seed: int = 0,
+                 device: str = "cpu", dtype: torch.dtype = torch.float32):
         shape = (num_blocks, block_size, config.num_key_value_heads, config.head_dim)
         self.block_size = block_size
+        self.device = device
         self.kv_caches = [
-            (torch.zeros(shape), torch.zeros(shape)) for _ in range(config.num_hidden_layers)
+            (torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
+            for _ in range(config.num_hidden_layers)
         ]
         self.free_blocks = list(range(num_blocks))
         random.Random(seed).shuffle(self.free_blocks)
@@ -44,11 +47,12 @@ class PagedCache:
         starts = [0]
         for n in new_lens:
             starts.append(starts[-1] + n)
+        dev = self.device
         meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.int64),
-            block_tables=torch.tensor(tables, dtype=torch.int32),
-            context_lens=torch.tensor(context_lens, dtype=torch.int32),
-            query_start_loc=torch.tensor(starts, dtype=torch.int32),
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
+            block_tables=torch.tensor(tables, dtype=torch.int32, device=dev),
+            context_lens=torch.tensor(context_lens, dtype=torch.int32, device=dev),
+            query_start_loc=torch.tensor(starts, dtype=torch.int32, device=dev),
             max_query_len=max(new_lens),
             max_context_len=max(context_lens),
             block_size=self.block_size,
@@ -56,4 +60,4 @@ class PagedCache:
             context_lens_cpu=context_lens,
         )
         self.num_cached = context_lens
-        return meta, torch.tensor(positions, dtype=torch.int64)
+        return meta, torch.tensor(positions, dtype=torch.int64, device=dev)

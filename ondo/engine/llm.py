@@ -52,7 +52,7 @@ class LLM:
             order.append(rid)
             text, ids = _split_prompt(prompt)
             try:
-                self.engine.add_request(rid, text, params, prompt_token_ids=ids)
+                self.engine.add_request(rid, text, params, prompt_token_ids=ids, stream=False)
             except ValueError as e:
                 log.warning("request %s rejected: %s", rid, e)
                 results[rid] = RequestOutput(

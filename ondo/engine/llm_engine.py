@@ -130,8 +130,12 @@ class LLMEngine:
         params: SamplingParams | None = None,
         prompt_token_ids: list[int] | None = None,
         arrival_time_s: float | None = None,
+        stream: bool = True,
     ) -> Sequence:
-        """Queue a request; raises ValueError (naming the problem) if it cannot run."""
+        """Queue a request; raises ValueError (naming the problem) if it cannot run.
+
+        With stream=False, step() reports the request only when it finishes, and its text
+        is decoded once at the end unless stop strings need it token by token."""
         params = params or SamplingParams()
         if request_id in self._requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
@@ -154,8 +158,9 @@ class LLMEngine:
             )
         seq = Sequence(next(self._seq_ids), request_id, prompt_token_ids, params,
                        arrival_time_s if arrival_time_s is not None else time.monotonic(), prompt=prompt)
+        seq.stream = stream
         self._requests[request_id] = seq
-        if self.tokenizer is not None:
+        if self.tokenizer is not None and (stream or params.stop_list):
             det = IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params.skip_special_tokens)
             self._text[request_id] = _TextState(det)
         self.scheduler.add(seq)
@@ -242,7 +247,7 @@ class LLMEngine:
             out = self._make_output(seq)
             self._forget(seq)
             return out
-        return self._make_output(seq)
+        return self._make_output(seq) if seq.stream else None
 
     def _make_output(self, seq: Sequence) -> RequestOutput:
         state = self._text.get(seq.request_id)
@@ -260,7 +265,11 @@ class LLMEngine:
             new_lps = seq.output_logprobs[state.emitted_logprobs:] if seq.params.logprobs is not None else None
             state.emitted_logprobs = len(seq.output_logprobs)
         else:
-            new_text, new_ids, new_lps = "", [seq.token_ids[-1]] if seq.num_output_tokens else [], None
+            new_ids = seq.output_token_ids if finished else [seq.token_ids[-1]]
+            new_lps = seq.output_logprobs if seq.params.logprobs is not None else None
+            if finished and self.tokenizer is not None:
+                text = self.tokenizer.decode(seq.output_token_ids, seq.params.skip_special_tokens)
+            new_text = text
         completion = CompletionOutput(
             index=0,
             text=text if finished else text[: state.emitted if state else 0],

@@ -7,15 +7,18 @@ the scheduler may form and turns what memory is left into a fixed number of KV b
 
 from __future__ import annotations
 
+import bisect
 import logging
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from ondo.engine.config import EngineArgs
 from ondo.engine.memory import MemoryPlan, kv_bytes_per_block
 from ondo.engine.scheduler import PreemptionCosts, SchedulerOutput
+from ondo.kernels.block_copy import swap_in, swap_out
 from ondo.kernels.metadata import AttentionMetadata
 
 log = logging.getLogger(__name__)
@@ -33,6 +36,21 @@ class StepBatch:
     num_prefill_tokens: int
     num_decode_tokens: int
     kv_tokens_read: int
+    host_tables: np.ndarray | None = None
+    host_slots: np.ndarray | None = None
+    host_input_ids: np.ndarray | None = None
+    host_positions: np.ndarray | None = None
+    host_context_lens: np.ndarray | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_prefill_tokens + self.num_decode_tokens
+
+
+@dataclass
+class _Graph:
+    graph: torch.cuda.CUDAGraph
+    output: torch.Tensor  # the captured forward's hidden states [batch, hidden]
 
 
 class ModelRunner:
@@ -57,6 +75,10 @@ class ModelRunner:
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.plan: MemoryPlan | None = None
         self.costs: PreemptionCosts | None = None
+        self.graphs: dict[int, _Graph] = {}
+        self.graph_sizes: list[int] = []
+        self.graph_capture_s = 0.0
+        self.graph_memory_bytes = 0
 
     # -- start-up --------------------------------------------------------------
     def _dummy_batch(self, num_tokens: int, cache_blocks: int) -> StepBatch:
@@ -162,6 +184,7 @@ class ModelRunner:
         )
         log.info(self.plan.describe())
         log.info("measured: prefill %.0f tokens/s, host-link copy %.2f GB/s", prefill_tps, swap_bps / 1e9)
+        self.capture_cuda_graphs()
         return self.plan
 
     def allocate(self, num_blocks: int, num_cpu_blocks: int) -> None:
@@ -170,10 +193,13 @@ class ModelRunner:
         )
         self.kv_caches = [(self.kv_cache[i, 0], self.kv_cache[i, 1]) for i in range(self.num_layers)]
         pin = self.device.type == "cuda"
-        # The pool is touched page by page only when blocks land in it.
+        # Pageable on CPU: untouched pages cost nothing until blocks land in them.
         self.cpu_pool = torch.empty(
             (self.num_layers, 2, num_cpu_blocks, *self.kv_shape_tail), dtype=self.dtype, pin_memory=pin
         )
+        # Block-major views, one per layer and K/V, for the block copies.
+        self.kv_layers = [t for pair in self.kv_caches for t in pair]
+        self.cpu_layers = [self.cpu_pool[i, j] for i in range(self.num_layers) for j in range(2)]
 
     def _measure_swap_bandwidth(self) -> float:
         n = min(64, self.kv_cache.shape[2], self.cpu_pool.shape[2])
@@ -190,63 +216,76 @@ class ModelRunner:
 
     # -- swapping ---------------------------------------------------------------
     def swap_out(self, mapping: list[tuple[int, int]]) -> None:
-        _copy_along_blocks(self.kv_cache, self.cpu_pool, mapping)
+        swap_out(self.kv_layers, self.cpu_layers, mapping).wait()
 
     def swap_in(self, mapping: list[tuple[int, int]]) -> None:
-        _copy_along_blocks(self.cpu_pool, self.kv_cache, mapping)
+        swap_in(self.cpu_layers, self.kv_layers, mapping).wait()
 
     # -- a step -----------------------------------------------------------------
     def prepare(self, sched: SchedulerOutput) -> StepBatch:
+        """Pack the step's new tokens into one flat batch: work per sequence, never per token x layer."""
         bs = self.block_size
-        input_ids: list[int] = []
-        positions: list[torch.Tensor] = []
-        slots: list[torch.Tensor] = []
-        query_lens, context_lens, logits_idx = [], [], []
-        tables = []
-        prefill = decode = kv_read = 0
-        offset = 0
-        for item in sched.scheduled:
-            seq, n = item.seq, item.num_new_tokens
-            start = seq.num_computed_tokens
-            end = start + n
-            input_ids.extend(seq.token_ids[start:end])
-            pos = torch.arange(start, end)
-            positions.append(pos)
-            table = torch.tensor(seq.block_table, dtype=torch.long)
-            slots.append(table[pos // bs] * bs + pos % bs)
-            tables.append(seq.block_table)
-            query_lens.append(n)
-            context_lens.append(end)
-            kv_read += end
-            if n == 1 and start > 0:
-                decode += 1
-            else:
-                prefill += n
-            offset += n
-            if item.samples:
-                logits_idx.append(offset - 1)
-        width = max(len(t) for t in tables)
-        bt = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
+        items = sched.scheduled
+        n = len(items)
+        q_lens = np.fromiter((it.num_new_tokens for it in items), dtype=np.int64, count=n)
+        starts = np.fromiter((it.seq.num_computed_tokens for it in items), dtype=np.int64, count=n)
+        ctx = starts + q_lens
+        qsl = np.zeros(n + 1, dtype=np.int64)
+        np.cumsum(q_lens, out=qsl[1:])
+        total = int(qsl[-1])
+        decode_only = total == n
+        if decode_only:
+            input_ids = np.fromiter((it.seq.token_ids[it.seq.num_computed_tokens] for it in items),
+                                    dtype=np.int64, count=n)
+            positions = starts
+            seq_of_token = np.arange(n)
+        else:
+            ids: list[int] = []
+            for it in items:
+                c = it.seq.num_computed_tokens
+                ids.extend(it.seq.token_ids[c : c + it.num_new_tokens])
+            input_ids = np.asarray(ids, dtype=np.int64)
+            seq_of_token = np.repeat(np.arange(n), q_lens)
+            positions = np.arange(total) - qsl[:-1][seq_of_token] + starts[seq_of_token]
+        width = max(len(it.seq.block_table) for it in items)
+        tables = np.zeros((n, width), dtype=np.int32)
+        for i, it in enumerate(items):
+            tables[i, : len(it.seq.block_table)] = it.seq.block_table
+        slots = tables[seq_of_token, positions // bs].astype(np.int64) * bs + positions % bs
+        sampling = np.fromiter((it.samples for it in items), dtype=bool, count=n)
+        logits_idx = (qsl[1:] - 1)[sampling]
+        q_lens_l = q_lens.tolist()
+        ctx_l = ctx.tolist()
+        num_decode = int(((q_lens == 1) & (starts > 0)).sum())
         dev = self.device
+
+        def to_dev(a: np.ndarray) -> torch.Tensor:
+            return torch.from_numpy(a).to(dev, non_blocking=True)
+
         meta = AttentionMetadata(
-            slot_mapping=torch.cat(slots).to(dev, non_blocking=True),
-            block_tables=bt.to(dev, non_blocking=True),
-            context_lens=torch.tensor(context_lens, dtype=torch.int32).to(dev, non_blocking=True),
-            query_start_loc=torch.tensor([0, *_cumsum(query_lens)], dtype=torch.int32).to(dev, non_blocking=True),
-            max_query_len=max(query_lens),
-            max_context_len=max(context_lens),
+            slot_mapping=to_dev(slots),
+            block_tables=to_dev(tables),
+            context_lens=to_dev(ctx.astype(np.int32)),
+            query_start_loc=to_dev(qsl.astype(np.int32)),
+            max_query_len=int(q_lens.max()),
+            max_context_len=int(ctx.max()),
             block_size=bs,
-            query_lens_cpu=query_lens,
-            context_lens_cpu=context_lens,
+            query_lens_cpu=q_lens_l,
+            context_lens_cpu=ctx_l,
         )
         return StepBatch(
-            input_ids=torch.tensor(input_ids, dtype=torch.long).to(dev, non_blocking=True),
-            positions=torch.cat(positions).to(dev, non_blocking=True),
+            input_ids=to_dev(input_ids),
+            positions=to_dev(np.ascontiguousarray(positions)),
             meta=meta,
-            logits_indices=torch.tensor(logits_idx, dtype=torch.long).to(dev, non_blocking=True),
-            num_prefill_tokens=prefill,
-            num_decode_tokens=decode,
-            kv_tokens_read=kv_read,
+            logits_indices=to_dev(logits_idx),
+            num_prefill_tokens=total - num_decode,
+            num_decode_tokens=num_decode,
+            kv_tokens_read=int(ctx.sum()),
+            host_tables=tables,
+            host_slots=slots,
+            host_input_ids=input_ids,
+            host_positions=positions,
+            host_context_lens=ctx,
         )
 
     @torch.inference_mode()
@@ -256,20 +295,100 @@ class ModelRunner:
             self.swap_out(sched.swap_out)
         if sched.swap_in:
             self.swap_in(sched.swap_in)
-        hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.meta)
+        n = batch.num_tokens
+        graph = self.graphs.get(self._graph_size(n)) if batch.meta.is_decode_only else None
+        if graph is not None:
+            hidden = self._replay(graph, batch)
+        else:
+            hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.meta)
         if batch.logits_indices.numel() == 0:
             return None
         return self.model.compute_logits(hidden.index_select(0, batch.logits_indices)).float()
 
+    # -- CUDA graphs ----------------------------------------------------------------
+    def _graph_size(self, n: int) -> int:
+        i = bisect.bisect_left(self.graph_sizes, n)
+        return self.graph_sizes[i] if i < len(self.graph_sizes) else -1
+
+    def capture_cuda_graphs(self) -> None:
+        """Decode graphs at a ladder of batch sizes, sharing one memory pool and one set
+        of input buffers; a batch is padded up to the next captured size."""
+        if self.device.type != "cuda" or self.args.enforce_eager:
+            return
+        t0 = time.perf_counter()
+        free_before = torch.cuda.mem_get_info(self.device)[0]
+        max_bs = self.args.max_num_seqs
+        ladder = [b for b in (1, 2, 4, 8) if b < max_bs] + list(range(16, max_bs, 16)) + [max_bs]
+        self.graph_sizes = sorted(set(ladder))
+        max_blocks = (self.max_model_len + self.block_size - 1) // self.block_size
+        dev = self.device
+        self.static = {
+            "input_ids": torch.zeros(max_bs, dtype=torch.long, device=dev),
+            "positions": torch.zeros(max_bs, dtype=torch.long, device=dev),
+            "slot_mapping": torch.full((max_bs,), -1, dtype=torch.long, device=dev),
+            "block_tables": torch.zeros((max_bs, max_blocks), dtype=torch.int32, device=dev),
+            "context_lens": torch.ones(max_bs, dtype=torch.int32, device=dev),
+            "query_start_loc": torch.arange(max_bs + 1, dtype=torch.int32, device=dev),
+        }
+        st = self.static
+        pool = None
+        for size in reversed(self.graph_sizes):
+            meta = AttentionMetadata(
+                slot_mapping=st["slot_mapping"][:size], block_tables=st["block_tables"][:size],
+                context_lens=st["context_lens"][:size], query_start_loc=st["query_start_loc"][: size + 1],
+                max_query_len=1, max_context_len=self.max_model_len, block_size=self.block_size,
+            )
+            args = (st["input_ids"][:size], st["positions"][:size], self.kv_caches, meta)
+            with torch.inference_mode():
+                self.model(*args)  # warm-up: compiles kernels outside the capture
+                torch.cuda.synchronize(dev)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    out = self.model(*args)
+            pool = graph.pool()
+            self.graphs[size] = _Graph(graph, out)
+        torch.cuda.synchronize(dev)
+        self.graph_capture_s = time.perf_counter() - t0
+        self.graph_memory_bytes = free_before - torch.cuda.mem_get_info(self.device)[0]
+        log.info("captured %d decode CUDA graphs (batch %s) in %.1f s using %.2f GiB",
+                 len(self.graphs), self.graph_sizes, self.graph_capture_s, self.graph_memory_bytes / 2**30)
+
+    def _replay(self, graph: _Graph, batch: StepBatch) -> torch.Tensor:
+        st, n = self.static, batch.num_tokens
+        size = graph.output.shape[0]
+        width = batch.host_tables.shape[1]
+        st["input_ids"][:n].copy_(batch.input_ids, non_blocking=True)
+        st["positions"][:n].copy_(batch.positions, non_blocking=True)
+        st["slot_mapping"][:n].copy_(batch.meta.slot_mapping, non_blocking=True)
+        st["context_lens"][:n].copy_(batch.meta.context_lens, non_blocking=True)
+        st["block_tables"][:n, :width].copy_(batch.meta.block_tables, non_blocking=True)
+        if size > n:  # padding rows: write nothing, read one slot of block 0
+            st["slot_mapping"][n:size].fill_(-1)
+            st["context_lens"][n:size].fill_(1)
+        graph.graph.replay()
+        return graph.output[:n]
+
     def step_cost(self, batch: StepBatch) -> tuple[float, float]:
-        """Estimated FLOPs and bytes moved by a step: the engine's load descriptor inputs."""
+        """FLOPs and bytes a step cannot do with less: each weight and each cached K/V read
+        once, new K/V written once. The roofline bound and the twin's load input."""
         cfg = self.config
-        tokens = batch.num_prefill_tokens + batch.num_decode_tokens
-        matmul_params = self.weights_bytes / max(self.dtype.itemsize, 1) - cfg.vocab_size * cfg.hidden_size
-        flops = 2.0 * matmul_params * tokens
-        flops += 4.0 * cfg.num_attention_heads * cfg.head_dim * self.num_layers * batch.kv_tokens_read
+        hidden, layers = cfg.hidden_size, self.num_layers
+        q_size = cfg.num_attention_heads * cfg.head_dim
+        kv_size = cfg.num_key_value_heads * cfg.head_dim
+        linear_params = layers * (hidden * (q_size + 2 * kv_size) + q_size * hidden
+                                  + 3 * hidden * cfg.intermediate_size)
+        head_params = cfg.vocab_size * hidden
+        q_lens = np.asarray(batch.meta.query_lens_cpu, dtype=np.float64)
+        ctx = np.asarray(batch.meta.context_lens_cpu, dtype=np.float64)
+        tokens = float(q_lens.sum())
+        sampled = float(batch.logits_indices.numel())
+        attended = float((q_lens * ctx - q_lens * (q_lens - 1) / 2).sum())  # causal pairs
+        flops = (2.0 * linear_params * tokens + 2.0 * head_params * sampled
+                 + 4.0 * cfg.num_attention_heads * cfg.head_dim * layers * attended)
+        elt = self.dtype.itemsize
         kv_token_bytes = self.bytes_per_block / self.block_size
-        bytes_moved = self.weights_bytes + kv_token_bytes * (batch.kv_tokens_read + tokens)
+        bytes_moved = ((linear_params + head_params) * elt + tokens * hidden * elt
+                       + kv_token_bytes * (float(ctx.sum()) - tokens) + kv_token_bytes * tokens)
         return flops, bytes_moved
 
 
@@ -279,12 +398,3 @@ def _cumsum(values: list[int]) -> list[int]:
         total += v
         out.append(total)
     return out
-
-
-def _copy_along_blocks(src: torch.Tensor, dst: torch.Tensor, mapping: list[tuple[int, int]]) -> None:
-    """Whole blocks of every layer, src[:, :, a] -> dst[:, :, b] (blocks are dim 2)."""
-    if not mapping:
-        return
-    src_idx = torch.tensor([a for a, _ in mapping], dtype=torch.long, device=src.device)
-    dst_idx = torch.tensor([b for _, b in mapping], dtype=torch.long, device=dst.device)
-    dst[:, :, dst_idx] = src[:, :, src_idx].to(dst.device, non_blocking=True)

@@ -34,6 +34,7 @@ class Sequence:
     cumulative_logprob: float = 0.0
     first_scheduled_s: float | None = None
     first_token_s: float | None = None
+    stream: bool = True  # report every step's tokens, not only the final output
 
     def __post_init__(self) -> None:
         if not self.token_ids:

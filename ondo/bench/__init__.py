@@ -1,0 +1,1 @@
+"""Benchmarks: offline throughput with its roofline and baselines, and serving load."""

@@ -1,0 +1,222 @@
+"""`ondo bench throughput`: offline throughput of ondo on W1-W3 against the device's roofline
+and against transformers, on dummy weights of real architectures.
+
+The roofline bound of a run sums, over the steps ondo's schedule took, the larger of
+(bytes a step must move / measured copy bandwidth) and (FLOPs / measured matmul rate);
+`fraction_of_roofline` = bound / measured wall time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from ondo.bench.device_limits import DeviceLimits, measure_device_limits
+from ondo.bench.shapes import SHAPES, shape_folder
+from ondo.bench.workloads import Workload, make_workload
+from ondo.engine.step_stats import StepStats
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StepLog:
+    """Per-step figures a run collects through the engine's step listener."""
+
+    limits: DeviceLimits | None
+    steps: int = 0
+    bound_s: float = 0.0
+    host_s: float = 0.0
+    preemptions: int = 0
+    peak_blocks: int = 0
+    durations: list[float] = field(default_factory=list)
+
+    def __call__(self, s: StepStats) -> None:
+        self.steps += 1
+        self.preemptions += s.num_preemptions
+        self.peak_blocks = max(self.peak_blocks, s.num_kv_blocks_used)
+        self.durations.append(s.duration_s)
+        if self.limits is not None:
+            self.bound_s += self.limits.step_bound_s(s.flops, s.bytes_moved)
+
+
+def run_ondo(llm, workload: Workload, limits: DeviceLimits | None) -> dict:
+    steps = StepLog(limits)
+    llm.engine._step_listeners[:] = [steps]
+    prompts = [{"prompt_token_ids": r.prompt_token_ids} for r in workload.requests]
+    _sync()
+    start = time.perf_counter()
+    outs = llm.generate(prompts, workload.params())
+    _sync()
+    elapsed = time.perf_counter() - start
+    produced = sum(len(o.outputs[0].token_ids) for o in outs)
+    assert produced == workload.output_tokens, "every request must produce exactly max_tokens"
+    row = {
+        "elapsed_s": elapsed,
+        "output_tokens": produced,
+        "input_tokens": workload.input_tokens,
+        "output_tokens_per_s": produced / elapsed,
+        "total_tokens_per_s": (produced + workload.input_tokens) / elapsed,
+        "requests_per_s": len(workload.requests) / elapsed,
+        "steps": steps.steps,
+        "mean_step_ms": 1e3 * elapsed / max(steps.steps, 1),
+        "preemptions": steps.preemptions,
+        "peak_kv_blocks_used": steps.peak_blocks,
+    }
+    if limits is not None:
+        row["roofline_bound_s"] = steps.bound_s
+        row["fraction_of_roofline"] = steps.bound_s / elapsed
+        row["roofline_output_tokens_per_s"] = produced / steps.bound_s
+    return row
+
+
+def run_baselines(folder: str, workload: Workload, subset: int, batch_sizes: list[int]) -> dict:
+    from ondo.bench.baselines import (
+        continuous_batching_generate,
+        load_hf_model,
+        static_batch_generate,
+    )
+
+    device = torch.device("cuda")
+    sub = workload.subset(subset)
+    ordered = Workload(sub.name, sub.description, sorted(sub.requests, key=lambda r: r.max_tokens))
+    results: dict[str, float | str] = {}
+    notes: dict[str, str] = {}
+    model = load_hf_model(folder, device)
+    best = 0.0
+    for bs in batch_sizes:
+        try:
+            tps = static_batch_generate(model, ordered, bs)
+            results[f"transformers_generate_bs{bs}"] = tps
+            best = max(best, tps)
+        except Exception as e:  # an OOM at one batch size does not end the run
+            notes[f"transformers_generate_bs{bs}"] = f"{type(e).__name__}: {e}"[:300]
+            torch.cuda.empty_cache()
+    results["transformers_generate_best"] = best
+    del model
+    _free()
+    for impl in ("paged|sdpa", "sdpa_paged"):
+        try:
+            model = load_hf_model(folder, device, attn_implementation=impl)
+            results["transformers_generate_batch"] = continuous_batching_generate(model, sub)
+            notes["transformers_generate_batch"] = f"attn_implementation={impl!r}"
+            del model
+            break
+        except Exception as e:
+            notes[f"transformers_generate_batch[{impl}]"] = f"{type(e).__name__}: {e}"[:300]
+        _free()
+    _free()
+    return {"baselines": results, "baseline_subset_requests": len(sub.requests),
+            "baseline_notes": notes}
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _free() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def device_tag() -> str:
+    if not torch.cuda.is_available():
+        return "cpu"
+    name = torch.cuda.get_device_name().lower()
+    for tag in ("h200", "h100", "a100", "l40s", "l4"):
+        if tag in name:
+            return tag
+    return name.replace(" ", "-")
+
+
+def main(args: argparse.Namespace) -> int:
+    from ondo import LLM
+
+    logging.getLogger("ondo").setLevel(logging.INFO)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    limits = measure_device_limits(device) if device.type == "cuda" else None
+    if limits:
+        log.info("device limits: copy %.0f GB/s, bf16 matmul %.0f TFLOP/s",
+                 limits.copy_bytes_per_s / 1e9, limits.matmul_flops_per_s / 1e12)
+    rows = []
+    for shape in args.model_shape:
+        folder = shape_folder(shape)
+        t0 = time.perf_counter()
+        llm = LLM(folder, load_format="dummy", dtype="bfloat16", max_model_len=args.max_model_len,
+                  gpu_memory_utilization=args.gpu_memory_utilization, max_num_seqs=args.max_num_seqs,
+                  max_num_batched_tokens=args.max_num_batched_tokens, seed=0,
+                  enforce_eager=args.enforce_eager)
+        startup_s = time.perf_counter() - t0
+        runner = llm.engine.runner
+        workloads = [make_workload(w, SHAPES[shape]["vocab_size"], seed=0, scale=args.scale)
+                     for w in args.workload]
+        shape_rows = []
+        for wl in workloads:
+            row = {"workload": wl.name, "description": wl.description, "model": shape,
+                   "device": limits.device if limits else "cpu", "dtype": "bfloat16",
+                   "date": time.strftime("%Y-%m-%d"), "startup_s": startup_s,
+                   "kv_blocks": llm.stats()["num_total_blocks"],
+                   "cuda_graph_capture_s": runner.graph_capture_s,
+                   "cuda_graph_memory_gib": runner.graph_memory_bytes / 2**30,
+                   "num_requests": len(wl.requests)}
+            if limits:
+                row["copy_gb_per_s"] = limits.copy_bytes_per_s / 1e9
+                row["matmul_tflop_per_s"] = limits.matmul_flops_per_s / 1e12
+            row.update(run_ondo(llm, wl, limits))
+            log.info("%s %s: %.0f output tok/s, %.2f of roofline", shape, wl.name,
+                     row["output_tokens_per_s"], row.get("fraction_of_roofline", float("nan")))
+            shape_rows.append(row)
+        del llm, runner
+        _free()
+        if args.baselines and device.type == "cuda":
+            for wl, row in zip(workloads, shape_rows):
+                row.update(run_baselines(folder, wl, args.baseline_subset, args.baseline_batch_sizes))
+                best = max([v for k, v in row["baselines"].items() if isinstance(v, float)] or [0.0])
+                row["speedup_vs_best_baseline"] = row["output_tokens_per_s"] / best if best else None
+        rows.extend(shape_rows)
+        os.makedirs(args.out_dir, exist_ok=True)
+        path = os.path.join(args.out_dir, f"throughput-{device_tag()}-{shape}.json")
+        with open(path, "w") as f:
+            json.dump(shape_rows, f, indent=1)
+        log.info("wrote %s", path)
+    _print_table(rows)
+    print(json.dumps({"throughput": rows}))
+    return 0
+
+
+def _print_table(rows: list[dict]) -> None:
+    cols = ["model", "workload", "output_tokens_per_s", "total_tokens_per_s", "requests_per_s",
+            "fraction_of_roofline", "speedup_vs_best_baseline", "preemptions", "startup_s"]
+    print(" | ".join(cols))
+    for r in rows:
+        cells = []
+        for c in cols:
+            v = r.get(c)
+            cells.append(f"{v:.2f}" if isinstance(v, float) else str(v))
+        print(" | ".join(cells))
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("throughput", help="offline throughput on W1-W3 vs roofline and transformers")
+    p.add_argument("--model-shape", nargs="+", default=["qwen3-0.6b"], choices=sorted(SHAPES))
+    p.add_argument("--workload", nargs="+", default=["W1", "W2", "W3"], choices=["W1", "W2", "W3"])
+    p.add_argument("--scale", type=float, default=1.0, help="fraction of each workload's requests")
+    p.add_argument("--max-model-len", type=int, default=4096)
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--baselines", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--baseline-subset", type=int, default=64)
+    p.add_argument("--baseline-batch-sizes", type=int, nargs="+", default=[32, 64])
+    p.add_argument("--out-dir", default="bench/results")
+    p.set_defaults(func=main)

@@ -27,8 +27,8 @@ from ondo.server.protocol import (
 from ondo.server.serving import (
     SSE_DONE,
     ClientDisconnected,
-    as_api_error,
     ServingContext,
+    as_api_error,
     check_finished_ok,
     clamp_logprob,
     first_item,

@@ -86,13 +86,17 @@ def from_engine_exception(e: Exception) -> APIError:
     return APIError(500, f"the engine failed: {e}", code="engine_error")
 
 
+# The tags pydantic puts in an error's location for the branch of a union it tried.
+_UNION_TAG = re.compile(r"^(str|int|float|bool|none|.*\[.*\]|[a-z]+-[a-z-]+|[A-Z]\w*)$")
+
+
 def _param_path(loc: tuple[Any, ...]) -> str | None:
     parts = [p for p in loc if p != "body"]
     path = ""
     for p in parts:
         if isinstance(p, int):
             path += f"[{p}]"
-        elif "[" in str(p) or "-" in str(p):  # pydantic's union branch tags, e.g. "list[int]"
+        elif _UNION_TAG.match(str(p)):
             continue
         else:
             path += f".{p}" if path else str(p)

@@ -54,7 +54,7 @@ class _SamplingFields(_Request):
 
 
 class CompletionRequest(_SamplingFields):
-    prompt: str | list[str] | TokenIds | list[TokenIds]
+    prompt: str | TokenIds | list[str | TokenIds]
     max_tokens: int | None = 16
     logprobs: int | None = None
     echo: bool | None = False

@@ -177,6 +177,9 @@ class LLMEngine:
         self._forget(seq)
         return True
 
+    def unfinished_request_ids(self) -> list[str]:
+        return list(self._requests)
+
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.num_unfinished > 0 or bool(self._pending_outputs)
 

@@ -1,0 +1,179 @@
+"""POST /v1/completions: one prompt or a list (text or token ids), streamed or not."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from fastapi import Request, Response
+from fastapi.responses import StreamingResponse
+
+from ondo.engine.outputs import RequestOutput
+from ondo.server.errors import bad_request
+from ondo.server.protocol import (
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+    random_id,
+)
+from ondo.server.serving import (
+    SSE_DONE,
+    ClientDisconnected,
+    ServingContext,
+    as_api_error,
+    check_finished_ok,
+    clamp_logprob,
+    first_item,
+    merge,
+    sse,
+    sse_error,
+    top_n,
+    until_disconnected,
+    usage,
+)
+
+
+def _prompts(ctx: ServingContext, prompt: object) -> list[tuple[str | None, list[int]]]:
+    """(text, token ids) per prompt, validated."""
+    if isinstance(prompt, str):
+        items: list[object] = [prompt]
+    elif isinstance(prompt, list) and prompt and all(isinstance(p, int) for p in prompt):
+        items = [prompt]
+    elif isinstance(prompt, list):
+        items = list(prompt)
+    else:
+        raise bad_request("prompt must be a string, a list of strings, or token ids", "prompt")
+    if not items:
+        raise bad_request("prompt must not be an empty list", "prompt")
+    out = []
+    for i, item in enumerate(items):
+        param = "prompt" if len(items) == 1 else f"prompt[{i}]"
+        if isinstance(item, str):
+            ids = ctx.encode(item, param)
+            ctx.check_token_ids(ids, param)
+            out.append((item, ids))
+        else:
+            ids = list(item)  # type: ignore[call-overload]
+            ctx.check_token_ids(ids, param)
+            out.append((None, ids))
+    return out
+
+
+def _logprobs(ctx: ServingContext, token_ids: list[int], logprobs: list[dict[int, float]] | None,
+              num_top: int, offset: int) -> CompletionLogprobs:
+    lp = CompletionLogprobs()
+    for token_id, candidates in zip(token_ids, logprobs or []):
+        token = ctx.decode_token(token_id)
+        lp.tokens.append(token)
+        lp.token_logprobs.append(clamp_logprob(candidates.get(token_id, float("-inf"))))
+        lp.top_logprobs.append({ctx.decode_token(t): clamp_logprob(v)
+                                for t, v in top_n(candidates, num_top)})
+        lp.text_offset.append(offset)
+        offset += len(token)
+    return lp
+
+
+async def create_completion(ctx: ServingContext, body: CompletionRequest, raw: Request) -> Response:
+    ctx.check_model(body.model)
+    if body.best_of is not None and body.best_of != 1:
+        raise bad_request(f"best_of={body.best_of} is not supported: only 1 for now", "best_of")
+    if body.suffix:
+        raise bad_request("suffix is not supported", "suffix")
+    if body.echo and body.logprobs is not None:
+        raise bad_request("echo with logprobs would need prompt logprobs, which are not "
+                          "supported; drop one of them", "echo")
+    prompts = _prompts(ctx, body.prompt)
+    params = []
+    for i, (_, ids) in enumerate(prompts):
+        prompt_param = "prompt" if len(prompts) == 1 else f"prompt[{i}]"
+        max_tokens = ctx.resolve_max_tokens(len(ids), body.max_tokens, "max_tokens", prompt_param)
+        params.append(ctx.sampling_params(body, max_tokens, body.logprobs, {}))
+    request_id = random_id("cmpl")
+    streams = [ctx.generate(f"{request_id}-{i}", ids, p)
+               for i, ((_, ids), p) in enumerate(zip(prompts, params))]
+    merged = merge(streams)
+    echo = [(text if text is not None else ctx.tokenizer.decode(ids)) if body.echo else ""
+            for text, ids in prompts]
+    num_top = body.logprobs or 0
+    try:
+        if body.stream:
+            first = await until_disconnected(raw, first_item(merged))
+            return StreamingResponse(
+                _stream(ctx, body, request_id, prompts, echo, num_top, first, merged),
+                media_type="text/event-stream")
+        finals = await until_disconnected(raw, _collect(merged, len(prompts)))
+    except ClientDisconnected:
+        return Response(status_code=499)  # nobody reads it; the engine requests are aborted
+    except Exception as e:
+        raise as_api_error(e) from e
+    choices = []
+    completion_tokens = 0
+    for i, out in enumerate(finals):
+        check_finished_ok(out)
+        c = out.outputs[0]
+        completion_tokens += len(c.token_ids)
+        choices.append(CompletionChoice(
+            index=i, text=echo[i] + c.text, finish_reason=c.finish_reason, stop_reason=c.stop_reason,
+            logprobs=(_logprobs(ctx, c.token_ids, c.logprobs, num_top, 0)
+                      if body.logprobs is not None else None)))
+    prompt_tokens = sum(len(ids) for _, ids in prompts)
+    return CompletionResponse(id=request_id, model=ctx.model_name, choices=choices,
+                              usage=usage(prompt_tokens, completion_tokens))
+
+
+async def _collect(merged: AsyncIterator[tuple[int, RequestOutput]], n: int) -> list[RequestOutput]:
+    finals: list[RequestOutput | None] = [None] * n
+    async for index, out in merged:
+        if out.finished:
+            finals[index] = out
+    missing = [i for i, f in enumerate(finals) if f is None]
+    if missing:
+        raise RuntimeError(f"prompts {missing} ended without a final output")
+    return finals  # type: ignore[return-value]
+
+
+async def _stream(ctx: ServingContext, body: CompletionRequest, request_id: str,
+                  prompts: list[tuple[str | None, list[int]]], echo: list[str], num_top: int,
+                  first: tuple[int, RequestOutput] | None,
+                  merged: AsyncIterator[tuple[int, RequestOutput]]) -> AsyncIterator[str]:
+    created = CompletionResponse(id=request_id, model=ctx.model_name, choices=[]).created
+    completion_tokens = [0] * len(prompts)
+    text_len = [len(e) for e in echo]
+    echoed = [not e for e in echo]
+
+    async def items() -> AsyncIterator[tuple[int, RequestOutput]]:
+        if first is not None:
+            yield first
+        async for item in merged:
+            yield item
+
+    try:
+        async for index, out in items():
+            check_finished_ok(out)
+            c = out.outputs[0]
+            completion_tokens[index] += len(c.new_token_ids)
+            text = c.new_text
+            if not echoed[index]:
+                text, echoed[index] = echo[index] + text, True
+            if not text and not c.finished and (body.logprobs is None or not c.new_token_ids):
+                continue
+            lp = None
+            if body.logprobs is not None:
+                lp = _logprobs(ctx, c.new_token_ids, c.new_logprobs, num_top, text_len[index])
+            text_len[index] += len(text)
+            chunk = CompletionResponse(
+                id=request_id, created=created, model=ctx.model_name,
+                choices=[CompletionChoice(index=index, text=text, logprobs=lp,
+                                          finish_reason=c.finish_reason if c.finished else None,
+                                          stop_reason=c.stop_reason if c.finished else None)])
+            yield sse(chunk)
+        if body.stream_options and body.stream_options.include_usage:
+            prompt_tokens = sum(len(ids) for _, ids in prompts)
+            yield sse(CompletionResponse(id=request_id, created=created, model=ctx.model_name,
+                                         choices=[], usage=usage(prompt_tokens,
+                                                                 sum(completion_tokens))))
+    except Exception as e:
+        yield sse_error(e)
+    finally:
+        await merged.aclose()  # type: ignore[attr-defined]
+    yield SSE_DONE

@@ -47,9 +47,10 @@ class StepLog:
             self.bound_s += self.limits.step_bound_s(s.flops, s.bytes_moved)
 
 
-def run_ondo(llm, workload: Workload, limits: DeviceLimits | None) -> dict:
+def run_ondo(llm, workload: Workload, limits: DeviceLimits | None,
+             extra_listeners: list | None = None) -> dict:
     steps = StepLog(limits)
-    llm.engine._step_listeners[:] = [steps]
+    llm.engine._step_listeners[:] = [steps, *(extra_listeners or [])]
     prompts = [{"prompt_token_ids": r.prompt_token_ids} for r in workload.requests]
     _sync()
     start = time.perf_counter()
@@ -148,6 +149,7 @@ def main(args: argparse.Namespace) -> int:
         log.info("device limits: copy %.0f GB/s, bf16 matmul %.0f TFLOP/s",
                  limits.copy_bytes_per_s / 1e9, limits.matmul_flops_per_s / 1e12)
     rows = []
+    os.makedirs(args.out_dir, exist_ok=True)
     for shape in args.model_shape:
         folder = shape_folder(shape)
         t0 = time.perf_counter()
@@ -175,6 +177,13 @@ def main(args: argparse.Namespace) -> int:
             log.info("%s %s: %.0f output tok/s, %.2f of roofline", shape, wl.name,
                      row["output_tokens_per_s"], row.get("fraction_of_roofline", float("nan")))
             shape_rows.append(row)
+            if wl.name == "W1" and args.telemetry_hz and device.type == "cuda":
+                from ondo.bench.telemetry_run import run_with_telemetry
+
+                row["telemetry"] = [
+                    run_with_telemetry(llm, wl, limits, hz, args.out_dir, row["output_tokens_per_s"], run_ondo)
+                    for hz in args.telemetry_hz
+                ]
         del llm, runner
         _free()
         if args.baselines and device.type == "cuda":
@@ -219,4 +228,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--baseline-subset", type=int, default=64)
     p.add_argument("--baseline-batch-sizes", type=int, nargs="+", default=[32, 64])
     p.add_argument("--out-dir", default="bench/results")
+    p.add_argument("--telemetry-hz", type=float, nargs="*", default=[],
+                   help="also run W1 with NVML telemetry at these rates (overhead, energy/token)")
     p.set_defaults(func=main)

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Runs ondo's GPU tests and benchmarks in one go on a CUDA machine; results under $OUT.
+# Stages are chosen with STAGES (default: all): tests kernels throughput telemetry serve.
+# THROUGHPUT_ARGS passes extra flags to `ondo bench throughput`.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/ondo-gpu-check}
+mkdir -p "$OUT"
+STAGES=${STAGES:-"tests kernels throughput"}
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+fi
+export PYTHONPATH=$PWD:${PYTHONPATH:-}
+nvidia-smi --query-gpu=name,driver_version,memory.total,power.limit,clocks.max.sm --format=csv | tee "$OUT/device.txt"
+python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/device.txt"
+for stage in $STAGES; do
+  echo "=== $stage $(date +%T)"
+  case $stage in
+    tests)
+      timeout 300 python3 -m pytest -m gpu tests/gpu -q -p no:cacheprovider -o addopts="" -s 2>&1 | tail -40 | tee "$OUT/gpu_tests.log" ;;
+    kernels)
+      timeout 240 python3 bench/kernel_bench.py --out "$OUT/kernel_bench.json" 2>&1 | tail -30 ;;
+    throughput)
+      timeout 560 python3 -m ondo bench throughput --out-dir "$OUT" ${THROUGHPUT_ARGS:-} 2>&1 \
+        | grep -v "^{" | tail -40 ;;
+    telemetry)
+      timeout 120 python3 bench/telemetry_overhead.py --seconds 10 --hz 20 100 2>&1 | tail -20 ;;
+  esac
+done
+echo "=== done $(date +%T)"

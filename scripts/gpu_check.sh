@@ -19,7 +19,8 @@ for stage in $STAGES; do
   echo "=== $stage $(date +%T)"
   case $stage in
     tests)
-      timeout 300 python3 -m pytest -m gpu tests/gpu -q -p no:cacheprovider -o addopts="" -s 2>&1 | tail -40 | tee "$OUT/gpu_tests.log" ;;
+      timeout 300 python3 -m pytest -m gpu tests/gpu -q -p no:cacheprovider -o addopts="" -s > "$OUT/gpu_tests.log" 2>&1
+      grep -E "RESULT|FAILED|Error|passed|failed" "$OUT/gpu_tests.log" | tail -30 ;;
     kernels)
       timeout 240 python3 bench/kernel_bench.py --out "$OUT/kernel_bench.json" 2>&1 | tail -30 ;;
     throughput)

@@ -1,0 +1,81 @@
+"""Running `ondo serve`: the app on uvicorn, draining the engine on SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from types import FrameType
+
+import uvicorn
+
+from ondo.engine.async_llm import AsyncLLM
+from ondo.engine.cli import engine_args_from
+from ondo.server.cli import served_name
+
+log = logging.getLogger(__name__)
+
+
+def serve(args: argparse.Namespace) -> int:
+    from ondo.server.app import build_app
+
+    try:
+        engine_args = engine_args_from(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.max_waiting_requests is not None and args.max_waiting_requests < 1:
+        print("error: --max-waiting-requests must be >= 1", file=sys.stderr)
+        return 2
+    async_llm = AsyncLLM.from_engine_args(engine_args, args.max_waiting_requests)
+    name = served_name(engine_args.model, engine_args.served_model_name)
+    app = build_app(async_llm, name, api_key=args.api_key or os.environ.get("ONDO_API_KEY"))
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
+                            timeout_graceful_shutdown=args.shutdown_timeout + 10,
+                            access_log=args.access_log)
+    server = DrainingServer(config, async_llm, args.shutdown_timeout)
+    log.info("serving %s on http://%s:%d (max %d waiting requests)", name, args.host, args.port,
+             async_llm.max_waiting_requests)
+    try:
+        server.run()
+    finally:
+        async_llm.close()
+    return 0
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn.Server whose first SIGTERM/SIGINT drains the engine before uvicorn stops."""
+
+    def __init__(self, config: uvicorn.Config, async_llm: AsyncLLM, shutdown_timeout_s: float) -> None:
+        super().__init__(config)
+        self.async_llm = async_llm
+        self.shutdown_timeout_s = shutdown_timeout_s
+        self._draining = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def startup(self, sockets=None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().startup(sockets)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        # Not recorded in _captured_signals: uvicorn would re-raise it after shutting down
+        # and the process would die by the signal instead of exiting 0.
+        if self._draining or self._loop is None:
+            if sig == signal.SIGINT:
+                self.force_exit = True
+            self.should_exit = True
+            return
+        self._draining = True
+        log.info("signal %d: draining (up to %.1f s)", sig, self.shutdown_timeout_s)
+        self._loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self._drain()))
+
+    async def _drain(self) -> None:
+        try:
+            await self.async_llm.shutdown(self.shutdown_timeout_s)
+        finally:
+            self.should_exit = True
+
+

@@ -256,6 +256,8 @@ class ModelRunner:
             self.swap_out(sched.swap_out)
         if sched.swap_in:
             self.swap_in(sched.swap_in)
+        if sched.block_copies:  # copy-on-write, after the swaps, before anything writes
+            _copy_along_blocks(self.kv_cache, self.kv_cache, sched.block_copies)
         hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.meta)
         if batch.logits_indices.numel() == 0:
             return None

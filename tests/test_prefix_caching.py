@@ -8,6 +8,11 @@ import random
 import pytest
 
 from ondo import LLM, SamplingParams
+from ondo.bench.sharing_workloads import (
+    run_and_measure_peak_kv_blocks,
+    w4_shared_system_prompt,
+    w5_parallel_sampling,
+)
 from ondo.engine.block_manager import BlockManager, hash_block_tokens
 from ondo.engine.scheduler import Scheduler
 from ondo.engine.sequence import Sequence
@@ -272,3 +277,37 @@ def test_cache_under_forced_preemption_gives_the_same_outputs(tiny_path, referen
     if mode == "recompute":
         assert stats["num_preemptions_recompute"] > 0
     assert stats["prefix_cache_hits"] > 0
+
+
+# -- bench workloads ----------------------------------------------------------------
+
+
+def test_sharing_workloads_have_the_specified_shapes():
+    w4 = w4_shared_system_prompt(1000, seed=1)
+    assert len(w4) == 512 and all(len(ids) == 1024 + 128 for ids, _ in w4)
+    assert len({tuple(ids[:1024]) for ids, _ in w4}) == 1 and len({tuple(ids[1024:]) for ids, _ in w4}) == 512
+    assert all(p.max_tokens == 128 and p.ignore_eos for _, p in w4)
+    assert w4_shared_system_prompt(1000, seed=1)[5][0] == w4[5][0]
+    w5 = w5_parallel_sampling(1000, seed=1)
+    assert len(w5) == 64 and all(len(ids) == 512 for ids, _ in w5)
+    assert all(p.n == 8 and p.max_tokens == 256 and p.temperature == 1.0 and p.ignore_eos for _, p in w5)
+    seeds = [p.seed + j for _, p in w5 for j in range(p.n)]
+    assert len(set(seeds)) == 64 * 8
+
+
+def test_peak_kv_blocks_shrink_with_prefix_caching(tiny_path):
+    def peak(caching: bool) -> int:
+        # A budget of one prompt a step: the first prefill registers the system prompt
+        # before the others look it up (requests admitted in one step cannot share).
+        llm = LLM(tiny_path, block_size=BS, max_model_len=96, max_num_batched_tokens=46,
+                  enable_prefix_caching=caching)
+        work = w4_shared_system_prompt(TINY_SHAPE["vocab_size"], seed=3, num_requests=8, system_tokens=40,
+                                       question_tokens=6, output_tokens=4)
+        measured = run_and_measure_peak_kv_blocks(llm.engine, work)
+        assert measured.num_steps > 0 and not llm.engine._step_listeners
+        return measured.peak_blocks
+
+    # With sharing: one copy of the 10 system-prompt blocks and at most 3 blocks of each
+    # request's own (tokens 40 to 48), even with all 8 running at once.
+    without, with_ = peak(False), peak(True)
+    assert with_ <= 10 + 8 * 3 and with_ < without

@@ -187,6 +187,9 @@ class LLMEngine:
     def add_step_listener(self, listener: Callable[[StepStats], None]) -> None:
         self._step_listeners.append(listener)
 
+    def remove_step_listener(self, listener: Callable[[StepStats], None]) -> None:
+        self._step_listeners.remove(listener)
+
     # -- one iteration -----------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         outputs, self._pending_outputs = self._pending_outputs, []

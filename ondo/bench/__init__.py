@@ -1,0 +1,1 @@
+"""Benchmarks: `ondo bench serve` (online, against a server); more subcommands to come."""

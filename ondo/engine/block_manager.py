@@ -38,6 +38,7 @@ class BlockPool:
         self.num_blocks = num_blocks
         self.ref_counts = [0] * num_blocks
         self.free_blocks: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
+        self.num_shared = 0  # blocks with ref_count > 1, kept current (stats read it every step)
 
     @property
     def num_free(self) -> int:
@@ -50,9 +51,12 @@ class BlockPool:
 
     def fork(self, block: int) -> None:
         """One more reference; a free (cached) block leaves the free list."""
-        if self.ref_counts[block] == 0:
+        count = self.ref_counts[block]
+        if count == 0:
             del self.free_blocks[block]
-        self.ref_counts[block] += 1
+        elif count == 1:
+            self.num_shared += 1
+        self.ref_counts[block] = count + 1
 
     def release(self, block: int) -> None:
         """Drop one reference; the block returns to the free list's tail when none is left."""
@@ -62,6 +66,8 @@ class BlockPool:
         self.ref_counts[block] = count - 1
         if count == 1:
             self.free_blocks[block] = None
+        elif count == 2:
+            self.num_shared -= 1
 
 
 class BlockManager:
@@ -104,7 +110,7 @@ class BlockManager:
 
     @property
     def num_shared_blocks(self) -> int:
-        return sum(1 for c in self.gpu.ref_counts if c > 1)
+        return self.gpu.num_shared
 
     @property
     def num_cached_blocks(self) -> int:

@@ -29,6 +29,7 @@ class EngineArgs:
     swap_space: float = 4.0  # GiB of CPU memory for swapped-out KV blocks
     enforce_eager: bool = False  # no CUDA graphs
     enable_chunked_prefill: bool = True
+    enable_prefix_caching: bool = True  # reuse the K/V of full blocks shared by prompts
     served_model_name: str | None = None
 
     def __post_init__(self) -> None:

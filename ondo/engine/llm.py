@@ -57,7 +57,8 @@ class LLM:
                 log.warning("request %s rejected: %s", rid, e)
                 results[rid] = RequestOutput(
                     rid, text, list(ids or []),
-                    [CompletionOutput(0, "", [], finish_reason="error")], True, error=str(e),
+                    [CompletionOutput(i, "", [], finish_reason="error") for i in range(params.n)],
+                    True, error=str(e),
                 )
         while self.engine.has_unfinished_requests():
             for out in self.engine.step():

@@ -1,12 +1,15 @@
 """The engine loop: add requests, `step()` them forward one iteration at a time, abort them.
 
 One step = schedule (decide) → run the model on the flat batch (do) → sample →
-detokenize and check stops → free what finished. Single-threaded; `AsyncLLM` drives
+detokenize and check stops → free what finished. A request with n > 1 runs as one
+sequence through its prompt's prefill; when its first token is sampled it forks into
+n sequences sharing the prompt's blocks, each then sampled and stopped on its own. Single-threaded; `AsyncLLM` drives
 it from its own thread for the server.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import os
@@ -68,7 +71,9 @@ def _tokenizer_for(args: EngineArgs) -> Tokenizer | None:
 
 @dataclass
 class _TextState:
-    detokenizer: IncrementalDetokenizer
+    """What one sequence has produced and handed out so far."""
+
+    detokenizer: IncrementalDetokenizer | None  # None: no tokenizer, token ids only
     text: str = ""
     emitted: int = 0  # characters of `text` already handed out
     emitted_tokens: int = 0
@@ -103,7 +108,11 @@ class LLMEngine:
         self.runner = ModelRunner(args, self.model, cfg, self.device, self.dtype,
                                   self.max_model_len, self.max_num_batched_tokens)
         plan = self.runner.profile_and_allocate()
-        self.block_manager = BlockManager(plan.num_gpu_blocks, plan.num_cpu_blocks, args.block_size)
+        self.block_manager = BlockManager(
+            plan.num_gpu_blocks, plan.num_cpu_blocks, args.block_size,
+            enable_prefix_caching=args.enable_prefix_caching,
+            extra_key=args.served_model_name or args.model,
+        )
         self.scheduler = Scheduler(
             self.block_manager, args.max_num_seqs, self.max_num_batched_tokens,
             args.preemption_mode, self.runner.costs, args.enable_chunked_prefill,
@@ -111,8 +120,8 @@ class LLMEngine:
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(args.seed)
         self._seq_ids = itertools.count()
-        self._requests: dict[str, Sequence] = {}
-        self._text: dict[str, _TextState] = {}
+        self._requests: dict[str, list[Sequence]] = {}  # a request's sequences, by index
+        self._text: dict[int, _TextState] = {}  # by seq_id
         self._pending_outputs: list[RequestOutput] = []
         self._step_listeners: list[Callable[[StepStats], None]] = []
         self._step_index = 0
@@ -156,25 +165,25 @@ class LLMEngine:
                 f"the prompt has {len(prompt_token_ids)} tokens, more than max_model_len="
                 f"{self.max_model_len}"
             )
+        if params.n > self.scheduler.max_num_seqs:
+            raise ValueError(f"n={params.n} exceeds max_num_seqs={self.scheduler.max_num_seqs}")
         seq = Sequence(next(self._seq_ids), request_id, prompt_token_ids, params,
                        arrival_time_s if arrival_time_s is not None else time.monotonic(), prompt=prompt)
         seq.stream = stream
-        self._requests[request_id] = seq
-        if self.tokenizer is not None and (stream or params.stop_list):
-            det = IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params.skip_special_tokens)
-            self._text[request_id] = _TextState(det)
+        self._requests[request_id] = [seq]
+        self._text[seq.seq_id] = self._new_text_state(seq)
         self.scheduler.add(seq)
         self.num_prompt_tokens_total += len(prompt_token_ids)
         return seq
 
     def abort_request(self, request_id: str) -> bool:
         """Free the request's blocks now; its final output (finish_reason "abort") comes next step."""
-        seq = self._requests.get(request_id)
-        if seq is None:
+        seqs = self._requests.get(request_id)
+        if seqs is None:
             return False
-        self.scheduler.finish(seq, "abort")
-        self._pending_outputs.append(self._make_output(seq))
-        self._forget(seq)
+        for seq in seqs:
+            self.scheduler.finish(seq, "abort")
+        self._pending_outputs.append(self._make_output(request_id))
         return True
 
     def unfinished_request_ids(self) -> list[str]:
@@ -185,6 +194,9 @@ class LLMEngine:
 
     def add_step_listener(self, listener: Callable[[StepStats], None]) -> None:
         self._step_listeners.append(listener)
+
+    def remove_step_listener(self, listener: Callable[[StepStats], None]) -> None:
+        self._step_listeners.remove(listener)
 
     # -- one iteration -----------------------------------------------------------
     def step(self) -> list[RequestOutput]:
@@ -200,82 +212,141 @@ class LLMEngine:
         sampling = [s.seq for s in sched.scheduled if s.samples]
         for item in sched.scheduled:
             item.seq.num_computed_tokens += item.num_new_tokens
+            self.block_manager.cache_full_blocks(item.seq)
             if item.seq.first_scheduled_s is None:
                 item.seq.first_scheduled_s = start
         if logits is not None:
+            # A request with n > 1 forks as its first token is sampled: every sequence
+            # draws its own first token from the prompt's logits row.
+            rows: list[int] = []
+            seqs: list[Sequence] = []
+            for row, seq in enumerate(sampling):
+                for s in [seq, *self._fork(seq)]:
+                    rows.append(row)
+                    seqs.append(s)
+            if len(seqs) != len(sampling):
+                logits = logits.index_select(0, torch.tensor(rows, device=logits.device))
             result = sample(
                 logits,
-                [s.params for s in sampling],
-                [s.prompt_token_ids for s in sampling],
-                [s.output_token_ids for s in sampling],
+                [s.params for s in seqs],
+                [s.prompt_token_ids for s in seqs],
+                [s.output_token_ids for s in seqs],
                 self.generator,
             )
             now = time.monotonic()
-            for row, seq in enumerate(sampling):
-                out = self._append_token(seq, result.token_ids[row], result.logprobs[row],
-                                         result.sampled_logprobs[row], now)
-                if out is not None:
-                    outputs.append(out)
+            touched: dict[str, None] = {}
+            for row, seq in enumerate(seqs):
+                self._append_token(seq, result.token_ids[row], result.logprobs[row],
+                                   result.sampled_logprobs[row], now)
+                touched[seq.request_id] = None
+            # Streamed requests report every step; the others only when finished.
+            outputs.extend(self._make_output(rid) for rid in touched
+                           if self._requests[rid][0].stream
+                           or all(q.is_finished for q in self._requests[rid]))
+            sampling = seqs
         self.num_generation_tokens_total += len(sampling)
         self._emit_step_stats(sched, batch, start, len(sampling))
         return outputs
 
+    def _new_text_state(self, seq: Sequence) -> _TextState:
+        if self.tokenizer is None or not (seq.stream or seq.params.stop_list):
+            return _TextState(None)
+        return _TextState(IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids,
+                                                 seq.params.skip_special_tokens))
+
+    def _fork(self, parent: Sequence) -> list[Sequence]:
+        """The n-1 further sequences of a request about to sample its first token; none
+        for n = 1 or once forked."""
+        group = self._requests[parent.request_id]
+        if parent.params.n == 1 or len(group) > 1:
+            return []
+        children = []
+        for i in range(1, parent.params.n):
+            child = Sequence(next(self._seq_ids), parent.request_id, parent.prompt_token_ids,
+                             parent.params.for_sequence(i), parent.arrival_time_s, prompt=parent.prompt,
+                             token_ids=list(parent.token_ids), index=i,
+                             num_computed_tokens=parent.num_computed_tokens,
+                             first_scheduled_s=parent.first_scheduled_s, stream=parent.stream)
+            self.scheduler.fork(parent, child)
+            self._text[child.seq_id] = self._new_text_state(child)
+            group.append(child)
+            children.append(child)
+        return children
+
     def _append_token(self, seq: Sequence, token: int, logprobs: dict[int, float] | None,
-                      sampled_lp: float | None, now: float) -> RequestOutput | None:
+                      sampled_lp: float | None, now: float) -> None:
         seq.token_ids.append(token)
         if seq.first_token_s is None:
             seq.first_token_s = now
         if logprobs is not None:
             seq.output_logprobs.append(logprobs)
             seq.cumulative_logprob += sampled_lp or 0.0
-        state = self._text.get(seq.request_id)
+        state = self._text[seq.seq_id]
         new_text_len = 0
-        if state is not None:
+        if state.detokenizer is not None:
             delta = state.detokenizer.append(token)
             state.text += delta
             new_text_len = len(delta)
         p = seq.params
         decision = check_stop(
             token_id=token, num_output_tokens=seq.num_output_tokens, num_tokens=seq.num_tokens,
-            text=state.text if state else "", new_text_len=new_text_len,
+            text=state.text, new_text_len=new_text_len,
             eos_token_ids=self.eos_token_ids, stop_token_ids=p.stop_token_ids, stop_strings=p.stop_list,
             include_stop_str=p.include_stop_str_in_output, ignore_eos=p.ignore_eos,
             min_tokens=p.min_tokens, max_tokens=p.max_tokens, max_model_len=self.max_model_len,
         )
         if decision.finish_reason is not None:
-            if state is not None and decision.truncate_text_to is not None:
+            if decision.truncate_text_to is not None:
                 state.text = state.text[: decision.truncate_text_to]
             seq.stop_reason = decision.stop_reason
             self.scheduler.finish(seq, decision.finish_reason)
-            out = self._make_output(seq)
-            self._forget(seq)
-            return out
-        return self._make_output(seq) if seq.stream else None
 
-    def _make_output(self, seq: Sequence) -> RequestOutput:
-        state = self._text.get(seq.request_id)
+    def _make_output(self, request_id: str) -> RequestOutput:
+        """The request's output with one completion per sequence (each with what it added
+        since the last output); forgets the request once all its sequences finished."""
+        seqs = self._requests[request_id]
+        parent = seqs[0]
+        completions = [self._completion(seq) for seq in seqs]
+        if len(seqs) < parent.params.n:  # aborted before the fork: the others never started
+            completions += [dataclasses.replace(completions[0], index=i, new_text="", new_token_ids=[],
+                                                new_logprobs=None) for i in range(len(seqs), parent.params.n)]
+        finished = all(seq.is_finished for seq in seqs)
+        metrics = {"arrival_time_s": parent.arrival_time_s}
+        first_scheduled = [s.first_scheduled_s for s in seqs if s.first_scheduled_s is not None]
+        if first_scheduled:
+            metrics["first_scheduled_s"] = min(first_scheduled)
+        first_token = [s.first_token_s for s in seqs if s.first_token_s is not None]
+        if first_token:
+            metrics["first_token_s"] = min(first_token)
+        if finished:
+            self._forget(request_id)
+        return RequestOutput(request_id, parent.prompt, parent.prompt_token_ids, completions, finished,
+                             metrics=metrics)
+
+    def _completion(self, seq: Sequence) -> CompletionOutput:
+        state = self._text[seq.seq_id]
         finished = seq.is_finished
-        text = state.text if state else ""
-        if state is not None:
+        text = state.text
+        if state.detokenizer is None:
+            # Not streamed and no stop strings: decoded once, at the end.
+            if finished and self.tokenizer is not None:
+                text = self.tokenizer.decode(seq.output_token_ids, seq.params.skip_special_tokens)
+            state.emitted = len(text) if finished else 0
+            new_text = text if finished else ""
+        else:
             visible = len(text)
             if not finished and seq.params.stop_list:
                 # Hold back what could be the start of a stop string.
                 visible = max(state.emitted, len(text) - max(len(s) for s in seq.params.stop_list) + 1)
             new_text = text[state.emitted:visible]
             state.emitted = visible
-            new_ids = seq.output_token_ids[state.emitted_tokens:]
-            state.emitted_tokens = seq.num_output_tokens
-            new_lps = seq.output_logprobs[state.emitted_logprobs:] if seq.params.logprobs is not None else None
-            state.emitted_logprobs = len(seq.output_logprobs)
-        else:
-            new_ids = seq.output_token_ids if finished else [seq.token_ids[-1]]
-            new_lps = seq.output_logprobs if seq.params.logprobs is not None else None
-            if finished and self.tokenizer is not None:
-                text = self.tokenizer.decode(seq.output_token_ids, seq.params.skip_special_tokens)
-            new_text = text
-        completion = CompletionOutput(
-            index=0,
-            text=text if finished else text[: state.emitted if state else 0],
+        new_ids = seq.output_token_ids[state.emitted_tokens:]
+        state.emitted_tokens = seq.num_output_tokens
+        new_lps = seq.output_logprobs[state.emitted_logprobs:] if seq.params.logprobs is not None else None
+        state.emitted_logprobs = len(seq.output_logprobs)
+        return CompletionOutput(
+            index=seq.index,
+            text=text if finished else text[: state.emitted],
             token_ids=seq.output_token_ids if finished else [],
             finish_reason=seq.finish_reason if finished else None,
             stop_reason=seq.stop_reason,
@@ -285,17 +356,10 @@ class LLMEngine:
             new_token_ids=new_ids,
             new_logprobs=new_lps,
         )
-        metrics = {"arrival_time_s": seq.arrival_time_s}
-        if seq.first_scheduled_s is not None:
-            metrics["first_scheduled_s"] = seq.first_scheduled_s
-        if seq.first_token_s is not None:
-            metrics["first_token_s"] = seq.first_token_s
-        return RequestOutput(seq.request_id, seq.prompt, seq.prompt_token_ids, [completion], finished,
-                             metrics=metrics)
 
-    def _forget(self, seq: Sequence) -> None:
-        self._requests.pop(seq.request_id, None)
-        self._text.pop(seq.request_id, None)
+    def _forget(self, request_id: str) -> None:
+        for seq in self._requests.pop(request_id, []):
+            self._text.pop(seq.seq_id, None)
 
     def _emit_step_stats(self, sched: SchedulerOutput, batch, start: float, num_out: int) -> None:
         self._step_index += 1
@@ -338,6 +402,11 @@ class LLMEngine:
             "num_prompt_tokens_total": self.num_prompt_tokens_total,
             "num_generation_tokens_total": self.num_generation_tokens_total,
             "block_size": bm.block_size,
+            "prefix_cache_queries": bm.prefix_cache_queries,  # tokens looked up
+            "prefix_cache_hits": bm.prefix_cache_hits,  # tokens found cached, not recomputed
+            "num_cached_blocks": bm.num_cached_blocks,
+            "num_shared_blocks": bm.num_shared_blocks,  # ref_count > 1 now
+            "num_cow_copies": bm.num_cow_copies,
         }
 
     def waste_per_running_seq(self) -> list[int]:

@@ -18,7 +18,7 @@ import torch
 from ondo.engine.config import EngineArgs
 from ondo.engine.memory import MemoryPlan, kv_bytes_per_block
 from ondo.engine.scheduler import PreemptionCosts, SchedulerOutput
-from ondo.kernels.block_copy import swap_in, swap_out
+from ondo.kernels.block_copy import copy_blocks, swap_in, swap_out
 from ondo.kernels.metadata import AttentionMetadata
 
 log = logging.getLogger(__name__)
@@ -295,6 +295,8 @@ class ModelRunner:
             self.swap_out(sched.swap_out)
         if sched.swap_in:
             self.swap_in(sched.swap_in)
+        if sched.block_copies:  # copy-on-write, after the swaps, before anything writes
+            copy_blocks(self.kv_layers, sched.block_copies)
         n = batch.num_tokens
         graph = self.graphs.get(self._graph_size(n)) if batch.meta.is_decode_only else None
         if graph is not None:

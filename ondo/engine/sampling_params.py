@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 _GREEDY_EPS = 1e-5
+MAX_N = 16
 
 
 @dataclass
 class SamplingParams:
+    # Parallel sampling: n sequences share the prompt's prefill. Sequence i of a request
+    # with seed s samples as a request with seed s + i would (and n=1), so `n=4, seed=s`
+    # gives the outputs of four requests with seeds s, s+1, s+2, s+3.
     n: int = 1
     temperature: float = 1.0
     top_p: float = 1.0
@@ -49,8 +54,8 @@ class SamplingParams:
 
         if not is_int(self.n) or self.n < 1:
             raise bad("n", "must be an integer >= 1")
-        if self.n != 1:
-            raise bad("n", "parallel sampling (n > 1) is not supported yet")
+        if self.n > MAX_N:
+            raise bad("n", f"must be at most {MAX_N}")
         if not is_num(self.temperature) or not 0.0 <= self.temperature <= 100.0:
             raise bad("temperature", "must be a number in [0, 100]")
         if not is_num(self.top_p) or not 0.0 < self.top_p <= 1.0:
@@ -79,6 +84,13 @@ class SamplingParams:
             raise bad("stop_token_ids", "must be a list of non-negative integers")
         if self.logprobs is not None and (not is_int(self.logprobs) or not 0 <= self.logprobs <= 20):
             raise bad("logprobs", "must be an integer in [0, 20]")
+
+    def for_sequence(self, index: int) -> SamplingParams:
+        """The parameters sequence `index` of an n > 1 request samples with (n=1, seed + index)."""
+        if index == 0 and self.n == 1:
+            return self
+        seed = None if self.seed is None else self.seed + index
+        return dataclasses.replace(self, n=1, seed=seed)
 
     @property
     def greedy(self) -> bool:

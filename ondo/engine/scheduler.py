@@ -5,6 +5,8 @@ queues and asks the block manager for blocks; it returns a `SchedulerOutput` and
 never touches a tensor. Order of work each step: running sequences first (oldest
 first; when blocks run short the newest running one is preempted), then swapped
 ones back in, then, only if nothing is left swapped, new ones from the waiting queue.
+A new sequence starts after its longest cached prefix (prefix caching), and a request
+with n > 1 takes n seats of `max_num_seqs`, as its sequences fork after its prefill.
 """
 
 from __future__ import annotations
@@ -47,6 +49,8 @@ class SchedulerOutput:
     scheduled: list[ScheduledSeq] = field(default_factory=list)
     swap_out: list[tuple[int, int]] = field(default_factory=list)  # (gpu, cpu) block copies
     swap_in: list[tuple[int, int]] = field(default_factory=list)  # (cpu, gpu) block copies
+    # (src, dst) GPU block copies for copy-on-write; run after the swaps, before the forward pass.
+    block_copies: list[tuple[int, int]] = field(default_factory=list)
     preempted_swap: list[Sequence] = field(default_factory=list)
     preempted_recompute: list[Sequence] = field(default_factory=list)
 
@@ -99,6 +103,12 @@ class Scheduler:
         seq.status = SequenceStatus.FINISHED
         if seq.finish_reason is None:
             seq.finish_reason = reason
+
+    def fork(self, parent: Sequence, child: Sequence) -> None:
+        """Run `child` beside `parent`, sharing its blocks (parallel sampling)."""
+        self.block_manager.fork(parent, child)
+        child.status = SequenceStatus.RUNNING
+        self.running.append(child)
 
     @property
     def num_unfinished(self) -> int:
@@ -154,20 +164,27 @@ class Scheduler:
             and len(self.running) < self.max_num_seqs
         ):
             seq = self.waiting[0]
-            num_new = self._tokens_this_step(seq, budget)
+            seats = seq.params.n if seq.num_output_tokens == 0 else 1
+            if len(self.running) + seats > self.max_num_seqs:
+                break
+            cached = self.block_manager.find_cached_prefix(seq)
+            num_new = self._tokens_for(seq.num_tokens - len(cached) * self.block_manager.block_size, budget)
             if num_new == 0:
                 break
-            if not self.block_manager.allocate_slots(seq, num_new):
+            if not self.block_manager.allocate_with_prefix(seq, cached, num_new):
                 break
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             out.scheduled.append(ScheduledSeq(seq, num_new))
             budget -= num_new
+        out.block_copies = self.block_manager.take_copies()
         return out
 
     def _tokens_this_step(self, seq: Sequence, budget: int) -> int:
-        remaining = seq.num_uncomputed_tokens
+        return self._tokens_for(seq.num_uncomputed_tokens, budget)
+
+    def _tokens_for(self, remaining: int, budget: int) -> int:
         if remaining <= budget:
             return remaining
         return budget if self.enable_chunked_prefill else 0

@@ -35,6 +35,11 @@ class Sequence:
     first_scheduled_s: float | None = None
     first_token_s: float | None = None
     stream: bool = True  # report every step's tokens, not only the final output
+    index: int = 0  # which of the request's n sequences (parallel sampling)
+    # Prefix caching: chained hashes of the full blocks of token_ids (memoized), and how
+    # many leading blocks of block_table have been offered to the cache.
+    block_hashes: list[bytes] = field(default_factory=list, repr=False)
+    num_registered_blocks: int = 0
 
     def __post_init__(self) -> None:
         if not self.token_ids:

@@ -50,6 +50,8 @@ def _add_serve(bench_sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tokenizer", default=None,
                    help="tokenizer to size prompts (default: the embedded model's; 'none': words)")
+    p.add_argument("--token-id-vocab", type=int, default=None,
+                   help="send random token-id prompts (for a server without a tokenizer)")
     p.add_argument("--result-file", default=None, help="also write the JSON summary here")
     p.set_defaults(func=_bench_serve)
 

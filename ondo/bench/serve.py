@@ -32,7 +32,7 @@ _WORDS = ("time person year way day thing man world life hand part child eye wom
 
 @dataclass
 class BenchRequest:
-    prompt: str
+    prompt: str | list[int]  # text, or token ids for a server with no tokenizer
     prompt_len: int
     output_len: int
 
@@ -67,10 +67,15 @@ def _lengths(dataset: str, n: int, input_len: int, output_len: int, range_ratio:
 
 
 def make_requests(tokenizer, dataset: str, num_prompts: int, input_len: int, output_len: int,
-                  range_ratio: float, seed: int) -> list[BenchRequest]:
+                  range_ratio: float, seed: int, token_id_vocab: int | None = None) -> list[BenchRequest]:
     rng = random.Random(seed)
     requests = []
     for prompt_len, out_len in _lengths(dataset, num_prompts, input_len, output_len, range_ratio, rng):
+        if token_id_vocab:
+            lo = min(100, token_id_vocab // 4)  # skip the low ids, often special tokens
+            ids = [rng.randrange(lo, token_id_vocab - lo) for _ in range(prompt_len)]
+            requests.append(BenchRequest(ids, prompt_len, out_len))
+            continue
         words = " ".join(rng.choice(_WORDS) for _ in range(prompt_len + 8))
         if tokenizer is not None:
             ids = tokenizer.encode(words, add_special_tokens=False)[:prompt_len]
@@ -226,6 +231,7 @@ class BenchServeArgs:
     range_ratio: float = 0.0
     seed: int = 0
     tokenizer: str | None = None
+    token_id_vocab: int | None = None  # send random token-id prompts from [100, vocab - 100)
     api_key: str | None = None
     max_concurrency: int | None = None
     result_file: str | None = None
@@ -234,9 +240,11 @@ class BenchServeArgs:
 def bench_serve(args: BenchServeArgs) -> dict:
     from ondo.model.tokenizer import load_tokenizer
 
-    tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer != "none" else None
+    tokenizer = None
+    if args.tokenizer != "none" and not args.token_id_vocab:
+        tokenizer = load_tokenizer(args.tokenizer)
     requests = make_requests(tokenizer, args.dataset, args.num_prompts, args.input_len,
-                             args.output_len, args.range_ratio, args.seed)
+                             args.output_len, args.range_ratio, args.seed, args.token_id_vocab)
     summary = asyncio.run(run_benchmark(args.base_url, requests, args.request_rate, args.model,
                                         args.api_key, args.max_concurrency, args.seed))
     summary["config"] = {k: (str(v) if isinstance(v, float) and math.isinf(v) else v)

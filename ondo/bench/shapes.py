@@ -32,11 +32,28 @@ SHAPES: dict[str, dict[str, Any]] = {
 
 
 def shape_folder(name: str, root: str | None = None) -> str:
-    """A folder holding only config.json for the named shape (weights come from load_format=dummy)."""
+    """A folder with config.json for the named shape (weights come from load_format=dummy)
+    and a word-level tokenizer over its whole vocabulary ("w0", "w1", ...), so that a
+    dummy model takes and returns text like a real one, one word per token."""
     if name not in SHAPES:
         raise ValueError(f"unknown model shape {name!r}; known: {sorted(SHAPES)}")
     folder = os.path.join(root or tempfile.mkdtemp(prefix="ondo-shape-"), name)
     os.makedirs(folder, exist_ok=True)
+    config = SHAPES[name]
     with open(os.path.join(folder, "config.json"), "w") as f:
-        json.dump(SHAPES[name], f, indent=1)
+        json.dump(config, f, indent=1)
+    write_word_tokenizer(folder, config["vocab_size"])
     return folder
+
+
+def write_word_tokenizer(folder: str, vocab_size: int) -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {"<unk>": 0, **{f"w{i}": i for i in range(1, vocab_size)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with spaces
+    tok.save(os.path.join(folder, "tokenizer.json"))
+    with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
+        json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "unk_token": "<unk>",
+                   "model_max_length": 1 << 30}, f)

@@ -24,8 +24,13 @@ for stage in $STAGES; do
     kernels)
       timeout 240 python3 bench/kernel_bench.py --out "$OUT/kernel_bench.json" 2>&1 | tail -30 ;;
     throughput)
-      timeout 560 python3 -m ondo bench throughput --out-dir "$OUT" ${THROUGHPUT_ARGS:-} 2>&1 \
-        | grep -v "^{" | tail -40 ;;
+      timeout ${THROUGHPUT_TIMEOUT:-560} python3 -m ondo bench throughput --out-dir "$OUT" ${THROUGHPUT_ARGS:-} \
+        > "$OUT/throughput.log" 2>&1
+      grep -E "^\{|INFO ondo|Error|error" "$OUT/throughput.log" | grep -v '"throughput"' | tail -40 ;;
+    serve)
+      timeout ${SERVE_TIMEOUT:-400} python3 bench/serve_vs_offline.py --out "$OUT/serve_curve.json" ${SERVE_ARGS:-} \
+        > "$OUT/serve.log" 2>&1
+      grep -E "^offline|^\{\"backend|Error|error" "$OUT/serve.log" | tail -20 ;;
     telemetry)
       timeout 120 python3 bench/telemetry_overhead.py --seconds 10 --hz 20 100 2>&1 | tail -20 ;;
   esac

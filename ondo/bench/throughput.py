@@ -177,6 +177,8 @@ def main(args: argparse.Namespace) -> int:
             log.info("%s %s: %.0f output tok/s, %.2f of roofline", shape, wl.name,
                      row["output_tokens_per_s"], row.get("fraction_of_roofline", float("nan")))
             shape_rows.append(row)
+            _write(args.out_dir, shape, shape_rows)
+            print(json.dumps({k: v for k, v in row.items() if not isinstance(v, (dict, list))}), flush=True)
             if wl.name == "W1" and args.telemetry_hz and device.type == "cuda":
                 from ondo.bench.telemetry_run import run_with_telemetry
 
@@ -192,14 +194,17 @@ def main(args: argparse.Namespace) -> int:
                 best = max([v for k, v in row["baselines"].items() if isinstance(v, float)] or [0.0])
                 row["speedup_vs_best_baseline"] = row["output_tokens_per_s"] / best if best else None
         rows.extend(shape_rows)
-        os.makedirs(args.out_dir, exist_ok=True)
-        path = os.path.join(args.out_dir, f"throughput-{device_tag()}-{shape}.json")
-        with open(path, "w") as f:
-            json.dump(shape_rows, f, indent=1)
-        log.info("wrote %s", path)
+        _write(args.out_dir, shape, shape_rows)
     _print_table(rows)
     print(json.dumps({"throughput": rows}))
     return 0
+
+
+def _write(out_dir: str, shape: str, rows: list[dict]) -> None:
+    path = os.path.join(out_dir, f"throughput-{device_tag()}-{shape}.json")
+    with open(path, "w") as f:
+        json.dump(rows, f, indent=1)
+    log.info("wrote %s", path)
 
 
 def _print_table(rows: list[dict]) -> None:

@@ -14,7 +14,7 @@ if not torch.cuda.is_available():  # collected on CPU machines, never run there
 from ondo import LLM, SamplingParams  # noqa: E402
 from ondo.model.loader import load_model  # noqa: E402
 from tests.paged_batch import PagedCache  # noqa: E402
-from tests.tiny_checkpoints import tiny_hf_model  # noqa: E402
+from tests.tiny_checkpoints import conditioned_hf_model, keep_rope_in_float32  # noqa: E402
 
 SHAPE = dict(vocab_size=4096, hidden_size=256, intermediate_size=512, num_hidden_layers=3,
              num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=2048)
@@ -26,12 +26,15 @@ CASES = {
 }
 POSITIONS = 512
 PREFILL = 256
+# Positions whose fp32 top-2 logits are closer than this are ties that bf16 rounding
+# (~0.4% relative) may flip either way; agreement is asserted on the others.
+TIE_GAP = 0.05
 
 
 @pytest.fixture(scope="module", params=list(CASES))
 def checkpoint(request, tmp_path_factory):
     config_class, overrides = CASES[request.param]
-    hf = tiny_hf_model(config_class, overrides)
+    hf = conditioned_hf_model(config_class, overrides)
     path = tmp_path_factory.mktemp(request.param)
     hf.save_pretrained(path)
     return request.param, hf, str(path)
@@ -42,10 +45,11 @@ def test_teacher_forced_top1_agreement_and_logit_error(checkpoint):
     tokens = torch.randint(0, SHAPE["vocab_size"], (POSITIONS,), generator=torch.Generator().manual_seed(0))
     # The oracle runs the same bf16 weights in fp32 arithmetic; transformers in bf16 is
     # reported beside it for comparison.
-    hf = hf.cuda().to(torch.bfloat16)
+    hf = keep_rope_in_float32(hf.cuda(), torch.bfloat16)
     with torch.no_grad():
         hf_bf16 = hf(tokens[None].cuda()).logits[0].float()
-        ref = hf.float()(tokens[None].cuda()).logits[0].float()
+        hf = keep_rope_in_float32(hf, torch.float32)
+        ref = hf(tokens[None].cuda()).logits[0].float()
     model, config = load_model(path, "auto", torch.bfloat16, torch.device("cuda"))
     cache = PagedCache(config, num_blocks=64, block_size=16, seed=1, device="cuda", dtype=torch.bfloat16)
     cache.add_sequence(POSITIONS)
@@ -58,13 +62,18 @@ def test_teacher_forced_top1_agreement_and_logit_error(checkpoint):
             meta, pos = cache.step([1])
             logits.append(model.compute_logits(model(ids[i : i + 1], pos, cache.kv_caches, meta)))
     ours = torch.cat(logits).float()
-    agreement = (ours.argmax(-1) == ref.argmax(-1)).float().mean().item()
+    top2 = ref.topk(2, dim=-1).values
+    clear = (top2[:, 0] - top2[:, 1]) > TIE_GAP
+    agree = ours.argmax(-1) == ref.argmax(-1)
+    agreement, clear_agreement = agree.float().mean().item(), agree[clear].float().mean().item()
     rel_err = ((ours - ref).norm() / ref.norm()).item()
     hf_agreement = (hf_bf16.argmax(-1) == ref.argmax(-1)).float().mean().item()
     hf_err = ((hf_bf16 - ref).norm() / ref.norm()).item()
-    print(f"RESULT {name}: ondo bf16 top-1 agreement {agreement:.4f}, logits rel. error {rel_err:.4f}; "
+    print(f"RESULT {name}: ondo bf16 top-1 agreement {agreement:.4f} (on {int(clear.sum())} untied "
+          f"positions {clear_agreement:.4f}), logits rel. error {rel_err:.4f}; "
           f"transformers bf16 {hf_agreement:.4f}, {hf_err:.4f}")
-    assert agreement >= 0.99
+    assert clear_agreement >= 0.99 and clear.sum() >= 0.9 * POSITIONS
+    assert agreement >= hf_agreement - 0.02
     assert rel_err < 2e-2
 
 

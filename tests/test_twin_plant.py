@@ -4,6 +4,7 @@ import numpy as np
 
 from ondo.twin.params import h100_params
 from ondo.twin.plant import (
+    THROTTLE_GPU_IDLE,
     THROTTLE_HW_SLOWDOWN,
     THROTTLE_HW_THERMAL,
     THROTTLE_SW_POWER_CAP,
@@ -24,7 +25,7 @@ def run(plant, load, seconds, ambient_c=None, dt_s=0.01):
 
 def test_idle_plant_reports_no_throttle_and_full_clock():
     r = run(GpuPlant(P), Load(), 2.0)[-1]
-    assert r.throttle_reasons == 0
+    assert r.throttle_reasons == THROTTLE_GPU_IDLE  # idle, and no clock-limiting reason
     assert r.sm_mhz == P.sm_max_mhz
     assert 100 < r.power_w < 160
 

@@ -23,6 +23,8 @@ for stage in $STAGES; do
       grep -E "RESULT|FAILED|Error|passed|failed" "$OUT/gpu_tests.log" | tail -30 ;;
     kernels)
       timeout 240 python3 bench/kernel_bench.py --out "$OUT/kernel_bench.json" 2>&1 | tail -30 ;;
+    prefill)
+      timeout 120 python3 bench/prefill_bench.py 2>&1 | tee "$OUT/prefill_bench.log" | grep -v "^{" ;;
     throughput)
       timeout ${THROUGHPUT_TIMEOUT:-560} python3 -m ondo bench throughput --out-dir "$OUT" ${THROUGHPUT_ARGS:-} \
         > "$OUT/throughput.log" 2>&1

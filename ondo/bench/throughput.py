@@ -52,6 +52,7 @@ def run_ondo(llm, workload: Workload, limits: DeviceLimits | None,
     steps = StepLog(limits)
     llm.engine._step_listeners[:] = [steps, *(extra_listeners or [])]
     prompts = [{"prompt_token_ids": r.prompt_token_ids} for r in workload.requests]
+    timing_before = dict(llm.engine.step_timing_s)
     _sync()
     start = time.perf_counter()
     outs = llm.generate(prompts, workload.params())
@@ -71,6 +72,9 @@ def run_ondo(llm, workload: Workload, limits: DeviceLimits | None,
         "preemptions": steps.preemptions,
         "peak_kv_blocks_used": steps.peak_blocks,
     }
+    timing = {k: v - timing_before[k] for k, v in llm.engine.step_timing_s.items()}
+    n = max(timing.pop("steps"), 1)
+    row["host_ms_per_step"] = {k: 1e3 * v / n for k, v in timing.items()}
     if limits is not None:
         row["roofline_bound_s"] = steps.bound_s
         row["fraction_of_roofline"] = steps.bound_s / elapsed

@@ -125,6 +125,9 @@ class LLMEngine:
         self._pending_outputs: list[RequestOutput] = []
         self._step_listeners: list[Callable[[StepStats], None]] = []
         self._step_index = 0
+        # Host time per phase of step(), summed: where an engine step's time goes.
+        self.step_timing_s: dict[str, float] = dict.fromkeys(
+            ("schedule", "prepare", "launch", "sample_and_wait", "postprocess", "steps"), 0.0)
         self.num_prompt_tokens_total = 0
         self.num_generation_tokens_total = 0
         self.startup_s = time.perf_counter() - t0
@@ -202,13 +205,18 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         outputs, self._pending_outputs = self._pending_outputs, []
         start = time.monotonic()
+        t0 = time.perf_counter()
         sched = self.scheduler.schedule()
         if sched.is_empty:
             return outputs
         for seq in sched.preempted_recompute:
             log.debug("preempted %s by recompute", seq.request_id)
+        t_scheduled = time.perf_counter()
         batch = self.runner.prepare(sched)
+        t_prepared = time.perf_counter()
         logits = self.runner.execute(sched, batch)
+        t_launched = time.perf_counter()
+        t_sampled = t_launched
         sampling = [s.seq for s in sched.scheduled if s.samples]
         for item in sched.scheduled:
             item.seq.num_computed_tokens += item.num_new_tokens
@@ -229,10 +237,11 @@ class LLMEngine:
             result = sample(
                 logits,
                 [s.params for s in seqs],
-                [s.prompt_token_ids for s in seqs],
-                [s.output_token_ids for s in seqs],
+                [s.num_output_tokens for s in seqs],
                 self.generator,
+                history=lambda: ([s.prompt_token_ids for s in seqs], [s.output_token_ids for s in seqs]),
             )
+            t_sampled = time.perf_counter()
             now = time.monotonic()
             touched: dict[str, None] = {}
             for row, seq in enumerate(seqs):
@@ -245,6 +254,14 @@ class LLMEngine:
                            or all(q.is_finished for q in self._requests[rid]))
             sampling = seqs
         self.num_generation_tokens_total += len(sampling)
+        t_done = time.perf_counter()
+        timing = self.step_timing_s
+        timing["schedule"] += t_scheduled - t0
+        timing["prepare"] += t_prepared - t_scheduled
+        timing["launch"] += t_launched - t_prepared
+        timing["sample_and_wait"] += t_sampled - t_launched  # includes waiting for the GPU
+        timing["postprocess"] += t_done - t_sampled
+        timing["steps"] += 1
         self._emit_step_stats(sched, batch, start, len(sampling))
         return outputs
 

@@ -7,6 +7,7 @@ tokens alone or inside any batch.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -54,10 +55,14 @@ def apply_penalties(
             logits[row] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
 
 
-def _filter(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
-    """Mask what top-k, top-p and min-p exclude (per-row parameters; 0/1/0 mean off)."""
+def _filter(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """Mask what top-k, top-p and min-p exclude (per-row parameters; 0/1/0 mean off).
+    Which filters run is decided from the host-side parameters: no device sync."""
     vocab = logits.shape[1]
-    if bool((top_k > 0).any()) or bool((top_p < 1.0).any()):
+    device = logits.device
+    if any(p.top_k > 0 or p.top_p < 1.0 for p in params):
+        top_k = torch.tensor([p.top_k for p in params], device=device)
+        top_p = torch.tensor([p.top_p for p in params], device=device, dtype=logits.dtype)
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         ranks = torch.arange(vocab, device=logits.device)[None, :]
         k = torch.where(top_k > 0, top_k, torch.full_like(top_k, vocab))
@@ -68,7 +73,8 @@ def _filter(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_
         drop |= mass_before >= top_p[:, None]
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.empty_like(logits).scatter_(1, order, sorted_logits)
-    if bool((min_p > 0).any()):
+    if any(p.min_p > 0 for p in params):
+        min_p = torch.tensor([p.min_p for p in params], device=device, dtype=logits.dtype)
         probs = logits.softmax(-1)
         floor = probs.max(-1, keepdim=True).values * min_p[:, None]
         logits = logits.masked_fill(probs < floor, float("-inf"))
@@ -78,34 +84,35 @@ def _filter(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_
 def sample(
     logits: torch.Tensor,  # [N, vocab] float32, raw model output
     params: list[SamplingParams],
-    prompt_ids: list[list[int]],
-    output_ids: list[list[int]],
+    output_lens: list[int],  # tokens each row has generated so far (for seeded draws)
     generator: torch.Generator | None = None,
+    history: Callable[[], tuple[list[list[int]], list[list[int]]]] | None = None,
 ) -> SamplerOutput:
+    """`history()` gives (prompt ids, output ids) per row; called only if a penalty needs it."""
     n = logits.shape[0]
     device = logits.device
     want_logprobs = [p.logprobs is not None for p in params]
     raw_logprobs = logits.log_softmax(-1) if any(want_logprobs) else None
 
     if any(p.has_penalties for p in params):
+        if history is None:
+            raise ValueError("penalties need the token history")
+        prompt_ids, output_ids = history()
         logits = logits.clone()
         apply_penalties(logits, params, prompt_ids, output_ids)
 
-    greedy = torch.tensor([p.greedy for p in params], device=device)
     tokens = logits.argmax(-1)
-    if not bool(greedy.all()):
+    if not all(p.greedy for p in params):
+        greedy = torch.tensor([p.greedy for p in params], device=device)
         temps = torch.tensor([1.0 if p.greedy else p.temperature for p in params], device=device)
-        top_k = torch.tensor([p.top_k for p in params], device=device)
-        top_p = torch.tensor([p.top_p for p in params], device=device, dtype=logits.dtype)
-        min_p = torch.tensor([p.min_p for p in params], device=device, dtype=logits.dtype)
-        scaled = _filter(logits / temps[:, None], top_k, top_p, min_p)
+        scaled = _filter(logits / temps[:, None], params)
         probs = scaled.softmax(-1)
         # Exponential race: argmax(p / E) with E ~ Exp(1) draws from p.
         noise = torch.empty_like(probs).exponential_(generator=generator)
         for row, p in enumerate(params):
             if p.seed is not None and not p.greedy:
                 g = torch.Generator(device=device)
-                g.manual_seed(_seed_for(p.seed, len(output_ids[row])))
+                g.manual_seed(_seed_for(p.seed, output_lens[row]))
                 noise[row].exponential_(generator=g)
         sampled = (probs / noise).argmax(-1)
         tokens = torch.where(greedy, tokens, sampled)

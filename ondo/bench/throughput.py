@@ -164,7 +164,7 @@ def main(args: argparse.Namespace) -> int:
         startup_s = time.perf_counter() - t0
         runner = llm.engine.runner
         workloads = [make_workload(w, SHAPES[shape]["vocab_size"], seed=0, scale=args.scale)
-                     for w in args.workload]
+                     for w in args.workload if w in ("W1", "W2", "W3")]
         shape_rows = []
         for wl in workloads:
             row = {"workload": wl.name, "description": wl.description, "model": shape,
@@ -192,8 +192,26 @@ def main(args: argparse.Namespace) -> int:
                 ]
         del llm, runner
         _free()
+        if args.sharing:
+            from ondo.bench.sharing import run_sharing
+
+            def make_llm(caching: bool, folder=folder):
+                return LLM(folder, load_format="dummy", dtype="bfloat16", max_model_len=args.max_model_len,
+                           gpu_memory_utilization=args.gpu_memory_utilization, max_num_seqs=args.max_num_seqs,
+                           max_num_batched_tokens=args.max_num_batched_tokens, seed=0,
+                           enable_prefix_caching=caching)
+
+            w1 = next((w for w in workloads if w.name == "W1"), None)
+            w1_tps = next((r["output_tokens_per_s"] for r in shape_rows if r["workload"] == "W1"), None)
+            for r in run_sharing(make_llm, SHAPES[shape]["vocab_size"], w1, w1_tps, args.scale):
+                r.update({"model": shape, "device": limits.device if limits else "cpu",
+                          "date": time.strftime("%Y-%m-%d")})
+                shape_rows.append(r)
+                print(json.dumps({k: v for k, v in r.items() if not isinstance(v, dict)}), flush=True)
+            _write(args.out_dir, shape, shape_rows)
+            _free()
         if args.baselines and device.type == "cuda":
-            for wl, row in zip(workloads, shape_rows):
+            for wl, row in zip(workloads, shape_rows[: len(workloads)]):
                 row.update(run_baselines(folder, wl, args.baseline_subset, args.baseline_batch_sizes))
                 best = max([v for k, v in row["baselines"].items() if isinstance(v, float)] or [0.0])
                 row["speedup_vs_best_baseline"] = row["output_tokens_per_s"] / best if best else None
@@ -227,6 +245,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("throughput", help="offline throughput on W1-W3 vs roofline and transformers")
     p.add_argument("--model-shape", nargs="+", default=["qwen3-0.6b"], choices=sorted(SHAPES))
     p.add_argument("--workload", nargs="+", default=["W1", "W2", "W3"], choices=["W1", "W2", "W3"])
+    p.add_argument("--sharing", action="store_true",
+                   help="also run W4/W5 with prefix caching on and off (and W1 with it off)")
     p.add_argument("--scale", type=float, default=1.0, help="fraction of each workload's requests")
     p.add_argument("--max-model-len", type=int, default=4096)
     p.add_argument("--max-num-seqs", type=int, default=256)

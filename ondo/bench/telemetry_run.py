@@ -55,4 +55,7 @@ def run_with_telemetry(llm, workload: Workload, limits, hz: float, out_dir: str,
     result["energy_per_output_token_j"] = result["energy_j"] / row["output_tokens"]
     columns, rows = read_rows(db)
     write_csv(columns, rows, os.path.join(out_dir, f"trace-{workload.name}-{int(hz)}hz.csv"))
+    for suffix in ("", "-wal", "-shm"):  # the CSV holds it all; keep $OUT small
+        if os.path.exists(db + suffix):
+            os.remove(db + suffix)
     return result

@@ -166,6 +166,12 @@ def main(args: argparse.Namespace) -> int:
         workloads = [make_workload(w, SHAPES[shape]["vocab_size"], seed=0, scale=args.scale)
                      for w in args.workload if w in ("W1", "W2", "W3")]
         shape_rows = []
+        if args.profile and device.type == "cuda":
+            from ondo.bench.profile_steps import profile_steps
+
+            for wl in workloads:
+                warm = 3 if wl.name == "W3" else 40  # W1/W2: past the prefills, into decode
+                print(f"profile {wl.name}:\n" + profile_steps(llm, wl, warm, 3), flush=True)
         for wl in workloads:
             row = {"workload": wl.name, "description": wl.description, "model": shape,
                    "device": limits.device if limits else "cpu", "dtype": "bfloat16",
@@ -186,10 +192,16 @@ def main(args: argparse.Namespace) -> int:
             if wl.name == "W1" and args.telemetry_hz and device.type == "cuda":
                 from ondo.bench.telemetry_run import run_with_telemetry
 
+                # Fresh prompts for each run, so that no run reuses another's cached prefixes.
+                vocab = SHAPES[shape]["vocab_size"]
+                off = run_ondo(llm, make_workload("W1", vocab, seed=101, scale=args.scale), limits)
+                row["telemetry_off_output_tokens_per_s"] = off["output_tokens_per_s"]
                 row["telemetry"] = [
-                    run_with_telemetry(llm, wl, limits, hz, args.out_dir, row["output_tokens_per_s"], run_ondo)
-                    for hz in args.telemetry_hz
+                    run_with_telemetry(llm, make_workload("W1", vocab, seed=102 + i, scale=args.scale),
+                                       limits, hz, args.out_dir, off["output_tokens_per_s"], run_ondo)
+                    for i, hz in enumerate(args.telemetry_hz)
                 ]
+                _write(args.out_dir, shape, shape_rows)
         del llm, runner
         _free()
         if args.sharing:
@@ -245,6 +257,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("throughput", help="offline throughput on W1-W3 vs roofline and transformers")
     p.add_argument("--model-shape", nargs="+", default=["qwen3-0.6b"], choices=sorted(SHAPES))
     p.add_argument("--workload", nargs="+", default=["W1", "W2", "W3"], choices=["W1", "W2", "W3"])
+    p.add_argument("--profile", action="store_true", help="print torch.profiler tables of a few steps")
     p.add_argument("--sharing", action="store_true",
                    help="also run W4/W5 with prefix caching on and off (and W1 with it off)")
     p.add_argument("--scale", type=float, default=1.0, help="fraction of each workload's requests")

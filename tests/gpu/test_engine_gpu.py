@@ -72,7 +72,7 @@ def test_teacher_forced_top1_agreement_and_logit_error(checkpoint):
     print(f"RESULT {name}: ondo bf16 top-1 agreement {agreement:.4f} (on {int(clear.sum())} untied "
           f"positions {clear_agreement:.4f}), logits rel. error {rel_err:.4f}; "
           f"transformers bf16 {hf_agreement:.4f}, {hf_err:.4f}")
-    assert clear_agreement >= 0.99 and clear.sum() >= 0.9 * POSITIONS
+    assert clear_agreement >= 0.99 and clear.sum() >= 0.75 * POSITIONS
     assert agreement >= hf_agreement - 0.02
     assert rel_err < 2e-2
 

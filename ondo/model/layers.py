@@ -14,8 +14,10 @@ import torch
 import torch.nn.functional as F
 
 from ondo.model.config import rope_type_of
+from ondo.model.fusion import fused_on_cuda
 
 
+@fused_on_cuda
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm over the last dim; the statistics are taken in float32 as transformers does."""
     input_dtype = x.dtype
@@ -34,6 +36,7 @@ class RMSNorm(torch.nn.Module):
         return rms_norm(x, self.weight, self.eps)
 
 
+@fused_on_cuda
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """[T, 2 * I] holding gate then up -> silu(gate) * up, [T, I]."""
     gate, up = gate_up.chunk(2, dim=-1)
@@ -103,6 +106,7 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+@fused_on_cuda
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x [T, H, D]; cos, sin [T, D] float32, cast to x's dtype as transformers does."""
     cos = cos.to(x.dtype)[:, None, :]

@@ -224,6 +224,8 @@ def main(args: argparse.Namespace) -> int:
             _free()
         if args.baselines and device.type == "cuda":
             for wl, row in zip(workloads, shape_rows[: len(workloads)]):
+                if wl.name not in args.baseline_workloads:
+                    continue
                 row.update(run_baselines(folder, wl, args.baseline_subset, args.baseline_batch_sizes))
                 best = max([v for k, v in row["baselines"].items() if isinstance(v, float)] or [0.0])
                 row["speedup_vs_best_baseline"] = row["output_tokens_per_s"] / best if best else None
@@ -268,6 +270,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--enforce-eager", action="store_true")
     p.add_argument("--baselines", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--baseline-subset", type=int, default=64)
+    p.add_argument("--baseline-workloads", nargs="+", default=["W1", "W2", "W3"])
     p.add_argument("--baseline-batch-sizes", type=int, nargs="+", default=[32, 64])
     p.add_argument("--out-dir", default="bench/results")
     p.add_argument("--telemetry-hz", type=float, nargs="*", default=[],

@@ -83,6 +83,11 @@ class _Stream:
             pass
 
 
+def _deliver(items: list[tuple[_Stream, RequestOutput]]) -> None:
+    for stream, out in items:
+        stream.queue.put_nowait(out)
+
+
 class AsyncLLM:
     def __init__(self, engine: LLMEngine, max_waiting_requests: int | None = None) -> None:
         self.engine = engine
@@ -285,9 +290,17 @@ class AsyncLLM:
             self._num_waiting = len(self.engine.scheduler.waiting)
             self._stats = stats
             deliveries = [(self._streams.get(o.request_id), o) for o in outputs]
+        # One hand-off per event loop per step, not one per request: each call_soon_threadsafe
+        # wakes the loop, and hundreds a step starve both threads.
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Stream, RequestOutput]]] = {}
         for stream, out in deliveries:
             if stream is not None:
-                stream.put(out)
+                by_loop.setdefault(stream.loop, []).append((stream, out))
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:  # the loop is closed: nobody is listening any more
+                pass
 
     def _fail_all(self, reason: str) -> None:
         """After a failed step the batch's state is unknown: end every request in the engine

@@ -47,5 +47,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="seconds in-flight requests may run on after SIGTERM before abort")
     p.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=False)
+    p.add_argument("--telemetry", choices=("auto", "nvml", "sim", "off"), default="auto",
+                   help="GPU telemetry on /metrics: auto = NVML where there is a GPU, else "
+                        "engine-only; nvml falls back to sim; sim = the twin as the GPU")
+    p.add_argument("--telemetry-hz", type=float, default=20.0, help="GPU sampling rate (<= 100)")
+    p.add_argument("--telemetry-db", default=None, help="also store telemetry in this SQLite file")
     add_engine_args(p)
     p.set_defaults(func=_serve)

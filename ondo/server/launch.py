@@ -11,6 +11,7 @@ import sys
 from types import FrameType
 
 import uvicorn
+from prometheus_client import CollectorRegistry
 
 from ondo.engine.async_llm import AsyncLLM
 from ondo.engine.cli import engine_args_from
@@ -32,7 +33,12 @@ def serve(args: argparse.Namespace) -> int:
         return 2
     async_llm = AsyncLLM.from_engine_args(engine_args, args.max_waiting_requests)
     name = served_name(engine_args.model, engine_args.served_model_name)
-    app = build_app(async_llm, name, api_key=args.api_key or os.environ.get("ONDO_API_KEY"))
+    registry = CollectorRegistry()
+    telemetry = start_telemetry(args, registry)
+    if telemetry is not None:
+        async_llm.engine.add_step_listener(telemetry.engine.on_step)
+    app = build_app(async_llm, name, api_key=args.api_key or os.environ.get("ONDO_API_KEY"),
+                    registry=registry)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
                             timeout_graceful_shutdown=args.shutdown_timeout + 10,
                             access_log=args.access_log)
@@ -43,7 +49,22 @@ def serve(args: argparse.Namespace) -> int:
         server.run()
     finally:
         async_llm.close()
+        if telemetry is not None:
+            telemetry.close()
     return 0
+
+
+def start_telemetry(args: argparse.Namespace, registry: CollectorRegistry):
+    """The telemetry pipeline feeding /metrics (and --telemetry-db): "auto" reads NVML where
+    there is a GPU and runs engine-only otherwise; "sim" runs the twin as the GPU."""
+    if args.telemetry == "off":
+        return None
+    from ondo.telemetry.pipeline import Telemetry
+
+    source = "nvml" if args.telemetry == "auto" else args.telemetry
+    fallback = None if args.telemetry == "auto" else "sim"
+    return Telemetry.start(args.telemetry_db, source=source, hz=args.telemetry_hz,
+                           registry=registry, fallback=fallback)
 
 
 class DrainingServer(uvicorn.Server):

@@ -1,1 +1,0 @@
-"""ondo.events"""

@@ -6,40 +6,19 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 
 import httpx
 import pytest
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.server_process import launch_server
 
 
 @pytest.fixture(scope="module")
 def served():
-    port = _free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "ondo", "serve", "--port", str(port), "--device", "cpu",
-         "--max-model-len", "512", "--num-kv-blocks", "256", "--shutdown-timeout", "1.5"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(base + "/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None:
-            pytest.fail("ondo serve exited early:\n" + proc.stdout.read())
-        time.sleep(0.3)
+    proc, base = launch_server("--device", "cpu", "--max-model-len", "512", "--num-kv-blocks", "256",
+                               "--shutdown-timeout", "1.5")
     yield proc, base
     if proc.poll() is None:
         proc.kill()

@@ -5,14 +5,11 @@ from __future__ import annotations
 import re
 import signal
 import sqlite3
-import subprocess
-import sys
 import time
 
 import httpx
-import pytest
 
-from tests.test_server_shutdown import _free_port
+from tests.server_process import launch_server
 
 
 def _gauge(text: str, name: str) -> float:
@@ -22,24 +19,10 @@ def _gauge(text: str, name: str) -> float:
 
 
 def test_serve_exports_gpu_telemetry_and_stores_it(tmp_path):
-    port, db = _free_port(), tmp_path / "telemetry.db"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "ondo", "serve", "--port", str(port), "--device", "cpu",
-         "--max-model-len", "256", "--num-kv-blocks", "64", "--telemetry", "sim",
-         "--telemetry-hz", "50", "--telemetry-db", str(db)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    base = f"http://127.0.0.1:{port}"
+    db = tmp_path / "telemetry.db"
+    proc, base = launch_server("--device", "cpu", "--max-model-len", "256", "--num-kv-blocks", "64",
+                               "--telemetry", "sim", "--telemetry-hz", "50", "--telemetry-db", str(db))
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(base + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if proc.poll() is not None:
-                pytest.fail("ondo serve exited early:\n" + proc.stdout.read())
-            time.sleep(0.3)
         r = httpx.post(base + "/v1/completions", timeout=60,
                        json={"prompt": "The GPU is", "max_tokens": 8, "temperature": 0})
         assert r.status_code == 200

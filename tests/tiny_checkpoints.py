@@ -17,27 +17,9 @@ TINY_SHAPE = dict(
 )
 
 
-def tiny_hf_model(config_class: str, overrides: dict) -> torch.nn.Module:
-    config = getattr(transformers, config_class)(**{**TINY_SHAPE, **overrides})
-    model = transformers.AutoModelForCausalLM.from_config(
-        config, attn_implementation="eager", dtype=torch.float32
-    )
-    # Larger-than-default weights so logits are O(1) and a wrong piece shows;
-    # norms away from 1 so that a skipped norm weight shows too.
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=gen))
-            else:
-                p.copy_(0.15 * torch.randn(p.shape, generator=gen))
-    return model.eval()
-
-
-def conditioned_hf_model(config_class: str, overrides: dict, gain: float = 1.0) -> torch.nn.Module:
-    """Random weights scaled like a trained network's (each projection keeps the activation
-    scale: std = gain / sqrt(fan_in)), so bf16 rounding errors do not blow up through the
-    layers the way they do in a chaotic random network."""
+def _random_hf_model(config_class: str, overrides: dict, weight_std) -> torch.nn.Module:
+    """A transformers model of the config with seeded random weights: norms near 1,
+    every other tensor normal with `weight_std(name, param)`."""
     config = getattr(transformers, config_class)(**overrides)
     model = transformers.AutoModelForCausalLM.from_config(
         config, attn_implementation="eager", dtype=torch.float32
@@ -46,14 +28,42 @@ def conditioned_hf_model(config_class: str, overrides: dict, gain: float = 1.0) 
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:
-                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
-            elif "embed" in name:
-                p.copy_(torch.randn(p.shape, generator=gen))
-            elif p.dim() == 2:
-                p.copy_(torch.randn(p.shape, generator=gen) * (gain / p.shape[1] ** 0.5))
+                p.copy_(1.0 + weight_std.norm_spread * torch.randn(p.shape, generator=gen))
             else:
-                p.copy_(0.1 * torch.randn(p.shape, generator=gen))
+                p.copy_(weight_std(name, p) * torch.randn(p.shape, generator=gen))
     return model.eval()
+
+
+class _Fixed:
+    """std 0.15 everywhere: logits are O(1) and a wrong piece shows; a skipped norm too."""
+
+    norm_spread = 0.2
+
+    def __call__(self, name: str, p: torch.Tensor) -> float:
+        return 0.15
+
+
+class _Conditioned:
+    """Each projection keeps the activation scale (gain / sqrt(fan_in)), like a trained
+    network, so bf16 rounding does not blow up through the layers."""
+
+    norm_spread = 0.1
+
+    def __init__(self, gain: float) -> None:
+        self.gain = gain
+
+    def __call__(self, name: str, p: torch.Tensor) -> float:
+        if "embed" in name:
+            return 1.0
+        return self.gain / p.shape[1] ** 0.5 if p.dim() == 2 else 0.1
+
+
+def tiny_hf_model(config_class: str, overrides: dict) -> torch.nn.Module:
+    return _random_hf_model(config_class, {**TINY_SHAPE, **overrides}, _Fixed())
+
+
+def conditioned_hf_model(config_class: str, overrides: dict, gain: float = 1.0) -> torch.nn.Module:
+    return _random_hf_model(config_class, overrides, _Conditioned(gain))
 
 
 def keep_rope_in_float32(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:

@@ -82,24 +82,53 @@ def _energy_power_w(t_s: np.ndarray, energy_j: np.ndarray) -> np.ndarray:
     return np.interp(np.arange(len(t_s)), good, out[good])
 
 
+def engine_load_at(
+    t_s: np.ndarray, start_s: np.ndarray, end_s: np.ndarray, load: np.ndarray
+) -> np.ndarray:
+    """Load of the engine step in progress at each t_s (steps sorted, not overlapping).
+
+    Between steps the one that ended last still counts while the gap is shorter than its own
+    duration; beyond that, or before the first step, the GPU is idle (zero)."""
+    i = np.searchsorted(start_s, t_s, side="right") - 1
+    ok = i >= 0
+    j = np.clip(i, 0, len(start_s) - 1)
+    ok &= t_s < end_s[j] + (end_s[j] - start_s[j])
+    return np.where(ok, load[j], 0.0)
+
+
 def read_trace(path: str | Path) -> Trace:
+    """A trace CSV in either format: the NVML traces (one row per reading, `phase` labels or
+    activity columns, mW/mJ), or ondo's telemetry (`kind` gpu/engine rows on one clock, W/J)."""
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
     if not rows:
         raise ValueError(f"{path}: no rows")
+    serving = "kind" in rows[0]
+    engine = [r for r in rows if r["kind"] == "engine"] if serving else []
+    if serving:
+        rows = [r for r in rows if r["kind"] == "gpu"]
 
-    def col(name: str, scale: float = 1.0) -> np.ndarray:
-        return np.array([float(r[name]) * scale for r in rows])
+    def col(name: str, scale: float = 1.0, of: list[dict[str, str]] = rows) -> np.ndarray:
+        return np.array([float(r[name]) * scale for r in of])
 
     t_s = col("t")
-    energy_j = col("energy_mj", 1e-3)
+    energy_j = col("energy_j") if serving else col("energy_mj", 1e-3)
     phase = [r.get("phase", "") for r in rows]
-    if "compute_activity" in rows[0]:
+    if serving:
+        # Engine step times are on the monotonic clock; `t` is that clock shifted.
+        shift = col("t", of=engine) - col("t_monotonic_s", of=engine)
+        start = col("start_monotonic_s", of=engine) + shift
+        end = col("end_monotonic_s", of=engine) + shift
+        a_c = engine_load_at(t_s, start, end, col("compute_activity", of=engine))
+        a_m = engine_load_at(t_s, start, end, col("memory_activity", of=engine))
+    elif "compute_activity" in rows[0]:
         a_c, a_m = col("compute_activity"), col("memory_activity")
     else:
         loads = np.array([load_from_phase(p) for p in phase])
         a_c, a_m = loads[:, 0], loads[:, 1]
-    if "power_instant_mw" in rows[0]:
+    if serving:
+        power_fast_w = col("power_instant_w")
+    elif "power_instant_mw" in rows[0]:
         power_fast_w = col("power_instant_mw", 1e-3)
     else:
         power_fast_w = _energy_power_w(t_s, energy_j)
@@ -109,11 +138,11 @@ def read_trace(path: str | Path) -> Trace:
         phase=phase,
         temp_c=col("temp_c"),
         mem_temp_c=col("mem_temp_c"),
-        power_w=col("power_mw", 1e-3),
+        power_w=col("power_w") if serving else col("power_mw", 1e-3),
         power_fast_w=power_fast_w,
         energy_j=energy_j,
         sm_mhz=col("sm_mhz"),
-        throttle_reasons=col("event_reasons").astype(int),
+        throttle_reasons=col("throttle_reasons" if serving else "event_reasons").astype(int),
         compute_activity=a_c,
         memory_activity=a_m,
     )

@@ -15,11 +15,14 @@ from ondo.bench.workloads import Workload
 
 def _timed_generate(llm, requests) -> dict:
     peak = PeakKVBlocks()
-    llm.engine._step_listeners[:] = [peak]
+    llm.engine.add_step_listener(peak)
     prompts = [{"prompt_token_ids": ids} for ids, _ in requests]
     params = [p for _, p in requests]
     start = time.perf_counter()
-    outs = llm.generate(prompts, params)
+    try:
+        outs = llm.generate(prompts, params)
+    finally:
+        llm.engine.remove_step_listener(peak)
     elapsed = time.perf_counter() - start
     tokens = sum(len(c.token_ids) for o in outs for c in o.outputs)
     ttft = [o.metrics["first_token_s"] - o.metrics["arrival_time_s"] for o in outs]

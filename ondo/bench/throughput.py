@@ -50,13 +50,19 @@ class StepLog:
 def run_ondo(llm, workload: Workload, limits: DeviceLimits | None,
              extra_listeners: list | None = None) -> dict:
     steps = StepLog(limits)
-    llm.engine._step_listeners[:] = [steps, *(extra_listeners or [])]
+    listeners = [steps, *(extra_listeners or [])]
+    for listener in listeners:
+        llm.engine.add_step_listener(listener)
     prompts = [{"prompt_token_ids": r.prompt_token_ids} for r in workload.requests]
     timing_before = dict(llm.engine.step_timing_s)
     _sync()
     start = time.perf_counter()
-    outs = llm.generate(prompts, workload.params())
-    _sync()
+    try:
+        outs = llm.generate(prompts, workload.params())
+        _sync()
+    finally:
+        for listener in listeners:
+            llm.engine.remove_step_listener(listener)
     elapsed = time.perf_counter() - start
     produced = sum(len(o.outputs[0].token_ids) for o in outs)
     assert produced == workload.output_tokens, "every request must produce exactly max_tokens"

@@ -14,7 +14,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -36,13 +36,11 @@ class StepLog:
     host_s: float = 0.0
     preemptions: int = 0
     peak_blocks: int = 0
-    durations: list[float] = field(default_factory=list)
 
     def __call__(self, s: StepStats) -> None:
         self.steps += 1
         self.preemptions += s.num_preemptions
         self.peak_blocks = max(self.peak_blocks, s.num_kv_blocks_used)
-        self.durations.append(s.duration_s)
         if self.limits is not None:
             self.bound_s += self.limits.step_bound_s(s.flops, s.bytes_moved)
 

@@ -209,8 +209,6 @@ class LLMEngine:
         sched = self.scheduler.schedule()
         if sched.is_empty:
             return outputs
-        for seq in sched.preempted_recompute:
-            log.debug("preempted %s by recompute", seq.request_id)
         t_scheduled = time.perf_counter()
         batch = self.runner.prepare(sched)
         t_prepared = time.perf_counter()
@@ -229,7 +227,7 @@ class LLMEngine:
             rows: list[int] = []
             seqs: list[Sequence] = []
             for row, seq in enumerate(sampling):
-                for s in [seq, *self._fork(seq)]:
+                for s in (seq, *self._fork(seq)) if seq.params.n > 1 else (seq,):
                     rows.append(row)
                     seqs.append(s)
             if len(seqs) != len(sampling):

@@ -17,7 +17,9 @@ import torch
 
 from ondo.engine.config import EngineArgs
 from ondo.engine.memory import MemoryPlan, kv_bytes_per_block
-from ondo.engine.scheduler import PreemptionCosts, SchedulerOutput
+from ondo.engine.sampling_params import SamplingParams
+from ondo.engine.scheduler import PreemptionCosts, ScheduledSeq, SchedulerOutput
+from ondo.engine.sequence import Sequence
 from ondo.kernels.block_copy import copy_blocks, swap_in, swap_out
 from ondo.kernels.metadata import AttentionMetadata
 
@@ -81,47 +83,26 @@ class ModelRunner:
         self.graph_memory_bytes = 0
 
     # -- start-up --------------------------------------------------------------
-    def _dummy_batch(self, num_tokens: int, cache_blocks: int) -> StepBatch:
-        """Sequences of at most max_model_len tokens filling `num_tokens`, blocks laid in order."""
-        lens = []
-        left = num_tokens
-        while left > 0:
-            lens.append(min(left, self.max_model_len))
-            left -= lens[-1]
-        blocks_per_seq = [(n + self.block_size - 1) // self.block_size for n in lens]
-        assert sum(blocks_per_seq) <= cache_blocks
-        tables, slots, start = [], [], 0
-        for n, nb in zip(lens, blocks_per_seq):
-            table = list(range(start, start + nb))
-            tables.append(table)
-            slots.extend(table[p // self.block_size] * self.block_size + p % self.block_size for p in range(n))
-            start += nb
-        width = max(blocks_per_seq)
-        bt = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
-        qsl = torch.tensor([0] + list(_cumsum(lens)), dtype=torch.int32)
-        meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=self.device),
-            block_tables=bt.to(self.device),
-            context_lens=torch.tensor(lens, dtype=torch.int32, device=self.device),
-            query_start_loc=qsl.to(self.device),
-            max_query_len=max(lens),
-            max_context_len=max(lens),
-            block_size=self.block_size,
-            query_lens_cpu=lens,
-            context_lens_cpu=lens,
-        )
-        positions = torch.cat([torch.arange(n) for n in lens]).to(self.device)
-        input_ids = torch.randint(0, self.config.vocab_size, (num_tokens,), device=self.device)
-        logits_idx = (qsl[1:] - 1).long().to(self.device)
-        return StepBatch(input_ids, positions, meta, logits_idx, num_tokens, 0, num_tokens)
+    def _dummy_batch(self, num_tokens: int) -> StepBatch:
+        """Sequences of at most max_model_len random tokens filling `num_tokens`, packed by
+        `prepare` like any step; their blocks are laid out in order from block 0."""
+        items, start = [], 0
+        for i, begin in enumerate(range(0, num_tokens, self.max_model_len)):
+            n = min(num_tokens - begin, self.max_model_len)
+            ids = torch.randint(0, self.config.vocab_size, (n,)).tolist()
+            seq = Sequence(i, f"profile-{i}", ids, SamplingParams(), 0.0)
+            num_blocks = (n + self.block_size - 1) // self.block_size
+            seq.block_table = list(range(start, start + num_blocks))
+            start += num_blocks
+            items.append(ScheduledSeq(seq, n))
+        return self.prepare(SchedulerOutput(scheduled=items))
 
     def _profile_forward(self, num_tokens: int) -> float:
         """One forward pass plus logits at the largest sampling batch; returns seconds."""
-        nb = sum((min(num_tokens - i, self.max_model_len) + self.block_size - 1) // self.block_size
-                 for i in range(0, num_tokens, self.max_model_len))
+        batch = self._dummy_batch(num_tokens)
+        nb = int(batch.host_tables.max()) + 1
         cache = torch.empty((self.num_layers, 2, nb, *self.kv_shape_tail), dtype=self.dtype, device=self.device)
         caches = [(cache[i, 0], cache[i, 1]) for i in range(self.num_layers)]
-        batch = self._dummy_batch(num_tokens, nb)
         self._sync()
         t0 = time.perf_counter()
         with torch.inference_mode():
@@ -392,11 +373,3 @@ class ModelRunner:
         bytes_moved = ((linear_params + head_params) * elt + tokens * hidden * elt
                        + kv_token_bytes * (float(ctx.sum()) - tokens) + kv_token_bytes * tokens)
         return flops, bytes_moved
-
-
-def _cumsum(values: list[int]) -> list[int]:
-    out, total = [], 0
-    for v in values:
-        total += v
-        out.append(total)
-    return out

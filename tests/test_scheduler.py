@@ -13,7 +13,9 @@ from ondo.engine.sequence import Sequence, SequenceStatus
 
 
 def make_seq(i: int, prompt_len: int) -> Sequence:
-    return Sequence(i, f"r{i}", list(range(1, prompt_len + 1)), SamplingParams(max_tokens=100), float(i))
+    """Distinct prompts (no shared prefix), so prefix caching plays no part."""
+    prompt = list(range(1000 * i + 1, 1000 * i + prompt_len + 1))
+    return Sequence(i, f"r{i}", prompt, SamplingParams(max_tokens=100), float(i))
 
 
 def run_step(sched: Scheduler):

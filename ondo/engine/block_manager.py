@@ -226,10 +226,11 @@ class BlockManager:
 
     def cache_full_blocks(self, seq: Sequence) -> None:
         """Register the sequence's blocks that are full and computed (vLLM's rule: never one
-        whose K/V is still to be written). Call after each step's forward pass."""
-        if not self.enable_prefix_caching:
+        whose K/V is still to be written, nor one holding a token not yet read back from the
+        device). Call after each step's forward pass and as tokens arrive."""
+        if not self.enable_prefix_caching or seq.is_finished:
             return
-        num_full = seq.num_computed_tokens // self.block_size
+        num_full = min(seq.num_computed_tokens, seq.num_tokens) // self.block_size
         if num_full <= seq.num_registered_blocks:
             return
         hashes = self._hashes(seq, num_full)

@@ -31,6 +31,8 @@ class EngineArgs:
     enable_chunked_prefill: bool = True
     enable_prefix_caching: bool = True  # reuse the K/V of full blocks shared by prompts
     served_model_name: str | None = None
+    # Schedule and prepare step N+1 while step N runs on the GPU (None: on for CUDA).
+    async_scheduling: bool | None = None
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> ValueError:

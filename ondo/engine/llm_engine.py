@@ -3,8 +3,17 @@
 One step = schedule (decide) → run the model on the flat batch (do) → sample →
 detokenize and check stops → free what finished. A request with n > 1 runs as one
 sequence through its prompt's prefill; when its first token is sampled it forks into
-n sequences sharing the prompt's blocks, each then sampled and stopped on its own. Single-threaded; `AsyncLLM` drives
-it from its own thread for the server.
+n sequences sharing the prompt's blocks, each then sampled and stopped on its own.
+Single-threaded; `AsyncLLM` drives it from its own thread for the server.
+
+Asynchronous scheduling (on by default on CUDA): step N+1 is scheduled, packed and
+queued on the GPU before step N's draws are read back, so the host's work hides behind
+the GPU's. Each sequence then counts one token "pending" (drawn, still on the device);
+the model reads it from step N's draws on the device. A sequence that ends in step N
+was already given a slot in step N+1, whose token is dropped. The engine drains (runs
+one step synchronously) whenever that cannot work: a penalty needs the host's token
+history, a request with n > 1 is to fork, something is swapped out, or the last
+schedule ran short of blocks (only a drained schedule may preempt).
 """
 
 from __future__ import annotations
@@ -21,9 +30,9 @@ import torch
 
 from ondo.engine.block_manager import BlockManager
 from ondo.engine.config import EngineArgs
-from ondo.engine.model_runner import ModelRunner
+from ondo.engine.model_runner import ModelRunner, StepBatch
 from ondo.engine.outputs import CompletionOutput, RequestOutput
-from ondo.engine.sampler import sample
+from ondo.engine.sampler import DeviceSample, sample_on_device, to_device
 from ondo.engine.sampling_params import SamplingParams
 from ondo.engine.scheduler import Scheduler, SchedulerOutput
 from ondo.engine.sequence import Sequence, SequenceStatus
@@ -55,6 +64,11 @@ def resolve_dtype(name: str, device: torch.device, config_dtype: str | None) -> 
     return torch.float16 if config_dtype == "float16" else torch.bfloat16
 
 
+def _needs_drained_steps(params: SamplingParams) -> bool:
+    """Penalties read the host's token history; a request with n > 1 forks on the host."""
+    return params.has_penalties or params.n > 1
+
+
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 
@@ -67,6 +81,17 @@ def _tokenizer_for(args: EngineArgs) -> Tokenizer | None:
             log.warning("%s has no tokenizer files: prompts must be token ids", args.model)
             return None
     return load_tokenizer(args.model)
+
+
+@dataclass
+class _InFlight:
+    """A step queued on the device whose draws are not yet read back."""
+
+    sched: SchedulerOutput
+    batch: StepBatch
+    seqs: list[Sequence]  # the draws' rows, in order
+    draws: DeviceSample | None
+    start_monotonic_s: float
 
 
 @dataclass
@@ -116,7 +141,13 @@ class LLMEngine:
         self.scheduler = Scheduler(
             self.block_manager, args.max_num_seqs, self.max_num_batched_tokens,
             args.preemption_mode, self.runner.costs, args.enable_chunked_prefill,
+            self.max_model_len,
         )
+        self.async_scheduling = (self.device.type == "cuda" if args.async_scheduling is None
+                                 else args.async_scheduling)
+        self._in_flight: _InFlight | None = None
+        self._num_sync_requests = 0  # unfinished requests that need drained steps
+        self.num_steps_ahead = 0  # steps scheduled while the previous one was on the device
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(args.seed)
         self._seq_ids = itertools.count()
@@ -126,8 +157,9 @@ class LLMEngine:
         self._step_listeners: list[Callable[[StepStats], None]] = []
         self._step_index = 0
         # Host time per phase of step(), summed: where an engine step's time goes.
+        # "wait" is the host blocked on the GPU; the rest is host work.
         self.step_timing_s: dict[str, float] = dict.fromkeys(
-            ("schedule", "prepare", "launch", "sample_and_wait", "postprocess", "steps"), 0.0)
+            ("schedule", "prepare", "launch", "sample", "wait", "postprocess", "steps"), 0.0)
         self.num_prompt_tokens_total = 0
         self.num_generation_tokens_total = 0
         self.startup_s = time.perf_counter() - t0
@@ -174,6 +206,8 @@ class LLMEngine:
                        arrival_time_s if arrival_time_s is not None else time.monotonic(), prompt=prompt)
         seq.stream = stream
         self._requests[request_id] = [seq]
+        if _needs_drained_steps(params):
+            self._num_sync_requests += 1
         self._text[seq.seq_id] = self._new_text_state(seq)
         self.scheduler.add(seq)
         self.num_prompt_tokens_total += len(prompt_token_ids)
@@ -193,7 +227,7 @@ class LLMEngine:
         return list(self._requests)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.num_unfinished > 0 or bool(self._pending_outputs)
+        return self.scheduler.num_unfinished > 0 or bool(self._pending_outputs) or self._in_flight is not None
 
     def add_step_listener(self, listener: Callable[[StepStats], None]) -> None:
         self._step_listeners.append(listener)
@@ -203,64 +237,107 @@ class LLMEngine:
 
     # -- one iteration -----------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """Schedule and queue the next step; return the outputs of the one before it
+        (asynchronous scheduling) or of this one."""
         outputs, self._pending_outputs = self._pending_outputs, []
+        prev, self._in_flight = self._in_flight, None
+        if prev is not None and not self._can_schedule_ahead(prev):
+            outputs.extend(self._finish(prev))
+            prev = None
+        t0 = time.perf_counter()
+        sched = self.scheduler.schedule(allow_preemption=prev is None)
+        self.step_timing_s["schedule"] += time.perf_counter() - t0
+        if sched.is_empty:
+            if prev is not None:
+                outputs.extend(self._finish(prev))
+            return outputs
+        launched = self._launch(sched, prev)
+        if prev is not None:
+            self.num_steps_ahead += 1
+            outputs.extend(self._finish(prev))
+        if self.async_scheduling:
+            self._in_flight = launched
+        else:
+            outputs.extend(self._finish(launched))
+        return outputs
+
+    def _can_schedule_ahead(self, prev: _InFlight) -> bool:
+        return (self.async_scheduling and not prev.sched.blocked and not self.scheduler.swapped
+                and self._num_sync_requests == 0)
+
+    def _launch(self, sched: SchedulerOutput, prev: _InFlight | None) -> _InFlight:
+        """Pack, run and draw the step on the device; nothing here waits for the GPU."""
+        timing = self.step_timing_s
         start = time.monotonic()
         t0 = time.perf_counter()
-        sched = self.scheduler.schedule()
-        if sched.is_empty:
-            return outputs
-        t_scheduled = time.perf_counter()
         batch = self.runner.prepare(sched)
         t_prepared = time.perf_counter()
-        logits = self.runner.execute(sched, batch)
+        prev_tokens = prev.draws.tokens if prev is not None and prev.draws is not None else None
+        logits = self.runner.execute(sched, batch, prev_tokens)
         t_launched = time.perf_counter()
-        t_sampled = t_launched
         sampling = [s.seq for s in sched.scheduled if s.samples]
         for item in sched.scheduled:
             item.seq.num_computed_tokens += item.num_new_tokens
             self.block_manager.cache_full_blocks(item.seq)
             if item.seq.first_scheduled_s is None:
                 item.seq.first_scheduled_s = start
+        draws = None
+        seqs: list[Sequence] = []
         if logits is not None:
             # A request with n > 1 forks as its first token is sampled: every sequence
             # draws its own first token from the prompt's logits row.
             rows: list[int] = []
-            seqs: list[Sequence] = []
             for row, seq in enumerate(sampling):
                 for s in (seq, *self._fork(seq)) if seq.params.n > 1 else (seq,):
                     rows.append(row)
                     seqs.append(s)
             if len(seqs) != len(sampling):
-                logits = logits.index_select(0, torch.tensor(rows, device=logits.device))
-            result = sample(
+                logits = logits.index_select(0, to_device(rows, torch.int64, logits.device))
+            draws = sample_on_device(
                 logits,
                 [s.params for s in seqs],
-                [s.num_output_tokens for s in seqs],
+                [s.num_output_tokens + s.num_pending_tokens for s in seqs],
                 self.generator,
                 history=lambda: ([s.prompt_token_ids for s in seqs], [s.output_token_ids for s in seqs]),
             )
-            t_sampled = time.perf_counter()
+            draws.start_copy()
+            for row, s in enumerate(seqs):
+                s.num_pending_tokens += 1
+                s.pending_row = row
+        timing["prepare"] += t_prepared - t0
+        timing["launch"] += t_launched - t_prepared
+        timing["sample"] += time.perf_counter() - t_launched
+        return _InFlight(sched, batch, seqs, draws, start)
+
+    def _finish(self, f: _InFlight) -> list[RequestOutput]:
+        """Read a step's draws back (waiting for the GPU), append them, check stops."""
+        timing = self.step_timing_s
+        t0 = time.perf_counter()
+        result = f.draws.to_host() if f.draws is not None else None
+        t_read = time.perf_counter()
+        outputs: list[RequestOutput] = []
+        num_out = 0
+        if result is not None:
             now = time.monotonic()
             touched: dict[str, None] = {}
-            for row, seq in enumerate(seqs):
+            for row, seq in enumerate(f.seqs):
+                seq.num_pending_tokens -= 1
+                if seq.is_finished:  # aborted, or ended one step earlier: the draw is dropped
+                    continue
                 self._append_token(seq, result.token_ids[row], result.logprobs[row],
                                    result.sampled_logprobs[row], now)
                 touched[seq.request_id] = None
+                num_out += 1
             # Streamed requests report every step; the others only when finished.
-            outputs.extend(self._make_output(rid) for rid in touched
-                           if self._requests[rid][0].stream
-                           or all(q.is_finished for q in self._requests[rid]))
-            sampling = seqs
-        self.num_generation_tokens_total += len(sampling)
-        t_done = time.perf_counter()
-        timing = self.step_timing_s
-        timing["schedule"] += t_scheduled - t0
-        timing["prepare"] += t_prepared - t_scheduled
-        timing["launch"] += t_launched - t_prepared
-        timing["sample_and_wait"] += t_sampled - t_launched  # includes waiting for the GPU
-        timing["postprocess"] += t_done - t_sampled
+            for rid in touched:
+                group = self._requests[rid]
+                if group[0].stream or all(q.is_finished for q in group):
+                    outputs.append(self._make_output(rid))
+        self.num_generation_tokens_total += num_out
+        timing["wait"] += t_read - t0
+        timing["postprocess"] += time.perf_counter() - t_read
         timing["steps"] += 1
-        self._emit_step_stats(sched, batch, start, len(sampling))
+        self._emit_step_stats(f.sched, f.batch, f.start_monotonic_s, num_out)
         return outputs
 
     def _new_text_state(self, seq: Sequence) -> _TextState:
@@ -293,6 +370,7 @@ class LLMEngine:
         seq.token_ids.append(token)
         if seq.first_token_s is None:
             seq.first_token_s = now
+        self.block_manager.cache_full_blocks(seq)  # a block its new token completed
         if logprobs is not None:
             seq.output_logprobs.append(logprobs)
             seq.cumulative_logprob += sampled_lp or 0.0
@@ -373,7 +451,10 @@ class LLMEngine:
         )
 
     def _forget(self, request_id: str) -> None:
-        for seq in self._requests.pop(request_id, []):
+        seqs = self._requests.pop(request_id, [])
+        if seqs and _needs_drained_steps(seqs[0].params):
+            self._num_sync_requests -= 1
+        for seq in seqs:
             self._text.pop(seq.seq_id, None)
 
     def _emit_step_stats(self, sched: SchedulerOutput, batch, start: float, num_out: int) -> None:

@@ -43,6 +43,10 @@ class StepBatch:
     host_input_ids: np.ndarray | None = None
     host_positions: np.ndarray | None = None
     host_context_lens: np.ndarray | None = None
+    # Rows of input_ids whose token is still on the device (asynchronous scheduling), and
+    # their rows in the previous step's draws: filled on the device before the forward pass.
+    pending_dst: torch.Tensor | None = None
+    pending_src: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -215,16 +219,29 @@ class ModelRunner:
         np.cumsum(q_lens, out=qsl[1:])
         total = int(qsl[-1])
         decode_only = total == n
+        pending_dst: list[int] = []
+        pending_src: list[int] = []
         if decode_only:
-            input_ids = np.fromiter((it.seq.token_ids[it.seq.num_computed_tokens] for it in items),
-                                    dtype=np.int64, count=n)
+            input_ids = np.zeros(n, dtype=np.int64)
+            for i, it in enumerate(items):
+                seq, c = it.seq, it.seq.num_computed_tokens
+                if c < len(seq.token_ids):
+                    input_ids[i] = seq.token_ids[c]
+                else:
+                    pending_dst.append(i)
+                    pending_src.append(seq.pending_row)
             positions = starts
             seq_of_token = np.arange(n)
         else:
             ids: list[int] = []
             for it in items:
                 c = it.seq.num_computed_tokens
-                ids.extend(it.seq.token_ids[c : c + it.num_new_tokens])
+                chunk = it.seq.token_ids[c : c + it.num_new_tokens]
+                if len(chunk) < it.num_new_tokens:  # its last token is still on the device
+                    pending_dst.append(len(ids) + len(chunk))
+                    pending_src.append(it.seq.pending_row)
+                    chunk.append(0)
+                ids.extend(chunk)
             input_ids = np.asarray(ids, dtype=np.int64)
             seq_of_token = np.repeat(np.arange(n), q_lens)
             positions = np.arange(total) - qsl[:-1][seq_of_token] + starts[seq_of_token]
@@ -241,7 +258,9 @@ class ModelRunner:
         dev = self.device
 
         def to_dev(a: np.ndarray) -> torch.Tensor:
-            return torch.from_numpy(a).to(dev, non_blocking=True)
+            # Pinned staging: a copy from pageable memory may wait for the stream.
+            t = torch.from_numpy(a)
+            return t.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else t
 
         meta = AttentionMetadata(
             slot_mapping=to_dev(slots),
@@ -267,11 +286,19 @@ class ModelRunner:
             host_input_ids=input_ids,
             host_positions=positions,
             host_context_lens=ctx,
+            pending_dst=to_dev(np.asarray(pending_dst, dtype=np.int64)) if pending_dst else None,
+            pending_src=to_dev(np.asarray(pending_src, dtype=np.int64)) if pending_dst else None,
         )
 
     @torch.inference_mode()
-    def execute(self, sched: SchedulerOutput, batch: StepBatch) -> torch.Tensor | None:
-        """Run the step's copies and forward pass; logits [num sampling rows, vocab] float32."""
+    def execute(self, sched: SchedulerOutput, batch: StepBatch,
+                prev_tokens: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Run the step's copies and forward pass; logits [num sampling rows, vocab] float32.
+        `prev_tokens`: the previous step's draws, still on the device, for pending tokens."""
+        if batch.pending_dst is not None:
+            if prev_tokens is None:
+                raise RuntimeError("the batch reads pending tokens but no previous draws were given")
+            batch.input_ids.index_copy_(0, batch.pending_dst, prev_tokens.index_select(0, batch.pending_src))
         if sched.swap_out:
             self.swap_out(sched.swap_out)
         if sched.swap_in:

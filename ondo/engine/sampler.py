@@ -23,6 +23,15 @@ class SamplerOutput:
     sampled_logprobs: list[float | None]
 
 
+def to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small host list on `device` without waiting for the device: through pinned memory
+    and a non-blocking copy (`torch.tensor(..., device=cuda)` waits for the whole stream)."""
+    t = torch.tensor(values, dtype=dtype)
+    if device.type != "cuda":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def _seed_for(seed: int, output_index: int) -> int:
     # One stream of draws per (request seed, output position): independent of the
     # batch, and repeatable after a preemption.
@@ -61,8 +70,8 @@ def _filter(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
     vocab = logits.shape[1]
     device = logits.device
     if any(p.top_k > 0 or p.top_p < 1.0 for p in params):
-        top_k = torch.tensor([p.top_k for p in params], device=device)
-        top_p = torch.tensor([p.top_p for p in params], device=device, dtype=logits.dtype)
+        top_k = to_device([p.top_k for p in params], torch.int64, device)
+        top_p = to_device([p.top_p for p in params], logits.dtype, device)
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         ranks = torch.arange(vocab, device=logits.device)[None, :]
         k = torch.where(top_k > 0, top_k, torch.full_like(top_k, vocab))
@@ -74,25 +83,73 @@ def _filter(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.empty_like(logits).scatter_(1, order, sorted_logits)
     if any(p.min_p > 0 for p in params):
-        min_p = torch.tensor([p.min_p for p in params], device=device, dtype=logits.dtype)
+        min_p = to_device([p.min_p for p in params], logits.dtype, device)
         probs = logits.softmax(-1)
         floor = probs.max(-1, keepdim=True).values * min_p[:, None]
         logits = logits.masked_fill(probs < floor, float("-inf"))
     return logits
 
 
-def sample(
+@dataclass
+class DeviceSample:
+    """A step's draws still on the device; `to_host()` reads them back (waiting for the GPU).
+    `start_copy()` starts that read-back early so the host can wait on it later."""
+
+    tokens: torch.Tensor  # [N] int64
+    params: list[SamplingParams]
+    chosen_logprobs: torch.Tensor | None = None  # [N] logprob of the drawn token
+    top_vals: torch.Tensor | None = None  # [N, max_top]
+    top_ids: torch.Tensor | None = None
+    _host: tuple[torch.Tensor | None, ...] | None = None
+    _ready: torch.cuda.Event | None = None
+
+    def start_copy(self) -> None:
+        parts = (self.tokens, self.chosen_logprobs, self.top_vals, self.top_ids)
+        if self.tokens.device.type != "cuda":
+            self._host = parts
+            return
+        self._host = tuple(None if t is None else t.to("cpu", non_blocking=True) for t in parts)
+        self._ready = torch.cuda.Event()
+        self._ready.record()
+
+    def to_host(self) -> SamplerOutput:
+        if self._host is None:
+            self.start_copy()
+        if self._ready is not None:
+            self._ready.synchronize()
+        tokens, chosen, top_vals, top_ids = self._host
+        token_list = tokens.tolist()
+        n = len(token_list)
+        logprob_dicts: list[dict[int, float] | None] = [None] * n
+        sampled_lp: list[float | None] = [None] * n
+        if chosen is not None:
+            chosen_l = chosen.tolist()
+            top_vals_l = top_vals.tolist() if top_vals is not None else None
+            top_ids_l = top_ids.tolist() if top_ids is not None else None
+            for row, p in enumerate(self.params):
+                if p.logprobs is None:
+                    continue
+                d = {token_list[row]: chosen_l[row]}
+                if p.logprobs and top_ids_l is not None:
+                    for tid, val in zip(top_ids_l[row][: p.logprobs], top_vals_l[row][: p.logprobs]):
+                        d.setdefault(tid, val)
+                logprob_dicts[row] = d
+                sampled_lp[row] = chosen_l[row]
+        return SamplerOutput(token_list, logprob_dicts, sampled_lp)
+
+
+def sample_on_device(
     logits: torch.Tensor,  # [N, vocab] float32, raw model output
     params: list[SamplingParams],
-    output_lens: list[int],  # tokens each row has generated so far (for seeded draws)
+    output_lens: list[int],  # tokens each row has generated before this draw (for seeded draws)
     generator: torch.Generator | None = None,
     history: Callable[[], tuple[list[list[int]], list[list[int]]]] | None = None,
-) -> SamplerOutput:
-    """`history()` gives (prompt ids, output ids) per row; called only if a penalty needs it."""
-    n = logits.shape[0]
+) -> DeviceSample:
+    """The draws, queued on the logits' device without waiting for it. `history()` gives
+    (prompt ids, output ids) per row; called only if a penalty needs it."""
     device = logits.device
-    want_logprobs = [p.logprobs is not None for p in params]
-    raw_logprobs = logits.log_softmax(-1) if any(want_logprobs) else None
+    want_logprobs = any(p.logprobs is not None for p in params)
+    raw_logprobs = logits.log_softmax(-1) if want_logprobs else None
 
     if any(p.has_penalties for p in params):
         if history is None:
@@ -103,8 +160,8 @@ def sample(
 
     tokens = logits.argmax(-1)
     if not all(p.greedy for p in params):
-        greedy = torch.tensor([p.greedy for p in params], device=device)
-        temps = torch.tensor([1.0 if p.greedy else p.temperature for p in params], device=device)
+        greedy = to_device([p.greedy for p in params], torch.bool, device)
+        temps = to_device([1.0 if p.greedy else p.temperature for p in params], torch.float32, device)
         scaled = _filter(logits / temps[:, None], params)
         probs = scaled.softmax(-1)
         # Exponential race: argmax(p / E) with E ~ Exp(1) draws from p.
@@ -117,22 +174,21 @@ def sample(
         sampled = (probs / noise).argmax(-1)
         tokens = torch.where(greedy, tokens, sampled)
 
-    token_list = tokens.tolist()
-    logprob_dicts: list[dict[int, float] | None] = [None] * n
-    sampled_lp: list[float | None] = [None] * n
+    out = DeviceSample(tokens, params)
     if raw_logprobs is not None:
         max_top = max((p.logprobs or 0) for p in params)
-        top_vals, top_ids = (raw_logprobs.topk(max_top, dim=-1) if max_top else (None, None))
-        chosen = raw_logprobs.gather(1, tokens[:, None]).squeeze(1).tolist()
-        top_vals_l = top_vals.tolist() if top_vals is not None else None
-        top_ids_l = top_ids.tolist() if top_ids is not None else None
-        for row, p in enumerate(params):
-            if p.logprobs is None:
-                continue
-            d = {token_list[row]: chosen[row]}
-            if p.logprobs and top_ids_l is not None:
-                for tid, val in zip(top_ids_l[row][: p.logprobs], top_vals_l[row][: p.logprobs]):
-                    d.setdefault(tid, val)
-            logprob_dicts[row] = d
-            sampled_lp[row] = chosen[row]
-    return SamplerOutput(token_list, logprob_dicts, sampled_lp)
+        if max_top:
+            out.top_vals, out.top_ids = raw_logprobs.topk(max_top, dim=-1)
+        out.chosen_logprobs = raw_logprobs.gather(1, tokens[:, None]).squeeze(1)
+    return out
+
+
+def sample(
+    logits: torch.Tensor,
+    params: list[SamplingParams],
+    output_lens: list[int],
+    generator: torch.Generator | None = None,
+    history: Callable[[], tuple[list[list[int]], list[list[int]]]] | None = None,
+) -> SamplerOutput:
+    """`sample_on_device`, read back at once."""
+    return sample_on_device(logits, params, output_lens, generator, history).to_host()

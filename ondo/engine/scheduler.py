@@ -5,8 +5,14 @@ queues and asks the block manager for blocks; it returns a `SchedulerOutput` and
 never touches a tensor. Order of work each step: running sequences first (oldest
 first; when blocks run short the newest running one is preempted), then swapped
 ones back in, then, only if nothing is left swapped, new ones from the waiting queue.
-A new sequence starts after its longest cached prefix (prefix caching), and a request
-with n > 1 takes n seats of `max_num_seqs`, as its sequences fork after its prefill.
+A new sequence starts after its longest cached prefix (prefix caching), and waits a
+step when at least half of what it would compute is blocks another sequence computes
+this step (it then finds them cached instead of computing them again). A request with n > 1 takes n seats of
+`max_num_seqs`, as its sequences fork after its prefill.
+
+With `allow_preemption=False` (the engine schedules ahead of a step still on the GPU)
+nothing is preempted: a running sequence that gets no blocks waits, nothing new is
+admitted, and the output says `blocked`, so the engine drains before the next step.
 """
 
 from __future__ import annotations
@@ -41,7 +47,7 @@ class ScheduledSeq:
     samples: bool = False  # this step reaches the last token, so a new one is sampled
 
     def __post_init__(self) -> None:
-        self.samples = self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
+        self.samples = self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_total_tokens
 
 
 @dataclass
@@ -53,6 +59,7 @@ class SchedulerOutput:
     block_copies: list[tuple[int, int]] = field(default_factory=list)
     preempted_swap: list[Sequence] = field(default_factory=list)
     preempted_recompute: list[Sequence] = field(default_factory=list)
+    blocked: bool = False  # blocks ran short and preemption was not allowed
 
     @property
     def num_tokens(self) -> int:
@@ -72,6 +79,7 @@ class Scheduler:
         preemption_mode: str = "auto",
         costs: PreemptionCosts | None = None,
         enable_chunked_prefill: bool = True,
+        max_model_len: int | None = None,
     ) -> None:
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
@@ -79,6 +87,7 @@ class Scheduler:
         self.preemption_mode = preemption_mode
         self.costs = costs
         self.enable_chunked_prefill = enable_chunked_prefill
+        self.max_model_len = max_model_len
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.swapped: deque[Sequence] = deque()
@@ -115,7 +124,7 @@ class Scheduler:
         return len(self.waiting) + len(self.running) + len(self.swapped)
 
     # -- the decision ----------------------------------------------------------
-    def schedule(self) -> SchedulerOutput:
+    def schedule(self, allow_preemption: bool = True) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
         running: list[Sequence] = []
@@ -125,23 +134,22 @@ class Scheduler:
         while queue and budget > 0:
             seq = queue.popleft()
             num_new = self._tokens_this_step(seq, budget)
-            if num_new == 0:
+            if num_new == 0 or self._ends_with_pending(seq):
                 running.append(seq)
                 continue
-            while not self.block_manager.allocate_slots(seq, num_new):
-                victim = queue.pop() if queue else seq
-                self._preempt(victim, out)
-                if victim is seq:
-                    break
-            else:
+            if self._allocate_or_preempt(seq, num_new, queue, out, allow_preemption):
                 out.scheduled.append(ScheduledSeq(seq, num_new))
                 running.append(seq)
                 budget -= num_new
+            elif seq.status is SequenceStatus.RUNNING:  # short of blocks, not preempted
+                running.append(seq)
+                out.blocked = True
+                break
         running.extend(queue)  # left for lack of token budget, still running
         self.running = running
 
         # 2. Swapped sequences come back before any new one is admitted.
-        preempted = bool(out.preempted_swap or out.preempted_recompute)
+        preempted = bool(out.preempted_swap or out.preempted_recompute or out.blocked)
         while self.swapped and not preempted and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.swapped[0]
             num_new = self._tokens_this_step(seq, budget)
@@ -156,6 +164,7 @@ class Scheduler:
             budget -= num_new
 
         # 3. New sequences, first come first served.
+        computing: set[bytes] = set()  # hashes of full blocks this step computes
         while (
             self.waiting
             and not self.swapped
@@ -168,18 +177,50 @@ class Scheduler:
             if len(self.running) + seats > self.max_num_seqs:
                 break
             cached = self.block_manager.find_cached_prefix(seq)
+            if computing and self._mostly_computing(seq, len(cached), computing):
+                break  # next step it finds those blocks cached
             num_new = self._tokens_for(seq.num_tokens - len(cached) * self.block_manager.block_size, budget)
             if num_new == 0:
                 break
             if not self.block_manager.allocate_with_prefix(seq, cached, num_new):
                 break
             self.waiting.popleft()
+            if self.block_manager.enable_prefix_caching:
+                full = (seq.num_computed_tokens + num_new) // self.block_manager.block_size
+                computing.update(seq.block_hashes[len(cached):full])
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             out.scheduled.append(ScheduledSeq(seq, num_new))
             budget -= num_new
         out.block_copies = self.block_manager.take_copies()
         return out
+
+    def _allocate_or_preempt(self, seq: Sequence, num_new: int, queue: deque[Sequence],
+                             out: SchedulerOutput, allow_preemption: bool) -> bool:
+        """Blocks for `seq`, preempting from the tail of `queue` (then `seq` itself) if allowed."""
+        while not self.block_manager.allocate_slots(seq, num_new):
+            if not allow_preemption:
+                return False
+            victim = queue.pop() if queue else seq
+            self._preempt(victim, out)
+            if victim is seq:
+                return False
+        return True
+
+    def _mostly_computing(self, seq: Sequence, num_cached: int, computing: set[bytes]) -> bool:
+        """At least half of what the sequence would compute is blocks this step computes."""
+        run = 0
+        for h in seq.block_hashes[num_cached:]:
+            if h not in computing:
+                break
+            run += 1
+        uncached = seq.num_tokens - num_cached * self.block_manager.block_size
+        return run > 0 and 2 * run * self.block_manager.block_size >= uncached
+
+    def _ends_with_pending(self, seq: Sequence) -> bool:
+        """Its token still on the device is its last: computing after it would be wasted."""
+        return (seq.num_pending_tokens > 0 and self.max_model_len is not None
+                and seq.reaches_length_limit(self.max_model_len))
 
     def _tokens_this_step(self, seq: Sequence, budget: int) -> int:
         return self._tokens_for(seq.num_uncomputed_tokens, budget)

@@ -40,6 +40,10 @@ class Sequence:
     # many leading blocks of block_table have been offered to the cache.
     block_hashes: list[bytes] = field(default_factory=list, repr=False)
     num_registered_blocks: int = 0
+    # Tokens drawn on the device but not yet read back (asynchronous scheduling): they
+    # follow token_ids, and the next step feeds them to the model from the device.
+    num_pending_tokens: int = 0
+    pending_row: int = -1  # its row in the draws of the step still in flight
 
     def __post_init__(self) -> None:
         if not self.token_ids:
@@ -63,7 +67,19 @@ class Sequence:
 
     @property
     def num_uncomputed_tokens(self) -> int:
-        return len(self.token_ids) - self.num_computed_tokens
+        return len(self.token_ids) + self.num_pending_tokens - self.num_computed_tokens
+
+    @property
+    def num_total_tokens(self) -> int:
+        """Known tokens plus those still on the device."""
+        return len(self.token_ids) + self.num_pending_tokens
+
+    def reaches_length_limit(self, max_model_len: int) -> bool:
+        """Its pending tokens take it to max_tokens or max_model_len: it ends once they land."""
+        total = self.num_total_tokens
+        max_tokens = self.params.max_tokens
+        return (max_tokens is not None and total - len(self.prompt_token_ids) >= max_tokens) \
+            or total >= max_model_len
 
     @property
     def is_finished(self) -> bool:

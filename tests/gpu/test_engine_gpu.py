@@ -80,7 +80,8 @@ def test_teacher_forced_top1_agreement_and_logit_error(checkpoint):
 def test_cuda_graph_decode_equals_eager_decode(checkpoint):
     """A replayed graph computes exactly what the same forward computes eagerly."""
     _, _, path = checkpoint
-    llm = LLM(path, dtype="bfloat16", max_num_seqs=16, max_model_len=512, gpu_memory_utilization=0.3)
+    llm = LLM(path, dtype="bfloat16", max_num_seqs=16, max_model_len=512, gpu_memory_utilization=0.3,
+              async_scheduling=False)
     engine, runner = llm.engine, llm.engine.runner
     assert runner.graphs, "no CUDA graphs were captured"
     for i, n in enumerate((5, 17, 40, 64, 100)):  # 5 sequences: replayed in the batch-8 graph
@@ -106,3 +107,27 @@ def test_cuda_graph_decode_equals_eager_decode(checkpoint):
     assert torch.equal(graph_logits, eager_logits)
     for item in sched.scheduled:  # leave the engine consistent
         engine.abort_request(item.seq.request_id)
+
+
+def test_async_scheduling_equals_synchronous_stepping_on_the_gpu(checkpoint):
+    """Steps queued ahead (tokens fed from the previous draws on the device, CUDA graphs,
+    chunked prefill) give the tokens of synchronous stepping, greedy and seeded."""
+    _, _, path = checkpoint
+    gen = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, SHAPE["vocab_size"], (int(n),), generator=gen).tolist()
+               for n in torch.randint(1, 300, (24,), generator=gen)]
+    params = [SamplingParams(temperature=0, max_tokens=8 + 7 * i, ignore_eos=True) if i % 2 else
+              SamplingParams(temperature=0.8, seed=i, max_tokens=8 + 7 * i, ignore_eos=True)
+              for i in range(len(prompts))]
+    outs = {}
+    for mode in (False, True):
+        # Every request has a seat, and each ends on its length limit, which asynchronous
+        # scheduling sees ahead: both modes run the same batches, so bf16 results agree.
+        llm = LLM(path, dtype="bfloat16", max_num_seqs=32, max_model_len=512, max_num_batched_tokens=512,
+                  gpu_memory_utilization=0.3, async_scheduling=mode)
+        outs[mode] = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+        if mode:
+            assert llm.engine.num_steps_ahead > 0.9 * llm.engine.step_timing_s["steps"]
+        del llm
+        torch.cuda.empty_cache()
+    assert outs[True] == outs[False]

@@ -36,6 +36,11 @@ for stage in $STAGES; do
       timeout ${SERVE_TIMEOUT:-400} python3 bench/serve_vs_offline.py --out "$OUT/serve_curve.json" ${SERVE_ARGS:-} \
         > "$OUT/serve.log" 2>&1
       grep -E "^offline|^\{\"backend|Error|error" "$OUT/serve.log" | tail -20 ;;
+    host)
+      for fuse in 1 0; do
+        ONDO_FUSE=$fuse timeout 150 python3 bench/host_overhead.py > "$OUT/host_fuse$fuse.log" 2>&1
+        grep "^{" "$OUT/host_fuse$fuse.log"
+      done ;;
     telemetry)
       timeout 120 python3 bench/telemetry_overhead.py --seconds 10 --hz 20 100 2>&1 | tail -20 ;;
   esac

@@ -15,6 +15,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -22,6 +23,9 @@ from ondo.bench.device_limits import DeviceLimits, measure_device_limits
 from ondo.bench.shapes import SHAPES, shape_folder
 from ondo.bench.workloads import Workload, make_workload
 from ondo.engine.step_stats import StepStats
+
+if TYPE_CHECKING:
+    from ondo import LLM
 
 log = logging.getLogger(__name__)
 
@@ -156,9 +160,17 @@ def device_tag() -> str:
     return name.replace(" ", "-")
 
 
-def main(args: argparse.Namespace) -> int:
+def dummy_llm(folder: str, args: argparse.Namespace, **engine_args) -> LLM:
+    """An LLM on dummy weights of the shape in `folder`, with the flags of add_engine_flags."""
     from ondo import LLM
 
+    return LLM(folder, load_format="dummy", dtype="bfloat16", max_model_len=args.max_model_len,
+               gpu_memory_utilization=args.gpu_memory_utilization, max_num_seqs=args.max_num_seqs,
+               max_num_batched_tokens=args.max_num_batched_tokens, seed=0,
+               enforce_eager=args.enforce_eager, **engine_args)
+
+
+def main(args: argparse.Namespace) -> int:
     logging.getLogger("ondo").setLevel(logging.INFO)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     limits = measure_device_limits(device) if device.type == "cuda" else None
@@ -170,10 +182,7 @@ def main(args: argparse.Namespace) -> int:
     for shape in args.model_shape:
         folder = shape_folder(shape)
         t0 = time.perf_counter()
-        llm = LLM(folder, load_format="dummy", dtype="bfloat16", max_model_len=args.max_model_len,
-                  gpu_memory_utilization=args.gpu_memory_utilization, max_num_seqs=args.max_num_seqs,
-                  max_num_batched_tokens=args.max_num_batched_tokens, seed=0,
-                  enforce_eager=args.enforce_eager)
+        llm = dummy_llm(folder, args)
         startup_s = time.perf_counter() - t0
         runner = llm.engine.runner
         workloads = [make_workload(w, SHAPES[shape]["vocab_size"], seed=0, scale=args.scale)
@@ -235,10 +244,7 @@ def main(args: argparse.Namespace) -> int:
             from ondo.bench.sharing import run_sharing
 
             def make_llm(caching: bool, folder=folder):
-                return LLM(folder, load_format="dummy", dtype="bfloat16", max_model_len=args.max_model_len,
-                           gpu_memory_utilization=args.gpu_memory_utilization, max_num_seqs=args.max_num_seqs,
-                           max_num_batched_tokens=args.max_num_batched_tokens, seed=0,
-                           enable_prefix_caching=caching)
+                return dummy_llm(folder, args, enable_prefix_caching=caching)
 
             w1 = next((w for w in workloads if w.name == "W1"), None)
             w1_tps = next((r["output_tokens_per_s"] for r in shape_rows if r["workload"] == "W1"), None)
@@ -284,6 +290,15 @@ def _print_table(rows: list[dict]) -> None:
         print(" | ".join(cells))
 
 
+def add_engine_flags(p: argparse.ArgumentParser) -> None:
+    """The engine flags of a dummy-weight run (read by dummy_llm)."""
+    p.add_argument("--max-model-len", type=int, default=4096)
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    p.add_argument("--enforce-eager", action="store_true")
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("throughput", help="offline throughput on W1-W3 vs roofline and transformers")
     p.add_argument("--model-shape", nargs="+", default=["qwen3-0.6b"], choices=sorted(SHAPES))
@@ -292,11 +307,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sharing", action="store_true",
                    help="also run W4/W5 with prefix caching on and off (and W1 with it off)")
     p.add_argument("--scale", type=float, default=1.0, help="fraction of each workload's requests")
-    p.add_argument("--max-model-len", type=int, default=4096)
-    p.add_argument("--max-num-seqs", type=int, default=256)
-    p.add_argument("--max-num-batched-tokens", type=int, default=8192)
-    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    p.add_argument("--enforce-eager", action="store_true")
+    add_engine_flags(p)
     p.add_argument("--baselines", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--baseline-subset", type=int, default=64)
     p.add_argument("--baseline-workloads", nargs="+", default=["W1", "W2", "W3"])

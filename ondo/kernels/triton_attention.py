@@ -65,10 +65,10 @@ def _decode_split_kernel(
     block_tables_ptr,
     context_lens_ptr,
     query_start_loc_ptr,
-    out_ptr,  # [T, Hq, D]: written directly when NUM_SPLITS == 1
-    part_out_ptr,  # [B, Hq, NUM_SPLITS, BLOCK_D] fp32, normalised per split
-    part_max_ptr,  # [B, Hq, NUM_SPLITS] fp32, log2 domain
-    part_sum_ptr,  # [B, Hq, NUM_SPLITS] fp32
+    out_ptr,  # [T, Hq, D]: written directly when not SPLIT
+    part_out_ptr,  # [B, Hq, num_splits, BLOCK_D] fp32, normalised per split
+    part_max_ptr,  # [B, Hq, num_splits] fp32, log2 domain
+    part_sum_ptr,  # [B, Hq, num_splits] fp32
     scale_log2e,
     stride_q_t,
     stride_q_h,
@@ -79,6 +79,7 @@ def _decode_split_kernel(
     stride_cache_h,
     stride_bt,
     split_tokens,  # context tokens per split, a multiple of BLOCK_N
+    num_splits,  # a runtime value, so that batch sizes do not each compile a kernel
     NUM_Q_HEADS: tl.constexpr,
     GROUP: tl.constexpr,  # query heads per kv head
     GROUP_PAD: tl.constexpr,  # GROUP padded to a power of two >= 16 (tl.dot's minimum M)
@@ -86,7 +87,7 @@ def _decode_split_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,
+    SPLIT: tl.constexpr,  # num_splits > 1: write partials for the reduce kernel
     DOT_PRECISION: tl.constexpr,
 ):
     seq = tl.program_id(0)
@@ -136,7 +137,7 @@ def _decode_split_kernel(
         m_i = m_new
 
     acc = acc / l_i[:, None]  # every live split saw >= 1 key, so l_i > 0
-    if NUM_SPLITS == 1:
+    if not SPLIT:
         o_offsets = q_start.to(tl.int64) * stride_o_t + heads[:, None] * stride_o_h + d[None, :]
         tl.store(
             out_ptr + o_offsets,
@@ -144,7 +145,7 @@ def _decode_split_kernel(
             mask=g_mask[:, None] & d_mask[None, :],
         )
     else:
-        row = (seq * NUM_Q_HEADS + heads).to(tl.int64) * NUM_SPLITS + split  # [GROUP_PAD]
+        row = (seq * NUM_Q_HEADS + heads).to(tl.int64) * num_splits + split  # [GROUP_PAD]
         tl.store(part_max_ptr + row, m_i, mask=g_mask)
         tl.store(part_sum_ptr + row, l_i, mask=g_mask)
         tl.store(part_out_ptr + row[:, None] * BLOCK_D + d[None, :], acc, mask=g_mask[:, None])
@@ -161,10 +162,10 @@ def _decode_reduce_kernel(
     stride_o_t,
     stride_o_h,
     split_tokens,
+    num_splits,
     NUM_Q_HEADS: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,
     SPLITS_PAD: tl.constexpr,
 ):
     """Combine one (sequence, query head)'s split partials into the final output row."""
@@ -179,7 +180,7 @@ def _decode_reduce_kernel(
 
     s = tl.arange(0, SPLITS_PAD)
     s_mask = s < live_splits
-    row = (seq * NUM_Q_HEADS + head).to(tl.int64) * NUM_SPLITS + s
+    row = (seq * NUM_Q_HEADS + head).to(tl.int64) * num_splits + s
     m = tl.load(part_max_ptr + row, mask=s_mask, other=NEG_BIG)
     l_s = tl.load(part_sum_ptr + row, mask=s_mask, other=0.0)
     m_max = tl.max(m, 0)
@@ -415,6 +416,7 @@ def paged_decode_attention_triton(
         k_cache.stride(2),
         meta.block_tables.stride(0),
         split_tokens,
+        num_splits,
         NUM_Q_HEADS=num_q_heads,
         GROUP=group,
         GROUP_PAD=max(16, triton.next_power_of_2(group)),
@@ -422,7 +424,7 @@ def paged_decode_attention_triton(
         BLOCK_D=block_d,
         BLOCK_SIZE=k_cache.shape[1],
         BLOCK_N=block_n,
-        NUM_SPLITS=num_splits,
+        SPLIT=num_splits > 1,
         DOT_PRECISION=_dot_precision(query.dtype),
         num_warps=4,
         num_stages=stages,
@@ -438,10 +440,10 @@ def paged_decode_attention_triton(
             out.stride(0),
             out.stride(1),
             split_tokens,
+            num_splits,
             NUM_Q_HEADS=num_q_heads,
             HEAD_DIM=head_dim,
             BLOCK_D=block_d,
-            NUM_SPLITS=num_splits,
             SPLITS_PAD=triton.next_power_of_2(num_splits),
             num_warps=4 if block_d >= 128 else 2,
         )

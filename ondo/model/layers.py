@@ -1,7 +1,8 @@
 """The small pointwise pieces of a Llama-style decoder: RMSNorm, rotary embedding, SiLU-and-mul.
 
-Each is a plain function over flat [T, ...] tensors so that a fused GPU kernel
-can replace it one for one. The math follows transformers exactly (float32
+Each is a plain function over flat [T, ...] tensors; on CUDA the model compiles
+them, with the matmuls between them, into one region per layer boundary
+(`ondo/model/fusion.py`). The math follows transformers exactly (float32
 statistics, neox "rotate_half" rope) so ondo's logits match it.
 """
 
@@ -14,10 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from ondo.model.config import rope_type_of
-from ondo.model.fusion import fused_on_cuda
 
 
-@fused_on_cuda
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm over the last dim; the statistics are taken in float32 as transformers does."""
     input_dtype = x.dtype
@@ -36,7 +35,6 @@ class RMSNorm(torch.nn.Module):
         return rms_norm(x, self.weight, self.eps)
 
 
-@fused_on_cuda
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """[T, 2 * I] holding gate then up -> silu(gate) * up, [T, I]."""
     gate, up = gate_up.chunk(2, dim=-1)
@@ -106,7 +104,6 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-@fused_on_cuda
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x [T, H, D]; cos, sin [T, D] float32, cast to x's dtype as transformers does."""
     cos = cos.to(x.dtype)[:, None, :]

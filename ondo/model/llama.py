@@ -3,11 +3,19 @@
 One forward runs a flat batch of T new tokens from many sequences, with no
 padding: projections are plain [T, ...] matmuls and attention goes through the
 paged kernels, which read each sequence's context through its block table.
+
+The forward is cut at the attention calls: a "head" region (norm, QKV projection,
+q/k norm, rotary) before layer 0's attention, a "boundary" region between layer i's
+attention and layer i+1's (output projection, residual, MLP, then the next head), and a
+"tail" after the last (ending in the final norm). The regions are plain functions of
+tensors, the weights passed in, so one compiled function serves every layer on CUDA.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import functools
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -15,7 +23,52 @@ import torch.nn.functional as F
 from ondo.kernels.attention import paged_attention, write_kv_cache
 from ondo.kernels.metadata import AttentionMetadata
 from ondo.model.config import ModelConfig
-from ondo.model.layers import RMSNorm, RotaryEmbedding, apply_rotary, silu_and_mul
+from ondo.model.fusion import fused_on_cuda
+from ondo.model.layers import RMSNorm, RotaryEmbedding, apply_rotary, rms_norm, silu_and_mul
+
+
+@dataclass(frozen=True)
+class _RegionShape:
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    eps: float
+
+
+@functools.cache
+def _regions(shape: _RegionShape) -> tuple[Callable[..., tuple], Callable[..., tuple], Callable[..., torch.Tensor]]:
+    """(head, boundary, tail) for one attention shape; compiled on CUDA (see fusion.py)."""
+    h, hkv, d, eps = shape.num_heads, shape.num_kv_heads, shape.head_dim, shape.eps
+
+    def qkv(x, qkv_w, qkv_b, q_norm_w, k_norm_w, cos, sin):
+        n = x.shape[0]
+        q, k, v = F.linear(x, qkv_w, qkv_b).split([h * d, hkv * d, hkv * d], dim=-1)
+        q = q.reshape(n, h, d)
+        k = k.reshape(n, hkv, d)
+        v = v.reshape(n, hkv, d)
+        if q_norm_w is not None:
+            q = rms_norm(q, q_norm_w, eps)
+            k = rms_norm(k, k_norm_w, eps)
+        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
+
+    def mlp_block(attn, residual, o_w, ln2_w, gate_up_w, down_w):
+        hidden = residual + F.linear(attn, o_w)
+        x = rms_norm(hidden, ln2_w, eps)
+        return hidden + F.linear(silu_and_mul(F.linear(x, gate_up_w)), down_w)
+
+    def head(hidden, ln1_w, qkv_w, qkv_b, q_norm_w, k_norm_w, cos, sin):
+        return (hidden, *qkv(rms_norm(hidden, ln1_w, eps), qkv_w, qkv_b, q_norm_w, k_norm_w, cos, sin))
+
+    def boundary(attn, residual, o_w, ln2_w, gate_up_w, down_w, ln1_w, qkv_w, qkv_b, q_norm_w, k_norm_w,
+                 cos, sin):
+        hidden = mlp_block(attn, residual, o_w, ln2_w, gate_up_w, down_w)
+        return (hidden, *qkv(rms_norm(hidden, ln1_w, eps), qkv_w, qkv_b, q_norm_w, k_norm_w, cos, sin))
+
+    def tail(attn, residual, o_w, ln2_w, gate_up_w, down_w, norm_w):
+        return rms_norm(mlp_block(attn, residual, o_w, ln2_w, gate_up_w, down_w), norm_w, eps)
+
+    return fused_on_cuda(head), fused_on_cuda(boundary), fused_on_cuda(tail)
+
 
 KVCache = tuple[
     torch.Tensor, torch.Tensor
@@ -53,28 +106,18 @@ class LlamaAttention(torch.nn.Module):
         starts = {"q": 0, "k": self.q_size, "v": self.q_size + self.kv_size}
         return starts[shard_id], self.q_size if shard_id == "q" else self.kv_size
 
-    def forward(
-        self,
-        hidden: torch.Tensor,  # [T, hidden]
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        kv_cache: KVCache,
-        meta: AttentionMetadata,
-    ) -> torch.Tensor:
-        num_tokens = hidden.shape[0]
-        q, k, v = self.qkv_proj(hidden).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(num_tokens, self.num_heads, self.head_dim)
-        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
-        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None and self.k_norm is not None:
-            q = self.q_norm(q)
-            k = self.k_norm(k)
-        q = apply_rotary(q, cos, sin)
-        k = apply_rotary(k, cos, sin)
+    def head_weights(self) -> tuple[torch.Tensor | None, ...]:
+        return (self.qkv_proj.weight, self.qkv_proj.bias,
+                None if self.q_norm is None else self.q_norm.weight,
+                None if self.k_norm is None else self.k_norm.weight)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: KVCache,
+               meta: AttentionMetadata) -> torch.Tensor:
+        """Write the new K/V into their slots and attend: [T, q_size]."""
         k_cache, v_cache = kv_cache
         write_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping)
         out = paged_attention(q, k_cache, v_cache, meta, self.scale)
-        return self.o_proj(out.reshape(num_tokens, self.q_size))
+        return out.reshape(q.shape[0], self.q_size)
 
 
 class LlamaMLP(torch.nn.Module):
@@ -86,9 +129,6 @@ class LlamaMLP(torch.nn.Module):
         )
         self.down_proj = torch.nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
-
 
 class LlamaDecoderLayer(torch.nn.Module):
     def __init__(self, config: ModelConfig) -> None:
@@ -98,16 +138,12 @@ class LlamaDecoderLayer(torch.nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(
-        self,
-        hidden: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        kv_cache: KVCache,
-        meta: AttentionMetadata,
-    ) -> torch.Tensor:
-        hidden = hidden + self.self_attn(self.input_layernorm(hidden), cos, sin, kv_cache, meta)
-        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+    def head_weights(self) -> tuple[torch.Tensor | None, ...]:
+        return (self.input_layernorm.weight, *self.self_attn.head_weights())
+
+    def tail_weights(self) -> tuple[torch.Tensor, ...]:
+        return (self.self_attn.o_proj.weight, self.post_attention_layernorm.weight,
+                self.mlp.gate_up_proj.weight, self.mlp.down_proj.weight)
 
 
 class LlamaModel(torch.nn.Module):
@@ -142,11 +178,21 @@ class LlamaForCausalLM(torch.nn.Module):
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         """Final-normed hidden states [T, hidden] of the T new tokens."""
+        cfg = self.config
+        head, boundary, tail = _regions(_RegionShape(cfg.num_attention_heads, cfg.num_key_value_heads,
+                                                     cfg.head_dim, cfg.rms_norm_eps))
         hidden = self.model.embed_tokens(input_ids)
         cos, sin = self.rotary_emb(positions)
-        for layer, kv_cache in zip(self.model.layers, kv_caches, strict=True):
-            hidden = layer(hidden, cos, sin, kv_cache, meta)
-        return self.model.norm(hidden)
+        layers = self.model.layers
+        residual, q, k, v = head(hidden, *layers[0].head_weights(), cos, sin)
+        last = len(layers) - 1
+        for i, (layer, kv_cache) in enumerate(zip(layers, kv_caches, strict=True)):
+            attn = layer.self_attn.attend(q, k, v, kv_cache, meta)
+            if i == last:
+                return tail(attn, residual, *layer.tail_weights(), self.model.norm.weight)
+            residual, q, k, v = boundary(attn, residual, *layer.tail_weights(),
+                                         *layers[i + 1].head_weights(), cos, sin)
+        raise AssertionError("a model has at least one layer")
 
     @property
     def lm_head_weight(self) -> torch.Tensor:

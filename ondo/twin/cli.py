@@ -6,9 +6,14 @@ import argparse
 import csv
 import json
 import sys
+from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from ondo.twin.traces import Trace
 
 
 def register(subparsers) -> None:
@@ -29,6 +34,15 @@ def register(subparsers) -> None:
         "--facts",
         help="NVML facts JSON (thresholds, limits); default: facts next to the first trace",
     )
+    fit.add_argument(
+        "--engine-load",
+        action="store_true",
+        help="fit only the map from the engine's load descriptor to the plant's load, on "
+        "serving traces (kind gpu/engine rows); every other constant comes from --base",
+    )
+    fit.add_argument(
+        "--base", help="params JSON for --engine-load (default: the packaged H100 fit)"
+    )
     fit.add_argument("-o", "--output", required=True, help="params JSON to write")
     fit.set_defaults(func=run_fit)
 
@@ -36,6 +50,11 @@ def register(subparsers) -> None:
     pred.add_argument("--params", help="params JSON (default: the packaged H100 fit)")
     pred.add_argument("--trace", required=True)
     pred.add_argument("--horizon-s", type=float, default=10.0)
+    pred.add_argument(
+        "--score-from-s",
+        type=float,
+        help="also print the score (JSON) of the rows from this time on, e.g. after the fit's part",
+    )
     pred.add_argument("-o", "--output", required=True)
     pred.set_defaults(func=run_predict)
     twin.set_defaults(func=lambda args: (twin.print_help(), 2)[1])
@@ -49,6 +68,8 @@ def run_fit(args: argparse.Namespace) -> int:
     for i, until in enumerate(args.until_s or []):
         if until is not None and np.isfinite(until):
             traces[i] = traces[i].window(-np.inf, until)
+    if args.engine_load:
+        return _fit_engine_load(args, traces)
     facts_path = (
         Path(args.facts) if args.facts else Path(args.trace[0]).with_name("h100_facts.json")
     )
@@ -62,13 +83,31 @@ def run_fit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fit_engine_load(args: argparse.Namespace, traces: list[Trace]) -> int:
+    from ondo.twin.engine_load import ENGINE_LOAD_NAMES, fit_engine_load
+    from ondo.twin.params import TwinParams, h100_params
+
+    base = TwinParams.load(args.base) if args.base else h100_params()
+    params, residuals = fit_engine_load(base, traces)
+    params.save(args.output)
+    print(
+        "engine load map: " + ", ".join(f"{n} {getattr(params, n):.4g}" for n in ENGINE_LOAD_NAMES)
+    )
+    print("residuals after fit:")
+    for name, value in residuals.items():
+        print(f"  {name:60s} {value:8.3f}")
+    print(f"wrote {args.output}")
+    return 0
+
+
 def run_predict(args: argparse.Namespace) -> int:
     from ondo.twin.params import TwinParams, h100_params
-    from ondo.twin.replay import replay
+    from ondo.twin.replay import replay, score
     from ondo.twin.traces import read_trace
 
     params = TwinParams.load(args.params) if args.params else h100_params()
-    rep = replay(params, read_trace(args.trace), args.horizon_s)
+    trace = read_trace(args.trace)
+    rep = replay(params, trace, args.horizon_s)
     with open(args.output, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(
@@ -105,4 +144,7 @@ def run_predict(args: argparse.Namespace) -> int:
                 ]
             )
     print(f"wrote {len(rep.t_s)} rows to {args.output}", file=sys.stderr)
+    if args.score_from_s is not None:
+        s = score(rep, trace, start_s=args.score_from_s)
+        print(json.dumps({"horizon_s": args.horizon_s, "from_s": args.score_from_s, **asdict(s)}))
     return 0

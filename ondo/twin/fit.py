@@ -286,6 +286,12 @@ def fit_controller(base: TwinParams, traces: list[Trace]) -> tuple[TwinParams, d
 def fit_params(
     traces: list[Trace], base: TwinParams | None = None, facts: dict | None = None
 ) -> tuple[TwinParams, FitReport]:
+    for tr in traces:
+        if tr.load_units != "plant":
+            raise ValueError(
+                f"{tr.name}: the plant is fitted on phase-labelled traces; a serving trace "
+                "fits the engine load map (`ondo twin fit --engine-load`)"
+            )
     p = base or TwinParams()
     if facts:
         p = p.replace(

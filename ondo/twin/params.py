@@ -27,6 +27,12 @@ class TwinParams:
     hbm_idle_power_w: float = 20.0  # part of idle power dissipated in the HBM stacks
     hbm_share_of_memory: float = 0.5  # part of memory power dissipated in the HBM stacks
     load_delay_s: float = 0.15  # host-side phase labels lead the GPU's power draw
+    # The engine's load descriptor (achieved rate over spec peak) onto the activities above
+    # (1.0 = what a full matmul / a full device copy drew); ondo/twin/engine_load.py. Identity
+    # by default: the shared traces' phase loads are already in these units.
+    engine_compute_gain: float = 1.0  # plant compute activity per unit of the engine's, near 0
+    engine_compute_inv_max: float = 0.0  # 1 / the plant compute activity it saturates at; 0: linear
+    engine_memory_gain: float = 1.0
     # Thermal RC network: die -> sink <- HBM, sink -> board -> ambient (inlet air).
     die_c_j_per_c: float = 4.0
     hbm_c_j_per_c: float = 4.0

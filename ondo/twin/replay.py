@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ondo.twin.engine_load import in_plant_units
 from ondo.twin.estimator import ThermalEstimator
 from ondo.twin.params import TwinParams
 from ondo.twin.plant import (
@@ -43,6 +44,7 @@ def hbm_power_w(params: TwinParams, memory_activity) -> np.ndarray:
 
 def estimate_states(params: TwinParams, tr: Trace) -> np.ndarray:
     """Kalman state (ThermalEstimator.x) after each row's measurements, shape (rows, 7)."""
+    tr = in_plant_units(params, tr)
     _, a_m = tr.load_at(tr.t_s, params.load_delay_s)
     hbm_w = hbm_power_w(params, a_m)
     est = ThermalEstimator(params, tr.temp_c[0], tr.mem_temp_c[0], tr.power_fast_w[0], hbm_w[0])
@@ -65,7 +67,9 @@ def replay(
     params: TwinParams, tr: Trace, horizon_s: float, forward_dt_s: float = FORWARD_DT_S
 ) -> Replay:
     """For every row at t: estimate from rows up to t - horizon_s, then simulate forward to t
-    with the trace's own load over (t - horizon_s, t]. All rows are simulated together."""
+    with the trace's own load over (t - horizon_s, t]. All rows are simulated together.
+    An engine load descriptor goes through the params' engine load map first."""
+    tr = in_plant_units(params, tr)
     x = estimate_states(params, tr)
     origin = np.searchsorted(tr.t_s, tr.t_s - horizon_s, side="right") - 1
     origin = np.clip(origin, 0, len(tr) - 1)

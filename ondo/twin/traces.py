@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
@@ -23,6 +24,9 @@ class Trace:
     throttle_reasons: np.ndarray
     compute_activity: np.ndarray  # as labelled by the host (not delayed)
     memory_activity: np.ndarray
+    # "plant": 1.0 = a full matmul / device copy (the phase labels); "engine": ondo's load
+    # descriptor, achieved rate over spec peak, mapped by ondo.twin.engine_load.
+    load_units: Literal["plant", "engine"] = "plant"
 
     def __len__(self) -> int:
         return len(self.t_s)
@@ -33,6 +37,7 @@ class Trace:
         return Trace(
             name=f"{self.name}[{start_s:g}:{stop_s:g}]",
             phase=[self.phase[i] for i in idx],
+            load_units=self.load_units,
             **{k: getattr(self, k)[idx] for k in _ARRAYS},
         )
 
@@ -145,4 +150,5 @@ def read_trace(path: str | Path) -> Trace:
         throttle_reasons=col("throttle_reasons" if serving else "event_reasons").astype(int),
         compute_activity=a_c,
         memory_activity=a_m,
+        load_units="engine" if serving else "plant",
     )

@@ -1,0 +1,128 @@
+"""The engine's load descriptor in the plant's units, and its fit on a serving trace.
+
+ondo's engine reports each step's load as achieved rate over spec peak (FLOP/s over peak
+FLOP/s, modelled bytes/s over peak bandwidth, over the whole step: `e_c`, `e_m`); the plant's
+1.0 is what a full matmul / a full device copy drew on the shared traces. The map:
+
+    a_c = g_c e_c (1 - exp(-x)) / x,   x = g_c s e_c     (saturates at 1/s; s = 0: a_c = g_c e_c)
+    a_m = g_m e_m
+
+Decode kernels keep the SMs busy, and drawing power, at a few percent of peak FLOP/s, so the
+compute gain is large near zero; a prefill step's higher FLOP rate does not draw
+proportionally more, hence the saturation.
+
+`fit_engine_load` fits (g_c, s, g_m) on serving traces and keeps every other constant:
+- power: the plant's power at the measured clock and die temperature against the fast power
+  channel, on rows with an engine step in progress;
+- heat split: die and HBM sensors simulated from the measured fast power, the HBM's share set
+  by the mapped memory activity. Power alone cannot tell compute from memory in steady decode;
+  the HBM-die temperature difference can. Per trace, the inlet and starting heatsink
+  temperatures are free (nuisance) parameters.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+from numpy.typing import ArrayLike
+from scipy.optimize import least_squares
+
+from ondo.twin.fit import simulate_thermal
+from ondo.twin.params import TwinParams
+from ondo.twin.plant import power_split_w
+from ondo.twin.traces import Trace
+
+ENGINE_LOAD_NAMES = ("engine_compute_gain", "engine_compute_inv_max", "engine_memory_gain")
+POWER_SCALE_W = 20.0  # residual weights: about the power fit's RMS and the sensors' resolution
+TEMP_SCALE_C = 0.5
+
+
+def plant_activity(
+    params: TwinParams, compute_activity: ArrayLike, memory_activity: ArrayLike
+) -> tuple[np.ndarray, np.ndarray]:
+    """(compute, memory) activity in the plant's units for the engine's load descriptor."""
+    e_c = np.asarray(compute_activity, dtype=float)
+    g_c = params.engine_compute_gain
+    x = g_c * params.engine_compute_inv_max * e_c
+    saturation = np.where(x > 1e-9, -np.expm1(-x) / np.maximum(x, 1e-12), 1.0)
+    return g_c * e_c * saturation, params.engine_memory_gain * np.asarray(memory_activity, float)
+
+
+def in_plant_units(params: TwinParams, tr: Trace) -> Trace:
+    """The trace with its load in the plant's units (unchanged if it already is)."""
+    if tr.load_units == "plant":
+        return tr
+    if tr.load_units != "engine":
+        raise ValueError(f"{tr.name}: unknown load units {tr.load_units!r}")
+    a_c, a_m = plant_activity(params, tr.compute_activity, tr.memory_activity)
+    return dataclasses.replace(tr, compute_activity=a_c, memory_activity=a_m, load_units="plant")
+
+
+def _busy_power_w(p: TwinParams, tr: Trace) -> tuple[np.ndarray, np.ndarray]:
+    """(plant power, measured fast power) on the rows with a step in progress."""
+    e_c, e_m = tr.load_at(tr.t_s, p.load_delay_s)
+    busy = (e_c > 0) | (e_m > 0)
+    a_c, a_m = plant_activity(p, e_c[busy], e_m[busy])
+    total_w, _ = power_split_w(p, a_c, a_m, tr.sm_mhz[busy], tr.temp_c[busy])
+    return total_w, tr.power_fast_w[busy]
+
+
+def fit_engine_load(base: TwinParams, traces: list[Trace]) -> tuple[TwinParams, dict[str, float]]:
+    """`base` with the engine load map fitted on `traces` (engine units); residuals by name."""
+    for tr in traces:
+        if tr.load_units != "engine":
+            raise ValueError(f"{tr.name}: the engine load map is fitted on serving traces")
+    k = len(ENGINE_LOAD_NAMES)
+    x0 = [getattr(base, n) for n in ENGINE_LOAD_NAMES]
+    for tr in traces:
+        x0 += [base.ambient_c, float(tr.temp_c[0]) - 5.0]
+    lo = [0.0, 0.0, 0.0] + [-np.inf] * (2 * len(traces))
+    hi = [100.0, 20.0, 10.0] + [np.inf] * (2 * len(traces))
+
+    def with_map(x) -> TwinParams:
+        return base.replace(**{n: float(v) for n, v in zip(ENGINE_LOAD_NAMES, x[:k])})
+
+    def residual(x) -> np.ndarray:
+        p = with_map(x)
+        res = []
+        for i, tr in enumerate(traces):
+            model_w, meas_w = _busy_power_w(p, tr)
+            die, hbm = simulate_thermal(p, in_plant_units(p, tr), x[k + 2 * i], x[k + 2 * i + 1])
+            res += [
+                (model_w - meas_w) / POWER_SCALE_W,
+                (die - tr.temp_c) / TEMP_SCALE_C,
+                (hbm - tr.mem_temp_c) / TEMP_SCALE_C,
+            ]
+        return np.concatenate(res)
+
+    sol = least_squares(residual, np.clip(x0, lo, hi), bounds=(lo, hi), loss="soft_l1", f_scale=2.0)
+    p = with_map(sol.x)
+    residuals: dict[str, float] = {}
+    inlet_c: dict[str, float] = {}
+    for i, tr in enumerate(traces):
+        model_w, meas_w = _busy_power_w(p, tr)
+        die, hbm = simulate_thermal(
+            p, in_plant_units(p, tr), sol.x[k + 2 * i], sol.x[k + 2 * i + 1]
+        )
+        residuals[f"{tr.name} fast power RMS, steps running [W]"] = _rms(model_w - meas_w)
+        residuals[f"{tr.name} fast power mean error, steps running [W]"] = float(
+            np.mean(model_w - meas_w)
+        )
+        residuals[f"{tr.name} temp_c RMS [C]"] = _rms(die - tr.temp_c)
+        residuals[f"{tr.name} mem_temp_c RMS [C]"] = _rms(hbm - tr.mem_temp_c)
+        inlet_c[tr.name] = float(sol.x[k + 2 * i])
+    notes = dict(base.notes)
+    notes["engine_load"] = {
+        "fitted_on": [tr.name for tr in traces],
+        "map": "a_c = g_c e_c (1 - exp(-x)) / x with x = g_c s e_c; a_m = g_m e_m "
+        "(g_c = engine_compute_gain, s = engine_compute_inv_max, g_m = engine_memory_gain)",
+        "residuals": residuals,
+        "trace_ambient_c": inlet_c,
+        "kept": "every other constant is the base fit's (fitted_on above this entry)",
+    }
+    return p.replace(notes=notes), residuals
+
+
+def _rms(x: np.ndarray) -> float:
+    return float(np.sqrt(np.mean(np.square(x)))) if len(x) else float("nan")

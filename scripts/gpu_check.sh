@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs ondo's GPU tests and benchmarks in one go on a CUDA machine; results under $OUT.
-# Stages are chosen with STAGES (default: all): tests kernels throughput telemetry serve.
+# Stages are chosen with STAGES: tests kernels prefill throughput host serve trace telemetry.
 # THROUGHPUT_ARGS passes extra flags to `ondo bench throughput`.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -41,6 +41,10 @@ for stage in $STAGES; do
         ONDO_FUSE=$fuse timeout 150 python3 bench/host_overhead.py > "$OUT/host_fuse$fuse.log" 2>&1
         grep "^{" "$OUT/host_fuse$fuse.log"
       done ;;
+    trace)
+      timeout ${TRACE_TIMEOUT:-300} python3 bench/record_serving_trace.py --out "$OUT/serving_trace.csv" ${TRACE_ARGS:-} \
+        > "$OUT/trace.log" 2>&1
+      tail -12 "$OUT/trace.log" ;;
     telemetry)
       timeout 120 python3 bench/telemetry_overhead.py --seconds 10 --hz 20 100 2>&1 | tail -20 ;;
   esac

@@ -247,8 +247,7 @@ def main(args: argparse.Namespace) -> int:
                 return dummy_llm(folder, args, enable_prefix_caching=caching)
 
             w1 = next((w for w in workloads if w.name == "W1"), None)
-            w1_tps = next((r["output_tokens_per_s"] for r in shape_rows if r["workload"] == "W1"), None)
-            for r in run_sharing(make_llm, SHAPES[shape]["vocab_size"], w1, w1_tps, args.scale):
+            for r in run_sharing(make_llm, SHAPES[shape]["vocab_size"], w1, args.scale):
                 r.update({"model": shape, "device": limits.device if limits else "cpu",
                           "date": time.strftime("%Y-%m-%d")})
                 shape_rows.append(r)

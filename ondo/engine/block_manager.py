@@ -15,7 +15,9 @@ hash then (eviction). So "free" counts cached-but-unused blocks too.
 
 from __future__ import annotations
 
+import functools
 import hashlib
+from array import array
 from collections import OrderedDict
 
 from ondo.engine.sequence import Sequence
@@ -26,9 +28,16 @@ BlockHash = bytes
 def hash_block_tokens(parent: BlockHash | None, token_ids: list[int] | tuple[int, ...],
                       extra_key: object = None) -> BlockHash:
     """The hash of one full block: its tokens, everything before them (through the
-    parent's hash) and the extra key. SHA-256, so a collision is not a practical risk."""
-    data = repr((parent, tuple(token_ids), extra_key)).encode()
-    return hashlib.sha256(data).digest()
+    parent's hash) and the extra key (through the first block's parent, a hash of the
+    key). SHA-256 over the raw token bytes, so a collision is not a practical risk."""
+    h = hashlib.sha256(parent if parent is not None else _root_hash(extra_key))
+    h.update(array("q", token_ids).tobytes())
+    return h.digest()
+
+
+@functools.lru_cache(maxsize=64)
+def _root_hash(extra_key: object) -> BlockHash:
+    return hashlib.sha256(repr(("ondo-prefix-root", extra_key)).encode()).digest()
 
 
 class BlockPool:

@@ -119,7 +119,7 @@ def fit_engine_load(base: TwinParams, traces: list[Trace]) -> tuple[TwinParams, 
         "(g_c = engine_compute_gain, s = engine_compute_inv_max, g_m = engine_memory_gain)",
         "residuals": residuals,
         "trace_ambient_c": inlet_c,
-        "kept": "every other constant is the base fit's (fitted_on above this entry)",
+        "kept": "every other constant is the base fit's (notes.fitted_on)",
     }
     return p.replace(notes=notes), residuals
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs ondo's GPU tests and benchmarks in one go on a CUDA machine; results under $OUT.
-# Stages are chosen with STAGES: tests kernels prefill throughput host serve trace telemetry.
+# Stages are chosen with STAGES: tests kernels prefill throughput host serve startup trace telemetry.
 # THROUGHPUT_ARGS passes extra flags to `ondo bench throughput`.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -40,6 +40,10 @@ for stage in $STAGES; do
       for fuse in 1 0; do
         ONDO_FUSE=$fuse timeout 150 python3 bench/host_overhead.py > "$OUT/host_fuse$fuse.log" 2>&1
         grep "^{" "$OUT/host_fuse$fuse.log"
+      done ;;
+    startup)
+      for run in cold warm; do
+        echo -n "$run: "; timeout 150 python3 bench/startup.py 2>/dev/null | grep "^{"
       done ;;
     trace)
       timeout ${TRACE_TIMEOUT:-300} python3 bench/record_serving_trace.py --out "$OUT/serving_trace.csv" ${TRACE_ARGS:-} \

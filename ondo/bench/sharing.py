@@ -41,7 +41,7 @@ def unshared(requests) -> list:
 
 
 def run_sharing(make_llm: Callable[[bool], object], vocab: int, w1: Workload | None,
-                scale: float = 1.0) -> list[dict]:
+                scale: float = 1.0, caching_cost_pairs: int = 3) -> list[dict]:
     w4 = w4_shared_system_prompt(vocab, seed=0, num_requests=max(1, round(512 * scale)))
     w5 = w5_parallel_sampling(vocab, seed=0, num_prompts=max(1, round(64 * scale)))
     results = {}
@@ -49,8 +49,8 @@ def run_sharing(make_llm: Callable[[bool], object], vocab: int, w1: Workload | N
         llm = make_llm(caching)
         results[("W4", caching)] = _timed_generate(llm, w4)
         results[("W5", caching)] = _timed_generate(llm, w5 if caching else unshared(w5))
-        if w1 is not None and caching:
-            results["W1-cost"] = _caching_cost(llm, w1, vocab)
+        if w1 is not None and caching and caching_cost_pairs > 0:
+            results["W1-cost"] = _caching_cost(llm, w1, vocab, caching_cost_pairs)
         del llm
     on, off = results[("W4", True)], results[("W4", False)]
     rows = [{

@@ -247,7 +247,8 @@ def main(args: argparse.Namespace) -> int:
                 return dummy_llm(folder, args, enable_prefix_caching=caching)
 
             w1 = next((w for w in workloads if w.name == "W1"), None)
-            for r in run_sharing(make_llm, SHAPES[shape]["vocab_size"], w1, args.scale):
+            for r in run_sharing(make_llm, SHAPES[shape]["vocab_size"], w1, args.scale,
+                                 args.caching_cost_pairs):
                 r.update({"model": shape, "device": limits.device if limits else "cpu",
                           "date": time.strftime("%Y-%m-%d")})
                 shape_rows.append(r)
@@ -305,6 +306,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--profile", action="store_true", help="print torch.profiler tables of a few steps")
     p.add_argument("--sharing", action="store_true",
                    help="also run W4/W5 with prefix caching on and off (and W1 with it off)")
+    p.add_argument("--caching-cost-pairs", type=int, default=3,
+                   help="W1 runs with caching off and on, alternated, for caching's cost (0: skip)")
     p.add_argument("--scale", type=float, default=1.0, help="fraction of each workload's requests")
     add_engine_flags(p)
     p.add_argument("--baselines", action=argparse.BooleanOptionalAction, default=True)

@@ -115,6 +115,7 @@ class LLMEngine:
         self.model, self.model_config = load_model(args.model, args.load_format, probe_dtype, self.device)
         self.dtype = next(self.model.parameters()).dtype
         self.tokenizer = _tokenizer_for(args)
+        t_loaded = time.perf_counter()
         cfg = self.model_config
         self.max_model_len = args.max_model_len or cfg.max_position_embeddings
         if args.max_model_len and args.max_model_len > cfg.max_position_embeddings:
@@ -163,6 +164,9 @@ class LLMEngine:
         self.num_prompt_tokens_total = 0
         self.num_generation_tokens_total = 0
         self.startup_s = time.perf_counter() - t0
+        self.startup_phases_s = {"load": t_loaded - t0, "profile": self.runner.profile_s,
+                                 "cuda_graphs": self.runner.graph_capture_s}
+        log.info("start-up phases: %s", {k: round(v, 1) for k, v in self.startup_phases_s.items()})
         log.info("engine ready in %.1f s on %s (%s), max_model_len %d", self.startup_s, self.device,
                  self.dtype, self.max_model_len)
 

@@ -84,6 +84,7 @@ class ModelRunner:
         self.graphs: dict[int, _Graph] = {}
         self.graph_sizes: list[int] = []
         self.graph_capture_s = 0.0
+        self.profile_s = 0.0  # profiling passes (on CUDA the first compiles the fused regions)
         self.graph_memory_bytes = 0
 
     # -- start-up --------------------------------------------------------------
@@ -123,6 +124,7 @@ class ModelRunner:
 
     def profile_and_allocate(self) -> MemoryPlan:
         args = self.args
+        t_start = time.perf_counter()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -158,6 +160,7 @@ class ModelRunner:
                 f"sequence of max_model_len={self.max_model_len} needs {needed} blocks: {hint}, or lower "
                 f"max_model_len"
             )
+        self.profile_s = time.perf_counter() - t_start
         self.allocate(num_blocks, num_cpu_blocks)
         swap_bps = self._measure_swap_bandwidth()
         self.costs = PreemptionCosts(self.bytes_per_block, swap_bps, prefill_tps)

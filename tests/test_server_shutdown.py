@@ -18,7 +18,7 @@ from tests.server_process import launch_server
 @pytest.fixture(scope="module")
 def served():
     proc, base = launch_server("--device", "cpu", "--max-model-len", "512", "--num-kv-blocks", "256",
-                               "--shutdown-timeout", "1.5")
+                               "--shutdown-timeout", "5")
     yield proc, base
     if proc.poll() is None:
         proc.kill()
@@ -41,7 +41,7 @@ def test_sigterm_finishes_or_aborts_in_flight_requests_and_exits_zero(served):
         results["long_plain"] = httpx.post(base + "/v1/chat/completions", json=body, timeout=60)
 
     def short():
-        body = {"prompt": "Hello", "max_tokens": 20, "ignore_eos": True}
+        body = {"prompt": "Hello", "max_tokens": 10, "ignore_eos": True}
         results["short"] = httpx.post(base + "/v1/completions", json=body, timeout=60)
 
     threads = [threading.Thread(target=f) for f in (long_stream, long_plain, short)]

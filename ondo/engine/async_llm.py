@@ -1,10 +1,16 @@
-"""`AsyncLLM`: the engine stepping in its own thread, fed and drained from asyncio.
+"""`AsyncLLM`: the engine stepping beside asyncio, fed and drained through per-request
+async streams.
 
-The engine is single-threaded. Callers never touch it: `generate` and `abort` post
-commands to a queue that the engine thread applies before each step, and each
-step's outputs are handed to per-request asyncio queues with
-`loop.call_soon_threadsafe`. When nothing is queued or running the thread sleeps on
-a condition variable.
+The engine is single-threaded and callers never touch it: `generate` and `abort` post
+commands that the engine's loop (`EngineLoop`) applies before each step, and each step's
+outputs come back as one `Published` batch that is handed to the requests' asyncio
+queues with one `loop.call_soon_threadsafe` per event loop. The loop runs either on a
+thread of this process or in an engine process of its own (`engine_process=True`, the
+default on a GPU), where its stepping never competes with the server's Python for the
+interpreter lock.
+
+A stream that falls behind the engine gets the outputs waiting for it coalesced into
+one (the deltas joined), so a slow reader costs fewer, larger chunks, not a backlog.
 
 Admission control: at most `max_waiting_requests` requests may wait for their first
 schedule (queued commands plus the scheduler's waiting queue); beyond that
@@ -17,13 +23,25 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from ondo.engine.config import EngineArgs
-from ondo.engine.llm_engine import LLMEngine
-from ondo.engine.outputs import CompletionOutput, RequestOutput
+from ondo.engine.engine_loop import (
+    AbortRequest,
+    AddRequest,
+    Command,
+    EngineLoop,
+    Published,
+    final_output,
+)
+from ondo.engine.engine_process import EngineProcess, engine_process_default
+from ondo.engine.llm_engine import LLMEngine, tokenizer_for
+from ondo.engine.outputs import RequestOutput, coalesce
 from ondo.engine.sampling_params import SamplingParams
+from ondo.engine.step_stats import StepStats
+from ondo.model.detokenizer import IncrementalDetokenizer
+from ondo.model.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -57,24 +75,11 @@ def default_max_waiting_requests(num_kv_blocks: int, block_size: int) -> int:
 
 
 @dataclass
-class _Add:
-    request_id: str
-    prompt: str | None
-    prompt_token_ids: list[int] | None
-    params: SamplingParams
-    arrival_time_s: float
-
-
-@dataclass
-class _Abort:
-    request_id: str
-
-
-@dataclass
 class _Stream:
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
     abort_reason: str | None = None  # set when the server (not the client) aborts it
+    held: RequestOutput | BaseException | None = None  # taken from the queue, not yet given
 
     def put(self, item: RequestOutput | BaseException) -> None:
         try:
@@ -82,37 +87,163 @@ class _Stream:
         except RuntimeError:  # the loop is closed: nobody is listening any more
             pass
 
+    async def next(self) -> RequestOutput | BaseException:
+        """The next output, joined with any that queued up behind it."""
+        item, self.held = self.held, None
+        if item is None:
+            item = await self.queue.get()
+        while isinstance(item, RequestOutput) and not item.finished and not self.queue.empty():
+            later = self.queue.get_nowait()
+            if not isinstance(later, RequestOutput):
+                self.held = later
+                break
+            item = coalesce(item, later)
+        return item
 
-def _deliver(items: list[tuple[_Stream, RequestOutput]]) -> None:
+
+class _StreamText:
+    """Text deltas made on this side for an engine process's streamed request: the engine
+    sends token deltas (and the whole text once, at the end), so its steps do not pay for
+    decoding, and a stream that fell behind decodes its backlog in one go."""
+
+    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool) -> None:
+        self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
+        self._detokenizers: dict[int, IncrementalDetokenizer] = {}
+        self._emitted: dict[int, str] = {}
+
+    def fill(self, out: RequestOutput) -> None:
+        for c in out.outputs:
+            emitted = self._emitted.get(c.index, "")
+            if c.finished:  # the engine's own decode of the whole text
+                c.new_text = c.text[len(emitted):] if len(c.text) > len(emitted) else ""
+                self._emitted[c.index] = c.text
+                continue
+            det = self._detokenizers.get(c.index)
+            if det is None:
+                det = self._detokenizers[c.index] = IncrementalDetokenizer(
+                    self.tokenizer, out.prompt_token_ids, self.skip_special_tokens)
+            c.new_text = det.extend(c.new_token_ids)
+            c.text = self._emitted[c.index] = det.output_text
+
+
+def _deliver(items: list[tuple[_Stream, RequestOutput | BaseException]]) -> None:
     for stream, out in items:
         stream.queue.put_nowait(out)
 
 
-class AsyncLLM:
-    def __init__(self, engine: LLMEngine, max_waiting_requests: int | None = None) -> None:
+class _EngineThread:
+    """The engine's loop on a thread of this process."""
+
+    def __init__(self, engine: LLMEngine, on_published: Callable[[Published], None],
+                 on_exit: Callable[[str | None], None]) -> None:
         self.engine = engine
-        bm = engine.block_manager
-        self.max_waiting_requests = max_waiting_requests or default_max_waiting_requests(
-            bm.num_total_blocks, bm.block_size)
-        if self.max_waiting_requests < 1:
-            raise ValueError(f"max_waiting_requests={max_waiting_requests} must be >= 1")
-        self.tokenizer = engine.tokenizer
-        self.max_model_len = engine.max_model_len
-        self._cond = threading.Condition()  # guards everything below
-        self._commands: list[_Add | _Abort] = []
-        self._streams: dict[str, _Stream] = {}
-        self._num_queued_adds = 0
-        self._num_waiting = 0  # the scheduler's waiting queue, as of the last engine-thread update
-        self._accepting = True
+        self._cond = threading.Condition()
+        self._commands: list[Command] = []
         self._stop = False
-        self._dead_reason: str | None = None
-        self._stats: dict[str, float] = engine.stats()
+        self._on_exit = on_exit
+        self._loop = EngineLoop(engine, self._take, on_published)
         self._thread = threading.Thread(target=self._run, name="ondo-engine", daemon=True)
         self._thread.start()
 
+    def _run(self) -> None:
+        self._on_exit(self._loop.run())
+
+    def _take(self, block: bool) -> list[Command] | None:
+        with self._cond:
+            while block and not self._commands and not self._stop:
+                self._cond.wait()
+            if self._stop:
+                return None
+            commands, self._commands = self._commands, []
+            return commands
+
+    def send(self, command: Command) -> None:
+        with self._cond:
+            self._commands.append(command)
+            self._cond.notify()
+
+    def add_step_listener(self, listener: Callable[[StepStats], None]) -> None:
+        self.engine.add_step_listener(listener)
+
+    def is_alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def close(self, timeout_s: float = 30.0) -> None:
+        with self._cond:
+            self._stop = True
+            self._cond.notify()
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout=timeout_s)
+
+
+class AsyncLLM:
+    def __init__(self, engine: LLMEngine, max_waiting_requests: int | None = None) -> None:
+        """The engine on a thread of this process (see `from_engine_args` for a process)."""
+        self._setup(engine.stats(), max_waiting_requests)
+        self.engine: LLMEngine | None = engine
+        self.tokenizer = engine.tokenizer
+        self.max_model_len = engine.max_model_len
+        self.vocab_size = engine.model_config.vocab_size
+        self.startup_s = engine.startup_s
+        self._core: _EngineThread | EngineProcess = _EngineThread(
+            engine, self._on_published, self._on_exit)
+
     @classmethod
-    def from_engine_args(cls, args: EngineArgs, max_waiting_requests: int | None = None) -> AsyncLLM:
-        return cls(LLMEngine(args), max_waiting_requests)
+    def from_engine_args(cls, args: EngineArgs, max_waiting_requests: int | None = None,
+                         engine_process: bool | None = None) -> AsyncLLM:
+        """engine_process: run the engine in its own process (None: on a GPU, yes)."""
+        if engine_process is None:
+            engine_process = engine_process_default(args.device)
+        if not engine_process:
+            return cls(LLMEngine(args), max_waiting_requests)
+        self = cls.__new__(cls)
+        self.engine = None
+        core = EngineProcess(args, self._on_published, self._on_exit)
+        tokenizer_error: Exception | None = None
+        try:  # while the engine loads in its process
+            self.tokenizer = tokenizer_for(args)
+        except Exception as e:
+            tokenizer_error = e
+        try:
+            info = core.wait_ready()  # the engine's reason first, where both fail
+        except BaseException:
+            core.close(timeout_s=10.0)
+            raise
+        if tokenizer_error is not None:
+            core.close(timeout_s=10.0)
+            raise tokenizer_error
+        self._setup(info.stats, max_waiting_requests)
+        self.max_model_len = info.max_model_len
+        self.vocab_size = info.vocab_size
+        self.startup_s = info.startup_s
+        self._core = core
+        core.start_reading()
+        log.info("engine process ready in %.1f s (phases %s)", info.startup_s,
+                 {k: round(v, 1) for k, v in info.startup_phases_s.items()})
+        return self
+
+    def _setup(self, stats: dict[str, float], max_waiting_requests: int | None) -> None:
+        self.max_waiting_requests = max_waiting_requests or default_max_waiting_requests(
+            int(stats["num_total_blocks"]), int(stats["block_size"]))
+        if self.max_waiting_requests < 1:
+            raise ValueError(f"max_waiting_requests={max_waiting_requests} must be >= 1")
+        self._cond = threading.Condition()  # guards everything below
+        self._streams: dict[str, _Stream] = {}
+        self._num_queued_adds = 0
+        self._num_waiting = 0  # the scheduler's waiting queue, as of the engine's last batch
+        self._accepting = True
+        self._dead_reason: str | None = None
+        self._stats: dict[str, float] = dict(stats)
+
+    @property
+    def engine_process(self) -> bool:
+        return isinstance(self._core, EngineProcess)
+
+    def add_step_listener(self, listener: Callable[[StepStats], None]) -> None:
+        """Called with each engine step's StepStats (on the engine thread, or on the thread
+        that reads the engine process)."""
+        self._core.add_step_listener(listener)
 
     # -- the asyncio side ------------------------------------------------------------
     async def generate(
@@ -127,23 +258,28 @@ class AsyncLLM:
         or EngineError. Closing or cancelling the iterator early aborts the request.
         """
         params = params or SamplingParams()
-        text, ids = (prompt, None) if isinstance(prompt, str) else (None, list(prompt))
+        prompt_text, ids = (prompt, None) if isinstance(prompt, str) else (None, list(prompt))
         stream = _Stream(asyncio.get_running_loop())
+        text = (_StreamText(self.tokenizer, params.skip_special_tokens)
+                if self.engine is None and self.tokenizer is not None and not params.stop_list else None)
         with self._cond:
             self._check_admission()
             if request_id in self._streams:
                 raise ValueError(f"request_id {request_id!r} is already in use")
             self._streams[request_id] = stream
             self._num_queued_adds += 1
-            self._commands.append(_Add(request_id, text, ids, params, time.monotonic()))
-            self._cond.notify()
+            # Sent under the lock, so that an abort of this id cannot overtake its add.
+            self._core.send(AddRequest(request_id, prompt_text, ids, params, time.monotonic(),
+                                       detokenize=text is None))
         finished = False
         try:
             while True:
-                item = await stream.queue.get()
+                item = await stream.next()
                 if isinstance(item, BaseException):
                     finished = True
                     raise item
+                if text is not None:
+                    text.fill(item)
                 if item.finished:
                     finished = True
                     if stream.abort_reason and item.outputs[0].finish_reason == "abort":
@@ -154,8 +290,8 @@ class AsyncLLM:
         finally:
             with self._cond:
                 self._streams.pop(request_id, None)
-            if not finished:
-                self._post(_Abort(request_id))
+                if not finished:
+                    self._core.send(AbortRequest(request_id))
 
     def abort(self, request_id: str, reason: str | None = None) -> None:
         """Abort a request (thread-safe). With a reason, its stream still gets the final
@@ -166,12 +302,11 @@ class AsyncLLM:
                 stream.abort_reason = reason
             elif stream is not None:
                 self._streams.pop(request_id)
-            self._commands.append(_Abort(request_id))
-            self._cond.notify()
+            self._core.send(AbortRequest(request_id))
 
     async def shutdown(self, timeout_s: float = 30.0) -> None:
         """Stop taking requests, let in-flight ones finish for up to timeout_s, abort the
-        rest (their final output says why), then stop the engine thread."""
+        rest (their final output says why), then stop the engine."""
         with self._cond:
             self._accepting = False
         deadline = time.monotonic() + timeout_s
@@ -190,13 +325,10 @@ class AsyncLLM:
         self.close()
 
     def close(self) -> None:
-        """Stop the engine thread now; requests still in it are aborted."""
+        """Stop the engine now; requests still in it are aborted."""
         with self._cond:
             self._accepting = False
-            self._stop = True
-            self._cond.notify()
-        if self._thread is not threading.current_thread():
-            self._thread.join(timeout=30.0)
+        self._core.close()
 
     @property
     def num_in_flight(self) -> int:
@@ -205,14 +337,14 @@ class AsyncLLM:
 
     @property
     def is_healthy(self) -> bool:
-        return self._accepting and self._dead_reason is None and self._thread.is_alive()
+        return self._accepting and self._dead_reason is None and self._core.is_alive()
 
     @property
     def is_accepting(self) -> bool:
         return self._accepting
 
     def stats(self) -> dict[str, float]:
-        """engine.stats() as of the engine thread's last update (after each step and
+        """engine.stats() as of the engine's last published batch (after each step and
         after each batch of commands), plus the server-side queue figures."""
         with self._cond:
             stats = dict(self._stats)
@@ -229,115 +361,40 @@ class AsyncLLM:
         if num_waiting >= self.max_waiting_requests:
             raise QueueFull(num_waiting, self.max_waiting_requests)
 
-    def _post(self, command: _Add | _Abort) -> None:
+    # -- called by the engine's side (its thread, or the engine process's reader) --------
+    def _on_published(self, batch: Published) -> None:
         with self._cond:
-            self._commands.append(command)
-            self._cond.notify()
-
-    # -- the engine thread -------------------------------------------------------------
-    def _run(self) -> None:
-        engine = self.engine
-        busy = False
-        try:
-            while True:
-                with self._cond:
-                    while not self._commands and not busy and not self._stop:
-                        self._cond.wait()
-                    if self._stop:
-                        break
-                    commands, self._commands = self._commands, []
-                num_added = self._apply(commands)
-                outputs: list[RequestOutput] = []
-                if engine.has_unfinished_requests():
-                    try:
-                        outputs = engine.step()
-                    except Exception as e:
-                        log.exception("engine step failed")
-                        self._fail_all(f"engine step failed: {type(e).__name__}: {e}")
-                busy = engine.has_unfinished_requests()
-                self._publish(outputs, num_added)
-        except BaseException as e:  # a bug in this loop: fail everyone, loudly
-            log.exception("engine thread died")
-            self._dead_reason = f"{type(e).__name__}: {e}"
-        self._drain_on_exit()
-
-    def _apply(self, commands: list[_Add | _Abort]) -> int:
-        num_added = 0
-        for cmd in commands:
-            if isinstance(cmd, _Abort):
-                self.engine.abort_request(cmd.request_id)
-                continue
-            num_added += 1
-            with self._cond:
-                stream = self._streams.get(cmd.request_id)
-            if stream is None:  # aborted before it reached the engine
-                continue
-            try:
-                self.engine.add_request(cmd.request_id, cmd.prompt, cmd.params,
-                                        prompt_token_ids=cmd.prompt_token_ids,
-                                        arrival_time_s=cmd.arrival_time_s)
-            except ValueError as e:
-                stream.put(ValueError(str(e)))
-            except Exception as e:
-                log.exception("add_request %s failed", cmd.request_id)
-                stream.put(EngineError(f"the engine could not take the request: {e}"))
-        return num_added
-
-    def _publish(self, outputs: list[RequestOutput], num_added: int) -> None:
-        stats = self.engine.stats()
-        with self._cond:
-            self._num_queued_adds -= num_added
-            self._num_waiting = len(self.engine.scheduler.waiting)
-            self._stats = stats
-            deliveries = [(self._streams.get(o.request_id), o) for o in outputs]
-        # One hand-off per event loop per step, not one per request: each call_soon_threadsafe
-        # wakes the loop, and hundreds a step starve both threads.
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Stream, RequestOutput]]] = {}
-        for stream, out in deliveries:
+            self._num_queued_adds -= batch.num_added
+            self._num_waiting = int(batch.stats["num_waiting"])
+            self._stats = batch.stats
+            deliveries: list[tuple[_Stream | None, RequestOutput | BaseException]] = [
+                (self._streams.get(o.request_id), o) for o in batch.outputs]
+            deliveries += [(self._streams.get(r.request_id),
+                            ValueError(r.message) if r.invalid else EngineError(r.message))
+                           for r in batch.rejected]
+        # One hand-off per event loop per batch, not one per request: each call_soon_threadsafe
+        # wakes the loop, and hundreds a step starve both sides.
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Stream, RequestOutput | BaseException]]] = {}
+        for stream, item in deliveries:
             if stream is not None:
-                by_loop.setdefault(stream.loop, []).append((stream, out))
+                by_loop.setdefault(stream.loop, []).append((stream, item))
         for loop, items in by_loop.items():
             try:
                 loop.call_soon_threadsafe(_deliver, items)
             except RuntimeError:  # the loop is closed: nobody is listening any more
                 pass
 
-    def _fail_all(self, reason: str) -> None:
-        """After a failed step the batch's state is unknown: end every request in the engine
-        with finish_reason "error" and the reason, and free their blocks."""
-        failed = self.engine.unfinished_request_ids()
-        for request_id in failed:
-            try:
-                self.engine.abort_request(request_id)
-            except Exception:
-                log.exception("abort of %s after a failed step also failed", request_id)
-        with self._cond:
-            streams = [(rid, self._streams.get(rid)) for rid in failed]
-        for request_id, stream in streams:
-            if stream is not None:
-                stream.put(_final_output(request_id, "error", reason))
-
-    def _drain_on_exit(self) -> None:
-        reason = SHUTDOWN_REASON if self._dead_reason is None else f"engine stopped: {self._dead_reason}"
+    def _on_exit(self, dead_reason: str | None) -> None:
+        """The engine has stopped: every request still here gets its final output."""
         with self._cond:
             self._accepting = False
+            if dead_reason is not None:
+                self._dead_reason = dead_reason
             streams = dict(self._streams)
-            self._commands.clear()
+        if dead_reason is not None:
+            log.error("the engine stopped: %s", dead_reason)
         for request_id, stream in streams.items():
-            try:
-                self.engine.abort_request(request_id)
-            except Exception:
-                log.exception("abort of %s at engine exit failed", request_id)
-            if self._dead_reason is None:
-                stream.put(_final_output(request_id, "abort", stream.abort_reason or reason))
+            if dead_reason is None:
+                stream.put(final_output(request_id, "abort", stream.abort_reason or SHUTDOWN_REASON))
             else:
-                stream.put(_final_output(request_id, "error", reason))
-        with self._cond:
-            self._stats = self.engine.stats()
-
-
-def _final_output(request_id: str, finish_reason: str, reason: str) -> RequestOutput:
-    """The last output of a request the engine could not finish itself; says why."""
-    completion = CompletionOutput(0, "", [], finish_reason=finish_reason, stop_reason=reason)
-    error = reason if finish_reason == "error" else None
-    return RequestOutput(request_id, None, [], [completion], True, error=error)
+                stream.put(final_output(request_id, "error", f"engine stopped: {dead_reason}"))

@@ -72,7 +72,7 @@ def _needs_drained_steps(params: SamplingParams) -> bool:
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 
-def _tokenizer_for(args: EngineArgs) -> Tokenizer | None:
+def tokenizer_for(args: EngineArgs) -> Tokenizer | None:
     """The model's tokenizer; None for a folder that has none (token ids in, token ids out)."""
     if args.tokenizer:
         return load_tokenizer(args.model, args.tokenizer)
@@ -114,7 +114,7 @@ class LLMEngine:
         probe_dtype = _DTYPES.get(args.dtype, torch.float32 if self.device.type == "cpu" else torch.bfloat16)
         self.model, self.model_config = load_model(args.model, args.load_format, probe_dtype, self.device)
         self.dtype = next(self.model.parameters()).dtype
-        self.tokenizer = _tokenizer_for(args)
+        self.tokenizer = tokenizer_for(args)
         t_loaded = time.perf_counter()
         cfg = self.model_config
         self.max_model_len = args.max_model_len or cfg.max_position_embeddings
@@ -179,11 +179,15 @@ class LLMEngine:
         prompt_token_ids: list[int] | None = None,
         arrival_time_s: float | None = None,
         stream: bool = True,
+        detokenize: bool = True,
     ) -> Sequence:
         """Queue a request; raises ValueError (naming the problem) if it cannot run.
 
         With stream=False, step() reports the request only when it finishes, and its text
-        is decoded once at the end unless stop strings need it token by token."""
+        is decoded once at the end unless stop strings need it token by token. With
+        detokenize=False a streamed request's outputs carry token deltas but no text
+        deltas (the caller decodes them) and the text is decoded once at the end; stop
+        strings still make the engine decode token by token."""
         params = params or SamplingParams()
         if request_id in self._requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
@@ -209,6 +213,7 @@ class LLMEngine:
         seq = Sequence(next(self._seq_ids), request_id, prompt_token_ids, params,
                        arrival_time_s if arrival_time_s is not None else time.monotonic(), prompt=prompt)
         seq.stream = stream
+        seq.detokenize = detokenize
         self._requests[request_id] = [seq]
         if _needs_drained_steps(params):
             self._num_sync_requests += 1
@@ -345,7 +350,7 @@ class LLMEngine:
         return outputs
 
     def _new_text_state(self, seq: Sequence) -> _TextState:
-        if self.tokenizer is None or not (seq.stream or seq.params.stop_list):
+        if self.tokenizer is None or not ((seq.stream and seq.detokenize) or seq.params.stop_list):
             return _TextState(None)
         return _TextState(IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids,
                                                  seq.params.skip_special_tokens))
@@ -362,7 +367,8 @@ class LLMEngine:
                              parent.params.for_sequence(i), parent.arrival_time_s, prompt=parent.prompt,
                              token_ids=list(parent.token_ids), index=i,
                              num_computed_tokens=parent.num_computed_tokens,
-                             first_scheduled_s=parent.first_scheduled_s, stream=parent.stream)
+                             first_scheduled_s=parent.first_scheduled_s, stream=parent.stream,
+                             detokenize=parent.detokenize)
             self.scheduler.fork(parent, child)
             self._text[child.seq_id] = self._new_text_state(child)
             group.append(child)

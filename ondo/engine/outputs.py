@@ -33,3 +33,20 @@ class RequestOutput:
     finished: bool
     error: str | None = None
     metrics: dict[str, float] = field(default_factory=dict)
+
+
+def coalesce(earlier: RequestOutput, later: RequestOutput) -> RequestOutput:
+    """One output standing for two consecutive outputs of a request: the later one's state
+    carrying both deltas (for a reader that fell behind the engine). Reuses `later`."""
+    before = {c.index: c for c in earlier.outputs}
+    for c in later.outputs:
+        e = before.pop(c.index, None)
+        if e is None:
+            continue
+        c.new_text = e.new_text + c.new_text
+        c.new_token_ids = e.new_token_ids + c.new_token_ids
+        if e.new_logprobs is not None or c.new_logprobs is not None:
+            c.new_logprobs = (e.new_logprobs or []) + (c.new_logprobs or [])
+    if before:  # completions the later output does not carry
+        later.outputs = sorted([*later.outputs, *before.values()], key=lambda c: c.index)
+    return later

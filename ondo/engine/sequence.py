@@ -35,6 +35,7 @@ class Sequence:
     first_scheduled_s: float | None = None
     first_token_s: float | None = None
     stream: bool = True  # report every step's tokens, not only the final output
+    detokenize: bool = True  # streamed text deltas made here (False: the caller decodes)
     index: int = 0  # which of the request's n sequences (parallel sampling)
     # Prefix caching: chained hashes of the full blocks of token_ids (memoized), and how
     # many leading blocks of block_table have been offered to the cache.

@@ -33,7 +33,13 @@ class IncrementalDetokenizer:
 
     def append(self, token_id: int) -> str:
         """Add one generated id; return the text it completed ("" while a character is partial)."""
-        self.token_ids.append(token_id)
+        return self.extend([token_id])
+
+    def extend(self, token_ids: list[int]) -> str:
+        """Add generated ids (any number, two decodes in all); return the text they completed."""
+        if not token_ids:
+            return ""
+        self.token_ids.extend(token_ids)
         prefix_text = self._decode(self.prefix_offset, self.read_offset)
         new_text = self._decode(self.prefix_offset, len(self.token_ids))
         if len(new_text) <= len(prefix_text) or new_text.endswith(_REPLACEMENT_CHAR):

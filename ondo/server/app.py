@@ -100,7 +100,7 @@ def build_app(async_llm: AsyncLLM, served_model_name: str, api_key: str | None =
     async def detokenize(body: DetokenizeRequest) -> DetokenizeResponse:
         ctx.check_model(body.model)
         tokenizer = ctx.tokenizer
-        vocab = min(tokenizer.vocab_size, async_llm.engine.model_config.vocab_size)
+        vocab = min(tokenizer.vocab_size, async_llm.vocab_size)
         bad = next((t for t in body.tokens if not 0 <= t < vocab), None)
         if bad is not None:
             raise bad_request(f"token id {bad} is out of range: ids must be in [0, {vocab})",

@@ -46,6 +46,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="503 beyond this many waiting requests (default: from KV capacity, >= 64)")
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="seconds in-flight requests may run on after SIGTERM before abort")
+    p.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=None,
+                   help="run the engine in its own process (default: yes on a GPU, no on the CPU)")
     p.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=False)
     p.add_argument("--telemetry", choices=("auto", "nvml", "sim", "off"), default="auto",
                    help="GPU telemetry on /metrics: auto = NVML where there is a GPU, else "

@@ -15,6 +15,7 @@ from prometheus_client import CollectorRegistry
 
 from ondo.engine.async_llm import AsyncLLM
 from ondo.engine.cli import engine_args_from
+from ondo.engine.engine_process import EngineStartError
 from ondo.server.cli import served_name
 
 log = logging.getLogger(__name__)
@@ -31,12 +32,17 @@ def serve(args: argparse.Namespace) -> int:
     if args.max_waiting_requests is not None and args.max_waiting_requests < 1:
         print("error: --max-waiting-requests must be >= 1", file=sys.stderr)
         return 2
-    async_llm = AsyncLLM.from_engine_args(engine_args, args.max_waiting_requests)
+    try:
+        async_llm = AsyncLLM.from_engine_args(engine_args, args.max_waiting_requests,
+                                              engine_process=args.engine_process)
+    except EngineStartError as e:
+        print(f"error: the engine could not start: {e}", file=sys.stderr)
+        return 1
     name = served_name(engine_args.model, engine_args.served_model_name)
     registry = CollectorRegistry()
     telemetry = start_telemetry(args, registry)
     if telemetry is not None:
-        async_llm.engine.add_step_listener(telemetry.engine.on_step)
+        async_llm.add_step_listener(telemetry.engine.on_step)
     app = build_app(async_llm, name, api_key=args.api_key or os.environ.get("ONDO_API_KEY"),
                     registry=registry)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info",

@@ -49,7 +49,7 @@ class ServingContext:
                                 f"{self.model_name!r}", param="model", code="model_not_found")
 
     def check_token_ids(self, ids: list[int], param: str) -> None:
-        vocab = self.async_llm.engine.model_config.vocab_size
+        vocab = self.async_llm.vocab_size
         if not ids:
             raise bad_request("the prompt is empty", param)
         bad = next((t for t in ids if not 0 <= t < vocab), None)

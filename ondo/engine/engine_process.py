@@ -1,0 +1,262 @@
+"""The engine in a process of its own, so that its stepping never waits on the server's
+Python (HTTP parsing, JSON, SSE framing for hundreds of streams) for the interpreter lock.
+
+The server side (`EngineProcess`) starts the process with "spawn" (CUDA cannot follow a
+fork), waits for its "ready" message, then writes commands to one pipe and reads
+`Published` batches from another on a reader thread. The engine side runs the same
+`EngineLoop` as the in-process thread does.
+
+On the wire, an unfinished output leaves out what the receiver already has: the prompt
+(text and token ids, sent with a request's first output only) and the cumulative text
+(the concatenation of the deltas). `WireEncoder` strips, `WireDecoder` restores, so the
+outputs that reach `AsyncLLM` are the ones the engine made.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import multiprocessing as mp
+import os
+import signal
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from typing import Any
+
+from ondo.engine.config import EngineArgs
+from ondo.engine.engine_loop import Command, EngineLoop, Published
+from ondo.engine.outputs import RequestOutput
+from ondo.engine.step_stats import StepStats
+
+log = logging.getLogger(__name__)
+
+STARTUP_TIMEOUT_S = 900.0  # loading, profiling and compiling a large model on a cold cache
+_STOP = "stop"
+
+
+@dataclass
+class EngineInfo:
+    """What the server needs to know about the engine, sent once it is ready."""
+
+    max_model_len: int
+    vocab_size: int
+    stats: dict[str, float]
+    startup_s: float
+    startup_phases_s: dict[str, float]
+
+
+class EngineStartError(RuntimeError):
+    """The engine process could not build its engine; the message says why."""
+
+
+class WireEncoder:
+    """Engine side: strips from unfinished outputs what the receiver can rebuild."""
+
+    def __init__(self) -> None:
+        self._known: set[str] = set()  # requests whose prompt went out already
+
+    def encode(self, batch: Published) -> Published:
+        batch.outputs = [self._strip(o) for o in batch.outputs]
+        return batch
+
+    def _strip(self, out: RequestOutput) -> RequestOutput:
+        if out.finished:
+            self._known.discard(out.request_id)
+            return out
+        if out.request_id not in self._known:
+            self._known.add(out.request_id)
+            prompt, ids = out.prompt, out.prompt_token_ids
+        else:
+            prompt, ids = None, []
+        outputs = [dataclasses.replace(c, text="") for c in out.outputs]
+        return dataclasses.replace(out, prompt=prompt, prompt_token_ids=ids, outputs=outputs)
+
+
+class WireDecoder:
+    """Server side: puts the prompt and the cumulative text back into unfinished outputs."""
+
+    def __init__(self) -> None:
+        self._state: dict[str, tuple[str | None, list[int], dict[int, str]]] = {}
+
+    def decode(self, out: RequestOutput) -> RequestOutput:
+        if out.finished:
+            self._state.pop(out.request_id, None)
+            return out
+        state = self._state.get(out.request_id)
+        if state is None:
+            state = self._state[out.request_id] = (out.prompt, out.prompt_token_ids, {})
+        prompt, ids, texts = state
+        out.prompt, out.prompt_token_ids = prompt, ids
+        for c in out.outputs:
+            c.text = texts.get(c.index, "") + c.new_text
+            texts[c.index] = c.text
+        return out
+
+
+def run_engine(args: EngineArgs, commands: Connection, results: Connection, log_level: int) -> None:
+    """The engine process's main: build the engine, say ready, loop until told to stop."""
+    # The server process handles SIGINT/SIGTERM (drain, then stop this process); a signal
+    # sent to the whole process group must not kill the engine under it.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s [engine]: %(message)s")
+    from ondo.engine.llm_engine import LLMEngine
+
+    try:
+        engine = LLMEngine(args)
+    except BaseException as e:
+        log.exception("the engine could not start")
+        results.send(("failed", f"{type(e).__name__}: {e}"))
+        return
+    results.send(("ready", EngineInfo(engine.max_model_len, engine.model_config.vocab_size,
+                                      engine.stats(), engine.startup_s, engine.startup_phases_s)))
+    step_stats: list[StepStats] = []
+    engine.add_step_listener(step_stats.append)
+    encoder = WireEncoder()
+
+    def take(block: bool) -> list[Command] | None:
+        taken: list[Any] = []
+        try:
+            if block:
+                taken.append(commands.recv())
+            while commands.poll():
+                taken.append(commands.recv())
+        except (EOFError, OSError):  # the server process is gone
+            return None
+        if _STOP in taken:
+            return None
+        return taken
+
+    dead = EngineLoop(engine, take, lambda batch: results.send(encoder.encode(batch)), step_stats).run()
+    try:
+        results.send(("exit", dead))
+    except (BrokenPipeError, OSError):
+        pass
+
+
+class EngineProcess:
+    """Server side of the engine process; starts it at once, then `wait_ready()`.
+    `on_published` and `on_exit` run on the reader thread; `on_exit(reason)` runs once,
+    with None for a requested stop."""
+
+    def __init__(self, args: EngineArgs, on_published: Callable[[Published], None],
+                 on_exit: Callable[[str | None], None],
+                 startup_timeout_s: float = STARTUP_TIMEOUT_S) -> None:
+        ctx = mp.get_context("spawn")
+        cmd_recv, self._cmd_send = ctx.Pipe(duplex=False)
+        self._results, results_send = ctx.Pipe(duplex=False)
+        self._process = ctx.Process(target=run_engine, name="ondo-engine",
+                                    args=(args, cmd_recv, results_send, logging.getLogger().level),
+                                    daemon=True)
+        self._process.start()
+        cmd_recv.close()
+        results_send.close()
+        self._send_lock = threading.Lock()
+        self._on_published = on_published
+        self._on_exit = on_exit
+        self._startup_timeout_s = startup_timeout_s
+        self._step_listeners: list[Callable[[StepStats], None]] = []
+        self._reader = threading.Thread(target=self._read, name="ondo-engine-reader", daemon=True)
+
+    def wait_ready(self) -> EngineInfo:
+        """Block until the engine is up (the caller may do its own start-up meanwhile);
+        raises EngineStartError with the engine's reason when it could not start."""
+        self.info = self._ready(self._startup_timeout_s)
+        return self.info
+
+    def start_reading(self) -> None:
+        """Start handing the engine's batches to `on_published` (once the receiver is set up)."""
+        self._reader.start()
+
+    def _ready(self, timeout_s: float) -> EngineInfo:
+        if not self._results.poll(timeout_s):
+            self._process.kill()
+            raise EngineStartError(f"the engine process did not start within {timeout_s:.0f} s")
+        try:
+            msg = self._results.recv()
+        except EOFError:
+            self._process.join(5.0)
+            raise EngineStartError(
+                f"the engine process exited during start-up (exit code {self._process.exitcode})") from None
+        if msg[0] == "failed":
+            self._process.join(10.0)
+            raise EngineStartError(msg[1])
+        return msg[1]
+
+    def send(self, command: Command) -> None:
+        with self._send_lock:
+            try:
+                self._cmd_send.send(command)
+            except (BrokenPipeError, OSError):
+                pass  # the reader sees the process gone and fails its requests
+
+    def add_step_listener(self, listener: Callable[[StepStats], None]) -> None:
+        self._step_listeners.append(listener)
+
+    def is_alive(self) -> bool:
+        return self._process.is_alive() and self._reader.is_alive()
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid
+
+    def close(self, timeout_s: float = 30.0) -> None:
+        with self._send_lock:
+            try:
+                self._cmd_send.send(_STOP)
+            except (BrokenPipeError, OSError):
+                pass
+        self._process.join(timeout_s)
+        if self._process.is_alive():
+            log.warning("the engine process did not stop within %.0f s: killing it", timeout_s)
+            self._process.kill()
+            self._process.join(5.0)
+        if self._reader.is_alive() and self._reader is not threading.current_thread():
+            self._reader.join(timeout_s)
+
+    def _read(self) -> None:
+        decoder = WireDecoder()
+        reason: str | None = None
+        try:
+            while True:
+                try:
+                    msg = self._results.recv()
+                except (EOFError, OSError):
+                    self._process.join(5.0)
+                    reason = f"the engine process exited unexpectedly (exit code {self._process.exitcode})"
+                    break
+                if isinstance(msg, Published):
+                    msg.outputs = [decoder.decode(o) for o in msg.outputs]
+                    self._on_published(msg)
+                    for stats in msg.step_stats:
+                        for listener in self._step_listeners:
+                            try:
+                                listener(stats)
+                            except Exception:
+                                log.exception("step listener failed")
+                    continue
+                reason = msg[1]  # ("exit", why or None)
+                break
+        except BaseException as e:  # a bug on this side: end the requests rather than hang them
+            log.exception("engine reader died")
+            reason = f"{type(e).__name__}: {e}"
+        self._on_exit(reason)
+
+
+def engine_process_default(device: str) -> bool:
+    """Where ondo runs the engine when not told: its own process on a GPU (the host work of
+    a step there must not wait on the server's), a thread on the CPU (one less process
+    where the cores are few and the model does all the work)."""
+    if device.startswith("cuda"):
+        return True
+    if device == "cpu":
+        return False
+    return os.environ.get("CUDA_VISIBLE_DEVICES", None) != "" and _cuda_available()
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()

@@ -1,0 +1,204 @@
+"""The engine in its own process (`AsyncLLM.from_engine_args(..., engine_process=True)`),
+on the CPU with the embedded model: the same outputs as the engine on a thread, step
+statistics carried back, aborts freeing blocks, a dead engine process failing its
+requests with the reason, and `ondo serve --engine-process` answering streamed and
+plain requests alike."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+
+import httpx
+import pytest
+
+from ondo.engine.async_llm import AsyncLLM, EngineUnavailable
+from ondo.engine.config import EngineArgs
+from ondo.engine.engine_loop import Published
+from ondo.engine.engine_process import EngineStartError, WireDecoder, WireEncoder
+from ondo.engine.outputs import CompletionOutput, RequestOutput, coalesce
+from ondo.engine.sampling_params import SamplingParams
+from tests.server_harness import wait_for
+from tests.server_process import launch_server
+
+ARGS = dict(max_model_len=512, num_kv_blocks=256, device="cpu")
+PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time", "1, 2, 3, 4,"]
+
+
+async def _collect(llm: AsyncLLM, request_id: str, prompt: str, params: SamplingParams):
+    return [o async for o in llm.generate(request_id, prompt, params)]
+
+
+def _run_all(llm: AsyncLLM, params: SamplingParams):
+    async def main():
+        return await asyncio.gather(*[_collect(llm, f"r{i}", p, params) for i, p in enumerate(PROMPTS)])
+
+    return asyncio.run(main())
+
+
+def _on_a_thread(params: SamplingParams):
+    threaded = AsyncLLM.from_engine_args(EngineArgs(**ARGS), engine_process=False)
+    try:
+        return _run_all(threaded, params)
+    finally:
+        threaded.close()
+
+
+@pytest.fixture(scope="module")
+def in_process():
+    llm = AsyncLLM.from_engine_args(EngineArgs(**ARGS), engine_process=True)
+    yield llm
+    llm.close()
+
+
+def test_outputs_equal_the_engine_on_a_thread(in_process):
+    assert in_process.engine_process and in_process.engine is None
+    steps = []
+    in_process.add_step_listener(steps.append)
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, logprobs=2)
+    got = _run_all(in_process, params)
+    want = _on_a_thread(params)
+    for g, w in zip(got, want, strict=True):
+        gl, wl = g[-1], w[-1]
+        assert gl.finished and gl.outputs[0].finish_reason == "length"
+        assert gl.outputs[0].token_ids == wl.outputs[0].token_ids and len(gl.outputs[0].token_ids) == 12
+        assert gl.outputs[0].text == wl.outputs[0].text
+        assert gl.prompt_token_ids == wl.prompt_token_ids
+        # Every output, not only the last, carries the prompt and the text so far.
+        joined = ""
+        for out in g:
+            joined += out.outputs[0].new_text
+            assert out.prompt_token_ids == gl.prompt_token_ids
+            if not out.finished:
+                assert out.outputs[0].text == joined
+        assert joined == gl.outputs[0].text
+        streamed = [t for out in g for t in out.outputs[0].new_token_ids]
+        assert streamed == gl.outputs[0].token_ids
+        assert [len(lp) for out in g for lp in out.outputs[0].new_logprobs] == [len(lp) for lp in gl.outputs[0].logprobs]
+    # Step statistics crossed the process boundary: 4 prompts' tokens, then 12 steps' decodes.
+    assert sum(s.num_output_tokens for s in steps) == 4 * 12
+    assert sum(s.num_prefill_tokens for s in steps) == sum(len(g[-1].prompt_token_ids) for g in got)
+    stats = in_process.stats()
+    assert wait_for(lambda: in_process.stats()["num_free_blocks"] == stats["num_total_blocks"], 2.0)
+    assert in_process.stats()["num_generation_tokens_total"] >= 48
+
+
+def test_an_abandoned_stream_frees_its_blocks(in_process):
+    total = in_process.stats()["num_total_blocks"]
+
+    async def main():
+        gen = in_process.generate("leaver", "Tell me everything", SamplingParams(max_tokens=400, ignore_eos=True))
+        got = [await anext(gen) for _ in range(3)]  # noqa: F821
+        assert in_process.stats()["num_free_blocks"] < total
+        await gen.aclose()
+        return got
+
+    assert len(asyncio.run(main())) == 3
+    assert wait_for(lambda: in_process.stats()["num_free_blocks"] == total, 1.0)
+    assert in_process.num_in_flight == 0
+
+
+def test_bad_input_is_a_value_error_from_the_engine_process(in_process):
+    async def main():
+        async for _ in in_process.generate("too-long", [1] * 600, SamplingParams(max_tokens=1)):
+            pass
+
+    with pytest.raises(ValueError, match="512"):
+        asyncio.run(main())
+
+
+def test_an_engine_that_cannot_start_says_why():
+    with pytest.raises(EngineStartError, match="no-such-model"):
+        AsyncLLM.from_engine_args(EngineArgs(model="/no-such-model", device="cpu"), engine_process=True)
+
+
+def test_a_killed_engine_process_fails_its_requests_with_the_reason():
+    llm = AsyncLLM.from_engine_args(EngineArgs(**ARGS), engine_process=True)
+    try:
+        async def main():
+            outs = []
+            async for out in llm.generate("doomed", "Once", SamplingParams(max_tokens=400, ignore_eos=True)):
+                outs.append(out)
+                if len(outs) == 2:
+                    os.kill(llm._core.pid, signal.SIGKILL)
+            return outs[-1]
+
+        last = asyncio.run(main())
+        assert last.finished and last.outputs[0].finish_reason == "error"
+        assert "exited unexpectedly" in last.error
+        assert not llm.is_healthy
+
+        async def late():
+            async for _ in llm.generate("late", "x", SamplingParams(max_tokens=1)):
+                pass
+
+        with pytest.raises(EngineUnavailable, match="stopped"):
+            asyncio.run(late())
+    finally:
+        llm.close()
+
+
+def _output(request_id: str, texts: list[str], finished: bool, step: int) -> RequestOutput:
+    completions = [CompletionOutput(i, t, [step] if finished else [], finish_reason="length" if finished else None,
+                                    new_text=t[-1:], new_token_ids=[step]) for i, t in enumerate(texts)]
+    return RequestOutput(request_id, "prompt", [7, 8, 9], completions, finished)
+
+
+def test_the_wire_format_strips_and_restores_what_the_receiver_has():
+    encoder, decoder = WireEncoder(), WireDecoder()
+    sent = [_output("a", ["x", "y"], False, 1), _output("a", ["xx", "yz"], False, 2),
+            _output("a", ["xxq", "yzw"], True, 3)]
+    expected = [(o.prompt, list(o.prompt_token_ids), [c.text for c in o.outputs]) for o in sent]
+    wire = encoder.encode(Published(sent, [], 0, {})).outputs
+    assert wire[1].prompt_token_ids == [] and wire[1].prompt is None and wire[1].outputs[0].text == ""
+    assert wire[2].prompt_token_ids == [7, 8, 9]  # a finished output goes whole
+    back = [decoder.decode(o) for o in wire]
+    assert [(o.prompt, o.prompt_token_ids, [c.text for c in o.outputs]) for o in back] == expected
+
+
+def test_coalesce_joins_deltas_and_keeps_the_later_state():
+    a = RequestOutput("r", None, [1], [CompletionOutput(0, "ab", [], new_text="ab", new_token_ids=[5, 6],
+                                                        new_logprobs=[{5: -0.1}, {6: -0.2}])], False)
+    b = RequestOutput("r", None, [1], [CompletionOutput(0, "abc", [], new_text="c", new_token_ids=[7],
+                                                        new_logprobs=[{7: -0.3}])], False)
+    c = coalesce(a, b)
+    out = c.outputs[0]
+    assert (out.text, out.new_text, out.new_token_ids) == ("abc", "abc", [5, 6, 7])
+    assert out.new_logprobs == [{5: -0.1}, {6: -0.2}, {7: -0.3}]
+
+
+def test_ondo_serve_with_the_engine_in_its_own_process():
+    proc, base = launch_server("--device", "cpu", "--max-model-len", "512", "--num-kv-blocks", "256",
+                               "--engine-process", "--shutdown-timeout", "5")
+    try:
+        body = {"prompt": "The capital of France is", "max_tokens": 16, "temperature": 0, "ignore_eos": True}
+        plain = httpx.post(base + "/v1/completions", json=body, timeout=60).json()
+        text = ""
+        with httpx.stream("POST", base + "/v1/completions", json=body | {"stream": True}, timeout=60) as r:
+            lines = [line for line in r.iter_lines() if line.startswith("data: ")]
+        assert lines[-1] == "data: [DONE]"
+        for line in lines[:-1]:
+            text += json.loads(line[6:])["choices"][0]["text"]
+        assert text == plain["choices"][0]["text"] and plain["usage"]["completion_tokens"] == 16
+        metrics = httpx.get(base + "/metrics", timeout=10).text
+        assert "ondo:generation_tokens_total" in metrics
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_stop_strings_and_parallel_samples_match_the_thread(in_process):
+    params = SamplingParams(max_tokens=24, temperature=0.8, seed=3, n=2, stop=[" the"])
+    got = _run_all(in_process, params)
+    want = _on_a_thread(params)
+    for g, w in zip(got, want, strict=True):
+        assert [c.text for c in g[-1].outputs] == [c.text for c in w[-1].outputs]
+        assert [c.finish_reason for c in g[-1].outputs] == [c.finish_reason for c in w[-1].outputs]
+        for i in range(2):
+            streamed = "".join(c.new_text for out in g for c in out.outputs if c.index == i)
+            assert streamed == g[-1].outputs[i].text

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import pickle
 import signal
 
 import httpx
@@ -143,19 +144,24 @@ def test_a_killed_engine_process_fails_its_requests_with_the_reason():
 def _output(request_id: str, texts: list[str], finished: bool, step: int) -> RequestOutput:
     completions = [CompletionOutput(i, t, [step] if finished else [], finish_reason="length" if finished else None,
                                     new_text=t[-1:], new_token_ids=[step]) for i, t in enumerate(texts)]
-    return RequestOutput(request_id, "prompt", [7, 8, 9], completions, finished)
+    metrics = {"arrival_time_s": 1.0} | ({"first_token_s": 2.0} if step > 1 else {})
+    return RequestOutput(request_id, "prompt", [7, 8, 9], completions, finished, metrics=metrics)
 
 
 def test_the_wire_format_strips_and_restores_what_the_receiver_has():
     encoder, decoder = WireEncoder(), WireDecoder()
     sent = [_output("a", ["x", "y"], False, 1), _output("a", ["xx", "yz"], False, 2),
-            _output("a", ["xxq", "yzw"], True, 3)]
-    expected = [(o.prompt, list(o.prompt_token_ids), [c.text for c in o.outputs]) for o in sent]
-    wire = encoder.encode(Published(sent, [], 0, {})).outputs
-    assert wire[1].prompt_token_ids == [] and wire[1].prompt is None and wire[1].outputs[0].text == ""
-    assert wire[2].prompt_token_ids == [7, 8, 9]  # a finished output goes whole
+            _output("a", ["xxz", "yzw"], False, 3), _output("a", ["xxzq", "yzwv"], True, 4)]
+    expected = [(o.prompt, list(o.prompt_token_ids), [c.text for c in o.outputs], [c.new_token_ids for c in o.outputs],
+                 dict(o.metrics)) for o in sent]
+    wire = pickle.loads(pickle.dumps(encoder.encode(Published(list(sent), [], 0, {})).outputs))
+    assert isinstance(wire[0], RequestOutput) and isinstance(wire[3], RequestOutput)  # first and last whole
+    assert isinstance(wire[1], tuple) and "prompt" not in repr(wire[1]) and "xx" not in repr(wire[1])
+    assert wire[1][1] == {"arrival_time_s": 1.0, "first_token_s": 2.0} and wire[2][1] is None  # metrics once changed
     back = [decoder.decode(o) for o in wire]
-    assert [(o.prompt, o.prompt_token_ids, [c.text for c in o.outputs]) for o in back] == expected
+    assert [(o.prompt, o.prompt_token_ids, [c.text for c in o.outputs], [c.new_token_ids for c in o.outputs],
+             o.metrics) for o in back] == expected
+    assert [o.finished for o in back] == [False, False, False, True]
 
 
 def test_coalesce_joins_deltas_and_keeps_the_later_state():

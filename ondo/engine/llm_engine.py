@@ -111,9 +111,12 @@ class LLMEngine:
         self.args = args
         self.device = resolve_device(args.device)
         torch.manual_seed(args.seed)
+        torch.empty(1, device=self.device)  # the device's context, timed on its own
+        t_device = time.perf_counter()
         probe_dtype = _DTYPES.get(args.dtype, torch.float32 if self.device.type == "cpu" else torch.bfloat16)
         self.model, self.model_config = load_model(args.model, args.load_format, probe_dtype, self.device)
         self.dtype = next(self.model.parameters()).dtype
+        t_weights = time.perf_counter()
         self.tokenizer = tokenizer_for(args)
         t_loaded = time.perf_counter()
         cfg = self.model_config
@@ -164,8 +167,11 @@ class LLMEngine:
         self.num_prompt_tokens_total = 0
         self.num_generation_tokens_total = 0
         self.startup_s = time.perf_counter() - t0
+        # "load" = device context + weights + tokenizer, also given one by one.
         self.startup_phases_s = {"load": t_loaded - t0, "profile": self.runner.profile_s,
-                                 "cuda_graphs": self.runner.graph_capture_s}
+                                 "cuda_graphs": self.runner.graph_capture_s,
+                                 "load.device": t_device - t0, "load.weights": t_weights - t_device,
+                                 "load.tokenizer": t_loaded - t_weights}
         log.info("start-up phases: %s", {k: round(v, 1) for k, v in self.startup_phases_s.items()})
         log.info("engine ready in %.1f s on %s (%s), max_model_len %d", self.startup_s, self.device,
                  self.dtype, self.max_model_len)

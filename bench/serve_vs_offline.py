@@ -40,6 +40,9 @@ def offline(folder: str, requests, engine_flags: dict) -> float:
     torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
     tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+    timing = llm.engine.step_timing_s  # warm-up included; compare with the server's exit log
+    print("offline engine host time per step, ms:",
+          {k: round(v / timing["steps"] * 1e3, 3) for k, v in timing.items() if k != "steps"}, flush=True)
     del llm
     gc.collect()
     torch.cuda.empty_cache()

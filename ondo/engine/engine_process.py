@@ -149,6 +149,11 @@ def run_engine(args: EngineArgs, commands: Connection, results: Connection, log_
         return taken
 
     dead = EngineLoop(engine, take, lambda batch: results.send(encoder.encode(batch)), step_stats).run()
+    timing = engine.step_timing_s
+    if timing["steps"]:
+        log.info("engine host time per step, ms: %s over %d steps (%d scheduled ahead)",
+                 {k: round(v / timing["steps"] * 1e3, 3) for k, v in timing.items() if k != "steps"},
+                 timing["steps"], engine.num_steps_ahead)
     try:
         results.send(("exit", dead))
     except (BrokenPipeError, OSError):

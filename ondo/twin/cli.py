@@ -41,6 +41,14 @@ def register(subparsers) -> None:
         "serving traces (kind gpu/engine rows); every other constant comes from --base",
     )
     fit.add_argument(
+        "--refit-thermal",
+        action="store_true",
+        help="with --engine-load: first refit the thermal constants (capacitances, "
+        "resistances, sensor lags, HBM heat split, inlet) on the same traces and window, "
+        "driven by their measured power, then fit the map; for a GPU other than the base's. "
+        "--facts, if given, sets the thresholds and limits",
+    )
+    fit.add_argument(
         "--base", help="params JSON for --engine-load (default: the packaged H100 fit)"
     )
     fit.add_argument("-o", "--output", required=True, help="params JSON to write")
@@ -64,6 +72,9 @@ def run_fit(args: argparse.Namespace) -> int:
     from ondo.twin.fit import fit_params
     from ondo.twin.traces import read_trace
 
+    if args.refit_thermal and not args.engine_load:
+        print("--refit-thermal goes with --engine-load (serving traces)", file=sys.stderr)
+        return 2
     traces = [read_trace(p) for p in args.trace]
     for i, until in enumerate(args.until_s or []):
         if until is not None and np.isfinite(until):
@@ -84,10 +95,21 @@ def run_fit(args: argparse.Namespace) -> int:
 
 
 def _fit_engine_load(args: argparse.Namespace, traces: list[Trace]) -> int:
-    from ondo.twin.engine_load import ENGINE_LOAD_NAMES, fit_engine_load
+    from ondo.twin.engine_load import ENGINE_LOAD_NAMES, fit_engine_load, refit_thermal
+    from ondo.twin.fit import SPLIT_NAMES, THERMAL_NAMES
     from ondo.twin.params import TwinParams, h100_params
 
     base = TwinParams.load(args.base) if args.base else h100_params()
+    if args.refit_thermal:
+        facts = json.loads(Path(args.facts).read_text()) if args.facts else None
+        base, thermal_residuals = refit_thermal(base, traces, facts)
+        print(
+            "thermal refit: "
+            + ", ".join(f"{n} {getattr(base, n):.4g}" for n in THERMAL_NAMES + SPLIT_NAMES)
+            + f", ambient_c {base.ambient_c:.4g}"
+        )
+        for name, value in thermal_residuals.items():
+            print(f"  {name:60s} {value:8.3f}")
     params, residuals = fit_engine_load(base, traces)
     params.save(args.output)
     print(

@@ -11,6 +11,11 @@ Decode kernels keep the SMs busy, and drawing power, at a few percent of peak FL
 compute gain is large near zero; a prefill step's higher FLOP rate does not draw
 proportionally more, hence the saturation.
 
+`refit_thermal` refits, on serving traces, what fit.py's thermal stage identifies on the shared
+traces (capacitances, resistances, sensor lags, the HBM heat split, the inlet), driven the same
+way by the measured fast power. The packaged constants are one H100's; a twin beside another
+GPU needs its own. The power model and the power-limit controller stay the base's.
+
 `fit_engine_load` fits (g_c, s, g_m) on serving traces and keeps every other constant:
 - power: the plant's power at the measured clock and die temperature against the fast power
   channel, on rows with an engine step in progress;
@@ -28,9 +33,15 @@ import numpy as np
 from numpy.typing import ArrayLike
 from scipy.optimize import least_squares
 
-from ondo.twin.fit import simulate_thermal
+from ondo.twin.fit import (
+    SPLIT_NAMES,
+    THERMAL_NAMES,
+    apply_facts,
+    fit_thermal,
+    simulate_thermal,
+)
 from ondo.twin.params import TwinParams
-from ondo.twin.plant import power_split_w
+from ondo.twin.plant import largest_stable_step_s, power_split_w
 from ondo.twin.traces import Trace
 
 ENGINE_LOAD_NAMES = ("engine_compute_gain", "engine_compute_inv_max", "engine_memory_gain")
@@ -66,6 +77,58 @@ def _busy_power_w(p: TwinParams, tr: Trace) -> tuple[np.ndarray, np.ndarray]:
     a_c, a_m = plant_activity(p, e_c[busy], e_m[busy])
     total_w, _ = power_split_w(p, a_c, a_m, tr.sm_mhz[busy], tr.temp_c[busy])
     return total_w, tr.power_fast_w[busy]
+
+
+def refit_thermal(
+    base: TwinParams, traces: list[Trace], facts: dict | None = None
+) -> tuple[TwinParams, dict[str, float]]:
+    """`base` with fit.py's thermal stage refitted on `traces` (serving traces, engine units);
+    residuals by name. `facts`: NVML facts of the GPU (thresholds, limits), if known.
+
+    The HBM's part of the measured power needs the memory activity in the plant's units: it is
+    mapped through the base's engine load map (the packaged identity map if none was fitted)."""
+    from ondo.twin.replay import FORWARD_DT_S
+
+    for tr in traces:
+        if tr.load_units != "engine":
+            raise ValueError(f"{tr.name}: the thermal refit takes serving traces")
+    if facts:
+        base = apply_facts(base, facts)
+    p, per_trace, residuals = fit_thermal(base, [in_plant_units(base, tr) for tr in traces])
+    inlet_c = {name: v[0] for name, v in per_trace.items()}
+    p = p.replace(ambient_c=float(np.mean(list(inlet_c.values()))))
+    # The plant steps the heatsink and board nodes explicitly (ondo/twin/plant.py).
+    max_step_s = largest_stable_step_s(p)
+    if max_step_s < FORWARD_DT_S:
+        raise ValueError(
+            f"the refitted thermal network needs plant steps under {max_step_s * 1e3:.1f} ms; "
+            f"forecasts step {FORWARD_DT_S * 1e3:g} ms"
+        )
+    notes = dict(base.notes)
+    notes["thermal_refit"] = {
+        "fitted_on": [tr.name for tr in traces],
+        "fitted": list(THERMAL_NAMES + SPLIT_NAMES) + ["ambient_c"],
+        "input": "the measured fast power (power_instant_w); the HBM's part "
+        "hbm_idle_power_w + hbm_share_of_memory * memory_power_w * a_m, a_m the engine's "
+        "memory activity through the base's engine load map",
+        "residuals": residuals,
+        "trace_ambient_c": inlet_c,
+        "largest_stable_plant_step_s": max_step_s,
+        "replaces": "the thermal constants of the base fit: notes.fitted_on and notes.residuals "
+        "now stand for its power and power-limit controller stages only",
+    }
+    source = (
+        f"NVML facts of this GPU ({facts.get('name', 'facts given')})"
+        if facts
+        else "the base's NVML facts (h100_facts.json for the packaged params), as no facts "
+        "were given"
+    )
+    notes["thresholds"] = (
+        "sw_thermal_c, hw_slowdown_c, mem_max_c and power_limit_w are not fitted (a serving "
+        f"trace does not reach them): they are {source}. hw_slowdown_frac, hw_hysteresis_c and "
+        "the sw_thermal gains are assumed."
+    )
+    return p.replace(notes=notes), residuals
 
 
 def fit_engine_load(base: TwinParams, traces: list[Trace]) -> tuple[TwinParams, dict[str, float]]:
@@ -119,7 +182,12 @@ def fit_engine_load(base: TwinParams, traces: list[Trace]) -> tuple[TwinParams, 
         "(g_c = engine_compute_gain, s = engine_compute_inv_max, g_m = engine_memory_gain)",
         "residuals": residuals,
         "trace_ambient_c": inlet_c,
-        "kept": "every other constant is the base fit's (notes.fitted_on)",
+        "kept": "every other constant is the base's: "
+        + (
+            "thermal from notes.thermal_refit, the rest from notes.fitted_on"
+            if "thermal_refit" in base.notes
+            else "notes.fitted_on"
+        ),
     }
     return p.replace(notes=notes), residuals
 

@@ -160,10 +160,13 @@ def fit_thermal(base: TwinParams, traces: list[Trace]) -> tuple[TwinParams, dict
     x0 = [np.log(getattr(base, k)) for k in THERMAL_NAMES] + [getattr(base, k) for k in SPLIT_NAMES]
     for tr in traces:
         x0 += [base.ambient_c, float(tr.temp_c[0]) - 5.0]
-    # Lower bounds keep the fast nodes and sensors above what the 100 ms data can resolve.
+    # Lower bounds keep the nodes and sensors above what the 100 ms data can resolve; without
+    # one, a capacitance can collapse towards zero (a node no longer there, and a network too
+    # stiff for the plant's explicit 10 ms steps).
     floor = {
         "die_c_j_per_c": 1.0,
         "hbm_c_j_per_c": 1.0,
+        "sink_c_j_per_c": 1.0,
         "temp_sensor_tau_s": 0.02,
         "mem_temp_sensor_tau_s": 0.02,
     }
@@ -283,6 +286,18 @@ def fit_controller(base: TwinParams, traces: list[Trace]) -> tuple[TwinParams, d
 # ---------------------------------------------------------------- all stages
 
 
+def apply_facts(p: TwinParams, facts: dict) -> TwinParams:
+    """Thresholds and limits read from NVML (a facts JSON such as h100_facts.json)."""
+    return p.replace(
+        sw_thermal_c=float(facts.get("thr_gpu_max", p.sw_thermal_c)),
+        hw_slowdown_c=float(facts.get("thr_slowdown", p.hw_slowdown_c)),
+        mem_max_c=float(facts.get("thr_mem_max", p.mem_max_c)),
+        power_limit_w=float(facts.get("enforced_limit_mw", p.power_limit_w * 1e3)) / 1e3,
+        sm_max_mhz=float(facts.get("max_sm_clock", p.sm_max_mhz)),
+        mem_mhz=float(facts.get("max_mem_clock", p.mem_mhz)),
+    )
+
+
 def fit_params(
     traces: list[Trace], base: TwinParams | None = None, facts: dict | None = None
 ) -> tuple[TwinParams, FitReport]:
@@ -294,14 +309,7 @@ def fit_params(
             )
     p = base or TwinParams()
     if facts:
-        p = p.replace(
-            sw_thermal_c=float(facts.get("thr_gpu_max", p.sw_thermal_c)),
-            hw_slowdown_c=float(facts.get("thr_slowdown", p.hw_slowdown_c)),
-            mem_max_c=float(facts.get("thr_mem_max", p.mem_max_c)),
-            power_limit_w=float(facts.get("enforced_limit_mw", p.power_limit_w * 1e3)) / 1e3,
-            sm_max_mhz=float(facts.get("max_sm_clock", p.sm_max_mhz)),
-            mem_mhz=float(facts.get("max_mem_clock", p.mem_mhz)),
-        )
+        p = apply_facts(p, facts)
     report = FitReport()
     p, power_rms = fit_power(p, traces)
     report.residuals["fast power RMS [W]"] = power_rms

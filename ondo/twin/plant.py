@@ -282,6 +282,55 @@ def reported_sm_mhz(s: PlantState, p: TwinParams) -> np.ndarray:
     return np.round(s.sm_mhz / p.sm_step_mhz) * p.sm_step_mhz
 
 
+def plant_step_matrix(p: TwinParams, dt_s: float) -> np.ndarray:
+    """The linear part of one step of `ondo.twin.plant.advance` on [die, hbm, sink, board]:
+    the die and HBM nodes implicit against the sink, the sink and board explicit, leakage
+    on the die's previous temperature (its only feedback)."""
+    g_d = dt_s / (p.die_c_j_per_c * p.die_sink_c_per_w)
+    g_h = dt_s / (p.hbm_c_j_per_c * p.hbm_sink_c_per_w)
+    die = np.array([1 + dt_s * p.leak_w_per_c / p.die_c_j_per_c, 0.0, g_d, 0.0]) / (1 + g_d)
+    hbm = np.array([0.0, 1.0, g_h, 0.0]) / (1 + g_h)
+    sink = np.array([0.0, 0.0, 1.0, 0.0])
+    board = np.array([0.0, 0.0, 0.0, 1.0])
+    q_die = (die - sink) / p.die_sink_c_per_w
+    q_hbm = (hbm - sink) / p.hbm_sink_c_per_w
+    q_board = (sink - board) / p.sink_board_c_per_w
+    q_amb = board / p.board_amb_c_per_w
+    return np.stack(
+        [
+            die,
+            hbm,
+            sink + dt_s * (q_die + q_hbm - q_board) / p.sink_c_j_per_c,
+            board + dt_s * (q_board - q_amb) / p.board_c_j_per_c,
+        ]
+    )
+
+
+def largest_stable_step_s(p: TwinParams, hi_s: float = 1.0) -> float:
+    """The longest step (to 1 %) with which the plant's thermal network still decays."""
+
+    def stable(dt_s: float) -> bool:
+        return float(np.max(np.abs(np.linalg.eigvals(plant_step_matrix(p, dt_s))))) < 1.0
+
+    if stable(hi_s):
+        return hi_s
+    lo_s = 0.0
+    while hi_s - lo_s > 0.01 * hi_s:
+        mid = 0.5 * (lo_s + hi_s)
+        lo_s, hi_s = (mid, hi_s) if stable(mid) else (lo_s, mid)
+    return lo_s
+
+
+# ---------------------------------------------------------------- 3. power-limit controller
+
+CONTROL_NAMES = (
+    "cap_filter_tau_s",
+    "cap_gain_mhz_per_w_s",
+    "cap_slew_down_mhz_per_s",
+    "cap_slew_up_mhz_per_s",
+)
+
+
 class GpuPlant:
     """One simulated GPU; `step` advances it and returns what NVML would read."""
 
@@ -293,10 +342,14 @@ class GpuPlant:
         self.state = state if state is not None else steady_state(params, Load(), amb)
         self.time_s = 0.0
         self._util_pct = 0.0
+        # A step longer than the thermal network allows is taken in stable parts.
+        self.max_step_s = 0.9 * largest_stable_step_s(params)
 
     def step(self, dt_s: float, load: Load, ambient_c: float | None = None) -> PlantReading:
         amb = self.params.ambient_c if ambient_c is None else ambient_c
-        advance(self.state, self.params, dt_s, load.compute_activity, load.memory_activity, amb)
+        parts = max(1, int(np.ceil(dt_s / self.max_step_s)))
+        for _ in range(parts):
+            advance(self.state, self.params, dt_s / parts, load.compute_activity, load.memory_activity, amb)
         self.time_s += dt_s
         self._util_pct = 100.0 * max(load.compute_activity, load.memory_activity)
         return self.reading()

@@ -185,7 +185,6 @@ class AsyncLLM:
         self.tokenizer = engine.tokenizer
         self.max_model_len = engine.max_model_len
         self.vocab_size = engine.model_config.vocab_size
-        self.startup_s = engine.startup_s
         self._core: _EngineThread | EngineProcess = _EngineThread(
             engine, self._on_published, self._on_exit)
 
@@ -216,7 +215,6 @@ class AsyncLLM:
         self._setup(info.stats, max_waiting_requests)
         self.max_model_len = info.max_model_len
         self.vocab_size = info.vocab_size
-        self.startup_s = info.startup_s
         self._core = core
         core.start_reading()
         log.info("engine process ready in %.1f s (phases %s)", info.startup_s,

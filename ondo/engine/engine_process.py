@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
-import os
 import signal
 import threading
 from collections.abc import Callable
@@ -33,6 +32,7 @@ log = logging.getLogger(__name__)
 
 STARTUP_TIMEOUT_S = 900.0  # loading, profiling and compiling a large model on a cold cache
 _STOP = "stop"
+_SEND_STEP_STATS = "send step stats"  # from the first step listener on: each step costs its FLOPs estimate
 
 
 @dataclass
@@ -132,10 +132,11 @@ def run_engine(args: EngineArgs, commands: Connection, results: Connection, log_
     results.send(("ready", EngineInfo(engine.max_model_len, engine.model_config.vocab_size,
                                       engine.stats(), engine.startup_s, engine.startup_phases_s)))
     step_stats: list[StepStats] = []
-    engine.add_step_listener(step_stats.append)
+    listening = False
     encoder = WireEncoder()
 
     def take(block: bool) -> list[Command] | None:
+        nonlocal listening
         taken: list[Any] = []
         try:
             if block:
@@ -146,6 +147,11 @@ def run_engine(args: EngineArgs, commands: Connection, results: Connection, log_
             return None
         if _STOP in taken:
             return None
+        if _SEND_STEP_STATS in taken:
+            taken = [c for c in taken if c != _SEND_STEP_STATS]
+            if not listening:
+                engine.add_step_listener(step_stats.append)
+                listening = True
         return taken
 
     dead = EngineLoop(engine, take, lambda batch: results.send(encoder.encode(batch)), step_stats).run()
@@ -217,6 +223,8 @@ class EngineProcess:
                 pass  # the reader sees the process gone and fails its requests
 
     def add_step_listener(self, listener: Callable[[StepStats], None]) -> None:
+        if not self._step_listeners:
+            self.send(_SEND_STEP_STATS)  # type: ignore[arg-type]
         self._step_listeners.append(listener)
 
     def is_alive(self) -> bool:
@@ -277,10 +285,6 @@ def engine_process_default(device: str) -> bool:
         return True
     if device == "cpu":
         return False
-    return os.environ.get("CUDA_VISIBLE_DEVICES", None) != "" and _cuda_available()
-
-
-def _cuda_available() -> bool:
     import torch
 
     return torch.cuda.is_available()

@@ -283,7 +283,7 @@ def reported_sm_mhz(s: PlantState, p: TwinParams) -> np.ndarray:
 
 
 def plant_step_matrix(p: TwinParams, dt_s: float) -> np.ndarray:
-    """The linear part of one step of `ondo.twin.plant.advance` on [die, hbm, sink, board]:
+    """The linear part of one step of `advance` on [die, hbm, sink, board]:
     the die and HBM nodes implicit against the sink, the sink and board explicit, leakage
     on the die's previous temperature (its only feedback)."""
     g_d = dt_s / (p.die_c_j_per_c * p.die_sink_c_per_w)
@@ -319,16 +319,6 @@ def largest_stable_step_s(p: TwinParams, hi_s: float = 1.0) -> float:
         mid = 0.5 * (lo_s + hi_s)
         lo_s, hi_s = (mid, hi_s) if stable(mid) else (lo_s, mid)
     return lo_s
-
-
-# ---------------------------------------------------------------- 3. power-limit controller
-
-CONTROL_NAMES = (
-    "cap_filter_tau_s",
-    "cap_gain_mhz_per_w_s",
-    "cap_slew_down_mhz_per_s",
-    "cap_slew_up_mhz_per_s",
-)
 
 
 class GpuPlant:

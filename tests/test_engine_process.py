@@ -18,7 +18,7 @@ import pytest
 from ondo.engine.async_llm import AsyncLLM, EngineUnavailable
 from ondo.engine.config import EngineArgs
 from ondo.engine.engine_loop import Published
-from ondo.engine.engine_process import EngineStartError, WireDecoder, WireEncoder
+from ondo.engine.engine_process import EngineStartError, Publisher, WireDecoder, WireEncoder
 from ondo.engine.outputs import CompletionOutput, RequestOutput, coalesce
 from ondo.engine.sampling_params import SamplingParams
 from tests.server_harness import wait_for
@@ -162,6 +162,38 @@ def test_the_wire_format_strips_and_restores_what_the_receiver_has():
     assert [(o.prompt, o.prompt_token_ids, [c.text for c in o.outputs], [c.new_token_ids for c in o.outputs],
              o.metrics) for o in back] == expected
     assert [o.finished for o in back] == [False, False, False, True]
+
+
+def test_the_publisher_never_blocks_the_engine_and_merges_what_the_reader_has_not_taken():
+    import multiprocessing as mp
+    import threading
+    import time
+
+    reader, writer = mp.get_context("spawn").Pipe(duplex=False)
+    publisher = Publisher(writer)
+    chunk = "z" * 20_000  # 50 steps of this overflow a pipe's 64 KiB many times over
+
+    def output(step: int) -> RequestOutput:
+        return RequestOutput("r", "prompt", [7], [CompletionOutput(
+            0, chunk * step, [], new_text=chunk, new_token_ids=[step])], False, metrics={})
+
+    start = time.monotonic()
+    for step in range(1, 51):
+        publisher.publish(Published([output(step)], [], 1, {"step": float(step)}))
+    publish_s = time.monotonic() - start
+    received: list[Published] = []
+    drain = threading.Thread(target=lambda: [received.append(reader.recv()) for _ in iter(
+        lambda: reader.poll(2.0), False)])
+    drain.start()
+    publisher.close()
+    drain.join()
+    assert publish_s < 1.0  # nothing read yet, and the engine side was never held up
+    decoder = WireDecoder()
+    outputs = [decoder.decode(o) for b in received for o in b.outputs]
+    assert [o.outputs[0].new_token_ids for o in outputs] == [[s] for s in range(1, 51)]
+    assert [o.outputs[0].text for o in outputs] == [chunk * s for s in range(1, 51)]
+    assert sum(b.num_added for b in received) == 50 and received[-1].stats == {"step": 50.0}
+    assert publisher.num_batches == 50 and 1 <= len(received) == publisher.num_messages < 50
 
 
 def test_coalesce_joins_deltas_and_keeps_the_later_state():

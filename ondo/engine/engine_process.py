@@ -18,6 +18,7 @@ import logging
 import multiprocessing as mp
 import signal
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
@@ -114,6 +115,64 @@ class WireDecoder:
         return RequestOutput(request_id, prompt, ids, outputs, False, metrics=metrics)
 
 
+def merge(batches: list[Published]) -> Published:
+    """Consecutive batches as one, in order: what a reader that fell behind gets."""
+    if len(batches) == 1:
+        return batches[0]
+    return Published([o for b in batches for o in b.outputs], [r for b in batches for r in b.rejected],
+                     sum(b.num_added for b in batches), batches[-1].stats,
+                     [s for b in batches for s in b.step_stats])
+
+
+class Publisher:
+    """Engine side of the results pipe: the engine loop hands each batch over and goes on
+    stepping; a thread of its own sends them. While the server is slow to read (its event
+    loop busy with hundreds of streams), the batches waiting are merged into one message,
+    so the engine never blocks on the pipe and the reader pays per message, not per step."""
+
+    def __init__(self, results: Connection) -> None:
+        self._results = results
+        self._encoder = WireEncoder()
+        self._cond = threading.Condition()
+        self._pending: list[Published] = []
+        self._closed = False
+        self.broken = False  # the server side is gone
+        self.num_batches = 0
+        self.num_messages = 0
+        self._thread = threading.Thread(target=self._run, name="ondo-engine-publisher", daemon=True)
+        self._thread.start()
+
+    def publish(self, batch: Published) -> None:
+        batch = self._encoder.encode(batch)  # here, in order, on the engine's thread
+        with self._cond:
+            self._pending.append(batch)
+            self.num_batches += 1
+            self._cond.notify()
+
+    def close(self, timeout_s: float = 30.0) -> None:
+        """Send what is pending, then stop the thread."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        self._thread.join(timeout_s)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._pending and not self._closed:
+                    self._cond.wait()
+                if not self._pending:
+                    return
+                batches, self._pending = self._pending, []
+            if self.broken:
+                continue
+            try:
+                self._results.send(merge(batches))
+                self.num_messages += 1
+            except (BrokenPipeError, OSError):
+                self.broken = True
+
+
 def run_engine(args: EngineArgs, commands: Connection, results: Connection, log_level: int) -> None:
     """The engine process's main: build the engine, say ready, loop until told to stop."""
     # The server process handles SIGINT/SIGTERM (drain, then stop this process); a signal
@@ -133,7 +192,7 @@ def run_engine(args: EngineArgs, commands: Connection, results: Connection, log_
                                       engine.stats(), engine.startup_s, engine.startup_phases_s)))
     step_stats: list[StepStats] = []
     listening = False
-    encoder = WireEncoder()
+    publisher = Publisher(results)
 
     def take(block: bool) -> list[Command] | None:
         nonlocal listening
@@ -154,12 +213,23 @@ def run_engine(args: EngineArgs, commands: Connection, results: Connection, log_
                 listening = True
         return taken
 
-    dead = EngineLoop(engine, take, lambda batch: results.send(encoder.encode(batch)), step_stats).run()
+    publish_s = 0.0
+
+    def publish(batch: Published) -> None:
+        nonlocal publish_s
+        t0 = time.perf_counter()
+        publisher.publish(batch)
+        publish_s += time.perf_counter() - t0
+
+    dead = EngineLoop(engine, take, publish, step_stats).run()
+    publisher.close()
     timing = engine.step_timing_s
     if timing["steps"]:
-        log.info("engine host time per step, ms: %s over %d steps (%d scheduled ahead)",
+        log.info("engine host time per step, ms: %s over %d steps (%d scheduled ahead); "
+                 "publishing %.3f ms per batch, %d batches in %d messages",
                  {k: round(v / timing["steps"] * 1e3, 3) for k, v in timing.items() if k != "steps"},
-                 timing["steps"], engine.num_steps_ahead)
+                 timing["steps"], engine.num_steps_ahead, publish_s / max(publisher.num_batches, 1) * 1e3,
+                 publisher.num_batches, publisher.num_messages)
     try:
         results.send(("exit", dead))
     except (BrokenPipeError, OSError):

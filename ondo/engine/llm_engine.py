@@ -24,6 +24,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -109,34 +110,39 @@ class LLMEngine:
     def __init__(self, args: EngineArgs) -> None:
         t0 = time.perf_counter()
         self.args = args
-        self.device = resolve_device(args.device)
-        torch.manual_seed(args.seed)
-        torch.empty(1, device=self.device)  # the device's context, timed on its own
-        t_device = time.perf_counter()
-        probe_dtype = _DTYPES.get(args.dtype, torch.float32 if self.device.type == "cpu" else torch.bfloat16)
-        self.model, self.model_config = load_model(args.model, args.load_format, probe_dtype, self.device)
-        self.dtype = next(self.model.parameters()).dtype
-        t_weights = time.perf_counter()
-        self.tokenizer = tokenizer_for(args)
-        t_loaded = time.perf_counter()
-        cfg = self.model_config
-        self.max_model_len = args.max_model_len or cfg.max_position_embeddings
-        if args.max_model_len and args.max_model_len > cfg.max_position_embeddings:
-            log.warning("max_model_len=%d exceeds the model's %d positions", args.max_model_len,
-                        cfg.max_position_embeddings)
-        default_budget = 8192 if self.device.type == "cuda" else 1024
-        self.max_num_batched_tokens = args.max_num_batched_tokens or default_budget
-        if not args.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
-            raise ValueError(
-                f"max_num_batched_tokens={self.max_num_batched_tokens} is below max_model_len="
-                f"{self.max_model_len}: enable chunked prefill or raise max_num_batched_tokens"
-            )
+        # The tokenizer (mostly importing transformers' tokenizer modules: seconds) loads on
+        # a thread while the model is built, profiled and its graphs captured.
+        with ThreadPoolExecutor(1, thread_name_prefix="ondo-tokenizer") as pool:
+            tokenizer_future = pool.submit(tokenizer_for, args)
+            self.device = resolve_device(args.device)
+            torch.manual_seed(args.seed)
+            torch.empty(1, device=self.device)  # the device's context, timed on its own
+            t_device = time.perf_counter()
+            probe_dtype = _DTYPES.get(args.dtype, torch.float32 if self.device.type == "cpu" else torch.bfloat16)
+            self.model, self.model_config = load_model(args.model, args.load_format, probe_dtype, self.device)
+            self.dtype = next(self.model.parameters()).dtype
+            t_weights = time.perf_counter()
+            cfg = self.model_config
+            self.max_model_len = args.max_model_len or cfg.max_position_embeddings
+            if args.max_model_len and args.max_model_len > cfg.max_position_embeddings:
+                log.warning("max_model_len=%d exceeds the model's %d positions", args.max_model_len,
+                            cfg.max_position_embeddings)
+            default_budget = 8192 if self.device.type == "cuda" else 1024
+            self.max_num_batched_tokens = args.max_num_batched_tokens or default_budget
+            if not args.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
+                raise ValueError(
+                    f"max_num_batched_tokens={self.max_num_batched_tokens} is below max_model_len="
+                    f"{self.max_model_len}: enable chunked prefill or raise max_num_batched_tokens"
+                )
+            self.runner = ModelRunner(args, self.model, cfg, self.device, self.dtype,
+                                      self.max_model_len, self.max_num_batched_tokens)
+            plan = self.runner.profile_and_allocate()
+            t_profiled = time.perf_counter()
+            self.tokenizer = tokenizer_future.result()
+            t_tokenizer = time.perf_counter()
         self.eos_token_ids = list(cfg.eos_token_ids or [])
         if self.tokenizer is not None:
             self.eos_token_ids = sorted(set(self.eos_token_ids) | set(self.tokenizer.eos_token_ids))
-        self.runner = ModelRunner(args, self.model, cfg, self.device, self.dtype,
-                                  self.max_model_len, self.max_num_batched_tokens)
-        plan = self.runner.profile_and_allocate()
         self.block_manager = BlockManager(
             plan.num_gpu_blocks, plan.num_cpu_blocks, args.block_size,
             enable_prefix_caching=args.enable_prefix_caching,
@@ -167,11 +173,13 @@ class LLMEngine:
         self.num_prompt_tokens_total = 0
         self.num_generation_tokens_total = 0
         self.startup_s = time.perf_counter() - t0
-        # "load" = device context + weights + tokenizer, also given one by one.
-        self.startup_phases_s = {"load": t_loaded - t0, "profile": self.runner.profile_s,
+        # "load" = device context + weights + what was left to wait for the tokenizer
+        # (it loads meanwhile), also given one by one.
+        self.startup_phases_s = {"load": t_weights - t0 + t_tokenizer - t_profiled,
+                                 "profile": self.runner.profile_s,
                                  "cuda_graphs": self.runner.graph_capture_s,
                                  "load.device": t_device - t0, "load.weights": t_weights - t_device,
-                                 "load.tokenizer": t_loaded - t_weights}
+                                 "load.tokenizer": t_tokenizer - t_profiled}
         log.info("start-up phases: %s", {k: round(v, 1) for k, v in self.startup_phases_s.items()})
         log.info("engine ready in %.1f s on %s (%s), max_model_len %d", self.startup_s, self.device,
                  self.dtype, self.max_model_len)

@@ -1,8 +1,9 @@
 """The serving throughput-latency curve against the offline figure for the same requests.
 
 Builds one request set (random token-id prompts, seeded), runs it offline through
-`LLM.generate`, then starts `ondo serve` on the same model and sends the same requests
-with `ondo bench serve` at increasing Poisson rates up to a burst. Prints a table and a
+`LLM.generate`, then starts `ondo serve` on the same model and sends requests of the same
+kind with `ondo bench serve` at increasing Poisson rates up to a burst; the last rate
+gets the very requests that ran offline. Prints a table and a
 JSON line; writes the JSON to --out.
 
     python3 bench/serve_vs_offline.py --model-shape qwen3-0.6b --rates 4 8 16 inf --out curve.json
@@ -79,8 +80,10 @@ def main() -> int:
     vocab = SHAPES[args.model_shape]["vocab_size"]
     folder = shape_folder(args.model_shape)
     engine_flags = {"max_model_len": args.max_model_len, "max_num_seqs": 256}
+    # Each rate gets prompts of its own (seed = its index), so that no run finds the previous
+    # runs' prompts in the server's prefix cache; offline runs the last rate's (the burst's).
     requests = make_requests(None, "random", args.num_prompts, args.input_len, args.output_len,
-                             args.range_ratio, 0, vocab)
+                             args.range_ratio, len(args.rates) - 1, vocab)
     offline_tps = offline(folder, requests, engine_flags)
     print(f"offline: {offline_tps:.0f} output tokens/s", flush=True)
 
@@ -92,11 +95,11 @@ def main() -> int:
     rows = []
     try:
         wait_healthy(url, proc)
-        for rate in args.rates:
+        for seed, rate in enumerate(args.rates):
             summary = bench_serve(BenchServeArgs(
                 base_url=url, num_prompts=args.num_prompts, request_rate=float(rate),
                 input_len=args.input_len, output_len=args.output_len, range_ratio=args.range_ratio,
-                seed=0, token_id_vocab=vocab))
+                seed=seed, token_id_vocab=vocab))
             summary["request_rate"] = rate
             summary["fraction_of_offline"] = summary.get("output_throughput", 0.0) / offline_tps
             rows.append(summary)

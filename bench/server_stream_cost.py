@@ -43,14 +43,16 @@ def client_round(url: str, args: argparse.Namespace, seed: int) -> dict:
         subprocess.run([sys.executable, "-m", "ondo", "bench", "serve", "--base-url", url,
                         "--num-prompts", str(args.num_prompts), "--input-len", str(args.input_len),
                         "--output-len", str(args.output_len), "--range-ratio", "0", "--seed", str(seed),
-                        "--result-file", f.name], check=True, stdout=subprocess.DEVNULL)
+                        "--result-file", f.name]
+                       + (["--token-id-vocab", str(args.token_id_vocab)] if args.token_id_vocab else []),
+                       check=True, stdout=subprocess.DEVNULL)
         return json.load(open(f.name))
 
 
 def measure(config: str, args: argparse.Namespace) -> dict:
     loop, http = config.split("/")
     llm = AsyncLLM.from_engine_args(EngineArgs(device="cpu", max_model_len=1024, num_kv_blocks=1024),
-                                    engine_process=True)
+                                    max_waiting_requests=4 * args.num_prompts, engine_process=True)
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(build_app(llm, "default", registry=CollectorRegistry()),
                                            host="127.0.0.1", port=port, loop=loop, http=http,
@@ -93,8 +95,10 @@ def measure(config: str, args: argparse.Namespace) -> dict:
         llm.close()
     if profile is not None:
         pstats.Stats(profile, stream=sys.stderr).sort_stats("tottime").print_stats(args.profile)
-    return {"config": config, "rounds": args.rounds, "streamed_tokens": tokens, "server_cpu_s": cpu_s,
-            "server_cpu_us_per_token": cpu_s / tokens * 1e6, "wall_s": wall_s}
+    requests = args.rounds * args.num_prompts
+    return {"config": config, "rounds": args.rounds, "requests": requests, "streamed_tokens": tokens,
+            "server_cpu_s": cpu_s, "server_cpu_us_per_token": cpu_s / tokens * 1e6,
+            "server_cpu_ms_per_request": cpu_s / requests * 1e3, "wall_s": wall_s}
 
 
 def main() -> int:
@@ -105,6 +109,8 @@ def main() -> int:
     ap.add_argument("--input-len", type=int, default=32)
     ap.add_argument("--output-len", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--token-id-vocab", type=int, default=0,
+                    help="send random token-id prompts below this id (0: text prompts)")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="print the server thread's N costliest functions (cProfile) to stderr")
     args = ap.parse_args()

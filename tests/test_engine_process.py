@@ -17,8 +17,15 @@ import pytest
 
 from ondo.engine.async_llm import AsyncLLM, EngineUnavailable
 from ondo.engine.config import EngineArgs
-from ondo.engine.engine_loop import Published
-from ondo.engine.engine_process import EngineStartError, Publisher, WireDecoder, WireEncoder
+from ondo.engine.engine_loop import AbortRequest, AddRequest, Published
+from ondo.engine.engine_process import (
+    EngineProcess,
+    EngineStartError,
+    PipeWriter,
+    Publisher,
+    WireDecoder,
+    WireEncoder,
+)
 from ondo.engine.outputs import CompletionOutput, RequestOutput, coalesce
 from ondo.engine.sampling_params import SamplingParams
 from tests.server_harness import wait_for
@@ -193,7 +200,59 @@ def test_the_publisher_never_blocks_the_engine_and_merges_what_the_reader_has_no
     assert [o.outputs[0].new_token_ids for o in outputs] == [[s] for s in range(1, 51)]
     assert [o.outputs[0].text for o in outputs] == [chunk * s for s in range(1, 51)]
     assert sum(b.num_added for b in received) == 50 and received[-1].stats == {"step": 50.0}
-    assert publisher.num_batches == 50 and 1 <= len(received) == publisher.num_messages < 50
+    assert publisher.num_items == 50 and 1 <= len(received) == publisher.num_messages < 50
+
+
+def test_a_burst_of_commands_never_blocks_the_server_and_arrives_in_order():
+    import multiprocessing as mp
+    import threading
+    import time
+
+    reader, writer = mp.get_context("spawn").Pipe(duplex=False)
+    commands = PipeWriter(writer, list, "test-commands")
+    sent: list = []
+    start = time.monotonic()
+    for i in range(200):  # 200 prompts of 2,000 token ids: about 1 MB, nobody reading yet
+        sent.append(AddRequest(f"r{i}", None, list(range(i, i + 2000)), SamplingParams(), 0.0))
+        commands.put(sent[-1])
+        if i % 50 == 49:
+            sent.append(AbortRequest(f"r{i}"))
+            commands.put(sent[-1])
+    put_s = time.monotonic() - start
+    messages: list[list] = []
+    drain = threading.Thread(target=lambda: [messages.append(reader.recv()) for _ in iter(
+        lambda: reader.poll(2.0), False)])
+    drain.start()
+    commands.close()
+    drain.join()
+    assert put_s < 1.0
+    received = [c for m in messages for c in m]
+    assert [type(c).__name__ + c.request_id for c in received] == [type(c).__name__ + c.request_id for c in sent]
+    assert received[3].prompt_token_ids == list(range(3, 2003))
+    assert 1 <= len(messages) == commands.num_messages < commands.num_items == 204
+
+
+def test_commands_sent_while_the_engine_loads_never_block_and_all_arrive_in_order():
+    import time
+
+    published: list[Published] = []
+    core = EngineProcess(EngineArgs(**ARGS), published.append, lambda reason: None)
+    try:
+        start = time.monotonic()
+        # About 1 MB of commands while the engine is still loading and reads nothing: a
+        # pipe holds 64 KiB, so a direct write would wait for the engine's first read.
+        for i in range(200):
+            core.send(AddRequest(f"r{i}", None, [1 + i] * 2000, SamplingParams(max_tokens=1), 0.0))
+        send_s = time.monotonic() - start
+        core.wait_ready()
+        core.start_reading()
+        assert wait_for(lambda: sum(len(b.rejected) for b in published) == 200, 60.0)
+        rejected = [r for b in published for r in b.rejected]
+        assert [r.request_id for r in rejected] == [f"r{i}" for i in range(200)]
+        assert all(r.invalid and "2000 tokens" in r.message for r in rejected)
+        assert send_s < 1.0
+    finally:
+        core.close()
 
 
 def test_coalesce_joins_deltas_and_keeps_the_later_state():

@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from ondo.engine.config import EngineArgs
 from ondo.engine.engine_loop import Command, EngineLoop, Published
@@ -30,6 +30,7 @@ from ondo.engine.outputs import CompletionOutput, RequestOutput
 from ondo.engine.step_stats import StepStats
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 STARTUP_TIMEOUT_S = 900.0  # loading, profiling and compiling a large model on a cold cache
 _STOP = "stop"
@@ -124,29 +125,30 @@ def merge(batches: list[Published]) -> Published:
                      [s for b in batches for s in b.step_stats])
 
 
-class Publisher:
-    """Engine side of the results pipe: the engine loop hands each batch over and goes on
-    stepping; a thread of its own sends them. While the server is slow to read (its event
-    loop busy with hundreds of streams), the batches waiting are merged into one message,
-    so the engine never blocks on the pipe and the reader pays per message, not per step."""
+class PipeWriter(Generic[T]):
+    """One end of a pipe written by a thread of its own: `put` never blocks its caller,
+    however full the pipe. What piles up while the reader is behind leaves as one message,
+    `pack(items)`, so the reader pays per message, not per item. Both processes write
+    this way: the engine must not stop stepping for a server busy with hundreds of
+    streams, and the server's event loop must not stop for an engine in mid-step (a
+    burst of requests overfills a pipe's 64 KiB long before the engine next reads)."""
 
-    def __init__(self, results: Connection) -> None:
-        self._results = results
-        self._encoder = WireEncoder()
+    def __init__(self, conn: Connection, pack: Callable[[list[T]], Any], name: str) -> None:
+        self._conn = conn
+        self._pack = pack
         self._cond = threading.Condition()
-        self._pending: list[Published] = []
+        self._pending: list[T] = []
         self._closed = False
-        self.broken = False  # the server side is gone
-        self.num_batches = 0
+        self.broken = False  # the reader is gone
+        self.num_items = 0
         self.num_messages = 0
-        self._thread = threading.Thread(target=self._run, name="ondo-engine-publisher", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
-    def publish(self, batch: Published) -> None:
-        batch = self._encoder.encode(batch)  # here, in order, on the engine's thread
+    def put(self, item: T) -> None:
         with self._cond:
-            self._pending.append(batch)
-            self.num_batches += 1
+            self._pending.append(item)
+            self.num_items += 1
             self._cond.notify()
 
     def close(self, timeout_s: float = 30.0) -> None:
@@ -154,7 +156,8 @@ class Publisher:
         with self._cond:
             self._closed = True
             self._cond.notify()
-        self._thread.join(timeout_s)
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout_s)
 
     def _run(self) -> None:
         while True:
@@ -163,14 +166,26 @@ class Publisher:
                     self._cond.wait()
                 if not self._pending:
                     return
-                batches, self._pending = self._pending, []
+                items, self._pending = self._pending, []
             if self.broken:
                 continue
             try:
-                self._results.send(merge(batches))
+                self._conn.send(self._pack(items))
                 self.num_messages += 1
             except (BrokenPipeError, OSError):
                 self.broken = True
+
+
+class Publisher(PipeWriter[Published]):
+    """Engine side of the results pipe: each step's batch, stripped for the wire
+    (`WireEncoder`) on the engine's thread, in order; waiting batches are merged."""
+
+    def __init__(self, results: Connection) -> None:
+        super().__init__(results, merge, "ondo-engine-publisher")
+        self._encoder = WireEncoder()
+
+    def publish(self, batch: Published) -> None:
+        self.put(self._encoder.encode(batch))
 
 
 def run_engine(args: EngineArgs, commands: Connection, results: Connection, log_level: int) -> None:
@@ -199,9 +214,9 @@ def run_engine(args: EngineArgs, commands: Connection, results: Connection, log_
         taken: list[Any] = []
         try:
             if block:
-                taken.append(commands.recv())
+                taken += commands.recv()
             while commands.poll():
-                taken.append(commands.recv())
+                taken += commands.recv()  # each message: the commands the server had queued
         except (EOFError, OSError):  # the server process is gone
             return None
         if _STOP in taken:
@@ -228,8 +243,8 @@ def run_engine(args: EngineArgs, commands: Connection, results: Connection, log_
         log.info("engine host time per step, ms: %s over %d steps (%d scheduled ahead); "
                  "publishing %.3f ms per batch, %d batches in %d messages",
                  {k: round(v / timing["steps"] * 1e3, 3) for k, v in timing.items() if k != "steps"},
-                 timing["steps"], engine.num_steps_ahead, publish_s / max(publisher.num_batches, 1) * 1e3,
-                 publisher.num_batches, publisher.num_messages)
+                 timing["steps"], engine.num_steps_ahead, publish_s / max(publisher.num_items, 1) * 1e3,
+                 publisher.num_items, publisher.num_messages)
     try:
         results.send(("exit", dead))
     except (BrokenPipeError, OSError):
@@ -253,7 +268,9 @@ class EngineProcess:
         self._process.start()
         cmd_recv.close()
         results_send.close()
-        self._send_lock = threading.Lock()
+        # Commands go out through a thread: the event loop that calls send() never waits
+        # for the engine to finish a step and read.
+        self._commands: PipeWriter[Command | str] = PipeWriter(self._cmd_send, list, "ondo-engine-commands")
         self._on_published = on_published
         self._on_exit = on_exit
         self._startup_timeout_s = startup_timeout_s
@@ -286,15 +303,14 @@ class EngineProcess:
         return msg[1]
 
     def send(self, command: Command) -> None:
-        with self._send_lock:
-            try:
-                self._cmd_send.send(command)
-            except (BrokenPipeError, OSError):
-                pass  # the reader sees the process gone and fails its requests
+        """Queue a command for the engine; never blocks. Commands arrive in the order sent
+        (an abort cannot overtake its add). Where the process is gone, the reader sees it
+        and fails its requests."""
+        self._commands.put(command)
 
     def add_step_listener(self, listener: Callable[[StepStats], None]) -> None:
         if not self._step_listeners:
-            self.send(_SEND_STEP_STATS)  # type: ignore[arg-type]
+            self._commands.put(_SEND_STEP_STATS)
         self._step_listeners.append(listener)
 
     def is_alive(self) -> bool:
@@ -305,12 +321,10 @@ class EngineProcess:
         return self._process.pid
 
     def close(self, timeout_s: float = 30.0) -> None:
-        with self._send_lock:
-            try:
-                self._cmd_send.send(_STOP)
-            except (BrokenPipeError, OSError):
-                pass
-        self._process.join(timeout_s)
+        deadline = time.monotonic() + timeout_s
+        self._commands.put(_STOP)
+        self._commands.close(timeout_s)
+        self._process.join(max(deadline - time.monotonic(), 0.0))
         if self._process.is_alive():
             log.warning("the engine process did not stop within %.0f s: killing it", timeout_s)
             self._process.kill()

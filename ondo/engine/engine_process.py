@@ -260,7 +260,7 @@ class EngineProcess:
                  on_exit: Callable[[str | None], None],
                  startup_timeout_s: float = STARTUP_TIMEOUT_S) -> None:
         ctx = mp.get_context("spawn")
-        cmd_recv, self._cmd_send = ctx.Pipe(duplex=False)
+        cmd_recv, cmd_send = ctx.Pipe(duplex=False)
         self._results, results_send = ctx.Pipe(duplex=False)
         self._process = ctx.Process(target=run_engine, name="ondo-engine",
                                     args=(args, cmd_recv, results_send, logging.getLogger().level),
@@ -270,7 +270,7 @@ class EngineProcess:
         results_send.close()
         # Commands go out through a thread: the event loop that calls send() never waits
         # for the engine to finish a step and read.
-        self._commands: PipeWriter[Command | str] = PipeWriter(self._cmd_send, list, "ondo-engine-commands")
+        self._commands: PipeWriter[Command | str] = PipeWriter(cmd_send, list, "ondo-engine-commands")
         self._on_published = on_published
         self._on_exit = on_exit
         self._startup_timeout_s = startup_timeout_s

@@ -389,6 +389,20 @@ def test_store_submit_never_blocks_while_the_database_is_locked(tmp_path: Path) 
     assert store.stored + store.dropped == 1000
 
 
+def test_store_with_engine_steps_only_keeps_writing(tmp_path: Path) -> None:
+    """No GPU source (the CPU, or telemetry engine-only): every step is still stored."""
+    db = tmp_path / "engine.db"
+    store = TelemetryStore(db)  # raw retention on, but no GPU sample to compact by
+    source = EngineSource(TelemetryHub())
+    for i in range(3):
+        store.submit(source.on_step(step(i, 10.0 + i, 10.5 + i)))
+        assert store.flush(timeout_s=2.0)
+    store.close()
+    assert (store.stored, store.dropped) == (3, 0)
+    with sqlite3.connect(db) as conn:
+        assert [r[0] for r in conn.execute("SELECT step_index FROM engine_steps")] == [0, 1, 2]
+
+
 def test_pipeline_wires_source_store_exporter_and_engine_hook(tmp_path: Path) -> None:
     from ondo.telemetry import Telemetry
 

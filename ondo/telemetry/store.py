@@ -225,8 +225,8 @@ class TelemetryStore:
             self._latest_t = max(self._latest_t, max(r[2] for r in gpu))
 
     def _maybe_compact(self) -> None:
-        if self.raw_retention_s is None:
-            return
+        if self.raw_retention_s is None or self._latest_t == float("-inf"):
+            return  # nothing to fold: no GPU samples yet (engine steps are kept raw)
         before_s = int(self._latest_t - self.raw_retention_s)
         if before_s <= self._compacted_before:
             return

@@ -6,6 +6,12 @@ kind with `ondo bench serve` at increasing Poisson rates up to a burst; the last
 gets the very requests that ran offline. Prints a table and a
 JSON line; writes the JSON to --out.
 
+Where the time goes: each run also reports the engine's side of it (from the engine's own
+step records: offline through a step listener, the server through --telemetry-db), so a
+gap between the client's figure and the engine's is delivery, and a gap between the
+engine's figures is the engine starved or slowed; and the CPU share of each process
+(client, server, engine) over the run.
+
     python3 bench/serve_vs_offline.py --model-shape qwen3-0.6b --rates 4 8 16 inf --out curve.json
 """
 
@@ -15,6 +21,7 @@ import argparse
 import gc
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 import time
@@ -25,9 +32,45 @@ import torch
 from ondo.bench.serve import BenchServeArgs, bench_serve, make_requests
 from ondo.bench.shapes import SHAPES, shape_folder
 from ondo.engine.sampling_params import SamplingParams
+from ondo.engine.step_stats import StepStats
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
-def offline(folder: str, requests, engine_flags: dict) -> float:
+def engine_view(steps: list[tuple[float, float, int, int]], t0: float, t1: float) -> dict:
+    """The engine's side of a run from its steps (start, end, output tokens, running) that
+    ended within [t0, t1] (monotonic clock, shared by all processes)."""
+    steps = [s for s in steps if t0 <= s[1] <= t1 and s[2] > 0]
+    if not steps:
+        return {}
+    first, last = steps[0][0], steps[-1][1]
+    tokens = sum(s[2] for s in steps)
+    peak = max(s[3] for s in steps)
+    at_peak = next(s[1] for s in steps if s[3] >= 0.95 * peak)
+    return {"engine_steps": len(steps), "engine_output_tokens": tokens,
+            "engine_first_step_after_s": first - t0, "engine_busy_s": last - first,
+            "engine_output_tokens_per_s": tokens / (last - first),
+            "engine_peak_running": peak, "engine_time_to_peak_running_s": at_peak - first,
+            "engine_mean_step_ms": 1e3 * (last - first) / len(steps),
+            "delivery_lag_s": t1 - last}
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of one process (all its threads), from /proc."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def child_pids(pid: int) -> list[int]:
+    pids = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as f:
+            pids += [int(p) for p in f.read().split()]
+    return pids
+
+
+def offline(folder: str, requests, engine_flags: dict) -> tuple[float, dict]:
     from ondo import LLM
 
     llm = LLM(folder, load_format="dummy", dtype="bfloat16", **engine_flags)
@@ -36,10 +79,19 @@ def offline(folder: str, requests, engine_flags: dict) -> float:
     # Warm-up on other prompts (the fused kernels compile here, and nothing is cached).
     llm.generate([{"prompt_token_ids": [t + 1 for t in r.prompt]} for r in requests[:32]], params[:32])
     torch.cuda.synchronize()
+    steps: list[tuple[float, float, int, int]] = []
+
+    def record(s: StepStats) -> None:
+        steps.append((s.start_monotonic_s, s.end_monotonic_s, s.num_output_tokens, s.num_running))
+
+    llm.engine.add_step_listener(record)
+    t0, cpu0 = time.monotonic(), time.process_time()
     start = time.perf_counter()
     outs = llm.generate(prompts, params)
     torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
+    view = engine_view(steps, t0, time.monotonic())
+    view["cpu_share_offline_process"] = (time.process_time() - cpu0) / elapsed
     tokens = sum(len(o.outputs[0].token_ids) for o in outs)
     timing = llm.engine.step_timing_s  # warm-up included; compare with the server's exit log
     print("offline engine host time per step, ms:",
@@ -47,7 +99,7 @@ def offline(folder: str, requests, engine_flags: dict) -> float:
     del llm
     gc.collect()
     torch.cuda.empty_cache()
-    return tokens / elapsed
+    return tokens / elapsed, view
 
 
 def wait_healthy(url: str, proc: subprocess.Popen, timeout_s: float = 300) -> None:
@@ -84,26 +136,45 @@ def main() -> int:
     # runs' prompts in the server's prefix cache; offline runs the last rate's (the burst's).
     requests = make_requests(None, "random", args.num_prompts, args.input_len, args.output_len,
                              args.range_ratio, len(args.rates) - 1, vocab)
-    offline_tps = offline(folder, requests, engine_flags)
+    offline_tps, offline_view = offline(folder, requests, engine_flags)
     print(f"offline: {offline_tps:.0f} output tokens/s", flush=True)
+    print("offline engine view:", json.dumps(offline_view), flush=True)
 
     url = f"http://127.0.0.1:{args.port}"
+    db = os.path.splitext(args.out)[0] + "-engine-steps.db"
+    if os.path.exists(db):
+        os.remove(db)
     cmd = [sys.executable, "-m", "ondo", "serve", folder, "--load-format", "dummy", "--dtype", "bfloat16",
            "--port", str(args.port), "--max-model-len", str(args.max_model_len), "--max-num-seqs", "256",
-           "--max-waiting-requests", str(4 * args.num_prompts)]
+           "--max-waiting-requests", str(4 * args.num_prompts), "--telemetry-db", db]
     proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     rows = []
     try:
         wait_healthy(url, proc)
+        engine_pids = child_pids(proc.pid)
         for seed, rate in enumerate(args.rates):
+            t0, client0 = time.monotonic(), time.process_time()
+            server0 = cpu_seconds(proc.pid)
+            engine0 = sum(cpu_seconds(p) for p in engine_pids)
             summary = bench_serve(BenchServeArgs(
                 base_url=url, num_prompts=args.num_prompts, request_rate=float(rate),
                 input_len=args.input_len, output_len=args.output_len, range_ratio=args.range_ratio,
                 seed=seed, token_id_vocab=vocab))
+            t1 = time.monotonic()
             summary["request_rate"] = rate
             summary["fraction_of_offline"] = summary.get("output_throughput", 0.0) / offline_tps
+            summary["cpu_share"] = {
+                "client": (time.process_time() - client0) / (t1 - t0),
+                "server": (cpu_seconds(proc.pid) - server0) / (t1 - t0),
+                "engine": (sum(cpu_seconds(p) for p in engine_pids) - engine0) / (t1 - t0)}
+            time.sleep(1.5)  # the telemetry store writes the last steps
+            with sqlite3.connect(db) as conn:
+                steps = conn.execute("SELECT start_monotonic_s, end_monotonic_s, num_output_tokens, "
+                                     "num_running FROM engine_steps ORDER BY end_monotonic_s").fetchall()
+            summary["engine_view"] = engine_view(steps, t0, t1)
             rows.append(summary)
-            print(json.dumps({k: v for k, v in summary.items() if not isinstance(v, (list, dict))}),
+            print(json.dumps({k: v for k, v in summary.items()
+                              if not isinstance(v, (list, dict)) or k in ("cpu_share", "engine_view")}),
                   flush=True)
     finally:
         proc.terminate()
@@ -111,7 +182,7 @@ def main() -> int:
     result = {"model": args.model_shape, "device": torch.cuda.get_device_name(),
               "date": time.strftime("%Y-%m-%d"), "offline_output_tokens_per_s": offline_tps,
               "num_prompts": args.num_prompts, "input_len": args.input_len, "output_len": args.output_len,
-              "range_ratio": args.range_ratio, "curve": rows}
+              "range_ratio": args.range_ratio, "offline_engine_view": offline_view, "curve": rows}
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
     print(json.dumps(result))

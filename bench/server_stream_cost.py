@@ -16,6 +16,7 @@ import cProfile
 import json
 import os
 import pstats
+import resource
 import socket
 import subprocess
 import sys
@@ -36,6 +37,12 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def children_cpu_s() -> float:
+    """CPU time of this process's finished children (the client rounds)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def client_round(url: str, args: argparse.Namespace, seed: int) -> dict:
@@ -80,11 +87,12 @@ def measure(config: str, args: argparse.Namespace) -> dict:
             time.sleep(0.2)
     try:
         client_round(url, args, seed=100)  # warm-up
-        cpu_s, tokens, wall_s = 0.0, 0, 0.0
+        cpu_s, client_cpu_s, tokens, wall_s = 0.0, 0.0, 0, 0.0
         for seed in range(args.rounds):
-            cpu0, wall0 = time.process_time(), time.perf_counter()
+            cpu0, wall0, client0 = time.process_time(), time.perf_counter(), children_cpu_s()
             summary = client_round(url, args, seed)
             cpu_s += time.process_time() - cpu0
+            client_cpu_s += children_cpu_s() - client0
             wall_s += time.perf_counter() - wall0
             if summary["failed"]:
                 raise RuntimeError(f"{summary['failed']} requests failed: {summary['errors'][:3]}")
@@ -98,7 +106,8 @@ def measure(config: str, args: argparse.Namespace) -> dict:
     requests = args.rounds * args.num_prompts
     return {"config": config, "rounds": args.rounds, "requests": requests, "streamed_tokens": tokens,
             "server_cpu_s": cpu_s, "server_cpu_us_per_token": cpu_s / tokens * 1e6,
-            "server_cpu_ms_per_request": cpu_s / requests * 1e3, "wall_s": wall_s}
+            "server_cpu_ms_per_request": cpu_s / requests * 1e3,
+            "client_cpu_us_per_token": client_cpu_s / tokens * 1e6, "wall_s": wall_s}
 
 
 def main() -> int:

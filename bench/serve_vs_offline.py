@@ -1,10 +1,10 @@
 """The serving throughput-latency curve against the offline figure for the same requests.
 
-Builds one request set (random token-id prompts, seeded), runs it offline through
+Builds request sets (random token-id prompts, seeded), runs them offline through
 `LLM.generate`, then starts `ondo serve` on the same model and sends requests of the same
 kind with `ondo bench serve` at increasing Poisson rates up to a burst; the last rate
-gets the very requests that ran offline. Prints a table and a
-JSON line; writes the JSON to --out.
+gets the very requests that ran offline, --repeat times on fresh sets (the median ratio
+is the figure). Prints a JSON line per run and the whole; writes the JSON to --out.
 
 Where the time goes: each run also reports the engine's side of it (from the engine's own
 step records: offline through a step listener, the server through --telemetry-db), so a
@@ -22,6 +22,7 @@ import gc
 import json
 import os
 import sqlite3
+import statistics
 import subprocess
 import sys
 import time
@@ -31,6 +32,7 @@ import torch
 
 from ondo.bench.serve import BenchServeArgs, bench_serve, make_requests
 from ondo.bench.shapes import SHAPES, shape_folder
+from ondo.engine.gc_pauses import GcPauses, freeze_startup_heap, thaw_heap
 from ondo.engine.sampling_params import SamplingParams
 from ondo.engine.step_stats import StepStats
 
@@ -70,14 +72,16 @@ def child_pids(pid: int) -> list[int]:
     return pids
 
 
-def offline(folder: str, requests, engine_flags: dict) -> tuple[float, dict]:
+def offline(folder: str, request_sets: list, engine_flags: dict) -> list[tuple[float, dict]]:
+    """Output tokens/s and the engine's view, per request set, all through one `LLM`."""
     from ondo import LLM
 
     llm = LLM(folder, load_format="dummy", dtype="bfloat16", **engine_flags)
-    prompts = [{"prompt_token_ids": r.prompt} for r in requests]
-    params = [SamplingParams(temperature=0.0, max_tokens=r.output_len, ignore_eos=True) for r in requests]
+    first = request_sets[0]
     # Warm-up on other prompts (the fused kernels compile here, and nothing is cached).
-    llm.generate([{"prompt_token_ids": [t + 1 for t in r.prompt]} for r in requests[:32]], params[:32])
+    llm.generate([{"prompt_token_ids": [t + 1 for t in r.prompt]} for r in first[:32]],
+                 [SamplingParams(temperature=0.0, max_tokens=r.output_len, ignore_eos=True)
+                  for r in first[:32]])
     torch.cuda.synchronize()
     steps: list[tuple[float, float, int, int]] = []
 
@@ -85,21 +89,34 @@ def offline(folder: str, requests, engine_flags: dict) -> tuple[float, dict]:
         steps.append((s.start_monotonic_s, s.end_monotonic_s, s.num_output_tokens, s.num_running))
 
     llm.engine.add_step_listener(record)
-    t0, cpu0 = time.monotonic(), time.process_time()
-    start = time.perf_counter()
-    outs = llm.generate(prompts, params)
-    torch.cuda.synchronize()
-    elapsed = time.perf_counter() - start
-    view = engine_view(steps, t0, time.monotonic())
-    view["cpu_share_offline_process"] = (time.process_time() - cpu0) / elapsed
-    tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+    freeze_startup_heap()  # as the engine process of `ondo serve` does
+    results = []
+    for requests in request_sets:
+        prompts = [{"prompt_token_ids": r.prompt} for r in requests]
+        params = [SamplingParams(temperature=0.0, max_tokens=r.output_len, ignore_eos=True)
+                  for r in requests]
+        gc_pauses = GcPauses().start()
+        t0, cpu0 = time.monotonic(), time.process_time()
+        start = time.perf_counter()
+        outs = llm.generate(prompts, params)
+        torch.cuda.synchronize()
+        elapsed = time.perf_counter() - start
+        gc_pauses.stop()
+        view = engine_view(steps, t0, time.monotonic())
+        view["cpu_share_offline_process"] = (time.process_time() - cpu0) / elapsed
+        view["gc"] = gc_pauses.summary()
+        tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+        results.append((tokens / elapsed, view))
+        print(f"offline: {tokens / elapsed:.0f} output tokens/s; engine view: {json.dumps(view)}",
+              flush=True)
+    thaw_heap()
     timing = llm.engine.step_timing_s  # warm-up included; compare with the server's exit log
     print("offline engine host time per step, ms:",
           {k: round(v / timing["steps"] * 1e3, 3) for k, v in timing.items() if k != "steps"}, flush=True)
     del llm
     gc.collect()
     torch.cuda.empty_cache()
-    return tokens / elapsed, view
+    return results
 
 
 def wait_healthy(url: str, proc: subprocess.Popen, timeout_s: float = 300) -> None:
@@ -124,6 +141,9 @@ def main() -> int:
     ap.add_argument("--output-len", type=int, default=256)
     ap.add_argument("--range-ratio", type=float, default=0.5)
     ap.add_argument("--rates", nargs="+", default=["8", "16", "32", "inf"])
+    ap.add_argument("--repeat", type=int, default=3,
+                    help="the last rate (saturation) runs this many times, each on request sets "
+                         "of its own that offline also runs; the median ratio is the figure")
     ap.add_argument("--port", type=int, default=8321)
     ap.add_argument("--max-model-len", type=int, default=2048)
     ap.add_argument("--out", default="serve_curve.json")
@@ -132,13 +152,17 @@ def main() -> int:
     vocab = SHAPES[args.model_shape]["vocab_size"]
     folder = shape_folder(args.model_shape)
     engine_flags = {"max_model_len": args.max_model_len, "max_num_seqs": 256}
-    # Each rate gets prompts of its own (seed = its index), so that no run finds the previous
-    # runs' prompts in the server's prefix cache; offline runs the last rate's (the burst's).
-    requests = make_requests(None, "random", args.num_prompts, args.input_len, args.output_len,
-                             args.range_ratio, len(args.rates) - 1, vocab)
-    offline_tps, offline_view = offline(folder, requests, engine_flags)
-    print(f"offline: {offline_tps:.0f} output tokens/s", flush=True)
-    print("offline engine view:", json.dumps(offline_view), flush=True)
+    # Each run gets prompts of its own (seed = its index), so that no run finds the previous
+    # runs' prompts in the server's prefix cache; offline runs the saturation runs' sets.
+    runs = [(seed, rate) for seed, rate in enumerate(args.rates[:-1])]
+    runs += [(len(runs) + k, args.rates[-1]) for k in range(args.repeat)]
+    saturation_seeds = [seed for seed, _ in runs[-args.repeat:]]
+    request_sets = [make_requests(None, "random", args.num_prompts, args.input_len, args.output_len,
+                                  args.range_ratio, seed, vocab) for seed in saturation_seeds]
+    offline_runs = offline(folder, request_sets, engine_flags)
+    offline_by_seed = dict(zip(saturation_seeds, offline_runs))
+    # Below saturation the ratio is to the median offline figure (it is not the target).
+    offline_median = statistics.median(tps for tps, _ in offline_runs)
 
     url = f"http://127.0.0.1:{args.port}"
     db = os.path.splitext(args.out)[0] + "-engine-steps.db"
@@ -152,7 +176,7 @@ def main() -> int:
     try:
         wait_healthy(url, proc)
         engine_pids = child_pids(proc.pid)
-        for seed, rate in enumerate(args.rates):
+        for seed, rate in runs:
             t0, client0 = time.monotonic(), time.process_time()
             server0 = cpu_seconds(proc.pid)
             engine0 = sum(cpu_seconds(p) for p in engine_pids)
@@ -162,6 +186,8 @@ def main() -> int:
                 seed=seed, token_id_vocab=vocab))
             t1 = time.monotonic()
             summary["request_rate"] = rate
+            offline_tps = offline_by_seed[seed][0] if seed in offline_by_seed else offline_median
+            summary["offline_output_tokens_per_s"] = offline_tps
             summary["fraction_of_offline"] = summary.get("output_throughput", 0.0) / offline_tps
             summary["cpu_share"] = {
                 "client": (time.process_time() - client0) / (t1 - t0),
@@ -179,13 +205,19 @@ def main() -> int:
     finally:
         proc.terminate()
         proc.wait(timeout=60)
+    saturation = [r["fraction_of_offline"] for r in rows[-args.repeat:]]
     result = {"model": args.model_shape, "device": torch.cuda.get_device_name(),
-              "date": time.strftime("%Y-%m-%d"), "offline_output_tokens_per_s": offline_tps,
+              "date": time.strftime("%Y-%m-%d"), "offline_output_tokens_per_s": offline_median,
+              "offline_runs": [{"output_tokens_per_s": tps, "engine_view": view}
+                               for tps, view in offline_runs],
+              "saturation_fraction_of_offline": {"runs": saturation,
+                                                 "median": statistics.median(saturation)},
               "num_prompts": args.num_prompts, "input_len": args.input_len, "output_len": args.output_len,
-              "range_ratio": args.range_ratio, "offline_engine_view": offline_view, "curve": rows}
+              "range_ratio": args.range_ratio, "curve": rows}
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
     print(json.dumps(result))
+    print("saturation, fraction of offline:", json.dumps(result["saturation_fraction_of_offline"]))
     return 0
 
 

@@ -38,7 +38,7 @@ for stage in $STAGES; do
     serve)
       timeout ${SERVE_TIMEOUT:-400} python3 bench/serve_vs_offline.py --out "$OUT/serve_curve.json" ${SERVE_ARGS:-} \
         > "$OUT/serve.log" 2>&1
-      grep -E "^offline|^\{\"backend|host time per step|Error|error" "$OUT/serve.log" | tail -20 ;;
+      grep -E "^offline|^\{\"backend|^saturation|host time per step|garbage|Error|error" "$OUT/serve.log" | tail -24 ;;
     host)
       for fuse in 1 0; do
         ONDO_FUSE=$fuse timeout 150 python3 bench/host_overhead.py > "$OUT/host_fuse$fuse.log" 2>&1

@@ -26,6 +26,7 @@ from typing import Any, Generic, TypeVar
 
 from ondo.engine.config import EngineArgs
 from ondo.engine.engine_loop import Command, EngineLoop, Published
+from ondo.engine.gc_pauses import GcPauses, freeze_startup_heap, thaw_heap
 from ondo.engine.outputs import CompletionOutput, RequestOutput
 from ondo.engine.step_stats import StepStats
 
@@ -203,6 +204,9 @@ def run_engine(args: EngineArgs, commands: Connection, results: Connection, log_
         log.exception("the engine could not start")
         results.send(("failed", f"{type(e).__name__}: {e}"))
         return
+    frozen = freeze_startup_heap()
+    log.info("%d objects alive after start-up are exempt from garbage collection", frozen)
+    gc_pauses = GcPauses().start()
     results.send(("ready", EngineInfo(engine.max_model_len, engine.model_config.vocab_size,
                                       engine.stats(), engine.startup_s, engine.startup_phases_s)))
     step_stats: list[StepStats] = []
@@ -241,10 +245,12 @@ def run_engine(args: EngineArgs, commands: Connection, results: Connection, log_
     timing = engine.step_timing_s
     if timing["steps"]:
         log.info("engine host time per step, ms: %s over %d steps (%d scheduled ahead); "
-                 "publishing %.3f ms per batch, %d batches in %d messages",
+                 "publishing %.3f ms per batch, %d batches in %d messages; garbage collector: %s",
                  {k: round(v / timing["steps"] * 1e3, 3) for k, v in timing.items() if k != "steps"},
                  timing["steps"], engine.num_steps_ahead, publish_s / max(publisher.num_items, 1) * 1e3,
-                 publisher.num_items, publisher.num_messages)
+                 publisher.num_items, publisher.num_messages, gc_pauses.summary())
+    gc_pauses.stop()
+    thaw_heap()
     try:
         results.send(("exit", dead))
     except (BrokenPipeError, OSError):

@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry
 from ondo.engine.async_llm import AsyncLLM
 from ondo.engine.cli import engine_args_from
 from ondo.engine.engine_process import EngineStartError
+from ondo.engine.gc_pauses import GcPauses, freeze_startup_heap, thaw_heap
 from ondo.server.cli import served_name
 
 log = logging.getLogger(__name__)
@@ -51,12 +52,17 @@ def serve(args: argparse.Namespace) -> int:
     server = DrainingServer(config, async_llm, args.shutdown_timeout)
     log.info("serving %s on http://%s:%d (max %d waiting requests)", name, args.host, args.port,
              async_llm.max_waiting_requests)
+    freeze_startup_heap()  # this process serves one engine for its whole life
+    gc_pauses = GcPauses().start()
     try:
         server.run()
     finally:
         async_llm.close()
         if telemetry is not None:
             telemetry.close()
+        gc_pauses.stop()
+        thaw_heap()
+        log.info("server process garbage collector: %s", gc_pauses.summary())
     return 0
 
 

@@ -39,22 +39,33 @@ from ondo.engine.step_stats import StepStats
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
-def engine_view(steps: list[tuple[float, float, int, int]], t0: float, t1: float) -> dict:
-    """The engine's side of a run from its steps (start, end, output tokens, running) that
-    ended within [t0, t1] (monotonic clock, shared by all processes)."""
-    steps = [s for s in steps if t0 <= s[1] <= t1 and s[2] > 0]
+Step = tuple[float, float, int, int, int, int]  # start, end, output tokens, running, prefill tokens, batch
+
+
+def engine_view(steps: list[Step], t0: float, t1: float) -> dict:
+    """The engine's side of a run from its steps that ended within [t0, t1] (monotonic
+    clock, shared by all processes): throughput over its busy time, how fast the batch
+    filled, and where the time went (gap since the previous step's end, by kind of step)."""
+    steps = [s for s in steps if t0 <= s[1] <= t1 and (s[2] or s[4])]  # steps with work
     if not steps:
         return {}
     first, last = steps[0][0], steps[-1][1]
     tokens = sum(s[2] for s in steps)
     peak = max(s[3] for s in steps)
     at_peak = next(s[1] for s in steps if s[3] >= 0.95 * peak)
+    kinds: dict[str, list[float]] = {"with_prefill": [], "decode_full": [], "decode_partial": []}
+    for prev, s in zip(steps, steps[1:]):
+        kind = "with_prefill" if s[4] else "decode_full" if s[5] >= 0.95 * peak else "decode_partial"
+        kinds[kind].append(s[1] - prev[1])
     return {"engine_steps": len(steps), "engine_output_tokens": tokens,
             "engine_first_step_after_s": first - t0, "engine_busy_s": last - first,
             "engine_output_tokens_per_s": tokens / (last - first),
             "engine_peak_running": peak, "engine_time_to_peak_running_s": at_peak - first,
             "engine_mean_step_ms": 1e3 * (last - first) / len(steps),
-            "delivery_lag_s": t1 - last}
+            "delivery_lag_s": t1 - last,
+            "step_gaps": {k: {"steps": len(v), "total_s": round(sum(v), 3),
+                              "median_ms": round(1e3 * statistics.median(v), 2) if v else 0.0}
+                          for k, v in kinds.items()}}
 
 
 def cpu_seconds(pid: int) -> float:
@@ -83,10 +94,11 @@ def offline(folder: str, request_sets: list, engine_flags: dict) -> list[tuple[f
                  [SamplingParams(temperature=0.0, max_tokens=r.output_len, ignore_eos=True)
                   for r in first[:32]])
     torch.cuda.synchronize()
-    steps: list[tuple[float, float, int, int]] = []
+    steps: list[Step] = []
 
     def record(s: StepStats) -> None:
-        steps.append((s.start_monotonic_s, s.end_monotonic_s, s.num_output_tokens, s.num_running))
+        steps.append((s.start_monotonic_s, s.end_monotonic_s, s.num_output_tokens, s.num_running,
+                      s.num_prefill_tokens, s.batch_size))
 
     llm.engine.add_step_listener(record)
     freeze_startup_heap()  # as the engine process of `ondo serve` does
@@ -196,7 +208,8 @@ def main() -> int:
             time.sleep(1.5)  # the telemetry store writes the last steps
             with sqlite3.connect(db) as conn:
                 steps = conn.execute("SELECT start_monotonic_s, end_monotonic_s, num_output_tokens, "
-                                     "num_running FROM engine_steps ORDER BY end_monotonic_s").fetchall()
+                                     "num_running, num_prefill_tokens, batch_size FROM engine_steps "
+                                     "ORDER BY end_monotonic_s").fetchall()
             summary["engine_view"] = engine_view(steps, t0, t1)
             rows.append(summary)
             print(json.dumps({k: v for k, v in summary.items()

@@ -63,11 +63,12 @@ def in_process():
     llm.close()
 
 
-def test_outputs_equal_the_engine_on_a_thread(in_process):
+@pytest.mark.parametrize("logprobs", [2, None], ids=["logprobs", "plain"])  # plain: wire deltas
+def test_outputs_equal_the_engine_on_a_thread(in_process, logprobs):
     assert in_process.engine_process and in_process.engine is None
     steps = []
     in_process.add_step_listener(steps.append)
-    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, logprobs=2)
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, logprobs=logprobs)
     got = _run_all(in_process, params)
     want = _on_a_thread(params)
     for g, w in zip(got, want, strict=True):
@@ -86,7 +87,11 @@ def test_outputs_equal_the_engine_on_a_thread(in_process):
         assert joined == gl.outputs[0].text
         streamed = [t for out in g for t in out.outputs[0].new_token_ids]
         assert streamed == gl.outputs[0].token_ids
-        assert [len(lp) for out in g for lp in out.outputs[0].new_logprobs] == [len(lp) for lp in gl.outputs[0].logprobs]
+        if logprobs is not None:
+            assert ([len(lp) for out in g for lp in out.outputs[0].new_logprobs]
+                    == [len(lp) for lp in gl.outputs[0].logprobs])
+        else:
+            assert all(out.outputs[0].new_logprobs is None for out in g) and gl.outputs[0].logprobs is None
     # Step statistics crossed the process boundary: 4 prompts' tokens, then 12 steps' decodes.
     assert sum(s.num_output_tokens for s in steps) == 4 * 12
     assert sum(s.num_prefill_tokens for s in steps) == sum(len(g[-1].prompt_token_ids) for g in got)

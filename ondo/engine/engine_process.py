@@ -27,7 +27,7 @@ from typing import Any, Generic, TypeVar
 from ondo.engine.config import EngineArgs
 from ondo.engine.engine_loop import Command, EngineLoop, Published
 from ondo.engine.gc_pauses import GcPauses, freeze_startup_heap, thaw_heap
-from ondo.engine.outputs import CompletionOutput, RequestOutput
+from ondo.engine.outputs import CompletionOutput, RequestOutput, WireDelta
 from ondo.engine.step_stats import StepStats
 
 log = logging.getLogger(__name__)
@@ -53,17 +53,13 @@ class EngineStartError(RuntimeError):
     """The engine process could not build its engine; the message says why."""
 
 
-# An unfinished output after a request's first, as it crosses the pipe: plain tuples,
-# which pickle and unpickle several times faster than the dataclasses they stand for.
-#   (request_id, metrics or None when unchanged, ((index, new_text, new_token_ids,
-#    new_logprobs, cumulative_logprob, stop_reason), ...))
-WireOutput = tuple
-
 
 class WireEncoder:
     """Engine side: a request's first output and its finished one go whole; the others
-    go as `WireOutput` tuples, without the prompt and the cumulative text (the receiver
-    has the first and rebuilds the second from the deltas)."""
+    go as `WireDelta` tuples (plain tuples pickle several times faster than the
+    dataclasses they stand for), without the prompt and the cumulative text (the receiver
+    has the first and rebuilds the second from the deltas). The engine makes the plainest
+    ones itself (`LLMEngine.wire_deltas`); they pass through."""
 
     def __init__(self) -> None:
         self._metrics: dict[str, dict[str, float]] = {}  # last sent, by request id
@@ -72,7 +68,9 @@ class WireEncoder:
         batch.outputs = [self._encode(o) for o in batch.outputs]
         return batch
 
-    def _encode(self, out: RequestOutput) -> RequestOutput | WireOutput:
+    def _encode(self, out: RequestOutput | WireDelta) -> RequestOutput | WireDelta:
+        if isinstance(out, tuple):
+            return out
         if out.finished:
             self._metrics.pop(out.request_id, None)
             return out
@@ -95,7 +93,7 @@ class WireDecoder:
         # by request id: prompt, prompt ids, metrics, text so far by completion index
         self._state: dict[str, tuple[str | None, list[int], dict[str, float], dict[int, str]]] = {}
 
-    def decode(self, item: RequestOutput | WireOutput) -> RequestOutput:
+    def decode(self, item: RequestOutput | WireDelta) -> RequestOutput:
         if isinstance(item, RequestOutput):
             if item.finished:
                 self._state.pop(item.request_id, None)
@@ -204,6 +202,7 @@ def run_engine(args: EngineArgs, commands: Connection, results: Connection, log_
         log.exception("the engine could not start")
         results.send(("failed", f"{type(e).__name__}: {e}"))
         return
+    engine.wire_deltas = True  # its outputs only cross the pipe
     frozen = freeze_startup_heap()
     log.info("%d objects alive after start-up are exempt from garbage collection", frozen)
     gc_pauses = GcPauses().start()

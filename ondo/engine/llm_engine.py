@@ -32,7 +32,7 @@ import torch
 from ondo.engine.block_manager import BlockManager
 from ondo.engine.config import EngineArgs
 from ondo.engine.model_runner import ModelRunner, StepBatch
-from ondo.engine.outputs import CompletionOutput, RequestOutput
+from ondo.engine.outputs import CompletionOutput, RequestOutput, WireDelta, wire_delta
 from ondo.engine.sampler import DeviceSample, sample_on_device, to_device
 from ondo.engine.sampling_params import SamplingParams
 from ondo.engine.scheduler import Scheduler, SchedulerOutput
@@ -164,6 +164,9 @@ class LLMEngine:
         self._requests: dict[str, list[Sequence]] = {}  # a request's sequences, by index
         self._text: dict[int, _TextState] = {}  # by seq_id
         self._pending_outputs: list[RequestOutput] = []
+        # The engine process sets this: plain streamed steps leave as wire tuples (see
+        # `_wire_delta`), not as RequestOutputs it would build only to strip them again.
+        self.wire_deltas = False
         self._step_listeners: list[Callable[[StepStats], None]] = []
         self._step_index = 0
         # Host time per phase of step(), summed: where an engine step's time goes.
@@ -261,7 +264,8 @@ class LLMEngine:
     # -- one iteration -----------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Schedule and queue the next step; return the outputs of the one before it
-        (asynchronous scheduling) or of this one."""
+        (asynchronous scheduling) or of this one. With `wire_deltas` set, plain streamed
+        steps come as `WireDelta` tuples instead."""
         outputs, self._pending_outputs = self._pending_outputs, []
         prev, self._in_flight = self._in_flight, None
         if prev is not None and not self._can_schedule_ahead(prev):
@@ -354,7 +358,10 @@ class LLMEngine:
             # Streamed requests report every step; the others only when finished.
             for rid in touched:
                 group = self._requests[rid]
-                if group[0].stream or all(q.is_finished for q in group):
+                if group[0].stream:
+                    delta = self._wire_delta(group) if self.wire_deltas else None
+                    outputs.append(delta if delta is not None else self._make_output(rid))
+                elif all(q.is_finished for q in group):
                     outputs.append(self._make_output(rid))
         self.num_generation_tokens_total += num_out
         timing["wait"] += t_read - t0
@@ -362,6 +369,19 @@ class LLMEngine:
         timing["steps"] += 1
         self._emit_step_stats(f.sched, f.batch, f.start_monotonic_s, num_out)
         return outputs
+
+    def _wire_delta(self, group: list[Sequence]) -> WireDelta | None:
+        """A plain streamed request's step (one sequence, token ids only, no logprobs) past
+        its first output, as the engine process's wire tuple: the new ids and nothing the
+        receiver already has. None where the full output is needed."""
+        seq = group[0]
+        state = self._text[seq.seq_id]
+        if (len(group) != 1 or seq.is_finished or state.emitted_tokens == 0
+                or state.detokenizer is not None or seq.params.n != 1 or seq.params.logprobs is not None):
+            return None
+        new_ids = seq.token_ids[len(seq.prompt_token_ids) + state.emitted_tokens:]
+        state.emitted_tokens = seq.num_output_tokens
+        return wire_delta(seq.request_id, seq.index, new_ids)
 
     def _new_text_state(self, seq: Sequence) -> _TextState:
         if self.tokenizer is None or not ((seq.stream and seq.detokenize) or seq.params.stop_list):

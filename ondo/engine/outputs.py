@@ -35,6 +35,18 @@ class RequestOutput:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
+# One streamed step of a request past its first output, as the engine process sends it:
+# (request_id, metrics or None if unchanged, ((index, new_text, new_token_ids, new_logprobs,
+# cumulative_logprob, stop_reason), ...)). The receiver holds the prompt and the text so
+# far and rebuilds the RequestOutput (engine_process.WireDecoder).
+WireDelta = tuple
+
+
+def wire_delta(request_id: str, index: int, new_token_ids: list[int]) -> WireDelta:
+    """The wire tuple of a plain step: new token ids only, metrics unchanged."""
+    return (request_id, None, ((index, "", new_token_ids, None, None, None),))
+
+
 def coalesce(earlier: RequestOutput, later: RequestOutput) -> RequestOutput:
     """One output standing for two consecutive outputs of a request: the later one's state
     carrying both deltas (for a reader that fell behind the engine). Reuses `later`."""

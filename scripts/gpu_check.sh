@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs ondo's GPU tests and benchmarks in one go on a CUDA machine; results under $OUT.
-# Stages are chosen with STAGES: tests kernels prefill throughput host serve startup trace telemetry.
+# Stages are chosen with STAGES: tests kernels prefill throughput host serve startup trace telemetry turnover.
 # THROUGHPUT_ARGS passes extra flags to `ondo bench throughput`.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -58,6 +58,8 @@ for stage in $STAGES; do
       timeout ${TRACE_TIMEOUT:-300} python3 bench/record_serving_trace.py --out "$OUT/serving_trace.csv" ${TRACE_ARGS:-} \
         > "$OUT/trace.log" 2>&1
       tail -12 "$OUT/trace.log" ;;
+    turnover)
+      timeout ${TURNOVER_TIMEOUT:-300} python3 bench/kv_turnover.py ${TURNOVER_ARGS:-} 2>&1 | grep "^{" ;;
     telemetry)
       timeout 120 python3 bench/telemetry_overhead.py --seconds 10 --hz 20 100 2>&1 | tail -20 ;;
   esac

@@ -156,6 +156,9 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=3,
                     help="the last rate (saturation) runs this many times, each on request sets "
                          "of its own that offline also runs; the median ratio is the figure")
+    ap.add_argument("--telemetry", choices=("db", "off"), default="db",
+                    help="db: the server stores its telemetry (the engine's view comes from it); "
+                         "off: the server runs no telemetry at all (no engine view)")
     ap.add_argument("--port", type=int, default=8321)
     ap.add_argument("--max-model-len", type=int, default=2048)
     ap.add_argument("--out", default="serve_curve.json")
@@ -182,7 +185,8 @@ def main() -> int:
         os.remove(db)
     cmd = [sys.executable, "-m", "ondo", "serve", folder, "--load-format", "dummy", "--dtype", "bfloat16",
            "--port", str(args.port), "--max-model-len", str(args.max_model_len), "--max-num-seqs", "256",
-           "--max-waiting-requests", str(4 * args.num_prompts), "--telemetry-db", db]
+           "--max-waiting-requests", str(4 * args.num_prompts)]
+    cmd += ["--telemetry-db", db] if args.telemetry == "db" else ["--telemetry", "off"]
     proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     rows = []
     try:
@@ -205,12 +209,13 @@ def main() -> int:
                 "client": (time.process_time() - client0) / (t1 - t0),
                 "server": (cpu_seconds(proc.pid) - server0) / (t1 - t0),
                 "engine": (sum(cpu_seconds(p) for p in engine_pids) - engine0) / (t1 - t0)}
-            time.sleep(1.5)  # the telemetry store writes the last steps
-            with sqlite3.connect(db) as conn:
-                steps = conn.execute("SELECT start_monotonic_s, end_monotonic_s, num_output_tokens, "
-                                     "num_running, num_prefill_tokens, batch_size FROM engine_steps "
-                                     "ORDER BY end_monotonic_s").fetchall()
-            summary["engine_view"] = engine_view(steps, t0, t1)
+            if args.telemetry == "db":
+                time.sleep(1.5)  # the telemetry store writes the last steps
+                with sqlite3.connect(db) as conn:
+                    steps = conn.execute("SELECT start_monotonic_s, end_monotonic_s, num_output_tokens, "
+                                         "num_running, num_prefill_tokens, batch_size FROM engine_steps "
+                                         "ORDER BY end_monotonic_s").fetchall()
+                summary["engine_view"] = engine_view(steps, t0, t1)
             rows.append(summary)
             print(json.dumps({k: v for k, v in summary.items()
                               if not isinstance(v, (list, dict)) or k in ("cpu_share", "engine_view")}),

@@ -29,6 +29,7 @@ from ondo.engine.engine_loop import Command, EngineLoop, Published
 from ondo.engine.gc_pauses import GcPauses, freeze_startup_heap, thaw_heap
 from ondo.engine.outputs import CompletionOutput, RequestOutput, WireDelta
 from ondo.engine.step_stats import StepStats
+from ondo.engine.window_report import WindowReport
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -211,17 +212,22 @@ def run_engine(args: EngineArgs, commands: Connection, results: Connection, log_
     step_stats: list[StepStats] = []
     listening = False
     publisher = Publisher(results)
+    window = WindowReport(engine.step_timing_s, engine.device)
 
     def take(block: bool) -> list[Command] | None:
         nonlocal listening
         taken: list[Any] = []
+        t0 = time.perf_counter()
         try:
             if block:
                 taken += commands.recv()
+                window.loop_time("idle", time.perf_counter() - t0)
+                t0 = time.perf_counter()
             while commands.poll():
                 taken += commands.recv()  # each message: the commands the server had queued
         except (EOFError, OSError):  # the server process is gone
             return None
+        window.loop_time("take", time.perf_counter() - t0)
         if _STOP in taken:
             return None
         if _SEND_STEP_STATS in taken:
@@ -237,7 +243,10 @@ def run_engine(args: EngineArgs, commands: Connection, results: Connection, log_
         nonlocal publish_s
         t0 = time.perf_counter()
         publisher.publish(batch)
-        publish_s += time.perf_counter() - t0
+        elapsed = time.perf_counter() - t0
+        publish_s += elapsed
+        window.loop_time("publish", elapsed)
+        window.maybe_log()
 
     dead = EngineLoop(engine, take, publish, step_stats).run()
     publisher.close()

@@ -26,6 +26,7 @@ def main() -> None:
     ap.add_argument("--model-shape", default="qwen3-0.6b")
     ap.add_argument("--tokens", type=int, nargs="+", default=[8192, 1024])
     ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--top", type=int, default=18, help="functions listed from each profile")
     args = ap.parse_args()
     llm = LLM(shape_folder(args.model_shape), load_format="dummy", dtype="bfloat16", max_model_len=2048,
               gpu_memory_utilization=0.5, enforce_eager=True)
@@ -50,9 +51,10 @@ def main() -> None:
             prof.disable()
             torch.cuda.synchronize()
         result[f"tokens_{n}"] = {"host_launch_ms": 1e3 * min(launch[2:]), "wall_ms": 1e3 * min(total[2:])}
-        s = io.StringIO()
-        pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(18)
-        print(f"--- {n} tokens, fuse={result['fuse']}\n" + s.getvalue()[-3500:], flush=True)
+        for order in ("tottime", "cumulative"):
+            s = io.StringIO()
+            pstats.Stats(prof, stream=s).sort_stats(order).print_stats(args.top)
+            print(f"--- {n} tokens, fuse={result['fuse']}, by {order}\n" + s.getvalue()[-6000:], flush=True)
     print(json.dumps(result), flush=True)
 
 

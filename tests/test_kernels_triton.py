@@ -167,6 +167,37 @@ def test_prefill_kernel_handles_decode_only_batches_too():
     torch.testing.assert_close(out, _reference(b), atol=ATOL, rtol=RTOL)
 
 
+def test_prefill_kernel_on_a_graph_shaped_batch_ignores_padding():
+    """As a CUDA graph replays it: more token rows than the batch has (padding of no
+    sequence, slot -1), trailing sequences with no new tokens and stale context lengths,
+    wider block tables, and a max_query_len that is the padded size. The batch's own
+    rows must come out as without the padding."""
+    b = _batch([1, 37, 1, 0, 5], [20, 50, 9, 12, 5], heads=(8, 2), head_dim=64, block_size=8)
+    expect = _reference(b)
+    total, pad_tokens, num_seqs = b.query.shape[0], 23, 8
+    gen = torch.Generator().manual_seed(5)
+
+    def padded(t: torch.Tensor) -> torch.Tensor:
+        return torch.cat([t, torch.randn(pad_tokens, *t.shape[1:], generator=gen).to(t)])
+
+    m = b.meta
+    extra = num_seqs - m.num_seqs
+    tables = torch.zeros(num_seqs, m.block_tables.shape[1] + 4, dtype=torch.int32, device=DEVICE)
+    tables[: m.num_seqs, : m.block_tables.shape[1]] = m.block_tables
+    meta = type(m)(
+        slot_mapping=torch.cat([m.slot_mapping, torch.full((pad_tokens,), -1, dtype=torch.int64, device=DEVICE)]),
+        block_tables=tables,
+        context_lens=torch.cat([m.context_lens, torch.full((extra,), 30, dtype=torch.int32, device=DEVICE)]),
+        query_start_loc=torch.cat([m.query_start_loc,
+                                   torch.full((extra,), total, dtype=torch.int32, device=DEVICE)]),
+        max_query_len=total + pad_tokens, max_context_len=m.max_context_len, block_size=m.block_size,
+    )
+    graph_shaped = PagedBatch(padded(b.query), padded(b.key), padded(b.value), b.k_cache, b.v_cache, meta)
+    out = _write_then_attend(graph_shaped, paged_prefill_attention_triton)
+    assert out.shape[0] == total + pad_tokens
+    torch.testing.assert_close(out[:total], expect, atol=ATOL, rtol=RTOL)
+
+
 def test_fp16_inputs_keep_fp16_output_close_to_fp32_reference():
     b = _batch([5, 1], [21, 18], heads=(8, 2), head_dim=64)
     expect = _reference(b)

@@ -210,6 +210,7 @@ def _prefill_kernel(
     stride_cache_slot,
     stride_cache_h,
     stride_bt,
+    num_seqs,
     GROUP: tl.constexpr,
     GROUP_PAD: tl.constexpr,  # GROUP padded to a power of two
     HEAD_DIM: tl.constexpr,
@@ -224,14 +225,29 @@ def _prefill_kernel(
     A tile's rows are (token, head-in-group) pairs, so the kv head's K/V tile is
     loaded once for all its query heads, and decode rows (one token) mixed into the
     batch still fill GROUP rows of the dot instead of one.
+
+    The grid's first axis runs over the batch's query tiles, flat: sequence s owns
+    programs from query_start_loc[s] // TOKENS_PER_TILE + s on, at least as many as it
+    has tiles. So the grid needs only the token and sequence counts, never the longest
+    query, and a CUDA graph captured for T tokens and B sequences serves every batch
+    that fits (trailing sequences with no new tokens, tokens of no sequence).
     """
     TOKENS_PER_TILE: tl.constexpr = BLOCK_M // GROUP_PAD
-    tile = tl.program_id(0)
+    program = tl.program_id(0)
     kv_head = tl.program_id(1)
-    seq = tl.program_id(2)
-
+    # The last sequence whose first program is at or before this one (binary search).
+    lo = tl.full([], 0, tl.int32)
+    hi = lo + num_seqs
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        first = tl.load(query_start_loc_ptr + mid) // TOKENS_PER_TILE + mid
+        is_before = first <= program
+        lo = tl.where(is_before, mid, lo)
+        hi = tl.where(is_before, hi, mid)
+    seq = lo
     q_start = tl.load(query_start_loc_ptr + seq)
     q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
+    tile = program - (q_start // TOKENS_PER_TILE + seq)
     tok0 = tile * TOKENS_PER_TILE
     if tok0 >= q_len:  # this sequence has fewer tiles (or no new tokens at all)
         return
@@ -477,9 +493,10 @@ def paged_prefill_attention_triton(
         block_m, num_warps = 16, 4
     block_m = max(block_m, group_pad)
     tokens_per_tile = block_m // group_pad
-    num_tiles = math.ceil(meta.max_query_len / tokens_per_tile)
+    # Enough programs for every sequence's tiles (see _prefill_kernel), from host sizes only.
+    num_programs = num_tokens // tokens_per_tile + meta.num_seqs
 
-    _prefill_kernel[(num_tiles, num_kv_heads, meta.num_seqs)](
+    _prefill_kernel[(num_programs, num_kv_heads)](
         query,
         k_cache,
         v_cache,
@@ -496,6 +513,7 @@ def paged_prefill_attention_triton(
         k_cache.stride(1),
         k_cache.stride(2),
         meta.block_tables.stride(0),
+        meta.num_seqs,
         GROUP=group,
         GROUP_PAD=group_pad,
         HEAD_DIM=head_dim,

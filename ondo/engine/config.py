@@ -28,6 +28,9 @@ class EngineArgs:
     preemption_mode: str = "auto"
     swap_space: float = 4.0  # GiB of CPU memory for swapped-out KV blocks
     enforce_eager: bool = False  # no CUDA graphs
+    # The largest step with a prefill in it that replays a CUDA graph (padded up to the
+    # next captured size); larger ones run eagerly. None: max_num_batched_tokens; 0: none.
+    cuda_graph_max_tokens: int | None = None
     enable_chunked_prefill: bool = True
     enable_prefix_caching: bool = True  # reuse the K/V of full blocks shared by prompts
     served_model_name: str | None = None
@@ -44,6 +47,8 @@ class EngineArgs:
             raise bad("max_num_seqs", "must be >= 1")
         if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
             raise bad("max_num_batched_tokens", "must be >= 1")
+        if self.cuda_graph_max_tokens is not None and self.cuda_graph_max_tokens < 0:
+            raise bad("cuda_graph_max_tokens", "must be >= 0 (0: steps with a prefill run eagerly)")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise bad("max_model_len", "must be >= 1")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:

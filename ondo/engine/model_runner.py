@@ -81,8 +81,10 @@ class ModelRunner:
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.plan: MemoryPlan | None = None
         self.costs: PreemptionCosts | None = None
-        self.graphs: dict[int, _Graph] = {}
+        self.graphs: dict[int, _Graph] = {}  # decode-only steps, by batch size
         self.graph_sizes: list[int] = []
+        self.mixed_graphs: dict[int, _Graph] = {}  # steps with a prefill, by token count
+        self.mixed_graph_sizes: list[int] = []
         self.graph_capture_s = 0.0
         self.profile_s = 0.0  # profiling passes (on CUDA the first compiles the fused regions)
         self.graph_memory_bytes = 0
@@ -309,10 +311,13 @@ class ModelRunner:
         if sched.block_copies:  # copy-on-write, after the swaps, before anything writes
             copy_blocks(self.kv_layers, sched.block_copies)
         n = batch.num_tokens
-        graph = self.graphs.get(self._graph_size(n)) if batch.meta.is_decode_only else None
-        if graph is not None:
-            hidden = self._replay(graph, batch)
+        if batch.meta.is_decode_only:
+            graph = self.graphs.get(_padded_size(self.graph_sizes, n))
+            hidden = self._replay(graph, batch) if graph is not None else None
         else:
+            graph = self.mixed_graphs.get(_padded_size(self.mixed_graph_sizes, n))
+            hidden = self._replay_mixed(graph, batch) if graph is not None else None
+        if hidden is None:
             hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.meta)
         if batch.logits_indices.numel() == 0:
             return None
@@ -320,16 +325,76 @@ class ModelRunner:
 
     # -- CUDA graphs ----------------------------------------------------------------
     def _graph_size(self, n: int) -> int:
-        i = bisect.bisect_left(self.graph_sizes, n)
-        return self.graph_sizes[i] if i < len(self.graph_sizes) else -1
+        return _padded_size(self.graph_sizes, n)
 
     def capture_cuda_graphs(self) -> None:
-        """Decode graphs at a ladder of batch sizes, sharing one memory pool and one set
-        of input buffers; a batch is padded up to the next captured size."""
+        """CUDA graphs at ladders of sizes, all in one memory pool, largest first; a step
+        is padded up to the next captured size.
+
+        Decode steps replay graphs by batch size. Steps with a prefill replay graphs by
+        token count (`_capture_mixed_graphs`): eagerly, such a step costs the host
+        ~15 ms of launches whatever its size (28 compiled regions and 56 attention and
+        KV-write kernels for the Qwen3-0.6B shape), more than the GPU needs for it up to
+        thousands of tokens."""
         if self.device.type != "cuda" or self.args.enforce_eager:
             return
         t0 = time.perf_counter()
+        # The profiling pass's activations sit cached in the allocator; handing them back
+        # lets the graphs' pool take that memory instead of more.
+        torch.cuda.empty_cache()
         free_before = torch.cuda.mem_get_info(self.device)[0]
+        pool = self._capture_mixed_graphs()
+        self._capture_decode_graphs(pool)
+        torch.cuda.synchronize(self.device)
+        self.graph_capture_s = time.perf_counter() - t0
+        self.graph_memory_bytes = free_before - torch.cuda.mem_get_info(self.device)[0]
+        log.info("captured %d decode CUDA graphs (batch %s) and %d for steps with a prefill (tokens %s) "
+                 "in %.1f s using %.2f GiB", len(self.graphs), self.graph_sizes, len(self.mixed_graphs),
+                 self.mixed_graph_sizes, self.graph_capture_s, self.graph_memory_bytes / 2**30)
+
+    def _capture(self, args: tuple, pool) -> _Graph:
+        with torch.inference_mode():
+            self.model(*args)  # warm-up: compiles kernels outside the capture
+            torch.cuda.synchronize(self.device)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                out = self.model(*args)
+        return _Graph(graph, out)
+
+    def _capture_mixed_graphs(self):
+        """Graphs for steps with a prefill, by token count, over static inputs sized for
+        the largest: the attention kernel's grid depends only on the token count and the
+        sequence count (max_num_seqs here), so sequences past the batch's own get no new
+        tokens and padding tokens belong to none (slot -1: nothing stored)."""
+        limit = self.args.cuda_graph_max_tokens
+        max_tokens = min(self.max_num_batched_tokens if limit is None else limit, self.max_num_batched_tokens)
+        self.mixed_graph_sizes = mixed_graph_sizes(max_tokens)
+        if not self.mixed_graph_sizes:
+            return None
+        max_seqs, dev = self.args.max_num_seqs, self.device
+        max_blocks = (self.max_model_len + self.block_size - 1) // self.block_size
+        self.mixed_static = st = {
+            "input_ids": torch.zeros(max_tokens, dtype=torch.long, device=dev),
+            "positions": torch.zeros(max_tokens, dtype=torch.long, device=dev),
+            "slot_mapping": torch.full((max_tokens,), -1, dtype=torch.long, device=dev),
+            "block_tables": torch.zeros((max_seqs, max_blocks), dtype=torch.int32, device=dev),
+            "context_lens": torch.zeros(max_seqs, dtype=torch.int32, device=dev),
+            "query_start_loc": torch.zeros(max_seqs + 1, dtype=torch.int32, device=dev),
+        }
+        pool = None
+        for size in reversed(self.mixed_graph_sizes):
+            meta = AttentionMetadata(
+                slot_mapping=st["slot_mapping"][:size], block_tables=st["block_tables"],
+                context_lens=st["context_lens"], query_start_loc=st["query_start_loc"],
+                max_query_len=size, max_context_len=self.max_model_len, block_size=self.block_size,
+            )
+            graph = self._capture((st["input_ids"][:size], st["positions"][:size], self.kv_caches, meta), pool)
+            pool = graph.graph.pool()
+            self.mixed_graphs[size] = graph
+        return pool
+
+    def _capture_decode_graphs(self, pool) -> None:
+        """Decode graphs at a ladder of batch sizes, sharing one set of input buffers."""
         max_bs = self.args.max_num_seqs
         ladder = [b for b in (1, 2, 4, 8) if b < max_bs] + list(range(16, max_bs, 16)) + [max_bs]
         self.graph_sizes = sorted(set(ladder))
@@ -344,27 +409,15 @@ class ModelRunner:
             "query_start_loc": torch.arange(max_bs + 1, dtype=torch.int32, device=dev),
         }
         st = self.static
-        pool = None
         for size in reversed(self.graph_sizes):
             meta = AttentionMetadata(
                 slot_mapping=st["slot_mapping"][:size], block_tables=st["block_tables"][:size],
                 context_lens=st["context_lens"][:size], query_start_loc=st["query_start_loc"][: size + 1],
                 max_query_len=1, max_context_len=self.max_model_len, block_size=self.block_size,
             )
-            args = (st["input_ids"][:size], st["positions"][:size], self.kv_caches, meta)
-            with torch.inference_mode():
-                self.model(*args)  # warm-up: compiles kernels outside the capture
-                torch.cuda.synchronize(dev)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
-                    out = self.model(*args)
-            pool = graph.pool()
-            self.graphs[size] = _Graph(graph, out)
-        torch.cuda.synchronize(dev)
-        self.graph_capture_s = time.perf_counter() - t0
-        self.graph_memory_bytes = free_before - torch.cuda.mem_get_info(self.device)[0]
-        log.info("captured %d decode CUDA graphs (batch %s) in %.1f s using %.2f GiB",
-                 len(self.graphs), self.graph_sizes, self.graph_capture_s, self.graph_memory_bytes / 2**30)
+            graph = self._capture((st["input_ids"][:size], st["positions"][:size], self.kv_caches, meta), pool)
+            pool = graph.graph.pool()
+            self.graphs[size] = graph
 
     def _replay(self, graph: _Graph, batch: StepBatch) -> torch.Tensor:
         st, n = self.static, batch.num_tokens
@@ -378,6 +431,24 @@ class ModelRunner:
         if size > n:  # padding rows: write nothing, read one slot of block 0
             st["slot_mapping"][n:size].fill_(-1)
             st["context_lens"][n:size].fill_(1)
+        graph.graph.replay()
+        return graph.output[:n]
+
+    def _replay_mixed(self, graph: _Graph, batch: StepBatch) -> torch.Tensor | None:
+        st, n, num_seqs = self.mixed_static, batch.num_tokens, batch.meta.num_seqs
+        size = graph.output.shape[0]
+        width = batch.host_tables.shape[1]
+        if num_seqs > st["context_lens"].shape[0] or width > st["block_tables"].shape[1]:
+            return None  # cannot happen within the engine's limits; run it eagerly
+        meta = batch.meta
+        st["input_ids"][:n].copy_(batch.input_ids, non_blocking=True)
+        st["positions"][:n].copy_(batch.positions, non_blocking=True)
+        st["slot_mapping"][:n].copy_(meta.slot_mapping, non_blocking=True)
+        st["slot_mapping"][n:size].fill_(-1)  # padding: stores nothing
+        st["block_tables"][:num_seqs, :width].copy_(meta.block_tables, non_blocking=True)
+        st["context_lens"][:num_seqs].copy_(meta.context_lens, non_blocking=True)
+        st["query_start_loc"][: num_seqs + 1].copy_(meta.query_start_loc, non_blocking=True)
+        st["query_start_loc"][num_seqs + 1 :].fill_(n)  # the sequences past the batch's: no new tokens
         graph.graph.replay()
         return graph.output[:n]
 
@@ -403,3 +474,19 @@ class ModelRunner:
         bytes_moved = ((linear_params + head_params) * elt + tokens * hidden * elt
                        + kv_token_bytes * (float(ctx.sum()) - tokens) + kv_token_bytes * tokens)
         return flops, bytes_moved
+
+
+def _padded_size(sizes: list[int], n: int) -> int:
+    """The smallest of the sorted `sizes` that holds n; -1 when none does."""
+    i = bisect.bisect_left(sizes, n)
+    return sizes[i] if i < len(sizes) else -1
+
+
+def mixed_graph_sizes(max_tokens: int) -> list[int]:
+    """Token counts captured for steps with a prefill, up to `max_tokens`: powers of two
+    to 512, then every 256 to 2048, then every 512, so that padding adds at most a
+    quarter of a step's tokens past 1024 (and no more than 511 anywhere)."""
+    if max_tokens < 2:
+        return []
+    ladder = [16, 32, 64, 128, 256, 512, *range(768, 2049, 256), *range(2560, max_tokens + 1, 512)]
+    return sorted({n for n in ladder if n < max_tokens} | {max_tokens})

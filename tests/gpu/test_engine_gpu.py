@@ -109,6 +109,66 @@ def test_cuda_graph_decode_equals_eager_decode(checkpoint):
         engine.abort_request(item.seq.request_id)
 
 
+def test_cuda_graph_mixed_step_equals_eager_forward(checkpoint):
+    """A step with a prefill and decode rows, replayed from the graph of the next token
+    count up, computes exactly what the same padded forward computes eagerly."""
+    _, _, path = checkpoint
+    llm = LLM(path, dtype="bfloat16", max_num_seqs=16, max_model_len=512, max_num_batched_tokens=512,
+              gpu_memory_utilization=0.3, async_scheduling=False)
+    engine, runner = llm.engine, llm.engine.runner
+    assert runner.mixed_graph_sizes[-1] == 512 and 128 in runner.mixed_graphs
+    params = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)
+    gen = torch.Generator().manual_seed(7)
+    for i, n in enumerate((9, 30, 41)):
+        engine.add_request(f"r{i}", prompt_token_ids=torch.randint(0, SHAPE["vocab_size"], (n,), generator=gen).tolist(),
+                           params=params)
+    for _ in range(2):
+        engine.step()  # the prompts, then a decode step
+    engine.add_request("new", prompt_token_ids=torch.randint(0, SHAPE["vocab_size"], (70,), generator=gen).tolist(),
+                       params=params)
+    sched = engine.scheduler.schedule()
+    batch = runner.prepare(sched)
+    assert batch.num_prefill_tokens == 70 and batch.num_decode_tokens == 3  # 73 tokens: the 128 graph
+    with torch.inference_mode():
+        graph_logits = runner.execute(sched, batch)
+        st = runner.mixed_static
+        meta = type(batch.meta)(
+            slot_mapping=st["slot_mapping"][:128], block_tables=st["block_tables"],
+            context_lens=st["context_lens"], query_start_loc=st["query_start_loc"],
+            max_query_len=128, max_context_len=runner.max_model_len, block_size=runner.block_size)
+        hidden = runner.model(st["input_ids"][:128], st["positions"][:128], runner.kv_caches, meta)
+        eager_logits = runner.model.compute_logits(hidden.index_select(0, batch.logits_indices)).float()
+        # And the unpadded eager forward picks the same tokens.
+        unpadded = runner.model(batch.input_ids, batch.positions, runner.kv_caches, batch.meta)
+        unpadded_logits = runner.model.compute_logits(unpadded.index_select(0, batch.logits_indices)).float()
+    assert runner.mixed_graphs[128].output.shape[0] == 128
+    assert graph_logits.shape[0] == 4 and torch.equal(graph_logits, eager_logits)
+    assert torch.equal(graph_logits.argmax(-1), unpadded_logits.argmax(-1))
+    for item in sched.scheduled:  # leave the engine consistent
+        engine.abort_request(item.seq.request_id)
+
+
+def test_cuda_graphs_for_prefill_steps_keep_greedy_outputs(checkpoint):
+    """The same greedy requests with steps that have a prefill replayed from graphs and
+    run eagerly (cuda_graph_max_tokens=0): token for token the same."""
+    _, _, path = checkpoint
+    gen = torch.Generator().manual_seed(11)
+    prompts = [torch.randint(0, SHAPE["vocab_size"], (int(n),), generator=gen).tolist()
+               for n in torch.randint(1, 300, (24,), generator=gen)]
+    params = [SamplingParams(temperature=0, max_tokens=8 + 5 * i, ignore_eos=True) for i in range(len(prompts))]
+    outs = {}
+    for limit in (None, 0):
+        llm = LLM(path, dtype="bfloat16", max_num_seqs=32, max_model_len=512, max_num_batched_tokens=512,
+                  gpu_memory_utilization=0.3, cuda_graph_max_tokens=limit)
+        assert bool(llm.engine.runner.mixed_graphs) == (limit is None)
+        outs[limit] = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+        del llm
+        torch.cuda.empty_cache()
+    same = sum(a == b for a, b in zip(outs[None], outs[0], strict=True))
+    print(f"RESULT prefill-step graphs vs eager: {same}/{len(prompts)} greedy outputs identical")
+    assert outs[None] == outs[0]
+
+
 def test_async_scheduling_equals_synchronous_stepping_on_the_gpu(checkpoint):
     """Steps queued ahead (tokens fed from the previous draws on the device, CUDA graphs,
     chunked prefill) give the tokens of synchronous stepping, greedy and seeded."""

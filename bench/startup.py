@@ -1,4 +1,5 @@
-"""Engine start-up time (load dummy weights, profile, compile, capture CUDA graphs), in a
+"""Engine start-up time (load dummy weights, profile, compile, capture CUDA graphs, with
+the warm-up and capture seconds of each kind of graph), in a
 fresh process, with its phases. Run twice: the first run on a new machine compiles with
 cold caches; the second finds Inductor's and Triton's on-disk caches warm.
 
@@ -25,8 +26,18 @@ def main() -> None:
               max_model_len=args.max_model_len, gpu_memory_utilization=0.9)
     wall = time.perf_counter() - t0
     engine = llm.engine
+    runner = engine.runner
+    capture: dict[str, dict[str, float]] = {}
+    for kind, _size, warm_up_s, capture_s in runner.graph_capture_times_s:
+        c = capture.setdefault(kind, {"graphs": 0, "warm_up_s": 0.0, "capture_s": 0.0, "max_capture_s": 0.0})
+        c["graphs"] += 1
+        c["warm_up_s"] += warm_up_s
+        c["capture_s"] += capture_s
+        c["max_capture_s"] = max(c["max_capture_s"], capture_s)
     print(json.dumps({"model": args.model_shape, "startup_s": engine.startup_s, "wall_s": wall,
-                      "phases_s": engine.startup_phases_s, "cuda_graphs": len(engine.runner.graphs)}))
+                      "phases_s": engine.startup_phases_s, "cuda_graphs": len(runner.graphs),
+                      "mixed_cuda_graphs": len(runner.mixed_graphs),
+                      "graph_capture": {k: {n: round(v, 3) for n, v in c.items()} for k, c in capture.items()}}))
 
 
 if __name__ == "__main__":

@@ -86,6 +86,7 @@ class ModelRunner:
         self.mixed_graphs: dict[int, _Graph] = {}  # steps with a prefill, by token count
         self.mixed_graph_sizes: list[int] = []
         self.graph_capture_s = 0.0
+        self.graph_capture_times_s: list[tuple[str, int, float, float]] = []  # kind, size, warm-up, capture
         self.profile_s = 0.0  # profiling passes (on CUDA the first compiles the fused regions)
         self.graph_memory_bytes = 0
 
@@ -352,13 +353,17 @@ class ModelRunner:
                  "in %.1f s using %.2f GiB", len(self.graphs), self.graph_sizes, len(self.mixed_graphs),
                  self.mixed_graph_sizes, self.graph_capture_s, self.graph_memory_bytes / 2**30)
 
-    def _capture(self, args: tuple, pool) -> _Graph:
+    def _capture(self, kind: str, args: tuple, pool, warm_up: bool = True) -> _Graph:
+        t0 = time.perf_counter()
         with torch.inference_mode():
-            self.model(*args)  # warm-up: compiles kernels outside the capture
-            torch.cuda.synchronize(self.device)
+            if warm_up:  # compiles kernels outside the capture
+                self.model(*args)
+                torch.cuda.synchronize(self.device)
+            t1 = time.perf_counter()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
                 out = self.model(*args)
+        self.graph_capture_times_s.append((kind, int(args[0].shape[0]), t1 - t0, time.perf_counter() - t1))
         return _Graph(graph, out)
 
     def _capture_mixed_graphs(self):
@@ -388,7 +393,11 @@ class ModelRunner:
                 context_lens=st["context_lens"], query_start_loc=st["query_start_loc"],
                 max_query_len=size, max_context_len=self.max_model_len, block_size=self.block_size,
             )
-            graph = self._capture((st["input_ids"][:size], st["positions"][:size], self.kv_caches, meta), pool)
+            # One warm-up compiles every kernel these graphs use: the compiled regions take
+            # any token count, and every size on the ladder is a multiple of 16, so no
+            # kernel specializes anew.
+            graph = self._capture("mixed", (st["input_ids"][:size], st["positions"][:size], self.kv_caches, meta),
+                                  pool, warm_up=pool is None)
             pool = graph.graph.pool()
             self.mixed_graphs[size] = graph
         return pool
@@ -415,7 +424,8 @@ class ModelRunner:
                 context_lens=st["context_lens"][:size], query_start_loc=st["query_start_loc"][: size + 1],
                 max_query_len=1, max_context_len=self.max_model_len, block_size=self.block_size,
             )
-            graph = self._capture((st["input_ids"][:size], st["positions"][:size], self.kv_caches, meta), pool)
+            graph = self._capture("decode", (st["input_ids"][:size], st["positions"][:size], self.kv_caches, meta),
+                                  pool)
             pool = graph.graph.pool()
             self.graphs[size] = graph
 

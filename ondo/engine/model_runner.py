@@ -313,12 +313,12 @@ class ModelRunner:
             copy_blocks(self.kv_layers, sched.block_copies)
         n = batch.num_tokens
         if batch.meta.is_decode_only:
-            graph = self.graphs.get(_padded_size(self.graph_sizes, n))
-            hidden = self._replay(graph, batch) if graph is not None else None
+            graph, replay = self.graphs.get(_padded_size(self.graph_sizes, n)), self._replay
         else:
-            graph = self.mixed_graphs.get(_padded_size(self.mixed_graph_sizes, n))
-            hidden = self._replay_mixed(graph, batch) if graph is not None else None
-        if hidden is None:
+            graph, replay = self.mixed_graphs.get(_padded_size(self.mixed_graph_sizes, n)), self._replay_mixed
+        if graph is not None:
+            hidden = replay(graph, batch)
+        else:
             hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.meta)
         if batch.logits_indices.numel() == 0:
             return None
@@ -353,6 +353,19 @@ class ModelRunner:
                  "in %.1f s using %.2f GiB", len(self.graphs), self.graph_sizes, len(self.mixed_graphs),
                  self.mixed_graph_sizes, self.graph_capture_s, self.graph_memory_bytes / 2**30)
 
+    def _static_inputs(self, num_tokens: int, num_seqs: int) -> dict[str, torch.Tensor]:
+        """A graph's input buffers: the replayed step is copied into their first rows."""
+        dev = self.device
+        max_blocks = (self.max_model_len + self.block_size - 1) // self.block_size
+        return {
+            "input_ids": torch.zeros(num_tokens, dtype=torch.long, device=dev),
+            "positions": torch.zeros(num_tokens, dtype=torch.long, device=dev),
+            "slot_mapping": torch.full((num_tokens,), -1, dtype=torch.long, device=dev),
+            "block_tables": torch.zeros((num_seqs, max_blocks), dtype=torch.int32, device=dev),
+            "context_lens": torch.zeros(num_seqs, dtype=torch.int32, device=dev),
+            "query_start_loc": torch.zeros(num_seqs + 1, dtype=torch.int32, device=dev),
+        }
+
     def _capture(self, kind: str, args: tuple, pool, warm_up: bool = True) -> _Graph:
         t0 = time.perf_counter()
         with torch.inference_mode():
@@ -376,16 +389,7 @@ class ModelRunner:
         self.mixed_graph_sizes = mixed_graph_sizes(max_tokens)
         if not self.mixed_graph_sizes:
             return None
-        max_seqs, dev = self.args.max_num_seqs, self.device
-        max_blocks = (self.max_model_len + self.block_size - 1) // self.block_size
-        self.mixed_static = st = {
-            "input_ids": torch.zeros(max_tokens, dtype=torch.long, device=dev),
-            "positions": torch.zeros(max_tokens, dtype=torch.long, device=dev),
-            "slot_mapping": torch.full((max_tokens,), -1, dtype=torch.long, device=dev),
-            "block_tables": torch.zeros((max_seqs, max_blocks), dtype=torch.int32, device=dev),
-            "context_lens": torch.zeros(max_seqs, dtype=torch.int32, device=dev),
-            "query_start_loc": torch.zeros(max_seqs + 1, dtype=torch.int32, device=dev),
-        }
+        self.mixed_static = st = self._static_inputs(max_tokens, self.args.max_num_seqs)
         pool = None
         for size in reversed(self.mixed_graph_sizes):
             meta = AttentionMetadata(
@@ -407,17 +411,10 @@ class ModelRunner:
         max_bs = self.args.max_num_seqs
         ladder = [b for b in (1, 2, 4, 8) if b < max_bs] + list(range(16, max_bs, 16)) + [max_bs]
         self.graph_sizes = sorted(set(ladder))
-        max_blocks = (self.max_model_len + self.block_size - 1) // self.block_size
-        dev = self.device
-        self.static = {
-            "input_ids": torch.zeros(max_bs, dtype=torch.long, device=dev),
-            "positions": torch.zeros(max_bs, dtype=torch.long, device=dev),
-            "slot_mapping": torch.full((max_bs,), -1, dtype=torch.long, device=dev),
-            "block_tables": torch.zeros((max_bs, max_blocks), dtype=torch.int32, device=dev),
-            "context_lens": torch.ones(max_bs, dtype=torch.int32, device=dev),
-            "query_start_loc": torch.arange(max_bs + 1, dtype=torch.int32, device=dev),
-        }
-        st = self.static
+        self.static = st = self._static_inputs(max_bs, max_bs)
+        # One new token per sequence, and padding rows that read one slot of block 0.
+        st["context_lens"].fill_(1)
+        torch.arange(max_bs + 1, out=st["query_start_loc"])
         for size in reversed(self.graph_sizes):
             meta = AttentionMetadata(
                 slot_mapping=st["slot_mapping"][:size], block_tables=st["block_tables"][:size],
@@ -444,13 +441,11 @@ class ModelRunner:
         graph.graph.replay()
         return graph.output[:n]
 
-    def _replay_mixed(self, graph: _Graph, batch: StepBatch) -> torch.Tensor | None:
-        st, n, num_seqs = self.mixed_static, batch.num_tokens, batch.meta.num_seqs
-        size = graph.output.shape[0]
-        width = batch.host_tables.shape[1]
-        if num_seqs > st["context_lens"].shape[0] or width > st["block_tables"].shape[1]:
-            return None  # cannot happen within the engine's limits; run it eagerly
-        meta = batch.meta
+    def _replay_mixed(self, graph: _Graph, batch: StepBatch) -> torch.Tensor:
+        # The scheduler runs at most max_num_seqs sequences of at most max_model_len
+        # tokens: every batch fits the buffers' rows and table width.
+        st, n, meta = self.mixed_static, batch.num_tokens, batch.meta
+        num_seqs, size, width = meta.num_seqs, graph.output.shape[0], batch.host_tables.shape[1]
         st["input_ids"][:n].copy_(batch.input_ids, non_blocking=True)
         st["positions"][:n].copy_(batch.positions, non_blocking=True)
         st["slot_mapping"][:n].copy_(meta.slot_mapping, non_blocking=True)

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("ONDO_DEBUG_CHECKS", "1")  # the scheduler asserts its invariants every step
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 

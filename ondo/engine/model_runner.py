@@ -218,6 +218,10 @@ class ModelRunner:
         bs = self.block_size
         items = sched.scheduled
         n = len(items)
+        if n > self.args.max_num_seqs:
+            # The CUDA graphs' input buffers hold max_num_seqs rows; the scheduler keeps to it.
+            raise RuntimeError(f"a step of {n} sequences exceeds max_num_seqs={self.args.max_num_seqs}, "
+                               "the most the runner's batch buffers hold")
         q_lens = np.fromiter((it.num_new_tokens for it in items), dtype=np.int64, count=n)
         starts = np.fromiter((it.seq.num_computed_tokens for it in items), dtype=np.int64, count=n)
         ctx = starts + q_lens
@@ -252,6 +256,9 @@ class ModelRunner:
             seq_of_token = np.repeat(np.arange(n), q_lens)
             positions = np.arange(total) - qsl[:-1][seq_of_token] + starts[seq_of_token]
         width = max(len(it.seq.block_table) for it in items)
+        if width * bs >= self.max_model_len + bs:
+            raise RuntimeError(f"a sequence holds {width} blocks, more than max_model_len="
+                               f"{self.max_model_len} needs and the batch buffers hold")
         tables = np.zeros((n, width), dtype=np.int32)
         for i, it in enumerate(items):
             tables[i, : len(it.seq.block_table)] = it.seq.block_table

@@ -7,8 +7,12 @@ first; when blocks run short the newest running one is preempted), then swapped
 ones back in, then, only if nothing is left swapped, new ones from the waiting queue.
 A new sequence starts after its longest cached prefix (prefix caching), and waits a
 step when at least half of what it would compute is blocks another sequence computes
-this step (it then finds them cached instead of computing them again). A request with n > 1 takes n seats of
-`max_num_seqs`, as its sequences fork after its prefill.
+this step (it then finds them cached instead of computing them again).
+
+`max_num_seqs` bounds the sequences running at every step, also for requests with
+n > 1: such a request holds n seats from its admission on (`Sequence.num_seats`), since
+it forks into n running sequences when its first token is sampled. With debug checks
+on (`ONDO_DEBUG_CHECKS=1`, as in the test suite) every schedule asserts the bound.
 
 With `allow_preemption=False` (the engine schedules ahead of a step still on the GPU)
 nothing is preempted: a running sequence that gets no blocks waits, nothing new is
@@ -17,11 +21,14 @@ admitted, and the output says `blocked`, so the engine drains before the next st
 
 from __future__ import annotations
 
+import os
 from collections import deque
 from dataclasses import dataclass, field
 
 from ondo.engine.block_manager import BlockManager
 from ondo.engine.sequence import Sequence, SequenceStatus
+
+DEBUG_CHECKS = os.environ.get("ONDO_DEBUG_CHECKS", "") not in ("", "0")
 
 
 @dataclass(frozen=True)
@@ -80,6 +87,7 @@ class Scheduler:
         costs: PreemptionCosts | None = None,
         enable_chunked_prefill: bool = True,
         max_model_len: int | None = None,
+        debug_checks: bool = DEBUG_CHECKS,
     ) -> None:
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
@@ -88,6 +96,7 @@ class Scheduler:
         self.costs = costs
         self.enable_chunked_prefill = enable_chunked_prefill
         self.max_model_len = max_model_len
+        self.debug_checks = debug_checks
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.swapped: deque[Sequence] = deque()
@@ -116,12 +125,18 @@ class Scheduler:
     def fork(self, parent: Sequence, child: Sequence) -> None:
         """Run `child` beside `parent`, sharing its blocks (parallel sampling)."""
         self.block_manager.fork(parent, child)
+        parent.forked = True  # its seats pass to the children, one each
         child.status = SequenceStatus.RUNNING
         self.running.append(child)
 
     @property
     def num_unfinished(self) -> int:
         return len(self.waiting) + len(self.running) + len(self.swapped)
+
+    @property
+    def num_seats_running(self) -> int:
+        """Seats of `max_num_seqs` the running sequences hold (n for an unforked n > 1 request)."""
+        return sum(seq.num_seats for seq in self.running)
 
     # -- the decision ----------------------------------------------------------
     def schedule(self, allow_preemption: bool = True) -> SchedulerOutput:
@@ -150,8 +165,11 @@ class Scheduler:
 
         # 2. Swapped sequences come back before any new one is admitted.
         preempted = bool(out.preempted_swap or out.preempted_recompute or out.blocked)
-        while self.swapped and not preempted and budget > 0 and len(self.running) < self.max_num_seqs:
+        seats = self.num_seats_running if (self.swapped or self.waiting) and not preempted else 0
+        while self.swapped and not preempted and budget > 0:
             seq = self.swapped[0]
+            if seats + seq.num_seats > self.max_num_seqs:
+                break
             num_new = self._tokens_this_step(seq, budget)
             if num_new == 0 or not self.block_manager.can_swap_in(seq, num_new):
                 break
@@ -160,21 +178,15 @@ class Scheduler:
             self.block_manager.allocate_slots(seq, num_new)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
+            seats += seq.num_seats
             out.scheduled.append(ScheduledSeq(seq, num_new))
             budget -= num_new
 
         # 3. New sequences, first come first served.
         computing: set[bytes] = set()  # hashes of full blocks this step computes
-        while (
-            self.waiting
-            and not self.swapped
-            and not preempted
-            and budget > 0
-            and len(self.running) < self.max_num_seqs
-        ):
+        while self.waiting and not self.swapped and not preempted and budget > 0:
             seq = self.waiting[0]
-            seats = seq.params.n if seq.num_output_tokens == 0 else 1
-            if len(self.running) + seats > self.max_num_seqs:
+            if seats + seq.num_seats > self.max_num_seqs:
                 break
             cached = self.block_manager.find_cached_prefix(seq)
             if computing and self._mostly_computing(seq, len(cached), computing):
@@ -190,10 +202,20 @@ class Scheduler:
                 computing.update(seq.block_hashes[len(cached):full])
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
+            seats += seq.num_seats
             out.scheduled.append(ScheduledSeq(seq, num_new))
             budget -= num_new
         out.block_copies = self.block_manager.take_copies()
+        if self.debug_checks:
+            self._check_invariants(out)
         return out
+
+    def _check_invariants(self, out: SchedulerOutput) -> None:
+        seats = self.num_seats_running
+        assert seats <= self.max_num_seqs, f"{seats} seats running, max_num_seqs={self.max_num_seqs}"
+        assert len(out.scheduled) <= self.max_num_seqs, f"{len(out.scheduled)} sequences scheduled"
+        assert out.num_tokens <= self.max_num_batched_tokens, f"{out.num_tokens} tokens scheduled"
+        assert all(s.seq.status is SequenceStatus.RUNNING for s in out.scheduled)
 
     def _allocate_or_preempt(self, seq: Sequence, num_new: int, queue: deque[Sequence],
                              out: SchedulerOutput, allow_preemption: bool) -> bool:

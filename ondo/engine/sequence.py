@@ -37,6 +37,7 @@ class Sequence:
     stream: bool = True  # report every step's tokens, not only the final output
     detokenize: bool = True  # streamed text deltas made here (False: the caller decodes)
     index: int = 0  # which of the request's n sequences (parallel sampling)
+    forked: bool = False  # n > 1: its other sequences exist and run beside it
     # Prefix caching: chained hashes of the full blocks of token_ids (memoized), and how
     # many leading blocks of block_table have been offered to the cache.
     block_hashes: list[bytes] = field(default_factory=list, repr=False)
@@ -81,6 +82,12 @@ class Sequence:
         max_tokens = self.params.max_tokens
         return (max_tokens is not None and total - len(self.prompt_token_ids) >= max_tokens) \
             or total >= max_model_len
+
+    @property
+    def num_seats(self) -> int:
+        """Places of `max_num_seqs` it holds: a request with n > 1 holds n from admission
+        on, since it becomes n sequences when its first token is sampled."""
+        return self.params.n if self.params.n > 1 and self.index == 0 and not self.forked else 1
 
     @property
     def is_finished(self) -> bool:

@@ -416,3 +416,29 @@ def test_pipeline_wires_source_store_exporter_and_engine_hook(tmp_path: Path) ->
     assert sub.queue.get(0).compute_activity == pytest.approx(1.0)
     assert tel.store.stored == tel.gpu.produced + 1 and tel.store.dropped == 0
     assert registry.get_sample_value("ondo:gpu_power_watts", {"gpu": "0"}) > 70.0
+
+
+def test_store_writes_records_of_a_registered_table_in_the_same_file(tmp_path):
+    from dataclasses import dataclass
+
+    from ondo.telemetry.store import RecordTable
+
+    @dataclass
+    class Note:
+        t_s: float
+        text: str
+
+    table = RecordTable(Note, "CREATE TABLE IF NOT EXISTS notes (t_s REAL, text TEXT);",
+                        "INSERT INTO notes VALUES (?, ?)", lambda n: (n.t_s, n.text))
+    db = tmp_path / "t.db"
+    hub = TelemetryHub()
+    store = TelemetryStore(db, tables=[table])
+    store.attach(hub)
+    hub.publish(Note(1.5, "first"))
+    hub.publish(EngineSource(TelemetryHub()).on_step(step(0, 10.0, 10.5)))
+    hub.publish(Note(2.5, "second"))
+    store.close()
+    conn = sqlite3.connect(db)
+    assert conn.execute("SELECT t_s, text FROM notes ORDER BY t_s").fetchall() == [(1.5, "first"), (2.5, "second")]
+    assert conn.execute("SELECT COUNT(*) FROM engine_steps").fetchone() == (1,)
+    assert store.stored == 3 and store.dropped == 0

@@ -15,7 +15,7 @@ from ondo.telemetry.nvml_source import NvmlSource, NvmlUnavailable
 from ondo.telemetry.prometheus import PrometheusExporter
 from ondo.telemetry.replay import ReplaySource
 from ondo.telemetry.sim_source import SimulatedGpuSource
-from ondo.telemetry.store import TelemetryStore
+from ondo.telemetry.store import RecordTable, TelemetryStore
 
 log = logging.getLogger(__name__)
 
@@ -84,12 +84,14 @@ class Telemetry:
         source: str = "nvml",
         hz: float = 20.0,
         registry: CollectorRegistry | None = None,
+        tables: tuple[RecordTable, ...] = (),
         **source_kwargs: Any,
     ) -> Telemetry:
+        """`tables`: further record types (governor decisions, events) the store keeps."""
         hub = TelemetryHub()
         store = None
         if db_path is not None:
-            store = TelemetryStore(db_path)
+            store = TelemetryStore(db_path, tables=tables)
             store.attach(hub)
         exporter = PrometheusExporter(registry, hub, store) if registry is not None else None
         engine = EngineSource(hub)

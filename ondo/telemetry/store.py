@@ -4,6 +4,10 @@
 queue keeps its newest `max_queue` samples and counts the ones it drops, so that at any time
 after `close()`: stored + dropped == submitted. Raw GPU samples older than `raw_retention_s`
 are folded into 1 s aggregates (mean/min/max per column) in `gpu_samples_1s` and deleted.
+
+GPU samples and engine steps have tables of their own here; other layers (the governor's
+decisions, the event log) store their records in the same file and through the same
+writer thread by passing a `RecordTable` for each record type (`tables=`).
 """
 
 from __future__ import annotations
@@ -12,6 +16,8 @@ import logging
 import sqlite3
 import threading
 import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +65,17 @@ CREATE TABLE IF NOT EXISTS gpu_samples_1s (
 );
 CREATE INDEX IF NOT EXISTS gpu_samples_1s_t ON gpu_samples_1s (t_s);
 """
+
+
+@dataclass(frozen=True)
+class RecordTable:
+    """How records of one Python type are stored: the table's DDL (CREATE ... IF NOT EXISTS,
+    indexes too), its INSERT statement, and the function from a record to that row."""
+
+    kind: type
+    ddl: str
+    insert_sql: str
+    row: Callable[[Any], tuple[Any, ...]]
 
 
 class _BitOr:
@@ -131,8 +148,10 @@ class TelemetryStore:
         raw_retention_s: float | None = 600.0,
         busy_timeout_s: float = 0.1,
         retry_backoff_s: float = 0.05,
+        tables: Sequence[RecordTable] = (),
     ) -> None:
         self.path = Path(path)
+        self.tables = {t.kind: t for t in tables}
         self.raw_retention_s = raw_retention_s
         self.batch_size = batch_size
         self.retry_backoff_s = retry_backoff_s
@@ -146,6 +165,8 @@ class TelemetryStore:
         self._sub: Subscription | None = None
         conn = connect(self.path, timeout_s=5.0)
         conn.executescript(_SCHEMA)
+        for table in self.tables.values():
+            conn.executescript(table.ddl)
         conn.close()
         self._conn = connect(self.path, timeout_s=busy_timeout_s)
         self._thread = threading.Thread(target=self._run, name="ondo-telemetry-store", daemon=True)
@@ -164,12 +185,13 @@ class TelemetryStore:
     def queued(self) -> int:
         return len(self._queue)
 
-    def submit(self, sample: GpuSample | EngineSample) -> None:
-        """Queue a sample for writing; never blocks, never raises for a full queue."""
+    def submit(self, sample: Any) -> None:
+        """Queue a sample (or a record of a registered table) for writing; never blocks,
+        never raises for a full queue."""
         self._queue.put(sample)
 
     def attach(self, hub: TelemetryHub) -> None:
-        self._sub = hub.subscribe(self.submit, kinds=(GpuSample, EngineSample))
+        self._sub = hub.subscribe(self.submit, kinds=(GpuSample, EngineSample, *self.tables))
 
     def flush(self, timeout_s: float = 10.0) -> bool:
         """Wait until everything submitted so far is written (True) or `timeout_s` passes."""
@@ -213,14 +235,21 @@ class TelemetryStore:
                 continue
             self._maybe_compact()
 
-    def _write(self, batch: list[GpuSample | EngineSample]) -> None:
+    def _write(self, batch: list[Any]) -> None:
         gpu = [_gpu_row(s) for s in batch if isinstance(s, GpuSample)]
         engine = [_engine_row(s) for s in batch if isinstance(s, EngineSample)]
+        other: dict[type, list[tuple[Any, ...]]] = {}
+        for record in batch:
+            table = self.tables.get(type(record))
+            if table is not None:
+                other.setdefault(table.kind, []).append(table.row(record))
         with self._conn:
             if gpu:
                 self._conn.executemany(_INSERT_GPU, gpu)
             if engine:
                 self._conn.executemany(_INSERT_ENGINE, engine)
+            for kind, rows in other.items():
+                self._conn.executemany(self.tables[kind].insert_sql, rows)
         if gpu:
             self._latest_t = max(self._latest_t, max(r[2] for r in gpu))
 

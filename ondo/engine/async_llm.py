@@ -102,29 +102,27 @@ class _Stream:
 
 
 class _StreamText:
-    """Text deltas made on this side for an engine process's streamed request: the engine
-    sends token deltas (and the whole text once, at the end), so its steps do not pay for
-    decoding, and a stream that fell behind decodes its backlog in one go."""
+    """Text made on this side for an engine process's request: the engine sends token ids
+    only, so its steps do not pay for decoding. The same detokenizer as the engine's own,
+    fed the same ids in whatever groups they arrive (a stream that fell behind decodes its
+    backlog in one go), so the text is the one the engine would have made and the final
+    text is the concatenation of the streamed deltas."""
 
     def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool) -> None:
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
         self._detokenizers: dict[int, IncrementalDetokenizer] = {}
-        self._emitted: dict[int, str] = {}
 
     def fill(self, out: RequestOutput) -> None:
         for c in out.outputs:
-            emitted = self._emitted.get(c.index, "")
-            if c.finished:  # the engine's own decode of the whole text
-                c.new_text = c.text[len(emitted):] if len(c.text) > len(emitted) else ""
-                self._emitted[c.index] = c.text
-                continue
             det = self._detokenizers.get(c.index)
             if det is None:
                 det = self._detokenizers[c.index] = IncrementalDetokenizer(
                     self.tokenizer, out.prompt_token_ids, self.skip_special_tokens)
             c.new_text = det.extend(c.new_token_ids)
-            c.text = self._emitted[c.index] = det.output_text
+            if c.finished:
+                c.new_text += det.flush()
+            c.text = det.output_text
 
 
 def _deliver(items: list[tuple[_Stream, RequestOutput | BaseException]]) -> None:

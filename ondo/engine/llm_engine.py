@@ -39,7 +39,7 @@ from ondo.engine.scheduler import Scheduler, SchedulerOutput
 from ondo.engine.sequence import Sequence, SequenceStatus
 from ondo.engine.step_stats import StepStats
 from ondo.engine.stop_checker import check_stop
-from ondo.model.detokenizer import IncrementalDetokenizer
+from ondo.model.detokenizer import IncrementalDetokenizer, detokenize
 from ondo.model.loader import load_model
 from ondo.model.tokenizer import Tokenizer, load_tokenizer
 
@@ -99,8 +99,10 @@ class _InFlight:
 class _TextState:
     """What one sequence has produced and handed out so far."""
 
-    detokenizer: IncrementalDetokenizer | None  # None: no tokenizer, token ids only
+    detokenizer: IncrementalDetokenizer | None  # None: not streamed, or token ids only
     text: str = ""
+    final: bool = False  # the sequence finished and `text` is whole
+    stopped_by_string: bool = False  # `text` was cut at a stop string
     emitted: int = 0  # characters of `text` already handed out
     emitted_tokens: int = 0
     emitted_logprobs: int = 0
@@ -201,10 +203,10 @@ class LLMEngine:
         """Queue a request; raises ValueError (naming the problem) if it cannot run.
 
         With stream=False, step() reports the request only when it finishes, and its text
-        is decoded once at the end unless stop strings need it token by token. With
-        detokenize=False a streamed request's outputs carry token deltas but no text
-        deltas (the caller decodes them) and the text is decoded once at the end; stop
-        strings still make the engine decode token by token."""
+        is decoded once at the end unless stop strings need it token by token; either way
+        it is the text the stream would have made. With detokenize=False a streamed
+        request's outputs carry token ids but no text (the caller decodes them, with the
+        same detokenizer); stop strings still make the engine decode token by token."""
         params = params or SamplingParams()
         if request_id in self._requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
@@ -435,6 +437,7 @@ class LLMEngine:
         if decision.finish_reason is not None:
             if decision.truncate_text_to is not None:
                 state.text = state.text[: decision.truncate_text_to]
+                state.stopped_by_string = True
             seq.stop_reason = decision.stop_reason
             self.scheduler.finish(seq, decision.finish_reason)
 
@@ -463,13 +466,12 @@ class LLMEngine:
     def _completion(self, seq: Sequence) -> CompletionOutput:
         state = self._text[seq.seq_id]
         finished = seq.is_finished
+        if finished and not state.final:
+            self._finish_text(seq, state)
         text = state.text
         if state.detokenizer is None:
-            # Not streamed and no stop strings: decoded once, at the end.
-            if finished and self.tokenizer is not None:
-                text = self.tokenizer.decode(seq.output_token_ids, seq.params.skip_special_tokens)
+            new_text = text[state.emitted:] if finished else ""
             state.emitted = len(text) if finished else 0
-            new_text = text if finished else ""
         else:
             visible = len(text)
             if not finished and seq.params.stop_list:
@@ -493,6 +495,19 @@ class LLMEngine:
             new_token_ids=new_ids,
             new_logprobs=new_lps,
         )
+
+    def _finish_text(self, seq: Sequence, state: _TextState) -> None:
+        """A finished sequence's whole text, made as its stream makes it: the same
+        detokenizer, the prompt's last ids as context, the held-back tail flushed (unless
+        a stop string cut the text). Not streamed and no stop strings: decoded here, once;
+        detokenize=False: the caller decodes."""
+        state.final = True
+        if state.detokenizer is not None:
+            if not state.stopped_by_string:
+                state.text += state.detokenizer.flush()
+        elif self.tokenizer is not None and seq.detokenize:
+            state.text = detokenize(self.tokenizer, seq.prompt_token_ids, seq.output_token_ids,
+                                    seq.params.skip_special_tokens)
 
     def _forget(self, request_id: str) -> None:
         seqs = self._requests.pop(request_id, [])

@@ -1,17 +1,23 @@
 """Streaming text out of a growing list of token ids, one delta per token.
 
-vLLM's prefix_offset/read_offset method: decode a short window of recent ids
-twice, with and without the unread tail, and emit the difference. Decoding a
-window rather than a single token keeps tokenizer-specific joins (leading
-spaces, byte-level merges) right; text ending in U+FFFD is held back because
-a multi-byte character is still arriving.
+vLLM's prefix_offset/read_offset method, applied one id at a time: decode a short
+window of recent ids with and without the unread tail and emit the difference. The
+window starts with the prompt's last ids, so a sequence's first token joins its prompt
+the way the whole text would (a WordPiece or SentencePiece word after the prompt gets
+its leading space; byte-level BPE carries its own). Text ending in U+FFFD is held back
+because a multi-byte character is still arriving.
+
+Ids are taken one by one even when they come in groups, so the text depends on the ids
+alone, never on how they were grouped: a stream that fell behind and decodes its backlog
+at once, a step that adds several ids, and `detokenize` over a finished sequence all make
+the same text, and a sequence's final text is exactly the concatenation of its deltas.
 """
 
 from __future__ import annotations
 
 from ondo.model.tokenizer import Tokenizer
 
-# How many already-read ids the window keeps as context for the next decode.
+# How many prompt ids the first window keeps as context.
 _CONTEXT_IDS = 5
 _REPLACEMENT_CHAR = "\ufffd"
 
@@ -25,42 +31,54 @@ class IncrementalDetokenizer:
     ) -> None:
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
-        self.token_ids: list[int] = list(prompt_token_ids)
-        # ids[prefix_offset:read_offset] were already emitted and serve as context.
-        self.read_offset = len(self.token_ids)
-        self.prefix_offset = max(self.read_offset - _CONTEXT_IDS, 0)
+        # The window and what follows it: ids[prefix_offset:read_offset] were emitted and
+        # are the context of the next decode; ids[read_offset:] are not emitted yet.
+        self._ids: list[int] = list(prompt_token_ids[-_CONTEXT_IDS:])
+        self._prefix_offset = 0
+        self._read_offset = len(self._ids)
+        self._prefix_text = self._decode(self._ids) if self._ids else ""
         self.output_text = ""
 
     def append(self, token_id: int) -> str:
         """Add one generated id; return the text it completed ("" while a character is partial)."""
-        return self.extend([token_id])
-
-    def extend(self, token_ids: list[int]) -> str:
-        """Add generated ids (any number, two decodes in all); return the text they completed."""
-        if not token_ids:
+        ids = self._ids
+        ids.append(token_id)
+        text = self._decode(ids[self._prefix_offset:])
+        if len(text) <= len(self._prefix_text) or text.endswith(_REPLACEMENT_CHAR):
             return ""
-        self.token_ids.extend(token_ids)
-        prefix_text = self._decode(self.prefix_offset, self.read_offset)
-        new_text = self._decode(self.prefix_offset, len(self.token_ids))
-        if len(new_text) <= len(prefix_text) or new_text.endswith(_REPLACEMENT_CHAR):
-            return ""
-        delta = new_text[len(prefix_text) :]
-        self.prefix_offset = self.read_offset
-        self.read_offset = len(self.token_ids)
+        delta = text[len(self._prefix_text):]
+        self._advance()
         self.output_text += delta
         return delta
+
+    def extend(self, token_ids: list[int]) -> str:
+        """Add generated ids; return the text they completed (the same as appending each)."""
+        return "".join([self.append(t) for t in token_ids])
 
     def flush(self) -> str:
         """At the end of a sequence: whatever was held back, replacement characters included."""
-        prefix_text = self._decode(self.prefix_offset, self.read_offset)
-        new_text = self._decode(self.prefix_offset, len(self.token_ids))
-        delta = new_text[len(prefix_text) :] if len(new_text) > len(prefix_text) else ""
-        self.prefix_offset = self.read_offset
-        self.read_offset = len(self.token_ids)
+        if self._read_offset == len(self._ids):
+            return ""
+        text = self._decode(self._ids[self._prefix_offset:])
+        delta = text[len(self._prefix_text):] if len(text) > len(self._prefix_text) else ""
+        self._advance()
         self.output_text += delta
         return delta
 
-    def _decode(self, start: int, end: int) -> str:
-        return self.tokenizer.decode(
-            self.token_ids[start:end], skip_special_tokens=self.skip_special_tokens
-        )
+    def _advance(self) -> None:
+        """The ids just emitted become the next window; older ones are dropped."""
+        del self._ids[: self._read_offset]
+        self._prefix_offset = 0
+        self._read_offset = len(self._ids)
+        self._prefix_text = self._decode(self._ids)
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
+
+
+def detokenize(tokenizer: Tokenizer, prompt_token_ids: list[int], output_token_ids: list[int],
+               skip_special_tokens: bool = True) -> str:
+    """A finished sequence's whole text: the concatenation of the deltas it would have
+    streamed, with the tail flushed."""
+    detokenizer = IncrementalDetokenizer(tokenizer, prompt_token_ids, skip_special_tokens)
+    return detokenizer.extend(output_token_ids) + detokenizer.flush()

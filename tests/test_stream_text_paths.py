@@ -1,0 +1,102 @@
+"""Streamed text equals final text through the real engine, on a thread and in an engine
+process, for each tokenizer family: a tiny random Llama over the family's vocabulary
+samples random ids (temperature 1, random seeds), so the text crosses multi-byte
+characters, special tokens and word joins as a real model's would not on purpose.
+Also `ondo serve --engine-process` on the WordPiece-style model: a streamed completion
+and a plain one of the same greedy request give the same text."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from ondo.engine.async_llm import AsyncLLM
+from ondo.engine.config import EngineArgs
+from ondo.engine.sampling_params import SamplingParams
+from tests.server_process import launch_server
+from tests.tiny_checkpoints import tiny_hf_model
+from tests.tokenizer_families import FAMILIES, VOCAB_SIZES, write_tokenizer
+
+pytestmark = pytest.mark.slow
+
+EXAMPLES = 20  # per family; each runs 3 requests through both paths
+VOCABS = {"byte_level_bpe": 49152, **VOCAB_SIZES}
+
+
+def tiny_model_folder(family: str, folder: str) -> str:
+    tiny_hf_model("LlamaConfig", {"vocab_size": VOCABS[family]}).save_pretrained(folder)
+    write_tokenizer(family, folder, VOCABS[family])
+    return folder
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def engines(request, tmp_path_factory):
+    folder = tiny_model_folder(request.param, str(tmp_path_factory.mktemp(request.param)))
+    args = EngineArgs(model=folder, device="cpu", max_model_len=128, num_kv_blocks=64)
+    thread = AsyncLLM.from_engine_args(args, engine_process=False)
+    process = AsyncLLM.from_engine_args(args, engine_process=True)
+    yield request.param, thread, process
+    thread.close()
+    process.close()
+
+
+async def _run(llm: AsyncLLM, request_id: str, prompt: list[int], params: SamplingParams):
+    outs = [o async for o in llm.generate(request_id, prompt, params)]
+    c = outs[-1].outputs[0]
+    return "".join(o.outputs[0].new_text for o in outs), c.text, c.token_ids
+
+
+@settings(max_examples=EXAMPLES, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(data=st.data())
+def test_both_paths_stream_the_final_text(engines, data):
+    family, thread, process = engines
+    vocab = VOCABS[family]
+    cases = [(data.draw(st.lists(st.integers(0, vocab - 1), min_size=1, max_size=8)),
+              SamplingParams(temperature=1.0, seed=data.draw(st.integers(0, 2**31)),
+                             max_tokens=data.draw(st.integers(1, 16)),
+                             skip_special_tokens=data.draw(st.booleans())))
+             for _ in range(3)]
+
+    async def main(llm: AsyncLLM, tag: str):
+        return await asyncio.gather(*[_run(llm, f"{tag}{i}", p, params)
+                                      for i, (p, params) in enumerate(cases)])
+
+    on_thread = asyncio.run(main(thread, "t"))
+    in_process = asyncio.run(main(process, "p"))
+    for (t_streamed, t_final, t_ids), (p_streamed, p_final, p_ids) in zip(on_thread, in_process):
+        assert t_ids == p_ids  # same seeds, same model: the same ids
+        assert t_streamed == t_final == p_streamed == p_final, family
+
+
+def _completion_texts(base: str, body: dict) -> tuple[str, str]:
+    plain = httpx.post(base + "/v1/completions", json=body, timeout=120).json()
+    streamed = ""
+    with httpx.stream("POST", base + "/v1/completions", json=body | {"stream": True},
+                      timeout=120) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                streamed += json.loads(line[6:])["choices"][0]["text"]
+    return streamed, plain["choices"][0]["text"]
+
+
+def test_ondo_serve_streams_the_plain_text_on_a_wordpiece_model(tmp_path):
+    folder = tiny_model_folder("wordpiece", str(tmp_path / "model"))
+    proc, base = launch_server(folder, "--device", "cpu", "--max-model-len", "128",
+                               "--num-kv-blocks", "64", "--engine-process")
+    try:
+        for prompt in ("w5 w6 w7", "w115640"):
+            body = {"prompt": prompt, "max_tokens": 12, "temperature": 0, "ignore_eos": True}
+            streamed, plain = _completion_texts(base, body)
+            assert streamed == plain
+            words = plain.split(" ")
+            assert words[0] == "" and len(words) == 13  # " wA wB ...": one space before each word
+            assert all(w.startswith("w") and w[1:].isdigit() for w in words[1:])
+    finally:
+        proc.kill()
+        proc.wait()

@@ -111,7 +111,9 @@ def test_an_abandoned_stream_frees_its_blocks(in_process):
         return got
 
     assert len(asyncio.run(main())) == 3
-    assert wait_for(lambda: in_process.stats()["num_free_blocks"] == total, 1.0)
+    # The abort crosses the pipe and the freed counters come back after the engine's next
+    # pass: milliseconds, but seconds on a busy machine; what matters is that they come.
+    assert wait_for(lambda: in_process.stats()["num_free_blocks"] == total, 30.0)
     assert in_process.num_in_flight == 0
 
 

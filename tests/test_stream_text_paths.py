@@ -19,19 +19,11 @@ from ondo.engine.async_llm import AsyncLLM
 from ondo.engine.config import EngineArgs
 from ondo.engine.sampling_params import SamplingParams
 from tests.server_process import launch_server
-from tests.tiny_checkpoints import tiny_hf_model
-from tests.tokenizer_families import FAMILIES, VOCAB_SIZES, write_tokenizer
+from tests.tokenizer_families import FAMILIES, MODEL_VOCAB_SIZES, tiny_model_folder
 
 pytestmark = pytest.mark.slow
 
 EXAMPLES = 20  # per family; each runs 3 requests through both paths
-VOCABS = {"byte_level_bpe": 49152, **VOCAB_SIZES}
-
-
-def tiny_model_folder(family: str, folder: str) -> str:
-    tiny_hf_model("LlamaConfig", {"vocab_size": VOCABS[family]}).save_pretrained(folder)
-    write_tokenizer(family, folder, VOCABS[family])
-    return folder
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -56,7 +48,7 @@ async def _run(llm: AsyncLLM, request_id: str, prompt: list[int], params: Sampli
 @given(data=st.data())
 def test_both_paths_stream_the_final_text(engines, data):
     family, thread, process = engines
-    vocab = VOCABS[family]
+    vocab = MODEL_VOCAB_SIZES[family]
     cases = [(data.draw(st.lists(st.integers(0, vocab - 1), min_size=1, max_size=8)),
               SamplingParams(temperature=1.0, seed=data.draw(st.integers(0, 2**31)),
                              max_tokens=data.draw(st.integers(1, 16)),

@@ -35,11 +35,13 @@ from ondo.engine.engine_loop import (
     Published,
     final_output,
 )
-from ondo.engine.engine_process import EngineProcess, engine_process_default
+from ondo.engine.engine_process import EngineInfo, EngineProcess, engine_process_default
 from ondo.engine.llm_engine import LLMEngine, tokenizer_for
 from ondo.engine.outputs import RequestOutput, coalesce
+from ondo.engine.restart_policy import RestartPolicy
 from ondo.engine.sampling_params import SamplingParams
 from ondo.engine.step_stats import StepStats
+from ondo.engine.supervisor import EngineSupervisor
 from ondo.model.detokenizer import IncrementalDetokenizer
 from ondo.model.tokenizer import Tokenizer
 
@@ -49,6 +51,7 @@ log = logging.getLogger(__name__)
 _AVERAGE_REQUEST_TOKENS = 512
 MIN_DEFAULT_MAX_WAITING = 64
 SHUTDOWN_REASON = "server shutting down"
+ENDED_PREFIX = "num_requests_ended."  # stats() keys of the ledger, one per outcome
 
 
 class QueueFull(Exception):
@@ -188,8 +191,11 @@ class AsyncLLM:
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs, max_waiting_requests: int | None = None,
-                         engine_process: bool | None = None) -> AsyncLLM:
-        """engine_process: run the engine in its own process (None: on a GPU, yes)."""
+                         engine_process: bool | None = None,
+                         restart_policy: RestartPolicy | None = None) -> AsyncLLM:
+        """engine_process: run the engine in its own process (None: on a GPU, yes).
+        restart_policy: restart that process when it dies (None: never; see
+        `ondo.engine.supervisor`)."""
         if engine_process is None:
             engine_process = engine_process_default(args.device)
         if not engine_process:
@@ -214,6 +220,10 @@ class AsyncLLM:
         self.max_model_len = info.max_model_len
         self.vocab_size = info.vocab_size
         self._core = core
+        if restart_policy is not None and restart_policy.max_restarts > 0:
+            self._supervisor = EngineSupervisor(
+                restart_policy, lambda: EngineProcess(args, self._on_published, self._on_exit),
+                self._adopt, self._give_up)
         core.start_reading()
         log.info("engine process ready in %.1f s (phases %s)", info.startup_s,
                  {k: round(v, 1) for k, v in info.startup_phases_s.items()})
@@ -231,6 +241,15 @@ class AsyncLLM:
         self._accepting = True
         self._dead_reason: str | None = None
         self._stats: dict[str, float] = dict(stats)
+        self._supervisor: EngineSupervisor | None = None
+        # The ledger: every admitted request ends exactly once, by outcome (a finish
+        # reason, "rejected" by the engine, "error", or "client_left").
+        self._num_admitted = 0
+        self._num_ended: dict[str, int] = {}
+        self._restarting: str | None = None  # why the engine died, while a fresh one starts
+        self._step_listeners: list[Callable[[StepStats], None]] = []
+        # Called once with the reason when the engine is gone for good (the server exits).
+        self.on_engine_lost: Callable[[str], None] | None = None
 
     @property
     def engine_process(self) -> bool:
@@ -239,6 +258,7 @@ class AsyncLLM:
     def add_step_listener(self, listener: Callable[[StepStats], None]) -> None:
         """Called with each engine step's StepStats (on the engine thread, or on the thread
         that reads the engine process)."""
+        self._step_listeners.append(listener)
         self._core.add_step_listener(listener)
 
     # -- the asyncio side ------------------------------------------------------------
@@ -264,20 +284,24 @@ class AsyncLLM:
                 raise ValueError(f"request_id {request_id!r} is already in use")
             self._streams[request_id] = stream
             self._num_queued_adds += 1
+            self._num_admitted += 1
             # Sent under the lock, so that an abort of this id cannot overtake its add.
             self._core.send(AddRequest(request_id, prompt_text, ids, params, time.monotonic(),
                                        detokenize=text is None))
         finished = False
+        outcome = "client_left"  # how it ended, counted once (see stats)
         try:
             while True:
                 item = await stream.next()
                 if isinstance(item, BaseException):
                     finished = True
+                    outcome = "rejected" if isinstance(item, ValueError) else "error"
                     raise item
                 if text is not None:
                     text.fill(item)
                 if item.finished:
                     finished = True
+                    outcome = "error" if item.error else item.outputs[0].finish_reason or "error"
                     if stream.abort_reason and item.outputs[0].finish_reason == "abort":
                         item.outputs[0].stop_reason = stream.abort_reason
                 yield item
@@ -286,6 +310,7 @@ class AsyncLLM:
         finally:
             with self._cond:
                 self._streams.pop(request_id, None)
+                self._num_ended[outcome] = self._num_ended.get(outcome, 0) + 1
                 if not finished:
                     self._core.send(AbortRequest(request_id))
 
@@ -324,6 +349,8 @@ class AsyncLLM:
         """Stop the engine now; requests still in it are aborted."""
         with self._cond:
             self._accepting = False
+        if self._supervisor is not None:
+            self._supervisor.close()
         self._core.close()
 
     @property
@@ -333,7 +360,21 @@ class AsyncLLM:
 
     @property
     def is_healthy(self) -> bool:
-        return self._accepting and self._dead_reason is None and self._core.is_alive()
+        return (self._accepting and self._dead_reason is None and self._restarting is None
+                and self._core.is_alive())
+
+    @property
+    def unhealthy_reason(self) -> str | None:
+        """Why new requests are refused now, or None."""
+        if self._dead_reason is not None:
+            return f"the engine has stopped: {self._dead_reason}"
+        if not self._accepting:
+            return "the server is shutting down"
+        if self._restarting is not None:
+            return f"the engine is restarting after it died ({self._restarting})"
+        if not self._core.is_alive():
+            return "the engine has stopped"
+        return None
 
     @property
     def is_accepting(self) -> bool:
@@ -341,11 +382,17 @@ class AsyncLLM:
 
     def stats(self) -> dict[str, float]:
         """engine.stats() as of the engine's last published batch (after each step and
-        after each batch of commands), plus the server-side queue figures."""
+        after each batch of commands), plus the server-side figures: queued adds, engine
+        restarts, and the request ledger (admitted, and ended by outcome)."""
         with self._cond:
             stats = dict(self._stats)
             stats["num_queued_adds"] = self._num_queued_adds
             stats["max_waiting_requests"] = self.max_waiting_requests
+            stats["num_engine_restarts"] = (self._supervisor.num_restarts
+                                            if self._supervisor is not None else 0)
+            stats["num_requests_admitted"] = self._num_admitted
+            for outcome, n in self._num_ended.items():
+                stats[f"{ENDED_PREFIX}{outcome}"] = n
         return stats
 
     def _check_admission(self) -> None:
@@ -353,6 +400,9 @@ class AsyncLLM:
             raise EngineUnavailable(f"the engine has stopped: {self._dead_reason}")
         if not self._accepting:
             raise EngineUnavailable("the server is shutting down and takes no new requests")
+        if self._restarting is not None:
+            raise EngineUnavailable(f"the engine is restarting after it died ({self._restarting}); "
+                                    "retry in a few seconds")
         num_waiting = self._num_waiting + self._num_queued_adds
         if num_waiting >= self.max_waiting_requests:
             raise QueueFull(num_waiting, self.max_waiting_requests)
@@ -381,11 +431,16 @@ class AsyncLLM:
                 pass
 
     def _on_exit(self, dead_reason: str | None) -> None:
-        """The engine has stopped: every request still here gets its final output."""
+        """The engine has stopped: every request still here gets its final output; a dead
+        engine is restarted where a supervisor is set, else the server is told."""
         with self._cond:
-            self._accepting = False
-            if dead_reason is not None:
-                self._dead_reason = dead_reason
+            restart = dead_reason is not None and self._supervisor is not None and self._accepting
+            if restart:
+                self._restarting = dead_reason
+            else:
+                self._accepting = False
+                if dead_reason is not None:
+                    self._dead_reason = dead_reason
             streams = dict(self._streams)
         if dead_reason is not None:
             log.error("the engine stopped: %s", dead_reason)
@@ -394,3 +449,43 @@ class AsyncLLM:
                 stream.put(final_output(request_id, "abort", stream.abort_reason or SHUTDOWN_REASON))
             else:
                 stream.put(final_output(request_id, "error", f"engine stopped: {dead_reason}"))
+        if restart:
+            assert self._supervisor is not None
+            self._supervisor.engine_died(dead_reason)  # type: ignore[arg-type]
+        elif dead_reason is not None:
+            self._lost(dead_reason)
+
+    def _adopt(self, core: EngineProcess, info: EngineInfo) -> None:
+        """A fresh engine process is ready (the supervisor's thread): serve with it."""
+        with self._cond:
+            if not self._accepting:  # closed meanwhile
+                keep_old = True
+            else:
+                keep_old = False
+                old, self._core = self._core, core
+                self._num_queued_adds = 0  # what the dead engine had queued died with it
+                self._num_waiting = 0
+                self._stats = dict(info.stats)
+                self._restarting = None
+        if keep_old:
+            core.close(timeout_s=10.0)
+            return
+        for listener in self._step_listeners:
+            core.add_step_listener(listener)
+        core.start_reading()
+        old.close(timeout_s=5.0)
+
+    def _give_up(self, reason: str) -> None:
+        """The supervisor gave up restarting the engine."""
+        with self._cond:
+            self._accepting = False
+            self._dead_reason = reason
+            self._restarting = None
+        self._lost(reason)
+
+    def _lost(self, reason: str) -> None:
+        if self.on_engine_lost is not None:
+            try:
+                self.on_engine_lost(reason)
+            except Exception:
+                log.exception("on_engine_lost failed")

@@ -12,12 +12,16 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ondo.engine.llm_engine import LLMEngine
+from ondo.engine.llm_engine import LLMEngine, StepFailed
 from ondo.engine.outputs import CompletionOutput, RequestOutput
 from ondo.engine.sampling_params import SamplingParams
 from ondo.engine.step_stats import StepStats
 
 log = logging.getLogger(__name__)
+
+# A failed step ends its own requests and the loop steps on; this many failures in a row
+# say the engine itself is broken.
+MAX_STEP_FAILURES_IN_A_ROW = 3
 
 
 @dataclass
@@ -78,8 +82,9 @@ class EngineLoop:
         engine = self.engine
         busy = False
         dead: str | None = None
+        failures = 0  # steps failed in a row
         try:
-            while True:
+            while dead is None:
                 commands = self.take(not busy)
                 if commands is None:
                     break
@@ -88,6 +93,11 @@ class EngineLoop:
                 if engine.has_unfinished_requests():
                     try:
                         outputs = engine.step()
+                        failures = 0
+                    except StepFailed as e:  # its requests have ended with an error
+                        outputs = e.outputs
+                        failures += 1
+                        dead = self._cannot_go_on(e, failures)
                     except Exception as e:
                         log.exception("engine step failed")
                         outputs = self._fail_all(f"engine step failed: {type(e).__name__}: {e}")
@@ -102,6 +112,15 @@ class EngineLoop:
         except Exception:
             log.exception("could not publish the engine's final counters")
         return dead
+
+    def _cannot_go_on(self, failed: StepFailed, failures: int) -> str | None:
+        """Why the loop must stop after a failed step (it then dies, and whoever
+        supervises the engine starts a fresh one), or None to step on."""
+        if not self.engine.device_ok():
+            return f"the device cannot go on after a failed step: {failed}"
+        if failures >= MAX_STEP_FAILURES_IN_A_ROW:
+            return f"{failures} steps in a row failed; the last: {failed}"
+        return None
 
     def _apply(self, commands: list[Command]) -> tuple[int, list[Rejected]]:
         num_added, rejected = 0, []

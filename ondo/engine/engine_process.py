@@ -263,6 +263,8 @@ def run_engine(args: EngineArgs, commands: Connection, results: Connection, log_
         results.send(("exit", dead))
     except (BrokenPipeError, OSError):
         pass
+    if dead is not None:
+        raise SystemExit(1)  # for whoever watches the exit code: this engine died
 
 
 class EngineProcess:

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ondo.engine import fault_injection
 from ondo.engine.block_manager import BlockManager
 from ondo.engine.config import EngineArgs
 from ondo.engine.model_runner import ModelRunner, StepBatch
@@ -93,6 +94,16 @@ class _InFlight:
     seqs: list[Sequence]  # the draws' rows, in order
     draws: DeviceSample | None
     start_monotonic_s: float
+
+
+class StepFailed(Exception):
+    """A step failed: `outputs` are the step's outputs, with an error output for each
+    request that was in it (those requests are over); the engine can step on."""
+
+    def __init__(self, outputs: list[RequestOutput], cause: Exception) -> None:
+        super().__init__(f"{type(cause).__name__}: {cause}")
+        self.outputs = outputs
+        self.cause = cause
 
 
 @dataclass
@@ -166,6 +177,7 @@ class LLMEngine:
         self._requests: dict[str, list[Sequence]] = {}  # a request's sequences, by index
         self._text: dict[int, _TextState] = {}  # by seq_id
         self._pending_outputs: list[RequestOutput] = []
+        self._stepping: list[Sequence] = []  # the sequences the step under way touches
         # The engine process sets this: plain streamed steps leave as wire tuples (see
         # `_wire_delta`), not as RequestOutputs it would build only to strip them again.
         self.wire_deltas = False
@@ -188,6 +200,19 @@ class LLMEngine:
         log.info("start-up phases: %s", {k: round(v, 1) for k, v in self.startup_phases_s.items()})
         log.info("engine ready in %.1f s on %s (%s), max_model_len %d", self.startup_s, self.device,
                  self.dtype, self.max_model_len)
+        fault_injection.install_from_env(self)  # test-only; nothing without its variable
+
+    def device_ok(self) -> bool:
+        """False where the device can run nothing more (a CUDA error that sticks to the
+        context, as an illegal memory access does; running out of memory does not)."""
+        if self.device.type != "cuda":
+            return True
+        try:
+            torch.cuda.synchronize(self.device)
+            return True
+        except Exception:
+            log.exception("the device is in an unrecoverable state")
+            return False
 
     # -- requests ----------------------------------------------------------------
     def add_request(
@@ -267,19 +292,33 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Schedule and queue the next step; return the outputs of the one before it
         (asynchronous scheduling) or of this one. With `wire_deltas` set, plain streamed
-        steps come as `WireDelta` tuples instead."""
+        steps come as `WireDelta` tuples instead.
+
+        Raises StepFailed where the step fails (the GPU out of memory, a kernel error):
+        the requests in it end with finish_reason "error"; the others carry on."""
         outputs, self._pending_outputs = self._pending_outputs, []
+        self._stepping = []
+        try:
+            self._step(outputs)
+        except Exception as e:
+            raise StepFailed(outputs + self._fail_step(e), e) from e
+        return outputs
+
+    def _step(self, outputs: list[RequestOutput]) -> None:
         prev, self._in_flight = self._in_flight, None
+        if prev is not None:
+            self._stepping += prev.seqs
         if prev is not None and not self._can_schedule_ahead(prev):
             outputs.extend(self._finish(prev))
             prev = None
         t0 = time.perf_counter()
         sched = self.scheduler.schedule(allow_preemption=prev is None)
         self.step_timing_s["schedule"] += time.perf_counter() - t0
+        self._stepping += [item.seq for item in sched.scheduled]
         if sched.is_empty:
             if prev is not None:
                 outputs.extend(self._finish(prev))
-            return outputs
+            return
         launched = self._launch(sched, prev)
         if prev is not None:
             self.num_steps_ahead += 1
@@ -288,6 +327,26 @@ class LLMEngine:
             self._in_flight = launched
         else:
             outputs.extend(self._finish(launched))
+
+    def _fail_step(self, error: Exception) -> list[RequestOutput]:
+        """End the requests of a failed step (and of the step in flight before it) with
+        finish_reason "error", freeing their blocks; what was drawn on the device for
+        them is dropped. Requests that were not in it keep their place and their blocks."""
+        reason = f"the engine step failed: {type(error).__name__}: {error}"
+        self._in_flight = None
+        failed = [rid for rid in dict.fromkeys(s.request_id for s in self._stepping)
+                  if rid in self._requests]
+        outputs = []
+        for request_id in failed:
+            for seq in self._requests[request_id]:
+                if not seq.is_finished:
+                    seq.stop_reason = reason
+                    self.scheduler.finish(seq, "error")
+            out = self._make_output(request_id)
+            out.error = reason
+            outputs.append(out)
+        log.error("%s; %d request(s) in it ended with an error, %d unfinished carry on",
+                  reason, len(failed), self.scheduler.num_unfinished)
         return outputs
 
     def _can_schedule_ahead(self, prev: _InFlight) -> bool:

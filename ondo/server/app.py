@@ -14,6 +14,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 from ondo.engine.async_llm import AsyncLLM
 from ondo.server.errors import APIError, bad_request, install_error_handlers
+from ondo.server.limits import BodySizeLimit, RequestLimits
 from ondo.server.metrics import ServerMetrics
 from ondo.server.protocol import (
     ChatCompletionRequest,
@@ -36,13 +37,16 @@ _ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 503)}
 
 
 def build_app(async_llm: AsyncLLM, served_model_name: str, api_key: str | None = None,
-              registry: CollectorRegistry | None = None) -> FastAPI:
+              registry: CollectorRegistry | None = None,
+              limits: RequestLimits | None = None) -> FastAPI:
     registry = registry or CollectorRegistry()
+    limits = limits or RequestLimits()
     metrics = ServerMetrics(registry, served_model_name, async_llm.stats)
-    ctx = ServingContext(async_llm, served_model_name, metrics)
+    ctx = ServingContext(async_llm, served_model_name, metrics, limits)
     app = FastAPI(title="ondo", summary="OpenAI-compatible LLM server")
     app.state.ctx = ctx
     app.state.registry = registry
+    app.add_middleware(BodySizeLimit, max_bytes=limits.max_request_bytes)
     install_error_handlers(app)
 
     async def check_api_key(request: Request) -> None:
@@ -74,10 +78,19 @@ def build_app(async_llm: AsyncLLM, served_model_name: str, api_key: str | None =
 
     @app.get("/health")
     async def health() -> Response:
-        if async_llm.is_healthy:
+        """Readiness: 200 while requests are taken; 503 while the engine restarts, once it
+        is gone, and while the server drains."""
+        why = async_llm.unhealthy_reason
+        if why is None:
             return JSONResponse({"status": "ok"})
-        why = "shutting down" if not async_llm.is_accepting else "engine stopped"
-        return APIError(503, f"unhealthy: {why}", code="unavailable").response()
+        return APIError(503, f"unhealthy: {why}", code="unavailable",
+                        headers={"Retry-After": "5"}).response()
+
+    @app.get("/health/live")
+    async def live() -> Response:
+        """Liveness: 200 whenever this process answers HTTP, the engine restarting or not
+        (the process exits by itself when the engine is gone for good)."""
+        return JSONResponse({"status": "alive"})
 
     @app.get("/metrics")
     async def prometheus_metrics() -> Response:
@@ -91,9 +104,9 @@ def build_app(async_llm: AsyncLLM, served_model_name: str, api_key: str | None =
         if body.messages is not None:
             if not body.messages:
                 raise bad_request("messages must not be empty", "messages")
-            ids = chat_prompt_ids(ctx, body.messages, body.add_generation_prompt is not False)
+            ids = await chat_prompt_ids(ctx, body.messages, body.add_generation_prompt is not False)
         else:
-            ids = ctx.encode(body.prompt or "", "prompt", body.add_special_tokens is not False)
+            ids = await ctx.encode(body.prompt or "", "prompt", body.add_special_tokens is not False)
         return TokenizeResponse(count=len(ids), max_model_len=async_llm.max_model_len, tokens=ids)
 
     @app.post("/detokenize", response_model=DetokenizeResponse, responses=_ERRORS)
@@ -105,6 +118,6 @@ def build_app(async_llm: AsyncLLM, served_model_name: str, api_key: str | None =
         if bad is not None:
             raise bad_request(f"token id {bad} is out of range: ids must be in [0, {vocab})",
                               "tokens")
-        return DetokenizeResponse(prompt=tokenizer.decode(body.tokens))
+        return DetokenizeResponse(prompt=await ctx.decode(body.tokens))
 
     return app

@@ -12,7 +12,9 @@ import logging
 import os
 
 from ondo.engine.cli import add_engine_args
+from ondo.engine.restart_policy import DEFAULT_ENGINE_RESTARTS
 from ondo.model.default_model import default_model_path
+from ondo.server.limits import DEFAULT_MAX_REQUEST_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +50,14 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="seconds in-flight requests may run on after SIGTERM before abort")
     p.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=None,
                    help="run the engine in its own process (default: yes on a GPU, no on the CPU)")
+    p.add_argument("--engine-restarts", type=int, default=DEFAULT_ENGINE_RESTARTS,
+                   help="restart a dead engine process up to this many times in a row (with "
+                        "backoff) before the server exits non-zero; 0: exit at once")
+    p.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES,
+                   help="413 for a request body larger than this, before it is parsed")
+    p.add_argument("--request-timeout", type=float, default=None,
+                   help="abort a request still running this many seconds after it was "
+                        "admitted (finish_reason abort); default: no deadline")
     p.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=False)
     p.add_argument("--telemetry", choices=("auto", "nvml", "sim", "off"), default="auto",
                    help="GPU telemetry on /metrics: auto = NVML where there is a GPU, else "

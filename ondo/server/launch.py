@@ -17,7 +17,9 @@ from ondo.engine.async_llm import AsyncLLM
 from ondo.engine.cli import engine_args_from
 from ondo.engine.engine_process import EngineStartError
 from ondo.engine.gc_pauses import GcPauses, freeze_startup_heap, thaw_heap
+from ondo.engine.restart_policy import RestartPolicy
 from ondo.server.cli import served_name
+from ondo.server.limits import RequestLimits
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +36,15 @@ def serve(args: argparse.Namespace) -> int:
         print("error: --max-waiting-requests must be >= 1", file=sys.stderr)
         return 2
     try:
+        limits = RequestLimits(args.max_request_bytes, args.request_timeout)
+        restart_policy = RestartPolicy(max_restarts=args.engine_restarts)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
         async_llm = AsyncLLM.from_engine_args(engine_args, args.max_waiting_requests,
-                                              engine_process=args.engine_process)
+                                              engine_process=args.engine_process,
+                                              restart_policy=restart_policy)
     except EngineStartError as e:
         print(f"error: the engine could not start: {e}", file=sys.stderr)
         return 1
@@ -45,11 +54,12 @@ def serve(args: argparse.Namespace) -> int:
     if telemetry is not None:
         async_llm.add_step_listener(telemetry.engine.on_step)
     app = build_app(async_llm, name, api_key=args.api_key or os.environ.get("ONDO_API_KEY"),
-                    registry=registry)
+                    registry=registry, limits=limits)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
                             timeout_graceful_shutdown=args.shutdown_timeout + 10,
                             access_log=args.access_log)
     server = DrainingServer(config, async_llm, args.shutdown_timeout)
+    async_llm.on_engine_lost = server.engine_lost
     log.info("serving %s on http://%s:%d (max %d waiting requests)", name, args.host, args.port,
              async_llm.max_waiting_requests)
     freeze_startup_heap()  # this process serves one engine for its whole life
@@ -57,13 +67,16 @@ def serve(args: argparse.Namespace) -> int:
     try:
         server.run()
     finally:
+        app.state.ctx.close()
         async_llm.close()
         if telemetry is not None:
             telemetry.close()
         gc_pauses.stop()
         thaw_heap()
         log.info("server process garbage collector: %s", gc_pauses.summary())
-    return 0
+    if server.exit_code:
+        log.critical("exiting with status %d: %s", server.exit_code, server.exit_reason)
+    return server.exit_code
 
 
 def start_telemetry(args: argparse.Namespace, registry: CollectorRegistry):
@@ -88,6 +101,16 @@ class DrainingServer(uvicorn.Server):
         self.shutdown_timeout_s = shutdown_timeout_s
         self._draining = False
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.exit_code = 0
+        self.exit_reason = ""
+
+    def engine_lost(self, reason: str) -> None:
+        """The engine is gone for good (restarts exhausted, or none allowed): stop serving
+        and exit non-zero, so that the supervisor of this process restarts it."""
+        self.exit_code = 1
+        self.exit_reason = f"the engine is gone: {reason}"
+        log.critical("%s; the server stops", self.exit_reason)
+        self.should_exit = True
 
     async def startup(self, sockets=None) -> None:
         self._loop = asyncio.get_running_loop()

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from ondo.engine.async_llm import ENDED_PREFIX
 from ondo.engine.outputs import RequestOutput
 
 _TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5,
@@ -54,10 +55,20 @@ class _EngineCollector:
         for name, key, doc in (
             ("prompt_tokens", "num_prompt_tokens_total", "Prompt tokens taken in"),
             ("generation_tokens", "num_generation_tokens_total", "Tokens generated"),
+            ("engine_restarts", "num_engine_restarts", "Engine processes started after one died"),
+            ("requests_admitted", "num_requests_admitted", "Requests taken past admission control"),
         ):
             c = CounterMetricFamily(f"ondo:{name}", doc, labels=labels)
-            c.add_metric([self.model_name], s[key])
+            c.add_metric([self.model_name], s.get(key, 0))
             yield c
+        ended = CounterMetricFamily(
+            "ondo:requests_ended", "Admitted requests that ended, by outcome (finish reason, "
+            "rejected, error, client_left): each admitted request ends exactly once",
+            labels=[*labels, "outcome"])
+        for key, value in s.items():
+            if key.startswith(ENDED_PREFIX):
+                ended.add_metric([self.model_name, key[len(ENDED_PREFIX):]], value)
+        yield ended
 
 
 class ServerMetrics:

@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator, Awaitable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from fastapi import Request
@@ -16,7 +16,14 @@ from pydantic import BaseModel
 from ondo.engine.async_llm import AsyncLLM
 from ondo.engine.outputs import RequestOutput
 from ondo.engine.sampling_params import SamplingParams
+from ondo.server.async_tokenizer import AsyncTokenizer
 from ondo.server.errors import APIError, bad_request, from_engine_exception, from_sampling_error
+from ondo.server.limits import (
+    MAX_STOP_STRING_CHARS,
+    MAX_STOP_STRINGS,
+    MAX_STOP_TOKEN_IDS,
+    RequestLimits,
+)
 from ondo.server.metrics import ServerMetrics
 from ondo.server.protocol import UsageInfo
 
@@ -32,6 +39,12 @@ class ServingContext:
     async_llm: AsyncLLM
     model_name: str
     metrics: ServerMetrics
+    limits: RequestLimits = field(default_factory=RequestLimits)
+    _async_tokenizer: AsyncTokenizer | None = field(init=False, default=None)
+
+    def __post_init__(self) -> None:
+        if self.async_llm.tokenizer is not None:
+            self._async_tokenizer = AsyncTokenizer(self.async_llm.tokenizer)
 
     @property
     def max_model_len(self) -> int:
@@ -43,6 +56,17 @@ class ServingContext:
             raise bad_request("this model has no tokenizer: send prompts as token ids")
         return self.async_llm.tokenizer
 
+    @property
+    def async_tokenizer(self) -> AsyncTokenizer:
+        """The tokenizer's work off the event loop."""
+        if self._async_tokenizer is None:
+            raise bad_request("this model has no tokenizer: send prompts as token ids")
+        return self._async_tokenizer
+
+    def close(self) -> None:
+        if self._async_tokenizer is not None:
+            self._async_tokenizer.close()
+
     def check_model(self, model: str | None) -> None:
         if model is not None and model != self.model_name:
             raise APIError(404, f"the model {model!r} does not exist; this server serves "
@@ -52,15 +76,21 @@ class ServingContext:
         vocab = self.async_llm.vocab_size
         if not ids:
             raise bad_request("the prompt is empty", param)
-        bad = next((t for t in ids if not 0 <= t < vocab), None)
-        if bad is not None:
+        if min(ids) < 0 or max(ids) >= vocab:  # at C speed: prompts may have 100k ids
+            bad = next(t for t in ids if not 0 <= t < vocab)
             raise bad_request(f"token id {bad} is out of range: ids must be in [0, {vocab})", param)
 
-    def encode(self, text: str, param: str, add_special_tokens: bool = True) -> list[int]:
+    async def encode(self, text: str, param: str, add_special_tokens: bool = True) -> list[int]:
+        """Off the event loop (see AsyncTokenizer)."""
+        tokenizer = self.async_tokenizer
         try:
-            return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+            return await tokenizer.encode(text, add_special_tokens=add_special_tokens)
         except (ValueError, TypeError, UnicodeError) as e:  # e.g. lone surrogates in the text
             raise bad_request(f"cannot tokenize {param}: {e}", param) from e
+
+    async def decode(self, ids: list[int]) -> str:
+        """Off the event loop, like encode."""
+        return await self.async_tokenizer.decode(ids)
 
     def decode_token(self, token_id: int) -> str:
         if self.async_llm.tokenizer is None:
@@ -92,6 +122,7 @@ class ServingContext:
 
         if request.n is not None and request.n != 1:
             raise bad_request(f"n={request.n} is not supported: only n=1 for now", "n")
+        check_stop_lists(request.stop, request.stop_token_ids)
         try:
             return SamplingParams(
                 temperature=given(request.temperature, 1.0),
@@ -116,7 +147,43 @@ class ServingContext:
 
     def generate(self, request_id: str, prompt_ids: list[int],
                  params: SamplingParams) -> AsyncIterator[RequestOutput]:
-        return self.metrics.observe(self.async_llm.generate(request_id, prompt_ids, params))
+        stream = self.async_llm.generate(request_id, prompt_ids, params)
+        if self.limits.request_timeout_s is not None:
+            stream = with_deadline(self.async_llm, request_id, stream, self.limits.request_timeout_s)
+        return self.metrics.observe(stream)
+
+
+def timeout_reason(timeout_s: float) -> str:
+    return f"request timeout: ran longer than {timeout_s:g} s (--request-timeout)"
+
+
+async def with_deadline(async_llm: AsyncLLM, request_id: str, stream: AsyncIterator[RequestOutput],
+                        timeout_s: float) -> AsyncIterator[RequestOutput]:
+    """The request's outputs; at `timeout_s` after the first is asked for, the engine aborts
+    it, and its last output says so (finish_reason "abort", stop_reason the timeout)."""
+    timer = asyncio.get_running_loop().call_later(timeout_s, async_llm.abort, request_id,
+                                                  timeout_reason(timeout_s))
+    try:
+        async for out in stream:
+            yield out
+    finally:
+        timer.cancel()
+        await stream.aclose()  # type: ignore[attr-defined]
+
+
+def check_stop_lists(stop: str | list[str] | None, stop_token_ids: list[int] | None) -> None:
+    """Stop strings are searched for in every step's text: their number and length are bounded."""
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    if len(stops) > MAX_STOP_STRINGS:
+        raise bad_request(f"stop has {len(stops)} strings; at most {MAX_STOP_STRINGS} are allowed",
+                          "stop")
+    longest = max((len(s) for s in stops if isinstance(s, str)), default=0)
+    if longest > MAX_STOP_STRING_CHARS:
+        raise bad_request(f"a stop string has {longest} characters; at most "
+                          f"{MAX_STOP_STRING_CHARS} are allowed", "stop")
+    if stop_token_ids is not None and len(stop_token_ids) > MAX_STOP_TOKEN_IDS:
+        raise bad_request(f"stop_token_ids has {len(stop_token_ids)} ids; at most "
+                          f"{MAX_STOP_TOKEN_IDS} are allowed", "stop_token_ids")
 
 
 async def merge(streams: list[AsyncIterator[T]]) -> AsyncIterator[tuple[int, T]]:

@@ -58,12 +58,13 @@ def template_messages(messages: list[ChatMessage], param: str = "messages") -> l
     return out
 
 
-def chat_prompt_ids(ctx: ServingContext, messages: list[ChatMessage],
-                    add_generation_prompt: bool, param: str = "messages") -> list[int]:
+async def chat_prompt_ids(ctx: ServingContext, messages: list[ChatMessage],
+                          add_generation_prompt: bool, param: str = "messages") -> list[int]:
+    """The chat template rendered and tokenized off the event loop (see AsyncTokenizer)."""
     msgs = template_messages(messages, param)
-    tokenizer = ctx.tokenizer
+    tokenizer = ctx.async_tokenizer
     try:
-        ids = tokenizer.apply_chat_template(msgs, add_generation_prompt=add_generation_prompt)
+        ids = await tokenizer.apply_chat_template(msgs, add_generation_prompt)
     except Exception as e:  # jinja raises its own kinds on messages a template refuses
         raise bad_request(f"cannot apply the chat template to {param}: {e}", param) from e
     ctx.check_token_ids(list(ids), param)
@@ -95,7 +96,7 @@ async def create_chat_completion(ctx: ServingContext, body: ChatCompletionReques
                           "only 'text'", "response_format")
     if body.top_logprobs is not None and not body.logprobs:
         raise bad_request("top_logprobs needs logprobs=true", "top_logprobs")
-    ids = chat_prompt_ids(ctx, body.messages, body.add_generation_prompt is not False)
+    ids = await chat_prompt_ids(ctx, body.messages, body.add_generation_prompt is not False)
     param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     max_tokens = ctx.resolve_max_tokens(len(ids), requested, param, "messages")

@@ -33,7 +33,7 @@ from ondo.server.serving import (
 )
 
 
-def _prompts(ctx: ServingContext, prompt: object) -> list[tuple[str | None, list[int]]]:
+async def _prompts(ctx: ServingContext, prompt: object) -> list[tuple[str | None, list[int]]]:
     """(text, token ids) per prompt, validated."""
     if isinstance(prompt, str):
         items: list[object] = [prompt]
@@ -49,7 +49,7 @@ def _prompts(ctx: ServingContext, prompt: object) -> list[tuple[str | None, list
     for i, item in enumerate(items):
         param = "prompt" if len(items) == 1 else f"prompt[{i}]"
         if isinstance(item, str):
-            ids = ctx.encode(item, param)
+            ids = await ctx.encode(item, param)
             ctx.check_token_ids(ids, param)
             out.append((item, ids))
         else:
@@ -82,7 +82,7 @@ async def create_completion(ctx: ServingContext, body: CompletionRequest, raw: R
     if body.echo and body.logprobs is not None:
         raise bad_request("echo with logprobs would need prompt logprobs, which are not "
                           "supported; drop one of them", "echo")
-    prompts = _prompts(ctx, body.prompt)
+    prompts = await _prompts(ctx, body.prompt)
     params = []
     for i, (_, ids) in enumerate(prompts):
         prompt_param = "prompt" if len(prompts) == 1 else f"prompt[{i}]"
@@ -92,7 +92,7 @@ async def create_completion(ctx: ServingContext, body: CompletionRequest, raw: R
     streams = [ctx.generate(f"{request_id}-{i}", ids, p)
                for i, ((_, ids), p) in enumerate(zip(prompts, params))]
     merged = merge(streams)
-    echo = [(text if text is not None else ctx.tokenizer.decode(ids)) if body.echo else ""
+    echo = [(text if text is not None else await ctx.decode(ids)) if body.echo else ""
             for text, ids in prompts]
     num_top = body.logprobs or 0
     try:

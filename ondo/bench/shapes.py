@@ -28,6 +28,17 @@ SHAPES: dict[str, dict[str, Any]] = {
         "hidden_act": "silu", "attention_bias": False, "torch_dtype": "bfloat16",
         "bos_token_id": 128000, "eos_token_id": [128001, 128008, 128009],
     },
+    # For smoke runs on a CPU: a Llama of a few hundred thousand parameters (its steps take
+    # milliseconds), not a real model.
+    "tiny-llama": {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "vocab_size": 4096, "hidden_size": 64, "intermediate_size": 128,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "head_dim": 16, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+        "max_position_embeddings": 4096, "tie_word_embeddings": False,
+        "hidden_act": "silu", "attention_bias": False, "torch_dtype": "float32",
+        "bos_token_id": 1, "eos_token_id": 2,
+    },
 }
 
 

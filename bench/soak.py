@@ -1,0 +1,171 @@
+"""Soak and chaos: mixed load against `ondo serve` for a fixed time, checked as it goes.
+
+Starts `ondo serve` on a model shape with dummy weights (or uses --base-url), measures
+the server's saturation (a burst of W1-like requests: input and output uniform in
+[100, 1024] tokens), then runs the soak (`ondo.bench.soak`) at --fraction of it: a
+warm-up, then --duration-s of steady mixed load (streams, plain requests, cancellations,
+slow readers, bad inputs, bursts above the queue limit), optionally a chaos phase that
+kills the engine process with SIGKILL (--chaos). It checks that no request is lost, that
+every accepted one ends exactly once, that no 5xx comes outside the engine-restart window,
+that the ledger balances and no KV block is held after each phase, and, over the steady
+phase, that server and engine RSS and GPU memory stay within 5 %, throughput of the first
+and last --window-s within 5 %, and p99 TTFT of the last quarter within 25 % of the
+first's. Prints the checks as a table and one JSON line; exits 1 if a check failed.
+
+    python3 bench/soak.py --model-shape qwen3-0.6b --duration-s 1200   # a GPU: ~25 min
+    python3 bench/soak.py --smoke                                      # a CPU: ~1 min, with a kill
+    python3 bench/soak.py --base-url http://127.0.0.1:8000 --request-rate 5 --duration-s 300
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import httpx
+
+from ondo.bench.serve import make_requests, run_benchmark
+from ondo.bench.shapes import SHAPES, shape_folder
+from ondo.bench.soak import Phase, SoakConfig, run_soak
+from ondo.bench.soak_checks import format_checks
+
+W1_LEN = (100, 1024)
+
+
+def wait_healthy(base: str, proc: subprocess.Popen, timeout_s: float = 900.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"ondo serve exited with status {proc.returncode} while starting")
+        try:
+            if httpx.get(base + "/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"ondo serve did not answer /health within {timeout_s:.0f} s")
+
+
+def start_server(args: argparse.Namespace, log_path: str) -> tuple[subprocess.Popen, str]:
+    folder = shape_folder(args.model_shape)
+    cmd = [sys.executable, "-m", "ondo", "serve", folder, "--load-format", "dummy",
+           "--port", str(args.port), "--max-model-len", str(args.max_model_len),
+           "--max-num-seqs", str(args.max_num_seqs),
+           "--max-waiting-requests", str(args.max_waiting_requests),
+           "--engine-process", "--engine-restarts", "3", "--telemetry", "off"]
+    if args.smoke:
+        cmd += ["--device", "cpu", "--num-kv-blocks", "256", "--max-num-batched-tokens", "256"]
+    else:
+        cmd += ["--dtype", "bfloat16"]
+    log = open(log_path, "w")  # noqa: SIM115 (kept open for the server's life)
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    base = f"http://127.0.0.1:{args.port}"
+    wait_healthy(base, proc)
+    return proc, base
+
+
+def measure_saturation(base: str, args: argparse.Namespace) -> float:
+    """Requests per second the server completes when W1-like requests come all at once."""
+    lo, hi = args.input_len
+    mean = (lo + hi) // 2
+    ratio = (hi - lo) / (hi + lo)
+    requests = make_requests(None, "random", args.saturation_requests, mean, (args.output_len[0]
+                             + args.output_len[1]) // 2, ratio, 12345, args.token_id_vocab)
+    summary = asyncio.run(run_benchmark(base, requests, float("inf")))
+    print(json.dumps({"saturation": {k: summary[k] for k in (
+        "completed", "failed", "duration_s", "request_throughput", "output_throughput")}}),
+        flush=True)
+    return summary["request_throughput"]
+
+
+def phases(args: argparse.Namespace) -> list[Phase]:
+    out = [Phase("warmup", args.warmup_s), Phase("steady", args.duration_s, timed=True)]
+    if args.chaos:
+        out += [Phase("chaos", args.chaos_s, kill_engine_at_s=min(5.0, args.chaos_s / 4)),
+                Phase("after", max(args.chaos_s / 2, 10.0))]
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model-shape", default="qwen3-0.6b", choices=sorted(SHAPES))
+    ap.add_argument("--base-url", default=None, help="soak this server instead of starting one")
+    ap.add_argument("--server-pid", type=int, default=None,
+                    help="with --base-url: its pid, for RSS and --chaos")
+    ap.add_argument("--duration-s", type=float, default=1200.0, help="the steady phase")
+    ap.add_argument("--warmup-s", type=float, default=60.0)
+    ap.add_argument("--window-s", type=float, default=300.0,
+                    help="throughput: first vs last window of the steady phase")
+    ap.add_argument("--fraction", type=float, default=0.8, help="of the measured saturation")
+    ap.add_argument("--request-rate", type=float, default=None, help="requests/s (no measuring)")
+    ap.add_argument("--saturation-requests", type=int, default=400)
+    ap.add_argument("--chaos", action="store_true", help="then kill the engine process once")
+    ap.add_argument("--chaos-s", type=float, default=60.0)
+    ap.add_argument("--burst-every-s", type=float, default=120.0)
+    ap.add_argument("--max-num-seqs", type=int, default=256)
+    ap.add_argument("--max-waiting-requests", type=int, default=256,
+                    help="the server's queue limit; bursts go 25 %% above it")
+    ap.add_argument("--max-model-len", type=int, default=4096)
+    ap.add_argument("--port", type=int, default=8331)
+    ap.add_argument("--smoke", action="store_true",
+                    help="a CPU run in about a minute: the tiny-llama shape, short requests, "
+                         "a 20 s steady phase and a kill of the engine")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=None, help="also write the JSON here")
+    args = ap.parse_args(argv)
+    args.input_len, args.output_len = W1_LEN, W1_LEN
+    if args.smoke:
+        args.model_shape = "tiny-llama"
+        args.duration_s = min(args.duration_s, 20.0)
+        args.warmup_s, args.window_s, args.chaos, args.chaos_s = 3.0, 5.0, True, 20.0
+        args.burst_every_s, args.max_num_seqs, args.max_waiting_requests = 5.0, 4, 4
+        args.max_model_len = 512
+        args.input_len, args.output_len = (4, 48), (4, 32)
+        args.request_rate = args.request_rate or 6.0
+    args.token_id_vocab = SHAPES[args.model_shape]["vocab_size"]
+
+    proc = None
+    log_path = os.path.join(tempfile.gettempdir(), f"ondo-soak-server-{os.getpid()}.log")
+    try:
+        if args.base_url:
+            base, server_pid = args.base_url.rstrip("/"), args.server_pid
+        else:
+            proc, base = start_server(args, log_path)
+            server_pid = proc.pid
+        rate = args.request_rate or args.fraction * measure_saturation(base, args)
+        config = SoakConfig(
+            base_url=base, phases=phases(args), request_rate=rate, input_len=args.input_len,
+            output_len=args.output_len, burst_every_s=args.burst_every_s,
+            burst_size=int(args.max_waiting_requests * 1.25) + 1, max_model_len=args.max_model_len,
+            token_id_vocab=args.token_id_vocab, server_pid=server_pid, warmup_s=0.0,
+            window_s=args.window_s, seed=args.seed,
+            sample_every_s=1.0 if args.smoke else 5.0, judge_timed=not args.smoke)
+        report = asyncio.run(run_soak(config))
+    finally:
+        if proc is not None:
+            proc.terminate()
+            try:
+                status = proc.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                status = proc.wait()
+            print(f"server exited with status {status}; its log: {log_path}", file=sys.stderr)
+    summary = report.summary() | {"request_rate": rate, "model_shape": args.model_shape,
+                                  "smoke": args.smoke, "date": time.strftime("%Y-%m-%d")}
+    print(format_checks(report.checks))
+    print(json.dumps(summary))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(summary, f, indent=1)
+    return 0 if report.ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

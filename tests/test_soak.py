@@ -1,0 +1,103 @@
+"""The soak and chaos suite at CI size: `bench/soak.py --smoke` against a real `ondo serve
+--engine-process` on the CPU (streams, plain requests, cancellations, slow readers, bad
+inputs, bursts above the queue limit, and a SIGKILL of the engine process mid-load),
+and the soak's checks on records made to pass and to fail."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bench.soak import main as soak_main
+from ondo.bench.soak_checks import (
+    CLIENT_ABORTED,
+    COMPLETED,
+    FAILED,
+    LOST,
+    REJECTED,
+    SERVER_ERROR,
+    SHED,
+    UNAVAILABLE,
+    VIOLATION,
+    MemorySeries,
+    SoakRecord,
+    Window,
+    check_bad_inputs_rejected,
+    check_every_request_ended_once,
+    check_ledger,
+    check_memory_flat,
+    check_no_unexpected_5xx,
+    check_throughput_stable,
+    check_ttft_stable,
+    verdict,
+)
+from tests.server_process import free_port
+
+
+@pytest.mark.slow
+def test_the_smoke_soak_with_an_engine_kill_loses_nothing(tmp_path, capsys):
+    out = tmp_path / "soak.json"
+    status = soak_main(["--smoke", "--port", str(free_port()), "--out", str(out)])
+    summary = json.loads(out.read_text())
+    printed = capsys.readouterr().out
+    assert json.loads(printed.strip().splitlines()[-1]) == summary  # the JSON line
+    checks = {c["name"]: c for c in summary["checks"]}
+    failed = [c for c in summary["checks"] if not c["ok"] and not c["timed"]]
+    assert status == 0 and summary["ok"] and not failed, failed
+    for phase in ("warmup", "steady", "chaos", "after"):
+        assert checks[f"{phase}: at rest, ledger balanced, no KV block held"]["ok"]
+    outcomes = summary["outcomes"]
+    assert outcomes.get(LOST, 0) == 0 and outcomes.get(VIOLATION, 0) == 0
+    assert outcomes.get(SERVER_ERROR, 0) == 0
+    assert outcomes[COMPLETED] > 50 and outcomes[CLIENT_ABORTED] > 0 and outcomes[REJECTED] > 0
+    assert outcomes[SHED] > 0  # the bursts went above the queue limit
+    kinds = summary["kinds"]
+    assert all(kinds.get(k, 0) > 0 for k in ("stream", "plain", "cancel", "slow", "burst"))
+    assert sum(v for k, v in kinds.items() if k.startswith("bad:")) > 0
+    # The engine was killed once and served again within a minute.
+    assert len(summary["engine_restart_windows_s"]) == 1
+    assert 0 < summary["engine_restart_windows_s"][0] < 60
+
+
+def _rec(kind: str, start: float, outcome: str, end: float | None = None, ttft: float | None = None,
+         tokens: int = 10, status: int = 200) -> SoakRecord:
+    r = SoakRecord(kind, start, end if end is not None else start + 1.0, status=status,
+                   outcome=outcome, output_tokens=tokens)
+    if ttft is not None:
+        r.first_token_s = start + ttft
+    return r
+
+
+def test_the_checks_catch_lost_and_broken_requests_and_stray_5xx():
+    good = [_rec("stream", 0, COMPLETED), _rec("cancel", 1, CLIENT_ABORTED), _rec("burst", 2, SHED, status=503)]
+    assert check_every_request_ended_once(good).ok
+    assert not check_every_request_ended_once(good + [_rec("stream", 3, LOST)]).ok
+    assert not check_every_request_ended_once(good + [_rec("plain", 3, VIOLATION)]).ok
+    restart = [Window(10.0, 20.0)]
+    in_window = [_rec("stream", 9.5, FAILED, end=10.2), _rec("plain", 15, UNAVAILABLE, status=503)]
+    assert check_no_unexpected_5xx(good + in_window, restart).ok
+    assert not check_no_unexpected_5xx(good + in_window, []).ok  # no restart: not allowed
+    assert not check_no_unexpected_5xx([_rec("plain", 40, UNAVAILABLE, status=503)], restart).ok
+    assert not check_no_unexpected_5xx([_rec("plain", 15, SERVER_ERROR, status=500)], restart).ok
+    assert check_bad_inputs_rejected([_rec("bad:json", 0, REJECTED, status=400)]).ok
+    assert not check_bad_inputs_rejected([_rec("bad:json", 0, VIOLATION)]).ok
+
+
+def test_the_checks_judge_ledger_memory_throughput_and_ttft():
+    assert check_ledger("p", 10, 10, 0, 0, 0.0).ok
+    assert not check_ledger("p", 10, 9, 0, 0, 0.0).ok
+    assert not check_ledger("p", 10, 10, 0, 0, 0.01).ok  # a block still held at rest
+    flat = MemorySeries("rss", list(range(40)), [100e6 + (i % 3) * 1e6 for i in range(40)])
+    growing = MemorySeries("rss", list(range(40)), [100e6 * (1 + 0.01 * i) for i in range(40)])
+    assert check_memory_flat(flat, after_s=0).ok
+    assert not check_memory_flat(growing, after_s=0).ok
+    steady = [_rec("stream", t, COMPLETED, end=t + 1, ttft=0.1) for t in range(100)]
+    assert check_throughput_stable(steady, 0, 101, window_s=25).ok
+    slowing = steady[:50] + [_rec("stream", t, COMPLETED, end=t + 1, ttft=0.5, tokens=5)
+                             for t in range(50, 100)]
+    assert not check_throughput_stable(slowing, 0, 101, window_s=25).ok
+    assert check_ttft_stable(steady, 0, 100).ok
+    assert not check_ttft_stable(slowing, 0, 100).ok
+    checks = [check_ledger("p", 1, 1, 0, 0, 0.0), check_ttft_stable(slowing, 0, 100)]
+    assert verdict(checks, timed=False) and not verdict(checks, timed=True)

@@ -29,6 +29,12 @@ class _DroppedSamples:
         m.add_metric(["store"], self.store.dropped if self.store else 0)
         m.add_metric(["subscriber"], self.hub.dropped if self.hub else 0)
         yield m
+        errors = CounterMetricFamily(
+            "ondo:telemetry_store_write_errors",
+            "Failed writes of the telemetry store (disk full, file locked, I/O error); retried",
+        )
+        errors.add_metric([], self.store.write_errors if self.store else 0)
+        yield errors
 
 
 class PrometheusExporter:

@@ -2,8 +2,17 @@
 
 `submit()` never blocks: when the writer falls behind (disk slow, file locked, disk full) the
 queue keeps its newest `max_queue` samples and counts the ones it drops, so that at any time
-after `close()`: stored + dropped == submitted. Raw GPU samples older than `raw_retention_s`
+after `close()`: stored + dropped == submitted. Drops are logged (at most every
+`drop_log_every_s`) and exported as `ondo:telemetry_samples_dropped`; failing writes are
+retried with a backoff that grows to `max_retry_backoff_s`, and `flush`/`close` do not
+wait on a disk that takes nothing. Raw GPU samples older than `raw_retention_s`
 are folded into 1 s aggregates (mean/min/max per column) in `gpu_samples_1s` and deleted.
+
+Durability: every batch the writer takes (whatever arrived within `batch_wait_s`) is one
+committed transaction in the write-ahead log, so a process killed outright (SIGKILL, out
+of memory) loses only what was still queued, well under a second at any sampling rate,
+and leaves a database that opens (SQLite replays the log); committed records of every
+table are a prefix of what was submitted, in order.
 
 GPU samples and engine steps have tables of their own here; other layers (the governor's
 decisions, the event log) store their records in the same file and through the same
@@ -148,6 +157,9 @@ class TelemetryStore:
         raw_retention_s: float | None = 600.0,
         busy_timeout_s: float = 0.1,
         retry_backoff_s: float = 0.05,
+        max_retry_backoff_s: float = 1.0,
+        batch_wait_s: float = 0.05,
+        drop_log_every_s: float = 10.0,
         tables: Sequence[RecordTable] = (),
     ) -> None:
         self.path = Path(path)
@@ -155,6 +167,12 @@ class TelemetryStore:
         self.raw_retention_s = raw_retention_s
         self.batch_size = batch_size
         self.retry_backoff_s = retry_backoff_s
+        self.max_retry_backoff_s = max_retry_backoff_s
+        self.batch_wait_s = batch_wait_s
+        self.drop_log_every_s = drop_log_every_s
+        self._failures_in_a_row = 0
+        self._logged_dropped = 0
+        self._drop_logged_s = float("-inf")
         self._queue = DropOldestQueue(max_queue)
         self.stored = 0
         self.write_errors = 0
@@ -193,12 +211,18 @@ class TelemetryStore:
     def attach(self, hub: TelemetryHub) -> None:
         self._sub = hub.subscribe(self.submit, kinds=(GpuSample, EngineSample, *self.tables))
 
+    @property
+    def failing(self) -> bool:
+        """The last write failed (disk full, file locked, I/O error)."""
+        return self._failures_in_a_row > 0
+
     def flush(self, timeout_s: float = 10.0) -> bool:
-        """Wait until everything submitted so far is written (True) or `timeout_s` passes."""
+        """Wait until everything submitted so far is written (True) or `timeout_s` passes;
+        False at once while writes fail (nothing would come of waiting)."""
         deadline = time.monotonic() + timeout_s
         target = self.submitted
         while self.stored + self.dropped < target:
-            if time.monotonic() > deadline:
+            if time.monotonic() > deadline or self.failing:
                 return False
             time.sleep(0.005)
         return True
@@ -217,23 +241,39 @@ class TelemetryStore:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            batch = self._queue.get_batch(self.batch_size, timeout=0.05)
+            batch = self._queue.get_batch(self.batch_size, timeout=self.batch_wait_s)
+            self._log_drops()
             if not batch:
                 continue
             try:
                 self._write(batch)
                 self.stored += len(batch)
+                if self._failures_in_a_row:
+                    log.warning("telemetry store writes again after %d failures",
+                                self._failures_in_a_row)
+                self._failures_in_a_row = 0
             except Exception as e:  # locked, disk full, I/O error: keep what fits, retry
                 self.write_errors += 1
-                lost = self._queue.put_back(batch)
-                if self.write_errors == 1 or self.write_errors % 100 == 0:
+                self._failures_in_a_row += 1
+                self._queue.put_back(batch)
+                if self._failures_in_a_row == 1 or self.write_errors % 100 == 0:
                     log.warning("telemetry store write failed (%s); %d queued, %d dropped so far",
                                 e, len(self._queue), self.dropped)
-                if lost:
-                    log.debug("dropped %d oldest samples", lost)
-                self._stop.wait(self.retry_backoff_s)
+                backoff_s = min(self.retry_backoff_s * 2 ** (self._failures_in_a_row - 1),
+                                self.max_retry_backoff_s)
+                self._stop.wait(backoff_s)
                 continue
             self._maybe_compact()
+
+    def _log_drops(self) -> None:
+        """One line per `drop_log_every_s` while samples are being dropped."""
+        dropped = self._queue.dropped
+        now = time.monotonic()
+        if dropped > self._logged_dropped and now - self._drop_logged_s >= self.drop_log_every_s:
+            log.warning("telemetry store dropped %d samples (%d in all): it writes slower than "
+                        "they come, or cannot write%s", dropped - self._logged_dropped, dropped,
+                        " (writes failing)" if self.failing else "")
+            self._logged_dropped, self._drop_logged_s = dropped, now
 
     def _write(self, batch: list[Any]) -> None:
         gpu = [_gpu_row(s) for s in batch if isinstance(s, GpuSample)]

@@ -238,18 +238,17 @@ class AsyncLLM:
         self._streams: dict[str, _Stream] = {}
         self._num_queued_adds = 0
         self._num_waiting = 0  # the scheduler's waiting queue, as of the engine's last batch
-        self._accepting = True
-        self._dead_reason: str | None = None
-        self._stats: dict[str, float] = dict(stats)
         self._supervisor: EngineSupervisor | None = None
+        self._restarting: str | None = None  # why the engine died, while a fresh one starts
+        # Called once with the reason when the engine is gone for good (the server exits).
+        self.on_engine_lost: Callable[[str], None] | None = None
         # The ledger: every admitted request ends exactly once, by outcome (a finish
         # reason, "rejected" by the engine, "error", or "client_left").
         self._num_admitted = 0
         self._num_ended: dict[str, int] = {}
-        self._restarting: str | None = None  # why the engine died, while a fresh one starts
-        self._step_listeners: list[Callable[[StepStats], None]] = []
-        # Called once with the reason when the engine is gone for good (the server exits).
-        self.on_engine_lost: Callable[[str], None] | None = None
+        self._accepting = True
+        self._dead_reason: str | None = None
+        self._stats: dict[str, float] = dict(stats)
 
     @property
     def engine_process(self) -> bool:
@@ -258,7 +257,6 @@ class AsyncLLM:
     def add_step_listener(self, listener: Callable[[StepStats], None]) -> None:
         """Called with each engine step's StepStats (on the engine thread, or on the thread
         that reads the engine process)."""
-        self._step_listeners.append(listener)
         self._core.add_step_listener(listener)
 
     # -- the asyncio side ------------------------------------------------------------
@@ -470,7 +468,7 @@ class AsyncLLM:
         if keep_old:
             core.close(timeout_s=10.0)
             return
-        for listener in self._step_listeners:
+        for listener in old.step_listeners:
             core.add_step_listener(listener)
         core.start_reading()
         old.close(timeout_s=5.0)

@@ -329,6 +329,10 @@ class EngineProcess:
             self._commands.put(_SEND_STEP_STATS)
         self._step_listeners.append(listener)
 
+    @property
+    def step_listeners(self) -> list[Callable[[StepStats], None]]:
+        return list(self._step_listeners)
+
     def is_alive(self) -> bool:
         return self._process.is_alive() and self._reader.is_alive()
 

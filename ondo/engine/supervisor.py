@@ -38,11 +38,6 @@ class EngineSupervisor:
         self._starting: EngineProcess | None = None
         self.num_restarts = 0  # engines started after one died, and ready
 
-    @property
-    def restarting(self) -> bool:
-        thread = self._thread
-        return thread is not None and thread.is_alive()
-
     def engine_died(self, reason: str) -> None:
         """Called once per death (on the dead engine's reader thread); returns at once."""
         with self._lock:

@@ -79,6 +79,15 @@ class IncrementalDetokenizer:
 def detokenize(tokenizer: Tokenizer, prompt_token_ids: list[int], output_token_ids: list[int],
                skip_special_tokens: bool = True) -> str:
     """A finished sequence's whole text: the concatenation of the deltas it would have
-    streamed, with the tail flushed."""
+    streamed, with the tail flushed. Where the text decodes cleanly (no partial character,
+    the context's text a prefix of the whole), that is the whole decoded at once after
+    the context, two decodes instead of two per id (tested equal, on random ids, for the
+    byte-level BPE, WordPiece and SentencePiece families); elsewhere the ids go through
+    the detokenizer one by one."""
+    context = list(prompt_token_ids[-_CONTEXT_IDS:])
+    before = tokenizer.decode(context, skip_special_tokens=skip_special_tokens) if context else ""
+    whole = tokenizer.decode(context + list(output_token_ids), skip_special_tokens=skip_special_tokens)
+    if whole.startswith(before) and _REPLACEMENT_CHAR not in whole:
+        return whole[len(before):]
     detokenizer = IncrementalDetokenizer(tokenizer, prompt_token_ids, skip_special_tokens)
     return detokenizer.extend(output_token_ids) + detokenizer.flush()

@@ -12,7 +12,6 @@ import logging
 import os
 
 from ondo.engine.cli import add_engine_args
-from ondo.engine.restart_policy import DEFAULT_ENGINE_RESTARTS
 from ondo.model.default_model import default_model_path
 from ondo.server.limits import DEFAULT_MAX_REQUEST_BYTES
 
@@ -37,6 +36,8 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from ondo.engine.restart_policy import DEFAULT_ENGINE_RESTARTS
+
     p = sub.add_parser("serve", help="serve a model over the OpenAI API")
     p.add_argument("model", nargs="?", default=None,
                    help="HF folder or .gguf file (default: the embedded SmolLM2-135M-Instruct)")

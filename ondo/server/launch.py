@@ -67,12 +67,12 @@ def serve(args: argparse.Namespace) -> int:
     try:
         server.run()
     finally:
-        app.state.ctx.close()
         async_llm.close()
         if telemetry is not None:
             telemetry.close()
         gc_pauses.stop()
         thaw_heap()
+        app.state.ctx.close()
         log.info("server process garbage collector: %s", gc_pauses.summary())
     if server.exit_code:
         log.critical("exiting with status %d: %s", server.exit_code, server.exit_reason)

@@ -8,7 +8,7 @@ retried with a backoff that grows to `max_retry_backoff_s`, and `flush`/`close` 
 wait on a disk that takes nothing. Raw GPU samples older than `raw_retention_s`
 are folded into 1 s aggregates (mean/min/max per column) in `gpu_samples_1s` and deleted.
 
-Durability: every batch the writer takes (whatever arrived within `batch_wait_s`) is one
+Durability: every batch the writer takes (whatever arrived in the last 50 ms or so) is one
 committed transaction in the write-ahead log, so a process killed outright (SIGKILL, out
 of memory) loses only what was still queued, well under a second at any sampling rate,
 and leaves a database that opens (SQLite replays the log); committed records of every
@@ -158,7 +158,6 @@ class TelemetryStore:
         busy_timeout_s: float = 0.1,
         retry_backoff_s: float = 0.05,
         max_retry_backoff_s: float = 1.0,
-        batch_wait_s: float = 0.05,
         drop_log_every_s: float = 10.0,
         tables: Sequence[RecordTable] = (),
     ) -> None:
@@ -167,12 +166,6 @@ class TelemetryStore:
         self.raw_retention_s = raw_retention_s
         self.batch_size = batch_size
         self.retry_backoff_s = retry_backoff_s
-        self.max_retry_backoff_s = max_retry_backoff_s
-        self.batch_wait_s = batch_wait_s
-        self.drop_log_every_s = drop_log_every_s
-        self._failures_in_a_row = 0
-        self._logged_dropped = 0
-        self._drop_logged_s = float("-inf")
         self._queue = DropOldestQueue(max_queue)
         self.stored = 0
         self.write_errors = 0
@@ -181,6 +174,11 @@ class TelemetryStore:
         self._compacted_before = float("-inf")
         self._stop = threading.Event()
         self._sub: Subscription | None = None
+        self.max_retry_backoff_s = max_retry_backoff_s
+        self.drop_log_every_s = drop_log_every_s
+        self._failures_in_a_row = 0
+        self._logged_dropped = 0
+        self._drop_logged_s = float("-inf")
         conn = connect(self.path, timeout_s=5.0)
         conn.executescript(_SCHEMA)
         for table in self.tables.values():
@@ -241,8 +239,8 @@ class TelemetryStore:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            batch = self._queue.get_batch(self.batch_size, timeout=self.batch_wait_s)
             self._log_drops()
+            batch = self._queue.get_batch(self.batch_size, timeout=0.05)
             if not batch:
                 continue
             try:

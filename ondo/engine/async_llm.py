@@ -454,22 +454,22 @@ class AsyncLLM:
             self._lost(dead_reason)
 
     def _adopt(self, core: EngineProcess, info: EngineInfo) -> None:
-        """A fresh engine process is ready (the supervisor's thread): serve with it."""
+        """A fresh engine process is ready (the supervisor's thread): serve with it, told
+        first what the dead one had been told to run with (step listeners, settings)."""
         with self._cond:
             if not self._accepting:  # closed meanwhile
-                keep_old = True
-            else:
-                keep_old = False
-                old, self._core = self._core, core
-                self._num_queued_adds = 0  # what the dead engine had queued died with it
-                self._num_waiting = 0
-                self._stats = dict(info.stats)
-                self._restarting = None
-        if keep_old:
-            core.close(timeout_s=10.0)
-            return
-        for listener in old.step_listeners:
-            core.add_step_listener(listener)
+                core.close(timeout_s=10.0)
+                return
+            old = self._core
+            for listener in old.step_listeners:
+                core.add_step_listener(listener)
+            for command in old.settings:
+                core.send(command)
+            self._core = core
+            self._num_queued_adds = 0  # what the dead engine had queued died with it
+            self._num_waiting = 0
+            self._stats = dict(info.stats)
+            self._restarting = None
         core.start_reading()
         old.close(timeout_s=5.0)
 

@@ -82,9 +82,10 @@ class EngineLoop:
         engine = self.engine
         busy = False
         dead: str | None = None
-        failures = 0  # steps failed in a row
         try:
-            while dead is None:
+            while True:
+                if dead is not None:  # a failed step left the engine unable to go on
+                    break
                 commands = self.take(not busy)
                 if commands is None:
                     break
@@ -93,14 +94,8 @@ class EngineLoop:
                 if engine.has_unfinished_requests():
                     try:
                         outputs = engine.step()
-                        failures = 0
-                    except StepFailed as e:  # its requests have ended with an error
-                        outputs = e.outputs
-                        failures += 1
-                        dead = self._cannot_go_on(e, failures)
                     except Exception as e:
-                        log.exception("engine step failed")
-                        outputs = self._fail_all(f"engine step failed: {type(e).__name__}: {e}")
+                        outputs, dead = self._after_failed_step(e)
                 busy = engine.has_unfinished_requests()
                 self.publish(Published(outputs, rejected, num_added, engine.stats(), self._drain_step_stats()))
         except BaseException as e:  # a bug in this loop: the caller fails everyone, loudly
@@ -112,15 +107,6 @@ class EngineLoop:
         except Exception:
             log.exception("could not publish the engine's final counters")
         return dead
-
-    def _cannot_go_on(self, failed: StepFailed, failures: int) -> str | None:
-        """Why the loop must stop after a failed step (it then dies, and whoever
-        supervises the engine starts a fresh one), or None to step on."""
-        if not self.engine.device_ok():
-            return f"the device cannot go on after a failed step: {failed}"
-        if failures >= MAX_STEP_FAILURES_IN_A_ROW:
-            return f"{failures} steps in a row failed; the last: {failed}"
-        return None
 
     def _apply(self, commands: list[Command]) -> tuple[int, list[Rejected]]:
         num_added, rejected = 0, []
@@ -152,6 +138,19 @@ class EngineLoop:
             except Exception:
                 log.exception("abort of %s after a failed step also failed", request_id)
         return [final_output(request_id, "error", reason) for request_id in failed]
+
+    def _after_failed_step(self, e: Exception) -> tuple[list[RequestOutput], str | None]:
+        """The outputs of a step that raised, and why the loop must stop (it then dies, and
+        whoever supervises the engine starts a fresh one), or None to step on."""
+        if not isinstance(e, StepFailed):  # not a step's own failure: end every request
+            log.error("engine step failed", exc_info=e)
+            return self._fail_all(f"engine step failed: {type(e).__name__}: {e}"), None
+        if not self.engine.device_ok():
+            return e.outputs, f"the device cannot go on after a failed step: {e}"
+        failures = self.engine.num_failed_steps_in_a_row
+        if failures >= MAX_STEP_FAILURES_IN_A_ROW:
+            return e.outputs, f"{failures} steps in a row failed; the last: {e}"
+        return e.outputs, None
 
     def _abort_all(self) -> None:
         for request_id in self.engine.unfinished_request_ids():

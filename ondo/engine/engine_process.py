@@ -25,7 +25,7 @@ from multiprocessing.connection import Connection
 from typing import Any, Generic, TypeVar
 
 from ondo.engine.config import EngineArgs
-from ondo.engine.engine_loop import Command, EngineLoop, Published
+from ondo.engine.engine_loop import AbortRequest, AddRequest, Command, EngineLoop, Published
 from ondo.engine.gc_pauses import GcPauses, freeze_startup_heap, thaw_heap
 from ondo.engine.outputs import CompletionOutput, RequestOutput, WireDelta
 from ondo.engine.step_stats import StepStats
@@ -291,6 +291,7 @@ class EngineProcess:
         self._on_exit = on_exit
         self._startup_timeout_s = startup_timeout_s
         self._step_listeners: list[Callable[[StepStats], None]] = []
+        self._settings: dict[type, Command] = {}  # the latest of each kind (see `settings`)
         self._reader = threading.Thread(target=self._read, name="ondo-engine-reader", daemon=True)
 
     def wait_ready(self) -> EngineInfo:
@@ -322,7 +323,15 @@ class EngineProcess:
         """Queue a command for the engine; never blocks. Commands arrive in the order sent
         (an abort cannot overtake its add). Where the process is gone, the reader sees it
         and fails its requests."""
+        if not isinstance(command, (AddRequest, AbortRequest)):
+            self._settings[type(command)] = command
         self._commands.put(command)
+
+    @property
+    def settings(self) -> list[Command]:
+        """The latest command of each kind that sets the engine up rather than acting on one
+        request (a governor's limits, ...): what a fresh engine process must be told again."""
+        return list(self._settings.values())
 
     def add_step_listener(self, listener: Callable[[StepStats], None]) -> None:
         if not self._step_listeners:

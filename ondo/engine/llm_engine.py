@@ -178,6 +178,7 @@ class LLMEngine:
         self._text: dict[int, _TextState] = {}  # by seq_id
         self._pending_outputs: list[RequestOutput] = []
         self._stepping: list[Sequence] = []  # the sequences the step under way touches
+        self.num_failed_steps_in_a_row = 0
         # The engine process sets this: plain streamed steps leave as wire tuples (see
         # `_wire_delta`), not as RequestOutputs it would build only to strip them again.
         self.wire_deltas = False
@@ -301,7 +302,9 @@ class LLMEngine:
         try:
             self._step(outputs)
         except Exception as e:
+            self.num_failed_steps_in_a_row += 1
             raise StepFailed(outputs + self._fail_step(e), e) from e
+        self.num_failed_steps_in_a_row = 0
         return outputs
 
     def _step(self, outputs: list[RequestOutput]) -> None:

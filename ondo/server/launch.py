@@ -53,8 +53,9 @@ def serve(args: argparse.Namespace) -> int:
     telemetry = start_telemetry(args, registry)
     if telemetry is not None:
         async_llm.add_step_listener(telemetry.engine.on_step)
-    app = build_app(async_llm, name, api_key=args.api_key or os.environ.get("ONDO_API_KEY"),
-                    registry=registry, limits=limits)
+    app = build_app(async_llm, name, limits=limits,
+                    api_key=args.api_key or os.environ.get("ONDO_API_KEY"),
+                    registry=registry)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
                             timeout_graceful_shutdown=args.shutdown_timeout + 10,
                             access_log=args.access_log)

@@ -263,16 +263,6 @@ class TelemetryStore:
                 continue
             self._maybe_compact()
 
-    def _log_drops(self) -> None:
-        """One line per `drop_log_every_s` while samples are being dropped."""
-        dropped = self._queue.dropped
-        now = time.monotonic()
-        if dropped > self._logged_dropped and now - self._drop_logged_s >= self.drop_log_every_s:
-            log.warning("telemetry store dropped %d samples (%d in all): it writes slower than "
-                        "they come, or cannot write%s", dropped - self._logged_dropped, dropped,
-                        " (writes failing)" if self.failing else "")
-            self._logged_dropped, self._drop_logged_s = dropped, now
-
     def _write(self, batch: list[Any]) -> None:
         gpu = [_gpu_row(s) for s in batch if isinstance(s, GpuSample)]
         engine = [_engine_row(s) for s in batch if isinstance(s, EngineSample)]
@@ -303,3 +293,13 @@ class TelemetryStore:
             log.debug("folded %d raw samples before t=%d s into 1 s aggregates", n, before_s)
         except sqlite3.Error as e:
             log.warning("telemetry compaction deferred: %s", e)
+
+    def _log_drops(self) -> None:
+        """One line per `drop_log_every_s` while samples are being dropped."""
+        dropped = self._queue.dropped
+        now = time.monotonic()
+        if dropped > self._logged_dropped and now - self._drop_logged_s >= self.drop_log_every_s:
+            log.warning("telemetry store dropped %d samples (%d in all): it writes slower than "
+                        "they come, or cannot write%s", dropped - self._logged_dropped, dropped,
+                        " (writes failing)" if self.failing else "")
+            self._logged_dropped, self._drop_logged_s = dropped, now

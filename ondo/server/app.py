@@ -46,7 +46,8 @@ def build_app(async_llm: AsyncLLM, served_model_name: str, api_key: str | None =
     app = FastAPI(title="ondo", summary="OpenAI-compatible LLM server")
     app.state.ctx = ctx
     app.state.registry = registry
-    app.add_middleware(BodySizeLimit, max_bytes=limits.max_request_bytes)
+    # Read per request: the limits may be set after the app is built (ondo serve does).
+    app.add_middleware(BodySizeLimit, max_bytes=lambda: ctx.limits.max_request_bytes)
     install_error_handlers(app)
 
     async def check_api_key(request: Request) -> None:

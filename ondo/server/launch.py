@@ -53,14 +53,14 @@ def serve(args: argparse.Namespace) -> int:
     telemetry = start_telemetry(args, registry)
     if telemetry is not None:
         async_llm.add_step_listener(telemetry.engine.on_step)
-    app = build_app(async_llm, name, limits=limits,
-                    api_key=args.api_key or os.environ.get("ONDO_API_KEY"),
+    app = build_app(async_llm, name, api_key=args.api_key or os.environ.get("ONDO_API_KEY"),
                     registry=registry)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
                             timeout_graceful_shutdown=args.shutdown_timeout + 10,
                             access_log=args.access_log)
     server = DrainingServer(config, async_llm, args.shutdown_timeout)
     async_llm.on_engine_lost = server.engine_lost
+    app.state.ctx.limits = limits
     log.info("serving %s on http://%s:%d (max %d waiting requests)", name, args.host, args.port,
              async_llm.max_waiting_requests)
     freeze_startup_heap()  # this process serves one engine for its whole life

@@ -48,18 +48,23 @@ def too_large_message(num_bytes: int | None, limit: int) -> str:
 
 
 class BodySizeLimit:
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int | Callable[[], int]) -> None:
         self.app = app
-        self.max_bytes = max_bytes
+        self._max_bytes = max_bytes
+
+    @property
+    def max_bytes(self) -> int:
+        return self._max_bytes() if callable(self._max_bytes) else self._max_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        max_bytes = self.max_bytes
         headers = dict(scope.get("headers") or [])
         length = _content_length(headers.get(b"content-length"))
-        if length is not None and length > self.max_bytes:
-            await _reject(send, too_large_message(length, self.max_bytes), receive,
+        if length is not None and length > max_bytes:
+            await _reject(send, too_large_message(length, max_bytes), receive,
                           body_pending=headers.get(b"expect", b"").lower() != b"100-continue")
             return
         if length is not None or b"transfer-encoding" not in headers:
@@ -73,8 +78,8 @@ class BodySizeLimit:
             if message["type"] != "http.request":  # the client left
                 return
             size += len(message.get("body", b""))
-            if size > self.max_bytes:
-                await _reject(send, too_large_message(None, self.max_bytes), receive,
+            if size > max_bytes:
+                await _reject(send, too_large_message(None, max_bytes), receive,
                               body_pending=message.get("more_body", False))
                 return
             chunks.append(message.get("body", b""))

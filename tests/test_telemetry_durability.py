@@ -16,10 +16,12 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import httpx
 import pytest
 
+import ondo
 from tests.server_process import free_port
 
 # The writer process: samples at about 1 kHz, a hash-chained record beside each, and the
@@ -100,6 +102,65 @@ def test_sigkill_mid_write_loses_at_most_the_last_second(tmp_path, kill_after_s)
     verify_chain(links)
     lost_s = last_submitted - max(samples[-1][1], links[-1][3])
     assert 0 <= lost_s <= 1.0, f"{lost_s:.3f} s of samples lost"
+
+
+# The same with the event log: entries appended through `EventLog` into the store's event
+# table, beside samples; after the kill, `ondo events verify` must find the chain whole.
+EVENT_WRITER = textwrap.dedent('''
+    import mmap, os, struct, sys, time
+    from ondo.events.log import EventLog
+    from ondo.events.schema import EventDraft, EventKind
+    from ondo.events.table import EVENTS_TABLE
+    from ondo.telemetry.schema import GpuSample
+    from ondo.telemetry.store import TelemetryStore
+
+    db, progress = sys.argv[1], sys.argv[2]
+    store = TelemetryStore(db, tables=[EVENTS_TABLE])
+    events = EventLog(sinks=[store.submit])
+    with open(progress, "wb") as f:
+        f.write(b"\\0" * 8)
+    last = mmap.mmap(os.open(progress, os.O_RDWR), 8)
+    print("ready", flush=True)
+    seq = 0
+    while True:
+        now = time.time()
+        store.submit(GpuSample(0, "sim", time.monotonic(), now, 0.001, 0.0, temp_c=float(seq)))
+        events.append(EventDraft(EventKind.TELEMETRY_GAP, time.monotonic(), now, {"stage": "test"},
+                                 {"stage": "test", "dropped": seq}))
+        last[:8] = struct.pack("d", now)
+        seq += 1
+        time.sleep(0.002)
+''')
+
+
+@pytest.mark.parametrize("kill_after_s", [0.9, 1.7])
+def test_sigkill_mid_write_leaves_an_event_log_whose_chain_verifies(tmp_path, kill_after_s):
+    if not (Path(ondo.__file__).parent / "events" / "log.py").exists():
+        pytest.skip("the event log is not part of this build")
+    from ondo.events.verify import verify
+
+    db, progress = tmp_path / "e.db", tmp_path / "progress"
+    child = subprocess.Popen([sys.executable, "-c", EVENT_WRITER, str(db), str(progress)],
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "ready"
+        time.sleep(kill_after_s)
+        child.send_signal(signal.SIGKILL)
+        child.wait(30)
+    finally:
+        if child.poll() is None:
+            child.kill()
+    last_submitted = struct.unpack("d", progress.read_bytes()[:8])[0]
+    result = verify(db)
+    assert result.ok, result.describe()
+    assert result.entries > 50
+    conn = sqlite3.connect(db)
+    try:
+        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        last_event_s = conn.execute("SELECT MAX(t_wall_s) FROM events").fetchone()[0]
+    finally:
+        conn.close()
+    assert 0 <= last_submitted - last_event_s <= 1.0
 
 
 # The full-disk process: a 256 KiB file size limit (SIGXFSZ ignored, so writes fail with

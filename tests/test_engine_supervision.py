@@ -84,6 +84,34 @@ def test_a_failed_step_ends_only_its_own_requests(monkeypatch, model, engine_pro
         llm.close()
 
 
+def test_a_failed_step_scheduled_ahead_ends_the_requests_of_both_steps(monkeypatch, model):
+    """Asynchronous scheduling: the failing step is scheduled while the one before it is in
+    flight; the requests of both end with an error, the one waiting for a seat does not."""
+    monkeypatch.setenv(FAULT_ENV, "fault-")
+    llm = AsyncLLM.from_engine_args(EngineArgs(model=model, max_num_seqs=2, async_scheduling=True,
+                                               **ARGS), engine_process=False)
+    try:
+        async def main():
+            running = llm.generate("ok-running", [5, 6, 7], SamplingParams(max_tokens=200, ignore_eos=True))
+            first = await anext(running)  # noqa: F821 (builtin since 3.10)
+            assert not first.finished
+            rest = asyncio.gather(_outputs(llm, "fault-1"), _outputs(llm, "ok-waiting"))
+            outs = [first] + [o async for o in running]
+            return outs, *(await rest)
+
+        running, failed, waiting = asyncio.run(main())
+        assert llm.engine.async_scheduling
+        assert running[-1].outputs[0].finish_reason == "error" and "injected" in running[-1].error
+        assert len(running[-1].outputs[0].token_ids) < 200
+        assert failed[-1].outputs[0].finish_reason == "error"
+        assert waiting[-1].outputs[0].finish_reason == "length"
+        assert len(waiting[-1].outputs[0].token_ids) == 12
+        total = llm.stats()["num_total_blocks"]
+        assert wait_for(lambda: llm.stats()["num_free_blocks"] == total, 30.0)
+    finally:
+        llm.close()
+
+
 def test_steps_failing_in_a_row_restart_the_engine_until_restarts_run_out(monkeypatch, model):
     monkeypatch.setenv(FAULT_ENV, "fault-")
     policy = RestartPolicy(max_restarts=1, backoff_initial_s=0.2)

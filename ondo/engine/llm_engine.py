@@ -309,8 +309,8 @@ class LLMEngine:
 
     def _step(self, outputs: list[RequestOutput]) -> None:
         prev, self._in_flight = self._in_flight, None
-        if prev is not None:
-            self._stepping += prev.seqs
+        if prev is not None:  # its draws are still to be read: its sequences are in this step
+            self._stepping += prev.seqs + [item.seq for item in prev.sched.scheduled]
         if prev is not None and not self._can_schedule_ahead(prev):
             outputs.extend(self._finish(prev))
             prev = None

@@ -23,6 +23,7 @@ import argparse
 import asyncio
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -93,6 +94,15 @@ def phases(args: argparse.Namespace) -> list[Phase]:
     return out
 
 
+def raise_open_files_limit() -> int:
+    """Thousands of connections at once (this client's and the server's, which inherits it)
+    need more descriptors than the usual soft limit of 1024."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model-shape", default="qwen3-0.6b", choices=sorted(SHAPES))
@@ -130,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         args.input_len, args.output_len = (4, 48), (4, 32)
         args.request_rate = args.request_rate or 6.0
     args.token_id_vocab = SHAPES[args.model_shape]["vocab_size"]
+    open_files = raise_open_files_limit()
 
     proc = None
     log_path = os.path.join(tempfile.gettempdir(), f"ondo-soak-server-{os.getpid()}.log")
@@ -158,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
                 status = proc.wait()
             print(f"server exited with status {status}; its log: {log_path}", file=sys.stderr)
     summary = report.summary() | {"request_rate": rate, "model_shape": args.model_shape,
-                                  "smoke": args.smoke, "date": time.strftime("%Y-%m-%d")}
+                                  "smoke": args.smoke, "date": time.strftime("%Y-%m-%d"),
+                                  "open_files_limit": open_files}
     print(format_checks(report.checks))
     print(json.dumps(summary))
     if args.out:

@@ -233,6 +233,7 @@ class AsyncLLM:
         self._accepting = True
         self._dead_reason: str | None = None
         self._stats: dict[str, float] = dict(stats)
+        self._request_listeners: list[Callable[[RequestOutput], None]] = []
 
     @property
     def engine_process(self) -> bool:
@@ -242,6 +243,11 @@ class AsyncLLM:
         """Called with each engine step's StepStats (on the engine thread, or on the thread
         that reads the engine process)."""
         self._core.add_step_listener(listener)
+
+    def add_request_listener(self, listener: Callable[[RequestOutput], None]) -> None:
+        """Called with each request's final output as the engine publishes it (on the engine
+        thread, or on the thread that reads the engine process); it must be quick."""
+        self._request_listeners.append(listener)
 
     # -- the asyncio side ------------------------------------------------------------
     async def generate(
@@ -381,6 +387,10 @@ class AsyncLLM:
                 loop.call_soon_threadsafe(_deliver, items)
             except RuntimeError:  # the loop is closed: nobody is listening any more
                 pass
+        for listener in self._request_listeners:
+            for out in batch.outputs:
+                if out.finished:
+                    listener(out)
 
     def _on_exit(self, dead_reason: str | None) -> None:
         """The engine has stopped: every request still here gets its final output."""

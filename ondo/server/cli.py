@@ -12,6 +12,7 @@ import logging
 import os
 
 from ondo.engine.cli import add_engine_args
+from ondo.events.cli import add_event_args
 from ondo.model.default_model import default_model_path
 
 log = logging.getLogger(__name__)
@@ -54,5 +55,6 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "engine-only; nvml falls back to sim; sim = the twin as the GPU")
     p.add_argument("--telemetry-hz", type=float, default=20.0, help="GPU sampling rate (<= 100)")
     p.add_argument("--telemetry-db", default=None, help="also store telemetry in this SQLite file")
+    add_event_args(p)
     add_engine_args(p)
     p.set_defaults(func=_serve)

@@ -27,6 +27,7 @@ def serve(args: argparse.Namespace) -> int:
 
     try:
         engine_args = engine_args_from(args)
+        events_config = event_config(args)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -44,6 +45,7 @@ def serve(args: argparse.Namespace) -> int:
     telemetry = start_telemetry(args, registry)
     if telemetry is not None:
         async_llm.add_step_listener(telemetry.engine.on_step)
+    events = start_events(events_config, telemetry, registry, async_llm)
     app = build_app(async_llm, name, api_key=args.api_key or os.environ.get("ONDO_API_KEY"),
                     registry=registry)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
@@ -58,6 +60,8 @@ def serve(args: argparse.Namespace) -> int:
         server.run()
     finally:
         async_llm.close()
+        if events is not None:
+            events.close()
         if telemetry is not None:
             telemetry.close()
         gc_pauses.stop()
@@ -66,17 +70,44 @@ def serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def event_config(args: argparse.Namespace):
+    """The event detectors' settings from the flags (None with --events off)."""
+    if getattr(args, "events", "off") != "on":
+        return None
+    from ondo.events.cli import detector_config
+
+    return detector_config(args)
+
+
+def start_events(config, telemetry, registry: CollectorRegistry, async_llm: AsyncLLM):
+    if config is None:
+        return None
+    from ondo.events.live import start_events as start
+
+    return start(config, telemetry, registry, async_llm)
+
+
 def start_telemetry(args: argparse.Namespace, registry: CollectorRegistry):
     """The telemetry pipeline feeding /metrics (and --telemetry-db): "auto" reads NVML where
-    there is a GPU and runs engine-only otherwise; "sim" runs the twin as the GPU."""
-    if args.telemetry == "off":
+    there is a GPU and runs engine-only otherwise; "sim" runs the twin as the GPU. The event
+    detectors need its hub: with --telemetry off and events on it runs engine-only (no GPU
+    source, no GPU metrics), and --telemetry-db keeps the engine steps and the event log."""
+    events = getattr(args, "events", "off") == "on"
+    if args.telemetry == "off" and not events:
         return None
     from ondo.telemetry.pipeline import Telemetry
 
+    tables = ()
+    if events:
+        from ondo.events.table import EVENTS_TABLE
+
+        tables = (EVENTS_TABLE,)
+    if args.telemetry == "off":
+        return Telemetry.start(args.telemetry_db, source="none", tables=tables)
     source = "nvml" if args.telemetry == "auto" else args.telemetry
     fallback = None if args.telemetry == "auto" else "sim"
     return Telemetry.start(args.telemetry_db, source=source, hz=args.telemetry_hz,
-                           registry=registry, fallback=fallback)
+                           registry=registry, fallback=fallback, tables=tables)
 
 
 class DrainingServer(uvicorn.Server):

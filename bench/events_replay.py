@@ -17,6 +17,7 @@ import argparse
 import json
 import math
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -107,14 +108,18 @@ def write_synthetic_trace(path: str | Path, seconds: float = 3600.0, hz: float =
     return {"gpu_rows": gpu, "engine_rows": len(rows) - gpu}
 
 
-def replay_once(trace: Path, db: Path) -> tuple[float, dict]:
+def replay_once(trace: Path, db: Path) -> tuple[float, float, dict]:
+    """(wall s, CPU s of the process: user + system, all threads, summary) of one replay."""
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     out = subprocess.run([sys.executable, "-m", "ondo", "--log-level", "WARNING", "events",
                           "replay", "--trace", str(trace), "--db", str(db), "--overwrite"],
                          capture_output=True, text=True, env=env, check=True)
     wall_s = time.perf_counter() - t0
-    return wall_s, json.loads(out.stdout.strip().splitlines()[-1])
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu_s = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return wall_s, cpu_s, json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -133,17 +138,22 @@ def main(argv: list[str] | None = None) -> int:
         synth_s = time.perf_counter() - t0
         runs = []
         for k in range(args.runs):
-            wall_s, summary = replay_once(trace, folder / f"replay{k}.db")
-            runs.append({"run": k, "wall_s": wall_s, "in_process_s": summary["elapsed_s"],
+            load = os.getloadavg()[0]
+            wall_s, cpu_s, summary = replay_once(trace, folder / f"replay{k}.db")
+            runs.append({"run": k, "wall_s": wall_s, "cpu_s": cpu_s,
+                         "in_process_s": summary["elapsed_s"], "load_avg_1min": load,
                          "events": summary["events"], "head_hash": summary["head_hash"],
                          "by_kind": summary["by_kind"]})
     same = len({r["head_hash"] for r in runs}) == 1
     print(f"trace: {args.seconds:.0f} s at {args.hz:g} Hz: {counts['gpu_rows']} GPU rows, "
           f"{counts['engine_rows']} engine rows ({synth_s:.1f} s to write); cores: {os.cpu_count()}")
-    print(f"{'run':>4} {'wall s':>8} {'in-process s':>13} {'events':>7}  head hash")
+    print(f"{'run':>4} {'wall s':>8} {'CPU s':>7} {'in-process s':>13} {'load':>5} "
+          f"{'events':>7}  head hash")
     for r in runs:
-        print(f"{r['run']:>4} {r['wall_s']:>8.2f} {r['in_process_s']:>13.2f} {r['events']:>7}  "
-              f"{r['head_hash'][:16]}")
+        print(f"{r['run']:>4} {r['wall_s']:>8.2f} {r['cpu_s']:>7.2f} {r['in_process_s']:>13.2f} "
+              f"{r['load_avg_1min']:>5.1f} {r['events']:>7}  {r['head_hash'][:16]}")
+    print("(wall: the whole command, interpreter start and imports included; CPU: the process's "
+          "user + system time, all threads; load: the machine's 1 min load average before it)")
     print(f"same head hash on every run: {same}")
     print(json.dumps({"bench": "events_replay", "seconds": args.seconds, "hz": args.hz,
                       "cpu_count": os.cpu_count(), **counts, "runs": runs,

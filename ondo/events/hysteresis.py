@@ -33,6 +33,8 @@ class Transition(enum.Enum):
 
 
 CLEAR, PENDING, ACTIVE, RELEASING = range(4)
+# Module constants: an enum member looked up on its class costs a descriptor call each time.
+OPENED, CLOSED = Transition.OPENED, Transition.CLOSED
 
 
 class Hysteresis:
@@ -79,7 +81,7 @@ class Hysteresis:
             self.low_since_s = None
             if t_s - self.since_s >= self.rise_s:
                 self.state, self.onset_s = ACTIVE, self.since_s
-                return Transition.OPENED
+                return OPENED
             return None
         if state == ACTIVE:
             if not low:
@@ -91,5 +93,5 @@ class Hysteresis:
             self.state = ACTIVE
         elif t_s - self.since_s >= self.fall_s:
             self.state = CLEAR
-            return Transition.CLOSED
+            return CLOSED
         return None

@@ -11,6 +11,8 @@ log, byte for byte, on any machine: the same head hash.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import heapq
 import logging
 import math
@@ -91,7 +93,18 @@ def replay_trace(trace_path: str | Path, db_path: str | Path, *,
                               "replaces it)")
     params = params or h100_params()
     config = config or DetectorConfig.from_params(params)
-    trace = read_trace_records(trace_path, sm_max_mhz=params.sm_max_mhz)
+    with _collector_paused():  # the records are long-lived: no point walking them
+        trace = read_trace_records(trace_path, sm_max_mhz=params.sm_max_mhz)
+    gc.freeze()  # and none in walking them again while the detectors run
+    try:
+        return _replay(trace, db, config, params, speed, overwrite, t_start, trace_path)
+    finally:
+        gc.unfreeze()
+
+
+def _replay(trace: TraceRecords, db: Path, config: DetectorConfig, params: TwinParams,
+            speed: float, overwrite: bool, t_start: float,
+            trace_path: str | Path) -> ReplaySummary:
     snaps = twin_snapshots(params, trace)
     if overwrite:
         _remove(db)
@@ -134,6 +147,17 @@ def _run(trace: TraceRecords, snaps: list[ReplayTwinSnapshot], store: TelemetryS
                 time.sleep(delay)
         for draft in detectors.feed(item):
             events.append(draft)
+
+
+@contextlib.contextmanager
+def _collector_paused():
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def _remove(db: Path) -> None:

@@ -278,12 +278,13 @@ def checked_subject(kind: EventKind, subject: dict[str, Any]) -> dict[str, Any]:
 
 def schema_table_markdown() -> str:
     """The schema as a Markdown table (docs/events.md holds this text)."""
-    lines = ["| kind | severity | subject | payload (? = may be null; [optional]) | made by |",
-             "| --- | --- | --- | --- | --- |"]
+    lines = ["| kind | when | severity | subject | payload (`?`: may be null; [optional]) | "
+             "made by |",
+             "| --- | --- | --- | --- | --- | --- |"]
     for kind, spec in KIND_SPECS.items():
-        fields = [f"`{n}`: {t}" for n, t in spec.payload.items()]
-        fields += [f"[`{n}`: {t}]" for n, t in spec.optional.items()]
+        fields = [f"`{n}` {t}" for n, t in spec.payload.items()]
+        fields += [f"[`{n}` {t}]" for n, t in spec.optional.items()]
         subject = ", ".join(f"`{k}`" for k in spec.subject) or "the opening event's"
-        lines.append(f"| `{kind.value}` | {spec.severity.value} | {subject} | "
-                     f"{'; '.join(fields)} | {spec.made_by} |")
+        lines.append(f"| `{kind.value}` | {spec.doc} | {spec.severity.value} | {subject} | "
+                     f"{', '.join(fields)} | {spec.made_by} |")
     return "\n".join(lines)

@@ -60,6 +60,8 @@ def analyze(db: str | Path, gpu_index: int | None = None, bin_s: float = 0.1,
     grid = on_grid(rec, bin_s)
     times = [s.t_monotonic_s for s in rec.gpus] + [s.end_monotonic_s for s in rec.steps]
     start, end = min(times), max(times)
+    # Lags beyond a quarter of the record rest on too little overlap to mean anything.
+    max_lag_s = min(max_lag_s, (end - start) / 4)
     correlations = []
     if rec.steps and rec.gpus:
         for load in LOAD_SERIES:
@@ -97,7 +99,7 @@ def format_text(report: dict[str, Any]) -> str:
              f"{w['duration_s']:.1f} s ({w['gpu_samples']} GPU samples, "
              f"{w['engine_steps']} engine steps)", ""]
     if report["correlations"]:
-        lines.append(f"Load -> response: lagged cross-correlation (lags 0-{report['max_lag_s']:g} s "
+        lines.append(f"Load -> response: lagged cross-correlation (lags 0-{report['max_lag_s']:.3g} s "
                      f"on {report['bin_s']:g} s bins; power from {report['power_channel']})")
         lines.append(f"  {'load (per s)':<16}" + "".join(f"{r:<20}" for r in RESPONSE_SERIES))
         by = {(c["load"], c["response"]): c for c in report["correlations"]}

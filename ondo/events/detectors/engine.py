@@ -11,11 +11,12 @@ request and no block).
 from __future__ import annotations
 
 from collections import deque
+from dataclasses import replace
 
 from ondo.events.config import DetectorConfig
 from ondo.events.detectors.common import cleared, opened, step_ref
 from ondo.events.detectors.gpu import LevelDetector
-from ondo.events.hysteresis import CLEAR, Hysteresis, Transition
+from ondo.events.hysteresis import CLEAR, CLOSED, OPENED, Hysteresis
 from ondo.events.schema import EventDraft, EventKind
 from ondo.telemetry.schema import EngineSample
 
@@ -47,20 +48,20 @@ class PreemptionDetector:
                                ("swapped_blocks_out", max(delta, 0))):
                 self.totals[key] = self.totals.get(key, 0) + value
             self.last_ref = step_ref(s.step_index)
-        if transition is Transition.OPENED:
+        if transition is OPENED:
             return [opened(EventKind.PREEMPTION, s.end_monotonic_s, s.t_wall_s, ENGINE,
                            {"preemptions": n, "mode": mode, "swapped_blocks_delta": delta,
                             "step_index": s.step_index, "num_waiting": s.num_waiting,
                             "num_running": s.num_running, "since_s": self.machine.onset_s},
                            (step_ref(s.step_index),))]
-        if transition is Transition.CLOSED:
+        if transition is CLOSED:
             return [self._cleared(s.end_monotonic_s, s.t_wall_s)]
         return []
 
     def tick(self, t_s: float, t_wall_s: float) -> list[EventDraft]:
         if self.machine.state == CLEAR:
             return []
-        if self.machine.update(t_s, 0.0) is Transition.CLOSED:
+        if self.machine.update(t_s, 0.0) is CLOSED:
             return [self._cleared(t_s, t_wall_s)]
         return []
 
@@ -112,12 +113,12 @@ class SwapStormDetector:
         if self.machine.active:
             self.peak = max(self.peak, fraction)
         evidence = (ref,) if ref else ()
-        if transition is Transition.OPENED:
+        if transition is OPENED:
             return [opened(EventKind.SWAP_STORM, t_s, t_wall_s, ENGINE,
                            {"window_s": self.window_s, "swapped_blocks_moved": self.moved,
                             "kv_blocks_total": self.total_blocks, "fraction": fraction,
                             "since_s": self.machine.onset_s}, evidence)]
-        if transition is Transition.CLOSED:
+        if transition is CLOSED:
             peak, self.peak = self.peak, 0.0
             return [cleared(EventKind.SWAP_STORM, t_s, t_wall_s, ENGINE, self.machine.onset_s,
                             self.machine.since_s, {"peak_fraction": peak}, evidence)]
@@ -148,6 +149,7 @@ class EngineDetectors:
             lambda s, v, onset: {"num_waiting": s.num_waiting, "num_running": s.num_running,
                                  "threshold": backlog, "since_s": onset})
         self.last: EngineSample | None = None
+        self._idle: tuple[EngineSample, EngineSample] | None = None  # (last step, idle view)
 
     def feed(self, s: EngineSample) -> list[EventDraft]:
         self.last = s
@@ -162,15 +164,15 @@ class EngineDetectors:
         out += self.swap.tick(t_s, t_wall_s)
         last = self.last
         if last is not None and t_s - last.end_monotonic_s >= IDLE_S:
-            idle = _idle(last)
-            for level in (self.kv, self.backlog):
-                if level.machine.state != CLEAR:
-                    out += level.feed(t_s, t_wall_s, idle)
+            levels = [lv for lv in (self.kv, self.backlog) if lv.machine.state != CLEAR]
+            if levels:
+                if self._idle is None or self._idle[0] is not last:
+                    self._idle = (last, _idle(last))
+                for level in levels:
+                    out += level.feed(t_s, t_wall_s, self._idle[1])
         return out
 
 
 def _idle(last: EngineSample) -> EngineSample:
     """What an idle engine holds: no blocks in use, no request waiting or running."""
-    from dataclasses import replace
-
     return replace(last, num_kv_blocks_used=0, num_waiting=0, num_running=0)

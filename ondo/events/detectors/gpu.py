@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from ondo.events.config import DetectorConfig
 from ondo.events.detectors.common import cleared, episode_key, gpu_ref, opened
-from ondo.events.hysteresis import CLEAR, Hysteresis, Transition
+from ondo.events.hysteresis import CLEAR, CLOSED, OPENED, Hysteresis, Transition
 from ondo.events.schema import EventDraft, EventKind, Severity
 from ondo.telemetry.schema import REFRESHED_COLUMNS, GpuSample, ThrottleReason
 
@@ -72,10 +72,10 @@ class ThrottleDetector:
             transition = machine.update(s.t_monotonic_s, 1.0 if on else 0.0)
             if on and machine.active:
                 self.episodes.setdefault(reason, _Episode()).add(s)
-            if transition is Transition.OPENED:
+            if transition is OPENED:
                 self.active_bits |= reason.value
                 out.append(self._started(reason, s, machine.onset_s))
-            elif transition is Transition.CLOSED:
+            elif transition is CLOSED:
                 self.active_bits &= ~reason.value
                 out.append(self._ended(reason, s, machine.onset_s, machine.since_s))
         return out
@@ -122,13 +122,13 @@ class PowerCapSustainedDetector:
         if on and self.machine.active and s.sm_mhz is not None:
             self.min_sm_mhz = s.sm_mhz if self.min_sm_mhz is None else min(self.min_sm_mhz, s.sm_mhz)
         subject = {"gpu": self.gpu}
-        if transition is Transition.OPENED:
+        if transition is OPENED:
             return [opened(EventKind.POWER_CAP_SUSTAINED, s.t_monotonic_s, s.t_wall_s, subject,
                            {"since_s": self.machine.onset_s,
                             "held_s": s.t_monotonic_s - self.machine.onset_s,
                             "sm_mhz": s.sm_mhz, "sm_clock_ratio": s.sm_clock_ratio},
                            (gpu_ref(self.gpu, s.t_monotonic_s),))]
-        if transition is Transition.CLOSED:
+        if transition is CLOSED:
             summary = {"min_sm_mhz": self.min_sm_mhz}
             self.min_sm_mhz = None
             return [cleared(EventKind.POWER_CAP_SUSTAINED, s.t_monotonic_s, s.t_wall_s, subject,
@@ -151,14 +151,17 @@ class LevelDetector:
         v = self.value(record)
         if v is None:
             return []
-        transition = self.machine.update(t_s, v)
+        m = self.machine
+        if m.state == CLEAR and ((v < m.on) if m.rising else (v > m.on)):
+            return []  # quiet, and nothing open: the common case, kept cheap
+        transition = m.update(t_s, v)
         if self.machine.active:
             better = max if self.machine.rising else min
             self.extreme = v if self.extreme is None else better(self.extreme, v)
-        if transition is Transition.OPENED:
+        if transition is OPENED:
             return [opened(self.kind, t_s, t_wall_s, self.subject,
                            self.payload(record, v, self.machine.onset_s), (self.ref(record),))]
-        if transition is Transition.CLOSED:
+        if transition is CLOSED:
             summary = {"peak" if self.machine.rising else "lowest": self.extreme}
             self.extreme = None
             return [cleared(self.kind, t_s, t_wall_s, self.subject, self.machine.onset_s,
@@ -206,25 +209,32 @@ class SensorDetector:
     def __init__(self, config: DetectorConfig, gpu_index: int) -> None:
         self.config = config
         self.gpu = gpu_index
-        self.fresh_at: dict[str, float] = {}
+        self.last_t: float | None = None
+        self.stale_since: dict[str, float] = {}  # field -> its last fresh reading's time
         self.stale = {f: Hysteresis(config.stale_after_s, config.stale_after_s, 0.0,
                                     config.sensor_release_s) for f in REFRESHED_COLUMNS}
         self.failed: dict[str, Hysteresis] = {}
+        self.quiet = True  # nothing stale, nothing failed, no episode open
 
     def feed(self, s: GpuSample) -> list[EventDraft]:
+        t, last_t = s.t_monotonic_s, self.last_t
+        self.last_t = t
+        if self.quiet and not s.stale and not s.failed:
+            return []
         out: list[EventDraft] = []
-        t = s.t_monotonic_s
         for f, machine in self.stale.items():
             if getattr(s, f) is None:
                 continue
             if f in s.stale:
-                age_s = t - self.fresh_at.setdefault(f, t)
+                since = self.stale_since.setdefault(f, t if last_t is None else last_t)
+                age_s = t - since
             else:
-                self.fresh_at[f], age_s = t, 0.0
+                since = self.stale_since.pop(f, t)
+                age_s = 0.0
             if age_s == 0.0 and machine.state == CLEAR:
                 continue
             out += self._transition(EventKind.SENSOR_STALE, f, machine, s,
-                                    machine.update(t, age_s), self.fresh_at[f])
+                                    machine.update(t, age_s), since)
         for f in s.failed:
             if f not in self.failed:
                 self.failed[f] = Hysteresis(1.0, 1.0, 0.0, self.config.sensor_release_s)
@@ -232,16 +242,19 @@ class SensorDetector:
             transition = machine.update(t, 1.0 if f in s.failed else 0.0)
             out += self._transition(EventKind.SENSOR_FAILED, f, machine, s, transition,
                                     machine.onset_s)
+        self.quiet = (not self.stale_since
+                      and all(m.state == CLEAR for m in self.stale.values())
+                      and all(m.state == CLEAR for m in self.failed.values()))
         return out
 
     def _transition(self, kind: EventKind, f: str, machine: Hysteresis, s: GpuSample,
                     transition: Transition | None, since_s: float) -> list[EventDraft]:
         subject = {"gpu": self.gpu, "field": f}
         ref = (gpu_ref(self.gpu, s.t_monotonic_s),)
-        if transition is Transition.OPENED:
+        if transition is OPENED:
             return [opened(kind, s.t_monotonic_s, s.t_wall_s, subject,
                            {"field": f, "since_s": since_s}, ref)]
-        if transition is Transition.CLOSED:
+        if transition is CLOSED:
             return [cleared(kind, s.t_monotonic_s, s.t_wall_s, subject, since_s,
                             machine.since_s, {}, ref)]
         return []

@@ -12,7 +12,7 @@ from collections import deque
 
 from ondo.events.config import DetectorConfig
 from ondo.events.detectors.common import cleared, opened, request_ref
-from ondo.events.hysteresis import CLEAR, Hysteresis, Transition
+from ondo.events.hysteresis import CLEAR, CLOSED, OPENED, Hysteresis
 from ondo.events.schema import EventDraft, EventKind
 from ondo.telemetry.schema import RequestSample
 
@@ -59,7 +59,7 @@ class SloMetric:
         if self.machine.active:
             self.worst_fraction = max(self.worst_fraction, fraction)
         subject = {"metric": self.metric}
-        if transition is Transition.OPENED:
+        if transition is OPENED:
             slow = sorted((w for w in self.window if w[1] > self.slo_s), key=lambda w: -w[1])
             worst = slow[0]
             return [opened(EventKind.SLO_VIOLATION, t_s, t_wall_s, subject,
@@ -69,7 +69,7 @@ class SloMetric:
                             "worst_s": worst[1], "worst_request_id": worst[2],
                             "since_s": self.machine.onset_s},
                            tuple(request_ref(w[2]) for w in slow[:MAX_EVIDENCE]))]
-        if transition is Transition.CLOSED:
+        if transition is CLOSED:
             worst, self.worst_fraction = self.worst_fraction, 0.0
             return [cleared(EventKind.SLO_VIOLATION, t_s, t_wall_s, subject,
                             self.machine.onset_s, self.machine.since_s,

@@ -16,7 +16,7 @@ from typing import Any
 from ondo.events.config import DetectorConfig
 from ondo.events.detectors.common import cleared, opened, twin_ref
 from ondo.events.detectors.gpu import THERMAL_REASON_BITS, margin_detector
-from ondo.events.hysteresis import Hysteresis, Transition
+from ondo.events.hysteresis import CLOSED, OPENED, Hysteresis
 from ondo.events.schema import EventDraft, EventKind
 from ondo.telemetry.schema import ThrottleReason
 
@@ -55,7 +55,7 @@ class ThrottlePrediction:
         transition = self.machine.update(t, math.inf if value is None else float(value))
         subject = {"gpu": self.gpu, "reason": self.reason}
         ref = (twin_ref(self.gpu, t),)
-        if transition is Transition.OPENED:
+        if transition is OPENED:
             return [opened(EventKind.THROTTLE_PREDICTED, t, wall, subject,
                            {"reason": self.reason, "time_to_throttle_s": float(value),
                             "horizon_s": float(snap.forecast_horizon_s),
@@ -63,7 +63,7 @@ class ThrottlePrediction:
                             "hbm_peak_c": _opt(getattr(snap, "hbm_peak_c", None)),
                             "power_peak_w": _opt(getattr(snap, "power_peak_w", None)),
                             "basis": basis}, ref)]
-        if transition is Transition.CLOSED:
+        if transition is CLOSED:
             return [cleared(EventKind.THROTTLE_PREDICTED, t, wall, subject,
                             self.machine.onset_s, self.machine.since_s, {}, ref)]
         return []

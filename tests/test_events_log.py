@@ -310,8 +310,16 @@ def test_appends_from_many_threads_keep_one_gapless_chain(tmp_path: Path) -> Non
     assert verify(db).ok and verify(db).entries == 200
 
 
-def test_docs_hold_the_schema_table() -> None:
-    assert schema_table_markdown() in DOCS.read_text()
+def test_docs_hold_the_schema_table_and_every_detector_default() -> None:
+    import dataclasses
+
+    from ondo.events.config import DetectorConfig
+
+    text = DOCS.read_text()
+    assert schema_table_markdown() in text
+    config = DetectorConfig.from_params()
+    for f in dataclasses.fields(config):
+        assert f"| `{f.name}` | {getattr(config, f.name)} |" in text, f.name
 
 
 def test_export_and_tail_filter_and_format(tmp_path: Path, capsys) -> None:

@@ -223,3 +223,22 @@ def test_a_replay_killed_mid_way_leaves_a_log_that_verifies(tmp_path: Path) -> N
     # What the killed replay committed is the start of the full log, entry for entry.
     full_hashes = [e["hash"] for e in events_of(tmp_path / "full.db")]
     assert [e["hash"] for e in events_of(db)] == full_hashes[: result.entries]
+
+
+# The heads docs/events.md records: the same bytes on every machine, not only in one process.
+HEADS = [
+    ("h100_step.csv", 4, "6a67f693ae36e1b1646580327f4d1915bb71c156380fcc783126c96b5b6c1e92"),
+    ("h100_prbs.csv", 24, "a198fd8eabcf5c0afb047ee663c66a71315aec8b3495effdbb78e9e2123a2916"),
+    ("ondo_serving_steps_w1_qwen3-0.6b_h200.csv", 10,
+     "a9218180c17a00943444dc16c71498b92de4d4a43d5384d3470f58ff838a0773"),
+    ("ondo_serving_w1_qwen3-0.6b_h100.csv", 0,
+     "3d9e00fdd29289d42094671e8dc103827c4b52c1802a8de91090cf595bb6d688"),
+]
+
+
+@pytest.mark.parametrize("name, events, head", HEADS)
+def test_the_committed_traces_replay_to_the_heads_the_docs_record(tmp_path: Path, name: str,
+                                                                  events: int, head: str) -> None:
+    summary = replay_trace(TRACES / name, tmp_path / "r.db")
+    assert (summary.events, summary.head_hash) == (events, head)
+    assert head in (ROOT / "docs" / "events.md").read_text()

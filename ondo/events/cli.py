@@ -241,6 +241,7 @@ def tail_cmd(args: argparse.Namespace) -> int:
     try:
         entries = list(read_events(conn, q, last=max(args.lines, 0)))
         _write(entries, args.format, sys.stdout)
+        sys.stdout.flush()
         last_seq = entries[-1]["seq"] if entries else (q.since_seq or 0)
         if not args.follow:
             return 0
@@ -293,10 +294,10 @@ def replay_cmd(args: argparse.Namespace) -> int:
         config = detector_config(args, params)
         summary = replay_trace(args.trace, args.db, config=config, params=params,
                                speed=args.speed or float("inf"), overwrite=args.overwrite)
-    except (TraceError, FileExistsError, ValueError) as e:
+    except (TraceError, FileExistsError, FileNotFoundError, ValueError) as e:
         return _error(str(e))
-    except FileNotFoundError as e:
-        return _error(f"--trace: {e}")
+    except sqlite3.Error as e:
+        return _error(f"--db {args.db}: {e}")
     print(json.dumps(dataclasses.asdict(summary)))
     return 0
 

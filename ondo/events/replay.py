@@ -91,31 +91,37 @@ def replay_trace(trace_path: str | Path, db_path: str | Path, *,
     if db.exists() and not overwrite:
         raise FileExistsError(f"{db} exists; replay writes a fresh database (--overwrite "
                               "replaces it)")
+    if not db.parent.is_dir():
+        raise FileNotFoundError(f"--db {db}: the folder {db.parent} does not exist")
     params = params or h100_params()
     config = config or DetectorConfig.from_params(params)
     with _collector_paused():  # the records are long-lived: no point walking them
         trace = read_trace_records(trace_path, sm_max_mhz=params.sm_max_mhz)
     gc.freeze()  # and none in walking them again while the detectors run
     try:
-        return _replay(trace, db, config, params, speed, overwrite, t_start, trace_path)
+        snaps = twin_snapshots(params, trace)
+        if overwrite:
+            _remove(db)
+        log = _write_log(trace, snaps, db, config, speed)
     finally:
         gc.unfreeze()
+    return ReplaySummary(str(trace_path), str(db), trace.gpu_rows, trace.engine_rows,
+                         len(snaps), log.head.count, log.head.hash,
+                         dict(sorted(log.counts.items())), time.perf_counter() - t_start)
 
 
-def _replay(trace: TraceRecords, db: Path, config: DetectorConfig, params: TwinParams,
-            speed: float, overwrite: bool, t_start: float,
-            trace_path: str | Path) -> ReplaySummary:
-    snaps = twin_snapshots(params, trace)
-    if overwrite:
-        _remove(db)
+def _write_log(trace: TraceRecords, snaps: list[ReplayTwinSnapshot], db: Path,
+               config: DetectorConfig, speed: float) -> EventLog:
+    """The trace's samples and the detectors' events into `db`; the log. On an exception the
+    database is removed (a kill leaves what was committed, which verifies)."""
     # Every sample fits in the queue: a replay drops nothing.
     store = TelemetryStore(db, max_queue=len(trace.records) + 1, raw_retention_s=None,
                            tables=[EVENTS_TABLE])
-    events = EventLog(sinks=[store.submit], recent=1)
+    log = EventLog(sinks=[store.submit], recent=1)
     detectors = DetectorSet(config, twin_basis="replay twin")
     ok = False
     try:
-        _run(trace, snaps, store, events, detectors, speed)
+        _run(trace, snaps, store, log, detectors, speed)
         ok = True
     finally:
         store.close(timeout_s=600.0)
@@ -123,12 +129,9 @@ def _replay(trace: TraceRecords, db: Path, config: DetectorConfig, params: TwinP
             _remove(db)
     if store.dropped:
         raise RuntimeError(f"the store lost {store.dropped} records while replaying into {db}")
-    head = read_head(db)
-    if head != events.head:
-        raise RuntimeError(f"{db}: the stored head {head} is not the log's {events.head}")
-    return ReplaySummary(str(trace_path), str(db), trace.gpu_rows, trace.engine_rows,
-                         len(snaps), head.count, head.hash, dict(sorted(events.counts.items())),
-                         time.perf_counter() - t_start)
+    if read_head(db) != log.head:
+        raise RuntimeError(f"{db}: the stored head {read_head(db)} is not the log's {log.head}")
+    return log
 
 
 def _run(trace: TraceRecords, snaps: list[ReplayTwinSnapshot], store: TelemetryStore,

@@ -242,3 +242,37 @@ def test_the_committed_traces_replay_to_the_heads_the_docs_record(tmp_path: Path
     summary = replay_trace(TRACES / name, tmp_path / "r.db")
     assert (summary.events, summary.head_hash) == (events, head)
     assert head in (ROOT / "docs" / "events.md").read_text()
+
+
+def test_the_replayed_twin_sees_a_heating_die_coming_before_its_sensor(tmp_path: Path) -> None:
+    """An NVML-format trace: idle 10 s, then full load with the die sensor climbing 1 C/s
+    from 40 C, past the 87 C limit at 57 s (no thermal throttle bit is ever set)."""
+    trace = tmp_path / "hot.csv"
+    energy_j, rows = 1e6, []
+    for i in range(3000):
+        t = i * 0.02
+        load = t >= 10.0
+        temp = 40.0 + (t - 10.0) if load else 40.0
+        power_w = (700.0 if load else 120.0) + (i % 7) * 0.5
+        energy_j += power_w * 0.02
+        rows.append({"t": round(t, 4), "phase": "load" if load else "idle0",
+                     "temp_c": int(temp), "power_mw": int(power_w * 1000),
+                     "energy_mj": int(energy_j * 1000), "sm_mhz": 1400 if load else 1980,
+                     "mem_mhz": 2619, "event_reasons": 4 if load else 0,
+                     "util": 100 if load else 0, "mem_temp_c": int(temp) + 3})
+    with open(trace, "w", newline="") as f:
+        w = csv.DictWriter(f, list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    db = tmp_path / "hot.db"
+    summary = replay_trace(trace, db)
+    assert summary.twin_snapshots == 59
+    (predicted,) = events_of(db, "throttle_predicted")
+    p = predicted["payload"]
+    assert predicted["subject"] == {"gpu": 0, "reason": "thermal"} and p["basis"] == "replay twin"
+    reaches_limit_s = 57.0  # the first reading of 87 C
+    assert predicted["t_monotonic_s"] < reaches_limit_s
+    assert abs(predicted["t_monotonic_s"] + p["time_to_throttle_s"] - reaches_limit_s) < 1.5
+    margins = {e["subject"]["basis"]: e for e in events_of(db, "thermal_margin_low")}
+    assert margins["forecast"]["t_monotonic_s"] < margins["measured"]["t_monotonic_s"]
+    assert margins["measured"]["payload"]["temp_c"] == 83.0  # 4 C of margin, held 1 s

@@ -55,13 +55,12 @@ def detector_config(args: argparse.Namespace, params=None) -> DetectorConfig:
         if not sep or name not in fields:
             raise ValueError(f"--detector {item!r}: expected NAME=VALUE with NAME one of "
                              f"{', '.join(sorted(fields))}")
-        default = fields[name].default
+        whole = isinstance(fields[name].default, int)
         try:
-            value: Any = None if text.lower() == "none" else (
-                int(text) if isinstance(default, int) and not isinstance(default, bool)
-                else float(text))
+            value: Any = None if text.lower() == "none" else (int(text) if whole else float(text))
         except ValueError:
-            raise ValueError(f"--detector {item!r}: {text!r} is not a number") from None
+            raise ValueError(f"--detector {item!r}: {text!r} is not "
+                             f"{'a whole number' if whole else 'a number'}") from None
         changes[name] = value
     for flag, name in (("power_budget_w", "power_budget_w"), ("slo_ttft_s", "slo_ttft_s"),
                        ("slo_tpot_s", "slo_tpot_s")):
@@ -70,7 +69,10 @@ def detector_config(args: argparse.Namespace, params=None) -> DetectorConfig:
             if not value > 0:
                 raise ValueError(f"--{flag.replace('_', '-')} must be > 0, got {value}")
             changes[name] = value
-    return DetectorConfig.from_params(params, **changes)
+    try:
+        return DetectorConfig.from_params(params, **changes)
+    except ValueError as e:
+        raise ValueError(f"--detector: {e}") from None
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -8,6 +8,11 @@ from dataclasses import dataclass
 
 from ondo.twin.params import TwinParams, h100_params
 
+# Settings that divide or bound a window, where zero means nothing.
+_POSITIVE = {"power_budget_w", "die_limit_c", "hbm_limit_c", "gap_periods", "kv_pressure_on",
+             "backlog_waiting", "swap_window_s", "swap_storm_fraction", "slo_ttft_s",
+             "slo_tpot_s", "slo_window_s", "slo_violating_fraction"}
+
 
 @dataclass(frozen=True)
 class DetectorConfig:
@@ -60,6 +65,23 @@ class DetectorConfig:
     slo_violating_fraction: float = 0.10
     slo_ok_fraction: float = 0.05
     slo_release_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value is None:
+                continue
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value != value:
+                raise ValueError(f"detector setting {f.name}={value!r} is not a number")
+            if value < 0 or (value == 0 and f.name in _POSITIVE):
+                raise ValueError(f"detector setting {f.name}={value} must be "
+                                 f"{'> 0' if f.name in _POSITIVE else '>= 0'}")
+        for low, high in (("kv_pressure_off", "kv_pressure_on"), ("margin_low_c", "margin_ok_c"),
+                          ("predict_lead_s", "predict_release_lead_s"),
+                          ("slo_ok_fraction", "slo_violating_fraction")):
+            if getattr(self, low) > getattr(self, high):
+                raise ValueError(f"detector setting {low}={getattr(self, low)} must not exceed "
+                                 f"{high}={getattr(self, high)}")
 
     def replace(self, **changes) -> DetectorConfig:
         return dataclasses.replace(self, **changes)

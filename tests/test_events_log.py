@@ -341,3 +341,23 @@ def test_export_and_tail_filter_and_format(tmp_path: Path, capsys) -> None:
     assert "--kind 'bogus'" in capsys.readouterr().err
     assert run_cli("events", "tail", "--db", str(db), "--since", "yesterday") == 2
     assert "--since 'yesterday'" in capsys.readouterr().err
+
+
+def test_records_the_detectors_could_not_keep_up_with_become_a_telemetry_gap() -> None:
+    hub = TelemetryHub()
+    live = LiveEvents(hub, queue_size=4)
+    for i in range(2000):  # far faster than the detectors' thread takes them
+        hub.publish(gpu(10.0 + i * 0.01))
+    assert live.dropped > 0
+    def reported():
+        return [e for e in live.log.recent()
+                if e.kind is EventKind.TELEMETRY_GAP and e.subject == {"stage": "event detectors"}]
+
+    deadline = time.monotonic() + 10
+    while not reported() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    live.close()
+    (event,) = reported()
+    assert event.payload["dropped"] == live.dropped
+    # The holes the drops left in the GPU's series are reported as gaps too.
+    assert any(e.subject == {"stage": "samples", "gpu": 0} for e in live.log.recent())

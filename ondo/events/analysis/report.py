@@ -95,7 +95,8 @@ def _r(c: dict) -> str:
 
 def format_text(report: dict[str, Any]) -> str:
     w = report["window"]
-    lines = [f"ondo analyze: {report['db']}, GPU {report['gpu_index']}, "
+    gpu = "no GPU" if report["gpu_index"] is None else f"GPU {report['gpu_index']}"
+    lines = [f"ondo analyze: {report['db']}, {gpu}, "
              f"{w['duration_s']:.1f} s ({w['gpu_samples']} GPU samples, "
              f"{w['engine_steps']} engine steps)", ""]
     if report["correlations"]:
@@ -119,6 +120,8 @@ def format_text(report: dict[str, Any]) -> str:
                      f"{ep['text']}")
     lines += ["", "Time throttled, by reason"]
     by_reason = report["throttled"]["by_reason_s"]
+    if not by_reason:
+        lines.append("  no GPU samples")
     for reason in (str(r.name).lower() for r in THROTTLE_REASONS):
         if reason not in by_reason:
             continue

@@ -92,6 +92,3 @@ class DetectorConfig:
         p = params or h100_params()
         base = cls(die_limit_c=p.sw_thermal_c, hbm_limit_c=p.mem_max_c)
         return base.replace(**changes)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)

@@ -66,10 +66,6 @@ class EventLog:
         with self._lock:
             return self._head
 
-    def add_sink(self, sink: Sink) -> None:
-        with self._lock:
-            self._sinks.append(sink)
-
     def recent(self, n: int | None = None) -> list[Event]:
         with self._lock:
             items = list(self._recent)

@@ -207,13 +207,6 @@ class Event:
     hash: str
     body: str
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"seq": self.seq, "t_monotonic_s": self.t_monotonic_s, "t_wall_s": self.t_wall_s,
-                "kind": self.kind.value, "severity": self.severity.value,
-                "subject": self.subject, "payload": self.payload,
-                "evidence": list(self.evidence), "schema_version": self.schema_version,
-                "prev_hash": self.prev_hash, "hash": self.hash}
-
 
 class SchemaError(ValueError):
     """A draft that does not match its kind's spec; the message names the field."""

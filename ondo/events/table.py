@@ -11,6 +11,7 @@ one step forward.
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -75,10 +76,6 @@ def event_row(e: Event) -> tuple[Any, ...]:
 EVENTS_TABLE = RecordTable(Event, DDL, INSERT, event_row, lossless=True)
 
 
-def create_tables(conn: sqlite3.Connection) -> None:
-    conn.executescript(DDL)
-
-
 def has_event_log(conn: sqlite3.Connection) -> bool:
     return conn.execute(
         "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'event_log_head'"
@@ -131,9 +128,7 @@ def _where(q: EventQuery) -> tuple[str, list[Any]]:
 def read_events(conn: sqlite3.Connection, query: EventQuery = EventQuery(),
                 last: int | None = None) -> Iterator[dict[str, Any]]:
     """Entries matching `query` in sequence order (the last `last` of them, if given), each
-    as the dict `Event.to_dict` gives: the body's fields plus the chain hashes."""
-    import json
-
+    as a dict: the body's fields plus the chain hashes (`prev_hash`, `hash`)."""
     where, args = _where(query)
     sql = f"SELECT seq, body, prev_hash, hash FROM events{where} ORDER BY seq"
     if last is not None:

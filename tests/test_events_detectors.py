@@ -308,3 +308,14 @@ def test_the_same_records_give_the_same_log() -> None:
     changed = list(records)
     changed[500] = replace(changed[500], throttle_reasons=0x40)
     assert run(changed).head != a.head
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"kv_pressure_off": 0.99}, "kv_pressure_off=0.99 must not exceed kv_pressure_on=0.95"),
+    ({"throttle_release_s": -1.0}, "throttle_release_s=-1.0 must be >= 0"),
+    ({"slo_window_s": 0.0}, "slo_window_s=0.0 must be > 0"),
+    ({"backlog_waiting": float("nan")}, "backlog_waiting=nan is not a number"),
+])
+def test_detector_settings_that_make_no_sense_are_refused_by_name(change, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        DetectorConfig.from_params(**change)

@@ -11,6 +11,7 @@ import argparse
 import logging
 import os
 
+from ondo.control.flags import add_governor_args
 from ondo.engine.cli import add_engine_args
 from ondo.model.default_model import default_model_path
 
@@ -54,5 +55,6 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "engine-only; nvml falls back to sim; sim = the twin as the GPU")
     p.add_argument("--telemetry-hz", type=float, default=20.0, help="GPU sampling rate (<= 100)")
     p.add_argument("--telemetry-db", default=None, help="also store telemetry in this SQLite file")
+    add_governor_args(p)
     add_engine_args(p)
     p.set_defaults(func=_serve)

@@ -33,6 +33,13 @@ def serve(args: argparse.Namespace) -> int:
     if args.max_waiting_requests is not None and args.max_waiting_requests < 1:
         print("error: --max-waiting-requests must be >= 1", file=sys.stderr)
         return 2
+    from ondo.control.serve import governor_setup, start_server_governor
+
+    try:
+        gov_setup = governor_setup(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     try:
         async_llm = AsyncLLM.from_engine_args(engine_args, args.max_waiting_requests,
                                               engine_process=args.engine_process)
@@ -44,8 +51,17 @@ def serve(args: argparse.Namespace) -> int:
     telemetry = start_telemetry(args, registry)
     if telemetry is not None:
         async_llm.add_step_listener(telemetry.engine.on_step)
+    try:
+        governor = start_server_governor(gov_setup, telemetry, async_llm, registry)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        async_llm.close()
+        if telemetry is not None:
+            telemetry.close()
+        return 2
     app = build_app(async_llm, name, api_key=args.api_key or os.environ.get("ONDO_API_KEY"),
                     registry=registry)
+    app.state.governor = governor  # set_policy / set_objectives, for the console
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
                             timeout_graceful_shutdown=args.shutdown_timeout + 10,
                             access_log=args.access_log)
@@ -58,6 +74,8 @@ def serve(args: argparse.Namespace) -> int:
         server.run()
     finally:
         async_llm.close()
+        if governor is not None:
+            governor.close()
         if telemetry is not None:
             telemetry.close()
         gc_pauses.stop()
@@ -71,12 +89,13 @@ def start_telemetry(args: argparse.Namespace, registry: CollectorRegistry):
     there is a GPU and runs engine-only otherwise; "sim" runs the twin as the GPU."""
     if args.telemetry == "off":
         return None
+    from ondo.control.decision import DECISION_TABLE
     from ondo.telemetry.pipeline import Telemetry
 
     source = "nvml" if args.telemetry == "auto" else args.telemetry
     fallback = None if args.telemetry == "auto" else "sim"
     return Telemetry.start(args.telemetry_db, source=source, hz=args.telemetry_hz,
-                           registry=registry, fallback=fallback)
+                           registry=registry, fallback=fallback, tables=(DECISION_TABLE,))
 
 
 class DrainingServer(uvicorn.Server):

@@ -16,7 +16,7 @@ from ondo.twin.live import ActivityMap, EngineLoad, EngineLoadTracker, TwinSnaps
 
 POWER_HISTORY_S = 1.5
 TPOT_WINDOW_S = 5.0
-LOAD_TAU_S = 1.0  # the engine's load, averaged as NVML averages power
+LOAD_TAU_S = 0.3  # the engine load (the power bound acts on it within a period)
 
 
 @dataclass(frozen=True)

@@ -2,11 +2,12 @@
 
 Every `period_s` (0.2 s), with u the load level (duty cycle) and the twin's model:
 
-1. Load ahead (feed-forward). The engine's recent busy load (e_c, e_m: FLOP/s and bytes/s
-   over peak, while stepping) and its queue: if W prompt tokens wait and prefill ran at R
-   tokens/s, the next second spends phi = min(1, W / R) of its busy time on prefill, so the
-   planned busy load is max(recent, (1 - phi) decode + phi prefill). This moves before any
-   sensor does: a burst is in the queue before it is in the power reading.
+1. Load ahead (feed-forward). The engine's recent busy load (in the plant's units, through
+   the twin's engine load map, step by step) and its queue: if W prompt tokens wait (as many
+   as free seats let in) and prefill ran at R tokens/s, the next second spends
+   phi = min(1, W / R) of its busy time on prefill, more than the share s it just did, so the
+   planned busy load is recent + (phi - s)+ (prefill - decode). This moves before any sensor
+   does: a burst is in the queue before it is in the power reading.
 2. Power of a level (`thermal_model.load_power`): P(u) = P_idle + u f (P_busy - P_idle) + b,
    from the twin's power model at the present clock and die temperature; f = 1 while work
    is queued or running (else the measured busy share), b an offset the last seconds of fast
@@ -70,6 +71,7 @@ class PredictiveTuning:
     release_hold_s: float = 0.6  # a release waits until a higher level held this long
     bias_tau_s: float = 2.0
     prefill_lookahead_s: float = 1.0
+    kv_full: float = 0.9  # KV cache use above which waiting prompts wait for blocks
     min_level: float = MIN_LEVEL
 
 
@@ -91,15 +93,21 @@ class PredictivePolicy:
         self._rise_from_s: float | None = None
 
     # -- the load ahead --------------------------------------------------------------
-    def _planned_load(self, inputs: GovernorInputs) -> tuple[tuple[float, float], float]:
+    def _planned_load(self, inputs: GovernorInputs,
+                      config: EngineConfig) -> tuple[tuple[float, float], float]:
         """(planned busy activity (e_c, e_m), natural busy share f) for the next second."""
         e = inputs.engine
         recent = (e.compute_activity, e.memory_activity)
         planned = recent
-        if e.num_waiting_tokens > 0 and e.prefill_compute_activity > 0:
+        seats = (self.shaper.seats or config.max_num_seqs) - e.num_running
+        admissible = seats > 0 and e.kv_usage < self.tuning.kv_full
+        if e.num_waiting_tokens > 0 and e.prefill_compute_activity > 0 and admissible:
             # More of the next second in prefill than of the last: the difference in the mix.
+            # Only what free seats let in starts now (and nothing while the KV cache is full):
+            # the rest waits for running requests to finish.
+            startable = e.num_waiting_tokens * min(1.0, seats / max(e.num_waiting, 1))
             rate = max(e.prefill_tokens_per_s, 1.0)
-            phi = min(1.0, e.num_waiting_tokens / (rate * self.tuning.prefill_lookahead_s))
+            phi = min(1.0, startable / (rate * self.tuning.prefill_lookahead_s))
             extra = max(0.0, phi - e.prefill_share)
             planned = (
                 max(0.0, recent[0] + extra * (e.prefill_compute_activity
@@ -177,7 +185,7 @@ class PredictivePolicy:
         self._update_bias(inputs, recent, dt)
         recent = load_power(p, e.compute_activity, e.memory_activity, sm, twin.die_c,
                             self.bias_w)
-        (pc, pm), f = self._planned_load(inputs)
+        (pc, pm), f = self._planned_load(inputs, config)
         kinds = ((e.prefill_compute_activity, e.prefill_memory_activity),
                  (e.decode_compute_activity, e.decode_memory_activity))
         planned = load_power(p, pc, pm, sm, twin.die_c, self.bias_w, kinds)

@@ -18,6 +18,7 @@ from functools import lru_cache
 import numpy as np
 from scipy.linalg import expm
 
+from ondo.engine.scheduler_limits import DEFAULT_SLICE_S
 from ondo.twin.fit import thermal_matrices
 from ondo.twin.params import TwinParams
 from ondo.twin.plant import power_split_w
@@ -81,7 +82,8 @@ def load_power(params: TwinParams, compute_activity: float, memory_activity: flo
                      float(hbm_busy), die_c, die_step, hbm_step)
 
 
-def ripple_c(params: TwinParams, power: LoadPower, u) -> tuple[np.ndarray, np.ndarray]:
+def ripple_c(params: TwinParams, power: LoadPower, u,
+             busy_s: float = DEFAULT_SLICE_S) -> tuple[np.ndarray, np.ndarray]:
     """How far the die and HBM rise above their level-averaged temperature while the engine
     steps: the die and HBM nodes follow power within tens of milliseconds (C R = 14 and
     35 ms in the H100 fit), as fast as a slice of steps, so a duty-cycled engine heats them
@@ -93,8 +95,13 @@ def ripple_c(params: TwinParams, power: LoadPower, u) -> tuple[np.ndarray, np.nd
         die_busy = max(die_busy, power.die_step_w)
     hbm_busy = max(power.hbm_busy_w, power.hbm_step_w or 0.0)
     die_w = power.total_w(u) - power.hbm_w(u)
-    die = params.die_sink_c_per_w * np.maximum(0.0, die_busy - die_w)
-    hbm = params.hbm_sink_c_per_w * np.maximum(0.0, hbm_busy - power.hbm_w(u))
+    # How far node and sensor get in `busy_s` (a slice of steps, or one long step).
+    die_reach = -np.expm1(-busy_s / (params.die_c_j_per_c * params.die_sink_c_per_w
+                                     + params.temp_sensor_tau_s))
+    hbm_reach = -np.expm1(-busy_s / (params.hbm_c_j_per_c * params.hbm_sink_c_per_w
+                                     + params.mem_temp_sensor_tau_s))
+    die = die_reach * params.die_sink_c_per_w * np.maximum(0.0, die_busy - die_w)
+    hbm = hbm_reach * params.hbm_sink_c_per_w * np.maximum(0.0, hbm_busy - power.hbm_w(u))
     return die, hbm
 
 

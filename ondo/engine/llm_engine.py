@@ -565,6 +565,8 @@ class LLMEngine:
             "num_cow_copies": bm.num_cow_copies,
             "max_num_seqs": sch.max_num_seqs,  # as configured; a governor's limits tighten them
             "max_num_batched_tokens": sch.max_num_batched_tokens,
+            "duty_cycle": self.step_gate.duty,
+            "paced_s": self.step_gate.paused_s,  # idle time the duty cycle has asked for
         }
 
     def waste_per_running_seq(self) -> list[int]:

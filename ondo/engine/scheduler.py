@@ -256,10 +256,16 @@ class Scheduler:
         return out
 
     def _prefill_allowance(self) -> int | float:
-        """Prompt tokens this step may compute: the chunk limit, none while pacing owes."""
-        if self._pacer is not None and self._pacer.refill(self.clock()) <= 0:
-            return 0
-        return self._prefill_cap if self._prefill_cap is not None else float("inf")
+        """Prompt tokens this step may compute: the chunk limit and what the pacing bucket
+        holds (without chunked prefill, a whole prompt once the bucket is not empty)."""
+        allowance = self._prefill_cap if self._prefill_cap is not None else float("inf")
+        if self._pacer is not None:
+            level = self._pacer.refill(self.clock())
+            if level <= 0:
+                return 0
+            if self.enable_chunked_prefill:
+                allowance = min(allowance, level)
+        return allowance
 
     def _limit_prefill(self, num_new: int, left: int | float) -> int:
         if num_new <= left:

@@ -96,6 +96,7 @@ class EngineLoad:
     num_waiting_tokens: int
     num_running: int
     last_step_end_s: float | None
+    kv_usage: float = 0.0  # fraction of KV blocks in use after the latest step
 
     @property
     def mean_compute_activity(self) -> float:
@@ -140,6 +141,7 @@ class EngineLoadTracker:
             # Busy fraction: an EMA over wall time of 1 while covered, 0 in the gaps.
             decay = math.exp(-wall / self.tau_s)
             self._busy = self._busy * decay + (1 - decay) * (covered / wall)
+
         if covered > 0:
             ec, em = s.compute_activity, s.memory_activity
             if self.activity_map is not None:
@@ -170,7 +172,8 @@ class EngineLoadTracker:
             busy = 0.0
         return EngineLoad(self._ec, self._em, busy, self._pc, self._pm, self._dc, self._dm,
                           self._pf_rate, self._pf_share, s.num_waiting,
-                          s.num_waiting_tokens, s.num_running, self._last_end)
+                          s.num_waiting_tokens, s.num_running, self._last_end,
+                          s.num_kv_blocks_used / max(s.num_kv_blocks_total, 1))
 
 
 class TwinTracker:

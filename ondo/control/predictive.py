@@ -52,7 +52,12 @@ from ondo.control.policy import (
     Verdict,
     limits_for,
 )
-from ondo.control.thermal_model import LoadPower, forecast_plans, load_power
+from ondo.control.thermal_model import (
+    LoadPower,
+    PowerCalibration,
+    forecast_plans,
+    load_power,
+)
 from ondo.twin.params import TwinParams
 
 
@@ -69,7 +74,6 @@ class PredictiveTuning:
     level_step: float = 0.025  # the grid of levels the plans are made of
     release_step: float = 0.05  # smallest release applied (cuts apply whatever their size)
     release_hold_s: float = 0.6  # a release waits until a higher level held this long
-    bias_tau_s: float = 2.0
     prefill_lookahead_s: float = 1.0
     kv_full: float = 0.9  # KV cache use above which waiting prompts wait for blocks
     min_level: float = MIN_LEVEL
@@ -87,7 +91,7 @@ class PredictivePolicy:
         n = int(round((1.0 - t.min_level) / t.level_step)) + 1
         self.levels = np.round(np.linspace(t.min_level, 1.0, n), 4)
         self.level = 1.0
-        self.bias_w = 0.0
+        self.calibration = PowerCalibration()
         self.shaper = TpotShaper(config)
         self._last_s: float | None = None
         self._rise_from_s: float | None = None
@@ -119,15 +123,6 @@ class PredictivePolicy:
         else:
             f = min(1.0, e.busy_fraction / max(self.level, MIN_LEVEL))
         return planned, f
-
-    def _update_bias(self, inputs: GovernorInputs, model: LoadPower, dt_s: float) -> None:
-        """Offset-free: NVML's 1 s average against the model's power over about the same
-        second (the engine's load and busy share averaged over 1 s)."""
-        if inputs.power_w is None or dt_s <= 0:
-            return
-        predicted = float(model.total_w(inputs.engine.busy_fraction)) - self.bias_w
-        w = 1.0 - math.exp(-dt_s / self.tuning.bias_tau_s)
-        self.bias_w += w * (inputs.power_w - predicted - self.bias_w)
 
     # -- the power budget ----------------------------------------------------------------
     def _window_energy_j(self, inputs: GovernorInputs, span_s: float) -> float:
@@ -180,22 +175,22 @@ class PredictivePolicy:
         p = self.params
         sm = inputs.sm_mhz or p.sm_max_mhz
         e = inputs.engine
-        recent = load_power(p, e.compute_activity, e.memory_activity, sm, twin.die_c,
-                            self.bias_w)
-        self._update_bias(inputs, recent, dt)
-        recent = load_power(p, e.compute_activity, e.memory_activity, sm, twin.die_c,
-                            self.bias_w)
-        (pc, pm), f = self._planned_load(inputs, config)
         kinds = ((e.prefill_compute_activity, e.prefill_memory_activity),
                  (e.decode_compute_activity, e.decode_memory_activity))
-        planned = load_power(p, pc, pm, sm, twin.die_c, self.bias_w, kinds)
+        raw = load_power(p, e.compute_activity, e.memory_activity, sm, twin.die_c, kinds)
+        if dt > 0:
+            self.calibration.update(inputs.power_w, raw.idle_w,
+                                    e.busy_fraction_1s * (raw.busy_w - raw.idle_w), dt)
+        recent = self.calibration.apply(raw)
+        (pc, pm), f = self._planned_load(inputs, config)
+        planned = self.calibration.apply(load_power(p, pc, pm, sm, twin.die_c, kinds))
         if planned.busy_w < recent.busy_w:
-            planned = load_power(p, e.compute_activity, e.memory_activity, sm, twin.die_c,
-                                 self.bias_w, kinds)
+            planned = recent
         planned, sustained = _at_share(planned, f), _at_share(recent, f)
         u_pow_first, u_pow_hold = self._power_levels(inputs, objectives.power_budget_w,
                                                      planned, sustained)
-        u1s, u2s = np.meshgrid(self.levels, self.levels, indexing="ij")
+        # The first move on the fine grid, the level held after it on one twice as coarse.
+        u1s, u2s = np.meshgrid(self.levels, self.levels[::-2][::-1], indexing="ij")
         u1s, u2s = u1s.ravel(), u2s.ravel()
         z0 = np.array([twin.die_c, twin.hbm_c, twin.sink_c, twin.board_c, twin.die_sensor_c,
                        twin.hbm_sensor_c])
@@ -227,7 +222,8 @@ class PredictivePolicy:
             "full_load_hbm_peak_c": round(float(hbm_peak[full]), 2),
             "full_load_power_w": round(float(planned.total_w(1.0)), 1),
             "plan_levels": [float(u1s[idx]), float(u2s[idx])],
-            "power_bias_w": round(self.bias_w, 1),
+            "power_offset_w": round(self.calibration.offset_w, 1),
+            "power_gain": round(self.calibration.gain, 3),
         }
         return Verdict(self._limits(), reason, forecast)
 

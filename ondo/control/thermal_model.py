@@ -67,7 +67,7 @@ class LoadPower:
 
 
 def load_power(params: TwinParams, compute_activity: float, memory_activity: float,
-               sm_mhz: float, die_c: float, bias_w: float = 0.0,
+               sm_mhz: float, die_c: float,
                steps: tuple[tuple[float, float], ...] = ()) -> LoadPower:
     """`LoadPower` for the engine's busy load (activities in the plant's units); `steps`: the
     activities of its kinds of step, for the ripple."""
@@ -76,10 +76,10 @@ def load_power(params: TwinParams, compute_activity: float, memory_activity: flo
     die_step = hbm_step = None
     for a_c, a_m in steps:
         total, hbm = power_split_w(params, a_c, a_m, sm_mhz, die_c)
-        die_step = max(die_step or 0.0, float(total - hbm) + bias_w)
+        die_step = max(die_step or 0.0, float(total - hbm))
         hbm_step = max(hbm_step or 0.0, float(hbm))
-    return LoadPower(float(idle) + bias_w, float(busy) + bias_w, float(hbm_idle),
-                     float(hbm_busy), die_c, die_step, hbm_step)
+    return LoadPower(float(idle), float(busy), float(hbm_idle), float(hbm_busy), die_c,
+                     die_step, hbm_step)
 
 
 def ripple_c(params: TwinParams, power: LoadPower, u,
@@ -129,3 +129,46 @@ def forecast_plans(params: TwinParams, z0: np.ndarray, ambient_c: float, power: 
     out[:, :first] += np.stack(first_ripple)[:, None, :]
     out[:, first:] += np.stack(then_ripple)[:, None, :]
     return out
+
+
+class PowerCalibration:
+    """The twin's power model corrected online: measured = P_idle + b + g s (P_busy - P_idle),
+    s the share of the last second the engine stepped, b an offset and g a gain estimated by
+    a Kalman filter (a random walk each, around b = 0, g = 1) from NVML's 1 s average. The
+    offset removes a steady error (as integral action would); the gain, a wrong slope (a twin
+    fitted on another GPU, a load map in other units), which an offset alone would turn into
+    overshoot at every change of level."""
+
+    def __init__(self, noise_w: float = 10.0, offset_walk_w: float = 5.0,
+                 gain_walk: float = 0.05, gain_range: tuple[float, float] = (0.25, 4.0)) -> None:
+        self.theta = np.array([0.0, 1.0])  # offset W, gain
+        self.cov = np.diag([50.0**2, 0.5**2])
+        self.noise_w2 = noise_w**2
+        self.walk = np.array([offset_walk_w**2, gain_walk**2])  # per second
+        self.gain_range = gain_range
+
+    @property
+    def offset_w(self) -> float:
+        return float(self.theta[0])
+
+    @property
+    def gain(self) -> float:
+        return float(self.theta[1])
+
+    def update(self, measured_w: float, idle_w: float, busy_span_w: float, dt_s: float) -> None:
+        """`busy_span_w`: s (P_busy - P_idle) over the same second as the measurement."""
+        self.cov = self.cov + np.diag(self.walk * max(dt_s, 0.0))
+        x = np.array([1.0, busy_span_w])
+        innovation = measured_w - idle_w - float(x @ self.theta)
+        k = self.cov @ x / (float(x @ self.cov @ x) + self.noise_w2)
+        self.theta = self.theta + k * innovation
+        self.cov = self.cov - np.outer(k, x @ self.cov)
+        self.theta[1] = min(max(self.theta[1], self.gain_range[0]), self.gain_range[1])
+
+    def apply(self, lp: LoadPower) -> LoadPower:
+        b, g = self.offset_w, self.gain
+        die_idle = lp.idle_w - lp.hbm_idle_w
+        die_step = None if lp.die_step_w is None else die_idle + b + g * (lp.die_step_w - die_idle)
+        return LoadPower(lp.idle_w + b, lp.idle_w + b + g * (lp.busy_w - lp.idle_w),
+                         lp.hbm_idle_w, lp.hbm_idle_w + g * (lp.hbm_busy_w - lp.hbm_idle_w),
+                         lp.die_c, die_step, lp.hbm_step_w)

@@ -43,6 +43,7 @@ DEFAULT_PERIOD_S = 0.25
 FORECAST_STEP_S = 0.05
 LOAD_TAU_S = 0.2  # the engine load's averaging time
 IDLE_AFTER_S = 0.5  # no step ended for this long: the engine is idle
+POWER_WINDOW_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -97,6 +98,7 @@ class EngineLoad:
     num_running: int
     last_step_end_s: float | None
     kv_usage: float = 0.0  # fraction of KV blocks in use after the latest step
+    busy_fraction_1s: float = 0.0  # averaged over 1 s, as NVML averages power
 
     @property
     def mean_compute_activity(self) -> float:
@@ -128,6 +130,7 @@ class EngineLoadTracker:
         self._pf_rate = 0.0
         self._pf_share = 0.0
         self._busy = 0.0  # EMA of covered time per wall time
+        self._busy_1s = 0.0
         self._last_end: float | None = None
         self._latest: EngineSample | None = None
 
@@ -141,6 +144,8 @@ class EngineLoadTracker:
             # Busy fraction: an EMA over wall time of 1 while covered, 0 in the gaps.
             decay = math.exp(-wall / self.tau_s)
             self._busy = self._busy * decay + (1 - decay) * (covered / wall)
+            decay = math.exp(-wall / POWER_WINDOW_S)
+            self._busy_1s = self._busy_1s * decay + (1 - decay) * (covered / wall)
 
         if covered > 0:
             ec, em = s.compute_activity, s.memory_activity
@@ -173,7 +178,8 @@ class EngineLoadTracker:
         return EngineLoad(self._ec, self._em, busy, self._pc, self._pm, self._dc, self._dm,
                           self._pf_rate, self._pf_share, s.num_waiting,
                           s.num_waiting_tokens, s.num_running, self._last_end,
-                          s.num_kv_blocks_used / max(s.num_kv_blocks_total, 1))
+                          s.num_kv_blocks_used / max(s.num_kv_blocks_total, 1),
+                          self._busy_1s * math.exp(-gap / POWER_WINDOW_S))
 
 
 class TwinTracker:

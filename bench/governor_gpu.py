@@ -12,9 +12,15 @@ Settings, each run for its own span after a short settling time:
   2. W1 at three fixed per-step token budgets (governor off): tokens per joule, the
      energy-efficient operating point;
   3. the governor's own cost: off against predictive with no objective binding (no budget,
-     default temperature targets), output tokens/s.
+     default temperature targets), output tokens/s, two pairs alternated.
 
-    PYTHONPATH=. python3 bench/governor_gpu.py                 # on a CUDA GPU, ~6 minutes
+The twin the governor forecasts with should be the GPU's own: `--fit-twin-on TRACE` fits it
+first (`ondo twin fit --engine-load --refit-thermal` on the part before `--fit-until-s`),
+e.g. on the H200 serving trace in data/traces; `--twin-params` takes a fitted one; without
+either, the packaged H100 fit, whose errors the predictive policy's power calibration absorbs.
+
+    PYTHONPATH=. python3 bench/governor_gpu.py \
+        --fit-twin-on data/traces/ondo_serving_steps_w1_qwen3-0.6b_h200.csv   # GPU, ~7 min
     PYTHONPATH=. python3 bench/governor_gpu.py --smoke         # CPU, tiny model, simulated GPU
 
 Prints a table and one JSON line ({"governor_gpu": {...}}).
@@ -152,6 +158,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="nvml (falls back to the simulated GPU where there is none) or sim")
     ap.add_argument("--telemetry-hz", type=float, default=20.0)
     ap.add_argument("--twin-params", default=None, help="default: the packaged H100 fit")
+    ap.add_argument("--fit-twin-on", default=None,
+                    help="fit the twin on this serving trace first (thermal refit + load map)")
+    ap.add_argument("--fit-until-s", type=float, default=60.0)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     if args.smoke:
@@ -183,6 +192,16 @@ def main(argv: list[str] | None = None) -> int:
                             num_kv_blocks=256, seed=args.seed)
     vocab = 151936 if not args.smoke else TINY["vocab_size"]
     params = TwinParams.load(args.twin_params) if args.twin_params else h100_params()
+    if args.fit_twin_on:
+        from ondo.twin.engine_load import fit_engine_load, refit_thermal
+        from ondo.twin.traces import read_trace
+
+        trace = read_trace(args.fit_twin_on).window(float("-inf"), args.fit_until_s)
+        params, _ = refit_thermal(params, [trace])
+        params, _ = fit_engine_load(params, [trace])
+        print(json.dumps({"twin_fitted_on": args.fit_twin_on, "until_s": args.fit_until_s,
+                          "power_limit_w": params.power_limit_w,
+                          "engine_compute_gain": params.engine_compute_gain}), flush=True)
     t_start = time.monotonic()
     llm = AsyncLLM.from_engine_args(engine, max_waiting_requests=100_000, engine_process=True)
     tel = Telemetry.start(None, source=args.telemetry, hz=args.telemetry_hz,
@@ -208,8 +227,8 @@ def main(argv: list[str] | None = None) -> int:
         {"group": "token_budget", "policy": "off", "token_budget": b, "seconds": args.short_seconds}
         for b in args.token_budgets
     ] + [
-        {"group": "overhead", "policy": p, "seconds": args.short_seconds}
-        for p in ("off", "predictive")
+        {"group": "overhead", "policy": p, "seconds": args.short_seconds, "pair": k}
+        for k in (0, 1) for p in ("off", "predictive")
     ]
 
     async def run_setting(load: Load, setting: dict) -> dict[str, Any]:
@@ -237,16 +256,19 @@ def main(argv: list[str] | None = None) -> int:
         llm.close()
         tel.close()
     device = torch.cuda.get_device_name() if cuda else "cpu (simulated GPU)"
-    by = {(r["group"], r["policy"], r.get("token_budget")): r for r in rows}
-    off, on = by[("overhead", "off", None)], by[("overhead", "predictive", None)]
+    by = {(r["group"], r["policy"], r.get("token_budget")): r for r in rows
+          if r["group"] != "overhead"}
+    pairs = [r for r in rows if r["group"] == "overhead"]
+    off_tps = sum(r["output_tokens_per_s"] for r in pairs if r["policy"] == "off")
+    on_tps = sum(r["output_tokens_per_s"] for r in pairs if r["policy"] == "predictive")
     summary = {
         "device": device, "model_shape": args.model_shape if not args.smoke else "tiny",
         "telemetry": tel.gpu.source_name if tel.gpu is not None else None,
         "budget_w": args.budget_w, "concurrency": args.concurrency,
         "budget": {p: by[("budget", p, None)] for p in ("off", "reactive", "predictive")},
         "token_budgets": {str(b): by[("token_budget", "off", b)] for b in args.token_budgets},
-        "overhead_fraction": 1.0 - on["output_tokens_per_s"] / off["output_tokens_per_s"]
-        if off["output_tokens_per_s"] else float("nan"),
+        "overhead_fraction": 1.0 - on_tps / off_tps if off_tps else float("nan"),
+        "overhead_runs": pairs,
         "elapsed_s": time.monotonic() - t_start,
     }
     cols = ("group", "policy", "token_budget", "output_tokens_per_s", "over_budget_fraction",

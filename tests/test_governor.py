@@ -288,3 +288,34 @@ def test_the_tpot_slo_shrinks_the_batch_when_missed_and_gives_it_back_with_slack
     assert (shaper.seats, shaper.chunk) == (None, None)
     limits = limits_for(0.8, 163, 2048)
     assert (limits.max_num_seqs, limits.max_prefill_tokens, limits.duty_cycle) == (163, 2048, 0.8)
+
+
+def test_the_service_acts_on_hub_samples_applies_limits_and_sends_them_again(monkeypatch):
+    import time
+
+    import ondo.control.service as service_mod
+    from ondo.control.service import GovernorService
+    from ondo.telemetry.schema import GpuSample
+
+    monkeypatch.setattr(service_mod, "REAPPLY_S", 0.3)
+    hub = TelemetryHub()
+    decisions = []
+    hub.subscribe(decisions.append, kinds=(GovernorDecision,))
+    applied = []
+    g = Governor(h100_params(), Objectives(power_budget_w=450.0), CONFIG, "reactive")
+    service = GovernorService(hub, g, applied.append).start()
+    try:
+        deadline = time.monotonic() + 10.0
+        while time.monotonic() < deadline and len(decisions) < 2:
+            now = time.monotonic()
+            hub.publish(GpuSample(0, "sim", now, time.time(), 0.05, 0.0, 60.0, 60.0, 480.0,
+                                  480.0, 1000.0 * now, 1980.0, 1980.0, 2619.0, 0, 90.0))
+            time.sleep(0.05)
+        n = len(applied)
+        time.sleep(0.8)  # no new sample: no new decision, the limits sent again
+    finally:
+        service.stop()
+    assert [d.reason for d in decisions[:2]] == ["policy set to reactive",
+                                                 "power budget at or over target"]
+    assert decisions[1].limits["duty_cycle"] == 0.8 and applied[1].duty_cycle == 0.8
+    assert len(applied) > n and applied[-1] == g.limits

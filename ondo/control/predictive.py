@@ -1,39 +1,40 @@
 """The predictive policy: model-predictive control of the engine's load level.
 
-Every `period_s` (0.2 s), with u the load level (duty cycle) and the twin's model:
+Every `period_s` (0.2 s), with u the load level (the engine's duty cycle):
 
-1. Load ahead (feed-forward). The engine's recent busy load (in the plant's units, through
-   the twin's engine load map, step by step) and its queue: if W prompt tokens wait (as many
-   as free seats let in) and prefill ran at R tokens/s, the next second spends
-   phi = min(1, W / R) of its busy time on prefill, more than the share s it just did, so the
-   planned busy load is recent + (phi - s)+ (prefill - decode). This moves before any sensor
-   does: a burst is in the queue before it is in the power reading.
-2. Power of a level (`thermal_model.load_power`): P(u) = P_idle + u f (P_busy - P_idle) + b,
-   from the twin's power model at the present clock and die temperature; f = 1 while work
-   is queued or running (else the measured busy share), b an offset the last seconds of fast
-   power readings calibrate (offset-free: a biased model still converges on the budget).
-3. Power budget B (less `power_margin_w`) on NVML's 1 s average: the average tau seconds ahead
-   is (H(tau) + tau P(u)) / 1 s, H(tau) the energy of the last 1 - tau seconds already in
-   the window (the energy counter's); so P(u) <= (B - H(tau)) / tau for tau in `window_taus`
-   bounds the next move, and P(u) <= B the level held after it.
+1. Load ahead (feed-forward). The engine's recent busy load, in the plant's units (each
+   step through the twin's engine load map, then averaged), by kind of step, and its
+   queue: if W prompt tokens wait (as many as free seats and KV blocks let in) and prefill
+   ran at R tokens/s, the next second spends phi = min(1, W / R) of its busy time in
+   prefill, more than the share s it just did, so the planned busy load is
+   recent + (phi - s)+ (prefill - decode). A burst is in the queue before it is in any
+   power reading.
+2. Power of a level: P(u) = P_idle + b + g u f (P_busy - P_idle), the twin's power model at
+   the present clock and estimated die temperature, f = 1 while work waits or runs (else
+   the measured busy share); offset b and gain g estimated online from NVML's 1 s average
+   (`thermal_model.PowerCalibration`).
+3. Power budget B (less `power_margin_w`) on NVML's 1 s average: tau seconds ahead the
+   average is (H(tau) + tau P(u)) / 1 s, H(tau) the energy already in the window (the
+   energy counter's), so P(u) <= (B - H(tau)) / tau for tau in `window_taus` bounds the
+   next move, and P(u) <= B the level held after it.
 4. Temperatures: plans (u1 for `first_s`, then u2 to `horizon_s`) over a grid of levels,
-   all forecast at once from the twin's estimated state (die, HBM, heatsink, board, sensors,
-   inlet) with the linear model of `thermal_model.py`; a plan is feasible if no forecast die
-   or HBM reading exceeds its target (less `temp_margin_c`) and both moves keep the power
-   bounds. The plan with the largest u1 (then u2) wins; u1 is applied; next period the
-   whole problem is solved again from the new estimate (receding horizon).
-5. Releases are rate-limited (`max_rise_per_s`); cuts apply at once.
+   all forecast at once from the twin's estimated state (die, HBM, heatsink, board,
+   sensors, inlet) with the twin's thermal network (`thermal_model.py`), the busy steps'
+   ripple added; a plan is feasible if no forecast reading exceeds its target (less
+   `temp_margin_c`) and both moves keep the power bounds.
+5. The feasible plan with the largest u1 (then u2) wins and u1 is applied; next period the
+   problem is solved again from the new estimate (receding horizon). Cuts apply at once;
+   releases wait `release_hold_s`, rise at most `max_rise_per_s` and by `release_step`.
 
-Why it is stable: the forecast starts from the estimator's state, not from the lagging
-sensors, so the loop sees the heat already in the die and heatsink (the slow mode, 16 s, is
-in the state); every accepted plan ends at a level the model holds within the targets over
-the whole horizon, twice the slow mode long, and the next solve can always fall back on it
-(recursive feasibility), so there is no overshoot to correct and no limit cycle; the power
-bound acts within one period on a 1 s average, faster than the average can move; the
-offset b removes a steady model error as integral action would, with its own slow time
-constant (`bias_tau_s`, 2 s, well away from the 0.2 s period). Slower than the GPU's own
-controllers by design: it shapes what the engine asks of the GPU, and leaves the last
-milliseconds to them.
+Why it is stable (docs/governor.md has the time constants): the forecast starts from the
+estimator's state, not from the lagging readings, so the heat stored in heatsink and board
+(the 16 s mode) is in it; every accepted plan holds the targets over a horizon twice the
+slow mode with a level it can keep, so the next solve starts where a feasible plan exists
+(recursive feasibility): no overshoot to correct, no limit cycle; the power bound acts
+within a period on a 1 s average, exactly, from the energy counter; the calibration's
+offset is integral action, slow next to the period, and its gain keeps the loop gain the
+one the law assumes. It shapes what the engine asks of the GPU and leaves the last
+milliseconds to the GPU's own controllers.
 """
 
 from __future__ import annotations

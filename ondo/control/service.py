@@ -5,7 +5,9 @@ engine only receives a `SchedulerLimits` command when the limits change, the sam
 the engine on a thread or in a process of its own (`AsyncLLM.set_scheduler_limits`), and its
 stepping never waits on the governor. A thread of its own drains a bounded hub subscription
 (GPU samples, engine steps, twin snapshots) and ticks the policy every `period_s`; each
-decision is applied, then published on the hub (the telemetry store keeps it).
+decision is applied, then published on the hub (the telemetry store keeps it). The limits in
+force are sent again every `REAPPLY_S` (an idempotent command), so that an engine its
+supervisor restarted gets them too.
 
     service = GovernorService(hub, governor, async_llm.set_scheduler_limits).start()
     service.set_policy("reactive")            # what the console calls
@@ -32,6 +34,8 @@ from ondo.twin.live import TwinSnapshot
 
 log = logging.getLogger(__name__)
 
+REAPPLY_S = 5.0
+
 
 class GovernorService:
     def __init__(self, hub: TelemetryHub, governor: Governor,
@@ -49,6 +53,7 @@ class GovernorService:
         self._sub: Subscription = hub.subscribe(
             maxsize=maxsize, kinds=(GpuSample, EngineSample, TwinSnapshot))
         self._stop = threading.Event()
+        self._applied_s = time.monotonic()
         self._lock = threading.Lock()  # decisions leave in the order they were made
         self._thread = threading.Thread(target=self._run, name="ondo-governor", daemon=True)
 
@@ -80,6 +85,7 @@ class GovernorService:
         queue = self._sub.queue
         assert queue is not None
         next_t = time.monotonic()
+        self._applied_s = next_t
         while not self._stop.is_set():
             timeout = max(0.0, next_t - time.monotonic())
             for sample in queue.get_batch(1024, timeout=timeout):
@@ -92,14 +98,21 @@ class GovernorService:
             decision = self.governor.tick(self.tracker.inputs(now, time.time()))
             if decision is not None:
                 self._emit(decision)
+            elif now - self._applied_s >= REAPPLY_S:
+                with self._lock:
+                    self._apply()
 
     def _emit(self, decision: GovernorDecision) -> None:
         with self._lock:
-            try:
-                self.apply_limits(self.governor.limits)
-            except Exception:  # the engine has stopped: the decision is still recorded
-                self.apply_errors += 1
-                if self.apply_errors == 1:
-                    log.exception("could not send the governor's limits to the engine")
+            self._apply()
             self.last_decision = decision
             self.hub.publish(decision)
+
+    def _apply(self) -> None:
+        self._applied_s = time.monotonic()
+        try:
+            self.apply_limits(self.governor.limits)
+        except Exception:  # the engine has stopped: the decision is still recorded
+            self.apply_errors += 1
+            if self.apply_errors == 1:
+                log.exception("could not send the governor's limits to the engine")

@@ -67,10 +67,11 @@ def _gauge(text: str, name: str, labels: str = "") -> float:
 
 def test_serve_runs_the_governor_shows_it_on_metrics_and_stores_its_decisions(tmp_path):
     db = tmp_path / "telemetry.db"
+    # The engine in its own process: the limits cross its pipe (the thread is the next test's).
     proc, base = launch_server("--device", "cpu", "--max-model-len", "256", "--num-kv-blocks",
                                "64", "--telemetry", "sim", "--telemetry-db", str(db),
                                "--governor", "reactive", "--power-budget-w", "450",
-                               "--tpot-slo-ms", "200")
+                               "--tpot-slo-ms", "200", "--engine-process")
     try:
         r = httpx.post(base + "/v1/completions", timeout=60,
                        json={"prompt": "The GPU is", "max_tokens": 8, "temperature": 0})

@@ -41,8 +41,8 @@ class ReactiveTuning:
     increase_step: float = 0.05  # alpha
     hold_s: float = 1.0
     up_hold_s: float = 1.0
-    temp_hysteresis_c: float = 2.0
-    power_hysteresis_w: float = 20.0
+    temp_hysteresis_c: float = 3.0
+    power_hysteresis_w: float = 30.0
     min_level: float = MIN_LEVEL
 
 

@@ -1,24 +1,25 @@
 """The governor's benchmark scenarios, on the simulated H100 serving the Qwen3-0.6B shape.
 
 Every scenario replays the same kind of traffic: a seeded bursty trace of long-context
-requests (prompts of 1,500-3,500 tokens, outputs of 300-1,000; calm spells of 12 requests/s,
-about three quarters of what the GPU serves, and bursts of 40/s), on a GPU that has been
-serving it before the run starts (the plant starts at rest under a typical busy load), with
-the default temperature targets (5 °C under the SW thermal slowdown for the die, under the
-HBM maximum for the HBM) and, where named, a power budget:
+requests (prompts of 1,500-3,500 tokens, outputs of 300-1,000; calm spells of 6 requests/s
+and bursts of 20/s, 9.5/s on average against the ~9/s the GPU serves, so a queue builds
+in the heavier stretches), on a GPU that has been serving before the run starts (the plant
+starts at rest under a busy load), with the default temperature targets (5 °C under the SW
+thermal slowdown for the die, under the HBM maximum for the HBM) and, where named, a power
+budget. Figures are scored from WARMUP_S on.
 
 - `nominal`: the fitted inlet (32 °C) and cooling. Nothing binds: what the governor costs
   when it has nothing to do.
 - `hot-inlet`: the inlet 25 °C hotter (57 °C): the die target binds.
 - `degraded-cooling`: the heatsink's resistance to the air (heatsink to board to inlet) x1.5,
-  as a failed fan does, at a 45 °C inlet (ASHRAE A4's upper limit). At the fitted inlet the
-  die would stay more than 10 °C under its target at this load, and nothing would bind.
+  as a failed fan does, at a 48 °C inlet. At the fitted inlet the die would stay more than
+  10 °C under its target at this load, and nothing would bind.
 - `power-budget-450w`: a 450 W budget on NVML's 1 s average (the load draws 500-600 W).
 
 The fitted H100 puts 0.049 °C/W between die and air and this model's serving load peaks
-near 620 W, so the GPU's own thermal slowdown (87 °C) lies beyond every scenario's reach at
-these inlets by a few degrees; what the governor holds is the operator's target below it,
-and the GPU's throttle is the backstop it should never need.
+near 620 W, so the GPU's own thermal slowdown (87 °C) lies beyond every scenario's reach by
+a few degrees; what the governor holds is the operator's target below it, and the GPU's
+throttle is the backstop it should never need.
 """
 
 from __future__ import annotations

@@ -127,7 +127,9 @@ class SamplingParams:
         if index == 0 and self.num_sequences == 1:
             return self
         seed = None if self.seed is None else self.seed + index
-        return dataclasses.replace(self, n=1, best_of=None, seed=seed)
+        # best_of > n: each sequence keeps best_of, so it keeps its cumulative logprob to rank by.
+        return dataclasses.replace(self, n=1, seed=seed,
+                                   best_of=self.best_of if self.ranks_by_logprob else None)
 
     @property
     def num_sequences(self) -> int:

@@ -2,10 +2,11 @@
 JSON schema, and to compute the next-token masks of a batch at every step.
 
     python3 bench/grammar_libraries.py [--schema bench/schemas/recommendation.json]
-        [--tokenizer PATH] [--batch-sizes 1 256] [--steps 40]
+        [--tokenizer PATH | --model-shape qwen3-0.6b] [--batch-sizes 1 256] [--steps 40]
 
 The vocabulary is the embedded SmolLM2's (49,152 tokens) unless --tokenizer names a HF
-folder. Each row of a batch walks the same valid JSON document from its own offset (rows are
+folder or --model-shape a dummy shape (its byte-level tokenizer over the whole vocabulary,
+151,936 tokens for qwen3-0.6b). Each row of a batch walks the same valid JSON document from its own offset (rows are
 staggered, as a real batch's are), so the masks are computed in as many different states
 as there are rows. Prints a table and one JSON line. Either library may be missing.
 """
@@ -183,6 +184,7 @@ def main() -> int:
     here = os.path.dirname(os.path.abspath(__file__))
     p.add_argument("--schema", default=os.path.join(here, "schemas", "recommendation.json"))
     p.add_argument("--tokenizer", default=None, help="a HF folder or .gguf (default: the embedded model)")
+    p.add_argument("--model-shape", default=None, help="a dummy shape's byte-level tokenizer instead")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 256])
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--repeats", type=int, default=5)
@@ -190,6 +192,10 @@ def main() -> int:
     args = p.parse_args()
     with open(args.schema) as f:
         schema = json.load(f)
+    if args.model_shape:
+        from ondo.bench.shapes import shape_folder
+
+        args.tokenizer = shape_folder(args.model_shape, tokenizer="bytes")
     tok = load_tokenizer(args.tokenizer)
     vocab_size = len(tok.hf_tokenizer)
     doc_tokens = tok.encode(json.dumps(DOCUMENT), add_special_tokens=False)

@@ -55,7 +55,7 @@ class SamplingParams:
             try:
                 self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
             except TypeError as e:
-                raise ValueError(f"invalid sampling parameter structured_outputs: {e}") from None
+                raise ValueError(f"invalid sampling parameter structured_outputs=...: {e}") from None
         if self.logit_bias:
             self.logit_bias = _int_keys(self.logit_bias)
         self._validate()
@@ -112,14 +112,14 @@ class SamplingParams:
                 raise bad("logit_bias", "must map token ids to numbers")
             for token, bias in self.logit_bias.items():
                 if not is_int(token) or token < 0:
-                    raise ValueError(f"invalid sampling parameter logit_bias: key {token!r} is "
-                                     "not a token id (an integer >= 0)")
+                    raise ValueError(f"invalid sampling parameter logit_bias={{{token!r}: ...}}: "
+                                     "keys must be token ids (integers >= 0)")
                 if not is_num(bias) or not -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS:
-                    raise ValueError(f"invalid sampling parameter logit_bias: the bias of token "
-                                     f"{token} is {bias!r}, not a number in [-100, 100]")
+                    raise ValueError(f"invalid sampling parameter logit_bias={{{token}: {bias!r}}}: "
+                                     "a bias must be a number in [-100, 100]")
         if self.structured_outputs is not None and not isinstance(
                 self.structured_outputs, StructuredOutputsParams):
-            raise ValueError("invalid sampling parameter structured_outputs: must be a "
+            raise ValueError("invalid sampling parameter structured_outputs=...: must be a "
                              "StructuredOutputsParams or a dict of its fields")
 
     def for_sequence(self, index: int) -> SamplingParams:

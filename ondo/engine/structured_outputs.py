@@ -143,9 +143,9 @@ def check(spec: StructuredOutputsParams) -> str:
             "choice": "choice", "grammar": "grammar"}[spec.kind]
     try:
         text = grammar_text(spec)
-    except ValueError as e:
+        error = LLMatcher.validate_grammar(text)
+    except Exception as e:  # the library's own kinds, on input it cannot even read
         raise ValueError(f"invalid {what}: {e}") from None
-    error = LLMatcher.validate_grammar(text)
     if error:
         raise ValueError(f"invalid {what}: {_first_lines(error)}")
     return text

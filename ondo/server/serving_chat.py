@@ -77,7 +77,9 @@ def template_messages(messages: list[ChatMessage], param: str = "messages") -> l
 
 def _template_call(call: dict[str, Any]) -> dict[str, Any]:
     """An earlier call as chat templates expect it: arguments as an object, not JSON text."""
-    function = dict(call.get("function") or {})
+    if not isinstance(call.get("function"), dict):
+        return call
+    function = dict(call["function"])
     if isinstance(function.get("arguments"), str):
         try:
             function["arguments"] = json.loads(function["arguments"])

@@ -15,7 +15,8 @@ on dummy weights of a real shape, and the per-step mask cost at batch 1 and 256.
 
 The shape gets a byte-level tokenizer of its full vocabulary (`shape_folder(...,
 tokenizer="bytes")`), since grammars need tokens' bytes. `--smoke` shrinks the model (2
-layers, same vocabulary) and the workload so that it runs on a CPU in a minute or two.
+layers, same vocabulary), the workload (4 requests, prompts of at most 64 tokens, outputs of
+at most 48) and the mask batches (1 and 16) so that it runs on a CPU in a few minutes.
 Prints a table and one JSON line.
 """
 
@@ -35,7 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from ondo import LLM, SamplingParams, StructuredOutputsParams  # noqa: E402
 from ondo.bench.shapes import SHAPES, shape_folder  # noqa: E402
-from ondo.bench.workloads import make_workload  # noqa: E402
+from ondo.bench.workloads import Request, make_workload  # noqa: E402
 from ondo.engine.grammar import BatchMasks, SequenceGrammar, apply_bitmask  # noqa: E402
 
 SMOKE = {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2,
@@ -135,12 +136,20 @@ def main() -> int:
               max_num_batched_tokens=args.max_num_batched_tokens, seed=0)
     startup_s = time.perf_counter() - t0
     workload = make_workload("W1", SHAPES[args.model_shape]["vocab_size"], seed=0, scale=scale)
+    if args.smoke:
+        workload.requests[:] = [Request(r.prompt_token_ids[:64], min(r.max_tokens, 48))
+                                for r in workload.requests]
+        args.mask_batch_sizes = [min(b, 16) for b in args.mask_batch_sizes]
+        args.mask_steps = min(args.mask_steps, 8)
     prompts = [{"prompt_token_ids": r.prompt_token_ids} for r in workload.requests]
-    if cuda:  # warm-up: compiled kernels, graphs, the grammar and the lexer's first states
-        warm = make_workload("W1", SHAPES[args.model_shape]["vocab_size"], seed=9, scale=16 / 256)
-        llm.generate([{"prompt_token_ids": r.prompt_token_ids} for r in warm.requests],
-                     [SamplingParams(temperature=0.6, max_tokens=64, structured_outputs=spec)
-                      for _ in warm.requests])
+    # Warm-up: compiled kernels and graphs, the grammar library's view of the vocabulary,
+    # the schema's grammar and the lexer's first states.
+    warm = make_workload("W1", SHAPES[args.model_shape]["vocab_size"], seed=9,
+                         scale=(16 if cuda else 1) / 256)
+    llm.generate([{"prompt_token_ids": r.prompt_token_ids[:64 if args.smoke else None]}
+                  for r in warm.requests],
+                 [SamplingParams(temperature=0.6, max_tokens=64 if cuda else 8, structured_outputs=spec)
+                  for _ in warm.requests])
     guided_params = [SamplingParams(temperature=0.6, max_tokens=r.max_tokens, structured_outputs=spec)
                      for r in workload.requests]
     guided, guided_s, guided_extra = run(llm, prompts, guided_params)

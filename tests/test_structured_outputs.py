@@ -107,6 +107,13 @@ def test_truncated_json_ends_with_length(llm):
         json.loads(c.text)
 
 
+def test_stop_strings_still_end_a_constrained_output(llm, reference):
+    full = llm.tokenizer.decode(reference[0])
+    c = llm.generate([PROMPTS[0]], json_params(stop=[', "age"']))[0].outputs[0]
+    assert c.finish_reason == "stop" and c.stop_reason == ', "age"'
+    assert full.startswith(c.text) and c.text.startswith('{"name": ')
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["swap", "recompute"])
 def test_preemption_keeps_every_matcher_with_its_sequence(mode, reference):

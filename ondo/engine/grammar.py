@@ -102,6 +102,9 @@ class SequenceGrammar:
         self.matcher = compiled.new_matcher()
         self.num_consumed = 0
         self.error: str | None = None
+        # Nothing but EOS may follow: the output is a whole sentence of the grammar. Kept
+        # here, so that reading it never touches a matcher whose mask is being filled.
+        self.is_complete = False
 
     def fork(self) -> SequenceGrammar:
         """A matcher in the same state, for a sequence forked from this one."""
@@ -110,6 +113,7 @@ class SequenceGrammar:
         child.matcher = self.matcher.deep_copy()
         child.num_consumed = self.num_consumed
         child.error = self.error
+        child.is_complete = self.is_complete
         return child
 
     def sync(self, token_ids: list[int], start: int, pending: int | None = None) -> None:
@@ -122,6 +126,7 @@ class SequenceGrammar:
             else:
                 self.matcher.reset()
                 self.num_consumed = 0
+            self.is_complete = self.matcher.is_stopped()
         if self.num_consumed == total or self.error is not None:
             return
         new = token_ids[start + self.num_consumed:]
@@ -130,11 +135,7 @@ class SequenceGrammar:
         if not self.matcher.consume_tokens(new):
             self.error = self.matcher.get_error() or f"tokens {new} do not match the grammar"
         self.num_consumed = total
-
-    @property
-    def is_complete(self) -> bool:
-        """Nothing but EOS may follow: the output is a whole sentence of the grammar."""
-        return self.error is None and self.matcher.is_stopped()
+        self.is_complete = self.error is None and self.matcher.is_stopped()
 
 
 class BatchMasks:

@@ -101,6 +101,10 @@ class _InFlight:
     seqs: list[Sequence]  # the draws' rows, in order
     draws: DeviceSample | None
     start_monotonic_s: float
+    # Launched, not yet sampled (`_sample`): the logits and the grammar masks (being filled
+    # on a thread while the previous step's outputs are made).
+    logits: torch.Tensor | None = None
+    masks: Future[TokenMask | None] | TokenMask | None = None
 
 
 @dataclass
@@ -177,6 +181,7 @@ class LLMEngine:
         self._batch_masks: BatchMasks | None = None
         self._compiling: list[tuple[Sequence, Future[CompiledGrammar]]] = []
         self._grammars: dict[int, SequenceGrammar] = {}  # by seq_id
+        self._mask_pool = ThreadPoolExecutor(1, thread_name_prefix="ondo-masks")
         # The engine process sets this: plain streamed steps leave as wire tuples (see
         # `_wire_delta`), not as RequestOutputs it would build only to strip them again.
         self.wire_deltas = False
@@ -352,6 +357,7 @@ class LLMEngine:
         if prev is not None:
             self.num_steps_ahead += 1
             outputs.extend(self._finish(prev))
+        self._sample(launched)
         if self.async_scheduling:
             self._in_flight = launched
         else:
@@ -390,26 +396,40 @@ class LLMEngine:
                     seqs.append(s)
             if len(seqs) != len(sampling):
                 logits = logits.index_select(0, to_device(rows, torch.int64, logits.device))
-            draws = sample_on_device(
-                logits,
-                [s.params for s in seqs],
-                [s.num_output_tokens + s.num_pending_tokens for s in seqs],
-                self.generator,
-                history=lambda: ([s.prompt_token_ids for s in seqs], [s.output_token_ids for s in seqs]),
-                mask=self._token_mask(seqs, prev) if self._grammars else None,
-            )
-            draws.start_copy()
-            for row, s in enumerate(seqs):
-                s.num_pending_tokens += 1
-                s.pending_row = row
+        masks = self._token_mask(seqs, prev) if self._grammars and seqs else None
         timing["prepare"] += t_prepared - t0
         timing["launch"] += t_launched - t_prepared
         timing["sample"] += time.perf_counter() - t_launched
-        return _InFlight(sched, batch, seqs, draws, start)
+        return _InFlight(sched, batch, seqs, draws, start, logits, masks)
 
-    def _token_mask(self, seqs: list[Sequence], prev: _InFlight | None) -> TokenMask | None:
+    def _sample(self, f: _InFlight) -> None:
+        """Queue the launched step's draws on the device (after its masks are filled)."""
+        if f.logits is None:
+            return
+        t0 = time.perf_counter()
+        seqs = f.seqs
+        masks = f.masks.result() if isinstance(f.masks, Future) else f.masks
+        f.draws = sample_on_device(
+            f.logits,
+            [s.params for s in seqs],
+            [s.num_output_tokens + s.num_pending_tokens for s in seqs],
+            self.generator,
+            history=lambda: ([s.prompt_token_ids for s in seqs], [s.output_token_ids for s in seqs]),
+            mask=masks,
+        )
+        f.draws.start_copy()
+        f.logits = f.masks = None
+        for row, s in enumerate(seqs):
+            s.num_pending_tokens += 1
+            s.pending_row = row
+        self.step_timing_s["sample"] += time.perf_counter() - t0
+
+    def _token_mask(self, seqs: list[Sequence],
+                    prev: _InFlight | None) -> Future[TokenMask | None] | TokenMask | None:
         """The allowed tokens of the rows with a grammar, for the whole batch. Each matcher
-        first catches up with its sequence, including a token of `prev` still on the device."""
+        first catches up with its sequence, including a token of `prev` still on the device;
+        then, with a step ahead (`prev`), the masks are filled on a thread while the host
+        makes `prev`'s outputs (which must not touch these matchers meanwhile)."""
         rows = [(row, s) for row, s in enumerate(seqs) if s.seq_id in self._grammars]
         if not rows:
             return None
@@ -422,10 +442,13 @@ class LLMEngine:
             pending = drawn[s.pending_row] if s.num_pending_tokens and drawn is not None else None
             g.sync(s.token_ids, s.num_prompt_tokens, pending)
             grammars.append(g)
-        bitmask = self._batch_masks.fill(grammars)
-        if len(rows) == len(seqs):
-            return TokenMask(bitmask)
-        return TokenMask(bitmask, to_device([row for row, _ in rows], torch.int64, self.device))
+        index = None if len(rows) == len(seqs) else to_device([row for row, _ in rows], torch.int64,
+                                                               self.device)
+
+        def fill() -> TokenMask:
+            return TokenMask(self._batch_masks.fill(grammars), index)
+
+        return self._mask_pool.submit(fill) if prev is not None else fill()
 
     def _finish(self, f: _InFlight) -> list[RequestOutput]:
         """Read a step's draws back (waiting for the GPU), append them, check stops."""

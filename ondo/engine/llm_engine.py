@@ -20,7 +20,9 @@ has compiled (on the compiler's thread), then queues like any other. Each step, 
 sequences with a grammar get their allowed-token masks, computed for the batch at once
 while the forward pass runs on the device and applied to the logits before sampling.
 Under asynchronous scheduling the masks need the previous step's draws: they are read back
-first (they are ready by then; the step in flight is the forward pass queued after them).
+first (they are ready by then; the step in flight is the forward pass queued after them),
+and the masks are filled on a thread while the previous step's outputs are made; the step
+is sampled after both (`_sample`).
 """
 
 from __future__ import annotations

@@ -201,6 +201,8 @@ def parse_hermes(text: str) -> tuple[str | None, list[ToolCall]]:
         if end == -1:
             break
         pos = end + len(_CLOSE)
+    if not calls:  # a plain answer stays exactly as generated (as its stream does)
+        return (text or None), []
     rest = "".join(content).strip()
     return (rest or None), calls
 

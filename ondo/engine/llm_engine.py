@@ -676,17 +676,17 @@ class LLMEngine:
             "kv_cache_usage": bm.num_used_blocks / max(bm.num_total_blocks, 1),
             "num_prompt_tokens_total": self.num_prompt_tokens_total,
             "num_generation_tokens_total": self.num_generation_tokens_total,
+            # Structured outputs: grammars compiled and found in the cache; mask host time.
+            "num_grammars_compiled": self._grammar_compiler.num_compiled if self._grammar_compiler else 0,
+            "num_grammar_cache_hits": self._grammar_compiler.num_cache_hits if self._grammar_compiler else 0,
+            "grammar_mask_steps": self._batch_masks.num_steps if self._batch_masks else 0,
+            "grammar_mask_s": self._batch_masks.fill_s if self._batch_masks else 0.0,
             "block_size": bm.block_size,
             "prefix_cache_queries": bm.prefix_cache_queries,  # tokens looked up
             "prefix_cache_hits": bm.prefix_cache_hits,  # tokens found cached, not recomputed
             "num_cached_blocks": bm.num_cached_blocks,
             "num_shared_blocks": bm.num_shared_blocks,  # ref_count > 1 now
             "num_cow_copies": bm.num_cow_copies,
-            # Structured outputs: grammars compiled and found in the cache; mask host time.
-            "num_grammars_compiled": self._grammar_compiler.num_compiled if self._grammar_compiler else 0,
-            "num_grammar_cache_hits": self._grammar_compiler.num_cache_hits if self._grammar_compiler else 0,
-            "grammar_mask_steps": self._batch_masks.num_steps if self._batch_masks else 0,
-            "grammar_mask_s": self._batch_masks.fill_s if self._batch_masks else 0.0,
         }
 
     def waste_per_running_seq(self) -> list[int]:

@@ -14,6 +14,7 @@ COMMAND_MODULES = (
     "ondo.bench.cli",
     "ondo.telemetry.cli",
     "ondo.twin.cli",
+    "ondo.events.cli",
 )
 
 

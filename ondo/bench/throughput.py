@@ -238,6 +238,17 @@ def main(args: argparse.Namespace) -> int:
                     for i, hz in enumerate(args.telemetry_hz)
                 ]
                 _write(args.out_dir, shape, shape_rows)
+            if wl.name == "W1" and args.events_pairs:
+                from ondo.bench.events_run import format_table, fresh_prompts, run_events_overhead
+
+                vocab = SHAPES[shape]["vocab_size"]
+                base = make_workload("W1", vocab, seed=200, scale=args.scale)
+                row["events_overhead"] = run_events_overhead(
+                    llm, lambda run, b=base, v=vocab: fresh_prompts(b, run, v), limits,
+                    (args.telemetry_hz or [20.0])[0], args.events_pairs, args.out_dir, run_ondo)
+                print(format_table(row["events_overhead"]), flush=True)
+                print(json.dumps({"events_overhead": row["events_overhead"]}), flush=True)
+                _write(args.out_dir, shape, shape_rows)
         del llm, runner
         _free()
         if args.sharing:
@@ -323,4 +334,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out-dir", default="bench/results")
     p.add_argument("--telemetry-hz", type=float, nargs="*", default=[],
                    help="also run W1 with NVML telemetry at these rates (overhead, energy/token)")
+    p.add_argument("--events-pairs", type=int, default=0,
+                   help="also run W1 this many times with telemetry alone and with telemetry, "
+                        "event detectors and event log, alternated (their cost)")
     p.set_defaults(func=main)

@@ -33,6 +33,7 @@ from ondo.engine.engine_loop import (
     Command,
     EngineLoop,
     Published,
+    SetSchedulerLimits,
     final_output,
 )
 from ondo.engine.engine_process import EngineInfo, EngineProcess, engine_process_default
@@ -40,6 +41,7 @@ from ondo.engine.llm_engine import LLMEngine, tokenizer_for
 from ondo.engine.outputs import RequestOutput, coalesce
 from ondo.engine.restart_policy import RestartPolicy
 from ondo.engine.sampling_params import SamplingParams
+from ondo.engine.scheduler_limits import SchedulerLimits
 from ondo.engine.step_stats import StepStats
 from ondo.engine.supervisor import EngineSupervisor
 from ondo.model.detokenizer import IncrementalDetokenizer
@@ -249,6 +251,7 @@ class AsyncLLM:
         self._accepting = True
         self._dead_reason: str | None = None
         self._stats: dict[str, float] = dict(stats)
+        self._request_listeners: list[Callable[[RequestOutput], None]] = []
 
     @property
     def engine_process(self) -> bool:
@@ -258,6 +261,16 @@ class AsyncLLM:
         """Called with each engine step's StepStats (on the engine thread, or on the thread
         that reads the engine process)."""
         self._core.add_step_listener(listener)
+
+    def add_request_listener(self, listener: Callable[[RequestOutput], None]) -> None:
+        """Called with each request's final output as the engine publishes it (on the engine
+        thread, or on the thread that reads the engine process); it must be quick."""
+        self._request_listeners.append(listener)
+
+    def set_scheduler_limits(self, limits: SchedulerLimits) -> None:
+        """Tighten the scheduler's limits (a governor's actuators, thread-safe); the engine
+        applies them before its next step."""
+        self._core.send(SetSchedulerLimits(limits))
 
     # -- the asyncio side ------------------------------------------------------------
     async def generate(
@@ -427,6 +440,10 @@ class AsyncLLM:
                 loop.call_soon_threadsafe(_deliver, items)
             except RuntimeError:  # the loop is closed: nobody is listening any more
                 pass
+        for listener in self._request_listeners:
+            for out in batch.outputs:
+                if out.finished:
+                    listener(out)
 
     def _on_exit(self, dead_reason: str | None) -> None:
         """The engine has stopped: every request still here gets its final output; a dead

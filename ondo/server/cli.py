@@ -11,7 +11,9 @@ import argparse
 import logging
 import os
 
+from ondo.control.flags import add_governor_args
 from ondo.engine.cli import add_engine_args
+from ondo.events.cli import add_event_args
 from ondo.model.default_model import default_model_path
 from ondo.server.limits import DEFAULT_MAX_REQUEST_BYTES
 
@@ -65,5 +67,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "engine-only; nvml falls back to sim; sim = the twin as the GPU")
     p.add_argument("--telemetry-hz", type=float, default=20.0, help="GPU sampling rate (<= 100)")
     p.add_argument("--telemetry-db", default=None, help="also store telemetry in this SQLite file")
+    add_event_args(p)
+    add_governor_args(p)
     add_engine_args(p)
     p.set_defaults(func=_serve)

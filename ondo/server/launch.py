@@ -29,11 +29,19 @@ def serve(args: argparse.Namespace) -> int:
 
     try:
         engine_args = engine_args_from(args)
+        events_config = event_config(args)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.max_waiting_requests is not None and args.max_waiting_requests < 1:
         print("error: --max-waiting-requests must be >= 1", file=sys.stderr)
+        return 2
+    from ondo.control.serve import governor_setup, start_server_governor
+
+    try:
+        gov_setup = governor_setup(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
     try:
         limits = RequestLimits(args.max_request_bytes, args.request_timeout)
@@ -53,8 +61,18 @@ def serve(args: argparse.Namespace) -> int:
     telemetry = start_telemetry(args, registry)
     if telemetry is not None:
         async_llm.add_step_listener(telemetry.engine.on_step)
+    try:
+        governor = start_server_governor(gov_setup, telemetry, async_llm, registry)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        async_llm.close()
+        if telemetry is not None:
+            telemetry.close()
+        return 2
+    events = start_events(events_config, telemetry, registry, async_llm)
     app = build_app(async_llm, name, api_key=args.api_key or os.environ.get("ONDO_API_KEY"),
                     registry=registry)
+    app.state.governor = governor  # set_policy / set_objectives, for the console
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
                             timeout_graceful_shutdown=args.shutdown_timeout + 10,
                             access_log=args.access_log)
@@ -69,6 +87,10 @@ def serve(args: argparse.Namespace) -> int:
         server.run()
     finally:
         async_llm.close()
+        if events is not None:
+            events.close()
+        if governor is not None:
+            governor.close()
         if telemetry is not None:
             telemetry.close()
         gc_pauses.stop()
@@ -80,17 +102,45 @@ def serve(args: argparse.Namespace) -> int:
     return server.exit_code
 
 
+def event_config(args: argparse.Namespace):
+    """The event detectors' settings from the flags (None with --events off)."""
+    if getattr(args, "events", "off") != "on":
+        return None
+    from ondo.events.cli import detector_config
+
+    return detector_config(args)
+
+
+def start_events(config, telemetry, registry: CollectorRegistry, async_llm: AsyncLLM):
+    if config is None:
+        return None
+    from ondo.events.live import start_events as start
+
+    return start(config, telemetry, registry, async_llm)
+
+
 def start_telemetry(args: argparse.Namespace, registry: CollectorRegistry):
     """The telemetry pipeline feeding /metrics (and --telemetry-db): "auto" reads NVML where
-    there is a GPU and runs engine-only otherwise; "sim" runs the twin as the GPU."""
-    if args.telemetry == "off":
+    there is a GPU and runs engine-only otherwise; "sim" runs the twin as the GPU. The event
+    detectors need its hub: with --telemetry off and events on it runs engine-only (no GPU
+    source, no GPU metrics), and --telemetry-db keeps the engine steps and the event log."""
+    events = getattr(args, "events", "off") == "on"
+    if args.telemetry == "off" and not events:
         return None
+    from ondo.control.decision import DECISION_TABLE
     from ondo.telemetry.pipeline import Telemetry
 
+    tables: tuple = (DECISION_TABLE,)
+    if events:
+        from ondo.events.table import EVENTS_TABLE
+
+        tables = (*tables, EVENTS_TABLE)
+    if args.telemetry == "off":
+        return Telemetry.start(args.telemetry_db, source="none", tables=tables)
     source = "nvml" if args.telemetry == "auto" else args.telemetry
     fallback = None if args.telemetry == "auto" else "sim"
     return Telemetry.start(args.telemetry_db, source=source, hz=args.telemetry_hz,
-                           registry=registry, fallback=fallback)
+                           registry=registry, fallback=fallback, tables=tables)
 
 
 class DrainingServer(uvicorn.Server):

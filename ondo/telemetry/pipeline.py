@@ -39,8 +39,11 @@ def open_gpu_source(
     nvml: Any | None = None,
     **sim_kwargs: Any,
 ) -> GpuSource | None:
-    """The source named by `kind` ("nvml", "sim" or "replay"). Without NVML or a GPU, "nvml"
-    logs why and falls back to `fallback` ("sim", or None: engine-only, returns None)."""
+    """The source named by `kind` ("nvml", "sim", "replay", or "none": engine-only, returns
+    None). Without NVML or a GPU, "nvml" logs why and falls back to `fallback` ("sim", or
+    None: engine-only, returns None)."""
+    if kind == "none":
+        return None
     if kind == "nvml":
         try:
             return NvmlSource(hub, hz, nvml=nvml)

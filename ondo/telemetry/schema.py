@@ -139,6 +139,7 @@ class EngineSample:
     compute_activity: float  # FLOP/s over peak FLOP/s, clipped to [0, 1]
     memory_activity: float  # B/s over peak bandwidth, clipped to [0, 1]
     source: str = "engine"
+    num_waiting_tokens: int = 0  # tokens of the waiting requests: prefill work ahead (not stored)
 
     @property
     def duration_s(self) -> float:
@@ -205,4 +206,53 @@ def engine_sample_from_step(
         bytes_moved=stats.bytes_moved,
         compute_activity=_activity(stats.flops, stats.duration_s, peak_flops),
         memory_activity=_activity(stats.bytes_moved, stats.duration_s, peak_bytes_per_s),
+        num_waiting_tokens=stats.num_waiting_tokens,
+    )
+
+
+@dataclass(frozen=True)
+class RequestSample:
+    """One finished request's latencies, on the monotonic clock the engine stamps requests
+    with (published where the server sees the request finish)."""
+
+    request_id: str
+    arrival_monotonic_s: float
+    first_scheduled_monotonic_s: float | None
+    first_token_monotonic_s: float | None
+    finish_monotonic_s: float
+    t_wall_s: float  # Unix time at finish
+    num_prompt_tokens: int
+    num_output_tokens: int  # of its longest sequence (n > 1: the one that sets TPOT)
+    finish_reason: str
+    source: str = "server"
+
+    @property
+    def ttft_s(self) -> float | None:
+        """Arrival to first output token."""
+        if self.first_token_monotonic_s is None:
+            return None
+        return max(self.first_token_monotonic_s - self.arrival_monotonic_s, 0.0)
+
+    @property
+    def tpot_s(self) -> float | None:
+        """Mean time per output token after the first (None with fewer than two tokens)."""
+        if self.first_token_monotonic_s is None or self.num_output_tokens < 2:
+            return None
+        span_s = self.finish_monotonic_s - self.first_token_monotonic_s
+        return max(span_s, 0.0) / (self.num_output_tokens - 1)
+
+
+def request_sample_from_output(out, finish_monotonic_s: float, t_wall_s: float) -> RequestSample:
+    """The RequestSample of a finished `RequestOutput` (ondo.engine.outputs)."""
+    m = out.metrics
+    return RequestSample(
+        request_id=out.request_id,
+        arrival_monotonic_s=m.get("arrival_time_s", finish_monotonic_s),
+        first_scheduled_monotonic_s=m.get("first_scheduled_s"),
+        first_token_monotonic_s=m.get("first_token_s"),
+        finish_monotonic_s=finish_monotonic_s,
+        t_wall_s=t_wall_s,
+        num_prompt_tokens=len(out.prompt_token_ids or ()),
+        num_output_tokens=max((len(c.token_ids) for c in out.outputs), default=0),
+        finish_reason=(out.outputs[0].finish_reason if out.outputs else None) or "unknown",
     )

@@ -16,7 +16,10 @@ table are a prefix of what was submitted, in order.
 
 GPU samples and engine steps have tables of their own here; other layers (the governor's
 decisions, the event log) store their records in the same file and through the same
-writer thread by passing a `RecordTable` for each record type (`tables=`).
+writer thread by passing a `RecordTable` for each record type (`tables=`). A table marked
+`lossless` (the event log: a lost entry would break its hash chain) gets a lane of its own
+that never drops: its records wait, in order, until they are written, and are written in
+a transaction of their own, so that samples and records never hold each other back.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import logging
 import sqlite3
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,6 +89,10 @@ class RecordTable:
     ddl: str
     insert_sql: str
     row: Callable[[Any], tuple[Any, ...]]
+    # Never dropped: queued without bound until written (for rare records whose loss would
+    # break something, such as a hash-chained log). A record the database rejects as
+    # inconsistent (an integrity error) is logged and counted in `rejected`, not retried.
+    lossless: bool = False
 
 
 class _BitOr:
@@ -167,7 +175,11 @@ class TelemetryStore:
         self.batch_size = batch_size
         self.retry_backoff_s = retry_backoff_s
         self._queue = DropOldestQueue(max_queue)
+        self._lossless: deque[Any] = deque()  # records of lossless tables, in order
+        self._lossless_lock = threading.Lock()
+        self._lossless_added = 0
         self.stored = 0
+        self.rejected = 0  # lossless records the database refused (integrity errors)
         self.write_errors = 0
         self._lost_on_close = 0
         self._latest_t = float("-inf")
@@ -190,20 +202,26 @@ class TelemetryStore:
 
     @property
     def dropped(self) -> int:
-        """Samples lost: dropped from the full queue, or unwritable at close."""
-        return self._queue.dropped + self._lost_on_close
+        """Samples lost: dropped from the full queue, rejected, or unwritable at close."""
+        return self._queue.dropped + self._lost_on_close + self.rejected
 
     @property
     def submitted(self) -> int:
-        return self._queue.added
+        return self._queue.added + self._lossless_added
 
     @property
     def queued(self) -> int:
-        return len(self._queue)
+        return len(self._queue) + len(self._lossless)
 
     def submit(self, sample: Any) -> None:
         """Queue a sample (or a record of a registered table) for writing; never blocks,
-        never raises for a full queue."""
+        never raises for a full queue. Records of lossless tables are never dropped."""
+        table = self.tables.get(type(sample))
+        if table is not None and table.lossless:
+            with self._lossless_lock:
+                self._lossless_added += 1
+                self._lossless.append(sample)
+            return
         self._queue.put(sample)
 
     def attach(self, hub: TelemetryHub) -> None:
@@ -235,12 +253,20 @@ class TelemetryStore:
         if left:
             self._lost_on_close += len(left)
             log.error("telemetry store closed with %d samples unwritten (counted as dropped)", len(left))
+        if self._lossless and not self._thread.is_alive():
+            self._write_lossless()  # a last try at what must not be lost
+        if self._lossless:
+            self._lost_on_close += len(self._lossless)
+            log.error("telemetry store closed with %d records of lossless tables unwritten",
+                      len(self._lossless))
         self._conn.close()
 
     def _run(self) -> None:
         while not self._stop.is_set():
             self._log_drops()
             batch = self._queue.get_batch(self.batch_size, timeout=0.05)
+            if self._lossless and not self._write_lossless():
+                self._stop.wait(self.retry_backoff_s)
             if not batch:
                 continue
             try:
@@ -262,6 +288,56 @@ class TelemetryStore:
                 self._stop.wait(backoff_s)
                 continue
             self._maybe_compact()
+
+    def _write_lossless(self) -> bool:
+        """Write the lossless lane's records, in order, in one transaction; True when the lane
+        is empty afterwards. On a transient error they stay queued (front, same order); records
+        the database refuses as inconsistent are logged, counted and let go."""
+        with self._lossless_lock:
+            batch = list(self._lossless)
+        rows: dict[type, list[tuple[Any, ...]]] = {}
+        for record in batch:
+            rows.setdefault(type(record), []).append(self.tables[type(record)].row(record))
+        try:
+            with self._conn:
+                for kind, table_rows in rows.items():
+                    self._conn.executemany(self.tables[kind].insert_sql, table_rows)
+            done = len(batch)
+            self.stored += done
+        except sqlite3.IntegrityError:
+            done = self._write_one_by_one(batch)
+        except Exception as e:  # locked, disk full, I/O error: they wait for the next try
+            self._lossless_write_failed(e)
+            return False
+        with self._lossless_lock:
+            for _ in range(done):
+                self._lossless.popleft()
+            return not self._lossless
+
+    def _write_one_by_one(self, batch: list[Any]) -> int:
+        """After an integrity error: each record in a transaction of its own, so that only the
+        ones the database refuses are let go (logged and counted). Returns how many records
+        were dealt with (stored or refused) before a transient error, if any."""
+        for i, record in enumerate(batch):
+            table = self.tables[type(record)]
+            try:
+                with self._conn:
+                    self._conn.execute(table.insert_sql, table.row(record))
+                self.stored += 1
+            except sqlite3.IntegrityError as e:
+                self.rejected += 1
+                log.error("the database refused a record of a lossless table (%s): %s",
+                          table.kind.__name__, e)
+            except Exception as e:
+                self._lossless_write_failed(e)
+                return i
+        return len(batch)
+
+    def _lossless_write_failed(self, e: Exception) -> None:
+        self.write_errors += 1
+        if self.write_errors == 1 or self.write_errors % 100 == 0:
+            log.warning("telemetry store write of lossless records failed (%s); %d waiting",
+                        e, len(self._lossless))
 
     def _write(self, batch: list[Any]) -> None:
         gpu = [_gpu_row(s) for s in batch if isinstance(s, GpuSample)]

@@ -1,0 +1,1 @@
+"""Correlation analysis over a telemetry database: `ondo analyze`."""

@@ -164,11 +164,8 @@ def test_a_chunked_body_over_the_limit_gets_413(server):
     assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
 
 
-def test_a_large_legal_prompt_is_tokenized_off_the_event_loop(server):
-    # ~3 MB of text, under the limit: it takes the tokenizer seconds of CPU, then it is too
-    # long for the model. Meanwhile the event loop answers /health (the engine's stream is
-    # not the measure here: on two cores the tokenizer's CPU slows the engine's steps).
-    prompt = "The quick brown fox jumps over the lazy dog. " * 70_000
+def health_latencies_while(server: str, request) -> tuple[httpx.Response, list[float]]:
+    """`request()`'s response, and how long each /health polled meanwhile took to answer."""
     latencies: list[float] = []
     done = threading.Event()
 
@@ -181,10 +178,39 @@ def test_a_large_legal_prompt_is_tokenized_off_the_event_loop(server):
 
     poller = threading.Thread(target=poll_health, daemon=True)
     poller.start()
-    r = httpx.post(server + "/v1/completions", json={"prompt": prompt, "max_tokens": 4}, timeout=120)
-    done.set()
-    poller.join(60)
+    try:
+        r = request()
+    finally:
+        done.set()
+        poller.join(60)
+    return r, latencies
+
+
+def test_a_large_legal_prompt_is_tokenized_off_the_event_loop(server):
+    # ~3 MB of text, under the limit: it takes the tokenizer seconds of CPU, then it is too
+    # long for the model. Meanwhile the event loop answers /health (the engine's stream is
+    # not the measure here: on two cores the tokenizer's CPU slows the engine's steps).
+    prompt = "The quick brown fox jumps over the lazy dog. " * 70_000
+    r, latencies = health_latencies_while(server, lambda: httpx.post(
+        server + "/v1/completions", json={"prompt": prompt, "max_tokens": 4}, timeout=120))
     assert r.status_code == 400
+    assert "maximum context length is 512 tokens, but the prompt has" in r.json()["error"]["message"]
+    assert len(latencies) >= 3 and max(latencies) < MAX_GAP_S
+
+
+def test_a_large_chat_with_tools_is_templated_off_the_event_loop(server):
+    # The chat template (with the tools, or the system prompt describing them) renders and
+    # tokenizes on the tokenizer's thread like a plain prompt.
+    content = "The quick brown fox jumps over the lazy dog. " * 60_000
+    tools = [{"type": "function", "function": {
+        "name": "get_weather", "description": "The weather forecast",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                       "required": ["city"]}}}]
+    body = {"messages": [{"role": "user", "content": content}], "tools": tools, "n": 2,
+            "max_tokens": 4}
+    r, latencies = health_latencies_while(server, lambda: httpx.post(
+        server + "/v1/chat/completions", json=body, timeout=120))
+    assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
     assert "maximum context length is 512 tokens, but the prompt has" in r.json()["error"]["message"]
     assert len(latencies) >= 3 and max(latencies) < MAX_GAP_S
 
@@ -237,6 +263,13 @@ def test_stop_lists_are_bounded(server):
     r = httpx.post(url, json={"prompt": "Hi", "max_tokens": 2, "stop": many[:MAX_STOP_STRINGS]},
                    timeout=30)
     assert r.status_code == 200
+    # Also beside n > 1 and a structured output, on the chat endpoint.
+    chat = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, "n": 2,
+            "response_format": {"type": "json_object"}}
+    r = httpx.post(server + "/v1/chat/completions", json=chat | {"stop": many}, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "stop"
+    r = httpx.post(server + "/v1/chat/completions", json=chat | {"stop": many[:2]}, timeout=60)
+    assert r.status_code == 200 and len(r.json()["choices"]) == 2
 
 
 def test_the_request_timeout_aborts_a_request_that_runs_too_long():

@@ -66,15 +66,56 @@ def test_both_paths_stream_the_final_text(engines, data):
         assert t_streamed == t_final == p_streamed == p_final, family
 
 
-def _completion_texts(base: str, body: dict) -> tuple[str, str]:
+async def _run_choices(llm: AsyncLLM, request_id: str, prompt: list[int], params: SamplingParams):
+    """Per choice index: (streamed deltas joined, final text, final ids)."""
+    streamed: dict[int, str] = {}
+    last = None
+    async for out in llm.generate(request_id, prompt, params):
+        for c in out.outputs:
+            streamed[c.index] = streamed.get(c.index, "") + c.new_text
+        last = out
+    return {c.index: (streamed[c.index], c.text, c.token_ids) for c in last.outputs}
+
+
+def test_n_and_best_of_choices_stream_their_final_text_on_both_paths(engines):
+    """n > 1 streams one detokenizer per sequence (forked after the prompt) on both paths;
+    best_of's ranked choices carry the same text on both."""
+    family, thread, process = engines
+    vocab = MODEL_VOCAB_SIZES[family]
+    prompts = [[(7 * i + 3 * k) % vocab for k in range(1, 6)] for i in range(1, 5)]
+    cases = [(p, SamplingParams(n=3, temperature=1.0, seed=100 + i, max_tokens=12,
+                                skip_special_tokens=bool(i % 2)))
+             for i, p in enumerate(prompts[:3])]
+    cases.append((prompts[3], SamplingParams(n=2, best_of=3, temperature=1.0, seed=7, max_tokens=10)))
+
+    async def main(llm: AsyncLLM, tag: str):
+        return await asyncio.gather(*[_run_choices(llm, f"{tag}n{i}", p, params)
+                                      for i, (p, params) in enumerate(cases)])
+
+    on_thread = asyncio.run(main(thread, "t"))
+    in_process = asyncio.run(main(process, "p"))
+    for (_, params), t_choices, p_choices in zip(cases, on_thread, in_process):
+        assert sorted(t_choices) == sorted(p_choices) == list(range(params.n))
+        for index in t_choices:
+            t_streamed, t_final, t_ids = t_choices[index]
+            p_streamed, p_final, p_ids = p_choices[index]
+            assert t_ids == p_ids and t_ids, family
+            assert t_streamed == t_final == p_streamed == p_final, (family, index)
+    # The n sequences are sampled apart, not copies of one.
+    assert any(len({tuple(ids) for _, _, ids in choices.values()}) > 1 for choices in on_thread[:3])
+
+
+def _completion_texts(base: str, body: dict) -> tuple[dict[int, str], dict[int, str]]:
+    """Per choice index: the streamed text and the plain response's text."""
     plain = httpx.post(base + "/v1/completions", json=body, timeout=120).json()
-    streamed = ""
+    streamed: dict[int, str] = {}
     with httpx.stream("POST", base + "/v1/completions", json=body | {"stream": True},
                       timeout=120) as r:
         for line in r.iter_lines():
             if line.startswith("data: ") and line != "data: [DONE]":
-                streamed += json.loads(line[6:])["choices"][0]["text"]
-    return streamed, plain["choices"][0]["text"]
+                for c in json.loads(line[6:])["choices"]:
+                    streamed[c["index"]] = streamed.get(c["index"], "") + c["text"]
+    return streamed, {c["index"]: c["text"] for c in plain["choices"]}
 
 
 def test_ondo_serve_streams_the_plain_text_on_a_wordpiece_model(tmp_path):
@@ -85,10 +126,17 @@ def test_ondo_serve_streams_the_plain_text_on_a_wordpiece_model(tmp_path):
         for prompt in ("w5 w6 w7", "w115640"):
             body = {"prompt": prompt, "max_tokens": 12, "temperature": 0, "ignore_eos": True}
             streamed, plain = _completion_texts(base, body)
-            assert streamed == plain
-            words = plain.split(" ")
+            assert streamed == plain and list(plain) == [0]
+            words = plain[0].split(" ")
             assert words[0] == "" and len(words) == 13  # " wA wB ...": one space before each word
             assert all(w.startswith("w") and w[1:].isdigit() for w in words[1:])
+        # n > 1, seeded: each choice streams the text the plain response gives it.
+        body = {"prompt": "w5 w6 w7", "max_tokens": 10, "temperature": 1.0, "seed": 3, "n": 3,
+                "ignore_eos": True}
+        streamed, plain = _completion_texts(base, body)
+        assert streamed == plain and sorted(plain) == [0, 1, 2]
+        assert all(len(text.split(" ")) == 11 for text in plain.values())
+        assert len(set(plain.values())) > 1
     finally:
         proc.kill()
         proc.wait()

@@ -19,6 +19,7 @@ from ondo.engine.config import EngineArgs
 from ondo.engine.fault_injection import ENV as FAULT_ENV
 from ondo.engine.restart_policy import RestartBudget, RestartPolicy
 from ondo.engine.sampling_params import SamplingParams
+from ondo.engine.structured_outputs import StructuredOutputsParams
 from tests.server_harness import wait_for
 from tests.server_process import launch_server
 from tests.tokenizer_families import tiny_model_folder
@@ -108,6 +109,51 @@ def test_a_failed_step_scheduled_ahead_ends_the_requests_of_both_steps(monkeypat
         assert len(waiting[-1].outputs[0].token_ids) == 12
         total = llm.stats()["num_total_blocks"]
         assert wait_for(lambda: llm.stats()["num_free_blocks"] == total, 30.0)
+    finally:
+        llm.close()
+
+
+NAME_SCHEMA = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 8}},
+               "required": ["name"]}
+
+
+def test_a_kernel_error_ends_its_step_s_forked_and_constrained_requests_only(monkeypatch, model):
+    """A kernel error in the first step after a request with n=2 and a JSON schema forked:
+    both its sequences end with the error, their blocks and grammars are freed, the request
+    waiting for a seat then runs, and the engine still constrains outputs afterwards."""
+    monkeypatch.setenv(FAULT_ENV, "fault-;kind=kernel;after=1")
+    llm = AsyncLLM.from_engine_args(EngineArgs(model=model, max_num_seqs=2, **ARGS),
+                                    engine_process=False)
+    constrained = dict(n=2, temperature=1.0, seed=3, max_tokens=40,
+                       structured_outputs=StructuredOutputsParams(json=NAME_SCHEMA))
+    try:
+        async def main():
+            faulty = llm.generate("fault-n", "Once upon a time", SamplingParams(**constrained))
+            first = await anext(faulty)  # noqa: F821 (builtin since 3.10)
+            # Its two sequences hold both seats (or it is over already): this one waits.
+            waiting = asyncio.ensure_future(_outputs(llm, "ok-waiting"))
+            outs = [first] + [o async for o in faulty] if not first.finished else [first]
+            return outs, await waiting
+
+        failed, waiting = asyncio.run(main())
+        f = failed[-1]
+        assert f.finished and "injected" in f.error and "illegal instruction" in f.error
+        assert [c.finish_reason for c in f.outputs] == ["error", "error"]
+        assert all(len(c.token_ids) == 1 for c in f.outputs)  # failed in the step after the fork
+        w = waiting[-1].outputs[0]
+        assert w.finish_reason == "length" and len(w.token_ids) == 12
+        engine = llm.engine
+        total = llm.stats()["num_total_blocks"]
+        assert wait_for(lambda: llm.stats()["num_free_blocks"] == total, 30.0)
+        assert not engine._grammars and not engine._requests and llm.is_healthy
+        # The same engine still runs constrained requests (its grammar cache, its masks).
+        again = asyncio.run(_outputs(llm, "ok-json", SamplingParams(**constrained)))[-1]
+        assert again.error is None and len(again.outputs) == 2
+        for c in again.outputs:
+            assert c.finish_reason in ("stop", "length")
+            if c.finish_reason == "stop":
+                assert isinstance(json.loads(c.text)["name"], str)
+        assert engine.num_failed_steps_in_a_row == 0
     finally:
         llm.close()
 

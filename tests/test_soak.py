@@ -30,6 +30,7 @@ from ondo.bench.soak_checks import (
     check_no_unexpected_5xx,
     check_throughput_stable,
     check_ttft_stable,
+    headline,
     verdict,
 )
 from tests.server_process import free_port
@@ -55,6 +56,15 @@ def test_the_smoke_soak_with_an_engine_kill_loses_nothing(tmp_path, capsys):
     kinds = summary["kinds"]
     assert all(kinds.get(k, 0) > 0 for k in ("stream", "plain", "cancel", "slow", "burst"))
     assert sum(v for k, v in kinds.items() if k.startswith("bad:")) > 0
+    # Memory flat within 5 % and TTFT without a runaway over the steady phase, judged here.
+    for name in ("server_rss flat after warm-up", "engine_rss flat after warm-up",
+                 "p99 TTFT, first vs last quarter"):
+        assert checks[name]["ok"] and not checks[name]["timed"], checks[name]
+    assert summary["lost_requests"] == 0
+    assert set(summary["memory_change"]) == {"server_rss", "engine_rss"}
+    assert all(abs(v) <= 0.05 for v in summary["memory_change"].values())
+    assert summary["throughput_last_over_first"] > 0  # reported; judged only in a timed run
+    assert checks["throughput, first vs last 5 s"]["timed"]
     # The engine was killed once and served again within a minute.
     assert len(summary["engine_restart_windows_s"]) == 1
     assert 0 < summary["engine_restart_windows_s"][0] < 60
@@ -99,5 +109,18 @@ def test_the_checks_judge_ledger_memory_throughput_and_ttft():
     assert not check_throughput_stable(slowing, 0, 101, window_s=25).ok
     assert check_ttft_stable(steady, 0, 100).ok
     assert not check_ttft_stable(slowing, 0, 100).ok
+    assert check_ttft_stable(slowing, 0, 100).measured == pytest.approx(5.0)
+    # The CI bound (twice, give or take a second) lets jitter pass, not a queue that grows.
+    assert check_ttft_stable(slowing, 0, 100, tolerance=1.0, floor_s=1.0).ok
+    growing = [_rec("stream", t, COMPLETED, end=t + 1, ttft=0.1 + 0.05 * t) for t in range(100)]
+    assert not check_ttft_stable(growing, 0, 100, tolerance=1.0, floor_s=1.0).ok
+    doubled = MemorySeries("rss", [0, 1, 2, 3], [1e8, 1e8, 2e8, 2e8])
+    assert check_memory_flat(doubled, after_s=0).measured == pytest.approx(1.0)
+    outcomes = {COMPLETED: 3, LOST: 1, VIOLATION: 1}
+    head = headline([check_memory_flat(flat, after_s=0), check_throughput_stable(steady, 0, 101, 25),
+                     check_ttft_stable(steady, 0, 100)], outcomes)
+    assert head["lost_requests"] == 2 and set(head["memory_change"]) == {"rss"}
+    assert head["throughput_last_over_first"] == pytest.approx(1.0, abs=0.05)
+    assert head["p99_ttft_last_over_first"] == pytest.approx(1.0)
     checks = [check_ledger("p", 1, 1, 0, 0, 0.0), check_ttft_stable(slowing, 0, 100)]
     assert verdict(checks, timed=False) and not verdict(checks, timed=True)

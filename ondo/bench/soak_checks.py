@@ -50,6 +50,7 @@ class Check:
     limit: str
     ok: bool
     timed: bool = False  # True: a figure for the timed (GPU) soak only
+    measured: float | None = None  # the figure judged, as a number (a change, a ratio)
 
 
 @dataclass
@@ -131,7 +132,7 @@ def check_memory_flat(series: MemorySeries, after_s: float, tolerance: float = 0
     change = relative_change(float(np.mean(values[:q])), float(np.mean(values[-q:])))
     return Check(f"{series.name} flat after warm-up",
                  f"{change:+.1%} ({values[0] / 2**20:.0f} -> {values[-1] / 2**20:.0f} MiB)",
-                 f"±{tolerance:.0%}", abs(change) <= tolerance, timed=True)
+                 f"±{tolerance:.0%}", abs(change) <= tolerance, timed=True, measured=change)
 
 
 def output_tokens_between(records: list[SoakRecord], t0_s: float, t1_s: float) -> int:
@@ -148,7 +149,8 @@ def check_throughput_stable(records: list[SoakRecord], t0_s: float, t1_s: float,
     change = relative_change(first, last)
     return Check(f"throughput, first vs last {window_s:.0f} s",
                  f"{first:.0f} -> {last:.0f} tok/s ({change:+.1%})", f"±{tolerance:.0%}",
-                 abs(change) <= tolerance, timed=True)
+                 abs(change) <= tolerance, timed=True,
+                 measured=last / first if first else None)
 
 
 def p99(values: list[float]) -> float:
@@ -168,8 +170,25 @@ def check_ttft_stable(records: list[SoakRecord], t0_s: float, t1_s: float,
 
     first, last = p99(ttfts(t0_s, t0_s + quarter)), p99(ttfts(t1_s - quarter, t1_s))
     ok = bool(last <= first * (1 + tolerance) + floor_s) if first == first and last == last else False
+    limit = f"<= +{tolerance:.0%}" + (f" + {floor_s * 1e3:.0f} ms" if floor_s >= 0.1 else "")
     return Check("p99 TTFT, first vs last quarter", f"{first * 1e3:.1f} -> {last * 1e3:.1f} ms",
-                 f"<= +{tolerance:.0%}", ok, timed=True)
+                 limit, ok, timed=True, measured=last / first if first else None)
+
+
+def headline(checks: list[Check], outcomes: dict[str, int]) -> dict:
+    """The soak's answer in a few numbers: requests lost (or with a broken stream), each
+    memory series' change after warm-up, throughput of the last window over the first,
+    p99 TTFT of the last quarter over the first."""
+    def measured(prefix: str) -> float | None:
+        return next((c.measured for c in checks if c.name.startswith(prefix)), None)
+
+    return {
+        "lost_requests": outcomes.get(LOST, 0) + outcomes.get(VIOLATION, 0),
+        "memory_change": {c.name.split(" ")[0]: c.measured for c in checks
+                          if c.name.endswith("flat after warm-up") and c.measured is not None},
+        "throughput_last_over_first": measured("throughput, first vs last"),
+        "p99_ttft_last_over_first": measured("p99 TTFT"),
+    }
 
 
 def verdict(checks: list[Check], timed: bool) -> bool:

@@ -29,6 +29,7 @@ import asyncio
 import json
 import os
 import resource
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -69,6 +70,7 @@ def start_server(args: argparse.Namespace, log_path: str) -> tuple[subprocess.Po
         cmd += ["--device", "cpu", "--num-kv-blocks", "256", "--max-num-batched-tokens", "256"]
     else:
         cmd += ["--dtype", "bfloat16"]
+    cmd += shlex.split(args.server_args)  # last: they override the above
     log = open(log_path, "w")  # noqa: SIM115 (kept open for the server's life)
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -85,6 +87,10 @@ def measure_saturation(base: str, args: argparse.Namespace) -> float:
     requests = make_requests(None, "random", args.saturation_requests, mean, (args.output_len[0]
                              + args.output_len[1]) // 2, ratio, 12345, args.token_id_vocab)
     summary = asyncio.run(run_benchmark(base, requests, float("inf")))
+    if summary["failed"]:
+        print(f"warning: {summary['failed']} of the {args.saturation_requests} saturation requests "
+              "failed (shed above --max-waiting-requests?): the saturation is a lower bound",
+              file=sys.stderr)
     print(json.dumps({"saturation": {k: summary[k] for k in (
         "completed", "failed", "duration_s", "request_throughput", "output_throughput")}}),
         flush=True)
@@ -130,18 +136,30 @@ def main(argv: list[str] | None = None) -> int:
                     help="the server's queue limit; bursts go 25 %% above it")
     ap.add_argument("--max-model-len", type=int, default=4096)
     ap.add_argument("--port", type=int, default=8331)
+    ap.add_argument("--input-len", type=int, nargs=2, default=list(W1_LEN), metavar=("LO", "HI"),
+                    help="prompt tokens, uniform in [LO, HI] (default W1's)")
+    ap.add_argument("--output-len", type=int, nargs=2, default=list(W1_LEN), metavar=("LO", "HI"),
+                    help="output tokens, uniform in [LO, HI] (default W1's)")
+    ap.add_argument("--server-args", default="",
+                    help="more flags for the started `ondo serve`, e.g. \"--device cpu\"")
     ap.add_argument("--smoke", action="store_true",
                     help="a CPU run in about a minute: the tiny-llama shape, short requests, "
                          "a 20 s steady phase and a kill of the engine")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="also write the JSON here")
+    ap.add_argument("--server-log", default=None,
+                    help="the started server's output (default: a file in the temp folder)")
     args = ap.parse_args(argv)
     for flag in ("duration_s", "warmup_s", "window_s", "fraction", "chaos_s", "burst_every_s"):
         if not getattr(args, flag) > 0:
             ap.error(f"--{flag.replace('_', '-')} must be > 0, got {getattr(args, flag)}")
     if args.request_rate is not None and not args.request_rate > 0:
         ap.error(f"--request-rate must be > 0, got {args.request_rate}")
-    args.input_len, args.output_len = W1_LEN, W1_LEN
+    for flag in ("input_len", "output_len"):
+        lo, hi = getattr(args, flag)
+        if not 1 <= lo <= hi:
+            ap.error(f"--{flag.replace('_', '-')} {lo} {hi}: want 1 <= LO <= HI")
+        setattr(args, flag, (lo, hi))
     if args.smoke:
         args.model_shape = "tiny-llama"
         args.duration_s = min(args.duration_s, 20.0)
@@ -154,14 +172,16 @@ def main(argv: list[str] | None = None) -> int:
     open_files = raise_open_files_limit()
 
     proc = None
-    log_path = os.path.join(tempfile.gettempdir(), f"ondo-soak-server-{os.getpid()}.log")
+    log_path = args.server_log or os.path.join(tempfile.gettempdir(),
+                                               f"ondo-soak-server-{os.getpid()}.log")
     try:
         if args.base_url:
             base, server_pid = args.base_url.rstrip("/"), args.server_pid
         else:
             proc, base = start_server(args, log_path)
             server_pid = proc.pid
-        rate = args.request_rate or args.fraction * measure_saturation(base, args)
+        saturation = None if args.request_rate else measure_saturation(base, args)
+        rate = args.request_rate or args.fraction * saturation
         config = SoakConfig(
             base_url=base, phases=phases(args), request_rate=rate, input_len=args.input_len,
             output_len=args.output_len, burst_every_s=args.burst_every_s,
@@ -183,7 +203,8 @@ def main(argv: list[str] | None = None) -> int:
                 proc.kill()
                 status = proc.wait()
             print(f"server exited with status {status}; its log: {log_path}", file=sys.stderr)
-    summary = report.summary() | {"request_rate": rate, "model_shape": args.model_shape,
+    summary = report.summary() | {"saturation_request_rate": saturation, "fraction": args.fraction,
+                                  "request_rate": rate, "model_shape": args.model_shape,
                                   "smoke": args.smoke, "date": time.strftime("%Y-%m-%d"),
                                   "open_files_limit": open_files}
     print(format_checks(report.checks))

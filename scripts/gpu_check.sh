@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs ondo's GPU tests and benchmarks in one go on a CUDA machine; results under $OUT.
-# Stages are chosen with STAGES: tests kernels prefill throughput host serve startup trace telemetry turnover structured.
+# Stages are chosen with STAGES: tests kernels prefill throughput host serve startup trace telemetry turnover structured soak.
 # THROUGHPUT_ARGS passes extra flags to `ondo bench throughput`.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -65,6 +65,13 @@ for stage in $STAGES; do
       timeout ${STRUCTURED_TIMEOUT:-480} python3 bench/structured_overhead.py ${STRUCTURED_ARGS:-} \
         > "$OUT/structured.log" 2>&1
       grep -v "^{" "$OUT/structured.log" | grep -v Warn | tail -8; grep "^{" "$OUT/structured.log" > "$OUT/structured.json" ;;
+    soak)
+      # Mixed W1-like load at 80 % of the measured saturation for SOAK_DURATION_S (~6 min in all).
+      timeout ${SOAK_TIMEOUT:-560} python3 bench/soak.py --model-shape qwen3-0.6b \
+        --duration-s ${SOAK_DURATION_S:-240} --warmup-s 30 --window-s 90 --saturation-requests 200 \
+        --fraction 0.8 --out "$OUT/soak.json" --server-log "$OUT/soak_server.log" ${SOAK_ARGS:-} \
+        > "$OUT/soak.log" 2>&1
+      tail -18 "$OUT/soak.log" ;;
     telemetry)
       timeout 120 python3 bench/telemetry_overhead.py --seconds 10 --hz 20 100 2>&1 | tail -20 ;;
   esac

@@ -121,6 +121,9 @@ def test_the_checks_judge_ledger_memory_throughput_and_ttft():
                      check_ttft_stable(steady, 0, 100)], outcomes)
     assert head["lost_requests"] == 2 and set(head["memory_change"]) == {"rss"}
     assert head["throughput_last_over_first"] == pytest.approx(1.0, abs=0.05)
+    # Its noise: 24 and 25 requests of 10 tokens end in the two windows (a Poisson count's
+    # relative deviation is 1/sqrt(count)).
+    assert head["throughput_ratio_sigma"] == pytest.approx((1 / 24 + 1 / 25) ** 0.5)
     assert head["p99_ttft_last_over_first"] == pytest.approx(1.0)
     checks = [check_ledger("p", 1, 1, 0, 0, 0.0), check_ttft_stable(slowing, 0, 100)]
     assert verdict(checks, timed=False) and not verdict(checks, timed=True)

@@ -51,6 +51,7 @@ class Check:
     ok: bool
     timed: bool = False  # True: a figure for the timed (GPU) soak only
     measured: float | None = None  # the figure judged, as a number (a change, a ratio)
+    sigma: float | None = None  # the sampling noise of `measured` (one standard deviation)
 
 
 @dataclass
@@ -135,22 +136,37 @@ def check_memory_flat(series: MemorySeries, after_s: float, tolerance: float = 0
                  f"±{tolerance:.0%}", abs(change) <= tolerance, timed=True, measured=change)
 
 
+def completed_tokens_between(records: list[SoakRecord], t0_s: float, t1_s: float) -> list[int]:
+    return [r.output_tokens for r in records if r.outcome == COMPLETED and t0_s <= r.end_s < t1_s]
+
+
 def output_tokens_between(records: list[SoakRecord], t0_s: float, t1_s: float) -> int:
-    return sum(r.output_tokens for r in records if r.outcome == COMPLETED and t0_s <= r.end_s < t1_s)
+    return sum(completed_tokens_between(records, t0_s, t1_s))
+
+
+def relative_noise(tokens: list[int]) -> float:
+    """One standard deviation of a window's token total, relative to it, from the arrivals'
+    randomness alone: a Poisson number of requests of random sizes (a compound Poisson
+    sum, whose variance is estimated by the sum of the squared sizes)."""
+    total = sum(tokens)
+    return float(np.sqrt(sum(t * t for t in tokens))) / total if total else float("inf")
 
 
 def check_throughput_stable(records: list[SoakRecord], t0_s: float, t1_s: float,
                             window_s: float, tolerance: float = 0.05) -> Check:
     """Output tokens of completed requests in the first and the last `window_s` of the
-    steady load: within `tolerance` of each other."""
+    steady load: within `tolerance` of each other. Reported with the ratio's sampling
+    noise: under open-loop load the windows differ by chance too, more in short windows."""
     window_s = min(window_s, (t1_s - t0_s) / 2)
-    first = output_tokens_between(records, t0_s, t0_s + window_s) / window_s
-    last = output_tokens_between(records, t1_s - window_s, t1_s) / window_s
+    first_tokens = completed_tokens_between(records, t0_s, t0_s + window_s)
+    last_tokens = completed_tokens_between(records, t1_s - window_s, t1_s)
+    first, last = sum(first_tokens) / window_s, sum(last_tokens) / window_s
     change = relative_change(first, last)
+    sigma = float(np.hypot(relative_noise(first_tokens), relative_noise(last_tokens)))
     return Check(f"throughput, first vs last {window_s:.0f} s",
-                 f"{first:.0f} -> {last:.0f} tok/s ({change:+.1%})", f"±{tolerance:.0%}",
-                 abs(change) <= tolerance, timed=True,
-                 measured=last / first if first else None)
+                 f"{first:.0f} -> {last:.0f} tok/s ({change:+.1%}, noise ±{sigma:.1%})",
+                 f"±{tolerance:.0%}", abs(change) <= tolerance, timed=True,
+                 measured=last / first if first else None, sigma=sigma)
 
 
 def p99(values: list[float]) -> float:
@@ -187,6 +203,8 @@ def headline(checks: list[Check], outcomes: dict[str, int]) -> dict:
         "memory_change": {c.name.split(" ")[0]: c.measured for c in checks
                           if c.name.endswith("flat after warm-up") and c.measured is not None},
         "throughput_last_over_first": measured("throughput, first vs last"),
+        "throughput_ratio_sigma": next((c.sigma for c in checks
+                                        if c.name.startswith("throughput, first vs last")), None),
         "p99_ttft_last_over_first": measured("p99 TTFT"),
     }
 

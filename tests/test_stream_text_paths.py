@@ -140,3 +140,15 @@ def test_ondo_serve_streams_the_plain_text_on_a_wordpiece_model(tmp_path):
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_the_stream_vs_final_bench_runs_on_a_tiny_shape(capsys):
+    from bench.stream_vs_final import main as bench_main
+    from tests.server_process import free_port
+
+    status = bench_main(["--model-shape", "tiny-llama", "--device", "cpu", "--dtype", "float32",
+                         "--num-kv-blocks", "64", "--prompts", "4", "--sampled", "1",
+                         "--max-tokens", "6", "--port", str(free_port())])
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert status == 0 and summary["texts"] == 6 and summary["equal"] == 6
+    assert summary["engine_process"] and summary["unequal"] == 0

@@ -109,8 +109,14 @@ def raise_open_files_limit() -> int:
     """Thousands of connections at once (this client's and the server's, which inherits it)
     need more descriptors than the usual soft limit of 1024."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    for want in (hard, 1 << 20, 65536):  # an unlimited hard limit is not a valid soft one
+        if soft >= want or (hard != resource.RLIM_INFINITY and want > hard):
+            continue
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+            break
+        except (ValueError, OSError):
+            continue
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 

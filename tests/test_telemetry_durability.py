@@ -207,7 +207,9 @@ def test_a_full_disk_drops_samples_with_a_counter_and_a_log_line_and_never_block
     assert done.returncode == 0, done.stderr
     r = json.loads(done.stdout.strip().splitlines()[-1])
     assert r["write_errors"] > 0 and r["dropped"] > 0 and r["stored"] > 0
-    assert r["stored"] + r["dropped"] == r["submitted"] > 20_000
+    # Each sample stored or dropped (counted), none lost silently; drops begin only past
+    # the 2,000 the queue holds (how many are submitted in 3 s depends on the machine).
+    assert r["stored"] + r["dropped"] == r["submitted"] > 2_000
     # SQLite says "disk I/O error" for a write past the file size limit.
     assert any("write failed" in line and "error" in line for line in r["log"]), r["log"][:5]
     assert any("dropped" in line and "writes failing" in line for line in r["log"]), r["log"][:5]

@@ -12,7 +12,13 @@ Settings, each run for its own span after a short settling time:
   2. W1 at three fixed per-step token budgets (governor off): tokens per joule, the
      energy-efficient operating point;
   3. the governor's own cost: off against predictive with no objective binding (no budget,
-     default temperature targets), output tokens/s, two pairs alternated.
+     default temperature targets), output tokens/s, in ABBA order (off, predictive,
+     predictive, off, ...): each predictive run is set against the mean of the off runs
+     that bracket it, so a steady drift (a GPU warming up) cancels.
+
+`--groups budget overhead` runs only those groups (default: all three). `--series-out PATH`
+writes, per run, its time series at the telemetry rate as JSON lines: time, NVML's fast and
+1 s average power, the limits in force and each decision (time, reason, limits).
 
 The twin the governor forecasts with should be the GPU's own: `--fit-twin-on TRACE` fits it
 first (`ondo twin fit --engine-load --refit-thermal` on the part before `--fit-until-s`),
@@ -21,6 +27,8 @@ either, the packaged H100 fit, whose errors the predictive policy's power calibr
 
     PYTHONPATH=. python3 bench/governor_gpu.py \
         --fit-twin-on data/traces/ondo_serving_steps_w1_qwen3-0.6b_h200.csv   # GPU, ~7 min
+    PYTHONPATH=. python3 bench/governor_gpu.py --groups budget overhead --series-out s.jsonl \
+        --fit-twin-on data/traces/ondo_serving_steps_w1_qwen3-0.6b_h200.csv   # GPU, ~4 min
     PYTHONPATH=. python3 bench/governor_gpu.py --smoke         # CPU, tiny model, simulated GPU
 
 Prints a table and one JSON line ({"governor_gpu": {...}}).
@@ -115,9 +123,60 @@ class Load:
         return results
 
 
+GROUPS = ("budget", "token_budget", "overhead")
+ABBA = ("off", "predictive", "predictive", "off")
+
+
+def overhead_fraction(runs: list[dict[str, Any]]) -> float:
+    """1 - predictive/off throughput, each predictive run against the mean of the off runs
+    on either side of it (the nearest one where there is only one): drift-robust."""
+    ratios = []
+    for i, r in enumerate(runs):
+        if r["policy"] != "predictive":
+            continue
+        before = [x for x in runs[:i] if x["policy"] == "off"][-1:]
+        after = [x for x in runs[i + 1:] if x["policy"] == "off"][:1]
+        around = before + after
+        if around:
+            off = sum(x["output_tokens_per_s"] for x in around) / len(around)
+            ratios.append(r["output_tokens_per_s"] / off)
+    return 1.0 - sum(ratios) / len(ratios) if ratios else float("nan")
+
+
+def compact(limits: dict | None) -> dict | None:
+    """The limits that bind (not None, a duty cycle under 1)."""
+    if limits is None:
+        return None
+    return {k: v for k, v in limits.items() if v is not None and not (k == "duty_cycle"
+                                                                     and v >= 1.0)}
+
+
+def series_rows(run: dict, gpu: list, limits: list, decisions: list, start_s: float,
+                end_s: float) -> list[dict[str, Any]]:
+    """One run's time series: telemetry samples with the limits in force, and decisions."""
+    rows: list[dict[str, Any]] = []
+    applied = [(t, lim) for t, lim in limits if t <= end_s]
+    k, current = 0, None
+    for t, p, _, p_fast in gpu:
+        if not start_s <= t <= end_s:
+            continue
+        while k < len(applied) and applied[k][0] <= t:
+            current = applied[k][1]
+            k += 1
+        rows.append({"group": run["group"], "policy": run["policy"],
+                     "t_s": round(t - start_s, 3), "power_w": p, "power_instant_w": p_fast,
+                     "limits": compact(current)})
+    for d in decisions:
+        if start_s <= d.t_monotonic_s <= end_s:
+            rows.append({"group": run["group"], "policy": run["policy"],
+                         "t_s": round(d.t_monotonic_s - start_s, 3), "decision": d.reason,
+                         "limits": compact(d.limits), "forecast": d.forecast})
+    return sorted(rows, key=lambda r: r["t_s"])
+
+
 def summarize(setting: dict, window: Window, gpu: list[tuple[float, float | None, float | None]],
               budget_w: float) -> dict[str, Any]:
-    inside = [(t, p, e) for t, p, e in gpu if window.start_s <= t <= window.end_s]
+    inside = [(t, p, e) for t, p, e, _ in gpu if window.start_s <= t <= window.end_s]
     powers = [p for _, p, _ in inside if p is not None]
     energy = [(t, e) for t, _, e in inside if e is not None]
     tokens = sum(n for t, n in window.tokens if window.start_s <= t <= window.end_s)
@@ -162,7 +221,15 @@ def main(argv: list[str] | None = None) -> int:
                     help="fit the twin on this serving trace first (thermal refit + load map)")
     ap.add_argument("--fit-until-s", type=float, default=60.0)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--groups", nargs="+", choices=GROUPS, default=list(GROUPS),
+                    help="run only these groups of settings")
+    ap.add_argument("--overhead-rounds", type=int, default=1,
+                    help="ABBA rounds (off, predictive, predictive, off) in the overhead group")
+    ap.add_argument("--series-out", default=None,
+                    help="write each run's time series (power, limits, decisions) as JSON lines")
     args = ap.parse_args(argv)
+    if args.overhead_rounds < 1:
+        ap.error("--overhead-rounds must be >= 1")
     if args.smoke:
         args.seconds, args.short_seconds, args.settle_s = 3.0, 2.0, 1.0
         args.concurrency, args.token_budgets = 8, [32, 64, 128]
@@ -207,35 +274,44 @@ def main(argv: list[str] | None = None) -> int:
     tel = Telemetry.start(None, source=args.telemetry, hz=args.telemetry_hz,
                           tables=(DECISION_TABLE,))
     llm.add_step_listener(tel.engine.on_step)
-    gpu: list[tuple[float, float | None, float | None]] = []
-    tel.hub.subscribe(lambda s: gpu.append((s.t_monotonic_s, s.power_w, s.energy_j)),
-                      kinds=(GpuSample,))
+    gpu: list[tuple[float, float | None, float | None, float | None]] = []
+    tel.hub.subscribe(lambda s: gpu.append((s.t_monotonic_s, s.power_w, s.energy_j,
+                                            s.power_instant_w)), kinds=(GpuSample,))
     facts = GpuFacts.from_params(params)
     budget = resolve_objectives(facts, power_budget_w=args.budget_w) if args.budget_w > \
         facts.idle_power_w else Objectives()
     free = resolve_objectives(facts)
-    gov = ServerGovernor(GovernorSetup("off", params, budget), tel, llm)
+    applied: list[tuple[float, dict]] = []  # (time, limits) as sent to the engine
+
+    def send_limits(limits: SchedulerLimits) -> None:
+        applied.append((time.monotonic(), limits.as_dict()))
+        llm.set_scheduler_limits(limits)
+
+    gov = ServerGovernor(GovernorSetup("off", params, budget), tel, llm,
+                         apply_limits=send_limits)
     decisions: list[Any] = []
     from ondo.control.decision import GovernorDecision
 
     tel.hub.subscribe(decisions.append, kinds=(GovernorDecision,))
 
+    groups = set(args.groups)
     settings = [
         {"group": "budget", "policy": p, "seconds": args.seconds} for p in
-        ("off", "reactive", "predictive")
+        ("off", "reactive", "predictive") if "budget" in groups
     ] + [
         {"group": "token_budget", "policy": "off", "token_budget": b, "seconds": args.short_seconds}
-        for b in args.token_budgets
+        for b in args.token_budgets if "token_budget" in groups
     ] + [
-        {"group": "overhead", "policy": p, "seconds": args.short_seconds, "pair": k}
-        for k in (0, 1) for p in ("off", "predictive")
+        {"group": "overhead", "policy": p, "seconds": args.short_seconds, "round": k}
+        for k in range(args.overhead_rounds) for p in ABBA if "overhead" in groups
     ]
+    series: list[dict[str, Any]] = []
 
     async def run_setting(load: Load, setting: dict) -> dict[str, Any]:
         gov.set_objectives(budget if setting["group"] == "budget" else free)
         gov.set_policy(setting["policy"])
-        llm.set_scheduler_limits(SchedulerLimits(max_num_batched_tokens=setting["token_budget"])
-                                 if "token_budget" in setting else UNLIMITED)
+        send_limits(SchedulerLimits(max_num_batched_tokens=setting["token_budget"])
+                    if "token_budget" in setting else UNLIMITED)
         await asyncio.sleep(args.settle_s)
         n_decisions = len(decisions)
         window = Window(time.monotonic())
@@ -245,6 +321,9 @@ def main(argv: list[str] | None = None) -> int:
         load.window = None
         row = summarize(setting, window, gpu, args.budget_w)
         row["decisions"] = len(decisions) - n_decisions
+        if args.series_out:
+            series.extend(series_rows(setting, gpu, applied, decisions[n_decisions:],
+                                      window.start_s, window.end_s))
         print(json.dumps({k: v for k, v in row.items()}), flush=True)
         return row
 
@@ -255,19 +334,24 @@ def main(argv: list[str] | None = None) -> int:
         gov.close()
         llm.close()
         tel.close()
+    if args.series_out:
+        with open(args.series_out, "w") as f:
+            for r in series:
+                f.write(json.dumps(r) + "\n")
     device = torch.cuda.get_device_name() if cuda else "cpu (simulated GPU)"
     by = {(r["group"], r["policy"], r.get("token_budget")): r for r in rows
           if r["group"] != "overhead"}
     pairs = [r for r in rows if r["group"] == "overhead"]
-    off_tps = sum(r["output_tokens_per_s"] for r in pairs if r["policy"] == "off")
-    on_tps = sum(r["output_tokens_per_s"] for r in pairs if r["policy"] == "predictive")
     summary = {
         "device": device, "model_shape": args.model_shape if not args.smoke else "tiny",
         "telemetry": tel.gpu.source_name if tel.gpu is not None else None,
         "budget_w": args.budget_w, "concurrency": args.concurrency,
-        "budget": {p: by[("budget", p, None)] for p in ("off", "reactive", "predictive")},
-        "token_budgets": {str(b): by[("token_budget", "off", b)] for b in args.token_budgets},
-        "overhead_fraction": 1.0 - on_tps / off_tps if off_tps else float("nan"),
+        "groups": [g for g in GROUPS if g in groups],
+        "budget": {p: by[("budget", p, None)] for p in ("off", "reactive", "predictive")
+                   if ("budget", p, None) in by},
+        "token_budgets": {str(b): by[("token_budget", "off", b)] for b in args.token_budgets
+                          if ("token_budget", "off", b) in by},
+        "overhead_fraction": overhead_fraction(pairs),
         "overhead_runs": pairs,
         "elapsed_s": time.monotonic() - t_start,
     }

@@ -11,12 +11,15 @@ Every `period_s` (0.2 s), with u the load level (the engine's duty cycle):
    power reading.
 2. Power of a level: P(u) = P_idle + b + g u f (P_busy - P_idle), the twin's power model at
    the present clock and estimated die temperature, f = 1 while work waits or runs (else
-   the measured busy share); offset b and gain g estimated online from NVML's 1 s average
-   (`thermal_model.PowerCalibration`).
+   the measured busy share) times the pacing ratio rho (the busy share a paced engine
+   achieves over the share commanded, averaged over `pacing_tau_s`); offset b and gain g
+   estimated online from NVML's 1 s average (`thermal_model.PowerCalibration`).
 3. Power budget B (less `power_margin_w`) on NVML's 1 s average: tau seconds ahead the
    average is (H(tau) + tau P(u)) / 1 s, H(tau) the energy already in the window (the
    energy counter's), so P(u) <= (B - H(tau)) / tau for tau in `window_taus` bounds the
-   next move, and P(u) <= B the level held after it.
+   next move (the window bound), and P(u_hold) <= B - margin for the level held, u_hold
+   filtered over `hold_tau_s` (the load's mix moves it step to step; the 1 s average
+   integrates that); the first move is bounded by both.
 4. Temperatures: plans (u1 for `first_s`, then u2 to `horizon_s`) over a grid of levels,
    all forecast at once from the twin's estimated state (die, HBM, heatsink, board,
    sensors, inlet) with the twin's thermal network (`thermal_model.py`), the busy steps'
@@ -25,6 +28,7 @@ Every `period_s` (0.2 s), with u the load level (the engine's duty cycle):
 5. The feasible plan with the largest u1 (then u2) wins and u1 is applied; next period the
    problem is solved again from the new estimate (receding horizon). Cuts apply at once;
    releases wait `release_hold_s`, rise at most `max_rise_per_s` and by `release_step`.
+   The full-load plan is forecast first: where it holds, the grid is not solved.
 
 Why it is stable (docs/governor.md has the time constants): the forecast starts from the
 estimator's state, not from the lagging readings, so the heat stored in heatsink and board
@@ -32,14 +36,16 @@ estimator's state, not from the lagging readings, so the heat stored in heatsink
 slow mode with a level it can keep, so the next solve starts where a feasible plan exists
 (recursive feasibility): no overshoot to correct, no limit cycle; the power bound acts
 within a period on a 1 s average, exactly, from the energy counter; the calibration's
-offset is integral action, slow next to the period, and its gain keeps the loop gain the
-one the law assumes. It shapes what the engine asks of the GPU and leaves the last
+offset is integral action, slow next to the period, and its gain and the pacing ratio keep
+the loop gain the one the law assumes; the held level's filter keeps the loop's bandwidth
+under the 1 s average's, so the load's mix noise does not make the level chatter. It shapes what the engine asks of the GPU and leaves the last
 milliseconds to the GPU's own controllers.
 """
 
 from __future__ import annotations
 
 import math
+from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
@@ -68,7 +74,11 @@ class PredictiveTuning:
     first_s: float = 1.0  # the first move of a plan
     horizon_s: float = 30.0
     dt_s: float = 0.5
-    power_margin_w: float = 15.0
+    power_margin_w: float = 15.0  # the level held aims this far under the budget
+    first_margin_w: float = 15.0  # the window bound (a cut within the period) aims this far
+    hold_tau_s: float = 1.0  # the level the budget lets the engine hold, averaged over this
+    calibration_start_s: float = 0.5  # the calibration waits for the engine load's averages
+    pacing_tau_s: float = 3.0  # the pacing ratio's averaging time
     temp_margin_c: float = 0.0
     window_taus: tuple[float, ...] = (0.5, 1.0)
     max_rise_per_s: float = 0.5
@@ -96,6 +106,10 @@ class PredictivePolicy:
         self.shaper = TpotShaper(config)
         self._last_s: float | None = None
         self._rise_from_s: float | None = None
+        self._hold_level: float | None = None
+        self._started_s = 0.0
+        self.pacing_ratio = 1.0  # busy share the engine achieves / the share commanded
+        self._shares: deque[tuple[float, float]] = deque()  # (since, u f) as commanded
 
     # -- the load ahead --------------------------------------------------------------
     def _planned_load(self, inputs: GovernorInputs,
@@ -126,6 +140,25 @@ class PredictivePolicy:
         return planned, f
 
     # -- the power budget ----------------------------------------------------------------
+    def _window_share(self, now_s: float, window_s: float = 1.0) -> float:
+        """u f, the share of the plant's busy load the law commanded, averaged over the power
+        window: the regressor of the calibration in the law's own terms, so that whatever
+        separates the commanded level from the engine's measured busy share (pacing gaps,
+        a command's latency) lands in the gain the law then uses."""
+        start = now_s - window_s
+        while len(self._shares) > 1 and self._shares[1][0] <= start:
+            self._shares.popleft()
+        if not self._shares:
+            return 1.0
+        total, t_prev, share_prev = 0.0, start, self._shares[0][1]
+        for since, share in self._shares:
+            if since > start:
+                total += (since - t_prev) * share_prev
+                t_prev = since
+            share_prev = share
+        total += (now_s - t_prev) * share_prev
+        return total / window_s
+
     def _window_energy_j(self, inputs: GovernorInputs, span_s: float) -> float:
         """Energy of the last span_s seconds, from the energy counter's refreshes (linear in
         between); since the last refresh, the latest fast power reading."""
@@ -151,16 +184,25 @@ class PredictivePolicy:
         return (e_last - e_start) + since * fast_w
 
     def _power_levels(self, inputs: GovernorInputs, budget_w: float | None,
-                      planned: LoadPower, sustained: LoadPower) -> tuple[float, float]:
+                      planned: LoadPower, sustained: LoadPower,
+                      dt_s: float) -> tuple[float, float]:
         """(highest level for the next move, highest level to hold) under the budget."""
         if budget_w is None:
+            self._hold_level = None
             return 1.0, 1.0
-        cap = budget_w - self.tuning.power_margin_w
+        t = self.tuning
         first = math.inf
-        for tau in self.tuning.window_taus:
-            bound_w = (cap * 1.0 - self._window_energy_j(inputs, 1.0 - tau)) / tau
+        for tau in t.window_taus:
+            bound_w = (budget_w - t.first_margin_w - self._window_energy_j(inputs, 1.0 - tau)) / tau
             first = min(first, planned.level_for_power(bound_w))
-        return first, sustained.level_for_power(cap)
+        # The level to hold follows the load's mix averaged over hold_tau_s: step to step the
+        # mix (prefill or decode) moves it, but NVML's 1 s average integrates those moves.
+        raw = min(1.0, max(t.min_level, sustained.level_for_power(budget_w - t.power_margin_w)))
+        if self._hold_level is None:
+            self._hold_level = raw
+        else:
+            self._hold_level += (1.0 - math.exp(-dt_s / t.hold_tau_s)) * (raw - self._hold_level)
+        return min(first, self._hold_level), self._hold_level
 
     # -- the decision ----------------------------------------------------------------
     def decide(self, inputs: GovernorInputs, objectives: Objectives,
@@ -179,28 +221,45 @@ class PredictivePolicy:
         kinds = ((e.prefill_compute_activity, e.prefill_memory_activity),
                  (e.decode_compute_activity, e.decode_memory_activity))
         raw = load_power(p, e.compute_activity, e.memory_activity, sm, twin.die_c, kinds)
-        if dt > 0:
+        (pc, pm), f = self._planned_load(inputs, config)
+        if not self._shares:  # the second before this policy: what the engine measured
+            self._shares.append((now - 1.0, e.busy_fraction_1s))
+            self._started_s = now
+        commanded = self._window_share(now)
+        if dt > 0 and now - self._started_s >= t.calibration_start_s:
             self.calibration.update(inputs.power_w, raw.idle_w,
                                     e.busy_fraction_1s * (raw.busy_w - raw.idle_w), dt)
+            if commanded < 0.999:  # paced: how much of the commanded share the engine steps
+                w = 1.0 - math.exp(-dt / t.pacing_tau_s)
+                ratio = min(1.2, max(0.5, e.busy_fraction_1s / max(commanded, 1e-3)))
+                self.pacing_ratio += w * (ratio - self.pacing_ratio)
+        f *= self.pacing_ratio
         recent = self.calibration.apply(raw)
-        (pc, pm), f = self._planned_load(inputs, config)
         planned = self.calibration.apply(load_power(p, pc, pm, sm, twin.die_c, kinds))
         if planned.busy_w < recent.busy_w:
             planned = recent
         planned, sustained = _at_share(planned, f), _at_share(recent, f)
         u_pow_first, u_pow_hold = self._power_levels(inputs, objectives.power_budget_w,
-                                                     planned, sustained)
-        # The first move on the fine grid, the level held after it on one twice as coarse.
-        u1s, u2s = np.meshgrid(self.levels, self.levels[::-2][::-1], indexing="ij")
-        u1s, u2s = u1s.ravel(), u2s.ravel()
+                                                     planned, sustained, dt)
         z0 = np.array([twin.die_c, twin.hbm_c, twin.sink_c, twin.board_c, twin.die_sensor_c,
                        twin.hbm_sensor_c])
-        temps = forecast_plans(p, z0, twin.ambient_c, planned, u1s, u2s, t.first_s,
-                               t.horizon_s, t.dt_s)
-        die_peak, hbm_peak = temps[0].max(axis=0), temps[1].max(axis=0)
-        die_ok = die_peak <= _target(objectives.temp_target_c, t.temp_margin_c)
-        hbm_ok = hbm_peak <= _target(objectives.hbm_temp_target_c, t.temp_margin_c)
-        pow_ok = (u1s <= u_pow_first + 1e-9) & (u2s <= u_pow_hold + 1e-9)
+
+        def plans(u1s: np.ndarray, u2s: np.ndarray):
+            temps = forecast_plans(p, z0, twin.ambient_c, planned, u1s, u2s, t.first_s,
+                                   t.horizon_s, t.dt_s)
+            die_peak, hbm_peak = temps[0].max(axis=0), temps[1].max(axis=0)
+            return (u1s, u2s, die_peak, hbm_peak,
+                    die_peak <= _target(objectives.temp_target_c, t.temp_margin_c),
+                    hbm_peak <= _target(objectives.hbm_temp_target_c, t.temp_margin_c),
+                    (u1s <= u_pow_first + 1e-9) & (u2s <= u_pow_hold + 1e-9))
+
+        # Full load first: where it holds every objective the grid would choose it too, and
+        # one plan costs a sixtieth of the grid's CPU time (the server's event loop shares it).
+        u1s, u2s, die_peak, hbm_peak, die_ok, hbm_ok, pow_ok = plans(np.ones(1), np.ones(1))
+        if not (die_ok & hbm_ok & pow_ok).all():
+            # The first move on the fine grid, the level held after it on one twice as coarse.
+            g1, g2 = np.meshgrid(self.levels, self.levels[::-2][::-1], indexing="ij")
+            u1s, u2s, die_peak, hbm_peak, die_ok, hbm_ok, pow_ok = plans(g1.ravel(), g2.ravel())
         ok = die_ok & hbm_ok & pow_ok
         if ok.any():
             idx = int(np.flatnonzero(ok)[np.lexsort((u2s[ok], u1s[ok]))[-1]])
@@ -211,6 +270,7 @@ class PredictivePolicy:
                                      ("power budget", pow_ok)) if not m[idx]]
             reason = f"{' and '.join(missed)} out of reach at the lowest level"
         self._move(float(u1s[idx]), now, dt)
+        self._shares.append((now, self.level * f / self.pacing_ratio))
         if shaping and self.level >= 1.0:
             reason += "; TPOT SLO shapes the batch"
         full = int(np.flatnonzero((u1s == 1.0) & (u2s == 1.0))[0])

@@ -57,7 +57,10 @@ def governor_setup(args: argparse.Namespace) -> GovernorSetup:
 class ServerGovernor:
     """The live twin and the governor service of one server."""
 
-    def __init__(self, setup: GovernorSetup, telemetry, async_llm, registry=None) -> None:
+    def __init__(self, setup: GovernorSetup, telemetry, async_llm, registry=None,
+                 apply_limits=None) -> None:
+        """`apply_limits`: where the limits go (default: the engine's
+        `set_scheduler_limits`; a benchmark wraps it to record them)."""
         from ondo.control.metrics import register_governor_metrics
         from ondo.control.service import GovernorService
         from ondo.twin.live import LiveTwin
@@ -67,7 +70,7 @@ class ServerGovernor:
         self.governor = Governor(setup.params, setup.objectives, config, setup.policy)
         self.twin = LiveTwin(telemetry.hub, setup.params).start()
         self.service = GovernorService(telemetry.hub, self.governor,
-                                       async_llm.set_scheduler_limits).start()
+                                       apply_limits or async_llm.set_scheduler_limits).start()
         if registry is not None:
             register_governor_metrics(registry, self.governor)
         log.info("governor %s, objectives %s", self.governor.policy_name,

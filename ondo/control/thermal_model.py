@@ -117,13 +117,16 @@ def forecast_plans(params: TwinParams, z0: np.ndarray, ambient_c: float, power: 
     z = np.repeat(np.asarray(z0, dtype=float)[:, None], plans, axis=1)
     k = params.leak_w_per_c
     out = np.empty((2, steps, plans))
-    for i in range(steps):
-        u = u_first if i < first else u_then
-        total, hbm = power.total_w(u), power.hbm_w(u)
+
+    def drive(u: np.ndarray) -> np.ndarray:
         # Leakage enters through the state; the inputs carry power at T_die = 0.
+        total, hbm = power.total_w(u), power.hbm_w(u)
         die0 = total - hbm - k * power.die_c
-        inputs = np.stack([die0, hbm, np.full(plans, ambient_c)])
-        z = phi @ z + gam @ inputs
+        return gam @ np.stack([die0, hbm, np.full(plans, ambient_c)])
+
+    drive_first, drive_then = drive(u_first), drive(u_then)  # constant within each move
+    for i in range(steps):
+        z = phi @ z + (drive_first if i < first else drive_then)
         out[0, i], out[1, i] = z[4], z[5]
     first_ripple, then_ripple = ripple_c(params, power, u_first), ripple_c(params, power, u_then)
     out[:, :first] += np.stack(first_ripple)[:, None, :]
@@ -142,7 +145,7 @@ class PowerCalibration:
     def __init__(self, noise_w: float = 10.0, offset_walk_w: float = 5.0,
                  gain_walk: float = 0.05, gain_range: tuple[float, float] = (0.25, 4.0)) -> None:
         self.theta = np.array([0.0, 1.0])  # offset W, gain
-        self.cov = np.diag([50.0**2, 0.5**2])
+        self.cov = np.diag([25.0**2, 0.25**2])
         self.noise_w2 = noise_w**2
         self.walk = np.array([offset_walk_w**2, gain_walk**2])  # per second
         self.gain_range = gain_range

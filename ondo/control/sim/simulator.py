@@ -19,6 +19,7 @@ prompts are random); there is no CPU swap pool (preemption recomputes); a reques
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -42,6 +43,7 @@ from ondo.engine.step_stats import StepStats
 from ondo.telemetry.schema import (
     H100_PEAK_BYTES_PER_S,
     H100_PEAK_FLOPS,
+    EngineSample,
     GpuSample,
     engine_sample_from_step,
 )
@@ -78,6 +80,10 @@ class SimConfig:
     peak_flops: float = H100_PEAK_FLOPS
     peak_bytes_per_s: float = H100_PEAK_BYTES_PER_S
     twin_forecasts: bool = False  # the snapshots' own forecasts (the governor does not need them)
+    # A server's latencies: a decision reaches the engine (in a process of its own) this much
+    # later, and each step's sample reaches the governor this much after the step ends.
+    limits_delay_s: float = 0.0
+    engine_sample_delay_s: float = 0.0
 
     @property
     def inlet_c(self) -> float:
@@ -142,9 +148,15 @@ class ClosedLoopSimulator:
     def __init__(self, config: SimConfig, requests: list[SimRequest], policy: str = "off",
                  objectives: Objectives | None = None,
                  reactive: ReactiveTuning | None = None,
-                 predictive: PredictiveTuning | None = None) -> None:
+                 predictive: PredictiveTuning | None = None,
+                 concurrency: int | None = None) -> None:
+        """`concurrency`: a closed loop instead of the trace's arrival times: that many
+        requests in flight from t = 0, each finished one replaced at once by the next (as a
+        benchmark client keeps them; the arrival times are then the release times)."""
         self.config = c = config
         self.requests = sorted(requests, key=lambda r: r.arrival_s)
+        self.concurrency = concurrency
+        self._finished = 0
         self.objectives = objectives or Objectives()
         twin_params = c.twin_params or c.plant_params
         start = steady_state(c.plant_params, c.initial_load or IDLE, c.inlet_c)
@@ -163,7 +175,8 @@ class ClosedLoopSimulator:
         self.poll_period_s = 1.0 / c.poll_hz
         self._next_poll = 0.0
         self._next_tick = 0.0
-        self._pending: SchedulerLimits | None = None
+        self._pending: deque[tuple[float, SchedulerLimits]] = deque()  # (due time, limits)
+        self._samples: deque[tuple[float, EngineSample]] = deque()  # (due time, sample)
         self.decisions: list[GovernorDecision] = []
         self._series: dict[str, list] = {k: [] for k in (
             "t_s", "temp_c", "mem_temp_c", "power_w", "power_instant_w", "sm_mhz",
@@ -194,6 +207,7 @@ class ClosedLoopSimulator:
                 return
 
     def _poll(self) -> None:
+        self._deliver_samples()
         r = self.plant.reading()
         p = self.config.plant_params
         sample = GpuSample(0, "sim", self.t, self.t, self.poll_period_s, 0.0, r.temp_c,
@@ -216,21 +230,28 @@ class ClosedLoopSimulator:
         ):
             self._series[key].append(value)
 
+    def _deliver_samples(self) -> None:
+        while self._samples and self._samples[0][0] <= self.t + 1e-12:
+            _, sample = self._samples.popleft()
+            self.twin.on_engine_sample(sample)
+            self.inputs.on_engine_sample(sample)
+
     def _tick(self) -> None:
+        self._deliver_samples()
         snap = self.twin.snapshot(self.t, self.t, with_forecast=self.config.twin_forecasts)
         if snap is not None:
             self.inputs.on_twin_snapshot(snap)
         decision = self.governor.tick(self.inputs.inputs(self.t, self.t))
         if decision is not None:
             self.decisions.append(decision)
-            self._pending = self.governor.limits
+            self._pending.append((self.t + self.config.limits_delay_s, self.governor.limits))
 
     # -- the engine ----------------------------------------------------------------------
     def _apply_limits(self) -> None:
-        if self._pending is not None:
-            self.scheduler.set_limits(self._pending)
-            self.gate.set_duty(self._pending.duty_cycle)
-            self._pending = None
+        while self._pending and self._pending[0][0] <= self.t + 1e-12:
+            _, limits = self._pending.popleft()
+            self.scheduler.set_limits(limits)
+            self.gate.set_duty(limits.duty_cycle)
 
     def _step(self) -> bool:
         """One engine step; False if nothing could be scheduled."""
@@ -271,27 +292,36 @@ class ClosedLoopSimulator:
                 self._out_total += 1
                 if seq.num_output_tokens >= seq.params.max_tokens:
                     self.scheduler.finish(seq, "length")
-        self.twin.on_engine_sample(sample)
-        self.inputs.on_engine_sample(sample)
+                    self._finished += 1
+        self._samples.append((self.t + c.engine_sample_delay_s, sample))
+        self._deliver_samples()
         self.gate.add_busy(dt)
         if self.gate.slice_over():
             self._run_until(self.t + self.gate.end_slice(), IDLE)
         return True
 
+    def _arrived(self, i: int, arrival_s: float) -> bool:
+        if self.concurrency is None:
+            return arrival_s <= self.t
+        return i - self._finished < self.concurrency
+
     def run(self, duration_s: float) -> SimResult:
         nxt = 0
         reqs = self.requests
+        arrival_s = [r.arrival_s for r in reqs]
         while self.t < duration_s:
-            while nxt < len(reqs) and reqs[nxt].arrival_s <= self.t:
+            while nxt < len(reqs) and self._arrived(nxt, arrival_s[nxt]):
                 r = reqs[nxt]
+                arrival_s[nxt] = arrival_s[nxt] if self.concurrency is None else self.t
                 params = SamplingParams(max_tokens=r.output_tokens, ignore_eos=True)
                 self.scheduler.add(Sequence(nxt, f"r{nxt}", [0] * r.prompt_tokens, params,
-                                            r.arrival_s))
+                                            arrival_s[nxt]))
                 nxt += 1
             self._apply_limits()
             if self.scheduler.num_unfinished and self._step():
                 continue
-            until = reqs[nxt].arrival_s if nxt < len(reqs) else duration_s
+            until = (reqs[nxt].arrival_s if nxt < len(reqs) and self.concurrency is None
+                     else duration_s)
             if self.scheduler.num_unfinished:  # held back by pacing: try again shortly
                 until = min(until, self.t + IDLE_RETRY_S)
             self._run_until(min(max(until, self.t + 1e-6), duration_s), IDLE)
@@ -300,7 +330,7 @@ class ClosedLoopSimulator:
             duration_s=duration_s, poll_period_s=self.poll_period_s,
             series={k: np.asarray(v) for k, v in self._series.items()},
             decisions=self.decisions,
-            arrival_s=np.array([r.arrival_s for r in reqs[:arrived]]),
+            arrival_s=np.array(arrival_s[:arrived]),
             first_token_s=self._first[:arrived], last_token_s=self._last[:arrived],
             output_tokens=self._tokens[:arrived], energy_j=float(self.plant.state.energy_j),
             steps=self._steps, step_time_s=self._step_time_s, objectives=self.objectives,

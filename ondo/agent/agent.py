@@ -42,7 +42,12 @@ from ondo.agent.rules import rules_recommendation
 from ondo.agent.runbook import Runbook, load_runbooks, runbook_by_id
 from ondo.events.schema import EventDraft, EventKind
 
-RUNBOOKS_SHOWN = 3
+RUNBOOKS_RETRIEVED = 3
+# What the model chooses from: the best runbook's first action, or to hand the incident to a
+# person, or to do nothing (a 135M model picks badly among several runbooks and actions;
+# a larger one behind --agent-base-url can be shown more).
+RUNBOOKS_SHOWN = 1
+ACTIONS_SHOWN = 1
 PAST_SHOWN = 2
 ALWAYS_ALLOWED = ("page_human", "no_action")
 
@@ -61,6 +66,8 @@ class AgentResult:
     schema: dict[str, Any] | None = None
     answer: str | None = None  # the model's raw content
     model_latency_s: float | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
     latency_s: float = 0.0
     timings_s: dict[str, float] = field(default_factory=dict)
 
@@ -76,6 +83,7 @@ class AgentResult:
             "latency_s": round(self.latency_s, 3),
             "model_latency_s": None if self.model_latency_s is None
             else round(self.model_latency_s, 3),
+            "prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
             "timings_s": {k: round(v, 3) for k, v in self.timings_s.items()},
             "answer": self.answer}
         if full:
@@ -87,7 +95,11 @@ class AgentResult:
 class Agent:
     def __init__(self, kb: KnowledgeBase, endpoint: ModelEndpoint | None,
                  limits: GpuLimits | None = None,
-                 runbooks: tuple[Runbook, ...] | None = None) -> None:
+                 runbooks: tuple[Runbook, ...] | None = None,
+                 runbooks_shown: int = RUNBOOKS_SHOWN, actions_shown: int = ACTIONS_SHOWN) -> None:
+        if runbooks_shown < 1 or actions_shown < 1:
+            raise ValueError("the agent must show the model at least one runbook and action")
+        self.runbooks_shown, self.actions_shown = runbooks_shown, actions_shown
         self.kb = kb
         self.endpoint = endpoint  # None: rules only
         self.limits = limits or GpuLimits()
@@ -99,13 +111,13 @@ class Agent:
         queries = retrieval_queries(ctx)
         query = "; ".join(queries)
         # What the facts say, where they say anything, tells apart cases that share events.
-        ids, hits = search_runbooks_multi(self.kb, queries, n=RUNBOOKS_SHOWN,
+        ids, hits = search_runbooks_multi(self.kb, queries, n=RUNBOOKS_RETRIEVED,
                                           lead=bool(fact_words(ctx)))
         past = search(self.kb, query, kinds=("recommendation", "decision"), k=PAST_SHOWN) \
             if self.kb.count("decision") + self.kb.count("recommendation") else []
         timings["retrieval"] = time.perf_counter() - t0
-        books = [self.books[i] for i in ids if i in self.books]
-        props = proposals(ctx, books, self.limits)
+        books = [self.books[i] for i in ids if i in self.books][:self.runbooks_shown]
+        props = proposals(ctx, books, self.limits, per_runbook=self.actions_shown)
         rules = self._rules(ctx, "rules only")
         result = AgentResult(rules, rules, ctx, query, ids, hits, past, props)
         if self.endpoint is not None:
@@ -121,10 +133,10 @@ class Agent:
     def _ask(self, result: AgentResult, books: list[Runbook]) -> None:
         assert self.endpoint is not None
         ctx = result.context
-        actions = [p.action for p in result.proposals] + list(ALWAYS_ALLOWED)
+        pairs = [(p.runbook_id, p.action) for p in result.proposals]
         shown = [int(e["seq"]) for e in prompt_entries(ctx)]
-        result.schema = recommendation_schema(actions, shown, books or self.books.values(),
-                                              self.limits)
+        result.schema = recommendation_schema(pairs, shown, books or self.books.values(),
+                                              self.limits, ALWAYS_ALLOWED)
         result.messages = build_messages(ctx, books, result.proposals, result.past)
         try:
             answer = ask_model(self.endpoint, result.messages, result.schema)
@@ -132,6 +144,8 @@ class Agent:
             result.recommendation = self._rules(ctx, f"model unavailable: {e}")
             return
         result.answer, result.model_latency_s = answer.content, answer.latency_s
+        result.prompt_tokens, result.completion_tokens = answer.prompt_tokens, \
+            answer.completion_tokens
         try:
             result.recommendation = parse_recommendation(
                 answer.content, event_ids=ctx.event_ids, runbooks=self.books,

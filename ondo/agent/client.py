@@ -20,7 +20,7 @@ import aiohttp
 
 DEFAULT_BASE_URL = "http://127.0.0.1:8000/v1"
 DEFAULT_TIMEOUT_S = 20.0
-DEFAULT_MAX_TOKENS = 200
+DEFAULT_MAX_TOKENS = 256
 
 
 class ModelUnavailable(RuntimeError):
@@ -77,7 +77,7 @@ async def _chat(ep: ModelEndpoint, messages: list[dict[str, str]],
     async with aiohttp.ClientSession(timeout=timeout) as session:
         model = ep.model or await _first_model(session, ep)
         body = {"model": model, "messages": messages, "temperature": 0.0,
-                "max_tokens": ep.max_tokens, "seed": 0,
+                "max_tokens": ep.max_tokens, "seed": 0, "frequency_penalty": 1.0,
                 "response_format": {"type": "json_schema", "json_schema": {
                     "name": "recommendation", "schema": schema, "strict": True}}}
         async with session.post(ep.base_url.rstrip("/") + "/chat/completions",

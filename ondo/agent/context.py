@@ -127,7 +127,10 @@ def _engine_steps(conn: sqlite3.Connection, t0: float, t1: float) -> list[Engine
     return [EngineSample(**dict(zip(ENGINE_COLUMNS, r))) for r in rows]
 
 
-def _twin_snapshot(params: TwinParams, gpu: list[GpuSample], steps: list[EngineSample]):
+def replay_twin_snapshot(params: TwinParams, gpu: list[GpuSample],
+                         steps: list[EngineSample]) -> Any | None:
+    """The twin's latest snapshot computed from the window (where no live twin published
+    one): the estimator over the samples and a forecast, as `ondo events replay` does."""
     from ondo.events.replay_twin import replay_snapshots
 
     snaps = replay_snapshots(params, gpu, [None] * len(gpu), steps)
@@ -156,5 +159,5 @@ def context_from_db(db: str | Path, incident_seq: int | None = None,
         steps = _engine_steps(conn, t1 - window_s, t1)
     finally:
         conn.close()
-    return build_context(incident, entries, gpu, steps, _twin_snapshot(params, gpu, steps),
+    return build_context(incident, entries, gpu, steps, replay_twin_snapshot(params, gpu, steps),
                          params, window_s)

@@ -34,6 +34,13 @@ from ondo.twin.plant import Load, steady_state
 
 Facts = dict[str, float | None]
 BUSY_POWER_FACTOR = 1.25
+FACT_NAMES = frozenset({
+    "power_limit_w", "idle_power_w", "die_limit_c", "hbm_limit_c", "fitted_inlet_c", "power_w",
+    "power_max_w", "die_max_c", "die_min_c", "hbm_max_c", "die_margin_c", "hbm_margin_c",
+    "sm_clock_ratio_min", "gpu_busy_fraction", "idle_die_excess_c", "heating_excess_c",
+    "twin_inlet_c", "twin_die_peak_c", "twin_time_to_throttle_s", "engine_busy_fraction",
+    "num_running", "num_running_max", "num_waiting", "kv_usage_max", "preemptions",
+    "swapped_blocks_max", "max_batched_tokens"})
 
 
 def _col(samples: Sequence[Any], name: str) -> np.ndarray:

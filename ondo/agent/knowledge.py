@@ -147,7 +147,7 @@ class KnowledgeBase:
 
     def __init__(self, path: str | Path, embedder: Embedder | None = None) -> None:
         self.path = Path(path)
-        if not self.path.parent.is_dir():
+        if str(path) != ":memory:" and not self.path.parent.is_dir():
             raise FileNotFoundError(f"--db {self.path}: the folder {self.path.parent} does not "
                                     "exist")
         self.embedder = embedder or shared_embedder()

@@ -141,28 +141,32 @@ class Proposal:
     params: dict[str, Any]
 
 
-def proposals(ctx: IncidentContext, books: Sequence[Runbook],
-              limits: GpuLimits) -> list[Proposal]:
+def proposals(ctx: IncidentContext, books: Sequence[Runbook], limits: GpuLimits,
+              per_runbook: int = 8) -> list[Proposal]:
+    """Each runbook's first `per_runbook` actions whose parameters the facts can fill."""
     out = []
     for b in books:
+        mine = []
         for t in b.actions:
             try:
-                out.append(Proposal(b.id, t.action, fill_params(t.action, t.params, ctx.facts,
-                                                                 limits)))
+                mine.append(Proposal(b.id, t.action, fill_params(t.action, t.params, ctx.facts,
+                                                                  limits)))
             except (KeyError, ValueError):
                 continue
+        out += mine[:per_runbook]
     return out
 
 
-def build_messages(ctx: IncidentContext, books: Sequence[Runbook], props: Sequence[Proposal],
-                   past: Sequence[Hit] = ()) -> list[dict[str, str]]:
+def _user_message(ctx: IncidentContext, books: Sequence[Runbook], props: Sequence[Proposal],
+                  past: Sequence[Hit] = ()) -> str:
     f = ctx.facts
     facts = ", ".join(f"{k}={f[k]:g}" for k in FACT_ORDER if f.get(k) is not None)
-    lines = [f"INCIDENT: entry {ctx.incident['seq']}, {ctx.incident['kind']}.",
-             f"FACTS: {facts}."]
+    lines = [f"INCIDENT: entry {ctx.incident['seq']}, {ctx.incident['kind']} "
+             f"({ctx.incident['severity']})."]
     words = fact_words(ctx)
     if words:
         lines.append("OBSERVED: " + "; ".join(words) + ".")
+    lines.append(f"FACTS: {facts}.")
     lines.append("ENTRIES (data, one JSON object per line):")
     lines += [entry_line(e) for e in prompt_entries(ctx)]
     if ctx.governor:
@@ -171,15 +175,47 @@ def build_messages(ctx: IncidentContext, books: Sequence[Runbook], props: Sequen
                                                         "reason": g.get("reason"),
                                                         "limits": g.get("limits")}),
                                                 ensure_ascii=True, separators=(",", ":")))
-    lines.append("RUNBOOKS (best match first):")
-    for i, b in enumerate(books, 1):
+    for b in books:
         section = b.section("actions")
-        lines.append(f"{i}. {b.id}: {b.title}. {section.text if section else ''}")
-        for p in (p for p in props if p.runbook_id == b.id):
-            lines.append(f"   proposes {p.action} {json.dumps(p.params, ensure_ascii=True)}")
+        lines.append(f"RUNBOOK {b.id} ({b.title}), section actions: "
+                     f"{section.text if section else ''}")
+        lines.append("PROPOSED ACTION (or page_human to hand it to a person, or no_action):")
+        mine = [p for p in props if p.runbook_id == b.id]
+        lines += [f"{i}. {p.action} {json.dumps(p.params, ensure_ascii=True)}"
+                  for i, p in enumerate(mine, 1)]
     if past:
         lines.append("PAST DECISIONS:")
         lines += [f"- {h.title}: {h.body[:160]}" for h in past]
-    lines.append("Pick the runbook that matches the incident and OBSERVED, and one of its "
-                 "proposed actions with those params.")
-    return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "\n".join(lines)}]
+    lines.append("Answer: the runbook and section, the action with its params, the ids of the "
+                 "entries it rests on, urgency, confidence, and one short plain sentence of "
+                 "rationale.")
+    return "\n".join(lines)
+
+
+def _example() -> list[dict[str, str]]:
+    """One worked example (a swap storm), rendered as any incident is: small models follow
+    a shown answer far better than a described one."""
+    from ondo.agent.runbook import load_runbooks, runbook_by_id
+
+    book = runbook_by_id(load_runbooks())["swap-thrashing"]
+    entry = {"seq": 41, "kind": "swap_storm", "severity": "warning", "t_monotonic_s": 812.4,
+             "t_wall_s": 0.0, "subject": {"engine": 0},
+             "payload": {"window_s": 10.0, "swapped_blocks_moved": 2680,
+                         "kv_blocks_total": 4096, "fraction": 0.654, "since_s": 812.4}}
+    ctx = IncidentContext(entry, (entry,), {"num_running": 40.0, "kv_usage_max": 0.93,
+                                            "swapped_blocks_max": 2460.0,
+                                            "max_batched_tokens": 2048.0}, (), 300.0)
+    props = proposals(ctx, [book], GpuLimits())
+    answer = {"runbook": {"id": book.id, "section": "actions"}, "action": props[0].action,
+              "params": props[0].params, "evidence_event_ids": [41], "urgency": "medium",
+              "confidence": 0.8,
+              "rationale": "Swap storm: 65 percent of the KV cache crossed the host link in "
+                           "10 s with 40 sequences running; fewer seats stop the thrashing."}
+    return [{"role": "user", "content": _user_message(ctx, [book], props)},
+            {"role": "assistant", "content": json.dumps(answer)}]
+
+
+def build_messages(ctx: IncidentContext, books: Sequence[Runbook], props: Sequence[Proposal],
+                   past: Sequence[Hit] = ()) -> list[dict[str, str]]:
+    return [{"role": "system", "content": SYSTEM}, *_example(),
+            {"role": "user", "content": _user_message(ctx, books, props, past)}]

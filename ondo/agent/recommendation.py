@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -33,8 +34,18 @@ from ondo.agent.actions import (
 )
 from ondo.agent.runbook import Runbook
 
-MAX_RATIONALE_CHARS = 400
+MAX_RATIONALE_CHARS = 160
 MAX_EVIDENCE = 4
+# Plain prose: letters, digits, spaces and ordinary punctuation (no braces, markup or code).
+RATIONALE_PATTERN = rf"^[A-Za-z0-9][A-Za-z0-9_ ,.;:%()/'+=-]{{9,{MAX_RATIONALE_CHARS - 1}}}$"
+_NOT_PROSE = re.compile(r"[^A-Za-z0-9_ ,.;:%()/'+=-]")
+
+
+def plain_rationale(text: str) -> str:
+    """`text` as a rationale the pattern accepts: other characters become spaces, cut to
+    the length."""
+    out = re.sub(r"\s+", " ", _NOT_PROSE.sub(" ", text.replace("°C", "C"))).strip()
+    return out[:MAX_RATIONALE_CHARS].rstrip()
 FIELDS = ("runbook", "action", "params", "evidence_event_ids", "urgency", "confidence",
           "rationale")
 SOURCES = ("model", "rules")
@@ -71,36 +82,42 @@ class InvalidRecommendation(ValueError):
     """An answer that is not a valid recommendation; the message names the field."""
 
 
-def recommendation_schema(actions: Sequence[str], event_ids: Sequence[int],
-                          runbooks: Iterable[Runbook], limits: GpuLimits) -> dict[str, Any]:
-    """The JSON schema of an answer: one object variant per allowed action."""
-    for a in actions:
-        if a not in ACTIONS:
-            raise ValueError(f"action {a!r} is not one of {', '.join(ACTIONS)}")
-    books = list(runbooks)
-    sections = sorted({s.section for b in books for s in b.sections})
+def recommendation_schema(proposals: Sequence[tuple[str, str]], event_ids: Sequence[int],
+                          runbooks: Iterable[Runbook], limits: GpuLimits,
+                          always: Sequence[str] = ("page_human", "no_action")) -> dict[str, Any]:
+    """The JSON schema of an answer. `proposals`: (runbook id, action) pairs, best first; an
+    answer names a runbook, then one of that runbook's actions or one of `always` (with any
+    of the runbooks), so that runbook, action and params always belong together."""
+    books = {b.id: b for b in runbooks}
+    for rid, action in proposals:
+        if action not in ACTIONS:
+            raise ValueError(f"action {action!r} is not one of {', '.join(ACTIONS)}")
+        if rid not in books:
+            raise ValueError(f"runbook {rid!r} is not among the runbooks given")
     params = param_schemas(limits)
     common = {
-        "runbook": {"type": "object", "properties": {
-            "id": {"type": "string", "enum": [b.id for b in books]},
-            "section": {"type": "string", "enum": sections}},
-            "required": ["id", "section"], "additionalProperties": False},
         "evidence_event_ids": {"type": "array", "items": {"type": "integer",
                                                           "enum": sorted(set(event_ids))},
                                "minItems": 1, "maxItems": MAX_EVIDENCE},
         "urgency": {"type": "string", "enum": list(URGENCIES)},
         "confidence": {"type": "number", "minimum": 0, "maximum": 1},
-        "rationale": {"type": "string", "minLength": 1, "maxLength": MAX_RATIONALE_CHARS},
+        "rationale": {"type": "string", "pattern": RATIONALE_PATTERN},
     }
 
-    def variant(action: str) -> dict[str, Any]:
-        props = {"runbook": common["runbook"], "action": {"type": "string", "const": action},
-                 "params": params[action]}
-        props.update({k: v for k, v in common.items() if k != "runbook"})
+    def variant(rids: list[str], action: str) -> dict[str, Any]:
+        sections = sorted({s.section for r in rids for s in books[r].sections})
+        rb = {"type": "object", "properties": {
+            "id": {"type": "string", "enum": rids} if len(rids) > 1
+            else {"type": "string", "const": rids[0]},
+            "section": {"type": "string", "enum": sections}},
+            "required": ["id", "section"], "additionalProperties": False}
+        props = {"runbook": rb, "action": {"type": "string", "const": action},
+                 "params": params[action], **common}
         return {"type": "object", "properties": props, "required": list(FIELDS),
                 "additionalProperties": False}
 
-    variants = [variant(a) for a in dict.fromkeys(actions)]
+    variants = [variant([rid], a) for rid, a in dict.fromkeys(proposals) if a not in always]
+    variants += [variant(list(books), a) for a in always]
     return variants[0] if len(variants) == 1 else {"anyOf": variants}
 
 
@@ -157,8 +174,8 @@ def parse_recommendation(answer: str | dict[str, Any], *, event_ids: Iterable[in
         raise InvalidRecommendation(f"urgency: {obj['urgency']!r} is not one of "
                                     f"{', '.join(URGENCIES)}")
     why = obj["rationale"]
-    if not isinstance(why, str) or not why.strip() or len(why) > MAX_RATIONALE_CHARS:
-        raise InvalidRecommendation(f"rationale: a non-empty text of at most "
-                                    f"{MAX_RATIONALE_CHARS} characters is needed")
+    if not isinstance(why, str) or not re.match(RATIONALE_PATTERN, why):
+        raise InvalidRecommendation(f"rationale: plain prose of 10 to {MAX_RATIONALE_CHARS} "
+                                    f"characters is needed, got {str(why)[:60]!r}")
     return Recommendation(action, params, why.strip(), tuple(dict.fromkeys(ids)), book.id,
                           rb["section"], float(conf), obj["urgency"], "model", model)

@@ -31,7 +31,7 @@ from typing import Any
 
 from ondo.agent.actions import ACTIONS, GpuLimits, ParamError, check_params, param_schemas
 from ondo.agent.context import IncidentContext
-from ondo.agent.recommendation import MAX_EVIDENCE, Recommendation
+from ondo.agent.recommendation import MAX_EVIDENCE, Recommendation, plain_rationale
 from ondo.agent.runbook import Runbook, evaluate
 
 INLET_EXCESS_C = 8.0
@@ -195,6 +195,6 @@ def rules_recommendation(ctx: IncidentContext, runbooks: dict[str, Runbook],
     assert action in ACTIONS
     why = f"{book.title}. {d.why[:1].upper()}{d.why[1:]}. Runbook {book.id} proposes " \
           f"{action.replace('_', ' ')}."
-    return Recommendation(action, params, why[:400], d.evidence, book.id, "actions",
+    return Recommendation(action, params, plain_rationale(why), d.evidence, book.id, "actions",
                           RULES_CONFIDENCE, _urgency(ctx, action), "rules",
                           fallback_reason=fallback_reason)

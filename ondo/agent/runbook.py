@@ -30,6 +30,7 @@ from typing import Any
 import yaml
 
 from ondo.agent.actions import ACTIONS, param_schemas
+from ondo.agent.facts import FACT_NAMES
 from ondo.events.schema import EventKind
 
 RUNBOOK_DIR = Path(__file__).with_name("runbooks")
@@ -121,10 +122,14 @@ def _template(path: str, i: int, entry: Any) -> ActionTemplate:
         raise RunbookError(f"{where}: {action} takes parameters {sorted(expected)}, "
                            f"got {sorted(params)}")
     for name, value in params.items():
-        if isinstance(value, str) and _is_expression(value) is None and \
-                param_schemas_default()[action]["properties"][name]["type"] != "string":
+        if not isinstance(value, str) or \
+                param_schemas_default()[action]["properties"][name]["type"] == "string":
+            continue
+        m = _is_expression(value)
+        fact = None if m is None else (m["n1"] or m["n2"])
+        if fact not in FACT_NAMES:
             raise RunbookError(f"{where}: params.{name}: {value!r} is neither a number nor an "
-                               "expression such as '0.9 * power_limit_w'")
+                               "expression over a fact such as '0.9 * power_limit_w'")
     return ActionTemplate(action, dict(params))
 
 

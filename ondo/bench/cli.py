@@ -64,3 +64,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     from ondo.bench import throughput
 
     throughput.add_parser(bench_sub)
+    _add_governor(bench_sub)
+
+
+def _add_governor(bench_sub: argparse._SubParsersAction) -> None:
+    from ondo.control.sim import bench
+
+    bench.add_parser(bench_sub)

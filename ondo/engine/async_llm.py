@@ -33,12 +33,14 @@ from ondo.engine.engine_loop import (
     Command,
     EngineLoop,
     Published,
+    SetSchedulerLimits,
     final_output,
 )
 from ondo.engine.engine_process import EngineProcess, engine_process_default
 from ondo.engine.llm_engine import LLMEngine, tokenizer_for
 from ondo.engine.outputs import RequestOutput, coalesce
 from ondo.engine.sampling_params import SamplingParams
+from ondo.engine.scheduler_limits import SchedulerLimits
 from ondo.engine.step_stats import StepStats
 from ondo.model.detokenizer import IncrementalDetokenizer
 from ondo.model.tokenizer import Tokenizer
@@ -248,6 +250,11 @@ class AsyncLLM:
         """Called with each request's final output as the engine publishes it (on the engine
         thread, or on the thread that reads the engine process); it must be quick."""
         self._request_listeners.append(listener)
+
+    def set_scheduler_limits(self, limits: SchedulerLimits) -> None:
+        """Tighten the scheduler's limits (a governor's actuators, thread-safe); the engine
+        applies them before its next step."""
+        self._core.send(SetSchedulerLimits(limits))
 
     # -- the asyncio side ------------------------------------------------------------
     async def generate(

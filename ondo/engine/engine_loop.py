@@ -9,12 +9,14 @@ they behave the same.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ondo.engine.llm_engine import LLMEngine
 from ondo.engine.outputs import CompletionOutput, RequestOutput
 from ondo.engine.sampling_params import SamplingParams
+from ondo.engine.scheduler_limits import SchedulerLimits
 from ondo.engine.step_stats import StepStats
 
 log = logging.getLogger(__name__)
@@ -35,7 +37,14 @@ class AbortRequest:
     request_id: str
 
 
-Command = AddRequest | AbortRequest
+@dataclass
+class SetSchedulerLimits:
+    """A governor's limits on the scheduler (see `ondo.engine.scheduler_limits`)."""
+
+    limits: SchedulerLimits
+
+
+Command = AddRequest | AbortRequest | SetSchedulerLimits
 
 
 @dataclass
@@ -85,14 +94,19 @@ class EngineLoop:
                     break
                 num_added, rejected = self._apply(commands)
                 outputs: list[RequestOutput] = []
+                pause_s = 0.0
                 if engine.has_unfinished_requests():
                     try:
+                        t0 = time.monotonic()
                         outputs = engine.step()
+                        pause_s = self._pace(time.monotonic() - t0, outputs)
                     except Exception as e:
                         log.exception("engine step failed")
                         outputs = self._fail_all(f"engine step failed: {type(e).__name__}: {e}")
                 busy = engine.has_unfinished_requests()
                 self.publish(Published(outputs, rejected, num_added, engine.stats(), self._drain_step_stats()))
+                if pause_s > 0:
+                    time.sleep(pause_s)
         except BaseException as e:  # a bug in this loop: the caller fails everyone, loudly
             log.exception("engine loop died")
             dead = f"{type(e).__name__}: {e}"
@@ -103,11 +117,26 @@ class EngineLoop:
             log.exception("could not publish the engine's final counters")
         return dead
 
+    def _pace(self, step_s: float, outputs: list[RequestOutput]) -> float:
+        """Step pacing (a governor's duty cycle): at the end of a slice of steps, let the GPU
+        finish and return the idle time owed."""
+        gate = self.engine.step_gate
+        gate.add_busy(step_s)
+        if not gate.slice_over():
+            return 0.0
+        t0 = time.monotonic()
+        outputs.extend(self.engine.drain())
+        gate.add_busy(time.monotonic() - t0)
+        return gate.end_slice()
+
     def _apply(self, commands: list[Command]) -> tuple[int, list[Rejected]]:
         num_added, rejected = 0, []
         for cmd in commands:
             if isinstance(cmd, AbortRequest):
                 self.engine.abort_request(cmd.request_id)
+                continue
+            if isinstance(cmd, SetSchedulerLimits):
+                self.engine.set_scheduler_limits(cmd.limits)
                 continue
             num_added += 1
             try:

@@ -36,6 +36,7 @@ from ondo.engine.outputs import CompletionOutput, RequestOutput, WireDelta, wire
 from ondo.engine.sampler import DeviceSample, sample_on_device, to_device
 from ondo.engine.sampling_params import SamplingParams
 from ondo.engine.scheduler import Scheduler, SchedulerOutput
+from ondo.engine.scheduler_limits import DutyCycleGate, SchedulerLimits
 from ondo.engine.sequence import Sequence, SequenceStatus
 from ondo.engine.step_stats import StepStats
 from ondo.engine.stop_checker import check_stop
@@ -155,6 +156,7 @@ class LLMEngine:
         )
         self.async_scheduling = (self.device.type == "cuda" if args.async_scheduling is None
                                  else args.async_scheduling)
+        self.step_gate = DutyCycleGate()  # step pacing; the engine loop honours it
         self._in_flight: _InFlight | None = None
         self._num_sync_requests = 0  # unfinished requests that need drained steps
         self.num_steps_ahead = 0  # steps scheduled while the previous one was on the device
@@ -258,6 +260,12 @@ class LLMEngine:
     def add_step_listener(self, listener: Callable[[StepStats], None]) -> None:
         self._step_listeners.append(listener)
 
+    def set_scheduler_limits(self, limits: SchedulerLimits) -> None:
+        """A governor's limits: the scheduler's from its next schedule, the duty cycle from
+        the next slice of steps."""
+        self.scheduler.set_limits(limits)
+        self.step_gate.set_duty(limits.duty_cycle)
+
     def remove_step_listener(self, listener: Callable[[StepStats], None]) -> None:
         self._step_listeners.remove(listener)
 
@@ -286,6 +294,14 @@ class LLMEngine:
             self._in_flight = launched
         else:
             outputs.extend(self._finish(launched))
+        return outputs
+
+    def drain(self) -> list[RequestOutput]:
+        """Finish the step still on the device, so that the GPU idles until the next step()."""
+        outputs, self._pending_outputs = self._pending_outputs, []
+        prev, self._in_flight = self._in_flight, None
+        if prev is not None:
+            outputs.extend(self._finish(prev))
         return outputs
 
     def _can_schedule_ahead(self, prev: _InFlight) -> bool:
@@ -515,7 +531,7 @@ class LLMEngine:
             num_preemptions=len(sched.preempted_swap) + len(sched.preempted_recompute),
             num_waiting=len(self.scheduler.waiting), num_running=len(self.scheduler.running),
             num_swapped=len(self.scheduler.swapped), num_output_tokens=num_out,
-            flops=flops, bytes_moved=bytes_moved,
+            flops=flops, bytes_moved=bytes_moved, num_waiting_tokens=self.scheduler.num_waiting_tokens,
         )
         for listener in self._step_listeners:
             try:
@@ -547,6 +563,10 @@ class LLMEngine:
             "num_cached_blocks": bm.num_cached_blocks,
             "num_shared_blocks": bm.num_shared_blocks,  # ref_count > 1 now
             "num_cow_copies": bm.num_cow_copies,
+            "max_num_seqs": sch.max_num_seqs,  # as configured; a governor's limits tighten them
+            "max_num_batched_tokens": sch.max_num_batched_tokens,
+            "duty_cycle": self.step_gate.duty,
+            "paced_s": self.step_gate.paused_s,  # idle time the duty cycle has asked for
         }
 
     def waste_per_running_seq(self) -> list[int]:

@@ -20,6 +20,7 @@ from ondo.engine.memory import MemoryPlan, kv_bytes_per_block
 from ondo.engine.sampling_params import SamplingParams
 from ondo.engine.scheduler import PreemptionCosts, ScheduledSeq, SchedulerOutput
 from ondo.engine.sequence import Sequence
+from ondo.engine.step_cost import CostShape, step_cost
 from ondo.kernels.block_copy import copy_blocks, swap_in, swap_out
 from ondo.kernels.metadata import AttentionMetadata
 
@@ -75,6 +76,7 @@ class ModelRunner:
         self.bytes_per_block = kv_bytes_per_block(
             self.num_layers, config.num_key_value_heads, config.head_dim, self.block_size, dtype
         )
+        self.cost_shape = CostShape.from_config(config, dtype.itemsize, self.num_layers)
         self.weights_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         self.kv_cache: torch.Tensor | None = None  # [layers, 2, blocks, block_size, kv_heads, head_dim]
         self.cpu_pool: torch.Tensor | None = None
@@ -465,27 +467,10 @@ class ModelRunner:
         return graph.output[:n]
 
     def step_cost(self, batch: StepBatch) -> tuple[float, float]:
-        """FLOPs and bytes a step cannot do with less: each weight and each cached K/V read
-        once, new K/V written once. The roofline bound and the twin's load input."""
-        cfg = self.config
-        hidden, layers = cfg.hidden_size, self.num_layers
-        q_size = cfg.num_attention_heads * cfg.head_dim
-        kv_size = cfg.num_key_value_heads * cfg.head_dim
-        linear_params = layers * (hidden * (q_size + 2 * kv_size) + q_size * hidden
-                                  + 3 * hidden * cfg.intermediate_size)
-        head_params = cfg.vocab_size * hidden
-        q_lens = np.asarray(batch.meta.query_lens_cpu, dtype=np.float64)
-        ctx = np.asarray(batch.meta.context_lens_cpu, dtype=np.float64)
-        tokens = float(q_lens.sum())
-        sampled = float(batch.logits_indices.numel())
-        attended = float((q_lens * ctx - q_lens * (q_lens - 1) / 2).sum())  # causal pairs
-        flops = (2.0 * linear_params * tokens + 2.0 * head_params * sampled
-                 + 4.0 * cfg.num_attention_heads * cfg.head_dim * layers * attended)
-        elt = self.dtype.itemsize
-        kv_token_bytes = self.bytes_per_block / self.block_size
-        bytes_moved = ((linear_params + head_params) * elt + tokens * hidden * elt
-                       + kv_token_bytes * (float(ctx.sum()) - tokens) + kv_token_bytes * tokens)
-        return flops, bytes_moved
+        """FLOPs and bytes a step cannot do with less (`ondo.engine.step_cost`): the roofline
+        bound and the twin's load input."""
+        return step_cost(self.cost_shape, batch.meta.query_lens_cpu, batch.meta.context_lens_cpu,
+                         int(batch.logits_indices.numel()))
 
 
 def _padded_size(sizes: list[int], n: int) -> int:

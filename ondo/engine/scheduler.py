@@ -17,15 +17,21 @@ on (`ONDO_DEBUG_CHECKS=1`, as in the test suite) every schedule asserts the boun
 With `allow_preemption=False` (the engine schedules ahead of a step still on the GPU)
 nothing is preempted: a running sequence that gets no blocks waits, nothing new is
 admitted, and the output says `blocked`, so the engine drains before the next step.
+
+A governor may tighten the configured limits at run time (`set_limits`, see
+`scheduler_limits.py`): a smaller token budget, fewer seats (admissions stop until the
+running set is below them; nothing is preempted), a prefill chunk, admission pacing.
 """
 
 from __future__ import annotations
 
 import os
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
 from ondo.engine.block_manager import BlockManager
+from ondo.engine.scheduler_limits import UNLIMITED, PrefillPacer, SchedulerLimits
 from ondo.engine.sequence import Sequence, SequenceStatus
 
 DEBUG_CHECKS = os.environ.get("ONDO_DEBUG_CHECKS", "") not in ("", "0")
@@ -102,11 +108,29 @@ class Scheduler:
         self.swapped: deque[Sequence] = deque()
         self.num_preemptions_swap = 0
         self.num_preemptions_recompute = 0
+        self.num_waiting_tokens = 0  # tokens of the waiting sequences: the prefill work ahead
+        self.clock = time.monotonic  # for admission pacing (the simulator's runs in virtual time)
+        self.set_limits(UNLIMITED)
+
+    def set_limits(self, limits: SchedulerLimits) -> None:
+        """Tighten the configured limits at run time (a governor's actuators)."""
+        self.limits = limits
+        self._token_budget = min(self.max_num_batched_tokens,
+                                 limits.max_num_batched_tokens or self.max_num_batched_tokens)
+        self._seat_limit = min(self.max_num_seqs, limits.max_num_seqs or self.max_num_seqs)
+        self._prefill_cap = limits.max_prefill_tokens if self.enable_chunked_prefill else None
+        rate = limits.prefill_tokens_per_s
+        old = getattr(self, "_pacer", None)
+        if rate is None:
+            self._pacer = None
+        elif old is None or old.rate_per_s != rate:
+            self._pacer = PrefillPacer(rate, self.clock(), None if old is None else old.level)
 
     # -- queue changes --------------------------------------------------------
     def add(self, seq: Sequence) -> None:
         seq.status = SequenceStatus.WAITING
         self.waiting.append(seq)
+        self.num_waiting_tokens += seq.num_tokens
 
     def finish(self, seq: Sequence, reason: str) -> None:
         """Take a sequence out of whichever queue holds it and free its blocks."""
@@ -114,6 +138,7 @@ class Scheduler:
             self.running.remove(seq)
         elif seq.status is SequenceStatus.WAITING:
             self.waiting.remove(seq)
+            self.num_waiting_tokens -= seq.num_tokens
         elif seq.status is SequenceStatus.SWAPPED:
             self.swapped.remove(seq)
         if seq.status is not SequenceStatus.FINISHED:
@@ -141,14 +166,20 @@ class Scheduler:
     # -- the decision ----------------------------------------------------------
     def schedule(self, allow_preemption: bool = True) -> SchedulerOutput:
         out = SchedulerOutput()
-        budget = self.max_num_batched_tokens
+        budget = self._token_budget
+        allowance = self._prefill_allowance()  # prompt tokens this step may compute
+        prefill = 0  # prompt tokens scheduled
         running: list[Sequence] = []
 
         # 1. Running sequences, oldest first; preempt from the tail when blocks run out.
         queue = deque(self.running)
         while queue and budget > 0:
             seq = queue.popleft()
-            num_new = self._tokens_this_step(seq, budget)
+            remaining = seq.num_uncomputed_tokens
+            num_new = self._tokens_for(remaining, budget)
+            in_prefill = remaining > 1
+            if in_prefill:
+                num_new = self._limit_prefill(num_new, allowance - prefill)
             if num_new == 0 or self._ends_with_pending(seq):
                 running.append(seq)
                 continue
@@ -156,6 +187,8 @@ class Scheduler:
                 out.scheduled.append(ScheduledSeq(seq, num_new))
                 running.append(seq)
                 budget -= num_new
+                if in_prefill:
+                    prefill += num_new
             elif seq.status is SequenceStatus.RUNNING:  # short of blocks, not preempted
                 running.append(seq)
                 out.blocked = True
@@ -168,9 +201,13 @@ class Scheduler:
         seats = self.num_seats_running if (self.swapped or self.waiting) and not preempted else 0
         while self.swapped and not preempted and budget > 0:
             seq = self.swapped[0]
-            if seats + seq.num_seats > self.max_num_seqs:
+            if seats + seq.num_seats > self._seat_limit:
                 break
-            num_new = self._tokens_this_step(seq, budget)
+            remaining = seq.num_uncomputed_tokens
+            num_new = self._tokens_for(remaining, budget)
+            in_prefill = remaining > 1
+            if in_prefill:
+                num_new = self._limit_prefill(num_new, allowance - prefill)
             if num_new == 0 or not self.block_manager.can_swap_in(seq, num_new):
                 break
             self.swapped.popleft()
@@ -181,22 +218,28 @@ class Scheduler:
             seats += seq.num_seats
             out.scheduled.append(ScheduledSeq(seq, num_new))
             budget -= num_new
+            if in_prefill:
+                prefill += num_new
 
         # 3. New sequences, first come first served.
         computing: set[bytes] = set()  # hashes of full blocks this step computes
-        while self.waiting and not self.swapped and not preempted and budget > 0:
+        while (self.waiting and not self.swapped and not preempted and budget > 0
+               and prefill < allowance):
             seq = self.waiting[0]
-            if seats + seq.num_seats > self.max_num_seqs:
+            if seats + seq.num_seats > self._seat_limit:
                 break
             cached = self.block_manager.find_cached_prefix(seq)
             if computing and self._mostly_computing(seq, len(cached), computing):
                 break  # next step it finds those blocks cached
             num_new = self._tokens_for(seq.num_tokens - len(cached) * self.block_manager.block_size, budget)
+            num_new = self._limit_prefill(num_new, allowance - prefill)
             if num_new == 0:
                 break
             if not self.block_manager.allocate_with_prefix(seq, cached, num_new):
                 break
             self.waiting.popleft()
+            self.num_waiting_tokens -= seq.num_tokens
+            prefill += num_new
             if self.block_manager.enable_prefix_caching:
                 full = (seq.num_computed_tokens + num_new) // self.block_manager.block_size
                 computing.update(seq.block_hashes[len(cached):full])
@@ -206,15 +249,41 @@ class Scheduler:
             out.scheduled.append(ScheduledSeq(seq, num_new))
             budget -= num_new
         out.block_copies = self.block_manager.take_copies()
+        if self._pacer is not None and prefill:
+            self._pacer.take(prefill)
         if self.debug_checks:
-            self._check_invariants(out)
+            self._check_invariants(out, prefill)
         return out
 
-    def _check_invariants(self, out: SchedulerOutput) -> None:
+    def _prefill_allowance(self) -> int | float:
+        """Prompt tokens this step may compute: the chunk limit and what the pacing bucket
+        holds (without chunked prefill, a whole prompt once the bucket is not empty)."""
+        allowance = self._prefill_cap if self._prefill_cap is not None else float("inf")
+        if self._pacer is not None:
+            level = self._pacer.refill(self.clock())
+            if level <= 0:
+                return 0
+            if self.enable_chunked_prefill:
+                allowance = min(allowance, level)
+        return allowance
+
+    def _limit_prefill(self, num_new: int, left: int | float) -> int:
+        if num_new <= left:
+            return num_new
+        if left <= 0:
+            return 0
+        # Chunked prefill computes what the allowance holds; without it a prompt runs whole
+        # (the pacer then goes into debt) rather than waiting forever.
+        return int(left) if self.enable_chunked_prefill else num_new
+
+    def _check_invariants(self, out: SchedulerOutput, prefill_tokens: int) -> None:
         seats = self.num_seats_running
         assert seats <= self.max_num_seqs, f"{seats} seats running, max_num_seqs={self.max_num_seqs}"
         assert len(out.scheduled) <= self.max_num_seqs, f"{len(out.scheduled)} sequences scheduled"
-        assert out.num_tokens <= self.max_num_batched_tokens, f"{out.num_tokens} tokens scheduled"
+        assert out.num_tokens <= self._token_budget, f"{out.num_tokens} tokens scheduled"
+        if self._prefill_cap is not None:
+            assert prefill_tokens <= self._prefill_cap, f"{prefill_tokens} prefill tokens scheduled"
+        assert self.num_waiting_tokens == sum(s.num_tokens for s in self.waiting)
         assert all(s.seq.status is SequenceStatus.RUNNING for s in out.scheduled)
 
     def _allocate_or_preempt(self, seq: Sequence, num_new: int, queue: deque[Sequence],
@@ -244,9 +313,6 @@ class Scheduler:
         return (seq.num_pending_tokens > 0 and self.max_model_len is not None
                 and seq.reaches_length_limit(self.max_model_len))
 
-    def _tokens_this_step(self, seq: Sequence, budget: int) -> int:
-        return self._tokens_for(seq.num_uncomputed_tokens, budget)
-
     def _tokens_for(self, remaining: int, budget: int) -> int:
         if remaining <= budget:
             return remaining
@@ -264,6 +330,7 @@ class Scheduler:
             seq.num_computed_tokens = 0
             seq.status = SequenceStatus.WAITING
             self.waiting.appendleft(seq)
+            self.num_waiting_tokens += seq.num_tokens
             out.preempted_recompute.append(seq)
             self.num_preemptions_recompute += 1
 

@@ -23,6 +23,7 @@ class StepStats:
     num_output_tokens: int  # tokens sampled in this step
     flops: float  # estimated floating-point operations of the forward pass
     bytes_moved: float  # estimated bytes read/written (weights + KV cache)
+    num_waiting_tokens: int = 0  # tokens of the waiting requests: prefill work ahead
 
     @property
     def duration_s(self) -> float:

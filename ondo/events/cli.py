@@ -23,11 +23,13 @@ _DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*(s|m|h|d)$")
 _UNITS_S = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
 
-def add_detector_args(p: argparse.ArgumentParser) -> None:
-    """Detector settings shared by `ondo serve` and `ondo events replay`."""
-    p.add_argument("--power-budget-w", type=float, default=None,
-                   help="report power above this budget (W; default: none, the GPU's own "
-                        "limit is watched through its power cap)")
+def add_detector_args(p: argparse.ArgumentParser, power_budget: bool = True) -> None:
+    """Detector settings shared by `ondo serve` and `ondo events replay`. `ondo serve` has
+    one --power-budget-w, the governor's objective, which the detectors also report against."""
+    if power_budget:
+        p.add_argument("--power-budget-w", type=float, default=None,
+                       help="report power above this budget (W; default: none, the GPU's own "
+                            "limit is watched through its power cap)")
     p.add_argument("--slo-ttft-s", type=float, default=None,
                    help=f"time-to-first-token objective (default {DetectorConfig.slo_ttft_s} s)")
     p.add_argument("--slo-tpot-s", type=float, default=None,
@@ -42,7 +44,7 @@ def add_event_args(p: argparse.ArgumentParser) -> None:
                    help="deterministic event detectors and the hash-chained event log (in "
                         "--telemetry-db where given); with --telemetry off they run on "
                         "engine-only telemetry")
-    add_detector_args(p)
+    add_detector_args(p, power_budget=False)
 
 
 def detector_config(args: argparse.Namespace, params=None) -> DetectorConfig:
@@ -69,6 +71,9 @@ def detector_config(args: argparse.Namespace, params=None) -> DetectorConfig:
             if not value > 0:
                 raise ValueError(f"--{flag.replace('_', '-')} must be > 0, got {value}")
             changes[name] = value
+    tpot_slo_ms = getattr(args, "tpot_slo_ms", None)  # the governor's latency objective
+    if getattr(args, "slo_tpot_s", None) is None and tpot_slo_ms:
+        changes["slo_tpot_s"] = tpot_slo_ms / 1000.0
     try:
         return DetectorConfig.from_params(params, **changes)
     except ValueError as e:

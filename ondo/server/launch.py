@@ -35,6 +35,13 @@ def serve(args: argparse.Namespace) -> int:
     if args.max_waiting_requests is not None and args.max_waiting_requests < 1:
         print("error: --max-waiting-requests must be >= 1", file=sys.stderr)
         return 2
+    from ondo.control.serve import governor_setup, start_server_governor
+
+    try:
+        gov_setup = governor_setup(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     try:
         async_llm = AsyncLLM.from_engine_args(engine_args, args.max_waiting_requests,
                                               engine_process=args.engine_process)
@@ -46,10 +53,19 @@ def serve(args: argparse.Namespace) -> int:
     telemetry = start_telemetry(args, registry)
     if telemetry is not None:
         async_llm.add_step_listener(telemetry.engine.on_step)
+    try:
+        governor = start_server_governor(gov_setup, telemetry, async_llm, registry)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        async_llm.close()
+        if telemetry is not None:
+            telemetry.close()
+        return 2
     events = start_events(events_config, telemetry, registry, async_llm)
     agent = start_agent(agent_flags, args, events, registry, name)
     app = build_app(async_llm, name, api_key=args.api_key or os.environ.get("ONDO_API_KEY"),
                     registry=registry)
+    app.state.governor = governor  # set_policy / set_objectives, for the console
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
                             timeout_graceful_shutdown=args.shutdown_timeout + 10,
                             access_log=args.access_log)
@@ -66,6 +82,8 @@ def serve(args: argparse.Namespace) -> int:
             agent.close()
         if events is not None:
             events.close()
+        if governor is not None:
+            governor.close()
         if telemetry is not None:
             telemetry.close()
         gc_pauses.stop()
@@ -117,13 +135,14 @@ def start_telemetry(args: argparse.Namespace, registry: CollectorRegistry):
     events = getattr(args, "events", "off") == "on"
     if args.telemetry == "off" and not events:
         return None
+    from ondo.control.decision import DECISION_TABLE
     from ondo.telemetry.pipeline import Telemetry
 
-    tables = ()
+    tables: tuple = (DECISION_TABLE,)
     if events:
         from ondo.events.table import EVENTS_TABLE
 
-        tables = (EVENTS_TABLE,)
+        tables = (*tables, EVENTS_TABLE)
     if args.telemetry == "off":
         return Telemetry.start(args.telemetry_db, source="none", tables=tables)
     source = "nvml" if args.telemetry == "auto" else args.telemetry

@@ -139,6 +139,7 @@ class EngineSample:
     compute_activity: float  # FLOP/s over peak FLOP/s, clipped to [0, 1]
     memory_activity: float  # B/s over peak bandwidth, clipped to [0, 1]
     source: str = "engine"
+    num_waiting_tokens: int = 0  # tokens of the waiting requests: prefill work ahead (not stored)
 
     @property
     def duration_s(self) -> float:
@@ -205,6 +206,7 @@ def engine_sample_from_step(
         bytes_moved=stats.bytes_moved,
         compute_activity=_activity(stats.flops, stats.duration_s, peak_flops),
         memory_activity=_activity(stats.bytes_moved, stats.duration_s, peak_bytes_per_s),
+        num_waiting_tokens=stats.num_waiting_tokens,
     )
 
 

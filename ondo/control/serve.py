@@ -1,0 +1,96 @@
+"""The governor in `ondo serve`: its flags, their checks, and its wiring to the server.
+
+With GPU telemetry (`--telemetry auto|nvml|sim` and a GPU source) the server runs the live
+twin and the governor, whatever the policy (`--governor`, default off), so that the policy
+can be switched at run time (`app.state.governor.set_policy(...)`). With `--telemetry off`
+neither runs, and asking for a policy other than off is refused at start-up; so is one on a
+machine where `--telemetry auto` found no GPU to read (use `--telemetry sim` to run against
+the simulated GPU). Objectives the GPU cannot meet are refused at start-up too, naming the
+flag, with exit code 2 like every other flag error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from dataclasses import dataclass
+
+from ondo.control.governor import Governor
+from ondo.control.objectives import GpuFacts, ObjectiveError, Objectives, resolve_objectives
+from ondo.control.policy import EngineConfig
+from ondo.twin.params import TwinParams, h100_params
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GovernorSetup:
+    policy: str
+    params: TwinParams
+    objectives: Objectives
+
+
+def governor_setup(args: argparse.Namespace) -> GovernorSetup:
+    """The governor's settings from the flags; ValueError naming the flag otherwise."""
+    if args.governor != "off" and args.telemetry == "off":
+        raise ValueError(f"--governor {args.governor} needs GPU telemetry: use --telemetry "
+                         "auto, nvml or sim (--telemetry off runs no governor)")
+    try:
+        params = TwinParams.load(args.twin_params) if args.twin_params else h100_params()
+    except (OSError, ValueError, TypeError) as e:
+        raise ValueError(f"--twin-params {args.twin_params}: {e}") from None
+    try:
+        objectives = resolve_objectives(
+            GpuFacts.from_params(params), power_budget_w=args.power_budget_w,
+            temp_target_c=args.temp_target_c, temp_margin_c=args.temp_margin_c,
+            hbm_temp_target_c=args.hbm_temp_target_c, tpot_slo_ms=args.tpot_slo_ms)
+    except ObjectiveError as e:
+        raise ValueError(str(e)) from None
+    if (objectives.power_budget_w is not None
+            and objectives.power_budget_w >= params.power_limit_w):
+        log.warning("--power-budget-w %g is not under the GPU's own power limit (%g W): the "
+                    "GPU's power-cap controller acts first", objectives.power_budget_w,
+                    params.power_limit_w)
+    return GovernorSetup(args.governor, params, objectives)
+
+
+class ServerGovernor:
+    """The live twin and the governor service of one server."""
+
+    def __init__(self, setup: GovernorSetup, telemetry, async_llm, registry=None) -> None:
+        from ondo.control.metrics import register_governor_metrics
+        from ondo.control.service import GovernorService
+        from ondo.twin.live import LiveTwin
+
+        stats = async_llm.stats()
+        config = EngineConfig(int(stats["max_num_seqs"]), int(stats["max_num_batched_tokens"]))
+        self.governor = Governor(setup.params, setup.objectives, config, setup.policy)
+        self.twin = LiveTwin(telemetry.hub, setup.params).start()
+        self.service = GovernorService(telemetry.hub, self.governor,
+                                       async_llm.set_scheduler_limits).start()
+        if registry is not None:
+            register_governor_metrics(registry, self.governor)
+        log.info("governor %s, objectives %s", self.governor.policy_name,
+                 {k: v for k, v in setup.objectives.as_dict().items() if v is not None})
+
+    def set_policy(self, name: str):
+        return self.service.set_policy(name)
+
+    def set_objectives(self, objectives: Objectives):
+        return self.service.set_objectives(objectives)
+
+    def close(self) -> None:
+        self.service.stop()
+        self.twin.stop()
+
+
+def start_server_governor(setup: GovernorSetup, telemetry, async_llm,
+                          registry=None) -> ServerGovernor | None:
+    """None where there is no GPU source to govern by (ValueError if a policy was asked for)."""
+    if telemetry is None or telemetry.gpu is None:
+        if setup.policy != "off":
+            raise ValueError(f"--governor {setup.policy} needs a GPU to read, and telemetry "
+                             "found none (NVML unavailable); --telemetry sim runs the "
+                             "simulated GPU")
+        return None
+    return ServerGovernor(setup, telemetry, async_llm, registry)

@@ -91,7 +91,7 @@ class LiveAgent:
             now = time.monotonic()
             self._trim(now)
             if self._pending is not None and now - self._pending_since >= self.settle_s \
-                    and now - self._last_run >= self.interval_s:
+                    and now - self._last_run >= self.interval_s and not self._stop.is_set():
                 incident, self._pending = self._pending, None
                 self._last_run = now
                 try:
@@ -136,6 +136,8 @@ class LiveAgent:
     def _recommend(self, incident: dict[str, Any]) -> None:
         agent = self._knowledge()
         assert self._kb is not None
+        if self._stop.is_set():  # the server is stopping: loading took that long
+            return
         self._kb.index_entries(self._unindexed)
         self._unindexed = []
         gpu_index = incident["subject"].get("gpu")
@@ -159,11 +161,16 @@ class LiveAgent:
                  incident["kind"], rec.action, rec.params, rec.source,
                  f": {rec.fallback_reason}" if rec.fallback_reason else "", result.latency_s)
 
-    def close(self, timeout_s: float = 5.0) -> None:
+    def close(self, timeout_s: float = 60.0) -> None:
+        """Stop taking records and let a recommendation under way finish (its model call has
+        a deadline): a thread left inside torch or SQLite while the interpreter exits can
+        abort the process."""
         self._sub.close()
         self._stop.set()
         self._thread.join(timeout_s)
-        if self._kb is not None and not self._thread.is_alive():
+        if self._thread.is_alive():
+            log.warning("agent: still busy after %.0f s at shutdown", timeout_s)
+        elif self._kb is not None:
             self._kb.close()
 
 

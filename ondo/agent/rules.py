@@ -19,7 +19,8 @@ which costs the hardware; then memory, latency, power):
 6. `slo_violation` or `queue_backlog`: after a governor decision that set limits ->
    governor-overlimiting; a backlog or a TTFT breach -> queue-backlog-slo; else (TPOT) ->
    tpot-slo-breach
-7. `power_cap_sustained`, `power_budget_exceeded` -> power-cap-sustained
+7. `power_budget_exceeded` -> power-budget-exceeded; `power_cap_sustained` ->
+   power-cap-sustained
 8. anything else (short throttles) -> transient-throttle
 """
 
@@ -86,7 +87,7 @@ def diagnose(ctx: IncidentContext) -> Diagnosis:
                          f"{len(sensors)} sensor or telemetry event(s): "
                          f"{', '.join(sorted({e['kind'] for e in sensors}))}")
     thermal = [e for e in ctx.events if _thermal(e)]
-    power = ev("power_cap_sustained", "power_budget_exceeded")
+    power = ev("power_cap_sustained")
     throttles = ev("throttle_started")
     gpu_busy, engine_busy = _f(ctx, "gpu_busy_fraction"), _f(ctx, "engine_busy_fraction")
     if (thermal or power or throttles) and gpu_busy is not None and engine_busy is not None \
@@ -104,8 +105,8 @@ def diagnose(ctx: IncidentContext) -> Diagnosis:
                              f"{fmt('die_margin_c', ' °C')}: memory traffic heats the HBM")
         if idle is not None and idle >= INLET_EXCESS_C:
             return Diagnosis("high-inlet", seqs(thermal),
-                             f"the idle die reads {fmt('idle_die_excess_c', ' °C')} above the "
-                             "fitted plant's: the inlet is hot")
+                             f"the coolest die reading is {fmt('idle_die_excess_c', ' °C')} "
+                             "above the fitted plant's idle die: the inlet is hot")
         if heat is not None and heat >= HEATING_EXCESS_C:
             return Diagnosis("degraded-cooling", seqs(thermal),
                              f"the die ran {fmt('heating_excess_c', ' °C')} above the fitted "
@@ -142,6 +143,11 @@ def diagnose(ctx: IncidentContext) -> Diagnosis:
         return Diagnosis("tpot-slo-breach", seqs(slo),
                          f"TPOT breach; the largest step held {fmt('max_batched_tokens')} "
                          "tokens")
+    budget = ev("power_budget_exceeded")
+    if budget:
+        return Diagnosis("power-budget-exceeded", seqs(budget),
+                         f"power at {fmt('power_w', ' W')} over the budget with "
+                         f"{'no governor decision' if not ctx.governor else 'the governor on'}")
     if power:
         return Diagnosis("power-cap-sustained", seqs(power + throttles),
                          f"power at {fmt('power_w', ' W')} against a "

@@ -265,6 +265,44 @@ def _plant(name: str, what: str, inlet_rise_c: float = 0.0, resistance_factor: f
     return make
 
 
+def _governor_sim(name: str, policy: str = "off", duration_s: float = 90.0):
+    """A scenario of the governor's closed-loop simulator (`ondo bench governor`): the real
+    scheduler serving bursty long-context traffic on the twin's plant, the governor under
+    `policy`. Its 20 Hz GPU telemetry, one engine record per poll (the queues), its
+    finished requests and its decisions become the records."""
+    def make(params: TwinParams) -> TraceRecords:
+        from ondo.control.sim.scenarios import run_policy, scenario
+
+        result = run_policy(scenario(name).shortened(duration_s), policy)
+        s, dt = result.series, result.poll_period_s
+        sm_max = params.sm_max_mhz
+        records: list[Any] = []
+        prev: GpuSample | None = None
+        for k, t in enumerate(s["t_s"]):
+            g = GpuSample(0, "sim", float(t), float(t), dt, None, float(s["temp_c"][k]),
+                          float(s["mem_temp_c"][k]), float(s["power_w"][k]),
+                          float(s["power_instant_w"][k]), float(s["energy_j"][k]),
+                          float(s["sm_mhz"][k]), sm_max, None, int(s["throttle_reasons"][k]))
+            g = dataclasses.replace(g, stale=stale_columns(prev, g))
+            records.append(prev := g)
+            running, waiting = int(s["num_running"][k]), int(s["num_waiting"][k])
+            if running or waiting:
+                records.append(EngineSample(k, float(t) - dt, float(t), float(t), 0, running,
+                                            running, running, 0, 1, 0, 0, waiting, running, 0,
+                                            0.0, 0.0, 0.0, 0.0, source="sim"))
+        for i in range(len(result.arrival_s)):
+            first, last = result.first_token_s[i], result.last_token_s[i]
+            if math.isfinite(first) and math.isfinite(last):
+                records.append(RequestSample(f"sim-{i}", float(result.arrival_s[i]), None,
+                                             float(first), float(last), float(last), 0,
+                                             int(result.output_tokens[i]), "stop", "sim"))
+        records += [GovernorRecord(d.t_monotonic_s, d.t_wall_s, d.policy, d.reason, d.limits,
+                                   d.inputs, d.forecast) for d in result.decisions]
+        return _with(TraceRecords(f"governor simulator: {name}, policy {policy}", "export",
+                                  [], {}, 0, 0), records, f"{name}, {policy}")
+    return make
+
+
 INCIDENTS: tuple[Incident, ...] = (
     Incident("power-cap-step", "power_cap_sustained", "set_power_budget", "power-cap-sustained", STEP,
              "as recorded: 100 s of matmuls on the 700 W cap", _as_is(STEP)),
@@ -313,6 +351,17 @@ INCIDENTS: tuple[Incident, ...] = (
     Incident("nvml-temp-failing-step", "sensor_failed", "page_human", "sensor-stale-or-failed", STEP,
              "the temperature read failing for 10 s during the load",
              _map_gpu(STEP, "temp_c failing", _failed_temp(50.0, 60.0))),
+    Incident("sim-hot-inlet", "thermal_margin_low", "page_human", "high-inlet",
+             "governor simulator", "hot-inlet scenario (inlet +25 °C), governor off, 90 s",
+             _governor_sim("hot-inlet")),
+    Incident("sim-degraded-cooling", "thermal_margin_low", "page_human", "high-inlet",
+             "governor simulator", "degraded-cooling scenario (heatsink x1.5 at a 48 °C "
+             "inlet), governor off, 90 s", _governor_sim("degraded-cooling")),
+    Incident("sim-power-budget-450w", "power_budget_exceeded", "set_governor_policy",
+             "power-budget-exceeded", "governor simulator",
+             "power-budget-450w scenario with the governor off, the detectors watching the "
+             "450 W budget, 90 s", _governor_sim("power-budget-450w"),
+             (("power_budget_w", 450.0),)),
     Incident("noisy-neighbour-prbs", "power_cap_sustained", "page_human", "noisy-neighbour", PRBS,
              "the GPU as recorded beside an engine that is idle but for a decode every 2 s",
              _idle_engine_on(PRBS)),

@@ -43,7 +43,7 @@ from ondo.twin.params import TwinParams, h100_params
 log = logging.getLogger(__name__)
 
 DEFAULT_INTERVAL_S = 60.0
-DEFAULT_SETTLE_S = 2.0
+DEFAULT_SETTLE_S = 1.0
 
 
 class LiveAgent:

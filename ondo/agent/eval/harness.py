@@ -104,7 +104,7 @@ def _entry_ids(db: Path) -> set[int]:
         conn.close()
 
 
-def _last_of(db: Path, kind: str) -> int:
+def trigger_seq(db: Path, kind: str) -> int:
     import sqlite3
 
     conn = sqlite3.connect(str(db))
@@ -126,7 +126,7 @@ def run_incident(inc: Incident, folder: Path, endpoint: ModelEndpoint | None,
     try:
         kb.sync_runbooks()
         kb.index_log()
-        ctx = context_from_db(db, _last_of(db, inc.trigger), params=params)
+        ctx = context_from_db(db, trigger_seq(db, inc.trigger), params=params)
         result = Agent(kb, endpoint, limits).recommend(ctx)
     finally:
         kb.close()

@@ -42,8 +42,10 @@ log = logging.getLogger(__name__)
 
 BUSY_TIMEOUT_MS = 5000
 DOC_KINDS = ("runbook", "event", "recommendation", "decision")
-# Kinds of entries that say nothing on their own: indexed through what they close or decide.
-_SKIPPED_EVENT_KINDS = {"condition_cleared", "throttle_ended"}
+# Entries not indexed: closings say nothing on their own (their opening entries are
+# indexed), and the governor's decisions come every few seconds while it works (the agent
+# reads the recent ones from the log with each incident).
+_SKIPPED_EVENT_KINDS = {"condition_cleared", "throttle_ended", "governor_decision"}
 
 DDL = f"""
 CREATE TABLE IF NOT EXISTS kb_docs (

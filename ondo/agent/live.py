@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_INTERVAL_S = 60.0
 DEFAULT_SETTLE_S = 1.0
+UNINDEXED_MAX = 10_000  # entries kept for the knowledge base until an incident builds it
 
 
 class LiveAgent:
@@ -64,7 +65,7 @@ class LiveAgent:
         self._gpu: dict[int, deque[GpuSample]] = {}
         self._steps: deque[EngineSample] = deque()
         self._entries: deque[dict[str, Any]] = deque()
-        self._unindexed: list[dict[str, Any]] = []
+        self._unindexed: deque[dict[str, Any]] = deque(maxlen=UNINDEXED_MAX)
         self._twin: dict[int, Any] = {}
         self._pending: dict[str, Any] | None = None
         self._pending_since = 0.0
@@ -138,8 +139,10 @@ class LiveAgent:
         assert self._kb is not None
         if self._stop.is_set():  # the server is stopping: loading took that long
             return
-        self._kb.index_entries(self._unindexed)
-        self._unindexed = []
+        if self.db_path is not None:
+            self._kb.index_log()  # what the store has written (older than the buffer too)
+        self._kb.index_entries(list(self._unindexed))  # and what it may not have yet
+        self._unindexed.clear()
         gpu_index = incident["subject"].get("gpu")
         gpus = self._gpu.get(gpu_index) if isinstance(gpu_index, int) else None
         if gpus is None and self._gpu:

@@ -19,6 +19,7 @@ from typing import Any
 
 from ondo.agent.actions import ACTIONS, GpuLimits
 from ondo.agent.context import NOT_INCIDENTS, IncidentContext
+from ondo.agent.recommendation import plain_rationale
 from ondo.agent.retrieval import Hit
 from ondo.agent.rules import FEW_RUNNING, HEATING_EXCESS_C, INLET_EXCESS_C, fill_params
 from ondo.agent.runbook import Runbook
@@ -110,10 +111,59 @@ def fact_words(ctx: IncidentContext) -> list[str]:
     return words
 
 
+SUMMARY_FACTS: dict[str, tuple[str, ...]] = {
+    "power": ("power_w", "power_limit_w", "sm_clock_ratio_min"),
+    "thermal": ("die_max_c", "die_limit_c", "idle_die_excess_c", "heating_excess_c"),
+    "hbm": ("hbm_max_c", "hbm_limit_c", "die_max_c"),
+    "engine": ("kv_usage_max", "num_running", "preemptions", "swapped_blocks_max"),
+    "latency": ("num_waiting", "num_running", "max_batched_tokens"),
+    "sensor": ("gpu_busy_fraction",),
+}
+_FAMILY = {"power_cap_sustained": "power", "power_budget_exceeded": "power",
+           "throttle_started": "power", "throttle_predicted": "thermal",
+           "thermal_margin_low": "thermal", "hbm_margin_low": "hbm", "preemption": "engine",
+           "swap_storm": "engine", "kv_cache_pressure": "engine", "queue_backlog": "latency",
+           "slo_violation": "latency", "sensor_stale": "sensor", "sensor_failed": "sensor",
+           "telemetry_gap": "sensor"}
+
+
+# Text fields whose values the detectors choose from a fixed set; any other text (a
+# request's id) reaches the model only inside the quoted ENTRIES.
+NAME_FIELDS = frozenset({"reason", "metric", "field", "stage", "basis", "mode"})
+SUMMARY_CHARS = 110  # room left in a rationale for the reason
+
+
+def _num(x: Any) -> str:
+    if isinstance(x, float):
+        return f"{x:.0f}" if abs(x) >= 100 else f"{x:.3g}"
+    return str(x)
+
+
+def incident_summary(ctx: IncidentContext) -> str:
+    """The incident in one plain line the model can quote: its kind, its payload's figures
+    and text, and the facts of its family (power, heat, memory, latency, sensors)."""
+    e = ctx.incident
+    p = {k: v for k, v in e["payload"].items()
+         if k not in ("since_s", "onset_seq", "reason_bit") and not isinstance(v, bool)
+         and (isinstance(v, (int, float)) or k in NAME_FIELDS)}
+    family = _FAMILY.get(e["kind"], "power")
+    if e["kind"] == "throttle_started" and "thermal" in str(p.get("reason", "")):
+        family = "thermal"
+    facts = {k: ctx.facts[k] for k in SUMMARY_FACTS[family] if ctx.facts.get(k) is not None}
+    parts = [f"{k} {_num(v)}" for k, v in list(p.items())[:3]]
+    parts += [f"{k} {_num(v)}" for k, v in list(facts.items())[:3]]
+    text = f"{e['kind']}:"
+    for i, part in enumerate(parts):
+        if len(text) + len(part) + 2 > SUMMARY_CHARS:
+            break
+        text += (" " if i == 0 else ", ") + part
+    return plain_rationale(text)
+
+
 def _describe(e: dict[str, Any]) -> str:
     p = e["payload"]
     extra = " ".join(str(p[k]) for k in ("reason", "metric", "field", "stage")
-                     if isinstance(p.get(k), str))
+                     if isinstance(p.get(k), str) and k in NAME_FIELDS)
     return f"{e['kind'].replace('_', ' ')} {extra.replace('_', ' ')}".strip()
 
 
@@ -162,7 +212,7 @@ def _user_message(ctx: IncidentContext, books: Sequence[Runbook], props: Sequenc
     f = ctx.facts
     facts = ", ".join(f"{k}={f[k]:g}" for k in FACT_ORDER if f.get(k) is not None)
     lines = [f"INCIDENT: entry {ctx.incident['seq']}, {ctx.incident['kind']} "
-             f"({ctx.incident['severity']})."]
+             f"({ctx.incident['severity']}).", f"SUMMARY: {incident_summary(ctx)}."]
     words = fact_words(ctx)
     if words:
         lines.append("OBSERVED: " + "; ".join(words) + ".")
@@ -205,12 +255,12 @@ def _example() -> list[dict[str, str]]:
     ctx = IncidentContext(entry, (entry,), {"num_running": 40.0, "kv_usage_max": 0.93,
                                             "swapped_blocks_max": 2460.0,
                                             "max_batched_tokens": 2048.0}, (), 300.0)
-    props = proposals(ctx, [book], GpuLimits())
+    props = proposals(ctx, [book], GpuLimits(), per_runbook=1)
     answer = {"runbook": {"id": book.id, "section": "actions"}, "action": props[0].action,
               "params": props[0].params, "evidence_event_ids": [41], "urgency": "medium",
               "confidence": 0.8,
-              "rationale": "Swap storm: 65 percent of the KV cache crossed the host link in "
-                           "10 s with 40 sequences running; fewer seats stop the thrashing."}
+              "rationale": plain_rationale(f"{incident_summary(ctx)}; fewer seats stop the "
+                                           "thrashing.")}
     return [{"role": "user", "content": _user_message(ctx, [book], props)},
             {"role": "assistant", "content": json.dumps(answer)}]
 

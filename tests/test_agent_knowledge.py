@@ -190,7 +190,9 @@ def test_the_knowledge_base_shares_the_file_with_the_telemetry_writer(tmp_path):
     finally:
         kb.close()
         store.close()
-    assert store.dropped == 0 and store.write_errors == 0
+    # Under load the store may find the file busy and retry (counted in write_errors): what
+    # matters is that nothing was lost or refused.
+    assert store.dropped == 0 and store.rejected == 0
     conn = sqlite3.connect(db)
     try:
         assert conn.execute("SELECT COUNT(*) FROM gpu_samples").fetchone()[0] == 400

@@ -27,6 +27,7 @@ from ondo.agent.prompt import (
     Proposal,
     build_messages,
     fact_words,
+    incident_summary,
     prompt_entries,
     proposals,
     retrieval_queries,
@@ -136,7 +137,8 @@ class Agent:
         pairs = [(p.runbook_id, p.action) for p in result.proposals]
         shown = [int(e["seq"]) for e in prompt_entries(ctx)]
         result.schema = recommendation_schema(pairs, shown, books or self.books.values(),
-                                              self.limits, ALWAYS_ALLOWED)
+                                              self.limits, ALWAYS_ALLOWED,
+                                              rationale_prefix=incident_summary(ctx))
         result.messages = build_messages(ctx, books, result.proposals, result.past)
         try:
             answer = ask_model(self.endpoint, result.messages, result.schema)

@@ -237,8 +237,8 @@ def _user_message(ctx: IncidentContext, books: Sequence[Runbook], props: Sequenc
         lines.append("PAST DECISIONS:")
         lines += [f"- {h.title}: {h.body[:160]}" for h in past]
     lines.append("Answer: the runbook and section, the action with its params, the ids of the "
-                 "entries it rests on, urgency, confidence, and one short plain sentence of "
-                 "rationale.")
+                 "entries it rests on, urgency, confidence, and the rationale: the SUMMARY, then "
+                 "'; ' and why this action.")
     return "\n".join(lines)
 
 

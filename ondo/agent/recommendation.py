@@ -82,12 +82,27 @@ class InvalidRecommendation(ValueError):
     """An answer that is not a valid recommendation; the message names the field."""
 
 
+def rationale_pattern(prefix: str | None = None) -> str:
+    """The rationale's pattern; with `prefix` (plain prose), a rationale that starts with it,
+    then "; " and the model's own clause."""
+    if not prefix:
+        return RATIONALE_PATTERN
+    room = MAX_RATIONALE_CHARS - len(prefix) - 3
+    if room < 10:
+        raise ValueError(f"a rationale prefix of {len(prefix)} characters leaves no room")
+    literal = re.sub(r"([.^$*+?()\[\]{}|\\])", r"\\\1", prefix)
+    return rf"^{literal}; [A-Za-z0-9][A-Za-z0-9_ ,.;:%()/'+=-]{{8,{room}}}$"
+
+
 def recommendation_schema(proposals: Sequence[tuple[str, str]], event_ids: Sequence[int],
                           runbooks: Iterable[Runbook], limits: GpuLimits,
-                          always: Sequence[str] = ("page_human", "no_action")) -> dict[str, Any]:
+                          always: Sequence[str] = ("page_human", "no_action"),
+                          rationale_prefix: str | None = None) -> dict[str, Any]:
     """The JSON schema of an answer. `proposals`: (runbook id, action) pairs, best first; an
     answer names a runbook, then one of that runbook's actions or one of `always` (with any
-    of the runbooks), so that runbook, action and params always belong together."""
+    of the runbooks), so that runbook, action and params always belong together. With
+    `rationale_prefix`, the rationale starts with it (the incident's summary: a small model
+    then states the facts rather than what it half-remembers)."""
     books = {b.id: b for b in runbooks}
     for rid, action in proposals:
         if action not in ACTIONS:
@@ -101,7 +116,7 @@ def recommendation_schema(proposals: Sequence[tuple[str, str]], event_ids: Seque
                                "minItems": 1, "maxItems": MAX_EVIDENCE},
         "urgency": {"type": "string", "enum": list(URGENCIES)},
         "confidence": {"type": "number", "minimum": 0, "maximum": 1},
-        "rationale": {"type": "string", "pattern": RATIONALE_PATTERN},
+        "rationale": {"type": "string", "pattern": rationale_pattern(rationale_prefix)},
     }
 
     def variant(rids: list[str], action: str) -> dict[str, Any]:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs ondo's GPU tests and benchmarks in one go on a CUDA machine; results under $OUT.
-# Stages are chosen with STAGES: tests kernels prefill throughput host serve startup trace telemetry turnover.
+# Stages are chosen with STAGES: tests kernels prefill throughput host serve startup trace telemetry turnover structured.
 # THROUGHPUT_ARGS passes extra flags to `ondo bench throughput`.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -60,6 +60,11 @@ for stage in $STAGES; do
       tail -12 "$OUT/trace.log" ;;
     turnover)
       timeout ${TURNOVER_TIMEOUT:-300} python3 bench/kv_turnover.py ${TURNOVER_ARGS:-} 2>&1 | grep "^{" ;;
+    structured)
+      # W1 with a JSON schema on every request against W1 without; mask cost at batch 1 and 256.
+      timeout ${STRUCTURED_TIMEOUT:-480} python3 bench/structured_overhead.py ${STRUCTURED_ARGS:-} \
+        > "$OUT/structured.log" 2>&1
+      grep -v "^{" "$OUT/structured.log" | grep -v Warn | tail -8; grep "^{" "$OUT/structured.log" > "$OUT/structured.json" ;;
     telemetry)
       timeout 120 python3 bench/telemetry_overhead.py --seconds 10 --hz 20 100 2>&1 | tail -20 ;;
   esac

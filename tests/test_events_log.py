@@ -346,7 +346,11 @@ def test_export_and_tail_filter_and_format(tmp_path: Path, capsys) -> None:
 def test_records_the_detectors_could_not_keep_up_with_become_a_telemetry_gap() -> None:
     hub = TelemetryHub()
     live = LiveEvents(hub, queue_size=4)
-    for i in range(2000):  # far faster than the detectors' thread takes them
+    hub.publish(gpu(10.0))  # seen before the flood, so the drops leave a hole after it
+    deadline = time.monotonic() + 10
+    while len(live._sub.queue) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    for i in range(1, 2000):  # far faster than the detectors' thread takes them
         hub.publish(gpu(10.0 + i * 0.01))
     assert live.dropped > 0
     def reported():

@@ -78,7 +78,9 @@ def engine_for(preemption_mode: str, prefix_caching: bool, async_scheduling: boo
 
 
 request_mix = st.lists(
-    st.tuples(st.integers(1, 8), st.integers(1, 30), st.integers(1, 24), st.booleans()),
+    # n, prompt length, max_tokens, shares a prefix, extra sequences for best_of (0: none)
+    st.tuples(st.integers(1, 8), st.integers(1, 30), st.integers(1, 24), st.booleans(),
+              st.integers(0, 3)),
     min_size=1, max_size=12,
 )
 
@@ -95,11 +97,12 @@ def test_every_step_keeps_to_max_num_seqs_and_frees_every_block(mix, mode, prefi
     vocab = TINY_SHAPE["vocab_size"]
     shared = [rng.randrange(vocab) for _ in range(12)]  # some prompts share a prefix
     prompts, params = [], []
-    for n, prompt_len, max_tokens, share in mix:
+    for n, prompt_len, max_tokens, share, extra in mix:
         own = [rng.randrange(vocab) for _ in range(prompt_len)]
         prompts.append((shared + own)[:60] if share else own)
-        params.append(SamplingParams(n=n, temperature=0.8, seed=rng.randrange(1000), max_tokens=max_tokens,
-                                     ignore_eos=True))
+        best_of = min(n + extra, MAX_SEQS) if extra else None
+        params.append(SamplingParams(n=n, best_of=best_of, temperature=0.8, seed=rng.randrange(1000),
+                                     max_tokens=max_tokens, ignore_eos=True))
     seen: list[tuple[int, int]] = []
     scheduler = engine.scheduler
 
@@ -112,7 +115,7 @@ def test_every_step_keeps_to_max_num_seqs_and_frees_every_block(mix, mode, prefi
     finally:
         engine.remove_step_listener(listener)
     assert seen and max(max(b, s) for b, s in seen) <= MAX_SEQS
-    for out, (n, _, max_tokens, _) in zip(outs, mix):
+    for out, (n, _, max_tokens, _, _) in zip(outs, mix):
         assert len(out.outputs) == n
         # A sequence ends at max_tokens or where max_model_len cuts it short.
         limit = min(max_tokens, 64 - len(out.prompt_token_ids))

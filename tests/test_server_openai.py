@@ -182,7 +182,7 @@ def test_client_leaving_a_non_streamed_request_frees_its_blocks(server, async_ll
 
 
 @pytest.mark.parametrize(("path", "body", "status", "param"), [
-    ("/v1/completions", {"prompt": "x", "n": 2}, 400, "n"),
+    ("/v1/completions", {"prompt": "x", "n": 0}, 400, "n"),
     ("/v1/completions", {"prompt": "x", "temperature": "hot"}, 400, "temperature"),
     ("/v1/completions", {"prompt": "x", "temperature": -1}, 400, "temperature"),
     ("/v1/completions", {"prompt": "x", "top_p": 0}, 400, "top_p"),
@@ -201,7 +201,7 @@ def test_client_leaving_a_non_streamed_request_frees_its_blocks(server, async_ll
      "top_logprobs"),
     ("/v1/chat/completions", {"messages": CHAT, "max_completion_tokens": -3}, 400,
      "max_completion_tokens"),
-    ("/v1/chat/completions", {"messages": CHAT, "n": 3}, 400, "n"),
+    ("/v1/chat/completions", {"messages": CHAT, "n": 17}, 400, "n"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
      400, "messages[0].content[0]"),
     ("/detokenize", {"tokens": [-1]}, 400, "tokens"),

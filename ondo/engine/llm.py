@@ -11,6 +11,7 @@ from ondo.engine.config import EngineArgs
 from ondo.engine.llm_engine import LLMEngine
 from ondo.engine.outputs import CompletionOutput, RequestOutput
 from ondo.engine.sampling_params import SamplingParams
+from ondo.engine.structured_outputs import check as check_structured_outputs
 
 log = logging.getLogger(__name__)
 
@@ -52,12 +53,15 @@ class LLM:
             order.append(rid)
             text, ids = _split_prompt(prompt)
             try:
+                if params.structured_outputs is not None:
+                    check_structured_outputs(params.structured_outputs)  # bad input: an error output
                 self.engine.add_request(rid, text, params, prompt_token_ids=ids, stream=False)
             except ValueError as e:
                 log.warning("request %s rejected: %s", rid, e)
                 results[rid] = RequestOutput(
                     rid, text, list(ids or []),
-                    [CompletionOutput(i, "", [], finish_reason="error") for i in range(params.n)],
+                    [CompletionOutput(i, "", [], finish_reason="error", stop_reason=str(e))
+                     for i in range(params.n)],
                     True, error=str(e),
                 )
         while self.engine.has_unfinished_requests():

@@ -14,6 +14,15 @@ was already given a slot in step N+1, whose token is dropped. The engine drains 
 one step synchronously) whenever that cannot work: a penalty needs the host's token
 history, a request with n > 1 is to fork, something is swapped out, or the last
 schedule ran short of blocks (only a drained schedule may preempt).
+
+Structured outputs: a request with a grammar waits outside the scheduler until its grammar
+has compiled (on the compiler's thread), then queues like any other. Each step, the
+sequences with a grammar get their allowed-token masks, computed for the batch at once
+while the forward pass runs on the device and applied to the logits before sampling.
+Under asynchronous scheduling the masks need the previous step's draws: they are read back
+first (they are ready by then; the step in flight is the forward pass queued after them),
+and the masks are filled on a thread while the previous step's outputs are made; the step
+is sampled after both (`_sample`).
 """
 
 from __future__ import annotations
@@ -24,16 +33,17 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 import torch
 
 from ondo.engine.block_manager import BlockManager
 from ondo.engine.config import EngineArgs
+from ondo.engine.grammar import BatchMasks, CompiledGrammar, GrammarCompiler, SequenceGrammar
 from ondo.engine.model_runner import ModelRunner, StepBatch
 from ondo.engine.outputs import CompletionOutput, RequestOutput, WireDelta, wire_delta
-from ondo.engine.sampler import DeviceSample, sample_on_device, to_device
+from ondo.engine.sampler import DeviceSample, TokenMask, sample_on_device, to_device
 from ondo.engine.sampling_params import SamplingParams
 from ondo.engine.scheduler import Scheduler, SchedulerOutput
 from ondo.engine.scheduler_limits import DutyCycleGate, SchedulerLimits
@@ -68,7 +78,7 @@ def resolve_dtype(name: str, device: torch.device, config_dtype: str | None) -> 
 
 def _needs_drained_steps(params: SamplingParams) -> bool:
     """Penalties read the host's token history; a request with n > 1 forks on the host."""
-    return params.has_penalties or params.n > 1
+    return params.has_penalties or params.num_sequences > 1
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
@@ -94,6 +104,10 @@ class _InFlight:
     seqs: list[Sequence]  # the draws' rows, in order
     draws: DeviceSample | None
     start_monotonic_s: float
+    # Launched, not yet sampled (`_sample`): the logits and the grammar masks (being filled
+    # on a thread while the previous step's outputs are made).
+    logits: torch.Tensor | None = None
+    masks: Future[TokenMask | None] | TokenMask | None = None
 
 
 @dataclass
@@ -166,6 +180,12 @@ class LLMEngine:
         self._requests: dict[str, list[Sequence]] = {}  # a request's sequences, by index
         self._text: dict[int, _TextState] = {}  # by seq_id
         self._pending_outputs: list[RequestOutput] = []
+        # Structured outputs: made on the first request that has one.
+        self._grammar_compiler: GrammarCompiler | None = None
+        self._batch_masks: BatchMasks | None = None
+        self._compiling: list[tuple[Sequence, Future[CompiledGrammar]]] = []
+        self._grammars: dict[int, SequenceGrammar] = {}  # by seq_id
+        self._mask_pool = ThreadPoolExecutor(1, thread_name_prefix="ondo-masks")
         # The engine process sets this: plain streamed steps leave as wire tuples (see
         # `_wire_delta`), not as RequestOutputs it would build only to strip them again.
         self.wire_deltas = False
@@ -227,19 +247,65 @@ class LLMEngine:
                 f"the prompt has {len(prompt_token_ids)} tokens, more than max_model_len="
                 f"{self.max_model_len}"
             )
-        if params.n > self.scheduler.max_num_seqs:
-            raise ValueError(f"n={params.n} exceeds max_num_seqs={self.scheduler.max_num_seqs}")
+        num_seqs = params.num_sequences
+        if num_seqs > self.scheduler.max_num_seqs:
+            name = "n" if params.best_of is None else "best_of"
+            raise ValueError(f"{name}={num_seqs} exceeds max_num_seqs={self.scheduler.max_num_seqs}")
+        bad_bias = [t for t in (params.logit_bias or {}) if t >= vocab]
+        if bad_bias:
+            raise ValueError(f"logit_bias names token id {bad_bias[0]}, out of range: ids must "
+                             f"be in [0, {vocab})")
+        if params.structured_outputs is not None and self.tokenizer is None:
+            raise ValueError("structured outputs need the model's tokenizer, and this engine has none")
         seq = Sequence(next(self._seq_ids), request_id, prompt_token_ids, params,
                        arrival_time_s if arrival_time_s is not None else time.monotonic(), prompt=prompt)
-        seq.stream = stream
+        seq.stream = stream and not params.ranks_by_logprob  # the best are known at the end
         seq.detokenize = detokenize
         self._requests[request_id] = [seq]
         if _needs_drained_steps(params):
             self._num_sync_requests += 1
         self._text[seq.seq_id] = self._new_text_state(seq)
-        self.scheduler.add(seq)
+        if params.structured_outputs is None:
+            self.scheduler.add(seq)
+        else:  # waits for its grammar, compiled on a thread, then queues
+            self._compiling.append((seq, self._compiler().submit(params.structured_outputs)))
+            self._admit_compiled()
         self.num_prompt_tokens_total += len(prompt_token_ids)
         return seq
+
+    def _compiler(self) -> GrammarCompiler:
+        if self._grammar_compiler is None:
+            vocab = self.model_config.vocab_size
+            self._grammar_compiler = GrammarCompiler(self.tokenizer.hf_tokenizer, vocab,
+                                                     self.eos_token_ids)
+            self._batch_masks = BatchMasks(vocab, self.device, self.eos_token_ids[0])
+        return self._grammar_compiler
+
+    def _admit_compiled(self) -> None:
+        """Queue the requests whose grammar has compiled; end those whose grammar failed."""
+        if not any(future.done() for _, future in self._compiling):
+            return
+        still: list[tuple[Sequence, Future[CompiledGrammar]]] = []
+        for seq, future in self._compiling:
+            if not future.done():
+                still.append((seq, future))
+                continue
+            error = future.exception()
+            if error is None:
+                self._grammars[seq.seq_id] = SequenceGrammar(future.result())
+                self.scheduler.add(seq)
+                continue
+            seq.status = SequenceStatus.FINISHED
+            seq.finish_reason, seq.stop_reason = "error", str(error)
+            out = self._make_output(seq.request_id)
+            out.error = f"the structured output's grammar could not be compiled: {error}"
+            self._pending_outputs.append(out)
+        self._compiling = still
+
+    def _wait_for_grammars(self, timeout_s: float = 0.05) -> None:
+        """Nothing else to run: wait (briefly, so new commands are not held up) for a grammar."""
+        wait([future for _, future in self._compiling], timeout_s, FIRST_COMPLETED)
+        self._admit_compiled()
 
     def abort_request(self, request_id: str) -> bool:
         """Free the request's blocks now; its final output (finish_reason "abort") comes next step."""
@@ -247,6 +313,11 @@ class LLMEngine:
         if seqs is None:
             return False
         for seq in seqs:
+            if any(seq is s for s, _ in self._compiling):
+                self._compiling = [(s, f) for s, f in self._compiling if s is not seq]
+                seq.status = SequenceStatus.FINISHED
+                seq.finish_reason = "abort"
+                continue
             self.scheduler.finish(seq, "abort")
         self._pending_outputs.append(self._make_output(request_id))
         return True
@@ -255,7 +326,8 @@ class LLMEngine:
         return list(self._requests)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.num_unfinished > 0 or bool(self._pending_outputs) or self._in_flight is not None
+        return (self.scheduler.num_unfinished > 0 or bool(self._pending_outputs)
+                or self._in_flight is not None or bool(self._compiling))
 
     def add_step_listener(self, listener: Callable[[StepStats], None]) -> None:
         self._step_listeners.append(listener)
@@ -274,6 +346,11 @@ class LLMEngine:
         """Schedule and queue the next step; return the outputs of the one before it
         (asynchronous scheduling) or of this one. With `wire_deltas` set, plain streamed
         steps come as `WireDelta` tuples instead."""
+        if self._compiling:
+            if self.scheduler.num_unfinished == 0 and self._in_flight is None:
+                self._wait_for_grammars()
+            else:
+                self._admit_compiled()
         outputs, self._pending_outputs = self._pending_outputs, []
         prev, self._in_flight = self._in_flight, None
         if prev is not None and not self._can_schedule_ahead(prev):
@@ -290,6 +367,7 @@ class LLMEngine:
         if prev is not None:
             self.num_steps_ahead += 1
             outputs.extend(self._finish(prev))
+        self._sample(launched)
         if self.async_scheduling:
             self._in_flight = launched
         else:
@@ -331,26 +409,64 @@ class LLMEngine:
             # draws its own first token from the prompt's logits row.
             rows: list[int] = []
             for row, seq in enumerate(sampling):
-                for s in (seq, *self._fork(seq)) if seq.params.n > 1 else (seq,):
+                for s in (seq, *self._fork(seq)) if seq.params.num_sequences > 1 else (seq,):
                     rows.append(row)
                     seqs.append(s)
             if len(seqs) != len(sampling):
                 logits = logits.index_select(0, to_device(rows, torch.int64, logits.device))
-            draws = sample_on_device(
-                logits,
-                [s.params for s in seqs],
-                [s.num_output_tokens + s.num_pending_tokens for s in seqs],
-                self.generator,
-                history=lambda: ([s.prompt_token_ids for s in seqs], [s.output_token_ids for s in seqs]),
-            )
-            draws.start_copy()
-            for row, s in enumerate(seqs):
-                s.num_pending_tokens += 1
-                s.pending_row = row
+        masks = self._token_mask(seqs, prev) if self._grammars and seqs else None
         timing["prepare"] += t_prepared - t0
         timing["launch"] += t_launched - t_prepared
         timing["sample"] += time.perf_counter() - t_launched
-        return _InFlight(sched, batch, seqs, draws, start)
+        return _InFlight(sched, batch, seqs, draws, start, logits, masks)
+
+    def _sample(self, f: _InFlight) -> None:
+        """Queue the launched step's draws on the device (after its masks are filled)."""
+        if f.logits is None:
+            return
+        t0 = time.perf_counter()
+        seqs = f.seqs
+        masks = f.masks.result() if isinstance(f.masks, Future) else f.masks
+        f.draws = sample_on_device(
+            f.logits,
+            [s.params for s in seqs],
+            [s.num_output_tokens + s.num_pending_tokens for s in seqs],
+            self.generator,
+            history=lambda: ([s.prompt_token_ids for s in seqs], [s.output_token_ids for s in seqs]),
+            mask=masks,
+        )
+        f.draws.start_copy()
+        f.logits = f.masks = None
+        for row, s in enumerate(seqs):
+            s.num_pending_tokens += 1
+            s.pending_row = row
+        self.step_timing_s["sample"] += time.perf_counter() - t0
+
+    def _token_mask(self, seqs: list[Sequence],
+                    prev: _InFlight | None) -> Future[TokenMask | None] | TokenMask | None:
+        """The allowed tokens of the rows with a grammar, for the whole batch. Each matcher
+        first catches up with its sequence, including a token of `prev` still on the device;
+        then, with a step ahead (`prev`), the masks are filled on a thread while the host
+        makes `prev`'s outputs (which must not touch these matchers meanwhile)."""
+        rows = [(row, s) for row, s in enumerate(seqs) if s.seq_id in self._grammars]
+        if not rows:
+            return None
+        drawn: list[int] | None = None
+        if prev is not None and prev.draws is not None and any(s.num_pending_tokens for _, s in rows):
+            drawn = prev.draws.to_host().token_ids  # ready: queued before this step's forward
+        grammars = []
+        for _, s in rows:
+            g = self._grammars[s.seq_id]
+            pending = drawn[s.pending_row] if s.num_pending_tokens and drawn is not None else None
+            g.sync(s.token_ids, s.num_prompt_tokens, pending)
+            grammars.append(g)
+        index = None if len(rows) == len(seqs) else to_device([row for row, _ in rows], torch.int64,
+                                                               self.device)
+
+        def fill() -> TokenMask:
+            return TokenMask(self._batch_masks.fill(grammars), index)
+
+        return self._mask_pool.submit(fill) if prev is not None else fill()
 
     def _finish(self, f: _InFlight) -> list[RequestOutput]:
         """Read a step's draws back (waiting for the GPU), append them, check stops."""
@@ -393,7 +509,8 @@ class LLMEngine:
         seq = group[0]
         state = self._text[seq.seq_id]
         if (len(group) != 1 or seq.is_finished or state.emitted_tokens == 0
-                or state.detokenizer is not None or seq.params.n != 1 or seq.params.logprobs is not None):
+                or state.detokenizer is not None or seq.params.num_sequences != 1
+                or seq.params.logprobs is not None):
             return None
         new_ids = seq.token_ids[len(seq.prompt_token_ids) + state.emitted_tokens:]
         state.emitted_tokens = seq.num_output_tokens
@@ -409,10 +526,11 @@ class LLMEngine:
         """The n-1 further sequences of a request about to sample its first token; none
         for n = 1 or once forked."""
         group = self._requests[parent.request_id]
-        if parent.params.n == 1 or len(group) > 1:
+        if parent.params.num_sequences == 1 or len(group) > 1:
             return []
         children = []
-        for i in range(1, parent.params.n):
+        grammar = self._grammars.get(parent.seq_id)
+        for i in range(1, parent.params.num_sequences):
             child = Sequence(next(self._seq_ids), parent.request_id, parent.prompt_token_ids,
                              parent.params.for_sequence(i), parent.arrival_time_s, prompt=parent.prompt,
                              token_ids=list(parent.token_ids), index=i,
@@ -421,6 +539,8 @@ class LLMEngine:
                              detokenize=parent.detokenize)
             self.scheduler.fork(parent, child)
             self._text[child.seq_id] = self._new_text_state(child)
+            if grammar is not None:
+                self._grammars[child.seq_id] = grammar.fork()
             group.append(child)
             children.append(child)
         return children
@@ -433,7 +553,8 @@ class LLMEngine:
         self.block_manager.cache_full_blocks(seq)  # a block its new token completed
         if logprobs is not None:
             seq.output_logprobs.append(logprobs)
-            seq.cumulative_logprob += sampled_lp or 0.0
+        if sampled_lp is not None:
+            seq.cumulative_logprob += sampled_lp
         state = self._text[seq.seq_id]
         new_text_len = 0
         if state.detokenizer is not None:
@@ -441,12 +562,21 @@ class LLMEngine:
             state.text += delta
             new_text_len = len(delta)
         p = seq.params
+        grammar = self._grammars.get(seq.seq_id)
+        if grammar is not None:
+            grammar.sync(seq.token_ids, seq.num_prompt_tokens)
+            if grammar.error is not None:  # the mask should have made this impossible
+                log.error("request %s: %s", seq.request_id, grammar.error)
+                seq.stop_reason = f"the output left its grammar: {grammar.error}"
+                self.scheduler.finish(seq, "error")
+                return
         decision = check_stop(
             token_id=token, num_output_tokens=seq.num_output_tokens, num_tokens=seq.num_tokens,
             text=state.text, new_text_len=new_text_len,
             eos_token_ids=self.eos_token_ids, stop_token_ids=p.stop_token_ids, stop_strings=p.stop_list,
             include_stop_str=p.include_stop_str_in_output, ignore_eos=p.ignore_eos,
             min_tokens=p.min_tokens, max_tokens=p.max_tokens, max_model_len=self.max_model_len,
+            grammar_complete=grammar is not None and grammar.is_complete,
         )
         if decision.finish_reason is not None:
             if decision.truncate_text_to is not None:
@@ -460,10 +590,14 @@ class LLMEngine:
         seqs = self._requests[request_id]
         parent = seqs[0]
         completions = [self._completion(seq) for seq in seqs]
-        if len(seqs) < parent.params.n:  # aborted before the fork: the others never started
-            completions += [dataclasses.replace(completions[0], index=i, new_text="", new_token_ids=[],
-                                                new_logprobs=None) for i in range(len(seqs), parent.params.n)]
         finished = all(seq.is_finished for seq in seqs)
+        n = parent.params.n
+        if finished and parent.params.ranks_by_logprob:  # best_of: the n most likely, in order
+            ranked = sorted(zip(seqs, completions), key=lambda sc: -sc[0].cumulative_logprob)[:n]
+            completions = [dataclasses.replace(c, index=i) for i, (_, c) in enumerate(ranked)]
+        if len(completions) < n:  # aborted before the fork: the others never started
+            completions += [dataclasses.replace(completions[0], index=i, new_text="", new_token_ids=[],
+                                                new_logprobs=None) for i in range(len(completions), n)]
         metrics = {"arrival_time_s": parent.arrival_time_s}
         first_scheduled = [s.first_scheduled_s for s in seqs if s.first_scheduled_s is not None]
         if first_scheduled:
@@ -516,6 +650,7 @@ class LLMEngine:
             self._num_sync_requests -= 1
         for seq in seqs:
             self._text.pop(seq.seq_id, None)
+            self._grammars.pop(seq.seq_id, None)
 
     def _emit_step_stats(self, sched: SchedulerOutput, batch, start: float, num_out: int) -> None:
         self._step_index += 1
@@ -552,11 +687,16 @@ class LLMEngine:
             "num_swapped_out_blocks": bm.num_swapped_out_blocks,
             "num_swapped_in_blocks": bm.num_swapped_in_blocks,
             "num_running": len(sch.running),
-            "num_waiting": len(sch.waiting),
+            "num_waiting": len(sch.waiting) + len(self._compiling),
             "num_swapped": len(sch.swapped),
             "kv_cache_usage": bm.num_used_blocks / max(bm.num_total_blocks, 1),
             "num_prompt_tokens_total": self.num_prompt_tokens_total,
             "num_generation_tokens_total": self.num_generation_tokens_total,
+            # Structured outputs: grammars compiled and found in the cache; mask host time.
+            "num_grammars_compiled": self._grammar_compiler.num_compiled if self._grammar_compiler else 0,
+            "num_grammar_cache_hits": self._grammar_compiler.num_cache_hits if self._grammar_compiler else 0,
+            "grammar_mask_steps": self._batch_masks.num_steps if self._batch_masks else 0,
+            "grammar_mask_s": self._batch_masks.fill_s if self._batch_masks else 0.0,
             "block_size": bm.block_size,
             "prefix_cache_queries": bm.prefix_cache_queries,  # tokens looked up
             "prefix_cache_hits": bm.prefix_cache_hits,  # tokens found cached, not recomputed

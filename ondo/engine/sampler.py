@@ -1,4 +1,5 @@
-"""From logits to next tokens: penalties, temperature, top-k/top-p/min-p, seeded draws, logprobs.
+"""From logits to next tokens: penalties, logit bias, grammar masks, temperature,
+top-k/top-p/min-p, seeded draws, logprobs.
 
 Rows are sequences that sample this step. Work is vectorized over rows; only rows
 with a per-request seed get their own generator, so a seeded request draws the same
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ondo.engine.grammar import apply_bitmask
 from ondo.engine.sampling_params import SamplingParams
 
 
@@ -64,6 +66,33 @@ def apply_penalties(
             logits[row] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
 
 
+def apply_logit_bias(logits: torch.Tensor, params: list[SamplingParams]) -> None:
+    """In place, for the whole batch in one indexed add: each row's logit_bias."""
+    rows: list[int] = []
+    cols: list[int] = []
+    vals: list[float] = []
+    vocab = logits.shape[1]
+    for row, p in enumerate(params):
+        for token, bias in (p.logit_bias or {}).items():
+            if token < vocab:
+                rows.append(row)
+                cols.append(token)
+                vals.append(float(bias))
+    if rows:
+        device = logits.device
+        logits.index_put_((to_device(rows, torch.int64, device), to_device(cols, torch.int64, device)),
+                          to_device(vals, logits.dtype, device), accumulate=True)
+
+
+@dataclass
+class TokenMask:
+    """Allowed tokens of the rows with a grammar: bit t of bitmask row i set means token t
+    may follow in logits row rows[i] (rows None: bitmask row i is logits row i)."""
+
+    bitmask: torch.Tensor  # [rows, ceil(vocab / 32)] int32, on the logits' device
+    rows: torch.Tensor | None = None
+
+
 def _filter(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
     """Mask what top-k, top-p and min-p exclude (per-row parameters; 0/1/0 mean off).
     Which filters run is decided from the host-side parameters: no device sync."""
@@ -102,6 +131,7 @@ class DeviceSample:
     top_ids: torch.Tensor | None = None
     _host: tuple[torch.Tensor | None, ...] | None = None
     _ready: torch.cuda.Event | None = None
+    _result: SamplerOutput | None = None
 
     def start_copy(self) -> None:
         parts = (self.tokens, self.chosen_logprobs, self.top_vals, self.top_ids)
@@ -113,6 +143,8 @@ class DeviceSample:
         self._ready.record()
 
     def to_host(self) -> SamplerOutput:
+        if self._result is not None:
+            return self._result
         if self._host is None:
             self.start_copy()
         if self._ready is not None:
@@ -128,6 +160,8 @@ class DeviceSample:
             top_ids_l = top_ids.tolist() if top_ids is not None else None
             for row, p in enumerate(self.params):
                 if p.logprobs is None:
+                    if p.ranks_by_logprob:
+                        sampled_lp[row] = chosen_l[row]
                     continue
                 d = {token_list[row]: chosen_l[row]}
                 if p.logprobs and top_ids_l is not None:
@@ -135,20 +169,24 @@ class DeviceSample:
                         d.setdefault(tid, val)
                 logprob_dicts[row] = d
                 sampled_lp[row] = chosen_l[row]
-        return SamplerOutput(token_list, logprob_dicts, sampled_lp)
+        self._result = SamplerOutput(token_list, logprob_dicts, sampled_lp)
+        return self._result
 
 
+@torch.inference_mode()  # the logits are inference tensors: bias and masks apply in place
 def sample_on_device(
     logits: torch.Tensor,  # [N, vocab] float32, raw model output
     params: list[SamplingParams],
     output_lens: list[int],  # tokens each row has generated before this draw (for seeded draws)
     generator: torch.Generator | None = None,
     history: Callable[[], tuple[list[list[int]], list[list[int]]]] | None = None,
+    mask: TokenMask | None = None,
 ) -> DeviceSample:
     """The draws, queued on the logits' device without waiting for it. `history()` gives
-    (prompt ids, output ids) per row; called only if a penalty needs it."""
+    (prompt ids, output ids) per row; called only if a penalty needs it. Log-probabilities
+    are the model's own (before penalties, bias and masks), as vLLM reports them."""
     device = logits.device
-    want_logprobs = any(p.logprobs is not None for p in params)
+    want_logprobs = any(p.logprobs is not None or p.ranks_by_logprob for p in params)
     raw_logprobs = logits.log_softmax(-1) if want_logprobs else None
 
     if any(p.has_penalties for p in params):
@@ -157,6 +195,10 @@ def sample_on_device(
         prompt_ids, output_ids = history()
         logits = logits.clone()
         apply_penalties(logits, params, prompt_ids, output_ids)
+    if any(p.logit_bias for p in params):
+        apply_logit_bias(logits, params)
+    if mask is not None:
+        apply_bitmask(logits, mask.rows, mask.bitmask)
 
     tokens = logits.argmax(-1)
     if not all(p.greedy for p in params):
@@ -189,6 +231,7 @@ def sample(
     output_lens: list[int],
     generator: torch.Generator | None = None,
     history: Callable[[], tuple[list[list[int]], list[list[int]]]] | None = None,
+    mask: TokenMask | None = None,
 ) -> SamplerOutput:
     """`sample_on_device`, read back at once."""
-    return sample_on_device(logits, params, output_lens, generator, history).to_host()
+    return sample_on_device(logits, params, output_lens, generator, history, mask).to_host()

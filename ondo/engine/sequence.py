@@ -87,7 +87,8 @@ class Sequence:
     def num_seats(self) -> int:
         """Places of `max_num_seqs` it holds: a request with n > 1 holds n from admission
         on, since it becomes n sequences when its first token is sampled."""
-        return self.params.n if self.params.n > 1 and self.index == 0 and not self.forked else 1
+        n = self.params.num_sequences
+        return n if n > 1 and self.index == 0 and not self.forked else 1
 
     @property
     def is_finished(self) -> bool:

@@ -1,4 +1,5 @@
-"""When a sequence is done: EOS, stop token ids, stop strings, max_tokens, max_model_len."""
+"""When a sequence is done: EOS, stop token ids, stop strings, a complete structured output,
+max_tokens, max_model_len."""
 
 from __future__ import annotations
 
@@ -27,7 +28,11 @@ def check_stop(
     min_tokens: int,
     max_tokens: int | None,
     max_model_len: int,
+    grammar_complete: bool = False,
 ) -> StopDecision:
+    """`grammar_complete`: the output is a whole sentence of its grammar and nothing but EOS
+    may follow, so it ends ("stop") whatever min_tokens and ignore_eos say: a token past
+    it could only break it."""
     if num_output_tokens >= min_tokens:
         if not ignore_eos and token_id in eos_token_ids:
             return StopDecision("stop", None)
@@ -46,6 +51,8 @@ def check_stop(
                 i, s = best
                 end = i + len(s) if include_stop_str else i
                 return StopDecision("stop", s, end)
+    if grammar_complete:
+        return StopDecision("stop")
     if max_tokens is not None and num_output_tokens >= max_tokens:
         return StopDecision("length")
     if num_tokens >= max_model_len:

@@ -43,14 +43,16 @@ class Tokenizer:
         messages: list[dict[str, Any]],
         add_generation_prompt: bool = True,
         tokenize: bool = True,
+        tools: list[dict[str, Any]] | None = None,
     ) -> list[int] | str:
         if not self.has_chat_template:
             raise ValueError(
                 f"the tokenizer from {self.source} has no chat template; "
                 "send a plain completion prompt instead"
             )
+        extra = {"tools": tools} if tools else {}
         result = self.hf_tokenizer.apply_chat_template(
-            messages, add_generation_prompt=add_generation_prompt, tokenize=tokenize
+            messages, add_generation_prompt=add_generation_prompt, tokenize=tokenize, **extra
         )
         if not tokenize:
             return str(result)

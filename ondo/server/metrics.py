@@ -88,7 +88,7 @@ class ServerMetrics:
         last_token_s: float | None = None
         async for out in outputs:
             now = time.monotonic()
-            if out.outputs[0].new_token_ids:
+            if any(c.new_token_ids for c in out.outputs):  # n > 1: any of its sequences
                 if last_token_s is None:
                     first = out.metrics.get("first_token_s")
                     arrival = out.metrics.get("arrival_time_s")

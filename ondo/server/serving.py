@@ -16,6 +16,7 @@ from pydantic import BaseModel
 from ondo.engine.async_llm import AsyncLLM
 from ondo.engine.outputs import RequestOutput
 from ondo.engine.sampling_params import SamplingParams
+from ondo.engine.structured_outputs import StructuredOutputsParams
 from ondo.server.errors import APIError, bad_request, from_engine_exception, from_sampling_error
 from ondo.server.metrics import ServerMetrics
 from ondo.server.protocol import UsageInfo
@@ -86,14 +87,21 @@ class ServingContext:
         return requested
 
     def sampling_params(self, request: Any, max_tokens: int | None, logprobs: int | None,
-                        rename: dict[str, str]) -> SamplingParams:
+                        rename: dict[str, str],
+                        structured: StructuredOutputsParams | None = None) -> SamplingParams:
         def given(value: Any, default: Any) -> Any:
             return default if value is None else value
 
-        if request.n is not None and request.n != 1:
-            raise bad_request(f"n={request.n} is not supported: only n=1 for now", "n")
+        n, best_of = given(request.n, 1), getattr(request, "best_of", None)
+        if best_of is not None and best_of != n and request.stream:
+            raise bad_request(f"best_of={best_of} with n={n} cannot be streamed: the best "
+                              "sequences are known only when all have finished", "best_of")
         try:
             return SamplingParams(
+                n=n,
+                best_of=best_of,
+                logit_bias=self.logit_bias(getattr(request, "logit_bias", None)),
+                structured_outputs=structured,
                 temperature=given(request.temperature, 1.0),
                 top_p=given(request.top_p, 1.0),
                 top_k=given(request.top_k, 0),
@@ -113,6 +121,23 @@ class ServingContext:
             )
         except ValueError as e:
             raise from_sampling_error(e, rename) from e
+
+    def logit_bias(self, bias: dict[str, float] | None) -> dict[int, float] | None:
+        """OpenAI's logit_bias (token ids as JSON keys) with ids checked against the vocabulary."""
+        if not bias:
+            return None
+        vocab = self.async_llm.vocab_size
+        out: dict[int, float] = {}
+        for key, value in bias.items():
+            try:
+                token = int(key)
+            except ValueError:
+                raise bad_request(f"logit_bias key {key!r} is not a token id", "logit_bias") from None
+            if not 0 <= token < vocab:
+                raise bad_request(f"logit_bias names token id {token}, out of range: ids must be "
+                                  f"in [0, {vocab})", "logit_bias")
+            out[token] = value
+        return out
 
     def generate(self, request_id: str, prompt_ids: list[int],
                  params: SamplingParams) -> AsyncIterator[RequestOutput]:

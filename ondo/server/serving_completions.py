@@ -1,4 +1,5 @@
-"""POST /v1/completions: one prompt or a list (text or token ids), streamed or not."""
+"""POST /v1/completions: one prompt or a list (text or token ids), streamed or not; n
+completions of each (choice index = prompt index * n + completion index, as OpenAI's)."""
 
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ from ondo.server.serving import (
     until_disconnected,
     usage,
 )
+from ondo.server.structured_request import structured_outputs
 
 
 def _prompts(ctx: ServingContext, prompt: object) -> list[tuple[str | None, list[int]]]:
@@ -75,19 +77,19 @@ def _logprobs(ctx: ServingContext, token_ids: list[int], logprobs: list[dict[int
 
 async def create_completion(ctx: ServingContext, body: CompletionRequest, raw: Request) -> Response:
     ctx.check_model(body.model)
-    if body.best_of is not None and body.best_of != 1:
-        raise bad_request(f"best_of={body.best_of} is not supported: only 1 for now", "best_of")
     if body.suffix:
         raise bad_request("suffix is not supported", "suffix")
     if body.echo and body.logprobs is not None:
         raise bad_request("echo with logprobs would need prompt logprobs, which are not "
                           "supported; drop one of them", "echo")
+    structured, _ = structured_outputs(body)
     prompts = _prompts(ctx, body.prompt)
     params = []
     for i, (_, ids) in enumerate(prompts):
         prompt_param = "prompt" if len(prompts) == 1 else f"prompt[{i}]"
         max_tokens = ctx.resolve_max_tokens(len(ids), body.max_tokens, "max_tokens", prompt_param)
-        params.append(ctx.sampling_params(body, max_tokens, body.logprobs, {}))
+        params.append(ctx.sampling_params(body, max_tokens, body.logprobs, {}, structured))
+    n = params[0].n
     request_id = random_id("cmpl")
     streams = [ctx.generate(f"{request_id}-{i}", ids, p)
                for i, ((_, ids), p) in enumerate(zip(prompts, params))]
@@ -99,7 +101,7 @@ async def create_completion(ctx: ServingContext, body: CompletionRequest, raw: R
         if body.stream:
             first = await until_disconnected(raw, first_item(merged))
             return StreamingResponse(
-                _stream(ctx, body, request_id, prompts, echo, num_top, first, merged),
+                _stream(ctx, body, request_id, prompts, echo, num_top, n, first, merged),
                 media_type="text/event-stream")
         finals = await until_disconnected(raw, _collect(merged, len(prompts)))
     except ClientDisconnected:
@@ -110,12 +112,13 @@ async def create_completion(ctx: ServingContext, body: CompletionRequest, raw: R
     completion_tokens = 0
     for i, out in enumerate(finals):
         check_finished_ok(out)
-        c = out.outputs[0]
-        completion_tokens += len(c.token_ids)
-        choices.append(CompletionChoice(
-            index=i, text=echo[i] + c.text, finish_reason=c.finish_reason, stop_reason=c.stop_reason,
-            logprobs=(_logprobs(ctx, c.token_ids, c.logprobs, num_top, 0)
-                      if body.logprobs is not None else None)))
+        for c in sorted(out.outputs, key=lambda c: c.index):
+            completion_tokens += len(c.token_ids)
+            choices.append(CompletionChoice(
+                index=i * n + c.index, text=echo[i] + c.text, finish_reason=c.finish_reason,
+                stop_reason=c.stop_reason,
+                logprobs=(_logprobs(ctx, c.token_ids, c.logprobs, num_top, 0)
+                          if body.logprobs is not None else None)))
     prompt_tokens = sum(len(ids) for _, ids in prompts)
     return CompletionResponse(id=request_id, model=ctx.model_name, choices=choices,
                               usage=usage(prompt_tokens, completion_tokens))
@@ -134,12 +137,14 @@ async def _collect(merged: AsyncIterator[tuple[int, RequestOutput]], n: int) -> 
 
 async def _stream(ctx: ServingContext, body: CompletionRequest, request_id: str,
                   prompts: list[tuple[str | None, list[int]]], echo: list[str], num_top: int,
-                  first: tuple[int, RequestOutput] | None,
+                  n: int, first: tuple[int, RequestOutput] | None,
                   merged: AsyncIterator[tuple[int, RequestOutput]]) -> AsyncIterator[str]:
     created = CompletionResponse(id=request_id, model=ctx.model_name, choices=[]).created
-    completion_tokens = [0] * len(prompts)
-    text_len = [len(e) for e in echo]
-    echoed = [not e for e in echo]
+    completion_tokens = 0
+    # By choice index (prompt index * n + completion index).
+    text_len = [len(echo[i // n]) for i in range(len(prompts) * n)]
+    echoed = [not echo[i // n] for i in range(len(prompts) * n)]
+    done = [False] * (len(prompts) * n)  # its finish_reason went out (n > 1: one ends first)
 
     async def items() -> AsyncIterator[tuple[int, RequestOutput]]:
         if first is not None:
@@ -148,30 +153,33 @@ async def _stream(ctx: ServingContext, body: CompletionRequest, request_id: str,
             yield item
 
     try:
-        async for index, out in items():
+        async for prompt_index, out in items():
             check_finished_ok(out)
-            c = out.outputs[0]
-            completion_tokens[index] += len(c.new_token_ids)
-            text = c.new_text
-            if not echoed[index]:
-                text, echoed[index] = echo[index] + text, True
-            if not text and not c.finished and (body.logprobs is None or not c.new_token_ids):
-                continue
-            lp = None
-            if body.logprobs is not None:
-                lp = _logprobs(ctx, c.new_token_ids, c.new_logprobs, num_top, text_len[index])
-            text_len[index] += len(text)
-            chunk = CompletionResponse(
-                id=request_id, created=created, model=ctx.model_name,
-                choices=[CompletionChoice(index=index, text=text, logprobs=lp,
-                                          finish_reason=c.finish_reason if c.finished else None,
-                                          stop_reason=c.stop_reason if c.finished else None)])
-            yield sse(chunk)
+            for c in out.outputs:
+                index = prompt_index * n + c.index
+                if done[index]:
+                    continue
+                done[index] = c.finished
+                completion_tokens += len(c.new_token_ids)
+                text = c.new_text
+                if not echoed[index]:
+                    text, echoed[index] = echo[prompt_index] + text, True
+                if not text and not c.finished and (body.logprobs is None or not c.new_token_ids):
+                    continue
+                lp = None
+                if body.logprobs is not None:
+                    lp = _logprobs(ctx, c.new_token_ids, c.new_logprobs, num_top, text_len[index])
+                text_len[index] += len(text)
+                chunk = CompletionResponse(
+                    id=request_id, created=created, model=ctx.model_name,
+                    choices=[CompletionChoice(index=index, text=text, logprobs=lp,
+                                              finish_reason=c.finish_reason if c.finished else None,
+                                              stop_reason=c.stop_reason if c.finished else None)])
+                yield sse(chunk)
         if body.stream_options and body.stream_options.include_usage:
             prompt_tokens = sum(len(ids) for _, ids in prompts)
             yield sse(CompletionResponse(id=request_id, created=created, model=ctx.model_name,
-                                         choices=[], usage=usage(prompt_tokens,
-                                                                 sum(completion_tokens))))
+                                         choices=[], usage=usage(prompt_tokens, completion_tokens)))
     except Exception as e:
         yield sse_error(e)
     finally:

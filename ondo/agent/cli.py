@@ -38,9 +38,10 @@ def add_endpoint_args(p: argparse.ArgumentParser, serve: bool = False) -> None:
 
 def add_agent_args(p: argparse.ArgumentParser) -> None:
     """The flags `ondo serve` takes for the agent."""
-    p.add_argument("--agent", choices=("on", "off"), default="on",
+    p.add_argument("--agent", choices=("on", "off"), default=None,
                    help="recommend actions on new incidents (needs --events on): the model "
-                        "through the OpenAI API, the rules where it fails")
+                        "through the OpenAI API, the rules where it fails (default: on where "
+                        "its packages are installed, else off with a log line saying so)")
     add_endpoint_args(p, serve=True)
     p.add_argument("--agent-interval-s", type=float, default=None,
                    help="at most one recommendation per this many seconds (default 60)")
@@ -70,11 +71,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--mode", choices=("fused", "bm25", "vector"), default="fused")
     s.add_argument("-k", type=int, default=5, help="hits to show")
     s.add_argument("--json", action="store_true")
-    s.set_defaults(func=search_cmd)
+    s.set_defaults(func=_needs_packages(search_cmd))
 
     i = sub.add_parser("index", help="index the runbooks and the database's event log")
     i.add_argument("--db", required=True)
-    i.set_defaults(func=index_cmd)
+    i.set_defaults(func=_needs_packages(index_cmd))
 
     r = sub.add_parser("recommend", help="recommend an action for an incident in a database")
     r.add_argument("--db", required=True)
@@ -86,7 +87,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="print only; do not append recommendation_issued to the log")
     r.add_argument("--show-prompt", action="store_true", help="print the prompt and schema")
     r.add_argument("--json", action="store_true")
-    r.set_defaults(func=recommend_cmd)
+    r.set_defaults(func=_needs_packages(recommend_cmd))
 
     e = sub.add_parser("eval", help="scripted incidents end to end, and retrieval recall")
     e.add_argument("--rules-only", action="store_true", help="no model: the rules baseline")
@@ -94,13 +95,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     e.add_argument("--incident", action="append", default=[], help="only this one (repeatable)")
     e.add_argument("--keep", default=None, help="keep the incidents' databases in this folder")
     e.add_argument("--json", action="store_true")
-    e.set_defaults(func=eval_cmd)
+    e.set_defaults(func=_needs_packages(eval_cmd))
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
 
 
 def _fail(message: str, code: int = 2) -> int:
     print(f"error: {message}", file=sys.stderr)
     return code
+
+
+def _needs_packages(func):
+    """A command that needs the agent's packages says which are missing, not a traceback."""
+    def run(args: argparse.Namespace) -> int:
+        from ondo.agent.packages import INSTALL_HINT, missing_packages
+
+        missing = missing_packages()
+        if missing:
+            return _fail(f"ondo agent {args.agent_command} needs {', '.join(missing)}, not "
+                         f"installed here; {INSTALL_HINT}", 1)
+        return func(args)
+    return run
 
 
 def search_cmd(args: argparse.Namespace) -> int:

@@ -110,8 +110,9 @@ def start_events(config, telemetry, registry: CollectorRegistry, async_llm: Asyn
 
 
 def agent_config(args: argparse.Namespace, events_config):
-    """The agent's checked settings (None with --agent off or no event log to watch)."""
-    if getattr(args, "agent", "off") != "on" or events_config is None:
+    """The agent's checked settings (None with --agent off, no event log to watch, or its
+    packages missing: it says so)."""
+    if getattr(args, "agent", "off") == "off" or events_config is None:
         return None
     from ondo.agent.serve import agent_settings
 

@@ -5,14 +5,16 @@ from the hub (a bounded queue: publishing never waits; a full queue drops its ol
 record). When the detectors open an incident it waits `settle_s` for the entries that come
 with it, then recommends on the latest incident: at most one recommendation per
 `interval_s` (incidents in between are folded into the next one, counted in
-`coalesced`). The knowledge base lives in the telemetry database (in memory without one)
-and is built on the first incident, so a server that never has one never loads the
-embedding model; every log entry is indexed as it arrives from then on. The
-recommendation is appended to the server's own event log (`recommendation_issued`).
+`coalesced`). The knowledge base lives in the telemetry database (in memory without one),
+reached only from a process of its own (`process.py`: the store writes the same file with
+another copy of SQLite), started on the first incident, so a server that never has one
+never loads the embedding model; every log entry is indexed as it arrives from then on.
+The recommendation is appended to the server's own event log (`recommendation_issued`).
 
-The model is asked over HTTP, from this thread, with a deadline: the engine and the
-server's event loop never wait on the agent. By default it asks the server it runs in (its
-own embedded model), so a recommendation costs one short request on the engine.
+The model is asked over HTTP from that process with a deadline, while this thread waits:
+the engine and the server's event loop never wait on the agent. By default it asks the
+server it runs in (its own embedded model), so a recommendation costs one short request on
+the engine.
 """
 
 from __future__ import annotations
@@ -29,10 +31,11 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, Metric
 
 from ondo.agent.actions import GpuLimits
-from ondo.agent.agent import Agent, AgentResult, recommendation_draft
+from ondo.agent.agent import AgentResult, recommendation_draft
 from ondo.agent.client import ModelEndpoint
 from ondo.agent.context import WINDOW_S, build_context, is_incident
-from ondo.agent.knowledge import KnowledgeBase
+from ondo.agent.process import AgentProcess
+from ondo.agent.serve import DEFAULT_INTERVAL_S
 from ondo.events.detectors.twin import is_twin_snapshot
 from ondo.events.log import EventLog
 from ondo.events.schema import Event
@@ -42,7 +45,6 @@ from ondo.twin.params import TwinParams, h100_params
 
 log = logging.getLogger(__name__)
 
-DEFAULT_INTERVAL_S = 60.0
 DEFAULT_SETTLE_S = 1.0
 UNINDEXED_MAX = 10_000  # entries kept for the knowledge base until an incident builds it
 
@@ -70,8 +72,7 @@ class LiveAgent:
         self._pending: dict[str, Any] | None = None
         self._pending_since = 0.0
         self._last_run = float("-inf")
-        self._kb: KnowledgeBase | None = None
-        self._agent: Agent | None = None
+        self._process = AgentProcess(db_path, endpoint, self.limits)  # started on first use
         self._stop = threading.Event()
         self._sub = hub.subscribe(maxsize=queue_size)
         self._thread = threading.Thread(target=self._run, name="ondo-agent", daemon=True)
@@ -127,22 +128,13 @@ class LiveAgent:
         while self._entries and float(self._entries[0]["t_monotonic_s"]) < t0:
             self._entries.popleft()
 
-    def _knowledge(self) -> Agent:
-        if self._agent is None:
-            self._kb = KnowledgeBase(self.db_path or ":memory:")
-            self._kb.sync_runbooks()
-            self._agent = Agent(self._kb, self.endpoint, self.limits)
-        return self._agent
-
     def _recommend(self, incident: dict[str, Any]) -> None:
-        agent = self._knowledge()
-        assert self._kb is not None
+        # What the store has written (older than the buffer too), and what it may not have
+        # yet; the first call starts the process and loads the embedding model.
+        self._process.index(list(self._unindexed))
+        self._unindexed.clear()
         if self._stop.is_set():  # the server is stopping: loading took that long
             return
-        if self.db_path is not None:
-            self._kb.index_log()  # what the store has written (older than the buffer too)
-        self._kb.index_entries(list(self._unindexed))  # and what it may not have yet
-        self._unindexed.clear()
         gpu_index = incident["subject"].get("gpu")
         gpus = self._gpu.get(gpu_index) if isinstance(gpu_index, int) else None
         if gpus is None and self._gpu:
@@ -155,7 +147,7 @@ class LiveAgent:
             twin = replay_twin_snapshot(self.params, gpu, list(self._steps))
         ctx = build_context(incident, list(self._entries), gpu, list(self._steps), twin,
                             self.params)
-        result = agent.recommend(ctx)
+        result = self._process.recommend(ctx)
         self.last = result
         rec = result.recommendation
         self.events.append(recommendation_draft(rec, ctx, time.monotonic(), time.time()))
@@ -165,16 +157,16 @@ class LiveAgent:
                  f": {rec.fallback_reason}" if rec.fallback_reason else "", result.latency_s)
 
     def close(self, timeout_s: float = 60.0) -> None:
-        """Stop taking records and let a recommendation under way finish (its model call has
-        a deadline): a thread left inside torch or SQLite while the interpreter exits can
-        abort the process."""
+        """Stop taking records, let a recommendation under way finish (its model call has a
+        deadline), then stop the knowledge base's process (it closes the file)."""
         self._sub.close()
         self._stop.set()
         self._thread.join(timeout_s)
-        if self._thread.is_alive():
+        if self._thread.is_alive():  # it waits on the process: stop that without a word
             log.warning("agent: still busy after %.0f s at shutdown", timeout_s)
-        elif self._kb is not None:
-            self._kb.close()
+            self._process.kill()
+        else:
+            self._process.close()
 
 
 class _AgentCollector:

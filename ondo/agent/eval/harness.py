@@ -122,11 +122,13 @@ def run_incident(inc: Incident, folder: Path, endpoint: ModelEndpoint | None,
     db = folder / f"{inc.name}.db"
     summary = inc.build(db, params)
     limits = GpuLimits.from_params(params)
+    # Read with sqlite3 before apsw opens the file: one process keeps one copy of SQLite on
+    # a file at a time (process.py says why).
+    ctx = context_from_db(db, trigger_seq(db, inc.trigger), params=params)
     kb = KnowledgeBase(db)
     try:
         kb.sync_runbooks()
         kb.index_log()
-        ctx = context_from_db(db, trigger_seq(db, inc.trigger), params=params)
         result = Agent(kb, endpoint, limits).recommend(ctx)
     finally:
         kb.close()

@@ -122,7 +122,9 @@ class Agent:
         rules = self._rules(ctx, "rules only")
         result = AgentResult(rules, rules, ctx, query, ids, hits, past, props)
         if self.endpoint is not None:
+            t_ask = time.perf_counter()
             self._ask(result, books)
+            timings["model"] = time.perf_counter() - t_ask  # answered or not
         result.latency_s = time.perf_counter() - t0
         timings["total"] = result.latency_s
         result.timings_s = timings
@@ -143,6 +145,8 @@ class Agent:
         try:
             answer = ask_model(self.endpoint, result.messages, result.schema)
         except ModelUnavailable as e:
+            result.prompt_tokens = e.usage.get("prompt_tokens")
+            result.completion_tokens = e.usage.get("completion_tokens")
             result.recommendation = self._rules(ctx, f"model unavailable: {e}")
             return
         result.answer, result.model_latency_s = answer.content, answer.latency_s

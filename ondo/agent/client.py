@@ -24,7 +24,12 @@ DEFAULT_MAX_TOKENS = 256
 
 
 class ModelUnavailable(RuntimeError):
-    """No usable answer from the endpoint; the message says why."""
+    """No usable answer from the endpoint; the message says why. `usage`: the endpoint's
+    token counts where it answered (an answer cut at the token limit)."""
+
+    def __init__(self, message: str, usage: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.usage = usage or {}
 
 
 @dataclass(frozen=True)
@@ -95,7 +100,7 @@ async def _chat(ep: ModelEndpoint, messages: list[dict[str, str]],
     if not isinstance(content, str):
         raise ModelUnavailable("the completion has no text content")
     if choice.get("finish_reason") == "length":
-        raise ModelUnavailable(f"the answer was cut at max_tokens={ep.max_tokens}")
+        raise ModelUnavailable(f"the answer was cut at max_tokens={ep.max_tokens}", usage)
     return ModelAnswer(content, str(data.get("model", model)), time.perf_counter() - t0,
                        usage.get("completion_tokens"), usage.get("prompt_tokens"))
 

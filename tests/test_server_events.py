@@ -18,7 +18,9 @@ from ondo.events.verify import verify
 from ondo.server.launch import event_config, start_telemetry
 from tests.server_process import launch_server
 
-SERVER = ("--device", "cpu", "--max-model-len", "256", "--num-kv-blocks", "64")
+# The agent's own entries (it recommends on incidents by default) are tested in
+# test_server_agent.py; here the log holds the detectors' alone.
+SERVER = ("--device", "cpu", "--max-model-len", "256", "--num-kv-blocks", "64", "--agent", "off")
 # Every request misses a 1 us time-to-first-token objective, one is enough to report; none
 # misses a 1000 s time-per-token one, however slow the shared CPU.
 SLO_FLAGS = ("--slo-ttft-s", "0.000001", "--slo-tpot-s", "1000",

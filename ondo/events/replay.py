@@ -94,10 +94,23 @@ def replay_trace(trace_path: str | Path, db_path: str | Path, *,
     if not db.parent.is_dir():
         raise FileNotFoundError(f"--db {db}: the folder {db.parent} does not exist")
     params = params or h100_params()
-    config = config or DetectorConfig.from_params(params)
     with _collector_paused():  # the records are long-lived: no point walking them
         trace = read_trace_records(trace_path, sm_max_mhz=params.sm_max_mhz)
-    gc.freeze()  # and none in walking them again while the detectors run
+    return replay_records(trace, db, config=config, params=params, speed=speed,
+                          overwrite=overwrite, t_start=t_start)
+
+
+def replay_records(trace: TraceRecords, db_path: str | Path, *,
+                   config: DetectorConfig | None = None, params: TwinParams | None = None,
+                   speed: float = math.inf, overwrite: bool = False,
+                   t_start: float | None = None) -> ReplaySummary:
+    """Replay records already in memory (read from a trace, or made by a simulation; finished
+    requests' `RequestSample`s may be among them, in time order) into a new database."""
+    t_start = time.perf_counter() if t_start is None else t_start
+    db = Path(db_path)
+    params = params or h100_params()
+    config = config or DetectorConfig.from_params(params)
+    gc.freeze()  # the records are long-lived: none in walking them while the detectors run
     try:
         snaps = twin_snapshots(params, trace)
         if overwrite:
@@ -105,7 +118,7 @@ def replay_trace(trace_path: str | Path, db_path: str | Path, *,
         log = _write_log(trace, snaps, db, config, speed)
     finally:
         gc.unfreeze()
-    return ReplaySummary(str(trace_path), str(db), trace.gpu_rows, trace.engine_rows,
+    return ReplaySummary(trace.path, str(db), trace.gpu_rows, trace.engine_rows,
                          len(snaps), log.head.count, log.head.hash,
                          dict(sorted(log.counts.items())), time.perf_counter() - t_start)
 

@@ -151,7 +151,9 @@ _SPECS: dict[EventKind, KindSpec] = {
         "the agent proposes an action, with its rationale and the events it rests on",
         Severity.INFO, ("recommendation_id",),
         {"recommendation_id": "str", "action": "str", "parameters": "dict",
-         "rationale": "str"}, optional={"confidence": "float"}, made_by="agent"),
+         "rationale": "str"},
+        optional={"confidence": "float", "urgency": "str", "runbook": "dict", "source": "str",
+                  "model": "str", "fallback_reason": "str"}, made_by="agent"),
     EventKind.OPERATOR_DECISION: KindSpec(
         "a person approved, rejected or deferred a recommendation",
         Severity.INFO, ("recommendation_id",),

@@ -11,6 +11,7 @@ import argparse
 import logging
 import os
 
+from ondo.agent.cli import add_agent_args
 from ondo.control.flags import add_governor_args
 from ondo.engine.cli import add_engine_args
 from ondo.events.cli import add_event_args
@@ -69,5 +70,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--telemetry-db", default=None, help="also store telemetry in this SQLite file")
     add_event_args(p)
     add_governor_args(p)
+    add_agent_args(p)
     add_engine_args(p)
     p.set_defaults(func=_serve)

@@ -30,6 +30,7 @@ def serve(args: argparse.Namespace) -> int:
     try:
         engine_args = engine_args_from(args)
         events_config = event_config(args)
+        agent_flags = agent_config(args, events_config)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -70,6 +71,7 @@ def serve(args: argparse.Namespace) -> int:
             telemetry.close()
         return 2
     events = start_events(events_config, telemetry, registry, async_llm)
+    agent = start_agent(agent_flags, args, events, registry, name)
     app = build_app(async_llm, name, api_key=args.api_key or os.environ.get("ONDO_API_KEY"),
                     registry=registry)
     app.state.governor = governor  # set_policy / set_objectives, for the console
@@ -87,6 +89,8 @@ def serve(args: argparse.Namespace) -> int:
         server.run()
     finally:
         async_llm.close()
+        if agent is not None:
+            agent.close()
         if events is not None:
             events.close()
         if governor is not None:
@@ -117,6 +121,25 @@ def start_events(config, telemetry, registry: CollectorRegistry, async_llm: Asyn
     from ondo.events.live import start_events as start
 
     return start(config, telemetry, registry, async_llm)
+
+
+def agent_config(args: argparse.Namespace, events_config):
+    """The agent's checked settings (None with --agent off, no event log to watch, or its
+    packages missing: it says so)."""
+    if getattr(args, "agent", "off") == "off" or events_config is None:
+        return None
+    from ondo.agent.serve import agent_settings
+
+    return agent_settings(args)
+
+
+def start_agent(settings, args: argparse.Namespace, events, registry: CollectorRegistry,
+                served: str):
+    if settings is None or events is None:
+        return None
+    from ondo.agent.serve import start_agent as start
+
+    return start(settings, args, events, registry, served)
 
 
 def start_telemetry(args: argparse.Namespace, registry: CollectorRegistry):

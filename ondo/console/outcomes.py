@@ -2,7 +2,8 @@
 `action_outcome` entry; each decision and outcome is then indexed into the agent's knowledge
 base, so that the next similar incident retrieves how the last one was judged.
 
-A thread of its own waits for the due outcomes and does the indexing (the embedding model
+The outcome is measured once the window's last second is a closed point (`CLOSE_S` after
+it). A thread of its own waits for the due outcomes and does the indexing (the embedding model
 loads on the first document, off the request path). Outcomes still due at shutdown are
 measured over the seconds there were, and say so (`window_cut_s`).
 """
@@ -21,11 +22,13 @@ from typing import Any
 
 from ondo.console import OUTCOME_AFTER_S as DEFAULT_AFTER_S
 from ondo.console.outcome import measure_outcome
-from ondo.console.series import ConsolePoint
+from ondo.console.series import LATE_S, ConsolePoint
 from ondo.events.log import EventLog
 from ondo.events.schema import Event, EventDraft, EventKind
 
 log = logging.getLogger(__name__)
+
+CLOSE_S = 1.0 + LATE_S  # the last second of the window is a point this long after it starts
 
 
 
@@ -70,7 +73,8 @@ class OutcomeLoop:
                  params: dict[str, Any]) -> None:
         p = applied.payload
         with self._cond:
-            heapq.heappush(self._due, _Due(time.monotonic() + self.after_s, p["action_id"],
+            due_s = time.monotonic() + self.after_s + CLOSE_S
+            heapq.heappush(self._due, _Due(due_s, p["action_id"],
                                            recommendation_id, action, dict(params),
                                            applied.seq, applied.t_wall_s))
             self._cond.notify()

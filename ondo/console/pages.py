@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import math
 from pathlib import Path as FsPath
 from typing import Any
 
 from fastapi import APIRouter, Path, Query, Request
 from fastapi.responses import HTMLResponse
 from fastapi.templating import Jinja2Templates
+from jinja2.utils import htmlsafe_json_dumps
+from markupsafe import Markup
 
 from ondo.console.api import RID, entry_summary, proposal_detail, proposal_out, reader_dependency
 from ondo.console.auth import Principal
@@ -31,10 +34,27 @@ def _time(t: float | None) -> str:
     return dt.datetime.fromtimestamp(float(t)).strftime("%Y-%m-%d %H:%M:%S")
 
 
+def _finite(v: Any) -> Any:
+    """JSON has no NaN or infinity: they become null."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, dict):
+        return {k: _finite(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_finite(x) for x in v]
+    return v
+
+
+def json_script(v: Any) -> Markup:
+    """`v` as JSON safe inside <script type="application/json"> (no </script>, no NaN)."""
+    return htmlsafe_json_dumps(_finite(v), dumps=json.dumps, separators=(",", ":"))
+
+
 def build_pages(service: ConsoleService, prefix: str) -> APIRouter:
     templates = Jinja2Templates(directory=str(TEMPLATES))
     templates.env.filters["time"] = _time
     templates.env.filters["tojson_compact"] = lambda v: json.dumps(v, separators=(",", ":"))
+    templates.env.filters["json_script"] = json_script
     templates.env.globals["summary"] = entry_summary
     reader = reader_dependency(service.tokens)
     r = APIRouter(include_in_schema=False)

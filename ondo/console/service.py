@@ -187,8 +187,10 @@ class ConsoleService:
         if self.series is not None:
             pts = [p for p in self.series.points() if p.num_running is not None]
             running = pts[-1].num_running if pts else None
-        ctx = LoadContext(running, limits.get("max_num_batched_tokens")
-                          or configured.get("max_num_batched_tokens"),
+        pending = prop.status == "pending"  # else the limits in force may be its own
+        budget = (limits.get("max_num_batched_tokens") if pending else None) \
+            or configured.get("max_num_batched_tokens")
+        ctx = LoadContext(running, budget,
                           objectives.get("power_budget_w"), objectives.get("temp_target_c"))
         out = what_if(prop.action, prop.params, self.params, state, ctx)
         out["available"] = True

@@ -42,6 +42,11 @@
     if (!el) return;
     el.textContent = text;
     el.className = "message " + (ok ? "ok" : "error");
+    if (el.id) ondo.said[el.id] = [text, ok];  // kept when the part is re-rendered
+  }
+  ondo.said = {};
+  function resay() {
+    Object.keys(ondo.said).forEach((id) => say(document.getElementById(id), ...ondo.said[id]));
   }
 
   // Re-render part of the page from the server (one template for both renders).
@@ -99,7 +104,7 @@
     const u = new uPlot({
       width: Math.max(280, el.clientWidth - 8), height: opts.height || 170, series,
       scales: { x: { time: opts.time !== false }, y: opts.y || {} },
-      axes: [{}, { size: 52 }], legend: { live: false }, hooks: opts.hooks || {},
+      axes: [{ space: 70 }, { size: 52 }], legend: { live: false }, hooks: opts.hooks || {},
     }, data, el);
     el.dataset.points = String(data[0].length);
     ondo.charts[id] = { u, data, el };
@@ -144,7 +149,8 @@
                            y: { range: [0, REASONS.length + 1] } };
     Object.keys(LAYOUT).forEach((id) => {
       const [labels, pick] = LAYOUT[id];
-      makeChart(id, labels, [s.t].concat(pick(s)), id === "chart-throttle" ? throttleOpts : {});
+      const cols = [s.t].concat(pick(s)).map((c) => c.slice());  // each chart its own arrays
+      makeChart(id, labels, cols, id === "chart-throttle" ? throttleOpts : {});
     });
     const live = o.live && o.range_s <= 3600;
     connect(live);
@@ -198,13 +204,13 @@
       const r = await api("POST", "/recommendations/" + id + "/approve", { comment: comment || null });
       if (!r.ok) return say(msg(), r.status + ": " + r.message, false);
       say(msg(), r.data.applied ? "approved and applied as " + r.data.action_id : "approved", true);
-      refresh("#recommendation", bindDecisionForms);
+      refresh("#recommendation", redrawRecommendation);
     });
     on("reject-form", async (f) => {
       const r = await api("POST", "/recommendations/" + id + "/reject", { reason: f.reason.value });
       if (!r.ok) return say(msg(), r.status + ": " + r.message, false);
       say(msg(), "rejected", true);
-      refresh("#recommendation", bindDecisionForms);
+      refresh("#recommendation", redrawRecommendation);
     });
     on("revise-form", async (f) => {
       const params = {};
@@ -218,19 +224,22 @@
     });
   }
 
-  ondo.recommendationPage = function () {
+  function drawWhatIf() {
     const w = JSON.parse(document.getElementById("whatif-data").textContent);
-    if (w.available) {
-      const opts = { time: false, height: 170 };
-      makeChart("chart-whatif-temp", ["die without °C", "die with °C"], [w.t_s, w.without.die_c, w.with.die_c], opts);
-      makeChart("chart-whatif-power", ["power without W", "power with W"], [w.t_s, w.without.power_w, w.with.power_w], opts);
-    }
-    bindDecisionForms();
+    if (!w.available) return;
+    const opts = { time: false, height: 170 };
+    makeChart("chart-whatif-temp", ["die without °C", "die with °C"], [w.t_s, w.without.die_c, w.with.die_c], opts);
+    makeChart("chart-whatif-power", ["power without W", "power with W"], [w.t_s, w.without.power_w, w.with.power_w], opts);
+  }
+  function redrawRecommendation() { drawWhatIf(); bindDecisionForms(); resay(); }
+
+  ondo.recommendationPage = function () {
+    redrawRecommendation();
     const id = document.getElementById("recommendation").dataset.id;
     connect(false);
     entryHandlers.push((e) => {
       const p = e.payload || {};
-      if (p.recommendation_id === id || p.revision_of === id) refresh("#recommendation", bindDecisionForms);
+      if (p.recommendation_id === id || p.revision_of === id) refresh("#recommendation", redrawRecommendation);
     });
   };
 

@@ -6,7 +6,6 @@ live stream resuming from Last-Event-ID, and the database and memory series agre
 from __future__ import annotations
 
 import json
-import time
 
 import httpx
 import pytest

@@ -36,7 +36,7 @@ def test_without_tokens_reads_are_open_and_changes_refused(tmp_path) -> None:
 
 
 def test_roles_header_only_changes_and_an_approval_that_changes_the_governor(tmp_path) -> None:
-    with console_server(tmp_path, outcome_after_s=1.0) as c:
+    with console_server(tmp_path, outcome_after_s=2.0) as c:
         viewer, alice = c.token("viewer", "val"), c.token("operator", "alice")
         rid = "rec-7-tpot"
         c.recommend(rid, "set_token_budget", {"max_num_batched_tokens": 256})
@@ -79,7 +79,7 @@ def test_roles_header_only_changes_and_an_approval_that_changes_the_governor(tmp
         assert outcome["recommendation_id"] == rid and outcome["action"] == "set_token_budget"
         assert outcome["outcome"] == "no requests to compare"  # no engine, no requests
         assert outcome["metrics"]["after"]["gpu_seconds"] >= 1
-        assert outcome["metrics"]["window_s"] == 1.0
+        assert outcome["metrics"]["window_s"] == 2.0
         detail = c.get(f"/api/recommendations/{rid}", token=viewer).json()
         assert detail["proposal"]["status"] == "applied"
         assert detail["proposal"]["outcome"]["outcome"] == "no requests to compare"

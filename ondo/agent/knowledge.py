@@ -139,6 +139,13 @@ def event_doc(entry: dict[str, Any], recommendations: dict[str, dict[str, Any]])
                f" Proposal: {rec.get('rationale', '')}"
         return Doc("decision", f"event:{seq}", f"operator {p['decision']} {what}", body,
                    {**meta, "decision": p["decision"], "action": rec.get("action")}, wall)
+    if kind == "action_outcome" and "recommendation_id" in p:
+        rec = recommendations.get(p["recommendation_id"], {})
+        what = _words(p.get("action") or rec.get("action", "an action"))
+        body = f"outcome of approved {what} {_words(rec.get('parameters', {}))}: " \
+               f"{p['outcome']}. Measured: {_words(p['metrics'])}."
+        return Doc("decision", f"event:{seq}", f"outcome {what}", body,
+                   {**meta, "outcome": p["outcome"], "action": rec.get("action")}, wall)
     subject = ", ".join(f"{k} {_words(v)}" for k, v in sorted(entry["subject"].items()))
     body = f"{_words(kind)} ({entry['severity']}) {subject}: {_words(p)}"
     return Doc("event", f"event:{seq}", _words(kind), body, meta, wall)

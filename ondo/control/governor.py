@@ -1,7 +1,9 @@
 """The governor: a policy (off, reactive, predictive; switchable at run time), the objectives,
 and the scheduler limits in force. `tick(inputs)` runs the policy and returns a
 `GovernorDecision` whenever the limits change; a policy that raises is replaced by `off`
-(logged once, recorded as a decision) and serving goes on unlimited.
+(logged once, recorded as a decision) and serving goes on unlimited. An operator's caps
+(`set_caps`: a token budget, seats) hold under every policy, off included: the limits in
+force are the policy's, tightened by the caps.
 
 Deciding only: where the inputs come from and where the limits go is the caller's
 (`service.py` on a server, the closed-loop simulator in virtual time).
@@ -38,7 +40,9 @@ class Governor:
         self.config = config
         self.gpu_index = gpu_index
         self._tunings = (reactive, predictive)
-        self.limits: SchedulerLimits = UNLIMITED
+        self.limits: SchedulerLimits = UNLIMITED  # in force: the policy's, tightened by caps
+        self.caps: SchedulerLimits = UNLIMITED
+        self._policy_limits: SchedulerLimits = UNLIMITED
         self.reason = "started"
         self.decisions = 0
         self.failures = 0
@@ -75,7 +79,18 @@ class Governor:
         """New objectives (checked by the caller, see `objectives.resolve_objectives`)."""
         with self._lock:
             self.objectives = objectives
-            return self._record(Verdict(self.limits, "objectives changed"), now_s, None)
+            return self._record(Verdict(self._policy_limits, "objectives changed"), now_s,
+                                None)
+
+    def set_caps(self, caps: SchedulerLimits, now_s: float | None = None) -> GovernorDecision:
+        """An operator's caps (token budget, seats, ...), replacing the previous ones; the
+        policy's limits are tightened by them from now on."""
+        with self._lock:
+            self.caps = caps
+            told = {k: v for k, v in caps.as_dict().items()
+                    if v is not None and not (k == "duty_cycle" and v == 1.0)}
+            why = f"operator caps {told}" if told else "operator caps lifted"
+            return self._record(Verdict(self._policy_limits, why), now_s, None)
 
     def tick(self, inputs: GovernorInputs) -> GovernorDecision | None:
         """Run the policy; a decision if the limits changed, else None."""
@@ -85,7 +100,7 @@ class Governor:
             except Exception as e:  # a governor bug must not stop serving
                 return self._fall_back(e, inputs)
             self.reason = verdict.reason
-            if verdict.limits == self.limits:
+            if tightened(verdict.limits, self.caps) == self.limits:
                 return None
             return self._record(verdict, inputs.t_monotonic_s, inputs, inputs.t_wall_s)
 
@@ -102,13 +117,27 @@ class Governor:
 
     def _record(self, verdict: Verdict, now_s: float | None, inputs: GovernorInputs | None,
                 t_wall_s: float | None = None) -> GovernorDecision:
-        self.limits = verdict.limits
+        self._policy_limits = verdict.limits
+        self.limits = tightened(verdict.limits, self.caps)
         self.reason = verdict.reason
         self.decisions += 1
         return GovernorDecision(
             t_monotonic_s=time.monotonic() if now_s is None else now_s,
             t_wall_s=time.time() if t_wall_s is None else t_wall_s,
-            policy=self.policy.name, reason=verdict.reason, limits=verdict.limits.as_dict(),
+            policy=self.policy.name, reason=verdict.reason, limits=self.limits.as_dict(),
             inputs={} if inputs is None else inputs.as_dict(), forecast=dict(verdict.forecast),
             objectives=self.objectives.as_dict(), gpu_index=self.gpu_index,
         )
+
+
+def tightened(limits: SchedulerLimits, caps: SchedulerLimits) -> SchedulerLimits:
+    """Each limit at the tighter of the two (None: no limit)."""
+    def low(a, b):
+        return b if a is None else a if b is None else min(a, b)
+
+    return SchedulerLimits(
+        max_num_batched_tokens=low(limits.max_num_batched_tokens, caps.max_num_batched_tokens),
+        max_num_seqs=low(limits.max_num_seqs, caps.max_num_seqs),
+        max_prefill_tokens=low(limits.max_prefill_tokens, caps.max_prefill_tokens),
+        prefill_tokens_per_s=low(limits.prefill_tokens_per_s, caps.prefill_tokens_per_s),
+        duty_cycle=min(limits.duty_cycle, caps.duty_cycle))

@@ -82,6 +82,9 @@ class ServerGovernor:
     def set_objectives(self, objectives: Objectives):
         return self.service.set_objectives(objectives)
 
+    def set_caps(self, caps):
+        return self.service.set_caps(caps)
+
     def close(self) -> None:
         self.service.stop()
         self.twin.stop()

@@ -12,6 +12,7 @@ supervisor restarted gets them too.
     service = GovernorService(hub, governor, async_llm.set_scheduler_limits).start()
     service.set_policy("reactive")            # what the console calls
     service.set_objectives(objectives)
+    service.set_caps(SchedulerLimits(max_num_seqs=32))
     service.stop()
 """
 
@@ -77,6 +78,11 @@ class GovernorService:
 
     def set_objectives(self, objectives: Objectives) -> GovernorDecision:
         decision = self.governor.set_objectives(objectives)
+        self._emit(decision)
+        return decision
+
+    def set_caps(self, caps: SchedulerLimits) -> GovernorDecision:
+        decision = self.governor.set_caps(caps)
         self._emit(decision)
         return decision
 

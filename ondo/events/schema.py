@@ -148,12 +148,14 @@ _SPECS: dict[EventKind, KindSpec] = {
         {"policy": "str", "reason": "str", "limits": "dict", "inputs": "dict",
          "forecast": "dict"}, made_by="governor"),
     EventKind.RECOMMENDATION_ISSUED: KindSpec(
-        "the agent proposes an action, with its rationale and the events it rests on",
+        "the agent (or a person, or a revision) proposes an action, with its rationale and "
+        "the events it rests on",
         Severity.INFO, ("recommendation_id",),
         {"recommendation_id": "str", "action": "str", "parameters": "dict",
          "rationale": "str"},
         optional={"confidence": "float", "urgency": "str", "runbook": "dict", "source": "str",
-                  "model": "str", "fallback_reason": "str"}, made_by="agent"),
+                  "model": "str", "fallback_reason": "str", "proposed_by": "str",
+                  "revision_of": "str"}, made_by="agent or console"),
     EventKind.OPERATOR_DECISION: KindSpec(
         "a person approved, rejected or deferred a recommendation",
         Severity.INFO, ("recommendation_id",),
@@ -167,7 +169,8 @@ _SPECS: dict[EventKind, KindSpec] = {
     EventKind.ACTION_OUTCOME: KindSpec(
         "what an applied action did, measured over a window after it",
         Severity.INFO, ("action_id",),
-        {"action_id": "str", "outcome": "str", "metrics": "dict"}, made_by="analysis"),
+        {"action_id": "str", "outcome": "str", "metrics": "dict"},
+        optional={"recommendation_id": "str", "action": "str"}, made_by="console"),
 }
 KIND_SPECS: dict[EventKind, KindSpec] = _SPECS
 OPERATOR_DECISIONS = ("approve", "reject", "defer")

@@ -12,6 +12,7 @@ import logging
 import os
 
 from ondo.agent.cli import add_agent_args
+from ondo.console.serve import add_console_args
 from ondo.control.flags import add_governor_args
 from ondo.engine.cli import add_engine_args
 from ondo.events.cli import add_event_args
@@ -71,5 +72,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_event_args(p)
     add_governor_args(p)
     add_agent_args(p)
+    add_console_args(p)
     add_engine_args(p)
     p.set_defaults(func=_serve)

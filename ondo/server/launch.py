@@ -31,6 +31,7 @@ def serve(args: argparse.Namespace) -> int:
         engine_args = engine_args_from(args)
         events_config = event_config(args)
         agent_flags = agent_config(args, events_config)
+        console_flags = console_config(args)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -75,6 +76,8 @@ def serve(args: argparse.Namespace) -> int:
     app = build_app(async_llm, name, api_key=args.api_key or os.environ.get("ONDO_API_KEY"),
                     registry=registry)
     app.state.governor = governor  # set_policy / set_objectives, for the console
+    console = start_console(console_flags, app, telemetry, events, governor, async_llm,
+                            agent is not None)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
                             timeout_graceful_shutdown=args.shutdown_timeout + 10,
                             access_log=args.access_log)
@@ -89,6 +92,8 @@ def serve(args: argparse.Namespace) -> int:
         server.run()
     finally:
         async_llm.close()
+        if console is not None:
+            console.close()
         if agent is not None:
             agent.close()
         if events is not None:
@@ -142,6 +147,21 @@ def start_agent(settings, args: argparse.Namespace, events, registry: CollectorR
     return start(settings, args, events, registry, served)
 
 
+def console_config(args: argparse.Namespace):
+    """The console's checked settings (None with --console off)."""
+    from ondo.console.serve import console_settings
+
+    return console_settings(args)
+
+
+def start_console(settings, app, telemetry, events, governor, async_llm, agent_on: bool):
+    if settings is None:
+        return None
+    from ondo.console.serve import start_console as start
+
+    return start(settings, app, telemetry, events, governor, async_llm, agent_on)
+
+
 def start_telemetry(args: argparse.Namespace, registry: CollectorRegistry):
     """The telemetry pipeline feeding /metrics (and --telemetry-db): "auto" reads NVML where
     there is a GPU and runs engine-only otherwise; "sim" runs the twin as the GPU. The event
@@ -154,6 +174,10 @@ def start_telemetry(args: argparse.Namespace, registry: CollectorRegistry):
     from ondo.telemetry.pipeline import Telemetry
 
     tables: tuple = (DECISION_TABLE,)
+    if getattr(args, "console", "off") == "on":
+        from ondo.console.series import POINTS_TABLE
+
+        tables = (*tables, POINTS_TABLE)
     if events:
         from ondo.events.table import EVENTS_TABLE
 

@@ -1,0 +1,103 @@
+"""`ondo console --db PATH` (review a stored database, read-only) and
+`ondo console token create|list|revoke --db PATH`."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import sys
+from pathlib import Path
+
+from ondo.console.auth import ROLES, TokenStore
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from ondo.console.serve import is_loopback
+
+    db = Path(args.db)
+    if not db.exists():
+        print(f"error: --db {db}: no such database", file=sys.stderr)
+        return 2
+    if not is_loopback(args.host) and TokenStore(db).active_count() == 0:
+        print(f"error: --host {args.host}: the console refuses to listen beyond loopback "
+              f"without tokens, and {db} holds none; create one with `ondo console token "
+              "create --role viewer --db DB`", file=sys.stderr)
+        return 2
+    import uvicorn
+
+    from ondo.console.app import build_offline_app
+    from ondo.console.service import ConsoleService
+
+    service = ConsoleService(db=db)
+    app = build_offline_app(service)
+    print(f"reviewing {db} on http://{args.host}:{args.port}/console/", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
+def _token(args: argparse.Namespace) -> int:
+    store = TokenStore(args.db)
+    if args.token_command == "create":
+        if not Path(args.db).parent.is_dir():
+            print(f"error: --db {args.db}: the folder does not exist", file=sys.stderr)
+            return 2
+        try:
+            token, info = store.create(args.role, args.name or args.role)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        if args.json:
+            print(json.dumps({"token": token, "token_id": info.token_id, "name": info.name,
+                              "role": info.role}))
+        else:
+            print(token)
+            print(f"({info.role} token {info.token_id} for {info.name}; shown once, stored "
+                  f"hashed in {args.db})", file=sys.stderr)
+        return 0
+    if args.token_command == "list":
+        for t in store.list():
+            when = dt.datetime.fromtimestamp(t.created_wall_s).isoformat(timespec="seconds")
+            state = "revoked" if t.revoked_wall_s else "active"
+            print(f"{t.token_id}  {t.role:<8}  {t.name:<20}  {when}  {state}")
+        return 0
+    if not store.revoke(args.token_id):
+        print(f"error: no active token {args.token_id!r} in {args.db}", file=sys.stderr)
+        return 1
+    print(f"revoked {args.token_id}")
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    if getattr(args, "console_command", None) == "token":
+        if not getattr(args, "token_command", None):
+            print("error: ondo console token create|list|revoke", file=sys.stderr)
+            return 2
+        return _token(args)
+    if args.db is None:
+        print("error: --db PATH is needed (the database to review)", file=sys.stderr)
+        return 2
+    return _serve(args)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("console", help="the operator console over a stored database; tokens")
+    p.add_argument("--db", default=None, help="the telemetry database (ondo serve --telemetry-db)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8001)
+    p.set_defaults(func=_run)
+    csub = p.add_subparsers(dest="console_command", metavar="token")
+    t = csub.add_parser("token", help="create, list or revoke console tokens")
+    tsub = t.add_subparsers(dest="token_command", metavar="create|list|revoke")
+    c = tsub.add_parser("create", help="a new token (printed once)")
+    c.add_argument("--role", required=True, choices=ROLES)
+    c.add_argument("--name", default=None, help="who holds it (default: the role)")
+    c.add_argument("--db", required=True)
+    c.add_argument("--json", action="store_true")
+    ls = tsub.add_parser("list", help="tokens (never their values)")
+    ls.add_argument("--db", required=True)
+    rv = tsub.add_parser("revoke", help="revoke a token by its id")
+    rv.add_argument("token_id")
+    rv.add_argument("--db", required=True)
+    for q in (t, c, ls, rv):
+        q.set_defaults(func=_run, console_command="token")

@@ -72,7 +72,10 @@ def start_console(settings: ConsoleSettings, app: Any, telemetry: Any, events: A
         hub=None if telemetry is None else telemetry.hub, governor=governor,
         twin=None if governor is None else governor.twin,
         store=None if telemetry is None else telemetry.store, async_llm=async_llm,
-        outcome_after_s=settings.outcome_after_s, index_knowledge=agent_on)
+        # Not indexed from here: the live agent indexes every log entry, decisions and outcomes
+        # included, in its own process; the knowledge base's SQLite (apsw) must not open the
+        # telemetry file beside the store's sqlite3 in this one.
+        outcome_after_s=settings.outcome_after_s, index_knowledge=False)
     mount_console(app, service)
     log.info("console at /console (%s)", "tokens required" if service.tokens.active_count()
              else "no tokens: read-only, loopback only")

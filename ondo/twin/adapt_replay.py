@@ -21,7 +21,7 @@ import numpy as np
 
 from ondo.events.trace_input import TraceRecords, read_trace_records
 from ondo.telemetry.schema import EngineSample, GpuSample
-from ondo.twin.adapt_params import NAMES, Units, params_from_theta
+from ondo.twin.adapt_params import Units, params_from_theta
 from ondo.twin.adaptive import AdaptiveTwin
 from ondo.twin.confidence import ErrorBand, throttle_probability
 from ondo.twin.load_window import LoadWindow, load_at
@@ -57,6 +57,7 @@ class AdaptRun:
     z: np.ndarray  # (rows, N_Z): state and constants after the row
     die_var_c2: np.ndarray  # the filter's variance of the die / HBM sensor
     hbm_var_c2: np.ndarray
+    theta_var: np.ndarray  # (rows, N_THETA): the constants' variances after the row
     excited: np.ndarray  # bool: the thermal constants were free at that row
     steps: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # the load (LoadWindow)
     twin: AdaptiveTwin
@@ -86,7 +87,7 @@ def run_trace(records: TraceRecords, base: TwinParams, theta: np.ndarray | None 
                      _value(s.power_w if s.power_w is not None else fast), _value(fast),
                      _value(s.sm_mhz), bool((s.throttle_reasons or 0) & THROTTLE_SW_POWER_CAP),
                      np.concatenate([f.x, twin.theta]), f.p[4, 4], f.p[5, 5],
-                     twin.excitation.excited))
+                     twin.excitation.excited, twin.theta_var))
 
     twin.on_processed = taken
 
@@ -118,6 +119,7 @@ def run_trace(records: TraceRecords, base: TwinParams, theta: np.ndarray | None 
         mem_temp_c=arr[2], power_w=arr[3], power_fast_w=arr[4], sm_mhz=arr[5],
         capped=arr[6].astype(bool), z=np.stack(cols[7]), die_var_c2=np.array(cols[8]),
         hbm_var_c2=np.array(cols[9]), excited=np.array(cols[10], dtype=bool),
+        theta_var=np.stack(cols[11]),
         steps=full.arrays(), twin=twin)
 
 
@@ -269,5 +271,3 @@ def adapt_trace(path: str | Path, base: TwinParams, horizon_s: float,
     run = run_trace(read_trace_records(path), base, theta)
     return run, forecast_rows(run, horizon_s)
 
-
-TRAJECTORY_NAMES = NAMES

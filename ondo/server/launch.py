@@ -115,8 +115,9 @@ def start_telemetry(args: argparse.Namespace, registry: CollectorRegistry):
         return None
     from ondo.control.decision import DECISION_TABLE
     from ondo.telemetry.pipeline import Telemetry
+    from ondo.twin.store_tables import TWIN_TABLES
 
-    tables: tuple = (DECISION_TABLE,)
+    tables: tuple = (DECISION_TABLE, *TWIN_TABLES)
     if events:
         from ondo.events.table import EVENTS_TABLE
 

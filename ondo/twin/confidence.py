@@ -18,6 +18,7 @@ Gaussian with that sigma: P = 1 - (1 - Phi((die_peak - T_sw) / sigma_die))
 from __future__ import annotations
 
 import math
+from collections import deque
 from dataclasses import dataclass
 
 Z_BAND = 1.645
@@ -71,3 +72,38 @@ def throttle_probability(die_peak_c: float, die_sigma_c: float, sw_thermal_c: fl
     p_die = normal_cdf((die_peak_c - sw_thermal_c) / max(die_sigma_c, 1e-6))
     p_hbm = normal_cdf((hbm_peak_c - mem_max_c) / max(hbm_sigma_c, 1e-6))
     return 1.0 - (1.0 - p_die) * (1.0 - p_hbm)
+
+
+@dataclass(frozen=True)
+class Bands:
+    die_band_c: float  # the forecast is +- this
+    hbm_band_c: float
+    throttle_probability: float
+
+
+class ForecastScorer:
+    """A live twin's forecasts, scored as their time comes: `forecast` records what the
+    sensors should read at a time, `reading` scores the forecasts that time has reached."""
+
+    def __init__(self, max_pending: int = 4096) -> None:
+        self.die = ErrorBand()
+        self.hbm = ErrorBand()
+        self._pending: deque[tuple[float, float, float]] = deque(maxlen=max_pending)
+
+    def forecast(self, t_target_s: float, die_c: float, hbm_c: float) -> None:
+        self._pending.append((t_target_s, die_c, hbm_c))
+
+    def reading(self, t_s: float, die_c: float | None, hbm_c: float | None) -> None:
+        while self._pending and self._pending[0][0] <= t_s:
+            _, die_pred, hbm_pred = self._pending.popleft()
+            if die_c is not None:
+                self.die.add(t_s, die_c - die_pred)
+            if hbm_c is not None:
+                self.hbm.add(t_s, hbm_c - hbm_pred)
+
+    def bands(self, die_std_c: float, hbm_std_c: float, die_peak_c: float,
+              sw_thermal_c: float, hbm_peak_c: float, mem_max_c: float) -> Bands:
+        sd, sh = self.die.sigma_c(die_std_c), self.hbm.sigma_c(hbm_std_c)
+        return Bands(Z_BAND * sd, Z_BAND * sh,
+                     throttle_probability(die_peak_c, sd, sw_thermal_c, hbm_peak_c, sh,
+                                          mem_max_c))

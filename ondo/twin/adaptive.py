@@ -66,7 +66,7 @@ from ondo.twin.estimator import Estimate
 from ondo.twin.load_window import LoadWindow
 from ondo.twin.params import TwinParams
 from ondo.twin.plant import voltage_frac
-from ondo.twin.power_map import PowerMapRLS
+from ondo.twin.power_map import ENERGY_VAR_W2, POWER_VAR_W2, EnergyWindow, PowerMapRLS
 from ondo.twin.state_filter import (
     I_DIE_SENSOR,
     I_HBM_SENSOR,
@@ -183,6 +183,7 @@ class AdaptiveTwin:
         var0 = None if theta_var is None else np.asarray(theta_var, float)
         self.teacher = ThermalTeacher(t0[THERMAL], None if var0 is None else var0[THERMAL])
         self.power = PowerMapRLS(t0[POWER], None if var0 is None else var0[POWER])
+        self.energy = EnergyWindow()
         if load_delay_s is None:
             load_delay_s = ENGINE_LOAD_DELAY_S if units == "engine" else base.load_delay_s
         self.load_delay_s = load_delay_s
@@ -315,12 +316,16 @@ class AdaptiveTwin:
         hbm = self._sensor(self.hbm, mem, bad_mem, t)
         self.teacher.record(self.t_s, t, self._drive_w, m_total / (t - self.t_s), die, hbm,
                             f.x, np.diag(f.p))
-        if bad_power:
-            self.power_counts.implausible += 1
-        elif power is None:
-            self.power_counts.missing += 1
-        elif fresh:
-            self._power(power, s, t)
+        window = self.energy.add(t, s.energy_j, "energy_j" not in s.stale, s.sm_mhz)
+        if window is not None:
+            self._power_window(*window)
+        elif s.energy_j is None:  # no counter: the fast channel, reading by reading
+            if bad_power:
+                self.power_counts.implausible += 1
+            elif power is None:
+                self.power_counts.missing += 1
+            elif fresh:
+                self._power_instant(power, s, t)
         if power is not None:
             self._drive_w = power
         self.t_s = t
@@ -394,9 +399,27 @@ class AdaptiveTwin:
         for i in (node, sensor_index, 2):
             f.inflate(i, inn.residual * inn.residual)
 
-    def _power(self, power_w: float, s: GpuSample, t: float) -> None:
-        f = self.filter
-        assert f is not None
+    def _power_window(self, t0: float, t1: float, power_w: float, sm_mhz: float | None) -> None:
+        """The energy counter's mean power over (t0, t1] against the load's mean then."""
+        p = self.base
+        if not POWER_RANGE_W[0] <= power_w <= POWER_RANGE_W[1]:
+            self.power_counts.implausible += 1
+            return
+        mid = 0.5 * (t0 + t1)
+        first, second = self.window.mean(t0, mid), self.window.mean(mid, t1)
+        c, m = self.window.mean(t0, t1)
+        sm = sm_mhz if sm_mhz is not None and sm_mhz > 0 else p.sm_max_mhz
+        stepped = (abs(first[0] - second[0]) > POWER_SETTLE_LOAD_TOL
+                   or abs(first[1] - second[1]) > POWER_SETTLE_LOAD_TOL
+                   or (c + m > 0) != self.window.busy(t0, mid)
+                   or (c + m > 0) != self.window.busy(mid, t1))
+        if stepped or (c == 0 and m == 0 and sm < DEEP_IDLE_CLOCK_FRAC * p.sm_max_mhz):
+            self.power_counts.unsettled += 1  # a load step inside, or deep idle
+            return
+        self._learn_power(power_w, c, m, sm, t1, ENERGY_VAR_W2)
+
+    def _power_instant(self, power_w: float, s: GpuSample, t: float) -> None:
+        """A fast power reading against the load of the POWER_FEATURE_WINDOW_S before it."""
         p = self.base
         if not self.window.steady(t, POWER_FEATURE_WINDOW_S, POWER_SETTLE_S,
                                   POWER_SETTLE_BUSY_TOL, POWER_SETTLE_LOAD_TOL):
@@ -407,14 +430,21 @@ class AdaptiveTwin:
         if c == 0 and m == 0 and sm < DEEP_IDLE_CLOCK_FRAC * p.sm_max_mhz:
             self.power_counts.unsettled += 1
             return
-        v = float(voltage_frac(p, sm))
-        feature = c * v * v * min(sm / p.sm_max_mhz, 1.0)
+        self._learn_power(power_w, c, m, sm, t, POWER_VAR_W2)
+
+    def _learn_power(self, power_w: float, c: float, m: float, sm_mhz: float, t: float,
+                     var_w2: float) -> None:
+        f = self.filter
+        assert f is not None
+        p = self.base
+        v = float(voltage_frac(p, sm_mhz))
+        feature = c * v * v * min(sm_mhz / p.sm_max_mhz, 1.0)
         leak_w = p.leak_w_per_c * (float(f.x[0]) - p.leak_ref_c)
         busy = self.window.busy(t - BUSY_WINDOW_S, t)
         free = np.array([not busy, busy, busy])
         self.power.drift(t - (self._power_t_s if self._power_t_s is not None else t), free)
         self._power_t_s = t
-        inn = self.power.update(power_w, leak_w, feature, m, free)
+        inn = self.power.update(power_w, leak_w, feature, m, free, var_w2=var_w2)
         if inn.accepted:
             self.power_counts.accepted += 1
             self._power_run_start_s = None
@@ -423,7 +453,7 @@ class AdaptiveTwin:
         if self._power_run_start_s is None:
             self._power_run_start_s = t
         elif t - self._power_run_start_s >= RESYNC_AFTER_S:
-            self.power.update(power_w, leak_w, feature, m, free, gate=False)
+            self.power.update(power_w, leak_w, feature, m, free, gate=False, var_w2=var_w2)
             self.power_counts.resyncs += 1
             self._power_run_start_s = None
 

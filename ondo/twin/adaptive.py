@@ -32,9 +32,11 @@ to its time, since a step is reported when it ends; then, in time order:
 3. teach the thermal constants when due.
 
 Which constants may move, so that they do not drift where nothing identifies them:
-- the thermal ones only while the power has moved: the standard deviation of the 1 s
-  smoothed power over about EXCITE_TAU_S is EXCITE_STD_W or more. At a constant power the
-  inlet and the resistances explain the same temperature;
+- the thermal ones only while the power has moved: the 1 s smoothed power spans
+  EXCITE_SPAN_W or more within the last EXCITE_WINDOW_S (the response to a step, the
+  slow creep included, is still information for a few time constants after it). At a constant
+  power the inlet and the resistances explain the same temperature; the inlet, for its part,
+  walks only while they are frozen (INLET_VAR_STEADY);
 - the compute and memory powers only while the engine ran a step within BUSY_WINDOW_S, the
   idle power only while it did not (busy, the three explain the same watts); neither from a
   reading taken while the load was still stepping (POWER_SETTLE_S) or in deep idle.
@@ -86,8 +88,9 @@ POWER_SETTLE_LOAD_TOL = 0.5
 # driver state the power map does not hold (the step trace opens in it at 69 W, 345 MHz).
 DEEP_IDLE_CLOCK_FRAC = 0.5
 EXCITE_SMOOTH_TAU_S = 1.0
-EXCITE_TAU_S = 20.0
-EXCITE_STD_W = 25.0
+EXCITE_WINDOW_S = 120.0  # a few of the slowest time constants after the power last moved
+EXCITE_SAMPLE_S = 0.25
+EXCITE_SPAN_W = 80.0
 BUSY_WINDOW_S = 5.0
 INLET_VAR_EXCITED = 0.0
 INLET_VAR_STEADY = 0.02
@@ -133,30 +136,34 @@ class _Channel:
 
 
 class Excitation:
-    """Whether the power has moved enough lately to identify the thermal constants."""
+    """Whether the power has moved enough lately to identify the thermal constants: the span
+    of the 1 s smoothed power over the last EXCITE_WINDOW_S is EXCITE_SPAN_W or more."""
 
     def __init__(self) -> None:
         self.smooth_w: float | None = None
-        self.mean_w = 0.0
-        self.var_w2 = 0.0
+        self._history: deque[tuple[float, float]] = deque()  # (t, smoothed power)
 
-    def update(self, dt_s: float, power_w: float) -> None:
+    def update(self, t_s: float, dt_s: float, power_w: float) -> None:
         if self.smooth_w is None:
-            self.smooth_w = self.mean_w = power_w
-            return
-        self.smooth_w += -math.expm1(-dt_s / EXCITE_SMOOTH_TAU_S) * (power_w - self.smooth_w)
-        w = -math.expm1(-dt_s / EXCITE_TAU_S)
-        d = self.smooth_w - self.mean_w
-        self.mean_w += w * d
-        self.var_w2 = (1 - w) * (self.var_w2 + w * d * d)
+            self.smooth_w = power_w
+        else:
+            self.smooth_w += -math.expm1(-dt_s / EXCITE_SMOOTH_TAU_S) * (power_w - self.smooth_w)
+        h = self._history
+        if not h or t_s - h[-1][0] >= EXCITE_SAMPLE_S:
+            h.append((t_s, self.smooth_w))
+        while h and h[0][0] < t_s - EXCITE_WINDOW_S:
+            h.popleft()
 
     @property
-    def std_w(self) -> float:
-        return math.sqrt(self.var_w2)
+    def span_w(self) -> float:
+        if not self._history:
+            return 0.0
+        values = [w for _, w in self._history]
+        return max(values) - min(values)
 
     @property
     def excited(self) -> bool:
-        return self.std_w >= EXCITE_STD_W
+        return self.span_w >= EXCITE_SPAN_W
 
 
 def _plausible(value: float | None, lo: float, hi: float) -> tuple[float | None, bool]:
@@ -292,7 +299,7 @@ class AdaptiveTwin:
             self.filter = StateFilter(rest_state(self.params(), temp,
                                                  mem if mem is not None else temp, power, hbm_w))
             self.t_s, self._drive_w = t, power
-            self.excitation.update(0.0, power)
+            self.excitation.update(t, 0.0, power)
             self._taken(s)
             return
         assert self.t_s is not None and self._drive_w is not None
@@ -311,7 +318,7 @@ class AdaptiveTwin:
         if excited:
             self.excited_s += t - self.t_s
         if power is not None:
-            self.excitation.update(t - self.t_s, power)
+            self.excitation.update(t, t - self.t_s, power)
         die = self._sensor(self.die, temp, bad_temp, t)
         hbm = self._sensor(self.hbm, mem, bad_mem, t)
         self.teacher.record(self.t_s, t, self._drive_w, m_total / (t - self.t_s), die, hbm,

@@ -57,8 +57,10 @@ from ondo.twin.adapt_params import (
     I_MEMORY,
     I_SHARE,
     POWER,
+    PRIOR_VAR,
     THERMAL,
     Units,
+    clip_theta,
     compute_feature,
     engine_knee,
     params_from_theta,
@@ -186,8 +188,12 @@ class AdaptiveTwin:
         self.units = units
         self.gpu_index = gpu_index
         self.knee = engine_knee(base) if units == "engine" else 0.0
-        t0 = theta_from_params(base, units) if theta is None else np.asarray(theta, float)
-        var0 = None if theta_var is None else np.asarray(theta_var, float)
+        t0 = theta_from_params(base, units) if theta is None else clip_theta(
+            np.asarray(theta, float))
+        var0 = None
+        if theta_var is not None:  # a resumed variance: finite, positive, not over the prior
+            v = np.asarray(theta_var, float)
+            var0 = np.where(np.isfinite(v) & (v > 0), np.minimum(v, PRIOR_VAR), PRIOR_VAR)
         self.teacher = ThermalTeacher(t0[THERMAL], None if var0 is None else var0[THERMAL])
         self.power = PowerMapRLS(t0[POWER], None if var0 is None else var0[POWER])
         self.energy = EnergyWindow()
@@ -402,9 +408,7 @@ class AdaptiveTwin:
     def _resync(self, sensor_index: int, inn: Innovation) -> None:
         f = self.filter
         assert f is not None
-        node = 0 if sensor_index == I_DIE_SENSOR else 1
-        for i in (node, sensor_index, 2):
-            f.inflate(i, inn.residual * inn.residual)
+        f.inflate_level(sensor_index, inn.residual * inn.residual)
 
     def _power_window(self, t0: float, t1: float, power_w: float, sm_mhz: float | None) -> None:
         """The energy counter's mean power over (t0, t1] against the load's mean then."""

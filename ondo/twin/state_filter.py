@@ -111,10 +111,15 @@ class StateFilter:
         self.x[I_INLET] = float(np.clip(self.x[I_INLET], *INLET_BOUNDS_C))
         return Innovation(nu, s, True)
 
-    def inflate(self, index: int, var: float) -> None:
-        """Let a state jump (after readings the gate kept refusing but that agree with each
-        other): add `var` to its variance."""
-        self.p[index, index] += var
+    def inflate_level(self, sensor_index: int, var: float) -> None:
+        """Let the temperature level seen by a sensor jump (after readings the gate kept
+        refusing but that move together): `var` of common-mode uncertainty on that sensor,
+        its node, the heatsink, the board and the inlet, so that a reading moves them as one
+        and the shift persists, rather than the sensor alone and the model pulling it back."""
+        node = 0 if sensor_index == I_DIE_SENSOR else 1
+        v = np.zeros(N_X)
+        v[[node, sensor_index, 2, 3, I_INLET]] = 1.0
+        self.p = self.p + var * np.outer(v, v)
 
     def sensor_std_c(self, index: int) -> float:
         return float(np.sqrt(max(self.p[index, index], 0.0)))

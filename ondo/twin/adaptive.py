@@ -194,6 +194,7 @@ class AdaptiveTwin:
         if theta_var is not None:  # a resumed variance: finite, positive, not over the prior
             v = np.asarray(theta_var, float)
             var0 = np.where(np.isfinite(v) & (v > 0), np.minimum(v, PRIOR_VAR), PRIOR_VAR)
+        self.theta0 = t0.copy()  # where it started (saved or the base's)
         self.teacher = ThermalTeacher(t0[THERMAL], None if var0 is None else var0[THERMAL])
         self.power = PowerMapRLS(t0[POWER], None if var0 is None else var0[POWER])
         self.energy = EnergyWindow()

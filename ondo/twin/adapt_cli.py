@@ -33,6 +33,13 @@ def register(sub) -> None:
                        help="also print the score (JSON) of the rows from this time on")
     adapt.set_defaults(func=run_adapt)
 
+    hist = sub.add_parser(
+        "history", help="the adapted constants saved per GPU in a telemetry database, over "
+        "time, and how far each has moved from its first saved value")
+    hist.add_argument("--db", required=True, help="telemetry database (--telemetry-db)")
+    hist.add_argument("--gpu", help="NVML UUID (default: every GPU in the database)")
+    hist.set_defaults(func=run_history)
+
 
 def run_adapt(args: argparse.Namespace) -> int:
     from ondo.events.trace_input import TraceError, read_trace_records
@@ -113,3 +120,38 @@ def write_trajectory(path: str, run) -> None:
         w = csv.writer(f)
         w.writerow(header)
         w.writerows(rows)
+
+
+HISTORY_SHOWN = ("die_sink_c_per_w", "board_amb_c_per_w", "board_c_j_per_c", "idle_power_w",
+                 "compute_w", "memory_w")
+
+
+def run_history(args: argparse.Namespace) -> int:
+    import os
+    import time
+
+    from ondo.twin.store_tables import constants_history, drift, gpu_uuids
+
+    if not os.path.exists(args.db):
+        print(f"--db {args.db}: no such file", file=sys.stderr)
+        return 2
+    uuids = [args.gpu] if args.gpu else gpu_uuids(args.db)
+    out = {}
+    for uuid in uuids:
+        rows = constants_history(args.db, uuid)
+        if not rows:
+            print(f"{uuid}: nothing saved", file=sys.stderr)
+            continue
+        print(f"{uuid} ({rows[-1].gpu_name}), {len(rows)} saved, from {rows[0].base}")
+        print("  " + f"{'saved at':19} {'inlet_c':>8} " + " ".join(f"{n:>18}"
+                                                                   for n in HISTORY_SHOWN))
+        for r in rows:
+            v = r.values()
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.t_wall_s))
+            print(f"  {when:19} {r.inlet_c:8.2f} " + " ".join(f"{v[n]:18.5g}"
+                                                              for n in HISTORY_SHOWN))
+        ratios = drift(rows)
+        print("  latest / first: " + ", ".join(f"{n} {ratios[n]:.3f}" for n in HISTORY_SHOWN))
+        out[uuid] = {"saved": len(rows), "latest": rows[-1].values(), "drift": ratios}
+    print(json.dumps(out))
+    return 0 if out else 1

@@ -83,6 +83,9 @@ from ondo.twin.thermal_teacher import ThermalTeacher
 LOAD_WAIT_S = 0.5
 MAX_PREDICT_S = 1.0  # a longer gap between polls is predicted in parts
 POWER_FEATURE_WINDOW_S = 0.1  # the fast power channel against the load of this much before it
+# A power reading is learnt from only where no load step is in progress: the load of the
+# last POWER_FEATURE_WINDOW_S (or of each half of an energy window) within these of the load
+# over POWER_SETTLE_S, in time under load and in each activity (the readings lag a step).
 POWER_SETTLE_S = 0.5
 POWER_SETTLE_BUSY_TOL = 0.15
 POWER_SETTLE_LOAD_TOL = 0.5
@@ -94,6 +97,8 @@ EXCITE_WINDOW_S = 120.0  # a few of the slowest time constants after the power l
 EXCITE_SAMPLE_S = 0.25
 EXCITE_SPAN_W = 80.0
 BUSY_WINDOW_S = 5.0
+# The inlet's random walk [C^2/s]: still while the thermal constants learn (else it would
+# absorb what they are learning), free while they are frozen.
 INLET_VAR_EXCITED = 0.0
 INLET_VAR_STEADY = 0.02
 TEMP_RANGE_C = (-20.0, 130.0)

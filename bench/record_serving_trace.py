@@ -190,13 +190,23 @@ def record_schedule(llm: Any, args: argparse.Namespace, vocab: int, source: str 
                     ) -> tuple[list[PhaseRecord], list[str], list[dict[str, Any]]]:
     """Run the schedule on `llm` with telemetry on: (phases, export columns, export rows)."""
     from ondo.bench.workloads import make_workload
-    from ondo.telemetry.export import read_rows
-    from ondo.telemetry.pipeline import Telemetry
 
     seeds = itertools.count(args.seed)
 
     def next_batch() -> Workload:
         return make_workload("W1", vocab, seed=next(seeds), scale=args.scale)
+
+    return record_with_telemetry(llm, args, lambda engine: run_schedule(
+        args.schedule, engine, next_batch), source)
+
+
+def record_with_telemetry(llm: Any, args: argparse.Namespace, drive: Callable[[Any], Any],
+                          source: str = "nvml") -> tuple[Any, list[str], list[dict[str, Any]]]:
+    """`drive(engine)` with telemetry on (NVML at args.hz into a scratch database, the
+    engine's steps too): (what drive returned, export columns, export rows of args.gpu_index
+    and the engine, `t` from the first row kept)."""
+    from ondo.telemetry.export import read_rows
+    from ondo.telemetry.pipeline import Telemetry
 
     with tempfile.TemporaryDirectory(prefix="ondo-trace-") as tmp:
         db = os.path.join(tmp, "telemetry.db")
@@ -206,7 +216,7 @@ def record_schedule(llm: Any, args: argparse.Namespace, vocab: int, source: str 
             raise SystemExit(f"{source} telemetry is unavailable: no GPU columns to record")
         llm.engine.add_step_listener(tel.engine.on_step)
         try:
-            records = run_schedule(args.schedule, llm.engine, next_batch)
+            result = drive(llm.engine)
         finally:
             llm.engine.remove_step_listener(tel.engine.on_step)
             tel.close()
@@ -214,7 +224,7 @@ def record_schedule(llm: Any, args: argparse.Namespace, vocab: int, source: str 
     rows = [r for r in rows if r["kind"] == "engine" or r.get("gpu_index") == args.gpu_index]
     for r in rows:  # `t` from the first row kept
         r["t"] = r["t_monotonic_s"] - rows[0]["t_monotonic_s"]
-    return records, columns, rows
+    return result, columns, rows
 
 
 def record_trace(args: argparse.Namespace) -> dict[str, Any]:

@@ -26,4 +26,8 @@ def add_governor_args(p: argparse.ArgumentParser) -> None:
                    help="p99 time per output token to keep; within it, the largest batches")
     g.add_argument("--twin-params", default=None,
                    help="the GPU's twin params JSON (`ondo twin fit`; default: the packaged "
-                        "H100 fit)")
+                        "H100 fit, and for the live twin the packaged fit of the closest GPU "
+                        "model by NVML name)")
+    g.add_argument("--twin-adapt", choices=("on", "off"), default="on",
+                   help="adapt the live twin's constants to this GPU online, saved per GPU "
+                        "in --telemetry-db and resumed at the next start (default on)")

@@ -28,6 +28,9 @@ class GovernorSetup:
     policy: str
     params: TwinParams
     objectives: Objectives
+    twin_params_given: bool = False  # --twin-params: the live twin starts from them too
+    twin_adapt: bool = True
+    telemetry_db: str | None = None
 
 
 def governor_setup(args: argparse.Namespace) -> GovernorSetup:
@@ -51,7 +54,9 @@ def governor_setup(args: argparse.Namespace) -> GovernorSetup:
         log.warning("--power-budget-w %g is not under the GPU's own power limit (%g W): the "
                     "GPU's power-cap controller acts first", objectives.power_budget_w,
                     params.power_limit_w)
-    return GovernorSetup(args.governor, params, objectives)
+    return GovernorSetup(args.governor, params, objectives, bool(args.twin_params),
+                         getattr(args, "twin_adapt", "on") == "on",
+                         getattr(args, "telemetry_db", None))
 
 
 class ServerGovernor:
@@ -63,16 +68,20 @@ class ServerGovernor:
         `set_scheduler_limits`; a benchmark wraps it to record them)."""
         from ondo.control.metrics import register_governor_metrics
         from ondo.control.service import GovernorService
-        from ondo.twin.live import LiveTwin
+        from ondo.twin.live_adapt import gpu_identity, start_live_twin
+        from ondo.twin.metrics import register_twin_metrics
 
         stats = async_llm.stats()
         config = EngineConfig(int(stats["max_num_seqs"]), int(stats["max_num_batched_tokens"]))
         self.governor = Governor(setup.params, setup.objectives, config, setup.policy)
-        self.twin = LiveTwin(telemetry.hub, setup.params).start()
+        self.twin = start_live_twin(telemetry.hub, gpu_identity(telemetry.gpu),
+                                    setup.params if setup.twin_params_given else None,
+                                    setup.twin_adapt, setup.telemetry_db)
         self.service = GovernorService(telemetry.hub, self.governor,
                                        apply_limits or async_llm.set_scheduler_limits).start()
         if registry is not None:
             register_governor_metrics(registry, self.governor)
+            register_twin_metrics(registry, self.twin)
         log.info("governor %s, objectives %s", self.governor.policy_name,
                  {k: v for k, v in setup.objectives.as_dict().items() if v is not None})
 

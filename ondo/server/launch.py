@@ -172,8 +172,9 @@ def start_telemetry(args: argparse.Namespace, registry: CollectorRegistry):
         return None
     from ondo.control.decision import DECISION_TABLE
     from ondo.telemetry.pipeline import Telemetry
+    from ondo.twin.store_tables import TWIN_TABLES
 
-    tables: tuple = (DECISION_TABLE,)
+    tables: tuple = (DECISION_TABLE, *TWIN_TABLES)
     if getattr(args, "console", "off") == "on":
         from ondo.console.series import POINTS_TABLE
 

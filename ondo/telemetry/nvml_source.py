@@ -56,6 +56,8 @@ class _Device:
     handle: Any
     sm_max_mhz: float | None
     unsupported: set[str] = field(default_factory=set)
+    name: str = ""
+    uuid: str = ""
     previous: GpuSample | None = None
 
 
@@ -90,7 +92,24 @@ class NvmlSource:
         except Exception as e:
             log.warning("GPU %d: max SM clock unreadable (%s); clock ratio unavailable", index, e)
             sm_max_mhz = None
-        return _Device(index, handle, sm_max_mhz)
+        return _Device(index, handle, sm_max_mhz, name=self._text(
+            "nvmlDeviceGetName", handle), uuid=self._text("nvmlDeviceGetUUID", handle))
+
+    def _text(self, fn: str, handle: Any) -> str:
+        """A string NVML gives about a device ("" where it cannot)."""
+        try:
+            value = getattr(self.nvml, fn)(handle)
+        except Exception as e:
+            log.debug("%s: %s", fn, e)
+            return ""
+        return value.decode() if isinstance(value, bytes) else str(value)
+
+    def identity(self, index: int) -> tuple[str, str] | None:
+        """(NVML name, UUID) of the GPU at `index`, None if it is not polled."""
+        for d in self.devices:
+            if d.index == index:
+                return d.name, d.uuid
+        return None
 
     def start(self) -> None:
         self._thread.start()

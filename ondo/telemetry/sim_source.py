@@ -107,6 +107,10 @@ class SimulatedGpuSource:
         self.hub.publish(sample)
         return sample
 
+    def identity(self, index: int) -> tuple[str, str] | None:
+        """(name, UUID) as NVML would give them: the simulated GPU is its own model."""
+        return ("ondo simulated GPU", f"SIM-{index}") if index == self.gpu_index else None
+
     def start(self) -> None:
         self._thread.start()
 

@@ -1,4 +1,4 @@
-"""`ondo twin fit` and `ondo twin predict`."""
+"""`ondo twin fit` and `ondo twin predict` (`ondo twin adapt`: adapt_cli.py)."""
 
 from __future__ import annotations
 
@@ -65,6 +65,9 @@ def register(subparsers) -> None:
     )
     pred.add_argument("-o", "--output", required=True)
     pred.set_defaults(func=run_predict)
+    from ondo.twin.adapt_cli import register as register_adapt
+
+    register_adapt(sub)
     twin.set_defaults(func=lambda args: (twin.print_help(), 2)[1])
 
 

@@ -100,9 +100,8 @@ SPLIT_NAMES = ("hbm_idle_power_w", "hbm_share_of_memory")
 N_THERMAL = 6  # [die, hbm, sink, board, die_sensor, hbm_sensor]
 
 
-def thermal_matrices(p: TwinParams, dt_s: float):
-    """Continuous (A, B) and exact discrete (Phi, Gamma) matrices of the thermal network.
-
+def thermal_ab(p: TwinParams) -> tuple[np.ndarray, np.ndarray]:
+    """Continuous (A, B) of the thermal network: dx/dt = A x + B u,
     x = [die, hbm, sink, board, die_sensor, hbm_sensor], u = [P_die, P_hbm, T_amb]."""
     a = np.zeros((N_THERMAL, N_THERMAL))
     b = np.zeros((N_THERMAL, 3))
@@ -116,6 +115,14 @@ def thermal_matrices(p: TwinParams, dt_s: float):
     a[4, 0], a[4, 4] = 1 / p.temp_sensor_tau_s, -1 / p.temp_sensor_tau_s
     a[5, 1], a[5, 5] = 1 / p.mem_temp_sensor_tau_s, -1 / p.mem_temp_sensor_tau_s
     b[0, 0], b[1, 1], b[3, 2] = 1 / cd, 1 / ch, g_ba / cb
+    return a, b
+
+
+def thermal_matrices(p: TwinParams, dt_s: float):
+    """Continuous (A, B) and exact discrete (Phi, Gamma) matrices of the thermal network.
+
+    x = [die, hbm, sink, board, die_sensor, hbm_sensor], u = [P_die, P_hbm, T_amb]."""
+    a, b = thermal_ab(p)
     n = N_THERMAL
     m = np.zeros((n + 3, n + 3))
     m[:n, :n], m[:n, n:] = a * dt_s, b * dt_s

@@ -24,11 +24,14 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from ondo.telemetry.hub import Subscription, TelemetryHub
 from ondo.telemetry.schema import EngineSample, GpuSample
+from ondo.twin.adaptive import AdaptiveTwin
+from ondo.twin.confidence import ForecastScorer
 from ondo.twin.engine_load import plant_activity
 from ondo.twin.estimator import ThermalEstimator
 from ondo.twin.params import TwinParams
@@ -75,6 +78,10 @@ class TwinSnapshot:
     compute_activity: float = 0.0  # the load forecast with, in the plant's units
     memory_activity: float = 0.0
     gpu_samples: int = 0  # samples the estimator has taken
+    die_band_c: float = math.nan  # the peaks' band: +- this (confidence.py)
+    hbm_band_c: float = math.nan
+    throttle_probability: float = math.nan  # of a thermal slowdown within the horizon
+    adapted: bool = False  # the constants are adapted online (adaptive.py)
 
 
 @dataclass(frozen=True)
@@ -186,22 +193,32 @@ class TwinTracker:
     """Estimator and predictor for one GPU, fed sample by sample."""
 
     def __init__(self, params: TwinParams, gpu_index: int = 0,
-                 horizon_s: float = DEFAULT_HORIZON_S) -> None:
+                 horizon_s: float = DEFAULT_HORIZON_S,
+                 adaptive: AdaptiveTwin | None = None) -> None:
+        """`adaptive`: the online twin whose adapted constants and estimate to forecast with
+        (None: `params` as they are, and the fixed-constant estimator)."""
         self.params = params
         self.gpu_index = gpu_index
         self.horizon_s = horizon_s
-        self.engine = EngineLoadTracker(activity_map=lambda c, m: _mapped(params, c, m))
+        self.adaptive = adaptive
+        self.engine = EngineLoadTracker(activity_map=lambda c, m: _mapped(self._params(), c, m))
+        self.scorer = ForecastScorer()
         self.estimator: ThermalEstimator | None = None
         self.latest: GpuSample | None = None
         self.gpu_samples = 0
         self._last_t: float | None = None
         self._fast_w: float | None = None  # power over the interval since the last sample
 
+    def _params(self) -> TwinParams:
+        return self.adaptive.params() if self.adaptive is not None else self.params
+
     def on_engine_sample(self, s: EngineSample) -> None:
         self.engine.add(s)
+        if self.adaptive is not None:
+            self.adaptive.on_engine_sample(s)
 
     def _hbm_w(self, now_s: float) -> float:
-        return float(hbm_power_w(self.params, self.engine.load(now_s).mean_memory_activity))
+        return float(hbm_power_w(self._params(), self.engine.load(now_s).mean_memory_activity))
 
     def on_gpu_sample(self, s: GpuSample) -> None:
         if s.gpu_index != self.gpu_index or s.temp_c is None:
@@ -209,9 +226,12 @@ class TwinTracker:
         power = s.power_instant_w if s.power_instant_w is not None else s.power_w
         if power is None:
             return
+        self.scorer.reading(s.t_monotonic_s, s.temp_c, s.mem_temp_c)
         hbm_w = self._hbm_w(s.t_monotonic_s)
         mem_temp = s.mem_temp_c if s.mem_temp_c is not None else s.temp_c
-        if self.estimator is None:
+        if self.adaptive is not None:
+            self.adaptive.on_gpu_sample(s)
+        elif self.estimator is None:
             self.estimator = ThermalEstimator(self.params, s.temp_c, mem_temp, power, hbm_w)
         else:
             dt = s.t_monotonic_s - (self._last_t or s.t_monotonic_s)
@@ -227,14 +247,23 @@ class TwinTracker:
     def snapshot(self, now_s: float, t_wall_s: float | None = None,
                  with_forecast: bool = True) -> TwinSnapshot | None:
         """None until the first GPU sample."""
-        est, s = self.estimator, self.latest
-        if est is None or s is None:
+        s = self.latest
+        if s is None:
             return None
-        p = self.params
+        adaptive = self.adaptive
+        if adaptive is not None and not adaptive.ready:
+            return None
+        if adaptive is None and self.estimator is None:
+            return None
+        p = self._params()
         power_w = s.power_w if s.power_w is not None else self._fast_w or 0.0
         instant_w = self._fast_w if self._fast_w is not None else power_w
         hbm_w = self._hbm_w(now_s)
-        e = est.estimate(instant_w, hbm_w)
+        if adaptive is not None:
+            e = adaptive.estimate()
+        else:
+            assert self.estimator is not None
+            e = self.estimator.estimate(instant_w, hbm_w)
         load = self.engine.load(now_s)
         a_c, a_m = load.mean_compute_activity, load.mean_memory_activity
         sm = s.sm_mhz if s.sm_mhz is not None else p.sm_max_mhz
@@ -252,6 +281,9 @@ class TwinTracker:
             power_peak = max(power_peak, float(np.max(fc.power_w)))
             ttt, ttc = fc.time_to_throttle_s, fc.time_to_power_cap_s
             horizon = self.horizon_s
+            self.scorer.forecast(now_s + horizon, float(fc.temp_c[-1]), float(fc.mem_temp_c[-1]))
+        band = self.scorer.bands(e.die_std_c, e.hbm_std_c, die_peak, p.sw_thermal_c, hbm_peak,
+                                 p.mem_max_c)
         return TwinSnapshot(
             gpu_index=self.gpu_index, t_monotonic_s=now_s,
             t_wall_s=time.time() if t_wall_s is None else t_wall_s,
@@ -262,6 +294,8 @@ class TwinTracker:
             sink_c=e.sink_c, board_c=e.board_c, power_w=power_w, power_instant_w=instant_w,
             sm_mhz=sm, throttle_reasons=bits, compute_activity=float(a_c),
             memory_activity=float(a_m), gpu_samples=self.gpu_samples,
+            die_band_c=band.die_band_c, hbm_band_c=band.hbm_band_c,
+            throttle_probability=band.throttle_probability, adapted=adaptive is not None,
         )
 
 
@@ -275,10 +309,18 @@ class LiveTwin:
 
     def __init__(self, hub: TelemetryHub, params: TwinParams, gpu_index: int = 0,
                  period_s: float = DEFAULT_PERIOD_S, horizon_s: float = DEFAULT_HORIZON_S,
-                 maxsize: int = 2048) -> None:
+                 maxsize: int = 2048, adaptive: AdaptiveTwin | None = None,
+                 constants_record: Callable[[], Any] | None = None,
+                 persist_period_s: float = 300.0) -> None:
+        """`adaptive`: forecast with the online twin's constants (TwinTracker);
+        `constants_record`: a record of them, published on the hub every `persist_period_s`
+        and at `stop()` (the store keeps it: live_adapt.py)."""
         self.hub = hub
         self.period_s = period_s
-        self.tracker = TwinTracker(params, gpu_index, horizon_s)
+        self.tracker = TwinTracker(params, gpu_index, horizon_s, adaptive)
+        self.constants_record = constants_record
+        self.persist_period_s = persist_period_s
+        self._persisted_at = time.monotonic()
         self.published = 0
         self.errors = 0
         self.latest: TwinSnapshot | None = None
@@ -296,6 +338,20 @@ class LiveTwin:
         self._sub.close()
         if self._thread.is_alive():
             self._thread.join(timeout_s)
+        self._persist()
+
+    def _persist(self) -> None:
+        if self.constants_record is None:
+            return
+        self._persisted_at = time.monotonic()
+        try:
+            record = self.constants_record()
+        except Exception:  # the twin must never take the server down
+            self.errors += 1
+            log.exception("saving the twin's adapted constants failed")
+            return
+        if record is not None:
+            self.hub.publish(record)
 
     @property
     def dropped(self) -> int:
@@ -327,3 +383,5 @@ class LiveTwin:
                 self.latest = snap
                 self.published += 1
                 self.hub.publish(snap)
+            if now - self._persisted_at >= self.persist_period_s:
+                self._persist()

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import resource
 import signal
 import sqlite3
 import struct
@@ -223,9 +222,13 @@ def test_a_full_disk_drops_samples_with_a_counter_and_a_log_line_and_never_block
         conn.close()
 
 
-def _limit_file_size() -> None:
-    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (256 * 1024, 256 * 1024))
+# `python -m ondo ...` with files limited to 256 KiB (a full disk), set inside the child:
+# a preexec_fn would make the test process fork a copy of itself, which a large test
+# process on a small machine may be refused (ENOMEM).
+_WITH_FILE_SIZE_LIMIT = (
+    "import resource, runpy, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+    "resource.setrlimit(resource.RLIMIT_FSIZE, (256 * 1024, 256 * 1024)); "
+    "sys.argv[0] = 'ondo'; runpy.run_module('ondo', run_name='__main__', alter_sys=True)")
 
 
 @pytest.mark.slow
@@ -234,10 +237,10 @@ def test_ondo_serve_keeps_serving_on_a_full_disk(tmp_path):
     base = f"http://127.0.0.1:{port}"
     db = tmp_path / "serve.db"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "ondo", "serve", "--port", str(port), "--device", "cpu",
-         "--max-model-len", "256", "--num-kv-blocks", "64", "--telemetry", "sim",
+        [sys.executable, "-c", _WITH_FILE_SIZE_LIMIT, "serve", "--port", str(port),
+         "--device", "cpu", "--max-model-len", "256", "--num-kv-blocks", "64", "--telemetry", "sim",
          "--telemetry-hz", "100", "--telemetry-db", str(db), "--shutdown-timeout", "2"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, preexec_fn=_limit_file_size)
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 180
         while True:

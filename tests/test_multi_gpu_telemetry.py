@@ -80,6 +80,8 @@ def test_the_nvml_source_polls_the_engines_gpus_in_cuda_order():
     assert NvmlSource(TelemetryHub(), nvml=_FourGpuNvml(), env={}).gpu_indices == [0, 1, 2, 3]
     with pytest.raises(NvmlUnavailable, match="CUDA_VISIBLE_DEVICES='9'"):
         NvmlSource(TelemetryHub(), nvml=_FourGpuNvml(), env={"CUDA_VISIBLE_DEVICES": "9"})
+    with pytest.raises(NvmlUnavailable, match="CUDA_VISIBLE_DEVICES names none"):
+        NvmlSource(TelemetryHub(), nvml=_FourGpuNvml(), env={"CUDA_VISIBLE_DEVICES": ""})
     with pytest.raises(NvmlUnavailable, match="GPU index 4 asked for, NVML sees 4"):
         NvmlSource(TelemetryHub(), nvml=_FourGpuNvml(), gpu_indices=[0, 4])
 

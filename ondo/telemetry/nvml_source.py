@@ -80,6 +80,18 @@ class NvmlSource:
         self.hub = hub
         self.period_s = period_from_hz(hz)
         self.nvml = open_nvml(nvml)
+        try:
+            indices = self._select(gpu_indices, env)
+        except NvmlUnavailable:
+            self.nvml.nvmlShutdown()
+            raise
+        self.devices = [self._open_device(i) for i in indices]
+        self.produced = 0
+        self.failed_reads = 0
+        self._thread = PollingThread(self.poll_once, self.period_s, name="ondo-telemetry-nvml")
+
+    def _select(self, gpu_indices: Sequence[int] | None,
+                env: Mapping[str, str] | None) -> Sequence[int]:
         n = self.nvml.nvmlDeviceGetCount()
         if gpu_indices is None and env is not None:
             uuids = [self._text("nvmlDeviceGetUUID", self.nvml.nvmlDeviceGetHandleByIndex(i))
@@ -89,13 +101,12 @@ class NvmlSource:
             except ValueError as e:
                 raise NvmlUnavailable(str(e)) from e
         indices = range(n) if gpu_indices is None else gpu_indices
+        if len(indices) == 0:
+            raise NvmlUnavailable("no GPU to read: CUDA_VISIBLE_DEVICES names none")
         unknown = [i for i in indices if not 0 <= i < n]
         if unknown:
             raise NvmlUnavailable(f"GPU index {unknown[0]} asked for, NVML sees {n} GPU(s)")
-        self.devices = [self._open_device(i) for i in indices]
-        self.produced = 0
-        self.failed_reads = 0
-        self._thread = PollingThread(self.poll_once, self.period_s, name="ondo-telemetry-nvml")
+        return indices
 
     def _open_device(self, index: int) -> _Device:
         handle = self.nvml.nvmlDeviceGetHandleByIndex(index)

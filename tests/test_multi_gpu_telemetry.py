@@ -211,3 +211,19 @@ def test_serve_with_two_simulated_gpus_shows_each_and_governs_by_the_hot_one(tmp
     assert '"binding_constraint":"die temperature","binding_gpu":1' in rows[0][1]
     gpus = {g for (g,) in sqlite3.connect(db).execute("SELECT DISTINCT gpu_index FROM gpu_samples")}
     assert gpus == {0, 1}
+
+
+def test_only_the_engines_gpu_binds_the_governor_on_a_real_source():
+    """NVML reads every visible GPU, but an engine runs on the first: a neighbour another job
+    heats is monitored, never governed on. A simulated fleet stands for an engine on all."""
+    from ondo.control.serve import engine_gpu_indices
+
+    class NvmlLike:
+        gpu_indices = [3, 1]
+
+    assert engine_gpu_indices(NvmlLike(), [3, 1]) == [3]
+    fleet = SimulatedGpuFleet(TelemetryHub(), hz=20.0, inlet_c=[25.0, 45.0])
+    try:
+        assert engine_gpu_indices(fleet, [0, 1]) == [0, 1]
+    finally:
+        fleet.stop()

@@ -59,6 +59,16 @@ def governor_setup(args: argparse.Namespace) -> GovernorSetup:
                          getattr(args, "telemetry_db", None))
 
 
+def engine_gpu_indices(source: object, indices: list[int]) -> list[int]:
+    """The GPUs the engine steps on, of those the telemetry reads: the first visible one (an
+    engine runs on one GPU), or all of a simulated fleet (whose GPUs all follow the engine's
+    load). Telemetry and twins cover every GPU read; the governor is bound only by these, so
+    another job heating a neighbouring GPU never throttles this engine."""
+    from ondo.telemetry.sim_fleet import SimulatedGpuFleet
+
+    return list(indices) if isinstance(source, SimulatedGpuFleet) else list(indices[:1])
+
+
 class ServerGovernor:
     """The live twins (one per GPU the telemetry reads) and the governor service of one
     server; the governor acts on the binding GPU's inputs."""
@@ -76,17 +86,18 @@ class ServerGovernor:
         stats = async_llm.stats()
         config = EngineConfig(int(stats["max_num_seqs"]), int(stats["max_num_batched_tokens"]))
         indices = source_gpu_indices(telemetry.gpu)
+        governed = engine_gpu_indices(telemetry.gpu, indices)
         self.governor = Governor(setup.params, setup.objectives, config, setup.policy,
-                                 gpu_index=indices[0])
+                                 gpu_index=governed[0])
         self.twins = start_live_twins(telemetry.hub, gpu_identities(telemetry.gpu, indices),
                                       setup.params if setup.twin_params_given else None,
                                       setup.twin_adapt, setup.telemetry_db)
         self.twin = self.twins[0]  # the first GPU's (the console shows one)
         self.service = GovernorService(telemetry.hub, self.governor,
                                        apply_limits or async_llm.set_scheduler_limits,
-                                       gpu_indices=indices).start()
+                                       gpu_indices=governed).start()
         if registry is not None:
-            register_governor_metrics(registry, self.governor, indices)
+            register_governor_metrics(registry, self.governor, governed)
             register_twin_metrics(registry, self.twins)
         log.info("governor %s, objectives %s", self.governor.policy_name,
                  {k: v for k, v in setup.objectives.as_dict().items() if v is not None})

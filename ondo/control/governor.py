@@ -44,6 +44,8 @@ class Governor:
         self.caps: SchedulerLimits = UNLIMITED
         self._policy_limits: SchedulerLimits = UNLIMITED
         self.reason = "started"
+        self.binding_gpu = gpu_index  # the GPU the latest tick's inputs were of (binding.py)
+        self.binding = ""  # and the constraint that made it bind
         self.decisions = 0
         self.failures = 0
         self._failed_logged: set[str] = set()
@@ -100,6 +102,7 @@ class Governor:
             except Exception as e:  # a governor bug must not stop serving
                 return self._fall_back(e, inputs)
             self.reason = verdict.reason
+            self.binding_gpu, self.binding = inputs.gpu_index, inputs.binding
             if tightened(verdict.limits, self.caps) == self.limits:
                 return None
             return self._record(verdict, inputs.t_monotonic_s, inputs, inputs.t_wall_s)
@@ -126,7 +129,8 @@ class Governor:
             t_wall_s=time.time() if t_wall_s is None else t_wall_s,
             policy=self.policy.name, reason=verdict.reason, limits=self.limits.as_dict(),
             inputs={} if inputs is None else inputs.as_dict(), forecast=dict(verdict.forecast),
-            objectives=self.objectives.as_dict(), gpu_index=self.gpu_index,
+            objectives=self.objectives.as_dict(),
+            gpu_index=self.binding_gpu if inputs is None else inputs.gpu_index,
         )
 
 

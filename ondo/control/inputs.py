@@ -33,6 +33,8 @@ class GovernorInputs:
     engine: EngineLoad
     twin: TwinSnapshot | None
     tpot_p99_s: float | None  # p99 of the intervals between decoding steps, last TPOT_WINDOW_S
+    gpu_index: int = 0  # the GPU these readings are of (the binding one, binding.py)
+    binding: str = ""  # the constraint that made it bind; "" with one GPU and no choice
 
     def as_dict(self) -> dict:
         """The record of what the policy saw (a decision's `inputs`)."""
@@ -47,6 +49,8 @@ class GovernorInputs:
             "num_waiting": e.num_waiting, "num_waiting_tokens": e.num_waiting_tokens,
             "num_running": e.num_running, "tpot_p99_s": _round(self.tpot_p99_s, 4),
         }
+        if self.binding:
+            d.update({"binding_gpu": self.gpu_index, "binding_constraint": self.binding})
         if tw is not None:
             d.update({"twin_die_c": _round(tw.die_c, 2), "twin_hbm_c": _round(tw.hbm_c, 2),
                       "twin_ambient_c": _round(tw.ambient_c, 2),
@@ -118,5 +122,5 @@ class InputTracker:
             sm_mhz=None if g is None else g.sm_mhz,
             throttle_reasons=0 if g is None or g.throttle_reasons is None else g.throttle_reasons,
             energy_history=tuple(self._energy), engine=self.engine.load(now_s), twin=self.twin,
-            tpot_p99_s=tpot,
+            tpot_p99_s=tpot, gpu_index=self.gpu_index,
         )

@@ -4,7 +4,7 @@ read from the governor at scrape time."""
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -13,8 +13,10 @@ from ondo.control.governor import POLICIES, Governor
 
 
 class GovernorCollector:
-    def __init__(self, governor: Governor) -> None:
+    def __init__(self, governor: Governor, gpu_indices: Sequence[int] = ()) -> None:
+        """`gpu_indices`: the engine's GPUs, one `ondo:governor_binding_gpu` series each."""
         self.governor = governor
+        self.gpu_indices = list(gpu_indices) or [governor.gpu_index]
 
     def collect(self) -> Iterator[Metric]:
         g = self.governor
@@ -43,6 +45,14 @@ class GovernorCollector:
         for name, value in g.limits.as_dict().items():
             limits.add_metric([name], _value(value))
         yield limits
+        binding = GaugeMetricFamily("ondo:governor_binding_gpu",
+                                    "1 for the GPU whose readings the governor acts on (the "
+                                    "least slack to a limit), 0 for the others",
+                                    labels=["gpu", "constraint"])
+        for index in self.gpu_indices:
+            bound = index == g.binding_gpu
+            binding.add_metric([str(index), g.binding if bound else ""], 1.0 if bound else 0.0)
+        yield binding
         decisions = CounterMetricFamily("ondo:governor_decisions",
                                         "Changes of the scheduler's limits")
         decisions.add_metric([], g.decisions)
@@ -57,5 +67,6 @@ def _value(x: float | int | None) -> float:
     return math.inf if x is None else float(x)
 
 
-def register_governor_metrics(registry: CollectorRegistry, governor: Governor) -> None:
-    registry.register(GovernorCollector(governor))  # type: ignore[arg-type]
+def register_governor_metrics(registry: CollectorRegistry, governor: Governor,
+                              gpu_indices: Sequence[int] = ()) -> None:
+    registry.register(GovernorCollector(governor, gpu_indices))  # type: ignore[arg-type]

@@ -59,8 +59,19 @@ def governor_setup(args: argparse.Namespace) -> GovernorSetup:
                          getattr(args, "telemetry_db", None))
 
 
+def engine_gpu_indices(source: object, indices: list[int]) -> list[int]:
+    """The GPUs the engine steps on, of those the telemetry reads: the first visible one (an
+    engine runs on one GPU), or all of a simulated fleet (whose GPUs all follow the engine's
+    load). Telemetry and twins cover every GPU read; the governor is bound only by these, so
+    another job heating a neighbouring GPU never throttles this engine."""
+    from ondo.telemetry.sim_fleet import SimulatedGpuFleet
+
+    return list(indices) if isinstance(source, SimulatedGpuFleet) else list(indices[:1])
+
+
 class ServerGovernor:
-    """The live twin and the governor service of one server."""
+    """The live twins (one per GPU the telemetry reads) and the governor service of one
+    server; the governor acts on the binding GPU's inputs."""
 
     def __init__(self, setup: GovernorSetup, telemetry, async_llm, registry=None,
                  apply_limits=None) -> None:
@@ -68,20 +79,26 @@ class ServerGovernor:
         `set_scheduler_limits`; a benchmark wraps it to record them)."""
         from ondo.control.metrics import register_governor_metrics
         from ondo.control.service import GovernorService
-        from ondo.twin.live_adapt import gpu_identity, start_live_twin
+        from ondo.telemetry.gpu_selection import source_gpu_indices
+        from ondo.twin.live_adapt import gpu_identities, start_live_twins
         from ondo.twin.metrics import register_twin_metrics
 
         stats = async_llm.stats()
         config = EngineConfig(int(stats["max_num_seqs"]), int(stats["max_num_batched_tokens"]))
-        self.governor = Governor(setup.params, setup.objectives, config, setup.policy)
-        self.twin = start_live_twin(telemetry.hub, gpu_identity(telemetry.gpu),
-                                    setup.params if setup.twin_params_given else None,
-                                    setup.twin_adapt, setup.telemetry_db)
+        indices = source_gpu_indices(telemetry.gpu)
+        governed = engine_gpu_indices(telemetry.gpu, indices)
+        self.governor = Governor(setup.params, setup.objectives, config, setup.policy,
+                                 gpu_index=governed[0])
+        self.twins = start_live_twins(telemetry.hub, gpu_identities(telemetry.gpu, indices),
+                                      setup.params if setup.twin_params_given else None,
+                                      setup.twin_adapt, setup.telemetry_db)
+        self.twin = self.twins[0]  # the first GPU's (the console shows one)
         self.service = GovernorService(telemetry.hub, self.governor,
-                                       apply_limits or async_llm.set_scheduler_limits).start()
+                                       apply_limits or async_llm.set_scheduler_limits,
+                                       gpu_indices=governed).start()
         if registry is not None:
-            register_governor_metrics(registry, self.governor)
-            register_twin_metrics(registry, self.twin)
+            register_governor_metrics(registry, self.governor, governed)
+            register_twin_metrics(registry, self.twins)
         log.info("governor %s, objectives %s", self.governor.policy_name,
                  {k: v for k, v in setup.objectives.as_dict().items() if v is not None})
 
@@ -96,7 +113,8 @@ class ServerGovernor:
 
     def close(self) -> None:
         self.service.stop()
-        self.twin.stop()
+        for twin in self.twins:
+            twin.stop()
 
 
 def start_server_governor(setup: GovernorSetup, telemetry, async_llm,

@@ -69,6 +69,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "engine-only; nvml falls back to sim; sim = the twin as the GPU")
     p.add_argument("--telemetry-hz", type=float, default=20.0, help="GPU sampling rate (<= 100)")
     p.add_argument("--telemetry-db", default=None, help="also store telemetry in this SQLite file")
+    p.add_argument("--sim-gpus", type=int, default=1,
+                   help="simulated GPUs (--telemetry sim): each its own plant, twin series and "
+                        "governor input")
+    p.add_argument("--sim-inlet-c", default=None,
+                   help="inlet °C of the simulated GPUs: one value, or one per GPU (25,38)")
     add_event_args(p)
     add_governor_args(p)
     add_agent_args(p)

@@ -39,9 +39,12 @@ def serve(args: argparse.Namespace) -> int:
         print("error: --max-waiting-requests must be >= 1", file=sys.stderr)
         return 2
     from ondo.control.serve import governor_setup, start_server_governor
+    from ondo.telemetry.sim_fleet import parse_inlets, sim_inlets
 
     try:
         gov_setup = governor_setup(args)
+        args.sim_inlets = sim_inlets(getattr(args, "sim_gpus", 1),
+                                     parse_inlets(getattr(args, "sim_inlet_c", None)))
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -188,7 +191,8 @@ def start_telemetry(args: argparse.Namespace, registry: CollectorRegistry):
     source = "nvml" if args.telemetry == "auto" else args.telemetry
     fallback = None if args.telemetry == "auto" else "sim"
     return Telemetry.start(args.telemetry_db, source=source, hz=args.telemetry_hz,
-                           registry=registry, fallback=fallback, tables=tables)
+                           registry=registry, fallback=fallback, tables=tables,
+                           sim_inlet_c=getattr(args, "sim_inlets", None))
 
 
 class DrainingServer(uvicorn.Server):

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from types import ModuleType
 from typing import Any
 
+from ondo.telemetry.gpu_selection import visible_gpu_indices
 from ondo.telemetry.hub import TelemetryHub
 from ondo.telemetry.polling import PollingThread, period_from_hz
 from ondo.telemetry.schema import GpuSample, stale_columns
@@ -62,7 +63,7 @@ class _Device:
 
 
 class NvmlSource:
-    """Polls `gpu_indices` (default: all) at `hz` (default 20, at most 100)."""
+    """Polls `gpu_indices` (default: the engine's, else all) at `hz` (default 20, at most 100)."""
 
     source_name = "nvml"
 
@@ -72,16 +73,40 @@ class NvmlSource:
         hz: float = 20.0,
         nvml: ModuleType | Any | None = None,
         gpu_indices: Sequence[int] | None = None,
+        env: Mapping[str, str] | None = None,
     ) -> None:
+        """`gpu_indices`: the NVML indices to poll; None: those `CUDA_VISIBLE_DEVICES` in
+        `env` names (gpu_selection.py), every GPU where `env` is None or does not set it."""
         self.hub = hub
         self.period_s = period_from_hz(hz)
         self.nvml = open_nvml(nvml)
-        n = self.nvml.nvmlDeviceGetCount()
-        indices = range(n) if gpu_indices is None else gpu_indices
+        try:
+            indices = self._select(gpu_indices, env)
+        except NvmlUnavailable:
+            self.nvml.nvmlShutdown()
+            raise
         self.devices = [self._open_device(i) for i in indices]
         self.produced = 0
         self.failed_reads = 0
         self._thread = PollingThread(self.poll_once, self.period_s, name="ondo-telemetry-nvml")
+
+    def _select(self, gpu_indices: Sequence[int] | None,
+                env: Mapping[str, str] | None) -> Sequence[int]:
+        n = self.nvml.nvmlDeviceGetCount()
+        if gpu_indices is None and env is not None:
+            uuids = [self._text("nvmlDeviceGetUUID", self.nvml.nvmlDeviceGetHandleByIndex(i))
+                     for i in range(n)]
+            try:
+                gpu_indices = visible_gpu_indices(env, uuids)
+            except ValueError as e:
+                raise NvmlUnavailable(str(e)) from e
+        indices = range(n) if gpu_indices is None else gpu_indices
+        if len(indices) == 0:
+            raise NvmlUnavailable("no GPU to read: CUDA_VISIBLE_DEVICES names none")
+        unknown = [i for i in indices if not 0 <= i < n]
+        if unknown:
+            raise NvmlUnavailable(f"GPU index {unknown[0]} asked for, NVML sees {n} GPU(s)")
+        return indices
 
     def _open_device(self, index: int) -> _Device:
         handle = self.nvml.nvmlDeviceGetHandleByIndex(index)
@@ -103,6 +128,11 @@ class NvmlSource:
             log.debug("%s: %s", fn, e)
             return ""
         return value.decode() if isinstance(value, bytes) else str(value)
+
+    @property
+    def gpu_indices(self) -> list[int]:
+        """The NVML indices polled, in order."""
+        return [d.index for d in self.devices]
 
     def identity(self, index: int) -> tuple[str, str] | None:
         """(NVML name, UUID) of the GPU at `index`, None if it is not polled."""

@@ -4,6 +4,8 @@ store, the Prometheus exporter and live subscribers read from it."""
 from __future__ import annotations
 
 import logging
+import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -14,6 +16,7 @@ from ondo.telemetry.hub import TelemetryHub
 from ondo.telemetry.nvml_source import NvmlSource, NvmlUnavailable
 from ondo.telemetry.prometheus import PrometheusExporter
 from ondo.telemetry.replay import ReplaySource
+from ondo.telemetry.sim_fleet import SimulatedGpuFleet
 from ondo.telemetry.sim_source import SimulatedGpuSource
 from ondo.telemetry.store import RecordTable, TelemetryStore
 
@@ -37,24 +40,35 @@ def open_gpu_source(
     trace: str | Path | None = None,
     speed: float = 1.0,
     nvml: Any | None = None,
+    sim_inlet_c: Sequence[float] | None = None,
     **sim_kwargs: Any,
 ) -> GpuSource | None:
     """The source named by `kind` ("nvml", "sim", "replay", or "none": engine-only, returns
     None). Without NVML or a GPU, "nvml" logs why and falls back to `fallback` ("sim", or
-    None: engine-only, returns None)."""
+    None: engine-only, returns None). "nvml" reads the GPUs `CUDA_VISIBLE_DEVICES` names
+    (all where unset); `sim_inlet_c`: one simulated GPU per inlet temperature (sim_fleet.py)."""
     if kind == "none":
         return None
+    if sim_inlet_c is not None and len(sim_inlet_c) > 1:
+        def make_sim() -> GpuSource:
+            return SimulatedGpuFleet(hub, hz, sim_inlet_c)
+    else:
+        if sim_inlet_c:
+            sim_kwargs = {"ambient_c": float(sim_inlet_c[0])} | sim_kwargs
+
+        def make_sim() -> GpuSource:
+            return SimulatedGpuSource(hub, hz, **sim_kwargs)
     if kind == "nvml":
         try:
-            return NvmlSource(hub, hz, nvml=nvml)
+            return NvmlSource(hub, hz, nvml=nvml, env=os.environ)
         except NvmlUnavailable as e:
             if fallback == "sim":
                 log.warning("NVML unavailable (%s); using the simulated GPU source", e)
-                return SimulatedGpuSource(hub, hz, **sim_kwargs)
+                return make_sim()
             log.warning("NVML unavailable (%s); engine-only telemetry, no GPU source", e)
             return None
     if kind == "sim":
-        return SimulatedGpuSource(hub, hz, **sim_kwargs)
+        return make_sim()
     if kind == "replay":
         if trace is None:
             raise ValueError("replay needs a trace CSV")

@@ -7,6 +7,8 @@ On a start, for the GPU the telemetry reads (NVML name and UUID):
    UUID in the telemetry database (`--telemetry-db`), if any, else the base's;
 3. a `LiveTwin` forecasting with them, publishing its adapted constants every
    PERSIST_PERIOD_S and at shutdown (the store appends them to `twin_params`).
+
+With several GPUs (`start_live_twins`) each gets all three of its own, by its UUID.
 """
 
 from __future__ import annotations
@@ -79,8 +81,22 @@ def start_live_twin(hub: TelemetryHub, identity: GpuIdentity | None,
                     persist_period_s=PERSIST_PERIOD_S).start()
 
 
+def start_live_twins(hub: TelemetryHub, identities: list[GpuIdentity | None],
+                     params: TwinParams | None, adapt: bool = True,
+                     db_path: str | Path | None = None) -> list[LiveTwin]:
+    """One started LiveTwin per GPU (its own estimator, plant constants and saved record,
+    by UUID); `identities`: the GPUs' in the source's order."""
+    return [start_live_twin(hub, ident, params, adapt, db_path) for ident in identities]
+
+
 def gpu_identity(gpu_source, index: int = 0) -> GpuIdentity | None:
     """The identity the telemetry's GPU source reports (None if it reports none)."""
     ident = getattr(gpu_source, "identity", None)
     got = ident(index) if callable(ident) else None
     return GpuIdentity(index, got[0], got[1]) if got else None
+
+
+def gpu_identities(gpu_source, indices: list[int]) -> list[GpuIdentity | None]:
+    """`gpu_identity` of each of `indices`; an index the source names no GPU for keeps its
+    index (the twin for it is not resumed from a saved record)."""
+    return [gpu_identity(gpu_source, i) or GpuIdentity(i, "", "") for i in indices]

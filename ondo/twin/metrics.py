@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -14,12 +14,24 @@ from ondo.twin.live import LiveTwin
 
 
 class TwinCollector:
-    def __init__(self, twin: LiveTwin) -> None:
-        self.twin = twin
+    """One series per GPU (label `gpu`), one live twin each."""
+
+    def __init__(self, twin: LiveTwin | Sequence[LiveTwin]) -> None:
+        self.twins = [twin] if isinstance(twin, LiveTwin) else list(twin)
 
     def collect(self) -> Iterator[Metric]:
-        snap = self.twin.latest
-        gpu = str(self.twin.tracker.gpu_index)
+        families: dict[str, Metric] = {}
+        for twin in self.twins:
+            for family in self._collect_one(twin):
+                if family.name in families:
+                    families[family.name].samples.extend(family.samples)
+                else:
+                    families[family.name] = family
+        yield from families.values()
+
+    def _collect_one(self, twin: LiveTwin) -> Iterator[Metric]:
+        snap = twin.latest
+        gpu = str(twin.tracker.gpu_index)
         peak = GaugeMetricFamily("ondo:twin_forecast_peak_celsius",
                                  "Highest sensor reading the twin forecasts within its horizon",
                                  labels=["gpu", "sensor"])
@@ -41,7 +53,7 @@ class TwinCollector:
                            else snap.time_to_throttle_s)
             prob.add_metric([gpu], snap.throttle_probability)
         yield from (peak, band, ttt, prob)
-        adaptive = self.twin.tracker.adaptive
+        adaptive = twin.tracker.adaptive
         if adaptive is None:
             return
         const = GaugeMetricFamily("ondo:twin_adapted_constant",
@@ -70,5 +82,6 @@ class TwinCollector:
         yield excited
 
 
-def register_twin_metrics(registry: CollectorRegistry, twin: LiveTwin) -> None:
+def register_twin_metrics(registry: CollectorRegistry,
+                          twin: LiveTwin | Sequence[LiveTwin]) -> None:
     registry.register(TwinCollector(twin))  # type: ignore[arg-type]

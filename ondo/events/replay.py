@@ -25,11 +25,12 @@ from typing import Any
 from ondo.events.config import DetectorConfig
 from ondo.events.detectors import DetectorSet, record_time
 from ondo.events.log import EventLog
-from ondo.events.replay_twin import ReplayTwinSnapshot, replay_snapshots
+from ondo.events.replay_twin import replay_snapshots
 from ondo.events.table import EVENTS_TABLE, read_head
 from ondo.events.trace_input import TraceRecords, read_trace_records
 from ondo.telemetry.schema import EngineSample, GpuSample
 from ondo.telemetry.store import TelemetryStore
+from ondo.twin.live import TwinSnapshot
 from ondo.twin.params import TwinParams, h100_params
 
 log = logging.getLogger(__name__)
@@ -48,14 +49,14 @@ class ReplaySummary:
     elapsed_s: float
 
 
-def twin_snapshots(params: TwinParams, trace: TraceRecords) -> list[ReplayTwinSnapshot]:
+def twin_snapshots(params: TwinParams, trace: TraceRecords) -> list[TwinSnapshot]:
     """The twin's snapshots of every GPU of the trace, in time order."""
     steps = [r for r in trace.records if isinstance(r, EngineSample)]
     by_gpu: dict[int, list[int]] = {}
     for i, r in enumerate(trace.records):
         if isinstance(r, GpuSample):
             by_gpu.setdefault(r.gpu_index, []).append(i)
-    snaps: list[ReplayTwinSnapshot] = []
+    snaps: list[TwinSnapshot] = []
     for gpu in sorted(by_gpu):
         idx = by_gpu[gpu]
         samples = [trace.records[i] for i in idx]
@@ -65,7 +66,7 @@ def twin_snapshots(params: TwinParams, trace: TraceRecords) -> list[ReplayTwinSn
     return snaps
 
 
-def merged(records: list[Any], snaps: list[ReplayTwinSnapshot]) -> Iterator[Any]:
+def merged(records: list[Any], snaps: list[TwinSnapshot]) -> Iterator[Any]:
     """Records in file order with the snapshots placed at their times (after the records of
     the same time)."""
     def keyed_records():
@@ -123,7 +124,7 @@ def replay_records(trace: TraceRecords, db_path: str | Path, *,
                          dict(sorted(log.counts.items())), time.perf_counter() - t_start)
 
 
-def _write_log(trace: TraceRecords, snaps: list[ReplayTwinSnapshot], db: Path,
+def _write_log(trace: TraceRecords, snaps: list[TwinSnapshot], db: Path,
                config: DetectorConfig, speed: float) -> EventLog:
     """The trace's samples and the detectors' events into `db`; the log. On an exception the
     database is removed (a kill leaves what was committed, which verifies)."""
@@ -147,13 +148,13 @@ def _write_log(trace: TraceRecords, snaps: list[ReplayTwinSnapshot], db: Path,
     return log
 
 
-def _run(trace: TraceRecords, snaps: list[ReplayTwinSnapshot], store: TelemetryStore,
+def _run(trace: TraceRecords, snaps: list[TwinSnapshot], store: TelemetryStore,
          events: EventLog, detectors: DetectorSet, speed: float) -> None:
     paced = math.isfinite(speed) and speed > 0
     wall0 = time.monotonic()
     t0: float | None = None
     for item in merged(trace.records, snaps):
-        if not isinstance(item, ReplayTwinSnapshot):
+        if not isinstance(item, TwinSnapshot):
             store.submit(item)
         if paced:
             t = record_time(item)[0]  # type: ignore[index]

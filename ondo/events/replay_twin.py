@@ -12,13 +12,12 @@ machines does not change the log.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
 from ondo.telemetry.schema import EngineSample, GpuSample
 from ondo.twin.engine_load import plant_activity
 from ondo.twin.estimator import ThermalEstimator
+from ondo.twin.live import TwinSnapshot
 from ondo.twin.params import TwinParams
 from ondo.twin.plant import (
     THERMAL_BITS,
@@ -32,27 +31,6 @@ from ondo.twin.replay import hbm_power_w
 
 SNAPSHOT_PERIOD_S = 1.0
 HORIZON_S = 10.0
-
-
-@dataclass(frozen=True)
-class ReplayTwinSnapshot:
-    """The fields of the live twin's snapshot, computed offline."""
-
-    gpu_index: int
-    t_monotonic_s: float
-    t_wall_s: float
-    die_c: float
-    hbm_c: float
-    die_sensor_c: float
-    ambient_c: float
-    die_std_c: float
-    forecast_horizon_s: float
-    die_peak_c: float
-    hbm_peak_c: float
-    power_peak_w: float
-    time_to_throttle_s: float | None
-    time_to_power_cap_s: float | None
-
 
 def _r(x: float) -> float:
     return float(np.round(x, 3))
@@ -84,7 +62,7 @@ def _column(samples: list[GpuSample], name: str) -> np.ndarray:
 def replay_snapshots(params: TwinParams, samples: list[GpuSample],
                      phase_load: list[tuple[float, float] | None], steps: list[EngineSample],
                      period_s: float = SNAPSHOT_PERIOD_S,
-                     horizon_s: float = HORIZON_S) -> list[ReplayTwinSnapshot]:
+                     horizon_s: float = HORIZON_S) -> list[TwinSnapshot]:
     """Snapshots of one GPU every `period_s` of its samples' time. `phase_load`: per sample,
     the labelled load in plant units (NVML traces), else None; `steps`: the engine's steps,
     used where there are no labels."""
@@ -154,7 +132,7 @@ def _mean_power(t, energy, inst, avg, prev: int, b: int, span: slice) -> float:
 
 
 def _forecast(params: TwinParams, rows, ticks, avg, sm, reasons, gpu: int,
-              horizon_s: float) -> list[ReplayTwinSnapshot]:
+              horizon_s: float) -> list[TwinSnapshot]:
     """Every second's forecast at once: the plant's state arrays hold one entry per second."""
     if not rows:
         return []
@@ -185,7 +163,7 @@ def _forecast(params: TwinParams, rows, ticks, avg, sm, reasons, gpu: int,
         to_cap[np.isnan(to_cap) & ((bits & THROTTLE_SW_POWER_CAP) > 0)] = ahead
     out = []
     for i, (k, _, _, _, _, _, std, tick_wall) in enumerate(rows):
-        out.append(ReplayTwinSnapshot(
+        out.append(TwinSnapshot(
             gpu_index=gpu, t_monotonic_s=float(ticks[k]), t_wall_s=tick_wall,
             die_c=_r(x[i, 0]), hbm_c=_r(x[i, 1]), die_sensor_c=_r(x[i, 4]),
             ambient_c=_r(x[i, 6]), die_std_c=_r(std), forecast_horizon_s=horizon_s,

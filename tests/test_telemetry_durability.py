@@ -75,10 +75,10 @@ def hashlib_sha256(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-@pytest.mark.parametrize("kill_after_s", [0.7, 1.3, 2.1])
-def test_sigkill_mid_write_loses_at_most_the_last_second(tmp_path, kill_after_s):
-    db, progress = tmp_path / "t.db", tmp_path / "progress"
-    child = subprocess.Popen([sys.executable, "-c", WRITER, str(db), str(progress)],
+def _kill_mid_write(script: str, db, progress, kill_after_s: float) -> float:
+    """Run a writer `script` on `db`, SIGKILL it after `kill_after_s`; the time of the last
+    record it had submitted (from its progress file)."""
+    child = subprocess.Popen([sys.executable, "-c", script, str(db), str(progress)],
                              stdout=subprocess.PIPE, text=True)
     try:
         assert child.stdout.readline().strip() == "ready"
@@ -88,7 +88,13 @@ def test_sigkill_mid_write_loses_at_most_the_last_second(tmp_path, kill_after_s)
     finally:
         if child.poll() is None:
             child.kill()
-    last_submitted = struct.unpack("d", progress.read_bytes()[:8])[0]
+    return struct.unpack("d", progress.read_bytes()[:8])[0]
+
+
+@pytest.mark.parametrize("kill_after_s", [0.7, 1.3, 2.1])
+def test_sigkill_mid_write_loses_at_most_the_last_second(tmp_path, kill_after_s):
+    db, progress = tmp_path / "t.db", tmp_path / "progress"
+    last_submitted = _kill_mid_write(WRITER, db, progress, kill_after_s)
     assert os.path.exists(str(db) + "-wal")  # killed with its log not checkpointed
     conn = sqlite3.connect(db)
     try:
@@ -140,17 +146,7 @@ def test_sigkill_mid_write_leaves_an_event_log_whose_chain_verifies(tmp_path, ki
     from ondo.events.verify import verify
 
     db, progress = tmp_path / "e.db", tmp_path / "progress"
-    child = subprocess.Popen([sys.executable, "-c", EVENT_WRITER, str(db), str(progress)],
-                             stdout=subprocess.PIPE, text=True)
-    try:
-        assert child.stdout.readline().strip() == "ready"
-        time.sleep(kill_after_s)
-        child.send_signal(signal.SIGKILL)
-        child.wait(30)
-    finally:
-        if child.poll() is None:
-            child.kill()
-    last_submitted = struct.unpack("d", progress.read_bytes()[:8])[0]
+    last_submitted = _kill_mid_write(EVENT_WRITER, db, progress, kill_after_s)
     result = verify(db)
     assert result.ok, result.describe()
     assert result.entries > 50

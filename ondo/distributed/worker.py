@@ -2,8 +2,8 @@
 profile and allocate its KV cache with the others, capture its CUDA graphs, then run the
 steps rank 0 sends until told to stop.
 
-A worker ignores Ctrl-C (its engine decides when it stops) and exits when its parent is
-gone. An error on a worker ends it (exit code 1) after sending its message to rank 0,
+A worker ignores Ctrl-C (its engine decides when it stops), dies of SIGTERM (how
+multiprocessing stops it where its engine did not), and exits when its parent is gone. An error on a worker ends it (exit code 1) after sending its message to rank 0,
 whose watchdog reports it.
 """
 
@@ -44,6 +44,9 @@ def joined_key(rank: int) -> str:
 def run_worker(args: EngineArgs, rank: int, size: int, store_port: int, device_name: str,
                errors: Connection, log_level: int, num_threads: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # An engine process ignores SIGTERM, and ignored signals are inherited; a worker must
+    # die of it (multiprocessing stops daemonic children with it at exit).
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     logging.basicConfig(level=log_level,
                         format=f"%(asctime)s %(levelname)s %(name)s [tp rank {rank}]: %(message)s")
     torch.set_num_threads(num_threads)

@@ -20,6 +20,7 @@ import torch.distributed as dist
 from ondo import LLM, SamplingParams
 from ondo.cli import main as ondo_main
 from ondo.distributed.sharded_runner import ShardedModelRunner
+from ondo.distributed.workers import TensorParallelWorkers
 from ondo.engine.config import EngineArgs
 from ondo.engine.llm_engine import StepFailed
 from ondo.engine.model_runner import ModelRunner
@@ -238,5 +239,29 @@ def test_three_ranks_generate_what_one_rank_does_on_the_embedded_model():
                 if r.outputs[0].token_ids == o.outputs[0].token_ids]
         assert len(same) >= 3 and all(r.text == o.text and r.text for r, o in same)
         assert_nothing_leaked(llm)
+    finally:
+        llm.close()
+
+
+def test_a_failed_start_leaves_no_worker_behind(tmp_path_factory, monkeypatch):
+    """Every rank finds the KV cache too small for one sequence; the engine says so and its
+    worker is gone, and a tensor-parallel engine can start again in this process."""
+    path = save_tiny(tmp_path_factory, "llama-no-room", "LlamaConfig", {})
+    abandoned: list[int] = []
+    abandon = TensorParallelWorkers.abandon
+
+    def recording(self):
+        abandoned.extend(self.pids)
+        abandon(self)
+
+    monkeypatch.setattr(TensorParallelWorkers, "abandon", recording)
+    with pytest.raises(ValueError, match="max_model_len=128 needs 32 blocks"):
+        LLM(path, tensor_parallel_size=2, block_size=4, num_kv_blocks=8, max_model_len=128)
+    assert len(abandoned) == 1 and gone(abandoned)
+    assert not dist.is_initialized()
+    llm = LLM(path, tensor_parallel_size=2, **ENGINE)
+    try:
+        out = llm.generate([[1, 2, 3]], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
+        assert len(out[0].outputs[0].token_ids) == 3
     finally:
         llm.close()

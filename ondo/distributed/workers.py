@@ -89,7 +89,10 @@ class TensorParallelWorkers:
         self._watchdog.start()
         try:
             self._wait_joined()
-            self.group = init_tensor_parallel(0, self.size, self._store, device)
+            rank0 = rank_device(device, 0)
+            if rank0.type == "cuda":
+                torch.cuda.set_device(rank0)
+            self.group = init_tensor_parallel(0, self.size, self._store, rank0)
         except BaseException:
             self.close()
             raise
@@ -128,6 +131,14 @@ class TensorParallelWorkers:
                             f"{self.size} tensor-parallel ranks are out of step and the engine "
                             "cannot go on")
         return TensorParallelError(self._broken)
+
+    def abandon(self) -> None:
+        """Stop the workers at once, where the ranks may be anywhere (rank 0 failed while
+        starting): kill them rather than ask."""
+        with self._lock:
+            if self._broken is None and self._failure is None:
+                self._broken = "the engine failed while its ranks were starting"
+        self.close()
 
     def close(self, timeout_s: float = 30.0) -> None:
         """Stop the workers (asked, then killed after `timeout_s`) and leave the group."""

@@ -192,7 +192,8 @@ class LLMEngine:
                                                      watch=self.workers)
                 plan = self.runner.profile_and_allocate()
             except BaseException:
-                self.close()
+                if self.workers is not None:
+                    self.workers.abandon()
                 raise
             t_profiled = time.perf_counter()
             self.tokenizer = tokenizer_future.result()

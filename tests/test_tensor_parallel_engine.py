@@ -7,6 +7,7 @@ it died; sizes the model or the machine cannot take are refused at start-up."""
 
 from __future__ import annotations
 
+import gc
 import multiprocessing as mp
 import os
 import random
@@ -245,7 +246,8 @@ def test_three_ranks_generate_what_one_rank_does_on_the_embedded_model():
 
 def test_a_failed_start_leaves_no_worker_behind(tmp_path_factory, monkeypatch):
     """Every rank finds the KV cache too small for one sequence; the engine says so and its
-    worker is gone, and a tensor-parallel engine can start again in this process."""
+    worker is gone, and a tensor-parallel engine can start again in this process (and stops
+    its worker when collected)."""
     path = save_tiny(tmp_path_factory, "llama-no-room", "LlamaConfig", {})
     abandoned: list[int] = []
     abandon = TensorParallelWorkers.abandon
@@ -260,8 +262,10 @@ def test_a_failed_start_leaves_no_worker_behind(tmp_path_factory, monkeypatch):
     assert len(abandoned) == 1 and gone(abandoned)
     assert not dist.is_initialized()
     llm = LLM(path, tensor_parallel_size=2, **ENGINE)
-    try:
-        out = llm.generate([[1, 2, 3]], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
-        assert len(out[0].outputs[0].token_ids) == 3
-    finally:
-        llm.close()
+    pids = llm.engine.workers.pids
+    out = llm.generate([[1, 2, 3]], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
+    assert len(out[0].outputs[0].token_ids) == 3
+    # Dropped without close(): collected, it stops its worker all the same.
+    del llm, out
+    gc.collect()
+    assert gone(pids) and not dist.is_initialized()

@@ -81,6 +81,9 @@ class ShardedModelRunner(ModelRunner):
         except Exception as e:
             # Whatever happened, the ranks may now wait at different collectives.
             raise self.watch.step_failed(e) from e
+        except BaseException as e:  # interrupted mid-step: no step can follow this one either
+            self.watch.step_failed(e, look_for_death=False)
+            raise
 
     # -- the other ranks --------------------------------------------------------------
     def serve_steps(self) -> int:

@@ -117,11 +117,11 @@ class TensorParallelWorkers:
         if self._closed:
             raise TensorParallelError("the tensor-parallel engine is closed")
 
-    def step_failed(self, error: Exception) -> TensorParallelError:
+    def step_failed(self, error: BaseException, look_for_death: bool = True) -> TensorParallelError:
         """Rank 0's step raised: the ranks may now wait at different collectives, so no step
         can follow. The error to raise: the worker that died (looked for briefly: a closed
         socket can be seen before the process's exit), else rank 0's own failure."""
-        deadline = time.monotonic() + EXPLAIN_WAIT_S
+        deadline = time.monotonic() + (EXPLAIN_WAIT_S if look_for_death else 0.0)
         while self._failure is None and time.monotonic() < deadline:
             time.sleep(0.02)
         if self._failure is not None:

@@ -32,6 +32,7 @@ import itertools
 import logging
 import os
 import time
+import weakref
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
@@ -174,6 +175,8 @@ class LLMEngine:
             self.workers: TensorParallelWorkers | None = None
             if args.tensor_parallel_size > 1:
                 self.workers = start_tensor_parallel(args, self.device)
+                # Stopped when the engine is closed, collected, or the interpreter exits.
+                self._close_workers = weakref.finalize(self, self.workers.close)
             try:
                 shard = () if self.workers is None else (self.workers.shard,)
                 self.model, self.model_config = load_model(args.model, args.load_format,
@@ -273,9 +276,9 @@ class LLMEngine:
     def close(self) -> None:
         """Stop a tensor-parallel engine's workers and leave its process group (nothing to
         do with one rank); idempotent."""
-        workers = getattr(self, "workers", None)
-        if workers is not None:
-            workers.close()
+        close_workers = getattr(self, "_close_workers", None)
+        if close_workers is not None:
+            close_workers()
 
     # -- requests ----------------------------------------------------------------
     def add_request(

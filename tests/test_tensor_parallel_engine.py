@@ -11,6 +11,7 @@ import gc
 import multiprocessing as mp
 import os
 import random
+import re
 import signal
 import time
 
@@ -269,3 +270,24 @@ def test_a_failed_start_leaves_no_worker_behind(tmp_path_factory, monkeypatch):
     del llm, out
     gc.collect()
     assert gone(pids) and not dist.is_initialized()
+
+
+def test_a_worker_that_fails_says_why_in_the_engine_s_error():
+    """A worker's own error (here: a GPU it cannot have) crosses to rank 0 before the worker
+    exits, and ends up in the failure the engine reports."""
+    from ondo.distributed.worker import run_worker
+    from ondo.distributed.workers import _Worker
+
+    ctx = mp.get_context("spawn")
+    errors, errors_send = ctx.Pipe(duplex=False)
+    process = ctx.Process(target=run_worker, args=(EngineArgs(), 1, 2, 1, "cuda:99", errors_send,
+                                                   30, 1), daemon=True)
+    process.start()
+    errors_send.close()
+    process.join(60)
+    watch = object.__new__(TensorParallelWorkers)
+    text = watch._describe(_Worker(1, torch.device("cuda", 99), process, errors))
+    assert text.startswith(f"tensor-parallel worker rank 1 (pid {process.pid}, cuda:99) died with "
+                           "exit code 1: ")
+    said = text.split("exit code 1: ", 1)[1]  # its exception, as it sent it
+    assert re.fullmatch(r"\w+(Error|Exception): .*(cuda|CUDA).*", said), said

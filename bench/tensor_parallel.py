@@ -1,7 +1,8 @@
 """Tensor parallelism: W1 on the Llama-3.1-8B shape (dummy weights) with one rank and with two
 at equal max_num_seqs, on one and two GPUs.
 
-For each size: output tokens/s (CUDA graphs on, as served), start-up time, KV blocks, and per
+First, a parity check: a small random Llama checkpoint, greedy, one rank against the largest
+size (CUDA graphs on). Then for each size: output tokens/s (CUDA graphs on, as served), start-up time, KV blocks, and per
 GPU the power and temperature NVML reads during the run (mean and max power, max
 temperature, energy from the energy counter; read-only). Then the scaling: speedup and
 efficiency (speedup / ranks). Then, for the largest size, a shorter eager leg (no graphs, so
@@ -162,6 +163,59 @@ def run_leg(folder: str, size: int, args: argparse.Namespace, vocab: int, eager:
     return row
 
 
+def parity_check(size: int, args: argparse.Namespace) -> dict[str, Any]:
+    """The same weights with one rank and with `size`: greedy outputs compared, with CUDA
+    graphs as served. Dummy weights cannot show it (each rank draws its own), so a small
+    random Llama checkpoint is written first (weights scaled so that logits are O(1) and
+    ties rare; bf16 on a GPU still breaks a few near-ties differently)."""
+    import math
+    import tempfile
+
+    import transformers
+
+    from ondo import LLM, SamplingParams
+
+    folder = tempfile.mkdtemp(prefix="ondo-tp-check-")
+    config = transformers.LlamaConfig(vocab_size=1024, hidden_size=256, intermediate_size=512,
+                                      num_hidden_layers=4, num_attention_heads=8,
+                                      num_key_value_heads=2, max_position_embeddings=1024)
+    gen = torch.Generator().manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.fill_(1.0)
+            else:
+                std = 1.0 if "embed" in name else 1 / math.sqrt(p.shape[-1])
+                p.copy_(std * torch.randn(p.shape, generator=gen))
+    model.save_pretrained(folder)
+    prompts = [[int(t) for t in torch.randint(0, 1024, (8 + 17 * i,), generator=gen)] for i in range(16)]
+    params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True, logprobs=1)
+    outputs = {}
+    for n in (1, size):
+        llm = LLM(folder, tensor_parallel_size=n, dtype=args.dtype, device=args.device,
+                  max_model_len=512, max_num_seqs=16, max_num_batched_tokens=512, num_kv_blocks=1024)
+        try:
+            outputs[n] = [o.outputs[0] for o in llm.generate(prompts, params)]
+        finally:
+            llm.close()
+            del llm
+            free_memory()
+    prefixes, first_diffs = [], []
+    for a, b in zip(outputs[1], outputs[size]):
+        prefix = next((i for i, (x, y) in enumerate(zip(a.token_ids, b.token_ids)) if x != y),
+                      len(a.token_ids))
+        prefixes.append(prefix)
+        if a.token_ids[0] == b.token_ids[0]:
+            t = a.token_ids[0]
+            first_diffs.append(abs(a.logprobs[0][t] - b.logprobs[0][t]))
+    return {"tensor_parallel_size": size, "prompts": len(prompts), "max_tokens": 32,
+            "identical_sequences": sum(p == 32 for p in prefixes),
+            "mean_matching_prefix": sum(prefixes) / len(prefixes),
+            "first_token_matches": len(first_diffs),
+            "first_token_logprob_max_abs_diff": max(first_diffs, default=float("nan"))}
+
+
 def table(rows: list[dict[str, Any]], scaling: dict[str, float]) -> str:
     lines = [f"{'ranks':>5} {'graphs':>6} {'start s':>8} {'KV blocks':>9} {'out tok/s':>10} "
              f"{'step ms':>8} {'all-reduce ms/step':>18} {'GPU W (mean/max), max °C':>30}"]
@@ -191,6 +245,8 @@ def main() -> int:
                     help="the eager leg's W1 fraction (0: no eager leg)")
     ap.add_argument("--warmup-scale", type=float, default=0.0625)
     ap.add_argument("--no-nvml", action="store_true")
+    ap.add_argument("--no-check", action="store_true",
+                    help="skip the greedy comparison of one rank and the largest size first")
     ap.add_argument("--smoke", action="store_true",
                     help="the CPU (gloo), the tiny-llama shape, four requests: checks the script")
     ap.add_argument("--out", default=None, help="write the JSON here (e.g. bench/results/...)")
@@ -208,6 +264,9 @@ def main() -> int:
         print(f"error: needs {max(sizes)} CUDA GPUs (or --smoke on the CPU)", file=sys.stderr)
         return 2
     vocab = SHAPES[args.shape]["vocab_size"]
+    check = None if args.no_check or max(sizes) == 1 else parity_check(max(sizes), args)
+    if check is not None:
+        print("parity, one rank against " + str(max(sizes)) + ": " + json.dumps(check), flush=True)
     folder = shape_folder(args.shape)
     rows = [run_leg(folder, size, args, vocab, eager=False, scale=args.scale, seed=0) for size in sizes]
     by_size = {r["tensor_parallel_size"]: r["output_tokens_per_s"] for r in rows}
@@ -223,7 +282,7 @@ def main() -> int:
               "dtype": args.dtype, "max_num_seqs": args.max_num_seqs,
               "torch": torch.__version__,
               "nccl": ".".join(map(str, torch.cuda.nccl.version())) if args.device == "cuda" else None,
-              "date": time.strftime("%Y-%m-%d"), "runs": rows, "scaling": scaling}
+              "date": time.strftime("%Y-%m-%d"), "parity": check, "runs": rows, "scaling": scaling}
     print(table(rows, scaling))
     print(json.dumps(result))
     if args.out:

@@ -66,13 +66,41 @@ def test_predictive_with_nothing_binding_forecasts_full_load_and_sets_no_limit()
     p = h100_params()
     plant = GpuPlant(p, state=steady_state(p, Load(0.3, 0.3), p.ambient_c))
     policy = PredictivePolicy(p, CONFIG)
-    load = engine_load(busy=1.0, compute=0.5, memory=0.5)
+    load = engine_load(busy=1.0, compute=0.3, memory=0.3)
     power = model_power(p, load, float(plant.state.die_c))
+    budget = min(power + 50.0, p.power_limit_w - 10.0)
+    assert power + 20.0 < budget < p.power_limit_w  # a budget that could bind, but does not
     for t in (1.0, 1.2, 1.4, 1.6):
         v = policy.decide(inputs(t, power=power, twin=snapshot_at(plant, t), load=load),
-                          Objectives(power_budget_w=power + 100.0, temp_target_c=85.0), CONFIG)
+                          Objectives(power_budget_w=budget, temp_target_c=85.0), CONFIG)
         assert v.limits == UNLIMITED and v.reason == "no objective binds"
-        assert v.forecast["plan_levels"] == [1.0, 1.0]
+        assert v.forecast["plan_levels"] == [1.0, 1.0] and policy.period_s == 0.2
+
+
+def test_predictive_plans_nothing_while_the_power_limit_cannot_bind_and_plans_again_at_once():
+    p = h100_params()
+    plant = GpuPlant(p, state=steady_state(p, Load(0.3, 0.3), p.ambient_c))
+    policy = PredictivePolicy(p, CONFIG)
+    load = engine_load(busy=1.0, compute=0.3, memory=0.3)
+    power = model_power(p, load, float(plant.state.die_c))
+    free = Objectives(temp_target_c=85.0, hbm_temp_target_c=90.0)
+    v = policy.decide(inputs(1.0, power=power, twin=snapshot_at(plant, 1.0), load=load), free,
+                      CONFIG)
+    assert v.limits == UNLIMITED and v.reason == "no objective binds at the GPU's power limit"
+    assert v.forecast["power_w"] == p.power_limit_w  # the most any load can draw
+    # The bound is a forecast at that power: hotter than the die now, under the targets.
+    assert plant.state.die_sensor_c < v.forecast["full_load_die_peak_c"] <= 85.0 - 1.0
+    assert policy.period_s == 1.0  # it ticks once a second
+    # A target the power limit could reach: the full planning again, at the fast period.
+    v = policy.decide(inputs(2.0, power=power, twin=snapshot_at(plant, 2.0), load=load),
+                      Objectives(temp_target_c=v.forecast["full_load_die_peak_c"] - 0.5), CONFIG)
+    assert v.reason == "no objective binds" and policy.period_s == 0.2
+    # So does a budget under the power limit, set between two checks of the bound.
+    policy.decide(inputs(3.0, power=power, twin=snapshot_at(plant, 3.0), load=load), free, CONFIG)
+    assert policy.period_s == 1.0
+    v = policy.decide(inputs(3.2, power=power, twin=snapshot_at(plant, 3.2), load=load),
+                      Objectives(power_budget_w=power - 100.0), CONFIG)
+    assert policy.period_s == 0.2 and v.limits.duty_cycle < 1.0
 
 
 def test_the_pacing_ratio_learns_what_share_a_paced_engine_steps():

@@ -167,6 +167,20 @@ def forecast_plans(params: TwinParams, z0: np.ndarray, ambient_c: float, power: 
     return out
 
 
+def full_load_peaks(params: TwinParams, z0: np.ndarray, ambient_c: float, power: LoadPower,
+                    horizon_s: float, dt_s: float) -> tuple[float, float]:
+    """The peak die and HBM sensor readings of a plan that stays at full load (u = 1) over
+    the horizon, no ripple (at u = 1 the level is the busy load): two matrix-vector
+    products, for the policy's cheap bound."""
+    phi, gam = discrete_model(params, dt_s)
+    steps = int(round(horizon_s / dt_s))
+    a, b1, b2 = plan_responses(params, dt_s, 1, steps)
+    die0 = power.busy_w - power.hbm_busy_w - params.leak_w_per_c * power.die_c
+    g = gam @ np.array([die0, power.hbm_busy_w, ambient_c])
+    out = a @ np.asarray(z0, dtype=float) + (b1 + b2) @ g
+    return float(out[0].max()), float(out[1].max())
+
+
 class PowerCalibration:
     """The twin's power model corrected online: measured = P_idle + b + g s (P_busy - P_idle),
     s the share of the last second the engine stepped, b an offset and g a gain estimated by

@@ -97,7 +97,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--base-url", default=None, help="measure this server instead of starting one")
     ap.add_argument("--model", default=None, help="the model name to send (default: /v1/models')")
     ap.add_argument("--processes", type=int, default=4, help="client worker processes")
-    ap.add_argument("--num-prompts", type=int, default=512, help="requests per stage")
+    ap.add_argument("--num-prompts", type=int, default=256,
+                    help="requests per stage (256: as in the offline W1 run)")
     ap.add_argument("--max-concurrency", type=int, default=256,
                     help="at most this many requests in flight at saturation (all workers)")
     ap.add_argument("--rates", type=float, nargs=2, default=None, metavar=("R1", "R2"),

@@ -19,6 +19,7 @@ import multiprocessing as mp
 import random
 import time
 from dataclasses import asdict, dataclass
+from queue import Empty
 
 import numpy as np
 
@@ -95,7 +96,8 @@ async def _one(client, model: str, req: LoadRequest, t0: float) -> LoadResult:
 
 
 async def _run_worker(base_url: str, model: str, requests: list[LoadRequest],
-                      max_concurrency: int | None, t0: float) -> list[LoadResult]:
+                      max_concurrency: int | None, ready, start_at
+                      ) -> tuple[list[LoadResult], float]:
     import httpx
     import openai
 
@@ -106,7 +108,7 @@ async def _run_worker(base_url: str, model: str, requests: list[LoadRequest],
                                 http_client=httpx.AsyncClient(limits=limits, timeout=timeout))
     gate = asyncio.Semaphore(max_concurrency) if max_concurrency else None
 
-    async def arrive(req: LoadRequest) -> LoadResult:
+    async def arrive(req: LoadRequest, t0: float) -> LoadResult:
         await asyncio.sleep(max(0.0, t0 + req.arrival_s - time.monotonic()))
         if gate is None:
             return await _one(client, model, req, t0)
@@ -114,20 +116,28 @@ async def _run_worker(base_url: str, model: str, requests: list[LoadRequest],
             return await _one(client, model, req, t0)
 
     async with client:
-        return list(await asyncio.gather(*(arrive(r) for r in requests)))
+        # One request off the clock: the client's first-use costs (building its response
+        # types, a connection) would otherwise land on the first measured requests' TTFT.
+        # Its prompt is one token, shorter than a KV block: nothing of it is prefix-cached.
+        first = requests[0].prompt
+        one = first[:1] if isinstance(first, list) else first.split()[0]
+        warm = await _one(client, model, LoadRequest(one, 1, 1, 0.0), time.monotonic())
+        if not warm.ok:
+            raise RuntimeError(f"the warm-up request failed: {warm.error}")
+        ready.put(1)
+        t0 = await asyncio.to_thread(start_at.get)
+        cpu0 = time.process_time()
+        out = list(await asyncio.gather(*(arrive(r, t0) for r in requests)))
+        return out, time.process_time() - cpu0
 
 
 def _worker(base_url: str, model: str, requests: list[LoadRequest],
             max_concurrency: int | None, ready, start_at, results) -> None:
-    """One process: import, say ready, wait for the common start, send, return results and
-    this process's CPU seconds."""
-    import openai  # noqa: F401 (imported before the start, not on the clock)
-
-    ready.put(1)
-    t0 = start_at.get()
-    cpu0 = time.process_time()
-    out = asyncio.run(_run_worker(base_url, model, requests, max_concurrency, t0))
-    results.put(([asdict(r) for r in out], time.process_time() - cpu0))
+    """One process: warm up, say ready, wait for the common start, send; puts its results
+    and its CPU seconds from the start."""
+    out, cpu_s = asyncio.run(_run_worker(base_url, model, requests, max_concurrency, ready,
+                                         start_at))
+    results.put(([asdict(r) for r in out], cpu_s))
 
 
 def run_load(base_url: str, model: str, requests: list[LoadRequest], processes: int,
@@ -151,11 +161,11 @@ def run_load(base_url: str, model: str, requests: list[LoadRequest], processes: 
         w.start()
     try:
         for _ in workers:
-            ready.get(timeout=120)
+            _get(ready, workers, 120.0)
         t0 = time.monotonic() + 0.2
         for _ in workers:
             start_at.put(t0)
-        collected = [results.get(timeout=timeout_s) for _ in workers]
+        collected = [_get(results, workers, timeout_s) for _ in workers]
     finally:
         for w in workers:
             w.join(timeout=10)
@@ -168,6 +178,20 @@ def run_load(base_url: str, model: str, requests: list[LoadRequest], processes: 
     duration_s = summary["duration_s"] or 1.0
     summary["client_cpu_share_max"] = max(cpu for _, cpu in collected) / duration_s
     return summary
+
+
+def _get(queue, workers: list, timeout_s: float):
+    """The next item, or an error as soon as a worker has died (not after the timeout)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            return queue.get(timeout=1.0)
+        except Empty:
+            dead = [w.exitcode for w in workers if w.exitcode not in (None, 0)]
+            if dead:
+                raise RuntimeError(f"a client worker process exited with status {dead[0]}"
+                                   " (its error is above)") from None
+    raise TimeoutError(f"the client workers did not answer within {timeout_s:.0f} s")
 
 
 def _percentiles_ms(values_s: list[float]) -> dict[str, float]:

@@ -49,6 +49,18 @@ def use_user_cache_dir() -> None:
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = folder
 
 
+def warm_compiler() -> None:
+    """Start Inductor's compile workers now (processes that import torch and Triton: seconds
+    on a fresh machine), so that they are up by the time the first region compiles, after
+    the weights are loaded, instead of starting then. A no-op with ONDO_FUSE=0."""
+    if os.environ.get("ONDO_FUSE", "1") == "0":
+        return
+    use_user_cache_dir()
+    from torch._inductor.async_compile import maybe_warm_pool
+
+    maybe_warm_pool()
+
+
 def compiles(x: torch.Tensor) -> bool:
     return x.is_cuda and os.environ.get("ONDO_FUSE", "1") != "0"
 

@@ -17,7 +17,7 @@ import torch
 
 from ondo.engine.config import EngineArgs
 from ondo.engine.memory import MemoryPlan, kv_bytes_per_block
-from ondo.engine.sampler import sample_on_device
+from ondo.engine.sampler import fused_sampling, sample_on_device
 from ondo.engine.sampling_params import SamplingParams
 from ondo.engine.scheduler import PreemptionCosts, ScheduledSeq, SchedulerOutput
 from ondo.engine.sequence import Sequence
@@ -140,8 +140,9 @@ class ModelRunner:
             rows = min(self.args.max_num_seqs, num_tokens)
             logits = self.model.compute_logits(hidden[:rows]).float()
             logits.softmax(-1)
-            # A draw too: on CUDA its kernel compiles now, not in the first request's step.
-            sample_on_device(logits, [_PROFILE_SAMPLING] * rows, [0] * rows)
+            if fused_sampling(logits.device):
+                # Its kernel compiles now, not in the first request's step.
+                sample_on_device(logits, [_PROFILE_SAMPLING] * rows, [0] * rows)
         self._sync()
         return time.perf_counter() - t0
 

@@ -175,7 +175,9 @@ class DeviceSample:
 
 
 def fused_sampling(device: torch.device) -> bool:
-    return device.type == "cuda" and os.environ.get("ONDO_FUSED_SAMPLING", "1") != "0"
+    """ONDO_FUSED_SAMPLING=1, on CUDA: the one-pass kernel. Off by default until its GPU run
+    (kernel time, W1 throughput) is in docs/benchmarks.md."""
+    return device.type == "cuda" and os.environ.get("ONDO_FUSED_SAMPLING", "0") == "1"
 
 
 def _sample_fused(logits: torch.Tensor, params: list[SamplingParams], output_lens: list[int],
@@ -183,14 +185,14 @@ def _sample_fused(logits: torch.Tensor, params: list[SamplingParams], output_len
     """Greedy and sampled rows in one pass (ondo/kernels/triton_sampling.py). A seeded
     request's row draws from its own (seed, output position) stream: the same tokens alone
     or inside any batch; the others from seeds drawn on the host (no device sync)."""
-    from ondo.kernels.triton_sampling import gumbel_max_sample  # Triton only where it runs
+    from ondo.kernels.triton_sampling import gumbel_max_sample, mix_seed  # Triton where it runs
 
     device = logits.device
     n = len(params)
     seeds = torch.randint(0, 2**62, (n,), generator=host_generator, dtype=torch.int64)
     for row, p in enumerate(params):
         if p.seed is not None:
-            seeds[row] = _seed_for(p.seed, output_lens[row])
+            seeds[row] = mix_seed(_seed_for(p.seed, output_lens[row]))
     filtered = any(p.top_k > 0 or p.top_p < 1.0 or p.min_p > 0 for p in params)
     temps = [1.0 if p.greedy else p.temperature for p in params]
     if filtered:  # the filters act on the scaled logits; the kernel then scales by 1
@@ -219,9 +221,9 @@ def sample_on_device(
     (prompt ids, output ids) per row; called only if a penalty needs it. Log-probabilities
     are the model's own (before penalties, bias and masks), as vLLM reports them.
 
-    On CUDA the draws are one kernel over the logits (`fused_sampling`), its rows' seeds
-    drawn from `host_generator` (a CPU generator; default torch's); elsewhere, and with
-    ONDO_FUSED_SAMPLING=0, the exponential race in PyTorch operations with `generator`."""
+    With `fused_sampling` the draws are one kernel over the logits, its rows' seeds drawn
+    from `host_generator` (a CPU generator; default torch's); otherwise the exponential
+    race in PyTorch operations with `generator`."""
     device = logits.device
     want_logprobs = any(p.logprobs is not None or p.ranks_by_logprob for p in params)
     raw_logprobs = logits.log_softmax(-1) if want_logprobs else None

@@ -135,3 +135,31 @@ def test_the_samplers_fused_path_keeps_its_contract(fused):
                                   [0] * 64, host_generator=host).to_host()
     assert set(many.token_ids) <= set(logits[2].topk(3).indices.tolist())
     assert len(set(many.token_ids)) > 1
+
+
+def _splitmix_input_for(z: int) -> int:
+    """The SplitMix64 state whose finalizer gives `z`: each xor-shift and product undone."""
+    mask = (1 << 64) - 1
+
+    def unshift(y: int, s: int) -> int:
+        x = y
+        for _ in range(64 // s + 1):
+            x = y ^ (x >> s)
+        return x
+
+    z = unshift(z, 31)
+    z = (z * pow(0x94D049BB133111EB, -1, 1 << 64)) & mask
+    z = unshift(z, 27)
+    z = (z * pow(0xBF58476D1CE4E5B9, -1, 1 << 64)) & mask
+    return unshift(z, 30)
+
+
+def test_the_largest_uniform_stays_below_one():
+    """A stream whose first bits are all ones gives the largest uniform the kernel makes; were
+    it rounded to 1, its Gumbel would be infinite and a token 30 nats behind would win."""
+    golden = 0x9E3779B97F4A7C15
+    state = _splitmix_input_for((1 << 64) - 1)
+    seed = (state - golden) & ((1 << 64) - 1)  # column 0 reads seed + 1 * golden
+    seed -= (1 << 64) if seed >= 1 << 63 else 0
+    logits = torch.tensor([[-30.0, 0.0, -1.0, -2.0]])
+    assert _draw(logits, 1.0, 1, [seed]).tolist() != [0]

@@ -44,7 +44,10 @@ def _uniform(seed, cols):
     z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9
     z = (z ^ (z >> 27)) * 0x94D049BB133111EB
     z = z ^ (z >> 31)
-    return ((z >> 40).to(tl.float32) + 0.5) * (1.0 / 16777216.0)  # 24 bits, never 0 or 1
+    # 23 bits: k + 0.5 is exact in float32 for k < 2**23 (at 24 bits the top value rounds
+    # up to 2**24, a uniform of exactly 1 and an infinite Gumbel), so u lies in
+    # [2**-24, 1 - 2**-24], never 0 or 1.
+    return ((z >> 41).to(tl.float32) + 0.5) * (1.0 / 8388608.0)
 
 
 @triton.jit

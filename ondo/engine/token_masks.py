@@ -60,7 +60,7 @@ class MaskTiming:
     num_rows: int = 0
     sync_s: float = 0.0  # engine thread: matchers catching up with their sequences' tokens
     fill_s: float = 0.0  # worker thread: the library filling the rows
-    wait_s: float = 0.0  # engine thread blocked on a fill: the part not hidden
+    wait_s: float = 0.0  # engine thread held up by fills (waiting, or filling inline): not hidden
     copy_s: float = 0.0  # engine thread: queuing the copy to the device
 
     @property
@@ -147,9 +147,11 @@ class MaskFiller:
 
         if on_thread:
             future = self._worker.submit(fill)
-        else:
+        else:  # the engine's thread fills: all of it is waited for
             future = Future()
+            t0 = time.perf_counter()
             fill()
+            self.timing.wait_s += time.perf_counter() - t0
             future.set_result(None)
         index = None if rows is None else to_device(rows, torch.int64, self.device)
         return PendingMask(future, slot, n, index)

@@ -156,7 +156,7 @@ def main() -> int:
     p.add_argument("--max-num-batched-tokens", type=int, default=8192)
     p.add_argument("--mask-batch-sizes", type=int, nargs="+", default=None,
                    help="default 1 64 256 (smoke: 1 16)")
-    p.add_argument("--mask-steps", type=int, default=30)
+    p.add_argument("--mask-steps", type=int, default=None, help="default 30 (smoke: 8)")
     p.add_argument("--fill-threads", type=int, nargs="+", default=None,
                    help="fill thread counts the mask costs are measured with (default 1 2 4 8; "
                         "smoke: 1 2)")
@@ -189,9 +189,10 @@ def main() -> int:
                                 for r in workload.requests]
         args.mask_batch_sizes = args.mask_batch_sizes or [1, 16]
         args.fill_threads = args.fill_threads or [1, 2]
-        args.mask_steps = min(args.mask_steps, 8)
+        args.mask_steps = args.mask_steps or 8
     args.mask_batch_sizes = args.mask_batch_sizes or [1, 64, 256]
     args.fill_threads = args.fill_threads or [1, 2, 4, 8]
+    args.mask_steps = args.mask_steps or 30
     prompts = [{"prompt_token_ids": r.prompt_token_ids} for r in workload.requests]
     # Warm-up: compiled kernels and graphs, the grammar library's view of the vocabulary,
     # the schema's grammar and the lexer's first states.

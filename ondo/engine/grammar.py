@@ -131,6 +131,21 @@ class SequenceGrammar:
         child.is_complete = self.is_complete
         return child
 
+    def next_token(self, token_ids: list[int], start: int, pending: int | None = None) -> int | None:
+        """The one token `sync` would consume, where that is all it would do (the common case
+        each step); None otherwise (nothing, several tokens, a rollback, an error)."""
+        total = len(token_ids) - start + (pending is not None)
+        if total != self.num_consumed + 1 or self.error is not None:
+            return None
+        return pending if pending is not None else token_ids[-1]
+
+    def consumed(self, ok: bool) -> None:
+        """`next_token`'s token was consumed (by the library, for a batch at once)."""
+        self.num_consumed += 1
+        if not ok:
+            self.error = self.matcher.get_error() or "a token does not match the grammar"
+        self.is_complete = ok and self.matcher.is_stopped()
+
     def sync(self, token_ids: list[int], start: int, pending: int | None = None) -> None:
         """Consume the sequence's output, `token_ids[start:]` then `pending` (drawn, not yet
         appended), past what it has consumed; roll back what the sequence no longer has."""

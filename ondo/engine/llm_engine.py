@@ -554,20 +554,19 @@ class LLMEngine:
                      on_thread: bool) -> PendingMask | None:
         """Catch each row's matcher up with its sequence (and its token still on the device,
         from `drawn`), then start the fill; None if no row has a grammar."""
-        t0 = time.perf_counter()
         rows: list[int] = []
-        grammars: list[SequenceGrammar] = []
+        items: list[tuple[SequenceGrammar, list[int], int, int | None]] = []
         for row, s in enumerate(seqs):
             g = self._grammars.get(s.seq_id)
             if g is None:
                 continue
             pending = drawn[s.pending_row] if s.num_pending_tokens and drawn is not None else None
-            g.sync(s.token_ids, s.num_prompt_tokens, pending)
+            items.append((g, s.token_ids, s.num_prompt_tokens, pending))
             rows.append(row)
-            grammars.append(g)
-        if not grammars:
+        if not items:
             return None
-        self._mask_filler.timing.sync_s += time.perf_counter() - t0
+        self._mask_filler.catch_up(items)
+        grammars = [g for g, _, _, _ in items]
         return self._mask_filler.submit(grammars, None if len(rows) == len(seqs) else rows, on_thread)
 
     def _finish(self, f: _InFlight) -> list[RequestOutput]:

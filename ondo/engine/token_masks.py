@@ -118,6 +118,24 @@ class MaskFiller:
         if self._cuda:
             self._device_buf = torch.empty((rows, self.words), dtype=torch.int32, device=self.device)
 
+    def catch_up(self, items: list[tuple[SequenceGrammar, list[int], int, int | None]]) -> None:
+        """`SequenceGrammar.sync(token_ids, start, pending)` for each item; the rows that take
+        one token (nearly all, each step) consume it in one call of the library's, on its
+        threads."""
+        t0 = time.perf_counter()
+        one: list[tuple[SequenceGrammar, int]] = []
+        for g, token_ids, start, pending in items:
+            token = g.next_token(token_ids, start, pending)
+            if token is None:
+                g.sync(token_ids, start, pending)
+            else:
+                one.append((g, token))
+        if one:
+            results = self._executor.consume_token_par([(g.matcher, token) for g, token in one])
+            for (g, _), ok in zip(one, results):
+                g.consumed(ok)
+        self.timing.sync_s += time.perf_counter() - t0
+
     def submit(self, grammars: list[SequenceGrammar], rows: list[int] | None,
                on_thread: bool = True) -> PendingMask:
         """Start filling the masks of `grammars` (bitmask row i: `grammars[i]`, for logits row

@@ -48,7 +48,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from ondo import LLM, SamplingParams, StructuredOutputsParams  # noqa: E402
 from ondo.bench.shapes import SHAPES, shape_folder  # noqa: E402
-from ondo.bench.workloads import Request, make_workload  # noqa: E402
+from ondo.bench.workloads import Request, Workload, make_workload  # noqa: E402
 from ondo.engine.grammar import CompiledGrammar, SequenceGrammar  # noqa: E402
 from ondo.engine.structured_outputs import check  # noqa: E402
 from ondo.engine.token_masks import ENV_THREADS, MaskFiller, default_fill_threads  # noqa: E402
@@ -145,6 +145,66 @@ def mask_cost(llm: LLM, spec: StructuredOutputsParams, batch: int, steps: int, t
             "first_fill_ms": round(1e3 * fill_s[0], 3)}
 
 
+def workload_runs(llm: LLM, prompts: list[dict], workload: Workload, spec: StructuredOutputsParams,
+                  args: argparse.Namespace) -> dict:
+    """W1 guided, unconstrained with the guided run's lengths, guided with the masks filled
+    inline; prints their tables and returns their part of the JSON line."""
+    guided_params = [SamplingParams(temperature=0.6, max_tokens=r.max_tokens, structured_outputs=spec)
+                     for r in workload.requests]
+    runs: dict[str, dict] = {}
+    guided, guided_s, runs["guided"] = run(llm, prompts, guided_params)
+    lengths = [len(o.outputs[0].token_ids) for o in guided]
+    finish = [o.outputs[0].finish_reason for o in guided]
+    tokens = sum(lengths)
+    runs["guided"].update(tokens=tokens, seconds=guided_s)
+    plain_params = [SamplingParams(temperature=0.6, max_tokens=max(n, 1), ignore_eos=True)
+                    for n in lengths]
+    plain, plain_s, runs["unconstrained"] = run(llm, prompts, plain_params)
+    plain_tokens = sum(len(o.outputs[0].token_ids) for o in plain)
+    assert plain_tokens == sum(max(n, 1) for n in lengths)
+    runs["unconstrained"].update(tokens=plain_tokens, seconds=plain_s)
+    if not args.skip_inline:
+        llm.engine.mask_overlap = False
+        inline, inline_s, runs["guided_inline"] = run(llm, prompts, guided_params)
+        llm.engine.mask_overlap = True
+        runs["guided_inline"].update(tokens=sum(len(o.outputs[0].token_ids) for o in inline),
+                                     seconds=inline_s)
+    for r in runs.values():
+        r["tokens_per_s"] = round(r["tokens"] / r["seconds"], 1)
+        r["seconds"] = round(r["seconds"], 2)
+    valid = sum(1 for o in guided if o.outputs[0].finish_reason == "stop" and _is_object(o.outputs[0].text))
+    row = {
+        "output_tokens": tokens, "mean_output_tokens": round(tokens / len(prompts), 1),
+        "finished_stop": finish.count("stop"), "finished_length": finish.count("length"),
+        "valid_json_of_stopped": valid,
+        "guided_tokens_per_s": runs["guided"]["tokens_per_s"],
+        "unconstrained_tokens_per_s": runs["unconstrained"]["tokens_per_s"],
+        "runs": runs,
+    }
+    row["ratio"] = round(row["guided_tokens_per_s"] / row["unconstrained_tokens_per_s"], 3)
+    if "guided_inline" in runs:
+        row["ratio_inline"] = round(runs["guided_inline"]["tokens_per_s"] / row["unconstrained_tokens_per_s"], 3)
+    print(f"{'run':>14} {'tokens':>8} {'seconds':>8} {'tok/s':>10} {'steps':>6} {'ms/step':>8}")
+    for name, r in runs.items():
+        print(f"{name:>14} {r['tokens']:>8} {r['seconds']:>8.2f} {r['tokens_per_s']:>10.1f} "
+              f"{r['steps']:>6.0f} {r['step_ms']:>8.3f}")
+    print(f"guided / unconstrained = {row['ratio']:.3f}"
+          + (f" (filled inline: {row['ratio_inline']:.3f})" if "ratio_inline" in row else "")
+          + f"; {valid} of {finish.count('stop')} stopped outputs parse; "
+          f"{finish.count('length')} cut by max_tokens; engine fill threads {default_fill_threads()}")
+    phases = list(runs["unconstrained"]["host_ms_per_step"])
+    print(f"{'host ms/step':>14} " + " ".join(f"{k:>11}" for k in phases))
+    for name, r in runs.items():
+        print(f"{name:>14} " + " ".join(f"{r['host_ms_per_step'][k]:>11.3f}" for k in phases))
+    print(f"{'masks ms/step':>14} {'rows':>6} {'fill':>7} {'waited':>7} {'hidden':>7} {'sync':>7} {'copy':>7}")
+    for name in ("guided", "guided_inline"):
+        if name in runs:
+            m = runs[name]["masks_per_mask_step"]
+            print(f"{name:>14} {m['rows_per_step']:>6.1f} {m['fill_ms']:>7.3f} {m['wait_ms']:>7.3f} "
+                  f"{m['hidden_ms']:>7.3f} {m['sync_ms']:>7.3f} {m['copy_ms']:>7.3f}")
+    return row
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     here = os.path.dirname(os.path.abspath(__file__))
@@ -163,6 +223,7 @@ def main() -> int:
     p.add_argument("--engine-fill-threads", type=int, default=None,
                    help=f"the engine's fill threads (default: {ENV_THREADS} or from the cores)")
     p.add_argument("--skip-inline", action="store_true", help="no run with the masks filled inline")
+    p.add_argument("--masks-only", action="store_true", help="only the mask costs, no W1 runs")
     p.add_argument("--async-scheduling", choices=["auto", "on", "off"], default="auto",
                    help="auto: on with CUDA, off on CPU (the engine's default)")
     p.add_argument("--smoke", action="store_true", help="a 2-layer model and 4 requests (CPU)")
@@ -202,70 +263,22 @@ def main() -> int:
                   for r in warm.requests],
                  [SamplingParams(temperature=0.6, max_tokens=64 if cuda else 8, structured_outputs=spec)
                   for _ in warm.requests])
-    guided_params = [SamplingParams(temperature=0.6, max_tokens=r.max_tokens, structured_outputs=spec)
-                     for r in workload.requests]
-    runs: dict[str, dict] = {}
-    guided, guided_s, runs["guided"] = run(llm, prompts, guided_params)
-    lengths = [len(o.outputs[0].token_ids) for o in guided]
-    finish = [o.outputs[0].finish_reason for o in guided]
-    tokens = sum(lengths)
-    runs["guided"].update(tokens=tokens, seconds=guided_s)
-    plain_params = [SamplingParams(temperature=0.6, max_tokens=max(n, 1), ignore_eos=True)
-                    for n in lengths]
-    plain, plain_s, runs["unconstrained"] = run(llm, prompts, plain_params)
-    plain_tokens = sum(len(o.outputs[0].token_ids) for o in plain)
-    assert plain_tokens == sum(max(n, 1) for n in lengths)
-    runs["unconstrained"].update(tokens=plain_tokens, seconds=plain_s)
-    if not args.skip_inline:
-        llm.engine.mask_overlap = False
-        inline, inline_s, runs["guided_inline"] = run(llm, prompts, guided_params)
-        llm.engine.mask_overlap = True
-        runs["guided_inline"].update(tokens=sum(len(o.outputs[0].token_ids) for o in inline),
-                                     seconds=inline_s)
-    for r in runs.values():
-        r["tokens_per_s"] = round(r["tokens"] / r["seconds"], 1)
-        r["seconds"] = round(r["seconds"], 2)
-    valid = sum(1 for o in guided if o.outputs[0].finish_reason == "stop" and _is_object(o.outputs[0].text))
+    row: dict = {
+        "bench": "structured_overhead", "model_shape": args.model_shape, "smoke": args.smoke,
+        "device": torch.cuda.get_device_name() if cuda else "cpu", "requests": len(prompts),
+        "async_scheduling": llm.engine.async_scheduling,
+        "cpus": os.cpu_count(), "engine_fill_threads": engine_threads,
+        "startup_s": round(startup_s, 1),
+    }
+    if not args.masks_only:
+        row.update(workload_runs(llm, prompts, workload, spec, args))
     sweep: dict[str, dict] = {}
     for threads in args.fill_threads:
         for shards in sorted({threads, 1}, reverse=True):
             for b in args.mask_batch_sizes:
                 key = f"threads={threads} shards={shards} batch={b}"
                 sweep[key] = mask_cost(llm, spec, b, args.mask_steps, threads, shards)
-    row = {
-        "bench": "structured_overhead", "model_shape": args.model_shape, "smoke": args.smoke,
-        "device": torch.cuda.get_device_name() if cuda else "cpu", "requests": len(prompts),
-        "async_scheduling": llm.engine.async_scheduling,
-        "cpus": os.cpu_count(), "engine_fill_threads": engine_threads,
-        "startup_s": round(startup_s, 1),
-        "output_tokens": tokens, "mean_output_tokens": round(tokens / len(prompts), 1),
-        "finished_stop": finish.count("stop"), "finished_length": finish.count("length"),
-        "valid_json_of_stopped": valid,
-        "guided_tokens_per_s": runs["guided"]["tokens_per_s"],
-        "unconstrained_tokens_per_s": runs["unconstrained"]["tokens_per_s"],
-        "runs": runs, "mask_cost_ms": sweep,
-    }
-    row["ratio"] = round(row["guided_tokens_per_s"] / row["unconstrained_tokens_per_s"], 3)
-    if "guided_inline" in runs:
-        row["ratio_inline"] = round(runs["guided_inline"]["tokens_per_s"] / row["unconstrained_tokens_per_s"], 3)
-    print(f"{'run':>14} {'tokens':>8} {'seconds':>8} {'tok/s':>10} {'steps':>6} {'ms/step':>8}")
-    for name, r in runs.items():
-        print(f"{name:>14} {r['tokens']:>8} {r['seconds']:>8.2f} {r['tokens_per_s']:>10.1f} "
-              f"{r['steps']:>6.0f} {r['step_ms']:>8.3f}")
-    print(f"guided / unconstrained = {row['ratio']:.3f}"
-          + (f" (filled inline: {row['ratio_inline']:.3f})" if "ratio_inline" in row else "")
-          + f"; {valid} of {finish.count('stop')} stopped outputs parse; "
-          f"{finish.count('length')} cut by max_tokens; engine fill threads {engine_threads}")
-    phases = list(runs["unconstrained"]["host_ms_per_step"])
-    print(f"{'host ms/step':>14} " + " ".join(f"{k:>11}" for k in phases))
-    for name, r in runs.items():
-        print(f"{name:>14} " + " ".join(f"{r['host_ms_per_step'][k]:>11.3f}" for k in phases))
-    print(f"{'masks ms/step':>14} {'rows':>6} {'fill':>7} {'waited':>7} {'hidden':>7} {'sync':>7} {'copy':>7}")
-    for name in ("guided", "guided_inline"):
-        if name in runs:
-            m = runs[name]["masks_per_mask_step"]
-            print(f"{name:>14} {m['rows_per_step']:>6.1f} {m['fill_ms']:>7.3f} {m['wait_ms']:>7.3f} "
-                  f"{m['hidden_ms']:>7.3f} {m['sync_ms']:>7.3f} {m['copy_ms']:>7.3f}")
+    row["mask_cost_ms"] = sweep
     for key, m in sweep.items():
         print(f"masks {key:<32}: fill {m['fill_ms']:7.3f} ms (first {m['first_fill_ms']:6.1f} ms), "
               f"apply {m['apply_ms']:.3f} ms per step")

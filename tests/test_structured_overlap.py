@@ -233,3 +233,30 @@ def _grammar_text() -> str:
     from ondo.engine.structured_outputs import check
 
     return check(StructuredOutputsParams(json=SCHEMA))
+
+
+def test_catching_up_a_batch_is_syncing_each_matcher(sync_outputs):
+    llm = LLM(max_model_len=256)
+    engine = llm.engine
+    engine._compiler()
+    compiled = engine._grammar_compiler.submit(StructuredOutputsParams(json=SCHEMA)).result()
+    doc = sync_outputs[0].outputs[0].token_ids
+    bad = engine.tokenizer.encode("hello")[0]
+    prompt = [7, 8, 9]  # the output starts after it
+    cases = [  # (tokens appended, pending draw): one new token, pending or appended; two; a
+        # rollback (the sequence has fewer tokens than consumed); a token the grammar refuses
+        (doc[:3], doc[3]), (doc[:4], None), (doc[:6], None), (doc[:1], None), (doc[:3], bad),
+    ]
+    batch = [SequenceGrammar(compiled) for _ in cases]
+    alone = [SequenceGrammar(compiled) for _ in cases]
+    for g in batch + alone:
+        g.sync(prompt + doc[:3], len(prompt))
+    engine._mask_filler.catch_up([(g, prompt + ids, len(prompt), p) for g, (ids, p) in zip(batch, cases)])
+    for g, (ids, p) in zip(alone, cases):
+        g.sync(prompt + ids, len(prompt), p)
+    for a, b in zip(batch, alone):
+        assert (a.num_consumed, a.is_complete, a.error is None) == (b.num_consumed, b.is_complete, b.error is None)
+    assert [g.num_consumed for g in batch] == [4, 4, 6, 1, 4]
+    assert batch[4].error is not None and all(g.error is None for g in batch[:4])
+    masks = engine._mask_filler.fill(batch[:4]).numpy()
+    assert np.array_equal(masks, engine._mask_filler.fill(alone[:4]).numpy())

@@ -49,7 +49,7 @@ def mixed_params() -> list[SamplingParams]:
         SamplingParams(temperature=0, max_tokens=24),
         SamplingParams(temperature=0.7, seed=9, max_tokens=6, structured_outputs=json_spec),
         SamplingParams(temperature=0, max_tokens=40, stop=[", "], structured_outputs=json_spec),
-        SamplingParams(temperature=0.8, seed=2, n=2, max_tokens=30, structured_outputs=json_spec),
+        SamplingParams(temperature=0.8, seed=2, n=2, max_tokens=4, structured_outputs=json_spec),
     ]
 
 
@@ -58,10 +58,21 @@ def token_ids(outs) -> list[list[list[int]]]:
 
 
 @pytest.fixture(scope="module")
-def sync_outputs():
-    llm = LLM(max_model_len=256, async_scheduling=False)
-    outs = llm.generate(PROMPTS, mixed_params())
-    return outs
+def sync_llm() -> LLM:
+    return LLM(max_model_len=256, async_scheduling=False)
+
+
+@pytest.fixture(scope="module")
+def sync_outputs(sync_llm):
+    return sync_llm.generate(PROMPTS, mixed_params())
+
+
+@pytest.fixture(scope="module")
+def ahead_llm() -> LLM:
+    """Stepping ahead, each fill held until the step is sampled (`gate_fills`)."""
+    llm = LLM(max_model_len=256, async_scheduling=True)
+    gate_fills(llm.engine)
+    return llm
 
 
 def check_constraints(outs) -> None:
@@ -93,6 +104,9 @@ def gate_fills(engine) -> None:
     library, result = filler._executor, filler.result
 
     class Gated:
+        def consume_token_par(self, items):
+            return library.consume_token_par(items)
+
         def unsafe_compute_mask_ptr(self, *args):
             if threading.current_thread() is not threading.main_thread():  # not a fill done inline
                 assert turns.acquire(timeout=30)
@@ -107,14 +121,14 @@ def gate_fills(engine) -> None:
     filler.result = gated_result
 
 
-def test_a_mixed_batch_ahead_with_overlapped_masks_gives_the_synchronous_outputs(sync_outputs):
+def test_a_mixed_batch_ahead_with_overlapped_masks_gives_the_synchronous_outputs(sync_outputs, ahead_llm):
     check_constraints(sync_outputs)
     reasons = {c.finish_reason for o in sync_outputs for c in o.outputs}
     assert reasons == {"stop", "length"}
     assert sync_outputs[5].outputs[0].stop_reason == ", "
-    llm = LLM(max_model_len=256, async_scheduling=True)
+    llm = ahead_llm
     engine = llm.engine
-    gate_fills(engine)
+    steps_ahead = engine.num_steps_ahead
     for i, (prompt, params) in enumerate(zip(PROMPTS, mixed_params())):
         engine.add_request(str(i), prompt, params, stream=False)
     finals = {}
@@ -129,16 +143,18 @@ def test_a_mixed_batch_ahead_with_overlapped_masks_gives_the_synchronous_outputs
     got = [finals[str(i)] for i in range(len(PROMPTS))]
     assert token_ids(got) == token_ids(sync_outputs)
     assert [c.text for o in got for c in o.outputs] == [c.text for o in sync_outputs for c in o.outputs]
-    assert engine.num_steps_ahead > 0 and left_unsampled > 0
+    assert engine.num_steps_ahead > steps_ahead and left_unsampled > 0
     stats = llm.stats()
     assert stats["grammar_mask_steps"] > 0 and stats["grammar_mask_rows"] >= stats["grammar_mask_steps"]
     assert stats["num_free_blocks"] == stats["num_total_blocks"]
 
 
-def test_filling_on_the_engine_thread_gives_the_same_outputs(sync_outputs):
-    llm = LLM(max_model_len=256, async_scheduling=True)
-    llm.engine.mask_overlap = False
-    outs = llm.generate(PROMPTS, mixed_params())
+def test_filling_on_the_engine_thread_gives_the_same_outputs(sync_outputs, ahead_llm):
+    ahead_llm.engine.mask_overlap = False
+    try:
+        outs = ahead_llm.generate(PROMPTS, mixed_params())
+    finally:
+        ahead_llm.engine.mask_overlap = True
     assert token_ids(outs) == token_ids(sync_outputs)
 
 
@@ -161,9 +177,8 @@ def test_steps_without_a_constrained_row_do_no_grammar_work():
         assert after[key] == before[key], key
 
 
-def test_abort_while_a_constrained_step_waits_for_its_masks(sync_outputs):
-    llm = LLM(max_model_len=256, async_scheduling=True)
-    engine = llm.engine
+def test_abort_while_a_constrained_step_waits_for_its_masks(sync_outputs, ahead_llm):
+    engine = ahead_llm.engine
     params = mixed_params()
     for i in (0, 3, 4):
         engine.add_request(str(i), PROMPTS[i], params[i], stream=False)
@@ -195,9 +210,8 @@ def test_fill_threads_follow_the_cores_and_the_environment():
             default_fill_threads({ENV_THREADS: bad})
 
 
-def test_sharded_matchers_fill_the_masks_one_matcher_would(sync_outputs):
-    llm = LLM(max_model_len=256)
-    engine = llm.engine
+def test_sharded_matchers_fill_the_masks_one_matcher_would(sync_outputs, sync_llm):
+    engine = sync_llm.engine
     vocab = engine.model_config.vocab_size
     compiler = GrammarCompiler(engine.tokenizer.hf_tokenizer, vocab, engine.eos_token_ids, num_shards=3)
     compiled = compiler.submit(StructuredOutputsParams(json=SCHEMA)).result()
@@ -235,9 +249,8 @@ def _grammar_text() -> str:
     return check(StructuredOutputsParams(json=SCHEMA))
 
 
-def test_catching_up_a_batch_is_syncing_each_matcher(sync_outputs):
-    llm = LLM(max_model_len=256)
-    engine = llm.engine
+def test_catching_up_a_batch_is_syncing_each_matcher(sync_outputs, sync_llm):
+    engine = sync_llm.engine
     engine._compiler()
     compiled = engine._grammar_compiler.submit(StructuredOutputsParams(json=SCHEMA)).result()
     doc = sync_outputs[0].outputs[0].token_ids

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from ondo import LLM, SamplingParams, StructuredOutputsParams
+from ondo.engine import token_masks
 from ondo.engine.grammar import GrammarCompiler, SequenceGrammar
 from ondo.engine.token_masks import (
     ENV_THREADS,
@@ -249,10 +250,15 @@ def _grammar_text() -> str:
     return check(StructuredOutputsParams(json=SCHEMA))
 
 
-def test_catching_up_a_batch_is_syncing_each_matcher(sync_outputs, sync_llm):
+@pytest.mark.parametrize("parallel", [False, True])
+def test_catching_up_a_batch_is_syncing_each_matcher(sync_outputs, sync_llm, parallel, monkeypatch):
     engine = sync_llm.engine
     engine._compiler()
     compiled = engine._grammar_compiler.submit(StructuredOutputsParams(json=SCHEMA)).result()
+    filler = MaskFiller(engine.model_config.vocab_size, engine.device, engine.eos_token_ids[0],
+                        num_threads=2 if parallel else 1)
+    if parallel:  # the library's threads take even a handful of rows
+        monkeypatch.setattr(token_masks, "PARALLEL_CATCH_UP_ROWS", 1)
     doc = sync_outputs[0].outputs[0].token_ids
     bad = engine.tokenizer.encode("hello")[0]
     prompt = [7, 8, 9]  # the output starts after it
@@ -264,12 +270,13 @@ def test_catching_up_a_batch_is_syncing_each_matcher(sync_outputs, sync_llm):
     alone = [SequenceGrammar(compiled) for _ in cases]
     for g in batch + alone:
         g.sync(prompt + doc[:3], len(prompt))
-    engine._mask_filler.catch_up([(g, prompt + ids, len(prompt), p) for g, (ids, p) in zip(batch, cases)])
+    filler.catch_up([(g, prompt + ids, len(prompt), p) for g, (ids, p) in zip(batch, cases)])
     for g, (ids, p) in zip(alone, cases):
         g.sync(prompt + ids, len(prompt), p)
     for a, b in zip(batch, alone):
         assert (a.num_consumed, a.is_complete, a.error is None) == (b.num_consumed, b.is_complete, b.error is None)
     assert [g.num_consumed for g in batch] == [4, 4, 6, 1, 4]
     assert batch[4].error is not None and all(g.error is None for g in batch[:4])
-    masks = engine._mask_filler.fill(batch[:4]).numpy()
-    assert np.array_equal(masks, engine._mask_filler.fill(alone[:4]).numpy())
+    masks = filler.fill(batch[:4]).numpy()
+    assert np.array_equal(masks, filler.fill(alone[:4]).numpy())
+    filler.close()

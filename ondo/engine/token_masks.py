@@ -7,7 +7,7 @@ pinned host buffer, driven from one worker thread so that the engine's thread go
 (preparing and launching the next forward pass, making the previous step's outputs)
 meanwhile. `MaskFiller.result` is called where the step is sampled: it waits for the fill
 if it is not done, queues a non-blocking copy to a device buffer and returns the
-`TokenMask` the sampler applies in one kernel. Nothing is allocated per step: two pinned
+`TokenMask` the sampler applies in one kernel. No mask buffer is allocated per step: two pinned
 buffers take turns (a buffer is written again only once its last copy has completed) and
 one device buffer is reused (copies and the kernels reading it are ordered on the stream).
 
@@ -31,6 +31,7 @@ from ondo.engine.sampler import TokenMask, to_device
 
 ENV_THREADS = "ONDO_GRAMMAR_THREADS"
 MAX_FILL_THREADS = 8
+PARALLEL_CATCH_UP_ROWS = 32  # fewer rows catch up on the engine's thread
 
 
 def fill_threads_for(num_cpus: int) -> int:
@@ -121,7 +122,7 @@ class MaskFiller:
     def catch_up(self, items: list[tuple[SequenceGrammar, list[int], int, int | None]]) -> None:
         """`SequenceGrammar.sync(token_ids, start, pending)` for each item; the rows that take
         one token (nearly all, each step) consume it in one call of the library's, on its
-        threads."""
+        threads, where there are enough of them."""
         t0 = time.perf_counter()
         one: list[tuple[SequenceGrammar, int]] = []
         for g, token_ids, start, pending in items:
@@ -131,7 +132,10 @@ class MaskFiller:
             else:
                 one.append((g, token))
         if one:
-            results = self._executor.consume_token_par([(g.matcher, token) for g, token in one])
+            if self.num_threads > 1 and len(one) >= PARALLEL_CATCH_UP_ROWS:
+                results = self._executor.consume_token_par([(g.matcher, token) for g, token in one])
+            else:  # a token takes microseconds: not worth waking the library's threads
+                results = [g.matcher.consume_token(token) for g, token in one]
             for (g, _), ok in zip(one, results):
                 g.consumed(ok)
         self.timing.sync_s += time.perf_counter() - t0

@@ -19,6 +19,7 @@ Each thread gets rows of one grammar shard (see `CompiledGrammar`).
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -158,7 +159,10 @@ class MaskFiller:
         broken = [i for i, g in enumerate(grammars) if g.error is not None]
         n = len(grammars)
 
+        started = threading.Event()
+
         def fill() -> None:
+            started.set()
             t0 = time.perf_counter()
             if work:
                 self._executor.unsafe_compute_mask_ptr(work, host.data_ptr(), self.words * 4, n)
@@ -169,6 +173,11 @@ class MaskFiller:
 
         if on_thread:
             future = self._worker.submit(fill)
+            # The worker needs the interpreter lock to reach the library, which then lets go
+            # of it; the engine's thread, busy with Python, would hold it for up to the
+            # switch interval (5 ms) and the fill would start only when the engine waits
+            # for it. So hand the lock over until the fill has begun.
+            started.wait()
         else:  # the engine's thread fills: all of it is waited for
             future = Future()
             t0 = time.perf_counter()

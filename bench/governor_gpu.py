@@ -1,51 +1,52 @@
-"""The governor on a real GPU: W1-like load held under a power budget by load shaping alone.
+"""The governor on a real GPU: W1 held under a power budget by load shaping alone.
 
-The engine runs in a process of its own (as `ondo serve` runs it on a GPU), on dummy weights of
-the Qwen3-0.6B shape; this process holds the telemetry (NVML), the live twin and the governor,
-as the server's does, and keeps `--concurrency` W1 requests in flight (a finished request is
-replaced by a fresh one: input and output lengths uniform in [100, 1024]). Nothing here
+Laid out as a deployment runs it. This process is the server: the engine's front end
+(`AsyncLLM`, the engine in a process of its own), the NVML poller, the live twin and the
+governor, as in `ondo serve`, with a minimal front end in place of HTTP (a Unix socket, one
+JSON line per request and per completion: `ondo.bench.governor_load`). The load is a client
+in a process of its own that keeps `--concurrency` W1 requests in flight (a finished one
+replaced at once: input and output lengths uniform in [100, 1024]), so that its work never
+takes this process's interpreter lock. Dummy weights of the Qwen3-0.6B shape. Nothing here
 changes a GPU setting: clocks and the power limit are read, never set.
 
-Settings, each run for its own span after a short settling time:
+Settings, each run for its own span after a settling time:
   1. `--budget-w` (500 W) held by the policies off, reactive, predictive: the share of NVML's
      1 s average power readings over the budget, output tokens/s, GPU joules per output token;
-  2. W1 at three fixed per-step token budgets (governor off): tokens per joule, the
-     energy-efficient operating point;
-  3. the governor's own cost: off against predictive with no objective binding (no budget,
-     default temperature targets), output tokens/s, in ABBA order (off, predictive,
-     predictive, off, ...): each predictive run is set against the mean of the off runs
-     that bracket it, so a steady drift (a GPU warming up) cancels.
+  2. W1 at three fixed per-step token budgets (governor off): tokens per joule;
+  3. the governor's own cost: off against predictive with no objective binding, in
+     `--overhead-rounds` ABBA rounds (off, predictive, predictive, off) of `--short-seconds`
+     each: each round's estimate cancels a drift linear over the round (the GPU warming), the
+     rounds give its standard error, and a round's two off runs show the run-to-run noise.
 
-`--groups budget overhead` runs only those groups (default: all three). `--series-out PATH`
-writes, per run, its time series at the telemetry rate as JSON lines: time, NVML's fast and
-1 s average power, the limits in force and each decision (time, reason, limits).
+Every run also says how late the telemetry was: the poller's lateness against its 20 Hz
+schedule (p99, max) and the age of the newest GPU reading at the governor's ticks (p99,
+max): a starved server process shows there first. `--series-out PATH` writes each run's
+time series as JSON lines as soon as the run ends (NVML's fast and 1 s average power, the
+poller's lateness and read time per reading, the limits in force, every decision with its
+reason, forecast and the age of the inputs it was made on).
 
 The twin the governor forecasts with should be the GPU's own: `--fit-twin-on TRACE` fits it
-first (`ondo twin fit --engine-load --refit-thermal` on the part before `--fit-until-s`),
-e.g. on the H200 serving trace in data/traces; `--twin-params` takes a fitted one; without
-either, the packaged H100 fit, whose errors the predictive policy's power calibration absorbs.
+first (thermal refit and engine load map on the part before `--fit-until-s`); `--twin-params`
+takes a fitted one; without either, the packaged H100 fit.
 
-    PYTHONPATH=. python3 bench/governor_gpu.py \
-        --fit-twin-on data/traces/ondo_serving_steps_w1_qwen3-0.6b_h200.csv   # GPU, ~7 min
-    PYTHONPATH=. python3 bench/governor_gpu.py --groups budget overhead --series-out s.jsonl \
-        --fit-twin-on data/traces/ondo_serving_steps_w1_qwen3-0.6b_h200.csv   # GPU, ~4 min
-    PYTHONPATH=. python3 bench/governor_gpu.py --smoke         # CPU, tiny model, simulated GPU
+    PYTHONPATH=. python3 bench/governor_gpu.py --groups budget overhead --seconds 35 \\
+        --short-seconds 12 --overhead-rounds 4 --series-out $OUT/governor_series.jsonl \\
+        --fit-twin-on data/traces/ondo_serving_steps_w1_qwen3-0.6b_h200.csv  # GPU, ~7 min
+    PYTHONPATH=. python3 bench/governor_gpu.py --smoke   # CPU, tiny model, simulated GPU
 
-Prints a table and one JSON line ({"governor_gpu": {...}}).
+Prints the planned duration first, a line per run, a table, the governor's overhead with its
+noise, and one JSON line ({"governor_gpu": {...}}).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import itertools
 import json
 import os
-import random
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 TINY = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 512,
@@ -53,15 +54,9 @@ TINY = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_siz
         "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
         "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "max_position_embeddings": 2048,
         "tie_word_embeddings": True, "hidden_act": "silu", "torch_dtype": "float32"}
-
-
-@dataclass
-class Window:
-    """What one setting did between `start_s` and `end_s` (monotonic clock)."""
-
-    start_s: float
-    end_s: float = 0.0
-    tokens: list[tuple[float, int]] = field(default_factory=list)  # (time, new tokens)
+GROUPS = ("budget", "token_budget", "overhead")
+ABBA = ("off", "predictive", "predictive", "off")
+STARTUP_S = 60.0  # the engine's start and the twin's fit, for the planned duration
 
 
 def model_folder(args: argparse.Namespace) -> str:
@@ -77,140 +72,20 @@ def model_folder(args: argparse.Namespace) -> str:
     return folder
 
 
-class Load:
-    """Keeps `concurrency` W1-shaped requests in flight on an AsyncLLM; counts tokens."""
-
-    def __init__(self, llm, vocab: int, concurrency: int, scale_len: float, seed: int) -> None:
-        self.llm = llm
-        self.vocab = vocab
-        self.concurrency = concurrency
-        self.scale_len = scale_len
-        self.rng = random.Random(seed)
-        self.ids = itertools.count()
-        self.window: Window | None = None
-        self.stop = False
-
-    def _request(self):
-        from ondo.engine.sampling_params import SamplingParams
-
-        n_in = max(1, int(self.rng.randint(100, 1024) * self.scale_len))
-        n_out = max(1, int(self.rng.randint(100, 1024) * self.scale_len))
-        prompt = [self.rng.randrange(100, self.vocab - 100) for _ in range(n_in)]
-        return prompt, SamplingParams(temperature=0.6, max_tokens=n_out, ignore_eos=True)
-
-    async def _client(self) -> None:
-        while not self.stop:
-            prompt, params = self._request()
-            async for out in self.llm.generate(f"g{next(self.ids)}", prompt, params):
-                n = sum(len(c.new_token_ids) for c in out.outputs)
-                w = self.window
-                if w is not None and n:
-                    w.tokens.append((time.monotonic(), n))
-                if self.stop:
-                    break
-
-    async def run(self, settings, run_setting) -> list[dict[str, Any]]:
-        clients = [asyncio.create_task(self._client()) for _ in range(self.concurrency)]
-        results = []
-        try:
-            for setting in settings:
-                results.append(await run_setting(self, setting))
-        finally:
-            self.stop = True
-            for c in clients:
-                c.cancel()
-            await asyncio.gather(*clients, return_exceptions=True)
-        return results
-
-
-GROUPS = ("budget", "token_budget", "overhead")
-ABBA = ("off", "predictive", "predictive", "off")
-
-
-def overhead_fraction(runs: list[dict[str, Any]]) -> float:
-    """1 - predictive/off throughput, each predictive run against the mean of the off runs
-    on either side of it (the nearest one where there is only one): drift-robust."""
-    ratios = []
-    for i, r in enumerate(runs):
-        if r["policy"] != "predictive":
-            continue
-        before = [x for x in runs[:i] if x["policy"] == "off"][-1:]
-        after = [x for x in runs[i + 1:] if x["policy"] == "off"][:1]
-        around = before + after
-        if around:
-            off = sum(x["output_tokens_per_s"] for x in around) / len(around)
-            ratios.append(r["output_tokens_per_s"] / off)
-    return 1.0 - sum(ratios) / len(ratios) if ratios else float("nan")
-
-
-def compact(limits: dict | None) -> dict | None:
-    """The limits that bind (not None, a duty cycle under 1)."""
-    if limits is None:
-        return None
-    return {k: v for k, v in limits.items() if v is not None and not (k == "duty_cycle"
-                                                                     and v >= 1.0)}
-
-
-def series_rows(run: dict, gpu: list, limits: list, decisions: list, start_s: float,
-                end_s: float) -> list[dict[str, Any]]:
-    """One run's time series: telemetry samples with the limits in force, and decisions."""
-    rows: list[dict[str, Any]] = []
-    applied = [(t, lim) for t, lim in limits if t <= end_s]
-    k, current = 0, None
-    for t, p, _, p_fast in gpu:
-        if not start_s <= t <= end_s:
-            continue
-        while k < len(applied) and applied[k][0] <= t:
-            current = applied[k][1]
-            k += 1
-        rows.append({"group": run["group"], "policy": run["policy"],
-                     "t_s": round(t - start_s, 3), "power_w": p, "power_instant_w": p_fast,
-                     "limits": compact(current)})
-    for d in decisions:
-        if start_s <= d.t_monotonic_s <= end_s:
-            rows.append({"group": run["group"], "policy": run["policy"],
-                         "t_s": round(d.t_monotonic_s - start_s, 3), "decision": d.reason,
-                         "limits": compact(d.limits), "forecast": d.forecast})
-    return sorted(rows, key=lambda r: r["t_s"])
-
-
-def summarize(setting: dict, window: Window, gpu: list[tuple[float, float | None, float | None]],
-              budget_w: float) -> dict[str, Any]:
-    inside = [(t, p, e) for t, p, e, _ in gpu if window.start_s <= t <= window.end_s]
-    powers = [p for _, p, _ in inside if p is not None]
-    energy = [(t, e) for t, _, e in inside if e is not None]
-    tokens = sum(n for t, n in window.tokens if window.start_s <= t <= window.end_s)
-    span = window.end_s - window.start_s
-    joules = energy[-1][1] - energy[0][1] if len(energy) > 1 else float("nan")
-    covered = energy[-1][0] - energy[0][0] if len(energy) > 1 else float("nan")
-    joules_run = joules * span / covered if covered and covered > 0 else float("nan")
-    powers_sorted = sorted(powers)
-    return {
-        **setting,
-        "seconds": round(span, 2),
-        "output_tokens": tokens,
-        "output_tokens_per_s": tokens / span if span > 0 else float("nan"),
-        "over_budget_fraction": (sum(p > budget_w for p in powers) / len(powers)
-                                 if powers else float("nan")),
-        "mean_power_w": sum(powers) / len(powers) if powers else float("nan"),
-        "p99_power_w": powers_sorted[int(0.99 * (len(powers) - 1))] if powers else float("nan"),
-        "joules_per_output_token": joules_run / tokens if tokens else float("nan"),
-        "output_tokens_per_joule": tokens / joules_run if joules_run and joules_run > 0
-        else float("nan"),
-        "gpu_samples": len(inside),
-    }
-
-
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--smoke", action="store_true",
                     help="CPU, tiny model, simulated GPU, a few seconds per setting")
     ap.add_argument("--model-shape", default="qwen3-0.6b")
     ap.add_argument("--budget-w", type=float, default=500.0)
-    ap.add_argument("--seconds", type=float, default=40.0, help="per budget setting")
-    ap.add_argument("--short-seconds", type=float, default=25.0,
+    ap.add_argument("--seconds", type=float, default=35.0, help="per budget setting")
+    ap.add_argument("--short-seconds", type=float, default=12.0,
                     help="per token-budget and overhead setting")
-    ap.add_argument("--settle-s", type=float, default=5.0, help="before each setting's window")
+    ap.add_argument("--settle-s", type=float, default=5.0,
+                    help="before each budget and token-budget setting's window")
+    ap.add_argument("--overhead-settle-s", type=float, default=2.0,
+                    help="before each overhead run's window (nothing binds: only the policy "
+                         "changes)")
     ap.add_argument("--token-budgets", type=int, nargs=3, default=[1024, 2048, 8192])
     ap.add_argument("--concurrency", type=int, default=256)
     ap.add_argument("--telemetry", choices=("nvml", "sim"), default="nvml",
@@ -223,21 +98,64 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--groups", nargs="+", choices=GROUPS, default=list(GROUPS),
                     help="run only these groups of settings")
-    ap.add_argument("--overhead-rounds", type=int, default=1,
+    ap.add_argument("--overhead-rounds", type=int, default=4,
                     help="ABBA rounds (off, predictive, predictive, off) in the overhead group")
     ap.add_argument("--series-out", default=None,
-                    help="write each run's time series (power, limits, decisions) as JSON lines")
+                    help="write each run's time series (power, lateness, limits, decisions) "
+                         "as JSON lines")
     args = ap.parse_args(argv)
     if args.overhead_rounds < 1:
         ap.error("--overhead-rounds must be >= 1")
+    if args.concurrency < 1:
+        ap.error("--concurrency must be >= 1")
+    for name in ("seconds", "short_seconds"):
+        if getattr(args, name) <= 0:
+            ap.error(f"--{name.replace('_', '-')} must be > 0")
+    for name in ("settle_s", "overhead_settle_s"):
+        if getattr(args, name) < 0:
+            ap.error(f"--{name.replace('_', '-')} must be >= 0")
     if args.smoke:
-        args.seconds, args.short_seconds, args.settle_s = 3.0, 2.0, 1.0
+        args.seconds, args.short_seconds, args.settle_s, args.overhead_settle_s = 3.0, 2.0, 1.0, 0.5
         args.concurrency, args.token_budgets = 8, [32, 64, 128]
+        args.overhead_rounds = min(args.overhead_rounds, 2)
         args.telemetry = "sim"
+    return args
+
+
+def settings_for(args: argparse.Namespace) -> list[dict[str, Any]]:
+    groups = set(args.groups)
+    return [
+        {"group": "budget", "policy": p, "seconds": args.seconds, "settle_s": args.settle_s}
+        for p in ("off", "reactive", "predictive") if "budget" in groups
+    ] + [
+        {"group": "token_budget", "policy": "off", "token_budget": b,
+         "seconds": args.short_seconds, "settle_s": args.settle_s}
+        for b in args.token_budgets if "token_budget" in groups
+    ] + [
+        {"group": "overhead", "policy": p, "seconds": args.short_seconds,
+         "settle_s": args.overhead_settle_s, "round": k}
+        for k in range(args.overhead_rounds) for p in ABBA if "overhead" in groups
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    settings = settings_for(args)
+    planned_s = sum(s["seconds"] + s["settle_s"] for s in settings)
+    print(json.dumps({"planned_s": round(planned_s + STARTUP_S), "runs": len(settings)}),
+          flush=True)
 
     import torch
 
-    from ondo.control.decision import DECISION_TABLE
+    from ondo.bench.governor_figures import (
+        GpuPoint,
+        TickAges,
+        overhead_estimate,
+        series_rows,
+        summarize,
+    )
+    from ondo.bench.governor_load import RequestRelay, start_load_process
+    from ondo.control.decision import DECISION_TABLE, GovernorDecision
     from ondo.control.objectives import GpuFacts, Objectives, resolve_objectives
     from ondo.control.serve import GovernorSetup, ServerGovernor
     from ondo.engine.async_llm import AsyncLLM
@@ -247,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     from ondo.telemetry.schema import GpuSample
     from ondo.twin.params import TwinParams, h100_params
 
+    t_start = time.monotonic()
     cuda = torch.cuda.is_available() and not args.smoke
     folder = model_folder(args)
     if cuda:
@@ -269,14 +188,10 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({"twin_fitted_on": args.fit_twin_on, "until_s": args.fit_until_s,
                           "power_limit_w": params.power_limit_w,
                           "engine_compute_gain": params.engine_compute_gain}), flush=True)
-    t_start = time.monotonic()
     llm = AsyncLLM.from_engine_args(engine, max_waiting_requests=100_000, engine_process=True)
     tel = Telemetry.start(None, source=args.telemetry, hz=args.telemetry_hz,
                           tables=(DECISION_TABLE,))
     llm.add_step_listener(tel.engine.on_step)
-    gpu: list[tuple[float, float | None, float | None, float | None]] = []
-    tel.hub.subscribe(lambda s: gpu.append((s.t_monotonic_s, s.power_w, s.energy_j,
-                                            s.power_instant_w)), kinds=(GpuSample,))
     facts = GpuFacts.from_params(params)
     budget = resolve_objectives(facts, power_budget_w=args.budget_w) if args.budget_w > \
         facts.idle_power_w else Objectives()
@@ -289,83 +204,120 @@ def main(argv: list[str] | None = None) -> int:
 
     gov = ServerGovernor(GovernorSetup("off", params, budget), tel, llm,
                          apply_limits=send_limits)
-    decisions: list[Any] = []
-    from ondo.control.decision import GovernorDecision
-
+    governed = gov.governor.gpu_index
+    gpu: list[GpuPoint] = []
+    tel.hub.subscribe(lambda s: gpu.append(GpuPoint(
+        s.t_monotonic_s, s.power_w, s.energy_j, s.power_instant_w, s.read_latency_s))
+        if s.gpu_index == governed else None, kinds=(GpuSample,))
+    decisions: list[GovernorDecision] = []
     tel.hub.subscribe(decisions.append, kinds=(GovernorDecision,))
+    ticks: list[TickAges] = []
+    tick = gov.governor.tick
 
-    groups = set(args.groups)
-    settings = [
-        {"group": "budget", "policy": p, "seconds": args.seconds} for p in
-        ("off", "reactive", "predictive") if "budget" in groups
-    ] + [
-        {"group": "token_budget", "policy": "off", "token_budget": b, "seconds": args.short_seconds}
-        for b in args.token_budgets if "token_budget" in groups
-    ] + [
-        {"group": "overhead", "policy": p, "seconds": args.short_seconds, "round": k}
-        for k in range(args.overhead_rounds) for p in ABBA if "overhead" in groups
-    ]
-    series: list[dict[str, Any]] = []
+    def observed_tick(inputs):  # the ages of what the governor decides on, every tick
+        ticks.append(TickAges(inputs.t_monotonic_s, inputs.gpu_sample_age_s,
+                              inputs.engine_sample_age_s))
+        return tick(inputs)
 
-    async def run_setting(load: Load, setting: dict) -> dict[str, Any]:
+    gov.governor.tick = observed_tick  # type: ignore[method-assign]
+    period_s = 1.0 / args.telemetry_hz
+    series_file = open(args.series_out, "w") if args.series_out else None  # noqa: SIM115
+    socket_path = os.path.join(tempfile.mkdtemp(prefix="ondo-governor-load-"), "load.sock")
+    relay = RequestRelay(llm, socket_path)
+
+    async def run_setting(setting: dict[str, Any]) -> dict[str, Any]:
         gov.set_objectives(budget if setting["group"] == "budget" else free)
         gov.set_policy(setting["policy"])
-        send_limits(SchedulerLimits(max_num_batched_tokens=setting["token_budget"])
-                    if "token_budget" in setting else UNLIMITED)
-        await asyncio.sleep(args.settle_s)
+        # A token budget is an operator's cap: it holds under every policy, and the limits
+        # the governor sends again every few seconds keep it.
+        gov.set_caps(SchedulerLimits(max_num_batched_tokens=setting["token_budget"])
+                     if "token_budget" in setting else UNLIMITED)
+        await asyncio.sleep(setting["settle_s"])
         n_decisions = len(decisions)
-        window = Window(time.monotonic())
-        load.window = window
+        start, tokens0 = time.monotonic(), relay.tokens
         await asyncio.sleep(setting["seconds"])
-        window.end_s = time.monotonic()
-        load.window = None
-        row = summarize(setting, window, gpu, args.budget_w)
+        end, tokens = time.monotonic(), relay.tokens - tokens0
+        row = summarize({k: v for k, v in setting.items() if k != "settle_s"}, start, end,
+                        tokens, gpu, ticks, args.budget_w, period_s)
         row["decisions"] = len(decisions) - n_decisions
-        if args.series_out:
-            series.extend(series_rows(setting, gpu, applied, decisions[n_decisions:],
-                                      window.start_s, window.end_s))
-        print(json.dumps({k: v for k, v in row.items()}), flush=True)
+        if series_file is not None:
+            for r in series_rows(setting, gpu, applied, decisions[n_decisions:], start, end,
+                                 period_s):
+                series_file.write(json.dumps(r) + "\n")
+            series_file.flush()
+        print(json.dumps(row), flush=True)
         return row
 
-    load = Load(llm, vocab, args.concurrency, 1.0 if not args.smoke else 0.05, args.seed)
+    async def run_all() -> list[dict[str, Any]]:
+        await relay.start()
+        client = start_load_process(socket_path, args.concurrency, vocab,
+                                    1.0 if not args.smoke else 0.05, args.seed)
+        try:
+            return [await run_setting(s) for s in settings]
+        finally:
+            await relay.close()  # the client sees the socket close and exits
+            try:
+                _, err = await asyncio.to_thread(client.communicate, timeout=30)
+            except Exception:
+                client.kill()
+                _, err = client.communicate()
+            if client.returncode != 0:
+                print(f"load process exited {client.returncode}: {err[-2000:]}",
+                      file=sys.stderr)
+
     try:
-        rows = asyncio.run(load.run(settings, run_setting))
+        rows = asyncio.run(run_all())
     finally:
         gov.close()
         llm.close()
         tel.close()
-    if args.series_out:
-        with open(args.series_out, "w") as f:
-            for r in series:
-                f.write(json.dumps(r) + "\n")
-    device = torch.cuda.get_device_name() if cuda else "cpu (simulated GPU)"
+        if series_file is not None:
+            series_file.close()
+    report(args, rows, tel, cuda, relay, time.monotonic() - t_start, overhead_estimate)
+    return 0
+
+
+def report(args: argparse.Namespace, rows: list[dict[str, Any]], tel: Any, cuda: bool,
+           relay: Any, elapsed_s: float, overhead_estimate: Any) -> None:
+    import torch
+
     by = {(r["group"], r["policy"], r.get("token_budget")): r for r in rows
           if r["group"] != "overhead"}
-    pairs = [r for r in rows if r["group"] == "overhead"]
+    runs = [r for r in rows if r["group"] == "overhead"]
+    overhead = overhead_estimate(runs)
     summary = {
-        "device": device, "model_shape": args.model_shape if not args.smoke else "tiny",
+        "device": torch.cuda.get_device_name() if cuda else "cpu (simulated GPU)",
+        "model_shape": args.model_shape if not args.smoke else "tiny",
         "telemetry": tel.gpu.source_name if tel.gpu is not None else None,
+        "layout": "load in its own process; front end, telemetry, twin and governor in this one",
         "budget_w": args.budget_w, "concurrency": args.concurrency,
-        "groups": [g for g in GROUPS if g in groups],
+        "groups": [g for g in GROUPS if g in set(args.groups)],
         "budget": {p: by[("budget", p, None)] for p in ("off", "reactive", "predictive")
                    if ("budget", p, None) in by},
         "token_budgets": {str(b): by[("token_budget", "off", b)] for b in args.token_budgets
                           if ("token_budget", "off", b) in by},
-        "overhead_fraction": overhead_fraction(pairs),
-        "overhead_runs": pairs,
-        "elapsed_s": time.monotonic() - t_start,
+        **overhead,
+        "overhead_runs": runs,
+        "requests_completed": relay.completed, "requests_failed": relay.failed,
+        "elapsed_s": elapsed_s,
     }
     cols = ("group", "policy", "token_budget", "output_tokens_per_s", "over_budget_fraction",
-            "mean_power_w", "p99_power_w", "joules_per_output_token", "output_tokens_per_joule",
-            "decisions")
+            "mean_power_w", "p99_power_w", "joules_per_output_token", "decisions",
+            "gpu_samples", "poll_lag_p99_s", "poll_lag_max_s", "sample_age_p99_s",
+            "sample_age_max_s")
     print(" | ".join(cols))
     for r in rows:
         print(" | ".join(f"{r.get(c):.4g}" if isinstance(r.get(c), float) else str(r.get(c))
                          for c in cols))
-    print(f"governor overhead (off vs predictive, nothing binding): "
-          f"{100 * summary['overhead_fraction']:.2f} % of output tokens/s")
+    o = overhead
+    if o["rounds"]:
+        print(f"governor overhead (off vs predictive, nothing binding): "
+              f"{100 * o['overhead_fraction']:.2f} % of output tokens/s "
+              f"± {100 * o['overhead_se']:.2f} % (standard error over {o['rounds']} ABBA "
+              f"rounds); a round's two off runs differ by "
+              f"{100 * o['off_to_off_fraction']:.2f} %")
+    print(f"elapsed {elapsed_s:.0f} s")
     print(json.dumps({"governor_gpu": summary}))
-    return 0
 
 
 if __name__ == "__main__":

@@ -2,22 +2,28 @@
 
 `bench/governor_gpu.py` holds W1 (256 requests in flight, lengths uniform in [100, 1024])
 under a 500 W budget on an H200 that draws ~643 W unconstrained. This replays that setting in
-virtual time so a change of control law can be judged before a GPU run:
+virtual time so that a change of control law is judged before a GPU run
+(`ondo/control/sim/h200_mirror.py` says what is mirrored and why):
 
-- the GPU: the twin fitted on the H200 serving trace (as `--fit-twin-on` fits it), its engine
-  compute gain scaled by `--plant-gain` (0.6: W1 at full load then draws ~643 W, p99 ~660 W,
-  as measured; the step-time model is the H100's, whose steps load the plant harder);
-- what the governor knows: the same fit scaled by `--twin-gain` (0.75: a model 25 % off in
-  the busy power, which the predictive policy's online calibration has to absorb);
+- the GPU: the twin fitted on the H200 serving trace, the H100-fitted step times scaled to
+  the H200's pace (`--step-time-scale`) and its engine compute gain (`--plant-gain`) so that
+  W1 runs at ~21,400 tokens/s and ~645 W unconstrained, as measured;
+- what the governor knows: the same fit with `--twin-gain` (a model 25 % off in the busy
+  power, which the predictive policy's online calibration has to absorb);
 - a server's latencies: a decision reaches the engine `--limits-delay-s` later, a step's
   sample reaches the governor `--sample-delay-s` later;
+- the server process starved of CPU: stalls every `--stall-every-s` on average (0: none),
+  `--stall-min-s` to `--stall-max-s` long, step samples worked off at `--catch-up` of the
+  stalled time, no request admitted meanwhile (`ondo/control/sim/stalls.py`);
 - the load: a closed loop of `--concurrency` requests, each finished one replaced at once.
 
 Scored from `--settle-s` on, at the telemetry rate (20 Hz), as the GPU benchmark scores:
 the share of NVML 1 s average readings over the budget, output tokens/s, mean and p99 power,
-decisions.
+decisions. `--seeds` runs each policy once per seed of the stalls; the table shows the mean
+over seeds (the largest over-budget share beside it), the JSON line every run.
 
-    PYTHONPATH=. python3 bench/governor_sim_h200.py            # ~1 min on one core
+    PYTHONPATH=. python3 bench/governor_sim_h200.py                  # ~15 s on one core
+    PYTHONPATH=. python3 bench/governor_sim_h200.py --seconds 90 --seeds 0 1 2
 
 Prints a table and one JSON line ({"governor_sim_h200": {...}}).
 """
@@ -25,80 +31,59 @@ Prints a table and one JSON line ({"governor_sim_h200": {...}}).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
-import time
+
+POLICIES = ("off", "reactive", "predictive")
+FIELDS = ("output_tokens_per_s", "over_budget_fraction", "mean_power_w", "p99_power_w",
+          "decisions")
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ondo.control.sim.h200_mirror import MirrorSettings, run_mirror
+
+    d = MirrorSettings()
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--trace", default="data/traces/ondo_serving_steps_w1_qwen3-0.6b_h200.csv")
-    ap.add_argument("--fit-until-s", type=float, default=60.0)
-    ap.add_argument("--budget-w", type=float, default=500.0)
-    ap.add_argument("--seconds", type=float, default=45.0)
-    ap.add_argument("--settle-s", type=float, default=5.0)
-    ap.add_argument("--plant-gain", type=float, default=0.6)
-    ap.add_argument("--twin-gain", type=float, default=0.75)
-    ap.add_argument("--limits-delay-s", type=float, default=0.1)
-    ap.add_argument("--sample-delay-s", type=float, default=0.05)
-    ap.add_argument("--concurrency", type=int, default=256)
-    ap.add_argument("--policy", nargs="+", default=["off", "reactive", "predictive"],
-                    choices=("off", "reactive", "predictive"))
+    ap.add_argument("--trace", default=d.trace)
+    ap.add_argument("--fit-until-s", type=float, default=d.fit_until_s)
+    ap.add_argument("--budget-w", type=float, default=d.budget_w)
+    ap.add_argument("--seconds", type=float, default=d.seconds)
+    ap.add_argument("--settle-s", type=float, default=d.settle_s)
+    ap.add_argument("--step-time-scale", type=float, default=d.step_time_scale)
+    ap.add_argument("--plant-gain", type=float, default=d.plant_gain)
+    ap.add_argument("--twin-gain", type=float, default=d.twin_gain)
+    ap.add_argument("--limits-delay-s", type=float, default=d.limits_delay_s)
+    ap.add_argument("--sample-delay-s", type=float, default=d.sample_delay_s)
+    ap.add_argument("--concurrency", type=int, default=d.concurrency)
+    ap.add_argument("--stall-every-s", type=float, default=d.stall_every_s,
+                    help="mean interval between server-process stalls (0: none)")
+    ap.add_argument("--stall-min-s", type=float, default=d.stall_min_s)
+    ap.add_argument("--stall-max-s", type=float, default=d.stall_max_s)
+    ap.add_argument("--catch-up", type=float, default=d.catch_up)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[d.seed])
+    ap.add_argument("--policy", nargs="+", default=list(POLICIES), choices=POLICIES)
     args = ap.parse_args(argv)
-    if not args.seconds > args.settle_s:
-        ap.error("--seconds must be larger than --settle-s")
-    if min(args.plant_gain, args.twin_gain) <= 0:
-        ap.error("--plant-gain and --twin-gain must be > 0")
-
-    import numpy as np
-
-    from ondo.control.objectives import GpuFacts, resolve_objectives
-    from ondo.control.sim.arrivals import BurstyArrivals
-    from ondo.control.sim.calibration import h100_step_time
-    from ondo.control.sim.scenarios import qwen3_06b_cost_shape
-    from ondo.control.sim.simulator import ClosedLoopSimulator, SimConfig
-    from ondo.twin.engine_load import fit_engine_load, refit_thermal
-    from ondo.twin.params import h100_params
-    from ondo.twin.plant import Load
-    from ondo.twin.traces import read_trace
-
-    trace = read_trace(args.trace).window(float("-inf"), args.fit_until_s)
-    fitted, _ = refit_thermal(h100_params(), [trace])
-    fitted, _ = fit_engine_load(fitted, [trace])
-    gain = fitted.engine_compute_gain
-    plant = fitted.replace(engine_compute_gain=gain * args.plant_gain)
-    twin = fitted.replace(engine_compute_gain=gain * args.twin_gain)
-    objectives = resolve_objectives(GpuFacts.from_params(twin), power_budget_w=args.budget_w)
-    # W1's lengths; the arrival times are not used in a closed loop.
-    requests = BurstyArrivals(1.0, 1.0, 1.0, 1.0, seed=0).trace(4000.0)
-    rows = {}
-    for policy in args.policy:
-        config = SimConfig(qwen3_06b_cost_shape(), h100_step_time(), plant, twin_params=twin,
-                           initial_load=Load(0.5, 0.6), limits_delay_s=args.limits_delay_s,
-                           engine_sample_delay_s=args.sample_delay_s)
-        sim = ClosedLoopSimulator(config, requests, policy, objectives,
-                                  concurrency=args.concurrency)
-        t0 = time.monotonic()
-        result = sim.run(args.seconds)
-        s = result.series
-        keep = s["t_s"] >= args.settle_s
-        power = s["power_w"][keep]
-        tokens = s["output_tokens"][keep]
-        rows[policy] = {
-            "output_tokens_per_s": float(tokens[-1] - tokens[0]) / (args.seconds - args.settle_s),
-            "over_budget_fraction": float(np.mean(power > args.budget_w)),
-            "mean_power_w": float(power.mean()),
-            "p99_power_w": float(np.percentile(power, 99)),
-            "decisions": sum(d.t_monotonic_s >= args.settle_s for d in result.decisions),
-            "cpu_s": time.monotonic() - t0,
-        }
-    cols = ("output_tokens_per_s", "over_budget_fraction", "mean_power_w", "p99_power_w",
-            "decisions")
-    print(" | ".join(("policy", *cols)))
-    for policy, row in rows.items():
-        print(" | ".join([policy, *(f"{row[c]:.4g}" for c in cols)]))
-    settings = {k: v for k, v in vars(args).items() if k != "policy"}
-    print(json.dumps({"governor_sim_h200": {"settings": settings, "policies": rows}}))
+    if args.stall_every_s is not None and args.stall_every_s == 0:
+        args.stall_every_s = None
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(MirrorSettings)
+              if f.name != "seed"}
+    runs: dict[str, list[dict]] = {p: [] for p in args.policy}
+    for seed in args.seeds:
+        settings = MirrorSettings(**values, seed=seed)
+        try:
+            settings.check()
+        except ValueError as e:
+            ap.error(str(e))
+        for policy in args.policy:
+            runs[policy].append({"seed": seed, **run_mirror(settings, policy)[0]})
+    print(" | ".join(("policy", *FIELDS, "max over_budget_fraction")))
+    for policy, rows in runs.items():
+        mean = {c: sum(r[c] for r in rows) / len(rows) for c in FIELDS}
+        worst = max(r["over_budget_fraction"] for r in rows)
+        print(" | ".join([policy, *(f"{mean[c]:.4g}" for c in FIELDS), f"{worst:.4g}"]))
+    print(json.dumps({"governor_sim_h200": {"settings": values, "seeds": args.seeds,
+                                            "policies": runs}}))
     return 0
 
 

@@ -151,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--smoke", action="store_true",
                     help="a CPU run in about a minute: the tiny-llama shape, short requests, "
                          "a 20 s steady phase and a kill of the engine")
+    ap.add_argument("--progress-every-s", type=float, default=60.0,
+                    help="a JSON progress line this often while the load runs (0: none)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="also write the JSON here")
     ap.add_argument("--server-log", default=None,
@@ -194,12 +196,25 @@ def main(argv: list[str] | None = None) -> int:
             burst_size=int(args.max_waiting_requests * 1.25) + 1, max_model_len=args.max_model_len,
             token_id_vocab=args.token_id_vocab, server_pid=server_pid, warmup_s=0.0,
             window_s=args.window_s, seed=args.seed,
+            progress_every_s=min(args.progress_every_s, 10.0) if args.smoke else args.progress_every_s,
             sample_every_s=1.0 if args.smoke else 5.0, judge_timed=not args.smoke,
             # On a shared CPU: memory must stay flat, TTFT must not run away (its p99 over
             # a few dozen streams jitters by several times; a queue that grows does not).
             judge_memory_and_ttft=args.smoke, ttft_tolerance=1.0 if args.smoke else 0.25,
             ttft_floor_s=1.0 if args.smoke else 0.010)
-        report = asyncio.run(run_soak(config))
+        report = asyncio.run(run_soak(config, on_progress=lambda p: print(
+            json.dumps({"progress": p}), flush=True)))
+        # The verdict is out before the server stops (a stop can take a while).
+        summary = report.summary() | {
+            "saturation_request_rate": saturation, "fraction": args.fraction,
+            "request_rate": rate, "model_shape": args.model_shape, "smoke": args.smoke,
+            "duration_s": args.duration_s, "window_s": args.window_s,
+            "date": time.strftime("%Y-%m-%d"), "open_files_limit": open_files}
+        print(format_checks(report.checks), flush=True)
+        print(json.dumps(summary), flush=True)
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(summary, f, indent=1)
     finally:
         if proc is not None:
             proc.terminate()
@@ -209,15 +224,6 @@ def main(argv: list[str] | None = None) -> int:
                 proc.kill()
                 status = proc.wait()
             print(f"server exited with status {status}; its log: {log_path}", file=sys.stderr)
-    summary = report.summary() | {"saturation_request_rate": saturation, "fraction": args.fraction,
-                                  "request_rate": rate, "model_shape": args.model_shape,
-                                  "smoke": args.smoke, "date": time.strftime("%Y-%m-%d"),
-                                  "open_files_limit": open_files}
-    print(format_checks(report.checks))
-    print(json.dumps(summary))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(summary, f, indent=1)
     return 0 if report.ok else 1
 
 

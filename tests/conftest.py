@@ -23,8 +23,8 @@ def _share_loaded_weights():
     real_load_tokenizer = llm_engine.load_tokenizer
 
     @functools.lru_cache(maxsize=4)
-    def load_model(path, load_format, dtype, device):
-        return real_load_model(path, load_format, dtype, device)
+    def load_model(path, load_format, dtype, device, *shard):
+        return real_load_model(path, load_format, dtype, device, *shard)
 
     @functools.lru_cache(maxsize=4)
     def load_tokenizer(path, tokenizer_path=None):

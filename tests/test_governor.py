@@ -4,6 +4,7 @@ the fall-back to off when a policy raises."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import sqlite3
@@ -49,9 +50,12 @@ def model_power(p, load: EngineLoad, die_c: float) -> float:
 
 def inputs(t: float, die: float | None = 60.0, hbm: float | None = 60.0, power: float = 400.0,
            load: EngineLoad | None = None, twin: TwinSnapshot | None = None,
-           energy: tuple = ()) -> GovernorInputs:
-    return GovernorInputs(t, 1e9 + t, die, hbm, power, power, 1980.0, 0, energy,
-                          load or engine_load(), twin, None)
+           energy: tuple = (), gpu_age_s: float = 0.02,
+           engine_age_s: float = 0.01) -> GovernorInputs:
+    """What a tick sees, its GPU reading and the engine's latest step that recent."""
+    load = dataclasses.replace(load or engine_load(), last_step_end_s=t - engine_age_s)
+    return GovernorInputs(t, 1e9 + t, die, hbm, power, power, 1980.0, 0, energy, load, twin,
+                          None, gpu_sample_age_s=gpu_age_s)
 
 
 def snapshot_at(plant: GpuPlant, t: float) -> TwinSnapshot:
@@ -147,7 +151,7 @@ def test_predictive_holds_full_load_when_nothing_binds_and_cuts_before_a_hot_gpu
     load = engine_load(compute=0.5, memory=0.3)
     v = policy.decide(inputs(0.0, power=model_power(p, load, float(cool.state.die_c)),
                              twin=snapshot_at(cool, 0.0), load=load), obj, CONFIG)
-    assert v.limits.duty_cycle == 1.0 and v.reason == "no objective binds"
+    assert v.limits.duty_cycle == 1.0 and v.reason.startswith("no objective binds")
     # Hot inlet, heatsink already warm: full load would take the die past its target.
     hot = GpuPlant(p, ambient_c=p.ambient_c + 25.0,
                    state=steady_state(p, Load(0.3, 0.2), p.ambient_c + 25.0))

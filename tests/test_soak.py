@@ -10,6 +10,7 @@ import json
 import pytest
 
 from bench.soak import main as soak_main
+from ondo.bench.soak import progress
 from ondo.bench.soak_checks import (
     CLIENT_ABORTED,
     COMPLETED,
@@ -42,7 +43,14 @@ def test_the_smoke_soak_with_an_engine_kill_loses_nothing(tmp_path, capsys):
     status = soak_main(["--smoke", "--port", str(free_port()), "--out", str(out)])
     summary = json.loads(out.read_text())
     printed = capsys.readouterr().out
-    assert json.loads(printed.strip().splitlines()[-1]) == summary  # the JSON line
+    lines = printed.strip().splitlines()
+    assert json.loads(lines[-1]) == summary  # the JSON line
+    # A progress line every 10 s while the load ran (~53 s of phases), counts only growing.
+    marks = [json.loads(x)["progress"] for x in lines if x.startswith('{"progress"')]
+    assert len(marks) >= 3
+    assert all(a["sent"] <= b["sent"] and a["t_s"] < b["t_s"] for a, b in zip(marks, marks[1:]))
+    assert all(m["ended"] <= m["sent"] <= summary["requests"] for m in marks)
+    assert any(m["output_tokens_per_s"] > 0 for m in marks) and "server_rss_mib" in marks[-1]
     checks = {c["name"]: c for c in summary["checks"]}
     failed = [c for c in summary["checks"] if not c["ok"] and not c["timed"]]
     assert status == 0 and summary["ok"] and not failed, failed
@@ -77,6 +85,21 @@ def _rec(kind: str, start: float, outcome: str, end: float | None = None, ttft: 
     if ttft is not None:
         r.first_token_s = start + ttft
     return r
+
+
+def test_progress_counts_what_ended_and_the_last_window_tokens():
+    sent = [_rec("stream", 0.0, COMPLETED, end=30.0, tokens=100),
+            _rec("plain", 10.0, COMPLETED, end=95.0, tokens=300),
+            _rec("cancel", 20.0, CLIENT_ABORTED, end=98.0, tokens=7),
+            SoakRecord("stream", 90.0)]  # still running: no end yet
+    rss = MemorySeries("server_rss")
+    rss.t_s, rss.bytes_ = [0.0, 5.0], [100 * 2**20, 150 * 2**20]
+    p = progress(sent, {"server_rss": rss, "gpu_memory": MemorySeries("gpu_memory")},
+                 now_s=100.0, t0=0.0, window_s=60.0)
+    assert p["sent"] == 4 and p["ended"] == 3
+    assert p["outcomes"] == {COMPLETED: 2, CLIENT_ABORTED: 1}
+    assert p["output_tokens_per_s"] == 5.0  # 300 tokens ended in the last 60 s; aborts skipped
+    assert p["server_rss_mib"] == 150.0 and "gpu_memory_mib" not in p
 
 
 def test_the_checks_catch_lost_and_broken_requests_and_stray_5xx():

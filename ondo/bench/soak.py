@@ -28,7 +28,7 @@ import random
 import signal
 import subprocess
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass, field
 
 import aiohttp
@@ -87,6 +87,7 @@ class SoakConfig:
     token_id_vocab: int = 32000  # token-id prompts draw from [100, vocab - 100)
     server_pid: int | None = None  # for /proc memory and the engine kill
     sample_every_s: float = 5.0
+    progress_every_s: float = 60.0  # a progress line this often (0: none)
     warmup_s: float = 60.0  # of the timed phase, before memory is judged
     window_s: float = 300.0  # throughput: first vs last window of the timed phase
     request_timeout_s: float = 900.0
@@ -348,6 +349,7 @@ class Traffic:
         self.bad = bad_inputs(config)
         kinds, weights = zip(*config.mix.items())
         self.kinds, self.weights = list(kinds), list(weights)
+        self.sent: list[SoakRecord] = []  # every request so far, ended or not
 
     def _body(self, short: bool = False) -> dict:
         rng = self.rng
@@ -366,6 +368,7 @@ class Traffic:
 
     async def send(self, kind: str, short: bool = False) -> SoakRecord:
         rec = SoakRecord(kind, time.monotonic())
+        self.sent.append(rec)
         try:
             await asyncio.wait_for(self._send(kind, rec, short), self.config.request_timeout_s)
         except Exception as e:  # a reset, a timeout, a body that is not what it should be
@@ -444,6 +447,32 @@ async def _sample_memory(config: SoakConfig, series: dict[str, MemorySeries], t0
             pass
 
 
+def progress(sent: list[SoakRecord], series: dict[str, MemorySeries], now_s: float,
+             t0: float, window_s: float) -> dict:
+    """Where a run stands: requests sent and ended so far by outcome, the completed requests'
+    output tokens per second over the last `window_s`, the latest memory samples."""
+    ended = [r for r in sent if r.end_s]
+    recent = [r for r in ended if r.outcome == COMPLETED and r.end_s > now_s - window_s]
+    out = {"t_s": round(now_s - t0, 1), "sent": len(sent), "ended": len(ended),
+           "outcomes": outcome_counts(ended),
+           "output_tokens_per_s": round(sum(r.output_tokens for r in recent) / window_s, 1)}
+    for name, s in series.items():
+        if s.bytes_:
+            out[f"{name}_mib"] = round(s.bytes_[-1] / 2**20, 1)
+    return out
+
+
+async def _report_progress(config: SoakConfig, traffic: Traffic, series: dict[str, MemorySeries],
+                           t0: float, stop: asyncio.Event,
+                           on_progress: Callable[[dict], None]) -> None:
+    every = config.progress_every_s
+    while not stop.is_set():
+        try:
+            await asyncio.wait_for(stop.wait(), every)
+        except asyncio.TimeoutError:
+            on_progress(progress(traffic.sent, series, time.monotonic(), t0, every))
+
+
 async def _kill_engine(config: SoakConfig, session: aiohttp.ClientSession, delay_s: float,
                        restarts: list[Window]) -> None:
     await asyncio.sleep(delay_s)
@@ -488,7 +517,10 @@ async def _phase(config: SoakConfig, traffic: Traffic, session: aiohttp.ClientSe
     return records
 
 
-async def run_soak(config: SoakConfig) -> SoakReport:
+async def run_soak(config: SoakConfig,
+                   on_progress: Callable[[dict], None] | None = None) -> SoakReport:
+    """The phases in turn, then the checks. `on_progress` gets `progress(...)` every
+    `config.progress_every_s` while the load runs, so a long run says where it stands."""
     base = config.base_url.rstrip("/")
     connector = aiohttp.TCPConnector(limit=0)
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=30.0)
@@ -502,6 +534,10 @@ async def run_soak(config: SoakConfig) -> SoakReport:
         t0 = time.monotonic()
         stop = asyncio.Event()
         sampler = asyncio.create_task(_sample_memory(config, series, t0, stop))
+        side = [sampler]
+        if on_progress is not None and config.progress_every_s > 0:
+            side.append(asyncio.create_task(
+                _report_progress(config, traffic, series, t0, stop, on_progress)))
         for phase in config.phases:
             p0 = time.monotonic()
             phase_records = await _phase(config, traffic, session, phase, restarts)
@@ -515,7 +551,7 @@ async def run_soak(config: SoakConfig) -> SoakReport:
                                        m.get("ondo:num_requests_waiting", -1),
                                        m.get("ondo:kv_cache_usage_perc", -1)))
         stop.set()
-        await sampler
+        await asyncio.gather(*side)
     checks = [check_every_request_ended_once(records), check_no_unexpected_5xx(records, restarts),
               check_bad_inputs_rejected(records), *checks]
     timed = [p for p in config.phases if p.timed]

@@ -13,13 +13,16 @@ Every `period_s` (0.2 s), with u the load level (the engine's duty cycle):
    the present clock and estimated die temperature, f = 1 while work waits or runs (else
    the measured busy share) times the pacing ratio rho (the busy share a paced engine
    achieves over the share commanded, averaged over `pacing_tau_s`); offset b and gain g
-   estimated online from NVML's 1 s average (`thermal_model.PowerCalibration`).
-3. Power budget B (less `power_margin_w`) on NVML's 1 s average: tau seconds ahead the
-   average is (H(tau) + tau P(u)) / 1 s, H(tau) the energy already in the window (the
-   energy counter's), so P(u) <= (B - H(tau)) / tau for tau in `window_taus` bounds the
-   next move (the window bound), and P(u_hold) <= B - margin for the level held, u_hold
-   filtered over `hold_tau_s` (the load's mix moves it step to step; the 1 s average
-   integrates that); the first move is bounded by both.
+   estimated online from NVML's 1 s average against the engine's busy share over the same
+   window (`thermal_model.PowerCalibration`). Both are learnt only from fresh inputs: the
+   GPU's newest reading and the engine's newest step no older than `fresh_s` (past the gap
+   a paced engine leaves). A starved server process delivers step samples late and in
+   bunches; until the bunch is in, the busy share looks low while the power does not, and
+   learning from that drove the gain to its floor and the level into a limit cycle.
+3. Power budget (`power_budget.py`): the held level P(u_hold) = B - margin (filtered over
+   NVML's window, moved at most once a second and only out of a band; the margin widened by
+   a quantile tracker on the readings over B) and the window bound, a brake on the next
+   move from the energy already in NVML's window; the first move is bounded by both.
 4. Temperatures: plans (u1 for `first_s`, then u2 to `horizon_s`) over a grid of levels,
    all forecast at once from the twin's estimated state (die, HBM, heatsink, board,
    sensors, inlet) with the twin's thermal network (`thermal_model.py`), the busy steps'
@@ -34,11 +37,12 @@ Why it is stable (docs/governor.md has the time constants): the forecast starts 
 estimator's state, not from the lagging readings, so the heat stored in heatsink and board
 (the 16 s mode) is in it; every accepted plan holds the targets over a horizon twice the
 slow mode with a level it can keep, so the next solve starts where a feasible plan exists
-(recursive feasibility): no overshoot to correct, no limit cycle; the power bound acts
-within a period on a 1 s average, exactly, from the energy counter; the calibration's
-offset is integral action, slow next to the period, and its gain and the pacing ratio keep
-the loop gain the one the law assumes; the held level's filter keeps the loop's bandwidth
-under the 1 s average's, so the load's mix noise does not make the level chatter. It shapes what the engine asks of the GPU and leaves the last
+(recursive feasibility): no overshoot to correct, no limit cycle; under a budget the held
+level moves at most once per NVML window, the brake acts only on excursions past the
+operating point, and the adaptive margin is slower than both; the calibration's offset is
+integral action, slow next to the period, learnt from aligned, fresh inputs only, and its
+gain and the pacing ratio keep the loop gain the one the law assumes; releases never
+follow stale inputs. It shapes what the engine asks of the GPU and leaves the last
 milliseconds to the GPU's own controllers.
 """
 
@@ -46,7 +50,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -59,12 +63,15 @@ from ondo.control.policy import (
     Verdict,
     limits_for,
 )
+from ondo.control.power_budget import BudgetBounds, BudgetTuning
 from ondo.control.thermal_model import (
     LoadPower,
     PowerCalibration,
     forecast_plans,
+    full_load_peaks,
     load_power,
 )
+from ondo.engine.scheduler_limits import DEFAULT_SLICE_S
 from ondo.twin.params import TwinParams
 
 
@@ -74,13 +81,12 @@ class PredictiveTuning:
     first_s: float = 1.0  # the first move of a plan
     horizon_s: float = 30.0
     dt_s: float = 0.5
-    power_margin_w: float = 15.0  # the level held aims this far under the budget
-    first_margin_w: float = 15.0  # the window bound (a cut within the period) aims this far
-    hold_tau_s: float = 1.0  # the level the budget lets the engine hold, averaged over this
+    budget: BudgetTuning = BudgetTuning()  # the held level, the window bound, the margins
     calibration_start_s: float = 0.5  # the calibration waits for the engine load's averages
+    offset_walk_w: float = 10.0  # the calibration's offset: a random walk of this per sqrt(s)
+    fresh_s: float = 0.2  # inputs older than this (past the pacing gap) are stale
     pacing_tau_s: float = 3.0  # the pacing ratio's averaging time
     temp_margin_c: float = 0.0
-    window_taus: tuple[float, ...] = (0.5, 1.0)
     max_rise_per_s: float = 0.5
     level_step: float = 0.025  # the grid of levels the plans are made of
     release_step: float = 0.05  # smallest release applied (cuts apply whatever their size)
@@ -88,6 +94,11 @@ class PredictiveTuning:
     prefill_lookahead_s: float = 1.0
     kv_full: float = 0.9  # KV cache use above which waiting prompts wait for blocks
     min_level: float = MIN_LEVEL
+    # Nothing can bind: the full-load plan at the GPU's own power limit holds every target by
+    # this much, and no budget under that limit nor TPOT SLO is set. The policy then ticks
+    # at `unbound_period_s` and plans nothing but that bound.
+    unbound_margin_c: float = 1.0
+    unbound_period_s: float = 1.0
 
 
 class PredictivePolicy:
@@ -102,13 +113,14 @@ class PredictivePolicy:
         n = int(round((1.0 - t.min_level) / t.level_step)) + 1
         self.levels = np.round(np.linspace(t.min_level, 1.0, n), 4)
         self.level = 1.0
-        self.calibration = PowerCalibration()
+        self.calibration = PowerCalibration(offset_walk_w=self.tuning.offset_walk_w)
         self.shaper = TpotShaper(config)
         self._last_s: float | None = None
         self._rise_from_s: float | None = None
-        self._hold_level: float | None = None
+        self.budget = BudgetBounds(self.tuning.budget)
         self._started_s = 0.0
         self.pacing_ratio = 1.0  # busy share the engine achieves / the share commanded
+        self._unbound: tuple[float, Objectives, dict] | None = None  # (until, for, forecast)
         self._shares: deque[tuple[float, float]] = deque()  # (since, u f) as commanded
 
     # -- the load ahead --------------------------------------------------------------
@@ -140,69 +152,42 @@ class PredictivePolicy:
         return planned, f
 
     # -- the power budget ----------------------------------------------------------------
-    def _window_share(self, now_s: float, window_s: float = 1.0) -> float:
+    def _window_share(self, end_s: float, window_s: float = 1.0) -> float:
         """u f, the share of the plant's busy load the law commanded, averaged over the power
-        window: the regressor of the calibration in the law's own terms, so that whatever
-        separates the commanded level from the engine's measured busy share (pacing gaps,
-        a command's latency) lands in the gain the law then uses."""
-        start = now_s - window_s
+        window ending at end_s (the reading's): set against the engine's measured share over
+        the same window, it gives the pacing ratio (whatever separates the commanded level
+        from what the engine steps: pacing gaps, a command's latency)."""
+        start = end_s - window_s
         while len(self._shares) > 1 and self._shares[1][0] <= start:
             self._shares.popleft()
         if not self._shares:
             return 1.0
         total, t_prev, share_prev = 0.0, start, self._shares[0][1]
         for since, share in self._shares:
+            if since >= end_s:
+                break
             if since > start:
                 total += (since - t_prev) * share_prev
                 t_prev = since
             share_prev = share
-        total += (now_s - t_prev) * share_prev
+        total += max(0.0, end_s - t_prev) * share_prev
         return total / window_s
 
-    def _window_energy_j(self, inputs: GovernorInputs, span_s: float) -> float:
-        """Energy of the last span_s seconds, from the energy counter's refreshes (linear in
-        between); since the last refresh, the latest fast power reading."""
-        if span_s <= 0:
-            return 0.0
-        now = inputs.t_monotonic_s
-        hist = inputs.energy_history
-        fast_w = inputs.power_instant_w if inputs.power_instant_w is not None else (
-            inputs.power_w or 0.0)
-        if len(hist) < 2:
-            return span_s * (inputs.power_w or fast_w)
-        t_last, e_last = hist[-1]
-        since = max(0.0, now - t_last)
-        if since >= span_s:
-            return span_s * fast_w
-        start = t_last - (span_s - since)
-        ts = np.array([t for t, _ in hist])
-        es = np.array([e for _, e in hist])
-        if start < ts[0]:  # older than the history: NVML's own average stands in
-            e_start = es[0] - (ts[0] - start) * (inputs.power_w or fast_w)
-        else:
-            e_start = float(np.interp(start, ts, es))
-        return (e_last - e_start) + since * fast_w
-
-    def _power_levels(self, inputs: GovernorInputs, budget_w: float | None,
-                      planned: LoadPower, sustained: LoadPower,
-                      dt_s: float) -> tuple[float, float]:
-        """(highest level for the next move, highest level to hold) under the budget."""
-        if budget_w is None:
-            self._hold_level = None
-            return 1.0, 1.0
+    def _fresh(self, inputs: GovernorInputs) -> bool:
+        """Both streams recent: the GPU's newest reading and the engine's newest step (past
+        the gap a paced engine leaves between slices). A starved server process delivers
+        them late and in bunches; until the bunch is in, the last second's busy share and
+        the power reading describe different seconds."""
         t = self.tuning
-        first = math.inf
-        for tau in t.window_taus:
-            bound_w = (budget_w - t.first_margin_w - self._window_energy_j(inputs, 1.0 - tau)) / tau
-            first = min(first, planned.level_for_power(bound_w))
-        # The level to hold follows the load's mix averaged over hold_tau_s: step to step the
-        # mix (prefill or decode) moves it, but NVML's 1 s average integrates those moves.
-        raw = min(1.0, max(t.min_level, sustained.level_for_power(budget_w - t.power_margin_w)))
-        if self._hold_level is None:
-            self._hold_level = raw
-        else:
-            self._hold_level += (1.0 - math.exp(-dt_s / t.hold_tau_s)) * (raw - self._hold_level)
-        return min(first, self._hold_level), self._hold_level
+        gpu_age = inputs.gpu_sample_age_s
+        if gpu_age is not None and gpu_age > t.fresh_s:
+            return False
+        e = inputs.engine
+        age = inputs.engine_sample_age_s
+        if age is None or (e.num_running == 0 and e.num_waiting == 0):
+            return True  # an idle engine sends nothing: nothing is late
+        gap = DEFAULT_SLICE_S * (1.0 - self.level) / max(self.level, MIN_LEVEL)
+        return age <= t.fresh_s + gap
 
     # -- the decision ----------------------------------------------------------------
     def decide(self, inputs: GovernorInputs, objectives: Objectives,
@@ -215,6 +200,11 @@ class PredictivePolicy:
         twin = inputs.twin
         if twin is None or inputs.power_w is None:
             return Verdict(self._limits(), "waiting for the twin's first estimate")
+        unbound = self._nothing_can_bind(inputs, objectives)
+        self.period_s = t.period_s if unbound is None else t.unbound_period_s
+        if unbound is not None:
+            return Verdict(self._limits(), "no objective binds at the GPU's power limit",
+                           unbound)
         p = self.params
         sm = inputs.sm_mhz or p.sm_max_mhz
         e = inputs.engine
@@ -225,13 +215,17 @@ class PredictivePolicy:
         if not self._shares:  # the second before this policy: what the engine measured
             self._shares.append((now - 1.0, e.busy_fraction_1s))
             self._started_s = now
-        commanded = self._window_share(now)
-        if dt > 0 and now - self._started_s >= t.calibration_start_s:
+        window_end = inputs.power_window_end_s if inputs.power_window_end_s is not None else now
+        commanded = self._window_share(window_end)
+        measured = (inputs.busy_share_power_window if inputs.busy_share_power_window is not None
+                    else e.busy_fraction_1s)
+        fresh = self._fresh(inputs)
+        if fresh and dt > 0 and now - self._started_s >= t.calibration_start_s:
             self.calibration.update(inputs.power_w, raw.idle_w,
-                                    e.busy_fraction_1s * (raw.busy_w - raw.idle_w), dt)
+                                    measured * (raw.busy_w - raw.idle_w), dt)
             if commanded < 0.999:  # paced: how much of the commanded share the engine steps
                 w = 1.0 - math.exp(-dt / t.pacing_tau_s)
-                ratio = min(1.2, max(0.5, e.busy_fraction_1s / max(commanded, 1e-3)))
+                ratio = min(1.2, max(0.5, measured / max(commanded, 1e-3)))
                 self.pacing_ratio += w * (ratio - self.pacing_ratio)
         f *= self.pacing_ratio
         recent = self.calibration.apply(raw)
@@ -239,8 +233,13 @@ class PredictivePolicy:
         if planned.busy_w < recent.busy_w:
             planned = recent
         planned, sustained = _at_share(planned, f), _at_share(recent, f)
-        u_pow_first, u_pow_hold = self._power_levels(inputs, objectives.power_budget_w,
-                                                     planned, sustained, dt)
+        u_pow_first, u_pow_hold = 1.0, 1.0
+        if objectives.power_budget_w is None:
+            self.budget.reset()
+        else:
+            self.budget.track_readings(inputs.power_w, objectives.power_budget_w, dt, fresh)
+            u_pow_first, u_pow_hold = self.budget.levels(inputs, objectives.power_budget_w,
+                                                         planned, sustained, self.level, dt)
         z0 = np.array([twin.die_c, twin.hbm_c, twin.sink_c, twin.board_c, twin.die_sensor_c,
                        twin.hbm_sensor_c])
 
@@ -254,12 +253,18 @@ class PredictivePolicy:
                     (u1s <= u_pow_first + 1e-9) & (u2s <= u_pow_hold + 1e-9))
 
         # Full load first: where it holds every objective the grid would choose it too, and
-        # one plan costs a sixtieth of the grid's CPU time (the server's event loop shares it).
+        # one plan costs a fraction of the grid's CPU time (the server's event loop shares it).
         u1s, u2s, die_peak, hbm_peak, die_ok, hbm_ok, pow_ok = plans(np.ones(1), np.ones(1))
         if not (die_ok & hbm_ok & pow_ok).all():
             # The first move on the fine grid, the level held after it on one twice as coarse.
-            g1, g2 = np.meshgrid(self.levels, self.levels[::-2][::-1], indexing="ij")
-            u1s, u2s, die_peak, hbm_peak, die_ok, hbm_ok, pow_ok = plans(g1.ravel(), g2.ravel())
+            held = self.levels[::-2][::-1]
+            u1s, u2s, die_peak, hbm_peak, die_ok, hbm_ok, pow_ok = plans(
+                *self._power_rows(u_pow_first, u_pow_hold, held))
+            best = (u1s == u1s[0]) & (u2s == u2s[0])
+            if not (die_ok & hbm_ok & pow_ok)[best].any():  # a temperature binds: the grid
+                g1, g2 = np.meshgrid(self.levels, held, indexing="ij")
+                u1s, u2s, die_peak, hbm_peak, die_ok, hbm_ok, pow_ok = plans(g1.ravel(),
+                                                                             g2.ravel())
         ok = die_ok & hbm_ok & pow_ok
         if ok.any():
             idx = int(np.flatnonzero(ok)[np.lexsort((u2s[ok], u1s[ok]))[-1]])
@@ -269,7 +274,7 @@ class PredictivePolicy:
             missed = [n for n, m in (("die temperature", die_ok), ("HBM temperature", hbm_ok),
                                      ("power budget", pow_ok)) if not m[idx]]
             reason = f"{' and '.join(missed)} out of reach at the lowest level"
-        self._move(float(u1s[idx]), now, dt)
+        self._move(float(u1s[idx]), now, dt, fresh)
         self._shares.append((now, self.level * f / self.pacing_ratio))
         if shaping and self.level >= 1.0:
             reason += "; TPOT SLO shapes the batch"
@@ -285,18 +290,76 @@ class PredictivePolicy:
             "plan_levels": [float(u1s[idx]), float(u2s[idx])],
             "power_offset_w": round(self.calibration.offset_w, 1),
             "power_gain": round(self.calibration.gain, 3),
+            "pacing_ratio": round(self.pacing_ratio, 3),
+            "extra_margin_w": round(self.budget.extra_margin_w, 1),
+            "budget_levels": [round(u_pow_first, 3), round(u_pow_hold, 3)],
+            "fresh": fresh,
         }
         return Verdict(self._limits(), reason, forecast)
 
-    def _move(self, target: float, now_s: float, dt_s: float) -> None:
+    def _nothing_can_bind(self, inputs: GovernorInputs,
+                          objectives: Objectives) -> dict | None:
+        """The cheap bound, first: the forecast of full load at the most any load can draw
+        (the GPU's power limit), from the twin's state, rechecked every
+        `unbound_period_s` and whenever the objectives change. Where it holds every
+        temperature target with `unbound_margin_c` to spare, and no budget under the power
+        limit nor a TPOT SLO is set, nothing the engine runs can bind over the horizon: the
+        planning (load model, calibration, plans) is skipped. Its forecast, else None."""
+        t, p = self.tuning, self.params
+        budget = objectives.power_budget_w
+        if (budget is not None and budget < p.power_limit_w) or objectives.tpot_slo_s \
+                is not None or self.level < 1.0:
+            self._unbound = None
+            return None
+        now = inputs.t_monotonic_s
+        if self._unbound is not None and now < self._unbound[0] and \
+                self._unbound[1] == objectives:
+            return self._unbound[2]
+        twin = inputs.twin
+        assert twin is not None
+        worst = load_power(p, 1.0, 1.0, p.sm_max_mhz, twin.die_c)
+        if worst.busy_w > p.power_limit_w:  # the GPU's own cap holds it there
+            worst = replace(worst, busy_w=p.power_limit_w)
+        z0 = np.array([twin.die_c, twin.hbm_c, twin.sink_c, twin.board_c, twin.die_sensor_c,
+                       twin.hbm_sensor_c])
+        die_peak, hbm_peak = full_load_peaks(p, z0, twin.ambient_c, worst, t.horizon_s, t.dt_s)
+        if (die_peak > _target(objectives.temp_target_c, t.unbound_margin_c)
+                or hbm_peak > _target(objectives.hbm_temp_target_c, t.unbound_margin_c)):
+            self._unbound = None
+            return None
+        forecast = {"horizon_s": t.horizon_s, "power_w": round(worst.busy_w, 1),
+                    "full_load_die_peak_c": round(die_peak, 2),
+                    "full_load_hbm_peak_c": round(hbm_peak, 2), "plan_levels": [1.0, 1.0]}
+        self._unbound = (now + t.unbound_period_s - 1e-6, objectives, forecast)
+        return forecast
+
+    def _power_rows(self, u_first: float, u_hold: float,
+                    held: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The plans that decide where only the power binds: first the highest plan the
+        power bounds allow (u1*, u2*), then every plan with u1* or the next level up, then
+        full load. Where (u1*, u2*) holds the temperatures it is the grid's own choice (no
+        feasible plan has a larger u1, none with u1* a larger u2) and the next row says what
+        binds, so the grid is solved only when a temperature binds."""
+        rows = self.levels[self.levels <= u_first + 1e-9][-1:]
+        up = self.levels[self.levels > u_first + 1e-9][:1]
+        top = held[held <= u_hold + 1e-9][-1:]
+        if not len(rows) or not len(top):  # under the lowest level: the grid says so
+            g1, g2 = np.meshgrid(self.levels, held, indexing="ij")
+            return g1.ravel(), g2.ravel()
+        g1, g2 = np.meshgrid(np.concatenate([rows, up]), held, indexing="ij")
+        return (np.concatenate([rows, g1.ravel(), [1.0]]),
+                np.concatenate([top, g2.ravel(), [1.0]]))
+
+    def _move(self, target: float, now_s: float, dt_s: float, fresh: bool) -> None:
         """Cuts at once; releases at most `max_rise_per_s`, and only once they add up to
-        `release_step` or reach full load (fewer, larger changes of limits)."""
+        `release_step` or reach full load (fewer, larger changes of limits), and never on
+        stale inputs."""
         t = self.tuning
         if target < self.level:
             self.level = max(t.min_level, target)
             self._rise_from_s = None
             return
-        if target == self.level:
+        if target == self.level or not fresh:
             return
         if self._rise_from_s is None:
             self._rise_from_s = now_s - dt_s

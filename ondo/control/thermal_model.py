@@ -70,15 +70,16 @@ def load_power(params: TwinParams, compute_activity: float, memory_activity: flo
                sm_mhz: float, die_c: float,
                steps: tuple[tuple[float, float], ...] = ()) -> LoadPower:
     """`LoadPower` for the engine's busy load (activities in the plant's units); `steps`: the
-    activities of its kinds of step, for the ripple."""
-    busy, hbm_busy = power_split_w(params, compute_activity, memory_activity, sm_mhz, die_c)
-    idle, hbm_idle = power_split_w(params, 0.0, 0.0, sm_mhz, die_c)
+    activities of its kinds of step, for the ripple. One vectorised evaluation of the power
+    model for the busy load, idle and every kind of step."""
+    c = np.array([compute_activity, 0.0, *(a for a, _ in steps)], dtype=float)
+    m = np.array([memory_activity, 0.0, *(b for _, b in steps)], dtype=float)
+    total, hbm = power_split_w(params, c, m, sm_mhz, die_c)
     die_step = hbm_step = None
-    for a_c, a_m in steps:
-        total, hbm = power_split_w(params, a_c, a_m, sm_mhz, die_c)
-        die_step = max(die_step or 0.0, float(total - hbm))
-        hbm_step = max(hbm_step or 0.0, float(hbm))
-    return LoadPower(float(idle), float(busy), float(hbm_idle), float(hbm_busy), die_c,
+    if steps:
+        die_step = max(0.0, float(np.max(total[2:] - hbm[2:])))
+        hbm_step = max(0.0, float(np.max(hbm[2:])))
+    return LoadPower(float(total[1]), float(total[0]), float(hbm[1]), float(hbm[0]), die_c,
                      die_step, hbm_step)
 
 
@@ -105,33 +106,79 @@ def ripple_c(params: TwinParams, power: LoadPower, u,
     return die, hbm
 
 
+@lru_cache(maxsize=16)
+def plan_responses(params: TwinParams, dt_s: float, first: int,
+                   steps: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The sensor readings' responses over a plan, stacked over its `steps` model steps:
+    (A, B1, B2), each of shape (2, steps, 6), such that the die and HBM sensor readings after
+    step i are A[:, i] @ z0 + B1[:, i] @ g1 + B2[:, i] @ g2, where g1 and g2 are Gamma @ d of
+    the first move (the first `first` steps) and of the rest. From z_{i+1} = Phi z_i + g:
+    A_i = C Phi^(i+1), B1_i = C Phi^(i+1-n1) S_n1, B2_i = C S_(i+1-n1), n1 = min(i+1, first),
+    S_n = sum_{j<n} Phi^j."""
+    phi, _ = discrete_model(params, dt_s)
+    n = phi.shape[0]
+    powers = [np.eye(n)]
+    for _ in range(steps):
+        powers.append(phi @ powers[-1])
+    sums = [np.zeros((n, n))]
+    for k in range(steps):
+        sums.append(sums[-1] + powers[k])
+    c = np.zeros((2, n))
+    c[0, 4] = c[1, 5] = 1.0  # the die and HBM sensors
+    a = np.empty((2, steps, n))
+    b1 = np.empty((2, steps, n))
+    b2 = np.empty((2, steps, n))
+    for i in range(steps):
+        n1 = min(i + 1, first)
+        a[:, i] = c @ powers[i + 1]
+        b1[:, i] = c @ powers[i + 1 - n1] @ sums[n1]
+        b2[:, i] = c @ sums[i + 1 - n1]
+    for m in (a, b1, b2):
+        m.setflags(write=False)
+    return a, b1, b2
+
+
 def forecast_plans(params: TwinParams, z0: np.ndarray, ambient_c: float, power: LoadPower,
                    u_first: np.ndarray, u_then: np.ndarray, first_s: float, horizon_s: float,
                    dt_s: float) -> np.ndarray:
     """Die and HBM sensor readings for each plan (u_first for first_s, then u_then) at every
-    dt_s up to horizon_s, the busy steps' ripple included: shape (2, steps, plans)."""
-    phi, gam = discrete_model(params, dt_s)
+    dt_s up to horizon_s, the busy steps' ripple included: shape (2, steps, plans).
+
+    The model is linear in the state and in the level, so every plan's forecast is the free
+    response plus each move's level times that move's response (`plan_responses`, computed
+    once per model): a few matrix-vector products whatever the number of plans."""
+    _, gam = discrete_model(params, dt_s)
     steps = int(round(horizon_s / dt_s))
     first = int(round(first_s / dt_s))
-    plans = len(u_first)
-    z = np.repeat(np.asarray(z0, dtype=float)[:, None], plans, axis=1)
+    a, b1, b2 = plan_responses(params, dt_s, first, steps)
     k = params.leak_w_per_c
-    out = np.empty((2, steps, plans))
-
-    def drive(u: np.ndarray) -> np.ndarray:
-        # Leakage enters through the state; the inputs carry power at T_die = 0.
-        total, hbm = power.total_w(u), power.hbm_w(u)
-        die0 = total - hbm - k * power.die_c
-        return gam @ np.stack([die0, hbm, np.full(plans, ambient_c)])
-
-    drive_first, drive_then = drive(u_first), drive(u_then)  # constant within each move
-    for i in range(steps):
-        z = phi @ z + (drive_first if i < first else drive_then)
-        out[0, i], out[1, i] = z[4], z[5]
+    # Gamma d(u) = g0 + u gu: leakage enters through the state, the inputs carry power at
+    # T_die = 0; total and HBM power are affine in the level.
+    idle_die0 = power.idle_w - power.hbm_idle_w - k * power.die_c
+    span_die = (power.busy_w - power.hbm_busy_w) - (power.idle_w - power.hbm_idle_w)
+    g0 = gam @ np.array([idle_die0, power.hbm_idle_w, ambient_c])
+    gu = gam @ np.array([span_die, power.hbm_busy_w - power.hbm_idle_w, 0.0])
+    base = a @ np.asarray(z0, dtype=float) + (b1 + b2) @ g0  # (2, steps)
+    out = (base[:, :, None] + (b1 @ gu)[:, :, None] * np.asarray(u_first, dtype=float)
+           + (b2 @ gu)[:, :, None] * np.asarray(u_then, dtype=float))
     first_ripple, then_ripple = ripple_c(params, power, u_first), ripple_c(params, power, u_then)
     out[:, :first] += np.stack(first_ripple)[:, None, :]
     out[:, first:] += np.stack(then_ripple)[:, None, :]
     return out
+
+
+def full_load_peaks(params: TwinParams, z0: np.ndarray, ambient_c: float, power: LoadPower,
+                    horizon_s: float, dt_s: float) -> tuple[float, float]:
+    """The peak die and HBM sensor readings of a plan that stays at full load (u = 1) over
+    the horizon, no ripple (at u = 1 the level is the busy load): two matrix-vector
+    products, for the policy's cheap bound."""
+    phi, gam = discrete_model(params, dt_s)
+    steps = int(round(horizon_s / dt_s))
+    a, b1, b2 = plan_responses(params, dt_s, 1, steps)
+    die0 = power.busy_w - power.hbm_busy_w - params.leak_w_per_c * power.die_c
+    g = gam @ np.array([die0, power.hbm_busy_w, ambient_c])
+    out = a @ np.asarray(z0, dtype=float) + (b1 + b2) @ g
+    return float(out[0].max()), float(out[1].max())
 
 
 class PowerCalibration:

@@ -199,7 +199,7 @@ class AsyncLLM:
         restart_policy: restart that process when it dies (None: never; see
         `ondo.engine.supervisor`)."""
         if engine_process is None:
-            engine_process = engine_process_default(args.device)
+            engine_process = engine_process_default(args.device, args.tensor_parallel_size)
         if not engine_process:
             return cls(LLMEngine(args), max_waiting_requests)
         self = cls.__new__(cls)

@@ -42,11 +42,18 @@ def _generate(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     kwargs = {f.name: getattr(engine_args, f.name) for f in fields(EngineArgs) if f.name != "model"}
-    llm = LLM(engine_args.model, **kwargs)
-    if args.chat:
-        out = llm.chat([{"role": "user", "content": args.prompt}], params)[0]
-    else:
-        out = llm.generate(args.prompt, params)[0]
+    try:
+        llm = LLM(engine_args.model, **kwargs)
+    except ValueError as e:  # a setting this model or machine cannot take
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        if args.chat:
+            out = llm.chat([{"role": "user", "content": args.prompt}], params)[0]
+        else:
+            out = llm.generate(args.prompt, params)[0]
+    finally:
+        llm.close()
     if out.error:
         print(f"error: {out.error}", file=sys.stderr)
         return 1

@@ -36,6 +36,9 @@ class EngineArgs:
     served_model_name: str | None = None
     # Schedule and prepare step N+1 while step N runs on the GPU (None: on for CUDA).
     async_scheduling: bool | None = None
+    # Ranks the model is split over (Megatron-style; one process and one GPU each; rank 0
+    # is the engine's own process). 1: no process group, nothing changes.
+    tensor_parallel_size: int = 1
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> ValueError:
@@ -67,6 +70,8 @@ class EngineArgs:
             raise bad("swap_space", "must be >= 0 GiB")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise bad("device", "must be auto, cpu, cuda or cuda:N")
+        if self.tensor_parallel_size < 1:
+            raise bad("tensor_parallel_size", "must be >= 1 (--tensor-parallel-size)")
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> EngineArgs:

@@ -249,6 +249,7 @@ def run_engine(args: EngineArgs, commands: Connection, results: Connection, log_
         window.maybe_log()
 
     dead = EngineLoop(engine, take, publish, step_stats).run()
+    engine.close()
     publisher.close()
     timing = engine.step_timing_s
     if timing["steps"]:
@@ -390,11 +391,12 @@ class EngineProcess:
         self._on_exit(reason)
 
 
-def engine_process_default(device: str) -> bool:
+def engine_process_default(device: str, tensor_parallel_size: int = 1) -> bool:
     """Where ondo runs the engine when not told: its own process on a GPU (the host work of
     a step there must not wait on the server's), a thread on the CPU (one less process
-    where the cores are few and the model does all the work)."""
-    if device.startswith("cuda"):
+    where the cores are few and the model does all the work); its own process wherever it
+    is tensor-parallel (a worker's death then ends the engine process, which is restarted)."""
+    if device.startswith("cuda") or tensor_parallel_size > 1:
         return True
     if device == "cpu":
         return False

@@ -87,6 +87,10 @@ class LLM:
     def stats(self) -> dict[str, float]:
         return self.engine.stats()
 
+    def close(self) -> None:
+        """Stop a tensor-parallel engine's worker processes (nothing to do with one rank)."""
+        self.engine.close()
+
 
 def _split_prompt(prompt: Prompt) -> tuple[str | None, list[int] | None]:
     if isinstance(prompt, str):

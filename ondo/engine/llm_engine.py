@@ -36,12 +36,15 @@ import itertools
 import logging
 import os
 import time
+import weakref
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 import torch
 
+from ondo.distributed.sharded_runner import ShardedModelRunner
+from ondo.distributed.workers import TensorParallelWorkers, start_tensor_parallel
 from ondo.engine import fault_injection
 from ondo.engine.block_manager import BlockManager
 from ondo.engine.config import EngineArgs
@@ -80,6 +83,27 @@ def resolve_dtype(name: str, device: torch.device, config_dtype: str | None) -> 
     if device.type == "cpu":
         return torch.float32
     return torch.float16 if config_dtype == "float16" else torch.bfloat16
+
+
+def load_dtype(args: EngineArgs, device: torch.device) -> torch.dtype:
+    """The dtype the weights load in (its config's own where "auto" is not resolved here)."""
+    return _DTYPES.get(args.dtype, torch.float32 if device.type == "cpu" else torch.bfloat16)
+
+
+def engine_limits(args: EngineArgs, cfg, device: torch.device) -> tuple[int, int]:
+    """(max_model_len, max_num_batched_tokens) for this model on this device."""
+    max_model_len = args.max_model_len or cfg.max_position_embeddings
+    if args.max_model_len and args.max_model_len > cfg.max_position_embeddings:
+        log.warning("max_model_len=%d exceeds the model's %d positions", args.max_model_len,
+                    cfg.max_position_embeddings)
+    default_budget = 8192 if device.type == "cuda" else 1024
+    max_num_batched_tokens = args.max_num_batched_tokens or default_budget
+    if not args.enable_chunked_prefill and max_num_batched_tokens < max_model_len:
+        raise ValueError(
+            f"max_num_batched_tokens={max_num_batched_tokens} is below max_model_len="
+            f"{max_model_len}: enable chunked prefill or raise max_num_batched_tokens"
+        )
+    return max_model_len, max_num_batched_tokens
 
 
 def _needs_drained_steps(params: SamplingParams) -> bool:
@@ -152,25 +176,34 @@ class LLMEngine:
             torch.manual_seed(args.seed)
             torch.empty(1, device=self.device)  # the device's context, timed on its own
             t_device = time.perf_counter()
-            probe_dtype = _DTYPES.get(args.dtype, torch.float32 if self.device.type == "cpu" else torch.bfloat16)
-            self.model, self.model_config = load_model(args.model, args.load_format, probe_dtype, self.device)
-            self.dtype = next(self.model.parameters()).dtype
-            t_weights = time.perf_counter()
-            cfg = self.model_config
-            self.max_model_len = args.max_model_len or cfg.max_position_embeddings
-            if args.max_model_len and args.max_model_len > cfg.max_position_embeddings:
-                log.warning("max_model_len=%d exceeds the model's %d positions", args.max_model_len,
-                            cfg.max_position_embeddings)
-            default_budget = 8192 if self.device.type == "cuda" else 1024
-            self.max_num_batched_tokens = args.max_num_batched_tokens or default_budget
-            if not args.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
-                raise ValueError(
-                    f"max_num_batched_tokens={self.max_num_batched_tokens} is below max_model_len="
-                    f"{self.max_model_len}: enable chunked prefill or raise max_num_batched_tokens"
-                )
-            self.runner = ModelRunner(args, self.model, cfg, self.device, self.dtype,
-                                      self.max_model_len, self.max_num_batched_tokens)
-            plan = self.runner.profile_and_allocate()
+            # Tensor parallelism: the sizes are checked against the model's shape, then the
+            # other ranks start and load their shards while this process loads its own.
+            self.workers: TensorParallelWorkers | None = None
+            if args.tensor_parallel_size > 1:
+                self.workers = start_tensor_parallel(args, self.device)
+                # Stopped when the engine is closed, collected, or the interpreter exits.
+                self._close_workers = weakref.finalize(self, self.workers.close)
+            try:
+                shard = () if self.workers is None else (self.workers.shard,)
+                self.model, self.model_config = load_model(args.model, args.load_format,
+                                                           load_dtype(args, self.device), self.device,
+                                                           *shard)
+                self.dtype = next(self.model.parameters()).dtype
+                t_weights = time.perf_counter()
+                cfg = self.model_config
+                self.max_model_len, self.max_num_batched_tokens = engine_limits(args, cfg, self.device)
+                runner_args = (args, self.model, cfg, self.device, self.dtype, self.max_model_len,
+                               self.max_num_batched_tokens)
+                if self.workers is None:
+                    self.runner = ModelRunner(*runner_args)
+                else:
+                    self.runner = ShardedModelRunner(*runner_args, group=self.workers.group,
+                                                     watch=self.workers)
+                plan = self.runner.profile_and_allocate()
+            except BaseException:
+                if self.workers is not None:
+                    self.workers.abandon()
+                raise
             t_profiled = time.perf_counter()
             self.tokenizer = tokenizer_future.result()
             t_tokenizer = time.perf_counter()
@@ -235,7 +268,10 @@ class LLMEngine:
 
     def device_ok(self) -> bool:
         """False where the device can run nothing more (a CUDA error that sticks to the
-        context, as an illegal memory access does; running out of memory does not)."""
+        context, as an illegal memory access does; running out of memory does not), or
+        where the ranks of a tensor-parallel engine cannot step together any more."""
+        if self.workers is not None and not self.workers.ok:
+            return False
         if self.device.type != "cuda":
             return True
         try:
@@ -244,6 +280,13 @@ class LLMEngine:
         except Exception:
             log.exception("the device is in an unrecoverable state")
             return False
+
+    def close(self) -> None:
+        """Stop a tensor-parallel engine's workers and leave its process group (nothing to
+        do with one rank); idempotent."""
+        close_workers = getattr(self, "_close_workers", None)
+        if close_workers is not None:
+            close_workers()
 
     # -- requests ----------------------------------------------------------------
     def add_request(

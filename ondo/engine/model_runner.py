@@ -31,6 +31,27 @@ CPU_PROFILE_TOKENS = 128  # CPU profiling only measures speed; memory is a byte 
 
 
 @dataclass
+class HostBatch:
+    """A step's flat batch on the host, as plain numpy: what `prepare` packs from the
+    scheduler's output and `upload` moves to the device, and what rank 0 of a
+    tensor-parallel engine sends the other ranks each step."""
+
+    input_ids: np.ndarray  # [T] int64; 0 where the token is still on the device
+    positions: np.ndarray  # [T] int64
+    slot_mapping: np.ndarray  # [T] int64
+    block_tables: np.ndarray  # [B, width] int32
+    context_lens: np.ndarray  # [B] int64
+    query_start_loc: np.ndarray  # [B + 1] int64
+    query_lens: np.ndarray  # [B] int64
+    logits_indices: np.ndarray  # int64: rows whose next token is sampled
+    num_decode_tokens: int
+    # Rows of input_ids whose token is still on the device (asynchronous scheduling), and
+    # their rows in the previous step's draws.
+    pending_dst: np.ndarray | None = None
+    pending_src: np.ndarray | None = None
+
+
+@dataclass
 class StepBatch:
     input_ids: torch.Tensor
     positions: torch.Tensor
@@ -39,11 +60,7 @@ class StepBatch:
     num_prefill_tokens: int
     num_decode_tokens: int
     kv_tokens_read: int
-    host_tables: np.ndarray | None = None
-    host_slots: np.ndarray | None = None
-    host_input_ids: np.ndarray | None = None
-    host_positions: np.ndarray | None = None
-    host_context_lens: np.ndarray | None = None
+    host: HostBatch
     # Rows of input_ids whose token is still on the device (asynchronous scheduling), and
     # their rows in the previous step's draws: filled on the device before the forward pass.
     pending_dst: torch.Tensor | None = None
@@ -72,9 +89,10 @@ class ModelRunner:
         self.max_model_len = max_model_len
         self.max_num_batched_tokens = max_num_batched_tokens
         self.num_layers = config.num_hidden_layers
-        self.kv_shape_tail = (self.block_size, config.num_key_value_heads, config.head_dim)
+        kv_heads = model.num_kv_heads  # this rank's, in a tensor-parallel engine
+        self.kv_shape_tail = (self.block_size, kv_heads, config.head_dim)
         self.bytes_per_block = kv_bytes_per_block(
-            self.num_layers, config.num_key_value_heads, config.head_dim, self.block_size, dtype
+            self.num_layers, kv_heads, config.head_dim, self.block_size, dtype
         )
         self.cost_shape = CostShape.from_config(config, dtype.itemsize, self.num_layers)
         self.weights_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -110,7 +128,7 @@ class ModelRunner:
     def _profile_forward(self, num_tokens: int) -> float:
         """One forward pass plus logits at the largest sampling batch; returns seconds."""
         batch = self._dummy_batch(num_tokens)
-        nb = int(batch.host_tables.max()) + 1
+        nb = int(batch.host.block_tables.max()) + 1
         cache = torch.empty((self.num_layers, 2, nb, *self.kv_shape_tail), dtype=self.dtype, device=self.device)
         caches = [(cache[i, 0], cache[i, 1]) for i in range(self.num_layers)]
         self._sync()
@@ -155,6 +173,7 @@ class ModelRunner:
         num_blocks = max(budget, 0) // self.bytes_per_block
         if args.num_kv_blocks is not None:
             num_blocks, source = args.num_kv_blocks, "num_kv_blocks"
+        num_blocks = self.agree_num_blocks(num_blocks)
         num_cpu_blocks = int(args.swap_space * (1 << 30)) // self.bytes_per_block
         needed = (self.max_model_len + self.block_size - 1) // self.block_size
         if num_blocks < needed:
@@ -179,6 +198,10 @@ class ModelRunner:
         log.info("measured: prefill %.0f tokens/s, host-link copy %.2f GB/s", prefill_tps, swap_bps / 1e9)
         self.capture_cuda_graphs()
         return self.plan
+
+    def agree_num_blocks(self, num_blocks: int) -> int:
+        """The KV blocks every rank can hold (one rank: its own count)."""
+        return num_blocks
 
     def allocate(self, num_blocks: int, num_cpu_blocks: int) -> None:
         self.kv_cache = torch.zeros(
@@ -266,10 +289,22 @@ class ModelRunner:
             tables[i, : len(it.seq.block_table)] = it.seq.block_table
         slots = tables[seq_of_token, positions // bs].astype(np.int64) * bs + positions % bs
         sampling = np.fromiter((it.samples for it in items), dtype=bool, count=n)
-        logits_idx = (qsl[1:] - 1)[sampling]
-        q_lens_l = q_lens.tolist()
-        ctx_l = ctx.tolist()
-        num_decode = int(((q_lens == 1) & (starts > 0)).sum())
+        return self.upload(HostBatch(
+            input_ids=input_ids,
+            positions=np.ascontiguousarray(positions),
+            slot_mapping=slots,
+            block_tables=tables,
+            context_lens=ctx,
+            query_start_loc=qsl,
+            query_lens=q_lens,
+            logits_indices=(qsl[1:] - 1)[sampling],
+            num_decode_tokens=int(((q_lens == 1) & (starts > 0)).sum()),
+            pending_dst=np.asarray(pending_dst, dtype=np.int64) if pending_dst else None,
+            pending_src=np.asarray(pending_src, dtype=np.int64) if pending_dst else None,
+        ))
+
+    def upload(self, host: HostBatch) -> StepBatch:
+        """The host batch on the device (through pinned memory, never waiting for it)."""
         dev = self.device
 
         def to_dev(a: np.ndarray) -> torch.Tensor:
@@ -277,32 +312,30 @@ class ModelRunner:
             t = torch.from_numpy(a)
             return t.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else t
 
+        ctx = host.context_lens
         meta = AttentionMetadata(
-            slot_mapping=to_dev(slots),
-            block_tables=to_dev(tables),
+            slot_mapping=to_dev(host.slot_mapping),
+            block_tables=to_dev(host.block_tables),
             context_lens=to_dev(ctx.astype(np.int32)),
-            query_start_loc=to_dev(qsl.astype(np.int32)),
-            max_query_len=int(q_lens.max()),
+            query_start_loc=to_dev(host.query_start_loc.astype(np.int32)),
+            max_query_len=int(host.query_lens.max()),
             max_context_len=int(ctx.max()),
-            block_size=bs,
-            query_lens_cpu=q_lens_l,
-            context_lens_cpu=ctx_l,
+            block_size=self.block_size,
+            query_lens_cpu=host.query_lens.tolist(),
+            context_lens_cpu=ctx.tolist(),
         )
+        total = int(host.query_start_loc[-1])
         return StepBatch(
-            input_ids=to_dev(input_ids),
-            positions=to_dev(np.ascontiguousarray(positions)),
+            input_ids=to_dev(host.input_ids),
+            positions=to_dev(host.positions),
             meta=meta,
-            logits_indices=to_dev(logits_idx),
-            num_prefill_tokens=total - num_decode,
-            num_decode_tokens=num_decode,
+            logits_indices=to_dev(host.logits_indices),
+            num_prefill_tokens=total - host.num_decode_tokens,
+            num_decode_tokens=host.num_decode_tokens,
             kv_tokens_read=int(ctx.sum()),
-            host_tables=tables,
-            host_slots=slots,
-            host_input_ids=input_ids,
-            host_positions=positions,
-            host_context_lens=ctx,
-            pending_dst=to_dev(np.asarray(pending_dst, dtype=np.int64)) if pending_dst else None,
-            pending_src=to_dev(np.asarray(pending_src, dtype=np.int64)) if pending_dst else None,
+            host=host,
+            pending_dst=None if host.pending_dst is None else to_dev(host.pending_dst),
+            pending_src=None if host.pending_src is None else to_dev(host.pending_src),
         )
 
     @torch.inference_mode()
@@ -438,7 +471,7 @@ class ModelRunner:
     def _replay(self, graph: _Graph, batch: StepBatch) -> torch.Tensor:
         st, n = self.static, batch.num_tokens
         size = graph.output.shape[0]
-        width = batch.host_tables.shape[1]
+        width = batch.host.block_tables.shape[1]
         st["input_ids"][:n].copy_(batch.input_ids, non_blocking=True)
         st["positions"][:n].copy_(batch.positions, non_blocking=True)
         st["slot_mapping"][:n].copy_(batch.meta.slot_mapping, non_blocking=True)
@@ -454,7 +487,7 @@ class ModelRunner:
         # The scheduler runs at most max_num_seqs sequences of at most max_model_len
         # tokens: every batch fits the buffers' rows and table width.
         st, n, meta = self.mixed_static, batch.num_tokens, batch.meta
-        num_seqs, size, width = meta.num_seqs, graph.output.shape[0], batch.host_tables.shape[1]
+        num_seqs, size, width = meta.num_seqs, graph.output.shape[0], batch.host.block_tables.shape[1]
         st["input_ids"][:n].copy_(batch.input_ids, non_blocking=True)
         st["positions"][:n].copy_(batch.positions, non_blocking=True)
         st["slot_mapping"][:n].copy_(meta.slot_mapping, non_blocking=True)

@@ -2,7 +2,8 @@
 
 The model is first built on the "meta" device, then materialized straight on
 the target device in the target dtype, so no full-size float32 copy is made
-on the host.
+on the host. A rank of a tensor-parallel engine (`shard`) builds only its slice of each
+layer and keeps only its slice of each checkpoint tensor as it is read.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from ondo.model.config import ModelConfig
 from ondo.model.default_model import default_model_path
 from ondo.model.gguf_file import gguf_config, gguf_tensors, open_gguf
 from ondo.model.llama import LlamaForCausalLM
+from ondo.model.parallel_layers import Shard
 
 LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
 _DUMMY_STD = 0.02
@@ -27,35 +29,51 @@ def load_model(
     load_format: str,
     dtype: torch.dtype,
     device: torch.device,
+    shard: Shard | None = None,
 ) -> tuple[LlamaForCausalLM, ModelConfig]:
-    """path None means the embedded default model (a GGUF file)."""
+    """path None means the embedded default model (a GGUF file). `shard`: this rank's
+    slice of a tensor-parallel model (None: the whole model)."""
+    shard = shard or Shard()
+    path, load_format = _resolve(path, load_format)
+    if load_format == "gguf":
+        reader = open_gguf(path)
+        config = gguf_config(reader, path)
+        model = _empty_model(config, dtype, device, shard)
+        _fill(model, gguf_tensors(reader, config, path, dtype), path)
+        return model, config
+
+    config = read_hf_config(path)
+    if load_format == "dummy":
+        return load_model_from_config(config, dtype, device, shard), config
+    model = _empty_model(config, dtype, device, shard)
+    _fill(model, safetensors_tensors(path), path)
+    return model, config
+
+
+def read_model_config(path: str | None, load_format: str) -> ModelConfig:
+    """The model's shape alone (config.json or the GGUF's metadata), without its weights."""
+    path, load_format = _resolve(path, load_format)
+    if load_format == "gguf":
+        return gguf_config(open_gguf(path), path)
+    return read_hf_config(path)
+
+
+def _resolve(path: str | None, load_format: str) -> tuple[str, str]:
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"unknown load_format {load_format!r}; one of {', '.join(LOAD_FORMATS)}")
     if path is None:
         path = default_model_path()
     if load_format == "auto":
         load_format = "gguf" if path.endswith(".gguf") else "safetensors"
-
-    if load_format == "gguf":
-        reader = open_gguf(path)
-        config = gguf_config(reader, path)
-        model = _empty_model(config, dtype, device)
-        _fill(model, gguf_tensors(reader, config, path, dtype), path)
-        return model, config
-
-    config = read_hf_config(path)
-    if load_format == "dummy":
-        return load_model_from_config(config, dtype, device), config
-    model = _empty_model(config, dtype, device)
-    _fill(model, safetensors_tensors(path), path)
-    return model, config
+    return path, load_format
 
 
 def load_model_from_config(
-    config: ModelConfig, dtype: torch.dtype, device: torch.device
+    config: ModelConfig, dtype: torch.dtype, device: torch.device, shard: Shard | None = None
 ) -> LlamaForCausalLM:
-    """Random weights (normal, std 0.02; norms one; biases zero) for `config`."""
-    model = _empty_model(config, dtype, device)
+    """Random weights (normal, std 0.02; norms one; biases zero) for `config`; a shard
+    draws its own slices (they are not slices of one random full model)."""
+    model = _empty_model(config, dtype, device, shard or Shard())
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.endswith("norm.weight"):
@@ -110,9 +128,10 @@ def safetensors_tensors(path: str) -> Iterator[tuple[str, torch.Tensor]]:
             raise ValueError(f"cannot read weight file {file_path}: {e}") from e
 
 
-def _empty_model(config: ModelConfig, dtype: torch.dtype, device: torch.device) -> LlamaForCausalLM:
+def _empty_model(config: ModelConfig, dtype: torch.dtype, device: torch.device,
+                 shard: Shard) -> LlamaForCausalLM:
     with torch.device("meta"):
-        model = LlamaForCausalLM(config)
+        model = LlamaForCausalLM(config, shard)
     return model.to(dtype=dtype).to_empty(device=device).eval()
 
 

@@ -58,7 +58,7 @@ def serve(args: argparse.Namespace) -> int:
         async_llm = AsyncLLM.from_engine_args(engine_args, args.max_waiting_requests,
                                               engine_process=args.engine_process,
                                               restart_policy=restart_policy)
-    except EngineStartError as e:
+    except (EngineStartError, ValueError) as e:  # ValueError: an engine on a thread
         print(f"error: the engine could not start: {e}", file=sys.stderr)
         return 1
     name = served_name(engine_args.model, engine_args.served_model_name)

@@ -19,6 +19,7 @@ prompts are random); there is no CPU swap pool (preemption recomputes); a reques
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -32,6 +33,7 @@ from ondo.control.policy import EngineConfig
 from ondo.control.predictive import PredictiveTuning
 from ondo.control.reactive import ReactiveTuning
 from ondo.control.sim.arrivals import SimRequest
+from ondo.control.sim.stalls import StallSchedule
 from ondo.control.sim.step_time import StepTimeModel
 from ondo.engine.block_manager import BlockManager
 from ondo.engine.sampling_params import SamplingParams
@@ -84,6 +86,9 @@ class SimConfig:
     # later, and each step's sample reaches the governor this much after the step ends.
     limits_delay_s: float = 0.0
     engine_sample_delay_s: float = 0.0
+    # Spans in which the server process runs none of its threads (stalls.py): no poll, no
+    # tick, step samples and decisions held back, no request admitted.
+    stalls: StallSchedule | None = None
 
     @property
     def inlet_c(self) -> float:
@@ -193,18 +198,34 @@ class ClosedLoopSimulator:
     # -- the plant and its telemetry ------------------------------------------------------
     def _run_until(self, t_end: float, load: Load) -> None:
         while True:
-            nxt = min(t_end, self._next_poll, self._next_tick)
+            poll_at, tick_at = self._after_stall(self._next_poll), self._after_stall(self._next_tick)
+            nxt = min(t_end, poll_at, tick_at)
             if nxt > self.t:
                 self.plant.step(nxt - self.t, load, self.config.inlet_c)
                 self.t = nxt
-            if self.t >= self._next_poll - 1e-12:
+            if self.t >= poll_at - 1e-12:
                 self._poll()
-                self._next_poll += self.poll_period_s
-            if self.t >= self._next_tick - 1e-12:
+                # The poller's schedule goes on from where it was (a stall's readings lost).
+                missed = max(0.0, math.floor((self.t - self._next_poll) / self.poll_period_s
+                                             + 1e-9))
+                self._next_poll += (missed + 1) * self.poll_period_s
+            if self.t >= tick_at - 1e-12:
                 self._tick()
-                self._next_tick += self.governor.period_s
+                # The governor's thread: a tick a stall held back starts the period anew.
+                late = tick_at > self._next_tick + 1e-12
+                self._next_tick = (self.t if late else self._next_tick) + self.governor.period_s
             if self.t >= t_end - 1e-12:
                 return
+
+    def _after_stall(self, t_s: float) -> float:
+        """When something due at t_s happens in the server process: at once, or when the
+        stall it falls in ends."""
+        stalls = self.config.stalls
+        end = None if stalls is None else stalls.end_of_stall(t_s)
+        return t_s if end is None else end
+
+    def _stalled(self) -> bool:
+        return self._after_stall(self.t) > self.t
 
     def _poll(self) -> None:
         self._deliver_samples()
@@ -231,6 +252,8 @@ class ClosedLoopSimulator:
             self._series[key].append(value)
 
     def _deliver_samples(self) -> None:
+        if self._stalled():
+            return
         while self._samples and self._samples[0][0] <= self.t + 1e-12:
             _, sample = self._samples.popleft()
             self.twin.on_engine_sample(sample)
@@ -248,6 +271,8 @@ class ClosedLoopSimulator:
 
     # -- the engine ----------------------------------------------------------------------
     def _apply_limits(self) -> None:
+        if self._stalled():
+            return
         while self._pending and self._pending[0][0] <= self.t + 1e-12:
             _, limits = self._pending.popleft()
             self.scheduler.set_limits(limits)
@@ -293,7 +318,8 @@ class ClosedLoopSimulator:
                 if seq.num_output_tokens >= seq.params.max_tokens:
                     self.scheduler.finish(seq, "length")
                     self._finished += 1
-        self._samples.append((self.t + c.engine_sample_delay_s, sample))
+        due = self.t + c.engine_sample_delay_s
+        self._samples.append((due if c.stalls is None else c.stalls.held_until(due), sample))
         self._deliver_samples()
         self.gate.add_busy(dt)
         if self.gate.slice_over():
@@ -301,6 +327,8 @@ class ClosedLoopSimulator:
         return True
 
     def _arrived(self, i: int, arrival_s: float) -> bool:
+        if self._stalled():  # the front end takes no request
+            return False
         if self.concurrency is None:
             return arrival_s <= self.t
         return i - self._finished < self.concurrency
@@ -324,6 +352,8 @@ class ClosedLoopSimulator:
                      else duration_s)
             if self.scheduler.num_unfinished:  # held back by pacing: try again shortly
                 until = min(until, self.t + IDLE_RETRY_S)
+            if self._stalled():  # requests wait for the front end
+                until = min(until, self._after_stall(self.t))
             self._run_until(min(max(until, self.t + 1e-6), duration_s), IDLE)
         arrived = nxt
         return SimResult(

@@ -59,6 +59,13 @@ ABBA = ("off", "predictive", "predictive", "off")
 STARTUP_S = 60.0  # the engine's start and the twin's fit, for the planned duration
 
 
+def plain_json(value: Any) -> Any:
+    """numpy scalars (a forecast's flags and figures) as the Python values JSON takes."""
+    if hasattr(value, "item"):
+        return value.item()
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
 def model_folder(args: argparse.Namespace) -> str:
     from ondo.bench.shapes import shape_folder, write_word_tokenizer
 
@@ -243,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
         if series_file is not None:
             for r in series_rows(setting, gpu, applied, decisions[n_decisions:], start, end,
                                  period_s):
-                series_file.write(json.dumps(r) + "\n")
+                series_file.write(json.dumps(r, default=plain_json) + "\n")
             series_file.flush()
         print(json.dumps(row), flush=True)
         return row

@@ -35,28 +35,13 @@ import sys
 import tempfile
 import time
 
-import httpx
-
 from ondo.bench.serve import make_requests, run_benchmark
+from ondo.bench.server_health import wait_healthy
 from ondo.bench.shapes import SHAPES, shape_folder
 from ondo.bench.soak import Phase, SoakConfig, run_soak
 from ondo.bench.soak_checks import format_checks
 
 W1_LEN = (100, 1024)
-
-
-def wait_healthy(base: str, proc: subprocess.Popen, timeout_s: float = 900.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"ondo serve exited with status {proc.returncode} while starting")
-        try:
-            if httpx.get(base + "/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise RuntimeError(f"ondo serve did not answer /health within {timeout_s:.0f} s")
 
 
 def start_server(args: argparse.Namespace, log_path: str) -> tuple[subprocess.Popen, str]:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs ondo's GPU tests and benchmarks in one go on a CUDA machine; results under $OUT.
-# Stages are chosen with STAGES: tests kernels prefill throughput host serve startup trace telemetry turnover structured soak agent.
+# Stages are chosen with STAGES: tests timeline kernels prefill throughput host serve startup trace telemetry turnover structured soak agent.
 # THROUGHPUT_ARGS passes extra flags to `ondo bench throughput`.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -27,6 +27,11 @@ for stage in $STAGES; do
     tests)
       timeout 300 python3 -m pytest -m gpu tests/gpu -q -p no:cacheprovider -o addopts="" -s > "$OUT/gpu_tests.log" 2>&1
       grep -E "RESULT|FAILED|Error|passed|failed" "$OUT/gpu_tests.log" | tail -30 ;;
+    timeline)
+      # Host against GPU per step in W1's steady state, plus a short torch.profiler trace.
+      timeout ${TIMELINE_TIMEOUT:-300} python3 bench/step_timeline.py --out "$OUT/step_timeline.json" \
+        --profile-steps 6 --trace "$OUT/step_trace.json" ${TIMELINE_ARGS:-} > "$OUT/step_timeline.log" 2>&1
+      grep -v "^{" "$OUT/step_timeline.log" | tail -45; grep "^{" "$OUT/step_timeline.log" ;;
     kernels)
       timeout 240 python3 bench/kernel_bench.py --out "$OUT/kernel_bench.json" 2>&1 | tail -30 ;;
     prefill)

@@ -257,6 +257,33 @@ def test_decisions_only_on_change_published_and_stored_as_canonical_json(tmp_pat
     assert json.loads(rows[1][5])["power_budget_w"] == 450.0
 
 
+def test_a_predictive_decision_made_on_numpy_readings_is_stored(tmp_path):
+    """Readings arrive as numpy scalars from the poller; the decision built on them (its
+    freshness flag, its ages) must still be plain JSON in the telemetry database."""
+    p = h100_params()
+    plant = GpuPlant(p, state=steady_state(p, Load(0.3, 0.3), p.ambient_c))
+    load = engine_load(busy=0.33, compute=0.6, memory=0.5)
+    power = np.float64(model_power(p, load, float(plant.state.die_c)))
+    v = PredictivePolicy(p, CONFIG).decide(
+        inputs(1.0, power=power, twin=snapshot_at(plant, 1.0), load=load,
+               energy=((0.0, 0.0), (1.0, power)), gpu_age_s=np.float64(0.05),
+               engine_age_s=np.float64(0.02)), Objectives(power_budget_w=350.0), CONFIG)
+    assert "power budget" in v.reason and type(v.forecast["fresh"]) is bool
+    decision = GovernorDecision(1.0, 1e9, "predictive", v.reason, v.limits.as_dict(),
+                                {"power_w": power, "gpu_sample_age_s": np.float64(0.05),
+                                 "fresh": np.bool_(True)}, v.forecast)
+    db = tmp_path / "t.db"
+    store = TelemetryStore(db, tables=[DECISION_TABLE])
+    hub = TelemetryHub()
+    store.attach(hub)
+    hub.publish(decision)
+    store.close()
+    (row,) = sqlite3.connect(db).execute("SELECT inputs, forecast FROM governor_decisions")
+    assert json.loads(row[0]) == {"power_w": float(power), "gpu_sample_age_s": 0.05,
+                                  "fresh": True}
+    assert json.loads(row[1])["fresh"] is True
+
+
 def test_metrics_show_the_policy_objectives_and_limits_in_force():
     g = Governor(h100_params(), Objectives(power_budget_w=450.0, temp_target_c=82.0), CONFIG,
                  "reactive")

@@ -304,11 +304,40 @@ def test_the_request_timeout_aborts_a_request_that_runs_too_long():
         llm.close()
 
 
+def _http_exchange(sock: socket.socket, base: str) -> bytes:
+    """One keep-alive POST on `sock` and its whole answer (b"" if the server had closed)."""
+    body = json.dumps({"prompt": "Hi", "max_tokens": 2, "ignore_eos": True}).encode()
+    host = base.removeprefix("http://")
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: " + host.encode()
+                 + b"\r\nContent-Type: application/json\r\nContent-Length: "
+                 + str(len(body)).encode() + b"\r\n\r\n" + body)
+    answer = b""
+    while b"\r\n\r\n" not in answer or len(answer.split(b"\r\n\r\n", 1)[1]) < int(
+            answer.split(b"content-length: ", 1)[1].split(b"\r\n", 1)[0]):
+        chunk = sock.recv(65536)
+        if not chunk:
+            return answer
+        answer += chunk
+    return answer
+
+
+def test_an_idle_keep_alive_connection_outlives_the_clients_own_timeouts(server):
+    """The server keeps an idle connection longer than clients do (aiohttp 15 s, httpx 5 s):
+    a request sent on a connection the server is closing at that moment would be lost."""
+    host, port = server.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        assert _http_exchange(sock, server).startswith(b"HTTP/1.1 200")
+        time.sleep(6.0)  # past the HTTP layer's own default of 5 s
+        assert _http_exchange(sock, server).startswith(b"HTTP/1.1 200")
+
+
 def test_bad_limits_name_their_flag():
     with pytest.raises(ValueError, match="--max-request-bytes"):
         RequestLimits(max_request_bytes=0)
     with pytest.raises(ValueError, match="--request-timeout"):
         RequestLimits(request_timeout_s=0)
+    with pytest.raises(ValueError, match="--timeout-keep-alive"):
+        RequestLimits(keep_alive_s=0)
 
 
 def test_the_async_tokenizer_batches_concurrent_prompts_and_isolates_a_bad_one():

@@ -100,6 +100,12 @@ def test_progress_counts_what_ended_and_the_last_window_tokens():
     assert p["outcomes"] == {COMPLETED: 2, CLIENT_ABORTED: 1}
     assert p["output_tokens_per_s"] == 5.0  # 300 tokens ended in the last 60 s; aborts skipped
     assert p["server_rss_mib"] == 150.0 and "gpu_memory_mib" not in p
+    assert "lost_or_broken" not in p
+    lost = _rec("plain", 40.0, LOST, end=41.0)
+    lost.detail = "ServerDisconnectedError: Server disconnected"
+    p = progress(sent + [lost], {}, now_s=100.0, t0=0.0, window_s=60.0)
+    assert p["lost_or_broken"] == [{"t_s": 40.0, "kind": "plain", "outcome": LOST,
+                                    "status": 200, "detail": lost.detail}]
 
 
 def test_the_checks_catch_lost_and_broken_requests_and_stray_5xx():

@@ -442,3 +442,38 @@ def test_store_writes_records_of_a_registered_table_in_the_same_file(tmp_path):
     assert conn.execute("SELECT t_s, text FROM notes ORDER BY t_s").fetchall() == [(1.5, "first"), (2.5, "second")]
     assert conn.execute("SELECT COUNT(*) FROM engine_steps").fetchone() == (1,)
     assert store.stored == 3 and store.dropped == 0
+
+
+@pytest.mark.parametrize("lossless", [False, True])
+def test_a_record_no_row_can_be_made_of_is_let_go_and_counted_and_holds_nothing_back(
+        tmp_path, caplog, lossless):
+    import json
+    from dataclasses import dataclass
+
+    from ondo.telemetry.store import RecordTable
+
+    @dataclass
+    class Note:
+        t_s: float
+        payload: object
+
+    table = RecordTable(Note, "CREATE TABLE IF NOT EXISTS notes (t_s REAL, payload TEXT);",
+                        "INSERT INTO notes VALUES (?, ?)",
+                        lambda n: (n.t_s, json.dumps(n.payload)), lossless=lossless)
+    db = tmp_path / "t.db"
+    hub = TelemetryHub()
+    store = TelemetryStore(db, tables=[table])
+    store.attach(hub)
+    with caplog.at_level(logging.ERROR, logger="ondo.telemetry.store"):
+        hub.publish(Note(1.0, {"ok": 1}))
+        hub.publish(Note(2.0, {"not json": object()}))
+        hub.publish(EngineSource(TelemetryHub()).on_step(step(0, 10.0, 10.5)))
+        hub.publish(Note(3.0, [2]))
+        assert store.flush(5.0)  # the bad record does not block what follows it
+        store.close()
+    conn = sqlite3.connect(db)
+    assert conn.execute("SELECT t_s FROM notes ORDER BY t_s").fetchall() == [(1.0,), (3.0,)]
+    assert conn.execute("SELECT COUNT(*) FROM engine_steps").fetchone() == (1,)
+    assert (store.stored, store.rejected, store.dropped, store.submitted) == (3, 1, 1, 4)
+    assert sum("cannot write" in r.getMessage() and "Note" in r.getMessage()
+               for r in caplog.records) == 1

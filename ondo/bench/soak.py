@@ -450,12 +450,18 @@ async def _sample_memory(config: SoakConfig, series: dict[str, MemorySeries], t0
 def progress(sent: list[SoakRecord], series: dict[str, MemorySeries], now_s: float,
              t0: float, window_s: float) -> dict:
     """Where a run stands: requests sent and ended so far by outcome, the completed requests'
-    output tokens per second over the last `window_s`, the latest memory samples."""
+    output tokens per second over the last `window_s`, the latest memory samples, and what
+    happened to the first requests lost or broken (so a run cut short still says why)."""
     ended = [r for r in sent if r.end_s]
     recent = [r for r in ended if r.outcome == COMPLETED and r.end_s > now_s - window_s]
     out = {"t_s": round(now_s - t0, 1), "sent": len(sent), "ended": len(ended),
            "outcomes": outcome_counts(ended),
            "output_tokens_per_s": round(sum(r.output_tokens for r in recent) / window_s, 1)}
+    bad = [r for r in ended if r.outcome in (LOST, VIOLATION)]
+    if bad:
+        out["lost_or_broken"] = [{"t_s": round(r.start_s - t0, 1), "kind": r.kind,
+                                  "outcome": r.outcome, "status": r.status,
+                                  "detail": r.detail} for r in bad[:5]]
     for name, s in series.items():
         if s.bytes_:
             out[f"{name}_mib"] = round(s.bytes_[-1] / 2**20, 1)

@@ -187,7 +187,7 @@ class PredictivePolicy:
         if age is None or (e.num_running == 0 and e.num_waiting == 0):
             return True  # an idle engine sends nothing: nothing is late
         gap = DEFAULT_SLICE_S * (1.0 - self.level) / max(self.level, MIN_LEVEL)
-        return age <= t.fresh_s + gap
+        return bool(age <= t.fresh_s + gap)  # plain bool: the decision record is JSON
 
     # -- the decision ----------------------------------------------------------------
     def decide(self, inputs: GovernorInputs, objectives: Objectives,

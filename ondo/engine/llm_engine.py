@@ -60,6 +60,7 @@ from ondo.engine.step_stats import StepStats
 from ondo.engine.stop_checker import check_stop
 from ondo.engine.token_masks import MaskFiller, PendingMask
 from ondo.model.detokenizer import IncrementalDetokenizer, detokenize
+from ondo.model.fusion import warm_compiler
 from ondo.model.loader import load_model
 from ondo.model.tokenizer import Tokenizer, load_tokenizer
 
@@ -175,6 +176,8 @@ class LLMEngine:
             self.device = resolve_device(args.device)
             torch.manual_seed(args.seed)
             torch.empty(1, device=self.device)  # the device's context, timed on its own
+            if self.device.type == "cuda":
+                warm_compiler()  # its workers start while the weights load
             t_device = time.perf_counter()
             # Tensor parallelism: the sizes are checked against the model's shape, then the
             # other ranks start and load their shards while this process loads its own.

@@ -25,24 +25,74 @@ log = logging.getLogger(__name__)
 F = TypeVar("F", bound=Callable[..., torch.Tensor])
 
 
-# Every model shape (and the batch of one, which dynamic shapes specialize) compiles the
-# same region functions once more; a process serving one model needs a handful, a test
-# session running several architectures more than torch's default of 8.
+# Every model shape compiles the same region functions once more; a process serving one
+# model needs a few, a test session running several architectures more than torch's
+# default of 8.
 RECOMPILE_LIMIT = 64
+BACKEND = "inductor"  # tests trace the same regions on the CPU through "aot_eager"
+
+
+def use_user_cache_dir() -> None:
+    """Inductor's compiled code in the user's cache folder (`$XDG_CACHE_HOME/ondo/inductor`,
+    else `~/.cache/ondo/inductor`) rather than torch's default under /tmp, which a reboot or
+    a container's fresh /tmp empties: the next start then finds it. Triton's own cache is
+    in the home folder already (`~/.triton/cache`). A folder the user set is kept."""
+    if "TORCHINDUCTOR_CACHE_DIR" in os.environ:
+        return
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    folder = os.path.join(base, "ondo", "inductor")
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:  # a read-only home: torch's default then
+        log.info("compiled-code cache stays in torch's default folder: %s", e)
+        return
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = folder
+
+
+def warm_compiler() -> None:
+    """Start Inductor's compile workers now (processes that import torch and Triton: seconds
+    on a fresh machine), so that they are up by the time the first region compiles, after
+    the weights are loaded, instead of starting then. A no-op with ONDO_FUSE=0."""
+    if os.environ.get("ONDO_FUSE", "1") == "0":
+        return
+    use_user_cache_dir()
+    from torch._inductor.async_compile import maybe_warm_pool
+
+    maybe_warm_pool()
+
+
+def compiles(x: torch.Tensor) -> bool:
+    return x.is_cuda and os.environ.get("ONDO_FUSE", "1") != "0"
+
+
+def mark_token_dim(x: torch.Tensor, args: tuple) -> None:
+    """The token count (dim 0 of `x` and of every other activation of its length: not the
+    weights, which are parameters) as an unbacked size. Dynamic shapes otherwise specialize
+    a size of 1, so that a batch of one compiled everything a second time at start-up (a
+    decode graph of batch 1) or, worse, in the middle of serving (a one-token step run
+    eagerly); an unbacked size makes no assumption about its value, one graph serves all."""
+    n = x.shape[0]
+    for t in (x, *args):
+        if (isinstance(t, torch.Tensor) and not isinstance(t, torch.nn.Parameter)
+                and t.ndim and t.shape[0] == n):
+            torch._dynamo.decorators.mark_unbacked(t, 0)
 
 
 def fused_on_cuda(fn: F) -> F:
-    """`fn` as is on CPU tensors; compiled (dynamic shapes) on CUDA tensors."""
+    """`fn` as is on CPU tensors; compiled (dynamic shapes, one graph for every token
+    count) on CUDA tensors."""
     compiled: Callable[..., torch.Tensor] | None = None
 
     @functools.wraps(fn)
     def wrapper(x: torch.Tensor, *args, **kwargs):
         nonlocal compiled
-        if not x.is_cuda or os.environ.get("ONDO_FUSE", "1") == "0":
+        if not compiles(x):
             return fn(x, *args, **kwargs)
         if compiled is None:
+            use_user_cache_dir()
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
-            compiled = torch.compile(fn, dynamic=True, fullgraph=True)
+            compiled = torch.compile(fn, dynamic=True, fullgraph=True, backend=BACKEND)
+            mark_token_dim(x, args)  # the first call compiles: its sizes set the guards
         return compiled(x, *args, **kwargs)
 
     return wrapper  # type: ignore[return-value]

@@ -17,7 +17,7 @@ from ondo.control.flags import add_governor_args
 from ondo.engine.cli import add_engine_args
 from ondo.events.cli import add_event_args
 from ondo.model.default_model import default_model_path
-from ondo.server.limits import DEFAULT_MAX_REQUEST_BYTES
+from ondo.server.limits import DEFAULT_KEEP_ALIVE_S, DEFAULT_MAX_REQUEST_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +63,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--request-timeout", type=float, default=None,
                    help="abort a request still running this many seconds after it was "
                         "admitted (finish_reason abort); default: no deadline")
+    p.add_argument("--timeout-keep-alive", type=float, default=DEFAULT_KEEP_ALIVE_S,
+                   help="close a keep-alive connection idle this many seconds; longer than "
+                        "the clients' and load balancers' own, so that they close first")
     p.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=False)
     p.add_argument("--telemetry", choices=("auto", "nvml", "sim", "off"), default="auto",
                    help="GPU telemetry on /metrics: auto = NVML where there is a GPU, else "

@@ -49,7 +49,8 @@ def serve(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
-        limits = RequestLimits(args.max_request_bytes, args.request_timeout)
+        limits = RequestLimits(args.max_request_bytes, args.request_timeout,
+                               args.timeout_keep_alive)
         restart_policy = RestartPolicy(max_restarts=args.engine_restarts)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -83,6 +84,7 @@ def serve(args: argparse.Namespace) -> int:
                             agent is not None)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
                             timeout_graceful_shutdown=args.shutdown_timeout + 10,
+                            timeout_keep_alive=limits.keep_alive_s,
                             access_log=args.access_log)
     server = DrainingServer(config, async_llm, args.shutdown_timeout)
     async_llm.on_engine_lost = server.engine_lost

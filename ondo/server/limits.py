@@ -4,7 +4,14 @@
   `--max-request-bytes` before any of it is read or parsed: at once from its
   Content-Length, or, for a chunked body, as soon as the bytes read pass the limit. The
   rest of the body is then read and dropped (never kept), then the connection closes.
-- `RequestLimits`: the per-request bounds the serving code checks (deadline, stop lists).
+- `RequestLimits`: the per-request bounds the serving code checks (deadline, stop lists),
+  and how long an idle keep-alive connection stays open.
+
+The keep-alive timeout is longer than the clients' own (aiohttp 15 s, httpx and the openai
+client 5 s) and than a load balancer's usual idle timeout (60 s), as nginx's 75 s is: the
+side that closes an idle connection must be the client, because a request the client sends
+on a connection the server is closing at that moment is lost (reset, or "server
+disconnected"), and a client cannot safely retry a POST.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 1024
 MAX_STOP_TOKEN_IDS = 256
 DISCARD_TIMEOUT_S = 30.0
+DEFAULT_KEEP_ALIVE_S = 75.0
 
 Scope = dict[str, Any]
 Message = dict[str, Any]
@@ -33,12 +41,15 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 class RequestLimits:
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
     request_timeout_s: float | None = None  # None: no deadline
+    keep_alive_s: float = DEFAULT_KEEP_ALIVE_S  # an idle connection closes after this
 
     def __post_init__(self) -> None:
         if self.max_request_bytes < 1:
             raise ValueError(f"--max-request-bytes={self.max_request_bytes} must be >= 1")
         if self.request_timeout_s is not None and not self.request_timeout_s > 0:
             raise ValueError(f"--request-timeout={self.request_timeout_s} must be > 0 seconds")
+        if not self.keep_alive_s > 0:
+            raise ValueError(f"--timeout-keep-alive={self.keep_alive_s} must be > 0 seconds")
 
 
 def too_large_message(num_bytes: int | None, limit: int) -> str:

@@ -179,7 +179,9 @@ class TelemetryStore:
         self._lossless_lock = threading.Lock()
         self._lossless_added = 0
         self.stored = 0
-        self.rejected = 0  # lossless records the database refused (integrity errors)
+        # Records let go: lossless ones the database refused (integrity errors), and records
+        # of any table that cannot be made into a row (a defect upstream; never retried).
+        self.rejected = 0
         self.write_errors = 0
         self._lost_on_close = 0
         self._latest_t = float("-inf")
@@ -269,6 +271,7 @@ class TelemetryStore:
                 self._stop.wait(self.retry_backoff_s)
             if not batch:
                 continue
+            batch = self._writable(batch)
             try:
                 self._write(batch)
                 self.stored += len(batch)
@@ -292,20 +295,30 @@ class TelemetryStore:
     def _write_lossless(self) -> bool:
         """Write the lossless lane's records, in order, in one transaction; True when the lane
         is empty afterwards. On a transient error they stay queued (front, same order); records
-        the database refuses as inconsistent are logged, counted and let go."""
+        the database refuses as inconsistent, or that no row can be made of, are logged,
+        counted and let go."""
         with self._lossless_lock:
             batch = list(self._lossless)
+        pairs = [(record, self._row_or_reject(record)) for record in batch]
+        if any(row is None for _, row in pairs):
+            # Let go of the unwritable ones now, so that a retry does not count them again;
+            # only this thread takes from the front, so the front is still `batch`.
+            with self._lossless_lock:
+                for _ in batch:
+                    self._lossless.popleft()
+                self._lossless.extendleft(reversed([r for r, row in pairs if row is not None]))
+            pairs = [(r, row) for r, row in pairs if row is not None]
         rows: dict[type, list[tuple[Any, ...]]] = {}
-        for record in batch:
-            rows.setdefault(type(record), []).append(self.tables[type(record)].row(record))
+        for record, row in pairs:
+            rows.setdefault(type(record), []).append(row)
         try:
             with self._conn:
                 for kind, table_rows in rows.items():
                     self._conn.executemany(self.tables[kind].insert_sql, table_rows)
-            done = len(batch)
+            done = len(pairs)
             self.stored += done
         except sqlite3.IntegrityError:
-            done = self._write_one_by_one(batch)
+            done = self._write_one_by_one(pairs)
         except Exception as e:  # locked, disk full, I/O error: they wait for the next try
             self._lossless_write_failed(e)
             return False
@@ -314,15 +327,15 @@ class TelemetryStore:
                 self._lossless.popleft()
             return not self._lossless
 
-    def _write_one_by_one(self, batch: list[Any]) -> int:
+    def _write_one_by_one(self, pairs: list[tuple[Any, tuple[Any, ...]]]) -> int:
         """After an integrity error: each record in a transaction of its own, so that only the
         ones the database refuses are let go (logged and counted). Returns how many records
         were dealt with (stored or refused) before a transient error, if any."""
-        for i, record in enumerate(batch):
+        for i, (record, row) in enumerate(pairs):
             table = self.tables[type(record)]
             try:
                 with self._conn:
-                    self._conn.execute(table.insert_sql, table.row(record))
+                    self._conn.execute(table.insert_sql, row)
                 self.stored += 1
             except sqlite3.IntegrityError as e:
                 self.rejected += 1
@@ -331,13 +344,30 @@ class TelemetryStore:
             except Exception as e:
                 self._lossless_write_failed(e)
                 return i
-        return len(batch)
+        return len(pairs)
 
     def _lossless_write_failed(self, e: Exception) -> None:
         self.write_errors += 1
         if self.write_errors == 1 or self.write_errors % 100 == 0:
             log.warning("telemetry store write of lossless records failed (%s); %d waiting",
                         e, len(self._lossless))
+
+    def _row_or_reject(self, record: Any) -> tuple[Any, ...] | None:
+        """The record's row; None, counted and logged, for one no row can be made of (a
+        value the table cannot hold): retrying it would hold back every record behind it."""
+        table = self.tables[type(record)]
+        try:
+            return table.row(record)
+        except Exception as e:
+            self.rejected += 1
+            log.error("telemetry store let go of a %s it cannot write (%s: %s)",
+                      table.kind.__name__, type(e).__name__, e)
+            return None
+
+    def _writable(self, batch: list[Any]) -> list[Any]:
+        """The batch less the records of registered tables that cannot be made into rows."""
+        return [r for r in batch if type(r) not in self.tables
+                or self._row_or_reject(r) is not None]
 
     def _write(self, batch: list[Any]) -> None:
         gpu = [_gpu_row(s) for s in batch if isinstance(s, GpuSample)]

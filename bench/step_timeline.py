@@ -1,0 +1,97 @@
+"""Host against GPU per step, in the steady state of a workload (W1 by default): the
+host's phases and the GPU's forward and sampling on one clock, the GPU's idle time and
+the host phases it waited on (`ondo/bench/step_timeline.py`); optionally a torch.profiler
+trace of a few of the same steps for a kernel-level view.
+
+    PYTHONPATH=. python3 bench/step_timeline.py --model-shape qwen3-0.6b --workload W1 \\
+        --out $OUT/step_timeline.json [--profile-steps 6 --trace $OUT/w1_trace.json]
+    PYTHONPATH=. python3 bench/step_timeline.py --smoke     # CPU, tiny model, host phases only
+
+The steady window: after `--skip-steps` steps (the prefills of the first requests are
+done by then), `--steps` steps are recorded while all requests still run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import torch
+
+from ondo.bench.shapes import SHAPES, shape_folder
+from ondo.bench.step_timeline import StepTimeline, format_steps, summarize
+from ondo.bench.workloads import make_workload
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model-shape", default="qwen3-0.6b", choices=sorted(SHAPES))
+    ap.add_argument("--workload", default="W1", choices=("W1", "W2", "W3"))
+    ap.add_argument("--skip-steps", type=int, default=150)
+    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--profile-steps", type=int, default=0,
+                    help="then this many steps under torch.profiler (0: none)")
+    ap.add_argument("--trace", default=None, help="the profiler's Chrome trace here")
+    ap.add_argument("--max-model-len", type=int, default=4096)
+    ap.add_argument("--smoke", action="store_true", help="CPU, tiny model, a few steps")
+    ap.add_argument("--out", default=None, help="also write the JSON here")
+    args = ap.parse_args(argv)
+    for flag in ("skip_steps", "steps"):
+        if getattr(args, flag) < (2 if flag == "steps" else 0):
+            ap.error(f"--{flag.replace('_', '-')} is too small: {getattr(args, flag)}")
+    from ondo import LLM
+
+    scale = 1.0
+    if args.smoke:
+        args.model_shape, args.skip_steps, args.steps, scale = "tiny-llama", 3, 8, 1 / 32
+        args.max_model_len = 2048
+    folder = shape_folder(args.model_shape)
+    cuda = torch.cuda.is_available() and not args.smoke
+    llm = LLM(folder, load_format="dummy", dtype="bfloat16" if cuda else "float32",
+              max_model_len=args.max_model_len, seed=0, device="cuda" if cuda else "cpu")
+    engine = llm.engine
+    workload = make_workload(args.workload, SHAPES[args.model_shape]["vocab_size"], scale=scale)
+    for i, (r, p) in enumerate(zip(workload.requests, workload.params())):
+        engine.add_request(f"timeline-{i}", prompt_token_ids=r.prompt_token_ids, params=p,
+                           stream=False)
+    for _ in range(args.skip_steps):
+        engine.step()
+    timeline = StepTimeline(engine)
+    t0 = time.perf_counter()
+    with timeline.recording():
+        for _ in range(args.steps):
+            engine.step()
+    wall = time.perf_counter() - t0
+    running = engine.scheduler.num_unfinished
+    result = {"model_shape": args.model_shape, "workload": args.workload,
+              "device": torch.cuda.get_device_name() if cuda else "cpu",
+              "date": time.strftime("%Y-%m-%d"), "skip_steps": args.skip_steps,
+              "async_scheduling": engine.async_scheduling, "unfinished_after": running,
+              "wall_ms_per_step": 1e3 * wall / args.steps, **summarize(timeline.steps)}
+    print(format_steps(timeline.steps[len(timeline.steps) // 2:]), flush=True)
+    if args.profile_steps:
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if cuda:
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        with torch.profiler.profile(activities=activities) as prof:
+            for _ in range(args.profile_steps):
+                engine.step()
+            if cuda:
+                torch.cuda.synchronize()
+        sort = "cuda_time_total" if cuda else "cpu_time_total"
+        print(prof.key_averages().table(sort_by=sort, row_limit=25, max_name_column_width=60))
+        if args.trace:
+            prof.export_chrome_trace(args.trace)
+    while engine.has_unfinished_requests():
+        engine.step()
+    print(json.dumps({"step_timeline": result}), flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,288 @@
+"""Host against GPU, step by step: where a steady-state step's time goes.
+
+`StepTimeline` instruments a running engine from outside (its instance's methods are
+wrapped, nothing in the engine changes) and records, per step:
+
+- the host's phases, on the host clock: `schedule`, `prepare` (packing and the batch's
+  upload), `execute` (the forward pass and the logits, launched), `wait` (for the previous
+  step's draws), `postprocess` (tokens appended, stops checked, outputs made), `sample`
+  (the sampling kernels, launched);
+- on CUDA, four events on the engine's stream, put on the host clock through one
+  reference event: the GPU reaching the step's upload (A), the end of its forward pass and
+  logits (B), the start of its sampling (C), the end of its sampling and read-back (D).
+
+An event's time is when the GPU got to it: a gap between the previous step's D and this
+step's A is the GPU idle until the host had launched the step; one between B and C is the
+GPU idle until the host had launched the sampling. `summarize` turns the records into
+per-step means and says which host phases ran while the GPU idled.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+HOST_PHASES = ("schedule", "prepare", "execute", "wait", "postprocess", "sample")
+
+
+@dataclass
+class StepRecord:
+    """One launched step: host phase intervals (perf_counter seconds) and the GPU times of
+    its events (same clock; None off CUDA)."""
+
+    index: int
+    host: dict[str, tuple[float, float]] = field(default_factory=dict)
+    gpu: dict[str, float] = field(default_factory=dict)  # "A", "B", "C", "D"
+
+
+def _overlap(a: tuple[float, float], b: tuple[float, float]) -> float:
+    return max(0.0, min(a[1], b[1]) - max(a[0], b[0]))
+
+
+def summarize(steps: list[StepRecord]) -> dict[str, Any]:
+    """Per-step means in milliseconds: the period (launch to launch), each host phase, and,
+    where GPU times were taken, the GPU's forward and sampling time, its idle time before
+    each step and before its sampling, its busy share of the period, and per host phase the
+    idle GPU time it overlapped (what the GPU was waiting for)."""
+    if len(steps) < 2:
+        raise ValueError(f"a timeline needs at least 2 steps, got {len(steps)}")
+    ms = 1e3
+    starts = [s.host["prepare"][0] for s in steps]
+    periods = [b - a for a, b in zip(starts, starts[1:])]
+    out: dict[str, Any] = {
+        "steps": len(steps),
+        "period_ms": ms * statistics.fmean(periods),
+        "period_p50_ms": ms * statistics.median(periods),
+        "host_ms": {p: ms * statistics.fmean(s.host[p][1] - s.host[p][0] for s in steps
+                                            if p in s.host) for p in HOST_PHASES
+                    if any(p in s.host for s in steps)},
+    }
+    timed = [s for s in steps if len(s.gpu) == 4]
+    if len(timed) < 2:
+        return out
+    fwd, smp, idle_fwd, idle_smp = [], [], [], []
+    waiting_on: dict[str, float] = dict.fromkeys(HOST_PHASES, 0.0)
+    unattributed = 0.0
+    host_intervals = [(p, iv) for s in steps for p, iv in s.host.items()]
+    for prev, s in zip(timed, timed[1:]):
+        g = s.gpu
+        fwd.append(g["B"] - g["A"])
+        smp.append(g["D"] - g["C"])
+        gaps = [(prev.gpu["D"], g["A"]), (g["B"], g["C"])]
+        idle_fwd.append(max(0.0, g["A"] - prev.gpu["D"]))
+        idle_smp.append(max(0.0, g["C"] - g["B"]))
+        for gap in gaps:
+            if gap[1] <= gap[0]:
+                continue
+            covered = 0.0
+            for phase, iv in host_intervals:
+                o = _overlap(gap, iv)
+                if o > 0:
+                    waiting_on[phase] += o
+                    covered += o
+            unattributed += max(0.0, (gap[1] - gap[0]) - covered)
+    n = len(fwd)
+    span = timed[-1].gpu["D"] - timed[0].gpu["D"]
+    out["gpu_ms"] = {
+        "forward": ms * statistics.fmean(fwd),
+        "sample": ms * statistics.fmean(smp),
+        "idle_before_step": ms * statistics.fmean(idle_fwd),
+        "idle_before_sample": ms * statistics.fmean(idle_smp),
+    }
+    out["gpu_busy_fraction"] = (sum(fwd) + sum(smp)) / span if span > 0 else float("nan")
+    out["gpu_idle_ms_by_host_phase"] = {p: ms * v / n for p, v in waiting_on.items() if v > 0}
+    out["gpu_idle_ms_other_host_work"] = ms * unattributed / n
+    return out
+
+
+def format_steps(steps: list[StepRecord], count: int = 4) -> str:
+    """A few consecutive steps as text, times in ms from the first step's start."""
+    t0 = steps[0].host["prepare"][0]
+    lines = []
+    for s in steps[:count]:
+        host = "  ".join(f"{p} {1e3 * (a - t0):7.2f}–{1e3 * (b - t0):7.2f}"
+                         for p, (a, b) in sorted(s.host.items(), key=lambda kv: kv[1][0]))
+        lines.append(f"step {s.index} host: {host}")
+        if len(s.gpu) == 4:
+            g = {k: 1e3 * (v - t0) for k, v in s.gpu.items()}
+            lines.append(f"step {s.index} GPU:  forward {g['A']:7.2f}–{g['B']:7.2f}  "
+                         f"sample {g['C']:7.2f}–{g['D']:7.2f}")
+    return "\n".join(lines)
+
+
+class CudaClock:
+    """Timing events on the current CUDA stream."""
+
+    def new_event(self) -> Any:
+        return torch.cuda.Event(enable_timing=True)
+
+    def synchronize(self) -> None:
+        torch.cuda.synchronize()
+
+
+class StepTimeline:
+    """Records `StepRecord`s of `engine` while `recording()` is active. `clock` makes the
+    GPU's events (default: CUDA's where the engine runs on CUDA, else none)."""
+
+    def __init__(self, engine: Any, clock: Any | None = None) -> None:
+        self.engine = engine
+        self.clock = clock if clock is not None else (
+            CudaClock() if engine.device.type == "cuda" else None)
+        self.cuda = self.clock is not None
+        self.steps: list[StepRecord] = []
+        self._recording = False
+        self._launching: StepRecord | None = None
+        self._by_launch: dict[int, StepRecord] = {}  # id(_InFlight) -> its record
+        self._pending_events: list[tuple[StepRecord, str, Any]] = []
+        self._ref: Any | None = None
+        self._ref_host_s = 0.0
+        self._finish_host: tuple[float, float] | None = None
+        self._unpatch: list[Callable[[], None]] = []
+
+    # -- instrumentation --------------------------------------------------------------
+    def _wrap(self, owner: Any, name: str, wrapper: Callable[[Callable], Callable]) -> None:
+        original = getattr(owner, name)
+        own = name in vars(owner)  # an attribute of the instance itself, not its class's
+        setattr(owner, name, wrapper(original))
+        self._unpatch.append(lambda: setattr(owner, name, original) if own
+                             else delattr(owner, name))
+
+    def _event(self, record: StepRecord, key: str) -> None:
+        if self.clock is not None:
+            e = self.clock.new_event()
+            e.record()
+            self._pending_events.append((record, key, e))
+
+    def _install(self) -> None:
+        engine, runner, scheduler = self.engine, self.engine.runner, self.engine.scheduler
+
+        def execute(fn):
+            def call(*args, **kwargs):
+                record = self._launching
+                t0 = time.perf_counter()
+                result = fn(*args, **kwargs)
+                if record is not None:
+                    record.host["execute"] = (t0, time.perf_counter())
+                    self._event(record, "B")
+                return result
+            return call
+
+        def new_step() -> StepRecord:
+            self._launching = StepRecord(len(self.steps))
+            if self._recording:
+                self.steps.append(self._launching)
+            return self._launching
+
+        pending_schedule: list[tuple[float, float]] = []
+
+        def schedule(fn):
+            def call(*args, **kwargs):
+                t0 = time.perf_counter()
+                result = fn(*args, **kwargs)
+                pending_schedule[:] = [(t0, time.perf_counter())]
+                return result
+            return call
+
+        def prepare(fn):
+            def call(*args, **kwargs):
+                record = new_step()
+                if pending_schedule:
+                    record.host["schedule"] = pending_schedule.pop()
+                t0 = time.perf_counter()
+                result = fn(*args, **kwargs)
+                record.host["prepare"] = (t0, time.perf_counter())
+                return result
+            return call
+
+        def upload(fn):
+            def call(*args, **kwargs):
+                if self._launching is not None:
+                    self._event(self._launching, "A")
+                return fn(*args, **kwargs)
+            return call
+
+        def launch(fn):
+            def call(*args, **kwargs):
+                flight = fn(*args, **kwargs)
+                if self._launching is not None:
+                    self._by_launch[id(flight)] = self._launching
+                return flight
+            return call
+
+        def sample(fn):
+            def call(flight, *args, **kwargs):
+                record = self._by_launch.get(id(flight))
+                if record is not None:
+                    self._event(record, "C")
+                t0 = time.perf_counter()
+                result = fn(flight, *args, **kwargs)
+                if record is not None:
+                    record.host["sample"] = (t0, time.perf_counter())
+                    self._event(record, "D")
+                return result
+            return call
+
+        def finish(fn):
+            def call(flight, *args, **kwargs):
+                record = self._by_launch.pop(id(flight), None)
+                t0 = time.perf_counter()
+                result = fn(flight, *args, **kwargs)
+                t1 = time.perf_counter()
+                if record is not None:
+                    wait = engine.step_timing_s["wait"] - finish.wait_before
+                    finish.wait_before = engine.step_timing_s["wait"]
+                    # `_finish` times its own wait: split its span at that point. The
+                    # phases land in the step being launched (the host's order), which
+                    # is what the GPU waits on.
+                    target = self._launching or record
+                    if "wait" not in target.host:  # a drain before the launch: keep the first
+                        target.host["wait"] = (t0, t0 + wait)
+                        target.host["postprocess"] = (t0 + wait, t1)
+                else:
+                    finish.wait_before = engine.step_timing_s["wait"]
+                return result
+            return call
+
+        finish.wait_before = engine.step_timing_s["wait"]
+        self._wrap(scheduler, "schedule", schedule)
+        self._wrap(runner, "prepare", prepare)
+        self._wrap(runner, "upload", upload)
+        self._wrap(runner, "execute", execute)
+        self._wrap(engine, "_launch", launch)
+        self._wrap(engine, "_sample", sample)
+        self._wrap(engine, "_finish", finish)
+
+    def _uninstall(self) -> None:
+        while self._unpatch:
+            self._unpatch.pop()()
+
+    @contextmanager
+    def recording(self) -> Iterator[StepTimeline]:
+        """Record the steps launched inside the block; GPU times are resolved at its end."""
+        self._install()
+        if self.clock is not None:
+            self.clock.synchronize()
+            self._ref = self.clock.new_event()
+            self._ref.record()
+            self._ref.synchronize()
+            self._ref_host_s = time.perf_counter()
+        self._recording = True
+        try:
+            yield self
+        finally:
+            self._recording = False
+            self._uninstall()
+            if self.clock is not None:
+                self.clock.synchronize()
+                for record, key, e in self._pending_events:
+                    record.gpu[key] = self._ref_host_s + self._ref.elapsed_time(e) / 1e3
+            self._pending_events.clear()
+            # Only whole steps: each launched, sampled and finished inside the block.
+            self.steps = [s for s in self.steps
+                          if {"prepare", "execute", "sample"} <= s.host.keys()]

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs ondo's GPU tests and benchmarks in one go on a CUDA machine; results under $OUT.
-# Stages are chosen with STAGES: tests timeline kernels prefill throughput host serve startup trace telemetry turnover structured soak agent.
+# Stages are chosen with STAGES: tests timeline sampling kernels prefill throughput host serve startup trace telemetry turnover structured soak agent.
 # THROUGHPUT_ARGS passes extra flags to `ondo bench throughput`.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -32,6 +32,8 @@ for stage in $STAGES; do
       timeout ${TIMELINE_TIMEOUT:-300} python3 bench/step_timeline.py --out "$OUT/step_timeline.json" \
         --profile-steps 6 --trace "$OUT/step_trace.json" ${TIMELINE_ARGS:-} > "$OUT/step_timeline.log" 2>&1
       grep -v "^{" "$OUT/step_timeline.log" | tail -45; grep "^{" "$OUT/step_timeline.log" ;;
+    sampling)
+      timeout 120 python3 bench/sampling_bench.py --out "$OUT/sampling_bench.json" 2>&1 | tail -5 ;;
     kernels)
       timeout 240 python3 bench/kernel_bench.py --out "$OUT/kernel_bench.json" 2>&1 | tail -30 ;;
     prefill)

@@ -13,6 +13,11 @@ import torch
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("ONDO_DEBUG_CHECKS", "1")  # the scheduler asserts its invariants every step
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+if not torch.cuda.is_available():
+    # Triton kernels run in its interpreter on CPU tensors. The mode is fixed when a
+    # function is decorated, Triton's own library functions (tl.max, ...) when Triton is
+    # first imported, which Dynamo does too: set it before any test imports either.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -34,6 +34,7 @@ def test_one_graph_serves_every_token_count(tmp_path, monkeypatch, shape, overri
     torch._dynamo.reset()
     counters.clear()
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    monkeypatch.setenv("ONDO_UNBACKED_TOKENS", "1")
     monkeypatch.setattr(fusion, "compiles", lambda x: True)
     monkeypatch.setattr(fusion, "BACKEND", "aot_eager")
     try:

@@ -231,6 +231,8 @@ class LLMEngine:
         self.num_steps_ahead = 0  # steps scheduled while the previous one was on the device
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(args.seed)
+        self.host_generator = torch.Generator()  # the fused sampler's row seeds (CUDA)
+        self.host_generator.manual_seed(args.seed)
         self._seq_ids = itertools.count()
         self._requests: dict[str, list[Sequence]] = {}  # a request's sequences, by index
         self._text: dict[int, _TextState] = {}  # by seq_id
@@ -579,6 +581,7 @@ class LLMEngine:
             self.generator,
             history=lambda: ([s.prompt_token_ids for s in seqs], [s.output_token_ids for s in seqs]),
             mask=mask,
+            host_generator=self.host_generator,
         )
         f.draws.start_copy()
         f.logits = f.masks = None

@@ -17,6 +17,7 @@ import torch
 
 from ondo.engine.config import EngineArgs
 from ondo.engine.memory import MemoryPlan, kv_bytes_per_block
+from ondo.engine.sampler import fused_sampling, sample_on_device
 from ondo.engine.sampling_params import SamplingParams
 from ondo.engine.scheduler import PreemptionCosts, ScheduledSeq, SchedulerOutput
 from ondo.engine.sequence import Sequence
@@ -25,6 +26,7 @@ from ondo.kernels.block_copy import copy_blocks, swap_in, swap_out
 from ondo.kernels.metadata import AttentionMetadata
 
 log = logging.getLogger(__name__)
+_PROFILE_SAMPLING = SamplingParams(temperature=1.0)
 
 CPU_DEFAULT_KV_BYTES = 1 << 30
 CPU_PROFILE_TOKENS = 128  # CPU profiling only measures speed; memory is a byte budget there
@@ -136,8 +138,11 @@ class ModelRunner:
         with torch.inference_mode():
             hidden = self.model(batch.input_ids, batch.positions, caches, batch.meta)
             rows = min(self.args.max_num_seqs, num_tokens)
-            logits = self.model.compute_logits(hidden[:rows])
+            logits = self.model.compute_logits(hidden[:rows]).float()
             logits.softmax(-1)
+            if fused_sampling(logits.device):
+                # Its kernel compiles now, not in the first request's step.
+                sample_on_device(logits, [_PROFILE_SAMPLING] * rows, [0] * rows)
         self._sync()
         return time.perf_counter() - t0
 

@@ -8,6 +8,7 @@ tokens alone or inside any batch.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -173,6 +174,39 @@ class DeviceSample:
         return self._result
 
 
+def fused_sampling(device: torch.device) -> bool:
+    """ONDO_FUSED_SAMPLING=1, on CUDA: the one-pass kernel. Off by default until its GPU run
+    (kernel time, W1 throughput) is in docs/benchmarks.md."""
+    return device.type == "cuda" and os.environ.get("ONDO_FUSED_SAMPLING", "0") == "1"
+
+
+def _sample_fused(logits: torch.Tensor, params: list[SamplingParams], output_lens: list[int],
+                  host_generator: torch.Generator | None) -> torch.Tensor:
+    """Greedy and sampled rows in one pass (ondo/kernels/triton_sampling.py). A seeded
+    request's row draws from its own (seed, output position) stream: the same tokens alone
+    or inside any batch; the others from seeds drawn on the host (no device sync)."""
+    from ondo.kernels.triton_sampling import gumbel_max_sample, mix_seed  # Triton where it runs
+
+    device = logits.device
+    n = len(params)
+    seeds = torch.randint(0, 2**62, (n,), generator=host_generator, dtype=torch.int64)
+    for row, p in enumerate(params):
+        if p.seed is not None:
+            seeds[row] = mix_seed(_seed_for(p.seed, output_lens[row]))
+    filtered = any(p.top_k > 0 or p.top_p < 1.0 or p.min_p > 0 for p in params)
+    temps = [1.0 if p.greedy else p.temperature for p in params]
+    if filtered:  # the filters act on the scaled logits; the kernel then scales by 1
+        logits = _filter(logits / to_device(temps, torch.float32, device)[:, None], params)
+        scale = [1.0] * n
+    else:
+        scale = [1.0 / t for t in temps]
+    noisy = [0 if p.greedy else 1 for p in params]
+    if device.type == "cuda":
+        seeds = seeds.pin_memory().to(device, non_blocking=True)
+    return gumbel_max_sample(logits, to_device(scale, torch.float32, device),
+                             to_device(noisy, torch.int32, device), seeds)
+
+
 @torch.inference_mode()  # the logits are inference tensors: bias and masks apply in place
 def sample_on_device(
     logits: torch.Tensor,  # [N, vocab] float32, raw model output
@@ -181,10 +215,15 @@ def sample_on_device(
     generator: torch.Generator | None = None,
     history: Callable[[], tuple[list[list[int]], list[list[int]]]] | None = None,
     mask: TokenMask | None = None,
+    host_generator: torch.Generator | None = None,
 ) -> DeviceSample:
     """The draws, queued on the logits' device without waiting for it. `history()` gives
     (prompt ids, output ids) per row; called only if a penalty needs it. Log-probabilities
-    are the model's own (before penalties, bias and masks), as vLLM reports them."""
+    are the model's own (before penalties, bias and masks), as vLLM reports them.
+
+    With `fused_sampling` the draws are one kernel over the logits, its rows' seeds drawn
+    from `host_generator` (a CPU generator; default torch's); otherwise the exponential
+    race in PyTorch operations with `generator`."""
     device = logits.device
     want_logprobs = any(p.logprobs is not None or p.ranks_by_logprob for p in params)
     raw_logprobs = logits.log_softmax(-1) if want_logprobs else None
@@ -200,8 +239,12 @@ def sample_on_device(
     if mask is not None:
         apply_token_bitmask(logits, mask.bitmask, mask.rows)
 
-    tokens = logits.argmax(-1)
-    if not all(p.greedy for p in params):
+    if all(p.greedy for p in params):
+        tokens = logits.argmax(-1)
+    elif fused_sampling(device):
+        tokens = _sample_fused(logits, params, output_lens, host_generator)
+    else:
+        tokens = logits.argmax(-1)
         greedy = to_device([p.greedy for p in params], torch.bool, device)
         temps = to_device([1.0 if p.greedy else p.temperature for p in params], torch.float32, device)
         scaled = _filter(logits / temps[:, None], params)

@@ -65,6 +65,12 @@ def compiles(x: torch.Tensor) -> bool:
     return x.is_cuda and os.environ.get("ONDO_FUSE", "1") != "0"
 
 
+def unbacked_tokens() -> bool:
+    """ONDO_UNBACKED_TOKENS=1: one graph for every token count (`mark_token_dim`). Off by
+    default until its GPU run (start-up time, W1 throughput) is in docs/benchmarks.md."""
+    return os.environ.get("ONDO_UNBACKED_TOKENS", "0") == "1"
+
+
 def mark_token_dim(x: torch.Tensor, args: tuple) -> None:
     """The token count (dim 0 of `x` and of every other activation of its length: not the
     weights, which are parameters) as an unbacked size. Dynamic shapes otherwise specialize
@@ -79,8 +85,7 @@ def mark_token_dim(x: torch.Tensor, args: tuple) -> None:
 
 
 def fused_on_cuda(fn: F) -> F:
-    """`fn` as is on CPU tensors; compiled (dynamic shapes, one graph for every token
-    count) on CUDA tensors."""
+    """`fn` as is on CPU tensors; compiled (dynamic shapes) on CUDA tensors."""
     compiled: Callable[..., torch.Tensor] | None = None
 
     @functools.wraps(fn)
@@ -92,7 +97,8 @@ def fused_on_cuda(fn: F) -> F:
             use_user_cache_dir()
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
             compiled = torch.compile(fn, dynamic=True, fullgraph=True, backend=BACKEND)
-            mark_token_dim(x, args)  # the first call compiles: its sizes set the guards
+            if unbacked_tokens():
+                mark_token_dim(x, args)  # the first call compiles: its sizes set the guards
         return compiled(x, *args, **kwargs)
 
     return wrapper  # type: ignore[return-value]

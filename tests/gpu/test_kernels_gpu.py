@@ -107,3 +107,37 @@ def test_swap_round_trip_and_copy_on_write_on_gpu():
         assert torch.equal(t[30], old[0]) and torch.equal(t[31], old[3])
     back.synchronize()
     assert out.done() and back.done()
+
+
+def test_one_pass_sampling_on_gpu_at_a_real_vocabulary():
+    """The Gumbel-max kernel at Qwen3's vocabulary and the W1 batch: greedy rows equal
+    torch.argmax, sampled rows follow softmax(logits / T) (chi-square over the 40 most
+    likely tokens of a peaked row), a seeded row draws alike alone and in the batch."""
+    import numpy as np
+    from scipy.stats import chisquare
+
+    from ondo.kernels.triton_sampling import gumbel_max_sample
+
+    vocab, n = 151_936, 256
+    g = torch.Generator(device="cuda").manual_seed(0)
+    logits = torch.randn(n, vocab, device="cuda", generator=g) * 3
+    ones = torch.ones(n, device="cuda")
+    greedy = gumbel_max_sample(logits, ones, torch.zeros(n, dtype=torch.int32, device="cuda"),
+                               torch.arange(n, device="cuda"))
+    assert torch.equal(greedy, logits.argmax(-1))
+    row = torch.full((vocab,), -30.0, device="cuda")
+    row[:40] = torch.linspace(0.0, 2.0, 40, device="cuda")
+    draws = 10_000
+    batch = row.expand(draws, vocab).contiguous()
+    temp = 0.7
+    tokens = gumbel_max_sample(batch, torch.full((draws,), 1 / temp, device="cuda"),
+                               torch.ones(draws, dtype=torch.int32, device="cuda"),
+                               torch.arange(draws, device="cuda") * 7919 + 3)
+    assert int(tokens.max()) < 40
+    p = torch.softmax(row.double() / temp, -1)[:40].cpu().numpy()
+    counts = np.bincount(tokens.cpu().numpy(), minlength=40)
+    assert chisquare(counts, p / p.sum() * draws).pvalue > 1e-3
+    alone = gumbel_max_sample(batch[5:6], torch.full((1,), 1 / temp, device="cuda"),
+                              torch.ones(1, dtype=torch.int32, device="cuda"),
+                              torch.tensor([5 * 7919 + 3], device="cuda"))
+    assert alone.item() == tokens[5].item()

@@ -59,13 +59,6 @@ ABBA = ("off", "predictive", "predictive", "off")
 STARTUP_S = 60.0  # the engine's start and the twin's fit, for the planned duration
 
 
-def plain_json(value: Any) -> Any:
-    """numpy scalars (a forecast's flags and figures) as the Python values JSON takes."""
-    if hasattr(value, "item"):
-        return value.item()
-    raise TypeError(f"{type(value).__name__} is not JSON serializable")
-
-
 def model_folder(args: argparse.Namespace) -> str:
     from ondo.bench.shapes import shape_folder, write_word_tokenizer
 
@@ -162,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         summarize,
     )
     from ondo.bench.governor_load import RequestRelay, start_load_process
-    from ondo.control.decision import DECISION_TABLE, GovernorDecision
+    from ondo.control.decision import DECISION_TABLE, GovernorDecision, plain_json
     from ondo.control.objectives import GpuFacts, Objectives, resolve_objectives
     from ondo.control.serve import GovernorSetup, ServerGovernor
     from ondo.engine.async_llm import AsyncLLM

@@ -30,7 +30,7 @@ import time
 import httpx
 
 from ondo.bench.outside_load import make_load, run_load
-from ondo.bench.server_health import wait_healthy
+from ondo.bench.server_process import start_dummy_server
 from ondo.bench.shapes import SHAPES, shape_folder
 
 W1_LEN = (100, 1024)
@@ -38,21 +38,14 @@ W1_LEN = (100, 1024)
 
 def start_server(args: argparse.Namespace, folder: str, log_path: str
                  ) -> tuple[subprocess.Popen, str]:
-    cmd = [sys.executable, "-m", "ondo", "serve", folder, "--load-format", "dummy",
-           "--port", str(args.port), "--max-model-len", str(args.max_model_len),
-           "--max-num-seqs", str(args.max_num_seqs),
-           "--max-waiting-requests", str(4 * args.num_prompts), "--telemetry", "off"]
+    flags = ["--max-model-len", str(args.max_model_len), "--max-num-seqs", str(args.max_num_seqs),
+             "--max-waiting-requests", str(4 * args.num_prompts), "--telemetry", "off"]
     if args.smoke:
-        cmd += ["--device", "cpu", "--num-kv-blocks", "512", "--max-num-batched-tokens", "256"]
+        flags += ["--device", "cpu", "--num-kv-blocks", "512", "--max-num-batched-tokens", "256"]
     else:
-        cmd += ["--dtype", "bfloat16"]
-    cmd += shlex.split(args.server_args)  # last: they override the above
-    log = open(log_path, "w")  # noqa: SIM115 (kept open for the server's life)
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    base = f"http://127.0.0.1:{args.port}"
-    wait_healthy(base, proc)
-    return proc, base
+        flags += ["--dtype", "bfloat16"]
+    flags += shlex.split(args.server_args)  # last: they override the above
+    return start_dummy_server(folder, args.port, flags, log_path)
 
 
 def stage_row(name: str, summary: dict, offline_tok_s: float | None) -> dict:

@@ -23,14 +23,13 @@ import json
 import os
 import sqlite3
 import statistics
-import subprocess
 import sys
 import time
 
-import httpx
 import torch
 
 from ondo.bench.serve import BenchServeArgs, bench_serve, make_requests
+from ondo.bench.server_process import start_dummy_server
 from ondo.bench.shapes import SHAPES, shape_folder
 from ondo.engine.gc_pauses import GcPauses, freeze_startup_heap, thaw_heap
 from ondo.engine.sampling_params import SamplingParams
@@ -131,20 +130,6 @@ def offline(folder: str, request_sets: list, engine_flags: dict) -> list[tuple[f
     return results
 
 
-def wait_healthy(url: str, proc: subprocess.Popen, timeout_s: float = 300) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"ondo serve exited with {proc.returncode}")
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    raise TimeoutError("ondo serve did not become healthy")
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--model-shape", default="qwen3-0.6b", choices=sorted(SHAPES))
@@ -179,18 +164,15 @@ def main() -> int:
     # Below saturation the ratio is to the median offline figure (it is not the target).
     offline_median = statistics.median(tps for tps, _ in offline_runs)
 
-    url = f"http://127.0.0.1:{args.port}"
     db = os.path.splitext(args.out)[0] + "-engine-steps.db"
     if os.path.exists(db):
         os.remove(db)
-    cmd = [sys.executable, "-m", "ondo", "serve", folder, "--load-format", "dummy", "--dtype", "bfloat16",
-           "--port", str(args.port), "--max-model-len", str(args.max_model_len), "--max-num-seqs", "256",
-           "--max-waiting-requests", str(4 * args.num_prompts)]
-    cmd += ["--telemetry-db", db] if args.telemetry == "db" else ["--telemetry", "off"]
-    proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    flags = ["--dtype", "bfloat16", "--max-model-len", str(args.max_model_len),
+             "--max-num-seqs", "256", "--max-waiting-requests", str(4 * args.num_prompts)]
+    flags += ["--telemetry-db", db] if args.telemetry == "db" else ["--telemetry", "off"]
+    proc, url = start_dummy_server(folder, args.port, flags)
     rows = []
     try:
-        wait_healthy(url, proc)
         engine_pids = child_pids(proc.pid)
         for seed, rate in runs:
             t0, client0 = time.monotonic(), time.process_time()

@@ -36,7 +36,7 @@ import tempfile
 import time
 
 from ondo.bench.serve import make_requests, run_benchmark
-from ondo.bench.server_health import wait_healthy
+from ondo.bench.server_process import start_dummy_server
 from ondo.bench.shapes import SHAPES, shape_folder
 from ondo.bench.soak import Phase, SoakConfig, run_soak
 from ondo.bench.soak_checks import format_checks
@@ -45,23 +45,15 @@ W1_LEN = (100, 1024)
 
 
 def start_server(args: argparse.Namespace, log_path: str) -> tuple[subprocess.Popen, str]:
-    folder = shape_folder(args.model_shape)
-    cmd = [sys.executable, "-m", "ondo", "serve", folder, "--load-format", "dummy",
-           "--port", str(args.port), "--max-model-len", str(args.max_model_len),
-           "--max-num-seqs", str(args.max_num_seqs),
-           "--max-waiting-requests", str(args.max_waiting_requests),
-           "--engine-process", "--engine-restarts", "3", "--telemetry", "off"]
+    flags = ["--max-model-len", str(args.max_model_len), "--max-num-seqs", str(args.max_num_seqs),
+             "--max-waiting-requests", str(args.max_waiting_requests),
+             "--engine-process", "--engine-restarts", "3", "--telemetry", "off"]
     if args.smoke:
-        cmd += ["--device", "cpu", "--num-kv-blocks", "256", "--max-num-batched-tokens", "256"]
+        flags += ["--device", "cpu", "--num-kv-blocks", "256", "--max-num-batched-tokens", "256"]
     else:
-        cmd += ["--dtype", "bfloat16"]
-    cmd += shlex.split(args.server_args)  # last: they override the above
-    log = open(log_path, "w")  # noqa: SIM115 (kept open for the server's life)
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    base = f"http://127.0.0.1:{args.port}"
-    wait_healthy(base, proc)
-    return proc, base
+        flags += ["--dtype", "bfloat16"]
+    flags += shlex.split(args.server_args)  # last: they override the above
+    return start_dummy_server(shape_folder(args.model_shape), args.port, flags, log_path)
 
 
 def measure_saturation(base: str, args: argparse.Namespace) -> float:

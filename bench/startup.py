@@ -1,7 +1,9 @@
 """Engine start-up time (load dummy weights, profile, compile, capture CUDA graphs, with
-the warm-up and capture seconds of each kind of graph), in a
-fresh process, with its phases. Run twice: the first run on a new machine compiles with
-cold caches; the second finds Inductor's and Triton's on-disk caches warm.
+the warm-up and capture seconds of each kind of graph), in a fresh process, with its
+phases: besides the engine's own (`phases_s`), the imports before it (`imports_s`: torch,
+Triton and ondo) and the seconds torch.compile spent in all (`compile_s`, Dynamo and
+Inductor, inside the profile and graph phases). Run twice: the first run on a new machine
+compiles with cold caches; the second finds Inductor's and Triton's on-disk caches warm.
 
     python3 bench/startup.py --model-shape qwen3-0.6b
 """
@@ -12,8 +14,16 @@ import argparse
 import json
 import time
 
-from ondo import LLM
-from ondo.bench.shapes import shape_folder
+T_START = time.perf_counter()
+
+
+def compile_seconds() -> float:
+    """Seconds torch.compile spent in this process (Dynamo's own account; 0 if none)."""
+    try:
+        from torch._dynamo.utils import compilation_time_metrics
+    except ImportError:
+        return 0.0
+    return float(sum(compilation_time_metrics.get("_compile.compile_inner", [])))
 
 
 def main() -> None:
@@ -21,6 +31,12 @@ def main() -> None:
     ap.add_argument("--model-shape", default="qwen3-0.6b")
     ap.add_argument("--max-model-len", type=int, default=4096)
     args = ap.parse_args()
+    import torch  # noqa: F401  (timed: the imports are a phase of a start)
+
+    from ondo import LLM
+    from ondo.bench.shapes import shape_folder
+
+    imports_s = time.perf_counter() - T_START
     t0 = time.perf_counter()
     llm = LLM(shape_folder(args.model_shape), load_format="dummy", dtype="bfloat16",
               max_model_len=args.max_model_len, gpu_memory_utilization=0.9)
@@ -35,6 +51,7 @@ def main() -> None:
         c["capture_s"] += capture_s
         c["max_capture_s"] = max(c["max_capture_s"], capture_s)
     print(json.dumps({"model": args.model_shape, "startup_s": engine.startup_s, "wall_s": wall,
+                      "imports_s": imports_s, "compile_s": compile_seconds(),
                       "phases_s": engine.startup_phases_s, "cuda_graphs": len(runner.graphs),
                       "mixed_cuda_graphs": len(runner.mixed_graphs),
                       "graph_capture": {k: {n: round(v, 3) for n, v in c.items()} for k, c in capture.items()}}))

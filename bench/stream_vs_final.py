@@ -24,23 +24,16 @@ import tempfile
 
 import httpx
 
-from bench.soak import wait_healthy
+from ondo.bench.server_process import start_dummy_server
 from ondo.bench.shapes import SHAPES, shape_folder
 
 
 def start_server(args: argparse.Namespace, log_path: str) -> tuple[subprocess.Popen, str]:
-    folder = shape_folder(args.model_shape)
-    cmd = [sys.executable, "-m", "ondo", "serve", folder, "--load-format", "dummy",
-           "--port", str(args.port), "--max-model-len", str(args.max_model_len),
-           "--device", args.device, "--dtype", args.dtype, "--engine-process",
-           "--telemetry", "off", "--events", "off"]
+    flags = ["--max-model-len", str(args.max_model_len), "--device", args.device,
+             "--dtype", args.dtype, "--engine-process", "--telemetry", "off", "--events", "off"]
     if args.num_kv_blocks:
-        cmd += ["--num-kv-blocks", str(args.num_kv_blocks)]
-    log = open(log_path, "w")  # noqa: SIM115 (kept open for the server's life)
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ))
-    base = f"http://127.0.0.1:{args.port}"
-    wait_healthy(base, proc)
-    return proc, base
+        flags += ["--num-kv-blocks", str(args.num_kv_blocks)]
+    return start_dummy_server(shape_folder(args.model_shape), args.port, flags, log_path)
 
 
 def prompts(num: int, vocab: int, seed: int) -> list[str]:

@@ -106,7 +106,7 @@ def _generate(llm, n_steps_recorded: int, clock=None) -> tuple[list[list[int]], 
 
 
 def test_the_timeline_records_each_step_and_leaves_the_engine_as_it_was(llm):
-    plain, _ = _generate(llm, 0 + 2)  # two steps recorded, no clock: host phases only
+    plain, _ = _generate(llm, 2)  # two steps recorded, no clock: host phases only
     engine = llm.engine
     tokens, timeline = _generate(llm, 10, clock=HostClock())
     assert tokens == plain  # greedy: the instrumented run draws the same tokens

@@ -10,6 +10,7 @@ import json
 import os
 import signal
 import time
+from collections.abc import Callable
 
 import httpx
 import pytest
@@ -210,6 +211,27 @@ def _engine_pid(server_pid: int) -> int:
     raise AssertionError("no engine process under the server")
 
 
+# Long enough that the engine is still at it when it is killed after three chunks.
+LONG_BODY = {"prompt": "Once upon a time", "max_tokens": 1000, "ignore_eos": True, "temperature": 0}
+
+
+def stream_and_kill(base: str, pid: Callable[[], int]) -> tuple[list[str], float]:
+    """LONG_BODY streamed from `base`; after its third chunk the process `pid()` gets SIGKILL.
+    The stream's data lines, and when the kill was sent (monotonic seconds)."""
+    events: list[str] = []
+    killed_s = float("nan")
+    with httpx.stream("POST", base + "/v1/completions", json=LONG_BODY | {"stream": True},
+                      timeout=60) as r:
+        for line in r.iter_lines():
+            if not line.startswith("data: "):
+                continue
+            events.append(line[6:])
+            if len(events) == 3:
+                os.kill(pid(), signal.SIGKILL)
+                killed_s = time.monotonic()
+    return events, killed_s
+
+
 def _metric_lines(base: str, name: str) -> dict[str, float]:
     """{the labels after model_name: value} of one metric family."""
     out = {}
@@ -232,18 +254,8 @@ def test_ondo_serve_restarts_a_killed_engine_and_serves_again(model):
                                "--num-kv-blocks", "128", "--engine-process", "--engine-restarts", "2",
                                "--shutdown-timeout", "5")
     try:
-        # Long enough that the engine is still at it when it is killed after three chunks.
-        body = {"prompt": "Once upon a time", "max_tokens": 1000, "ignore_eos": True, "temperature": 0}
-        events = []
-        with httpx.stream("POST", base + "/v1/completions", json=body | {"stream": True},
-                          timeout=60) as r:
-            for line in r.iter_lines():
-                if not line.startswith("data: "):
-                    continue
-                events.append(line[6:])
-                if len(events) == 3:
-                    os.kill(_engine_pid(proc.pid), signal.SIGKILL)
-                    killed_s = time.monotonic()
+        body = LONG_BODY
+        events, killed_s = stream_and_kill(base, lambda: _engine_pid(proc.pid))
         # The stream in flight ended with an error event, then [DONE].
         assert events[-1] == "[DONE]"
         error = json.loads(events[-2])["error"]

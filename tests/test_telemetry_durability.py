@@ -22,7 +22,7 @@ import httpx
 import pytest
 
 import ondo
-from tests.server_process import free_port
+from tests.server_process import free_port, wait_healthy
 
 # The writer process: samples at about 1 kHz, a hash-chained record beside each, and the
 # wall time of the last one submitted in a small shared file (read after the kill).
@@ -238,15 +238,8 @@ def test_ondo_serve_keeps_serving_on_a_full_disk(tmp_path):
          "--telemetry-hz", "100", "--telemetry-db", str(db), "--shutdown-timeout", "2"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
+        wait_healthy(proc, base, 180)
         deadline = time.monotonic() + 180
-        while True:
-            assert proc.poll() is None and time.monotonic() < deadline, "ondo serve did not start"
-            try:
-                if httpx.get(base + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
 
         def write_errors() -> float:
             for line in httpx.get(base + "/metrics", timeout=10).text.splitlines():

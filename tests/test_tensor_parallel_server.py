@@ -6,7 +6,6 @@ again, and a drained shutdown leaves no process behind."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import time
 
@@ -15,7 +14,13 @@ import pytest
 
 from tests.server_harness import wait_for
 from tests.server_process import launch_server
-from tests.test_engine_supervision import _children, _engine_pid, _metric
+from tests.test_engine_supervision import (
+    LONG_BODY,
+    _children,
+    _engine_pid,
+    _metric,
+    stream_and_kill,
+)
 from tests.tokenizer_families import tiny_model_folder
 
 
@@ -45,16 +50,8 @@ def test_a_dead_worker_restarts_the_engine_process_and_the_server_serves_again(t
     try:
         engine = _engine_pid(proc.pid)
         (worker,) = _workers(engine)
-        body = {"prompt": "Once upon a time", "max_tokens": 1000, "ignore_eos": True, "temperature": 0}
-        events = []
-        with httpx.stream("POST", base + "/v1/completions", json=body | {"stream": True},
-                          timeout=60) as r:
-            for line in r.iter_lines():
-                if not line.startswith("data: "):
-                    continue
-                events.append(line[6:])
-                if len(events) == 3:
-                    os.kill(worker, signal.SIGKILL)
+        body = LONG_BODY
+        events, _ = stream_and_kill(base, lambda: worker)
         assert events[-1] == "[DONE]"
         message = json.loads(events[-2])["error"]["message"]
         assert "worker rank 1" in message and "SIGKILL" in message, message

@@ -134,7 +134,6 @@ class StepTimeline:
         self.engine = engine
         self.clock = clock if clock is not None else (
             CudaClock() if engine.device.type == "cuda" else None)
-        self.cuda = self.clock is not None
         self.steps: list[StepRecord] = []
         self._recording = False
         self._launching: StepRecord | None = None

@@ -27,8 +27,9 @@ class GovernorDecision:
     gpu_index: int = 0
 
 
-def _plain(value: Any) -> Any:
-    """A numpy scalar (a reading or a flag computed with numpy) as the Python value."""
+def plain_json(value: Any) -> Any:
+    """`json.dumps`'s `default`: a numpy scalar (a reading or a flag computed with numpy)
+    as the Python value."""
     if hasattr(value, "item") and getattr(value, "ndim", None) == 0:
         return value.item()
     raise TypeError(f"{type(value).__name__} in a governor decision is not JSON")
@@ -36,7 +37,7 @@ def _plain(value: Any) -> Any:
 
 def canonical_json(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), allow_nan=True,
-                      default=_plain)
+                      default=plain_json)
 
 
 DECISION_TABLE = RecordTable(

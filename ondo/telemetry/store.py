@@ -271,9 +271,9 @@ class TelemetryStore:
                 self._stop.wait(self.retry_backoff_s)
             if not batch:
                 continue
-            batch = self._writable(batch)
+            batch, rows = self._rows(batch)
             try:
-                self._write(batch)
+                self._write(rows)
                 self.stored += len(batch)
                 if self._failures_in_a_row:
                     log.warning("telemetry store writes again after %d failures",
@@ -364,26 +364,35 @@ class TelemetryStore:
                       table.kind.__name__, type(e).__name__, e)
             return None
 
-    def _writable(self, batch: list[Any]) -> list[Any]:
-        """The batch less the records of registered tables that cannot be made into rows."""
-        return [r for r in batch if type(r) not in self.tables
-                or self._row_or_reject(r) is not None]
-
-    def _write(self, batch: list[Any]) -> None:
-        gpu = [_gpu_row(s) for s in batch if isinstance(s, GpuSample)]
-        engine = [_engine_row(s) for s in batch if isinstance(s, EngineSample)]
-        other: dict[type, list[tuple[Any, ...]]] = {}
+    def _rows(self, batch: list[Any]) -> tuple[list[Any], dict[type, list[tuple[Any, ...]]]]:
+        """The batch's rows by record type, and the records they were made of (the batch
+        less those of registered tables that cannot be made into rows)."""
+        kept: list[Any] = []
+        rows: dict[type, list[tuple[Any, ...]]] = {}
         for record in batch:
-            table = self.tables.get(type(record))
-            if table is not None:
-                other.setdefault(table.kind, []).append(table.row(record))
+            kind = type(record)
+            if isinstance(record, GpuSample):
+                kind, row = GpuSample, _gpu_row(record)
+            elif isinstance(record, EngineSample):
+                kind, row = EngineSample, _engine_row(record)
+            elif kind in self.tables:
+                row = self._row_or_reject(record)
+                if row is None:
+                    continue
+            else:  # no table of its own: nothing to write (counted as done, as it was)
+                kept.append(record)
+                continue
+            kept.append(record)
+            rows.setdefault(kind, []).append(row)
+        return kept, rows
+
+    def _write(self, rows: dict[type, list[tuple[Any, ...]]]) -> None:
         with self._conn:
-            if gpu:
-                self._conn.executemany(_INSERT_GPU, gpu)
-            if engine:
-                self._conn.executemany(_INSERT_ENGINE, engine)
-            for kind, rows in other.items():
-                self._conn.executemany(self.tables[kind].insert_sql, rows)
+            for kind, kind_rows in rows.items():
+                sql = (_INSERT_GPU if kind is GpuSample else _INSERT_ENGINE if kind is EngineSample
+                       else self.tables[kind].insert_sql)
+                self._conn.executemany(sql, kind_rows)
+        gpu = rows.get(GpuSample)
         if gpu:
             self._latest_t = max(self._latest_t, max(r[2] for r in gpu))
 

@@ -68,10 +68,11 @@ for stage in $STAGES; do
     turnover)
       timeout ${TURNOVER_TIMEOUT:-300} python3 bench/kv_turnover.py ${TURNOVER_ARGS:-} 2>&1 | grep "^{" ;;
     structured)
-      # W1 with a JSON schema on every request against W1 without; mask cost at batch 1 and 256.
+      # W1 with a JSON schema on every request against W1 without (and with the masks filled
+      # inline), where a step's time goes, mask costs by fill threads at batch 1, 64 and 256.
       timeout ${STRUCTURED_TIMEOUT:-480} python3 bench/structured_overhead.py ${STRUCTURED_ARGS:-} \
         > "$OUT/structured.log" 2>&1
-      grep -v "^{" "$OUT/structured.log" | grep -v Warn | tail -8; grep "^{" "$OUT/structured.log" > "$OUT/structured.json" ;;
+      grep -v "^{" "$OUT/structured.log" | grep -v Warn | tail -40; grep "^{" "$OUT/structured.log" > "$OUT/structured.json" ;;
     soak)
       # Mixed W1-like load at 80 % of the measured saturation for SOAK_DURATION_S (~6 min in all).
       timeout ${SOAK_TIMEOUT:-560} python3 bench/soak.py --model-shape qwen3-0.6b \

@@ -1,6 +1,6 @@
 """Constrained decoding with llguidance: grammars compiled off the engine's thread and cached
-by their constraint's hash, one matcher per sequence, and each step's token masks computed
-for the whole batch at once and applied to the logits on the device in one operation.
+by their constraint's hash, and one matcher per sequence (each step's masks are
+`token_masks.py`'s).
 
 A matcher's state is the sequence's output tokens: `SequenceGrammar.sync` makes it consume
 whatever the sequence has that it has not (tokens still on the device included, under
@@ -10,14 +10,12 @@ the sequence through swaps and recomputation without the engine tracking either.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
-import time
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
-
-import torch
+from dataclasses import dataclass, field
 
 from ondo.engine.structured_outputs import StructuredOutputsParams, check
 
@@ -28,14 +26,25 @@ CACHE_SIZE = 256  # compiled grammars kept (least recently used dropped)
 
 @dataclass
 class CompiledGrammar:
-    """A matcher in its start state, copied for each sequence (the copies share the
-    lexer's lazily built states, so the cache keeps that work too)."""
+    """Matchers in their start state, one per shard, copied for each sequence. The copies
+    of one matcher share its lexer's lazily built states (so the cache keeps that work
+    too) behind one lock of the library's: threads filling masks of copies of one matcher
+    take turns, and one pool thread was no slower than many. So the grammar is compiled
+    once per fill thread, sequences are dealt to the shards in turn, and the fill hands
+    each thread rows of one shard (`token_masks.py`)."""
 
     key: str
-    template: object  # llguidance.LLMatcher
+    templates: list[object]  # llguidance.LLMatcher, one per shard
+    _turn: itertools.count = field(default_factory=itertools.count, repr=False)
 
-    def new_matcher(self) -> object:
-        return self.template.deep_copy()
+    @property
+    def template(self) -> object:
+        return self.templates[0]
+
+    def new_matcher(self) -> tuple[object, int]:
+        """A matcher in the start state and its shard."""
+        shard = next(self._turn) % len(self.templates)
+        return self.templates[shard].deep_copy(), shard
 
 
 class GrammarCompiler:
@@ -44,7 +53,10 @@ class GrammarCompiler:
     150k tokens), on the same thread."""
 
     def __init__(self, hf_tokenizer: object, vocab_size: int, eos_token_ids: list[int],
-                 cache_size: int = CACHE_SIZE) -> None:
+                 cache_size: int = CACHE_SIZE, num_shards: int = 1) -> None:
+        if num_shards < 1:
+            raise ValueError(f"num_shards must be at least 1, got {num_shards}")
+        self.num_shards = num_shards
         self._hf_tokenizer = hf_tokenizer
         self.vocab_size = vocab_size
         self.eos_token_ids = list(eos_token_ids)
@@ -77,8 +89,10 @@ class GrammarCompiler:
         matcher = llguidance.LLMatcher(self.tokenizer(), text)
         if matcher.is_error():
             raise ValueError(f"invalid {spec.kind}: {matcher.get_error()}")
+        shards = [matcher] + [llguidance.LLMatcher(self.tokenizer(), text)
+                              for _ in range(self.num_shards - 1)]
         self.num_compiled += 1
-        return CompiledGrammar(key, matcher)
+        return CompiledGrammar(key, shards)
 
     def tokenizer(self) -> object:
         """llguidance's tokenizer over the model's vocabulary (rows of the logits)."""
@@ -99,7 +113,7 @@ class SequenceGrammar:
 
     def __init__(self, compiled: CompiledGrammar) -> None:
         self.compiled = compiled
-        self.matcher = compiled.new_matcher()
+        self.matcher, self.shard = compiled.new_matcher()
         self.num_consumed = 0
         self.error: str | None = None
         # Nothing but EOS may follow: the output is a whole sentence of the grammar. Kept
@@ -111,10 +125,26 @@ class SequenceGrammar:
         child = SequenceGrammar.__new__(SequenceGrammar)
         child.compiled = self.compiled
         child.matcher = self.matcher.deep_copy()
+        child.shard = self.shard
         child.num_consumed = self.num_consumed
         child.error = self.error
         child.is_complete = self.is_complete
         return child
+
+    def next_token(self, token_ids: list[int], start: int, pending: int | None = None) -> int | None:
+        """The one token `sync` would consume, where that is all it would do (the common case
+        each step); None otherwise (nothing, several tokens, a rollback, an error)."""
+        total = len(token_ids) - start + (pending is not None)
+        if total != self.num_consumed + 1 or self.error is not None:
+            return None
+        return pending if pending is not None else token_ids[-1]
+
+    def consumed(self, ok: bool) -> None:
+        """`next_token`'s token was consumed (by the library, for a batch at once)."""
+        self.num_consumed += 1
+        if not ok:
+            self.error = self.matcher.get_error() or "a token does not match the grammar"
+        self.is_complete = ok and self.matcher.is_stopped()
 
     def sync(self, token_ids: list[int], start: int, pending: int | None = None) -> None:
         """Consume the sequence's output, `token_ids[start:]` then `pending` (drawn, not yet
@@ -136,66 +166,3 @@ class SequenceGrammar:
             self.error = self.matcher.get_error() or f"tokens {new} do not match the grammar"
         self.num_consumed = total
         self.is_complete = self.error is None and self.matcher.is_stopped()
-
-
-class BatchMasks:
-    """Each step's allowed-token bitmask for the rows that have a grammar: filled by the
-    library's thread pool (the interpreter lock released), for all rows at once."""
-
-    def __init__(self, vocab_size: int, device: torch.device, eos_token_id: int) -> None:
-        import llguidance
-
-        self.vocab_size = vocab_size
-        self.words = (vocab_size + 31) // 32
-        self.device = device
-        self.eos_token_id = eos_token_id
-        self._executor = llguidance.LLExecutor()
-        self._host: torch.Tensor | None = None
-        self._copied: torch.cuda.Event | None = None
-        self.num_steps = 0
-        self.fill_s = 0.0  # host time filling masks, summed
-
-    def fill(self, grammars: list[SequenceGrammar]) -> torch.Tensor:
-        """[len(grammars), words] int32 bitmask on the device (bit t of row r: token t allowed)."""
-        t0 = time.perf_counter()
-        rows = len(grammars)
-        if self._copied is not None:  # last step's copy out of the pinned buffer
-            self._copied.synchronize()
-        if self._host is None or self._host.shape[0] < rows:
-            self._host = torch.empty((max(rows, 8), self.words), dtype=torch.int32,
-                                     pin_memory=self.device.type == "cuda")
-        host = self._host[:rows]
-        work = [(g.matcher, i) for i, g in enumerate(grammars) if g.error is None]
-        if work:
-            self._executor.unsafe_compute_mask_ptr(work, host.data_ptr(), self.words * 4, rows)
-        for i, g in enumerate(grammars):
-            if g.error is not None:  # a broken matcher may only end its sequence
-                host[i].zero_()
-                host[i, self.eos_token_id // 32] = 1 << (self.eos_token_id % 32)
-        if self.device.type == "cuda":
-            out = host.to(self.device, non_blocking=True)
-            self._copied = torch.cuda.Event()
-            self._copied.record()
-        else:
-            out = host.clone()
-        self.num_steps += 1
-        self.fill_s += time.perf_counter() - t0
-        return out
-
-
-_SHIFTS: dict[torch.device, torch.Tensor] = {}
-
-
-def apply_bitmask(logits: torch.Tensor, rows: torch.Tensor | None, bitmask: torch.Tensor) -> None:
-    """In place: every token whose bit is 0 in its row's mask gets -inf. `rows` picks the
-    logits rows the bitmask's rows belong to (None: all, in order). A few batched kernels
-    for the whole step, whatever the number of rows."""
-    shifts = _SHIFTS.get(logits.device)
-    if shifts is None:
-        shifts = _SHIFTS[logits.device] = torch.arange(32, dtype=torch.int32, device=logits.device)
-    vocab = logits.shape[1]
-    allowed = ((bitmask.unsqueeze(-1) >> shifts) & 1).view(bitmask.shape[0], -1)[:, :vocab].bool()
-    if rows is None:
-        logits.masked_fill_(~allowed, float("-inf"))
-    else:
-        logits[rows] = logits[rows].masked_fill(~allowed, float("-inf"))

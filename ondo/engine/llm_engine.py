@@ -17,12 +17,16 @@ schedule ran short of blocks (only a drained schedule may preempt).
 
 Structured outputs: a request with a grammar waits outside the scheduler until its grammar
 has compiled (on the compiler's thread), then queues like any other. Each step, the
-sequences with a grammar get their allowed-token masks, computed for the batch at once
-while the forward pass runs on the device and applied to the logits before sampling.
-Under asynchronous scheduling the masks need the previous step's draws: they are read back
-first (they are ready by then; the step in flight is the forward pass queued after them),
-and the masks are filled on a thread while the previous step's outputs are made; the step
-is sampled after both (`_sample`).
+sequences with a grammar get their allowed-token masks, filled for the batch at once on
+other threads (`token_masks.py`) from the moment their matchers' states are known, and
+applied to the logits before sampling; the forward pass never waits for them. Stepping
+synchronously (or drained), that is as soon as the step is scheduled. Under asynchronous
+scheduling step N+1's masks need step N's draws: step N's sampling is queued just before
+step N+1's forward pass, so its draws are read back (the host waits only for the sampling
+kernels) and step N+1's fill starts while its forward pass runs; step N+1 stays launched
+but unsampled (`_InFlight.masks`) while the host makes step N's outputs and schedules and
+packs step N+2, and is sampled just before step N+2's forward pass is queued. A step with
+no constrained row does none of this: it is sampled at once, as it always was.
 """
 
 from __future__ import annotations
@@ -44,16 +48,17 @@ from ondo.distributed.workers import TensorParallelWorkers, start_tensor_paralle
 from ondo.engine import fault_injection
 from ondo.engine.block_manager import BlockManager
 from ondo.engine.config import EngineArgs
-from ondo.engine.grammar import BatchMasks, CompiledGrammar, GrammarCompiler, SequenceGrammar
+from ondo.engine.grammar import CompiledGrammar, GrammarCompiler, SequenceGrammar
 from ondo.engine.model_runner import ModelRunner, StepBatch
 from ondo.engine.outputs import CompletionOutput, RequestOutput, WireDelta, wire_delta
-from ondo.engine.sampler import DeviceSample, TokenMask, sample_on_device, to_device
+from ondo.engine.sampler import DeviceSample, sample_on_device, to_device
 from ondo.engine.sampling_params import SamplingParams
 from ondo.engine.scheduler import Scheduler, SchedulerOutput
 from ondo.engine.scheduler_limits import DutyCycleGate, SchedulerLimits
 from ondo.engine.sequence import Sequence, SequenceStatus
 from ondo.engine.step_stats import StepStats
 from ondo.engine.stop_checker import check_stop
+from ondo.engine.token_masks import MaskFiller, PendingMask
 from ondo.model.detokenizer import IncrementalDetokenizer, detokenize
 from ondo.model.fusion import warm_compiler
 from ondo.model.loader import load_model
@@ -130,10 +135,11 @@ class _InFlight:
     seqs: list[Sequence]  # the draws' rows, in order
     draws: DeviceSample | None
     start_monotonic_s: float
-    # Launched, not yet sampled (`_sample`): the logits and the grammar masks (being filled
-    # on a thread while the previous step's outputs are made).
+    # Launched, not yet sampled (`_sample`): the logits, the grammar masks being filled,
+    # and each row's output length before its draw (for seeded draws).
     logits: torch.Tensor | None = None
-    masks: Future[TokenMask | None] | TokenMask | None = None
+    masks: PendingMask | None = None
+    output_lens: list[int] | None = None
 
 
 class StepFailed(Exception):
@@ -235,10 +241,12 @@ class LLMEngine:
         self.num_failed_steps_in_a_row = 0
         # Structured outputs: made on the first request that has one.
         self._grammar_compiler: GrammarCompiler | None = None
-        self._batch_masks: BatchMasks | None = None
+        self._mask_filler: MaskFiller | None = None
         self._compiling: list[tuple[Sequence, Future[CompiledGrammar]]] = []
         self._grammars: dict[int, SequenceGrammar] = {}  # by seq_id
-        self._mask_pool = ThreadPoolExecutor(1, thread_name_prefix="ondo-masks")
+        # False: each step's masks are filled on the engine's thread after its forward pass
+        # is queued and it is sampled at once (the baseline the overlap is measured against).
+        self.mask_overlap = True
         # The engine process sets this: plain streamed steps leave as wire tuples (see
         # `_wire_delta`), not as RequestOutputs it would build only to strip them again.
         self.wire_deltas = False
@@ -352,9 +360,11 @@ class LLMEngine:
     def _compiler(self) -> GrammarCompiler:
         if self._grammar_compiler is None:
             vocab = self.model_config.vocab_size
+            self._mask_filler = MaskFiller(vocab, self.device, self.eos_token_ids[0],
+                                           max_rows=self.args.max_num_seqs)
             self._grammar_compiler = GrammarCompiler(self.tokenizer.hf_tokenizer, vocab,
-                                                     self.eos_token_ids)
-            self._batch_masks = BatchMasks(vocab, self.device, self.eos_token_ids[0])
+                                                     self.eos_token_ids,
+                                                     num_shards=self._mask_filler.num_threads)
         return self._grammar_compiler
 
     def _admit_compiled(self) -> None:
@@ -459,7 +469,9 @@ class LLMEngine:
         if prev is not None:
             self.num_steps_ahead += 1
             outputs.extend(self._finish(prev))
-        self._sample(launched)
+        if not (self.async_scheduling and self.mask_overlap and launched.masks is not None
+                and not launched.masks.future.done()):
+            self._sample(launched)  # else: sampled once the next step is packed (`_launch`)
         if self.async_scheduling:
             self._in_flight = launched
         else:
@@ -506,22 +518,28 @@ class LLMEngine:
                 and self._num_sync_requests == 0)
 
     def _launch(self, sched: SchedulerOutput, prev: _InFlight | None) -> _InFlight:
-        """Pack, run and draw the step on the device; nothing here waits for the GPU."""
+        """Pack, run and draw the step on the device; nothing here waits for the GPU, except
+        for `prev`'s draws where this step's masks need them (its sampling kernels only)."""
         timing = self.step_timing_s
         start = time.monotonic()
         t0 = time.perf_counter()
+        sampling = [s.seq for s in sched.scheduled if s.samples]
+        masks = None
+        if prev is None and self._grammars and self.mask_overlap and not self._forks_due(sampling):
+            masks = self._start_masks(sampling, None, on_thread=True)  # every token is known
         batch = self.runner.prepare(sched)
         t_prepared = time.perf_counter()
+        if prev is not None and prev.draws is None:
+            self._sample(prev)  # its draws must be queued before this step's forward pass
         prev_tokens = prev.draws.tokens if prev is not None and prev.draws is not None else None
+        t_launch = time.perf_counter()
         logits = self.runner.execute(sched, batch, prev_tokens)
         t_launched = time.perf_counter()
-        sampling = [s.seq for s in sched.scheduled if s.samples]
         for item in sched.scheduled:
             item.seq.num_computed_tokens += item.num_new_tokens
             self.block_manager.cache_full_blocks(item.seq)
             if item.seq.first_scheduled_s is None:
                 item.seq.first_scheduled_s = start
-        draws = None
         seqs: list[Sequence] = []
         if logits is not None:
             # A request with n > 1 forks as its first token is sampled: every sequence
@@ -533,63 +551,77 @@ class LLMEngine:
                     seqs.append(s)
             if len(seqs) != len(sampling):
                 logits = logits.index_select(0, to_device(rows, torch.int64, logits.device))
-        masks = self._token_mask(seqs, prev) if self._grammars and seqs else None
+        if masks is None and self._grammars and seqs:
+            masks = self._token_mask(seqs, prev)
+        output_lens = [s.num_output_tokens + s.num_pending_tokens for s in seqs]
+        for row, s in enumerate(seqs):  # drawn by this step, read back by `_finish`
+            s.num_pending_tokens += 1
+            s.pending_row = row
         timing["prepare"] += t_prepared - t0
-        timing["launch"] += t_launched - t_prepared
+        timing["launch"] += t_launched - t_launch
         timing["sample"] += time.perf_counter() - t_launched
-        return _InFlight(sched, batch, seqs, draws, start, logits, masks)
+        return _InFlight(sched, batch, seqs, None, start, logits, masks, output_lens)
+
+    def _forks_due(self, sampling: list[Sequence]) -> bool:
+        """A request with n > 1 samples its first token in this step (`_fork`)."""
+        return any(s.params.num_sequences > 1 and len(self._requests[s.request_id]) == 1
+                   for s in sampling)
 
     def _sample(self, f: _InFlight) -> None:
-        """Queue the launched step's draws on the device (after its masks are filled)."""
+        """Queue the launched step's draws on the device (once its masks are filled)."""
         if f.logits is None:
             return
         t0 = time.perf_counter()
         seqs = f.seqs
-        masks = f.masks.result() if isinstance(f.masks, Future) else f.masks
+        mask = self._mask_filler.result(f.masks) if f.masks is not None else None
         f.draws = sample_on_device(
             f.logits,
             [s.params for s in seqs],
-            [s.num_output_tokens + s.num_pending_tokens for s in seqs],
+            f.output_lens,
             self.generator,
             history=lambda: ([s.prompt_token_ids for s in seqs], [s.output_token_ids for s in seqs]),
-            mask=masks,
+            mask=mask,
             host_generator=self.host_generator,
         )
         f.draws.start_copy()
         f.logits = f.masks = None
-        for row, s in enumerate(seqs):
-            s.num_pending_tokens += 1
-            s.pending_row = row
         self.step_timing_s["sample"] += time.perf_counter() - t0
 
-    def _token_mask(self, seqs: list[Sequence],
-                    prev: _InFlight | None) -> Future[TokenMask | None] | TokenMask | None:
-        """The allowed tokens of the rows with a grammar, for the whole batch. Each matcher
-        first catches up with its sequence, including a token of `prev` still on the device;
-        then, with a step ahead (`prev`), the masks are filled on a thread while the host
-        makes `prev`'s outputs (which must not touch these matchers meanwhile)."""
-        rows = [(row, s) for row, s in enumerate(seqs) if s.seq_id in self._grammars]
-        if not rows:
-            return None
+    def _token_mask(self, seqs: list[Sequence], prev: _InFlight | None) -> PendingMask | None:
+        """Start the masks of the rows with a grammar once the forward pass is queued. Each
+        matcher first catches up with its sequence, including a token of `prev` still on the
+        device (read back here: `prev` was sampled just before this step's forward pass);
+        then, with a step ahead, the fill runs on a thread while the host makes `prev`'s
+        outputs and packs the next step."""
         drawn: list[int] | None = None
-        if prev is not None and prev.draws is not None and any(s.num_pending_tokens for _, s in rows):
-            drawn = prev.draws.to_host().token_ids  # ready: queued before this step's forward
-        grammars = []
-        for _, s in rows:
-            g = self._grammars[s.seq_id]
+        if prev is not None and prev.draws is not None and any(
+                s.num_pending_tokens and s.seq_id in self._grammars for s in seqs):
+            drawn = prev.draws.to_host().token_ids
+        return self._start_masks(seqs, drawn, on_thread=prev is not None and self.mask_overlap)
+
+    def _start_masks(self, seqs: list[Sequence], drawn: list[int] | None,
+                     on_thread: bool) -> PendingMask | None:
+        """Catch each row's matcher up with its sequence (and its token still on the device,
+        from `drawn`), then start the fill; None if no row has a grammar."""
+        rows: list[int] = []
+        items: list[tuple[SequenceGrammar, list[int], int, int | None]] = []
+        for row, s in enumerate(seqs):
+            g = self._grammars.get(s.seq_id)
+            if g is None:
+                continue
             pending = drawn[s.pending_row] if s.num_pending_tokens and drawn is not None else None
-            g.sync(s.token_ids, s.num_prompt_tokens, pending)
-            grammars.append(g)
-        index = None if len(rows) == len(seqs) else to_device([row for row, _ in rows], torch.int64,
-                                                               self.device)
-
-        def fill() -> TokenMask:
-            return TokenMask(self._batch_masks.fill(grammars), index)
-
-        return self._mask_pool.submit(fill) if prev is not None else fill()
+            items.append((g, s.token_ids, s.num_prompt_tokens, pending))
+            rows.append(row)
+        if not items:
+            return None
+        self._mask_filler.catch_up(items)
+        grammars = [g for g, _, _, _ in items]
+        return self._mask_filler.submit(grammars, None if len(rows) == len(seqs) else rows, on_thread)
 
     def _finish(self, f: _InFlight) -> list[RequestOutput]:
         """Read a step's draws back (waiting for the GPU), append them, check stops."""
+        if f.draws is None:
+            self._sample(f)
         timing = self.step_timing_s
         t0 = time.perf_counter()
         result = f.draws.to_host() if f.draws is not None else None
@@ -828,8 +860,7 @@ class LLMEngine:
             # Structured outputs: grammars compiled and found in the cache; mask host time.
             "num_grammars_compiled": self._grammar_compiler.num_compiled if self._grammar_compiler else 0,
             "num_grammar_cache_hits": self._grammar_compiler.num_cache_hits if self._grammar_compiler else 0,
-            "grammar_mask_steps": self._batch_masks.num_steps if self._batch_masks else 0,
-            "grammar_mask_s": self._batch_masks.fill_s if self._batch_masks else 0.0,
+            **self._mask_stats(),
             "block_size": bm.block_size,
             "prefix_cache_queries": bm.prefix_cache_queries,  # tokens looked up
             "prefix_cache_hits": bm.prefix_cache_hits,  # tokens found cached, not recomputed
@@ -841,6 +872,17 @@ class LLMEngine:
             "duty_cycle": self.step_gate.duty,
             "paced_s": self.step_gate.paused_s,  # idle time the duty cycle has asked for
         }
+
+    def _mask_stats(self) -> dict[str, float]:
+        """Grammar masks: steps and rows filled; seconds filling (on other threads), of that
+        the engine's thread waited for (not hidden), catching matchers up, queuing copies."""
+        t = self._mask_filler.timing if self._mask_filler is not None else None
+        if t is None:
+            return {"grammar_mask_steps": 0, "grammar_mask_rows": 0, "grammar_mask_s": 0.0,
+                    "grammar_mask_wait_s": 0.0, "grammar_mask_sync_s": 0.0, "grammar_mask_copy_s": 0.0}
+        return {"grammar_mask_steps": t.num_steps, "grammar_mask_rows": t.num_rows,
+                "grammar_mask_s": t.fill_s, "grammar_mask_wait_s": t.wait_s,
+                "grammar_mask_sync_s": t.sync_s, "grammar_mask_copy_s": t.copy_s}
 
     def waste_per_running_seq(self) -> list[int]:
         """Allocated-but-unused KV slots of each running sequence (for the KV-waste check)."""

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ondo.engine.grammar import apply_bitmask
 from ondo.engine.sampling_params import SamplingParams
+from ondo.kernels.bitmask import apply_token_bitmask
 
 
 @dataclass
@@ -237,7 +237,7 @@ def sample_on_device(
     if any(p.logit_bias for p in params):
         apply_logit_bias(logits, params)
     if mask is not None:
-        apply_bitmask(logits, mask.rows, mask.bitmask)
+        apply_token_bitmask(logits, mask.bitmask, mask.rows)
 
     if all(p.greedy for p in params):
         tokens = logits.argmax(-1)

@@ -76,3 +76,22 @@ def test_constrained_outputs_with_cuda_graphs_and_asynchronous_scheduling():
     steps = llm.engine.step_timing_s["steps"]
     assert llm.engine.num_steps_ahead > 0.5 * steps  # constrained requests did not drain
     assert llm.stats()["grammar_mask_steps"] > 0
+
+
+def test_mask_kernel_matches_the_reference_on_the_full_vocabulary():
+    from ondo.kernels.bitmask import apply_token_bitmask_ref
+    from ondo.kernels.triton_bitmask import apply_token_bitmask_triton
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    vocab = 151936
+    logits = torch.randn((64, vocab), device="cuda", generator=g)
+    bitmask = torch.randint(-(2**31), 2**31 - 1, (48, (vocab + 31) // 32), device="cuda",
+                            dtype=torch.int64, generator=g).to(torch.int32)
+    rows = torch.randperm(64, device="cuda", generator=g)[:48]
+    for index in (rows, None):
+        want, got = logits.clone(), logits.clone()
+        masks = bitmask if index is not None else torch.cat([bitmask, bitmask[:16]])
+        apply_token_bitmask_ref(want, masks, index)
+        apply_token_bitmask_triton(got, masks, index)
+        assert torch.equal(got, want)
+        assert torch.isinf(got).sum() == torch.isinf(want).sum() > 0

@@ -67,7 +67,7 @@ def compiles(x: torch.Tensor) -> bool:
 
 def unbacked_tokens() -> bool:
     """ONDO_UNBACKED_TOKENS=1: one graph for every token count (`mark_token_dim`). Off by
-    default until its GPU run (start-up time, W1 throughput) is in docs/benchmarks.md."""
+    default: on the H200, W1 was no faster with it (docs/benchmarks.md)."""
     return os.environ.get("ONDO_UNBACKED_TOKENS", "0") == "1"
 
 

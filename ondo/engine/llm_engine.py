@@ -176,6 +176,7 @@ class LLMEngine:
             self.device = resolve_device(args.device)
             torch.manual_seed(args.seed)
             torch.empty(1, device=self.device)  # the device's context, timed on its own
+            t_context = time.perf_counter()
             if self.device.type == "cuda":
                 warm_compiler()  # its workers start while the weights load
             t_device = time.perf_counter()
@@ -260,11 +261,13 @@ class LLMEngine:
         self.num_generation_tokens_total = 0
         self.startup_s = time.perf_counter() - t0
         # "load" = device context + weights + what was left to wait for the tokenizer
-        # (it loads meanwhile), also given one by one.
+        # (it loads meanwhile), also given one by one; "load.device" includes starting
+        # Inductor's compile workers, also given alone ("load.compiler_workers").
         self.startup_phases_s = {"load": t_weights - t0 + t_tokenizer - t_profiled,
                                  "profile": self.runner.profile_s,
                                  "cuda_graphs": self.runner.graph_capture_s,
                                  "load.device": t_device - t0, "load.weights": t_weights - t_device,
+                                 "load.compiler_workers": t_device - t_context,
                                  "load.tokenizer": t_tokenizer - t_profiled}
         log.info("start-up phases: %s", {k: round(v, 1) for k, v in self.startup_phases_s.items()})
         log.info("engine ready in %.1f s on %s (%s), max_model_len %d", self.startup_s, self.device,

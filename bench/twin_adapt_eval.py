@@ -1,7 +1,7 @@
 """The online twin's acceptance figures: every committed trace through `ondo twin adapt`'s path,
 starting from the packaged H100 constants, forecasting 10 s ahead.
 
-- serving traces (data/traces/ondo_serving*.csv, and any --trace): after the first 30 s,
+- serving traces (data/traces/ondo_serving*.csv[.xz], and any --trace): after the first 30 s,
   die RMSE <= 1.5 °C, HBM RMSE <= 2 °C, the band covering >= 80 % of the readings;
 - the H100 step and PRBS traces: the adapted twin no more than 0.2 °C worse than the packaged
   (offline) fit on the same rows.
@@ -90,7 +90,7 @@ def evaluate(path: str, kind: str, from_s: float) -> Row:
 
 
 def print_table(rows: list[Row]) -> None:
-    head = (f"{'trace':44} {'from':>5} {'rows':>6} {'die':>6} {'hbm':>6} {'cov d/h':>11} "
+    head = (f"{'trace':48} {'from':>5} {'rows':>6} {'die':>6} {'hbm':>6} {'cov d/h':>11} "
             f"{'static':>11} {'persist':>11} {'rej':>4}  result")
     print(head)
     print("-" * len(head))
@@ -98,7 +98,7 @@ def print_table(rows: list[Row]) -> None:
         result = {True: "pass", False: "FAIL", None: "n/a"}[r.passed]
         target = ("<=1.5/2.0 °C, cov>=80%" if r.kind == "serving"
                   else f"<= static+{DEGRADE_MAX_C:g} °C")
-        print(f"{r.trace:44} {r.from_s:5.0f} {r.rows:6d} {r.die_rmse_c:6.2f} "
+        print(f"{r.trace:48} {r.from_s:5.0f} {r.rows:6d} {r.die_rmse_c:6.2f} "
               f"{r.hbm_rmse_c:6.2f} {r.die_coverage:5.2f}/{r.hbm_coverage:4.2f} "
               f"{r.static_die_rmse_c:5.2f}/{r.static_hbm_rmse_c:5.2f} "
               f"{r.persistence_die_rmse_c:5.2f}/{r.persistence_hbm_rmse_c:5.2f} "
@@ -112,7 +112,11 @@ def main(argv: list[str] | None = None) -> int:
                         "are always scored")
     args = parser.parse_args(argv)
     started = time.perf_counter()
-    serving = sorted(set(glob.glob(os.path.join(TRACES, "ondo_serving*.csv"))) | set(args.trace))
+    from ondo.telemetry.trace_file import TRACE_SUFFIXES
+
+    committed = [p for suffix in TRACE_SUFFIXES
+                 for p in glob.glob(os.path.join(TRACES, f"ondo_serving*{suffix}"))]
+    serving = sorted(set(committed) | set(args.trace))
     rows = [evaluate(p, "serving", FROM_S) for p in serving]
     rows += [evaluate(os.path.join(TRACES, name), "offline", f) for name, f in OFFLINE_TRACES]
     print(f"10 s-ahead RMSE [°C], adapted online from the packaged H100 constants; "

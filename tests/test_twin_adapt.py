@@ -38,6 +38,22 @@ def test_h200_serving_trace_meets_the_targets_from_the_h100_constants():
     assert s.temp_persistence_rmse_c > 5 * s.temp_rmse_c
 
 
+MIXED_SERVING = ["data/traces/ondo_serving_mixed_w1_qwen3-0.6b_h200_b.csv.xz"]
+
+
+@pytest.mark.parametrize("path", MIXED_SERVING)
+def test_mixed_serving_traces_from_other_h200s_meet_the_targets_unfitted(path):
+    """Eight minutes of rates changing over minutes, bursts and idle stretches, recorded on
+    another H200 and never fitted on: the targets hold from the H100 constants."""
+    run, fc = adapted(read_trace_records(path))
+    s = score(run, fc, 30.0)
+    assert s.rows >= 9000
+    assert s.temp_rmse_c <= 1.5
+    assert s.mem_temp_rmse_c <= 2.0
+    assert min(s.temp_band_coverage, s.mem_temp_band_coverage) >= 0.8
+    assert s.temp_persistence_rmse_c > 2 * s.temp_rmse_c
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name, from_s", [("h100_step.csv", 30.0), ("h100_prbs.csv", 77.0)])
 def test_adapting_on_the_h100_traces_costs_the_offline_fit_under_0_2_c(name, from_s):

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from ondo.telemetry.hub import TelemetryHub
 from ondo.telemetry.schema import GpuSample, stale_columns
+from ondo.telemetry.trace_file import open_trace
 
 # column in the trace -> (column in GpuSample, factor to its unit)
 TRACE_COLUMNS: dict[str, tuple[str, float]] = {
@@ -53,7 +54,7 @@ def normalize_trace_row(row: dict[str, str]) -> tuple[float, dict[str, float | i
 
 
 def read_trace(path: str | Path) -> list[tuple[float, dict[str, float | int]]]:
-    with open(path, newline="") as f:
+    with open_trace(path) as f:
         return [normalize_trace_row(row) for row in csv.DictReader(f)]
 
 

@@ -9,6 +9,8 @@ from typing import Literal
 
 import numpy as np
 
+from ondo.telemetry.trace_file import open_trace
+
 
 @dataclass(frozen=True)
 class Trace:
@@ -104,7 +106,7 @@ def engine_load_at(
 def read_trace(path: str | Path) -> Trace:
     """A trace CSV in either format: the NVML traces (one row per reading, `phase` labels or
     activity columns, mW/mJ), or ondo's telemetry (`kind` gpu/engine rows on one clock, W/J)."""
-    with open(path, newline="") as f:
+    with open_trace(path) as f:
         rows = list(csv.DictReader(f))
     if not rows:
         raise ValueError(f"{path}: no rows")

@@ -17,6 +17,7 @@ import pytest
 
 from ondo.agent.actions import ACTIONS
 from ondo.agent.runbook import load_runbooks
+from ondo.agent.serve import preload_wanted
 from ondo.events.verify import verify
 from ondo.server.cli import register
 from ondo.server.launch import agent_config, event_config
@@ -71,6 +72,9 @@ def test_serve_recommends_through_its_own_model_under_the_schema(tmp_path) -> No
                                "--agent-interval-s", "0", "--agent-timeout-s", "240",
                                *SLO_FLAGS)
     try:
+        # On a CPU the knowledge base waits for the first incident (--agent-preload auto).
+        assert _metric(httpx.get(base + "/metrics", timeout=5).text,
+                       "ondo:agent_knowledge_base_ready") == 0.0
         r = httpx.post(base + "/v1/completions", timeout=60,
                        json={"prompt": "The GPU is", "max_tokens": 4, "temperature": 0})
         assert r.status_code == 200
@@ -84,6 +88,7 @@ def test_serve_recommends_through_its_own_model_under_the_schema(tmp_path) -> No
         log = _stop(proc)
     assert verify(db).ok
     assert "Traceback" not in log and "knowledge base process" in log, log
+    assert "knowledge base ready in" in log and "(on the first incident)" in log, log
     rows, slo_seq, docs = _issued(db)
     assert len(rows) >= 1, log
     p = rows[0]["payload"]
@@ -106,8 +111,19 @@ def test_an_endpoint_that_hangs_gives_the_rules_and_serving_does_not_wait(tmp_pa
     with ScriptedEndpoint(lambda body: "{}", delay_s=60.0) as endpoint:
         proc, base = launch_server(*SERVER, "--telemetry", "off", "--telemetry-db", str(db),
                                    "--agent-interval-s", "0", "--agent-base-url",
-                                   endpoint.base_url, "--agent-timeout-s", "10", *SLO_FLAGS)
+                                   endpoint.base_url, "--agent-timeout-s", "10",
+                                   "--agent-preload", "on", *SLO_FLAGS)
         try:
+            # Preloaded: the knowledge base is up before any incident.
+            deadline = time.monotonic() + 240
+            while time.monotonic() < deadline and not _metric(
+                    httpx.get(base + "/metrics", timeout=5).text,
+                    "ondo:agent_knowledge_base_ready"):
+                time.sleep(0.5)
+            text = httpx.get(base + "/metrics", timeout=5).text
+            assert _metric(text, "ondo:agent_knowledge_base_ready") == 1.0
+            assert _metric(text, "ondo:agent_incident_to_recommendation_seconds") is None
+            assert not endpoint.requests
             r = httpx.post(base + "/v1/completions", timeout=60,
                            json={"prompt": "The GPU is", "max_tokens": 4, "temperature": 0})
             assert r.status_code == 200
@@ -123,9 +139,14 @@ def test_an_endpoint_that_hangs_gives_the_rules_and_serving_does_not_wait(tmp_pa
             text = httpx.get(base + "/metrics", timeout=5).text
             assert not _metric(text, 'ondo:agent_recommendations_total{source="rules"}')
             assert _recommendations(base, "rules", timeout_s=60) == 1.0
+            # From the incident: the 1 s settle, then the 10 s deadline (no loading).
+            latency = _metric(httpx.get(base + "/metrics", timeout=5).text,
+                              "ondo:agent_incident_to_recommendation_seconds")
+            assert latency is not None and latency >= 10.0
         finally:
             log = _stop(proc)
     assert verify(db).ok and "Traceback" not in log, log
+    assert "knowledge base ready in" in log and "(at start)" in log, log
     rows, slo_seq, _ = _issued(db)
     p = rows[0]["payload"]
     assert (p["action"], p["source"], p["runbook"]["id"]) == ("page_human", "rules",
@@ -160,3 +181,15 @@ def test_agent_flags_are_checked_before_the_engine_starts() -> None:
     other = agent_config(_args("--agent-base-url", "http://gpu-box:8000/v1", "--agent-model",
                                "qwen"), event_config(_args()))
     assert not other.own_server and other.endpoint.model == "qwen"
+
+
+def test_preloading_follows_the_engine_device_unless_told() -> None:
+    events = event_config(_args())
+    assert not agent_config(_args("--device", "cpu"), events).preload
+    assert agent_config(_args("--device", "cpu", "--agent-preload", "on"), events).preload
+    assert not agent_config(_args("--device", "cuda", "--agent-preload", "off"), events).preload
+    assert agent_config(_args("--device", "cuda:1"), events).preload
+    with pytest.raises(SystemExit):
+        _args("--agent-preload", "sometimes")
+    with pytest.raises(ValueError, match="--agent-preload"):
+        preload_wanted("sometimes", "cpu")

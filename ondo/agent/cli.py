@@ -45,6 +45,12 @@ def add_agent_args(p: argparse.ArgumentParser) -> None:
     add_endpoint_args(p, serve=True)
     p.add_argument("--agent-interval-s", type=float, default=None,
                    help="at most one recommendation per this many seconds (default 60)")
+    p.add_argument("--agent-preload", choices=("auto", "on", "off"), default="auto",
+                   help="start the knowledge base (its process, the embedding model, the "
+                        "runbooks' vectors) as the server starts rather than on the first "
+                        "incident, so that the first recommendation is as quick as the next "
+                        "(default auto: on where the engine runs on a GPU, whose host has "
+                        "cores to spare; off on a CPU, where it would compete with serving)")
 
 
 def endpoint_from(args: argparse.Namespace, default_url: str, default_model: str | None = None,

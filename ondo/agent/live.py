@@ -9,6 +9,8 @@ with it, then recommends on the latest incident: at most one recommendation per
 reached only from a process of its own (`process.py`: the store writes the same file with
 another copy of SQLite), started on the first incident, so a server that never has one
 never loads the embedding model; every log entry is indexed as it arrives from then on.
+With `preload` it starts with the server instead (the thread's first work), so the first
+incident does not wait seconds for the embedding model and the runbooks' vectors.
 The recommendation is appended to the server's own event log (`recommendation_issued`).
 
 The model is asked over HTTP from that process with a deadline, while this thread waits:
@@ -28,7 +30,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry
-from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from ondo.agent.actions import GpuLimits
 from ondo.agent.agent import AgentResult, recommendation_draft
@@ -53,7 +55,8 @@ class LiveAgent:
     def __init__(self, hub: TelemetryHub, events: EventLog, endpoint: ModelEndpoint | None,
                  db_path: str | None = None, params: TwinParams | None = None,
                  interval_s: float = DEFAULT_INTERVAL_S, settle_s: float = DEFAULT_SETTLE_S,
-                 registry: CollectorRegistry | None = None, queue_size: int = 65_536) -> None:
+                 registry: CollectorRegistry | None = None, queue_size: int = 65_536,
+                 preload: bool = False) -> None:
         if interval_s < 0 or settle_s < 0:
             raise ValueError("--agent-interval-s and the settle time must be >= 0")
         self.events = events
@@ -72,6 +75,9 @@ class LiveAgent:
         self._pending: dict[str, Any] | None = None
         self._pending_since = 0.0
         self._last_run = float("-inf")
+        self.preload = preload
+        self.knowledge_ready_s: float | None = None  # seconds the knowledge base took to start
+        self.last_latency_s: float | None = None  # the last incident to its recommendation
         self._process = AgentProcess(db_path, endpoint, self.limits)  # started on first use
         self._stop = threading.Event()
         self._sub = hub.subscribe(maxsize=queue_size)
@@ -87,6 +93,8 @@ class LiveAgent:
     def _run(self) -> None:
         queue = self._sub.queue
         assert queue is not None
+        if self.preload:
+            self._index()
         while not self._stop.is_set():
             for record in queue.get_batch(1024, timeout=0.25):
                 self._keep(record)
@@ -128,11 +136,27 @@ class LiveAgent:
         while self._entries and float(self._entries[0]["t_monotonic_s"]) < t0:
             self._entries.popleft()
 
-    def _recommend(self, incident: dict[str, Any]) -> None:
-        # What the store has written (older than the buffer too), and what it may not have
-        # yet; the first call starts the process and loads the embedding model.
-        self._process.index(list(self._unindexed))
+    def _index(self) -> None:
+        """What the store has written (older than the buffer too), and what it may not have
+        yet; the first call starts the process and loads the embedding model."""
+        t0 = time.monotonic()
+        try:
+            self._process.index(list(self._unindexed))
+        except Exception:
+            if self.knowledge_ready_s is None and self.preload:
+                # Preloading failed: the first incident tries again (and counts the error).
+                log.exception("agent: the knowledge base did not start; the first incident "
+                              "will try again")
+                return
+            raise
         self._unindexed.clear()
+        if self.knowledge_ready_s is None:
+            self.knowledge_ready_s = time.monotonic() - t0
+            log.info("agent: knowledge base ready in %.1f s (%s)", self.knowledge_ready_s,
+                     "at start" if self.preload else "on the first incident")
+
+    def _recommend(self, incident: dict[str, Any]) -> None:
+        self._index()
         if self._stop.is_set():  # the server is stopping: loading took that long
             return
         gpu_index = incident["subject"].get("gpu")
@@ -152,9 +176,11 @@ class LiveAgent:
         rec = result.recommendation
         self.events.append(recommendation_draft(rec, ctx, time.monotonic(), time.time()))
         self.counts[rec.source] += 1
-        log.info("agent: entry %s (%s) -> %s %s [%s%s] in %.1f s", incident["seq"],
-                 incident["kind"], rec.action, rec.params, rec.source,
-                 f": {rec.fallback_reason}" if rec.fallback_reason else "", result.latency_s)
+        self.last_latency_s = time.monotonic() - float(incident["t_monotonic_s"])
+        log.info("agent: entry %s (%s) -> %s %s [%s%s] in %.1f s (%.1f s after the incident)",
+                 incident["seq"], incident["kind"], rec.action, rec.params, rec.source,
+                 f": {rec.fallback_reason}" if rec.fallback_reason else "", result.latency_s,
+                 self.last_latency_s)
 
     def close(self, timeout_s: float = 60.0) -> None:
         """Stop taking records, let a recommendation under way finish (its model call has a
@@ -187,3 +213,14 @@ class _AgentCollector:
             c = CounterMetricFamily(name, doc)
             c.add_metric([], self.live.counts[key])
             yield c
+        ready = GaugeMetricFamily("ondo:agent_knowledge_base_ready",
+                                  "1 once the knowledge base (embedding model, runbook vectors) "
+                                  "is up, else 0")
+        ready.add_metric([], float(self.live.knowledge_ready_s is not None))
+        yield ready
+        if self.live.last_latency_s is not None:
+            last = GaugeMetricFamily("ondo:agent_incident_to_recommendation_seconds",
+                                     "From the last incident recommended on to its "
+                                     "recommendation in the log (the settle wait included)")
+            last.add_metric([], self.live.last_latency_s)
+            yield last

@@ -32,6 +32,20 @@ class AgentSettings:
     endpoint: ModelEndpoint
     own_server: bool  # the endpoint is this server (its model and key filled in at start)
     interval_s: float
+    preload: bool = False  # the knowledge base starts with the server, not on an incident
+
+
+def preload_wanted(choice: str, device: str) -> bool:
+    """`--agent-preload`: "on", "off", or "auto" (on where the engine's device is a GPU)."""
+    if choice not in ("auto", "on", "off"):
+        raise ValueError(f"--agent-preload must be auto, on or off, got {choice!r}")
+    if choice != "auto":
+        return choice == "on"
+    if device == "auto":
+        import torch
+
+        return torch.cuda.is_available()
+    return device.startswith("cuda")
 
 
 def agent_settings(args: argparse.Namespace) -> AgentSettings | None:
@@ -52,7 +66,9 @@ def agent_settings(args: argparse.Namespace) -> AgentSettings | None:
         log.warning("agent off: %s not installed (%s). --agent off hides this line",
                     ", ".join(missing), INSTALL_HINT)
         return None
-    return AgentSettings(endpoint, not getattr(args, "agent_base_url", None), interval)
+    preload = preload_wanted(getattr(args, "agent_preload", "auto"),
+                             str(getattr(args, "device", "auto")))
+    return AgentSettings(endpoint, not getattr(args, "agent_base_url", None), interval, preload)
 
 
 def start_agent(settings: AgentSettings, args: argparse.Namespace, events: Any,
@@ -68,4 +84,5 @@ def start_agent(settings: AgentSettings, args: argparse.Namespace, events: Any,
     store = events.store
     return LiveAgent(events.hub, events.log, endpoint,
                      db_path=None if store is None else str(store.path),
-                     interval_s=settings.interval_s, registry=registry)
+                     interval_s=settings.interval_s, registry=registry,
+                     preload=settings.preload)

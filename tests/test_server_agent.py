@@ -188,7 +188,10 @@ def test_preloading_follows_the_engine_device_unless_told() -> None:
     assert not agent_config(_args("--device", "cpu"), events).preload
     assert agent_config(_args("--device", "cpu", "--agent-preload", "on"), events).preload
     assert not agent_config(_args("--device", "cuda", "--agent-preload", "off"), events).preload
-    assert agent_config(_args("--device", "cuda:1"), events).preload
+    import torch
+
+    assert agent_config(_args("--device", "cuda:1"), events).preload == torch.cuda.is_available()
+    assert agent_config(_args(), events).preload == torch.cuda.is_available()  # --device auto
     with pytest.raises(SystemExit):
         _args("--agent-preload", "sometimes")
     with pytest.raises(ValueError, match="--agent-preload"):

@@ -42,11 +42,20 @@ def test_every_reader_gives_the_same_trace(compressed):
     assert read_replay_rows(PLAIN)[:50] == read_replay_rows(compressed)[:50]
 
 
+def test_a_bad_gzip_header_is_an_error_naming_the_file(tmp_path):
+    path = tmp_path / "notgzip.csv.gz"
+    path.write_bytes(open(PLAIN, "rb").read()[:4096])
+    with pytest.raises(TraceError, match="notgzip.csv.gz: cannot read it"):
+        read_trace_records(path)
+
+
 def test_a_corrupt_compressed_file_is_an_error_not_a_short_trace(tmp_path):
     path = tmp_path / "broken.csv.xz"
     data = lzma.compress(open(PLAIN, "rb").read())
     path.write_bytes(data[: len(data) // 2])
-    with pytest.raises((EOFError, lzma.LZMAError)):
+    with pytest.raises(ValueError, match="broken.csv.xz: cannot read it"):
         read_trace(path)
+    with pytest.raises(ValueError, match="broken.csv.xz: cannot read it"):
+        read_replay_rows(path)
     with pytest.raises(TraceError, match="broken.csv.xz: cannot read it"):
         read_trace_records(path)

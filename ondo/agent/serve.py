@@ -41,11 +41,12 @@ def preload_wanted(choice: str, device: str) -> bool:
         raise ValueError(f"--agent-preload must be auto, on or off, got {choice!r}")
     if choice != "auto":
         return choice == "on"
-    if device == "auto":
-        import torch
+    from ondo.engine.llm_engine import resolve_device
 
-        return torch.cuda.is_available()
-    return device.startswith("cuda")
+    try:
+        return resolve_device(device).type == "cuda"
+    except (RuntimeError, ValueError):  # no GPU for it, or a name torch does not know: the
+        return False                    # engine says so when it starts
 
 
 def agent_settings(args: argparse.Namespace) -> AgentSettings | None:

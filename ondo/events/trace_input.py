@@ -29,7 +29,7 @@ from ondo.telemetry.schema import (
     EngineSample,
     GpuSample,
 )
-from ondo.telemetry.trace_file import DECOMPRESSION_ERRORS, open_trace
+from ondo.telemetry.trace_file import trace_lines
 from ondo.twin.traces import load_from_phase
 
 NVML_REQUIRED = ("t", "temp_c", "sm_mhz", "event_reasons")
@@ -58,12 +58,11 @@ def _rows(path: Path) -> tuple[list[int], list[list[str]]]:
     """(line numbers, rows), the header first; blank lines left out."""
     lines: list[int] = []
     rows: list[list[str]] = []
-    with open_trace(path) as f:
-        reader = csv.reader(f)
-        for row in reader:
-            if row:
-                lines.append(reader.line_num)
-                rows.append(row)
+    reader = csv.reader(trace_lines(path))
+    for row in reader:
+        if row:
+            lines.append(reader.line_num)
+            rows.append(row)
     return lines, rows
 
 
@@ -144,8 +143,10 @@ def read_trace_records(path: str | Path, sm_max_mhz: float = 1980.0,
     path = Path(path)
     try:
         lines, rows = _rows(path)
-    except (OSError, UnicodeDecodeError, *DECOMPRESSION_ERRORS) as e:
+    except (OSError, UnicodeDecodeError) as e:
         raise TraceError(f"{path}: cannot read it: {e}") from None
+    except ValueError as e:  # damaged on the way (trace_lines names the file)
+        raise TraceError(str(e)) from None
     except csv.Error as e:
         raise TraceError(f"{path}: malformed CSV: {e}") from None
     if not rows:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ondo.telemetry.hub import TelemetryHub
 from ondo.telemetry.schema import GpuSample, stale_columns
-from ondo.telemetry.trace_file import open_trace
+from ondo.telemetry.trace_file import trace_lines
 
 # column in the trace -> (column in GpuSample, factor to its unit)
 TRACE_COLUMNS: dict[str, tuple[str, float]] = {
@@ -54,8 +54,7 @@ def normalize_trace_row(row: dict[str, str]) -> tuple[float, dict[str, float | i
 
 
 def read_trace(path: str | Path) -> list[tuple[float, dict[str, float | int]]]:
-    with open_trace(path) as f:
-        return [normalize_trace_row(row) for row in csv.DictReader(f)]
+    return [normalize_trace_row(row) for row in csv.DictReader(trace_lines(path))]
 
 
 class ReplaySource:

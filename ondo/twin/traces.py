@@ -9,7 +9,7 @@ from typing import Literal
 
 import numpy as np
 
-from ondo.telemetry.trace_file import open_trace
+from ondo.telemetry.trace_file import trace_lines
 
 
 @dataclass(frozen=True)
@@ -106,8 +106,7 @@ def engine_load_at(
 def read_trace(path: str | Path) -> Trace:
     """A trace CSV in either format: the NVML traces (one row per reading, `phase` labels or
     activity columns, mW/mJ), or ondo's telemetry (`kind` gpu/engine rows on one clock, W/J)."""
-    with open_trace(path) as f:
-        rows = list(csv.DictReader(f))
+    rows = list(csv.DictReader(trace_lines(path)))
     if not rows:
         raise ValueError(f"{path}: no rows")
     serving = "kind" in rows[0]

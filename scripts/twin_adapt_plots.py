@@ -90,6 +90,8 @@ def main():
             ("ondo_serving_steps_w1_qwen3-0.6b_h200.csv", "H200 serving trace", "h200"),
             ("ondo_serving_mixed_w1_qwen3-0.6b_h200_b.csv.xz",
              "H200 mixed serving (another GPU, never fitted)", "h200_mixed_b"),
+            ("ondo_serving_mixed_w1_qwen3-0.6b_h200_c.csv.xz",
+             "H200 mixed serving (a third GPU, never fitted)", "h200_mixed_c"),
             ("h100_step.csv", "H100 step trace", "h100_step"),
             ("h100_prbs.csv", "H100 PRBS trace", "h100_prbs")):
         run = run_trace(read_trace_records(traces / file), h100_params())

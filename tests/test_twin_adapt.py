@@ -38,7 +38,8 @@ def test_h200_serving_trace_meets_the_targets_from_the_h100_constants():
     assert s.temp_persistence_rmse_c > 5 * s.temp_rmse_c
 
 
-MIXED_SERVING = ["data/traces/ondo_serving_mixed_w1_qwen3-0.6b_h200_b.csv.xz"]
+MIXED_SERVING = ["data/traces/ondo_serving_mixed_w1_qwen3-0.6b_h200_b.csv.xz",
+                 "data/traces/ondo_serving_mixed_w1_qwen3-0.6b_h200_c.csv.xz"]
 
 
 @pytest.mark.parametrize("path", MIXED_SERVING)

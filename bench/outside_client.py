@@ -5,7 +5,9 @@ W1-like requests (prompt and output lengths uniform in [100, 1024] tokens, `igno
 streaming) from the official `openai` client (`AsyncOpenAI`, `completions.create`) in
 --processes worker processes (`ondo.bench.outside_load`): first all at once with at most
 --max-concurrency in flight (saturation), then at two Poisson rates (--rates, or
---rate-fractions of the measured saturation). Optionally (--aiperf PATH) NVIDIA's AIPerf,
+--rate-fractions of the measured saturation). Optionally (--locust) Locust runs the same
+three stages from a process of its own (`ondo.bench.locust_stage`, `bench/locustfile_sse.py`)
+and (--aiperf PATH) NVIDIA's AIPerf,
 installed in a virtual environment of its own, runs the same kind of load at the same
 concurrency and its JSON export is read back (`ondo.bench.aiperf_stage`). Reports output
 tok/s, TTFT and TPOT p50 / p99 per stage, with the ratio to --offline-tok-s where given,
@@ -94,6 +96,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="the offline output tokens/s of the same load, for the ratio")
     ap.add_argument("--aiperf", default=None, metavar="PATH",
                     help="the `aiperf` executable (in a venv of its own): also run AIPerf")
+    ap.add_argument("--locust", action="store_true",
+                    help="also run Locust (`python -m locust`, bench/locustfile_sse.py) at "
+                         "saturation and at the same two Poisson rates")
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--max-model-len", type=int, default=4096)
     ap.add_argument("--port", type=int, default=8341)
@@ -162,6 +167,20 @@ def main(argv: list[str] | None = None) -> int:
             row["request_rate"] = rate
             rows.append(row)
             print(json.dumps({"stage": row}), flush=True)
+        if args.locust:
+            from ondo.bench.locust_stage import run_locust
+
+            for k, rate in enumerate([float("inf"), *rates]):
+                requests = make_load(args.num_prompts, args.input_len, args.output_len, vocab,
+                                     args.prompt_kind, rate, args.seed + 10 + k)
+                users = args.max_concurrency if k == 0 else args.num_prompts
+                name = "locust saturation" if k == 0 else f"locust poisson {rate:.2f}/s"
+                row = stage_row(name, run_locust(base, model, requests, users),
+                                args.offline_tok_s)
+                if k:
+                    row["request_rate"] = rate
+                rows.append(row)
+                print(json.dumps({"stage": row}), flush=True)
         if args.aiperf:
             from ondo.bench.aiperf_stage import run_aiperf
 

@@ -11,7 +11,10 @@ compiles with cold caches; the second finds Inductor's and Triton's on-disk cach
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
+import pstats
+import sys
 import time
 
 T_START = time.perf_counter()
@@ -30,6 +33,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model-shape", default="qwen3-0.6b")
     ap.add_argument("--max-model-len", type=int, default=4096)
+    ap.add_argument("--profile", metavar="PSTATS",
+                    help="cProfile the engine's start (main thread) into this file and print the "
+                         "functions with the most cumulative time, and Dynamo's compile times")
     args = ap.parse_args()
     import torch  # noqa: F401  (timed: the imports are a phase of a start)
 
@@ -37,10 +43,19 @@ def main() -> None:
     from ondo.bench.shapes import shape_folder
 
     imports_s = time.perf_counter() - T_START
+    profiler = cProfile.Profile() if args.profile else None
     t0 = time.perf_counter()
+    if profiler is not None:
+        profiler.enable()
     llm = LLM(shape_folder(args.model_shape), load_format="dummy", dtype="bfloat16",
               max_model_len=args.max_model_len, gpu_memory_utilization=0.9)
     wall = time.perf_counter() - t0
+    if profiler is not None:
+        profiler.disable()
+        profiler.dump_stats(args.profile)
+        pstats.Stats(profiler, stream=sys.stderr).sort_stats("cumulative").print_stats(70)
+        from torch._dynamo.utils import compile_times
+        print(compile_times(repr="str"), file=sys.stderr)
     engine = llm.engine
     runner = engine.runner
     capture: dict[str, dict[str, float]] = {}

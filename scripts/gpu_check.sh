@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs ondo's GPU tests and benchmarks in one go on a CUDA machine; results under $OUT.
-# Stages are chosen with STAGES: tests timeline sampling kernels prefill throughput host serve startup trace mixed_trace telemetry turnover structured soak agent.
+# Stages are chosen with STAGES: tests timeline sampling kernels prefill throughput host serve startup trace mixed_trace outside telemetry turnover structured soak agent.
 # THROUGHPUT_ARGS passes extra flags to `ondo bench throughput`.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -73,6 +73,20 @@ for stage in $STAGES; do
         --out /tmp/mixed_trace.csv ${MIXED_TRACE_ARGS:-} > "$OUT/mixed_trace.log" 2>&1
       xz -6 -T0 -c /tmp/mixed_trace.csv > "$OUT/mixed_trace.csv.xz"
       cat "$OUT/mixed_trace_gpu.txt"; grep -v "^{" "$OUT/mixed_trace.log" | tail -14 ;;
+    outside)
+      # The server under clients ondo did not write: offline W1 on this machine first (the
+      # ratio's denominator), then the openai client and Locust (its wheels in .whl-locust,
+      # installed after the machine's own packages) at saturation and two Poisson rates.
+      if [ -d .whl-locust ]; then
+        python3 -m pip install -q --no-index --no-deps --no-cache-dir --target /tmp/locust-site .whl-locust/*.whl
+      fi
+      timeout 200 python3 -m ondo bench throughput --model-shape qwen3-0.6b --workload W1 \
+        --no-baselines --out-dir "$OUT/outside_offline" > "$OUT/outside_offline.log" 2>&1
+      off=$(python3 -c "import json,glob; print([r for r in json.load(open(glob.glob('$OUT/outside_offline/*.json')[0])) if r['workload'] == 'W1'][0]['output_tokens_per_s'])")
+      PYTHONPATH=$PYTHONPATH:/tmp/locust-site timeout ${OUTSIDE_TIMEOUT:-330} python3 bench/outside_client.py \
+        --model-shape qwen3-0.6b --locust --offline-tok-s "$off" --out "$OUT/outside.json" \
+        --server-log "$OUT/outside_server.log" ${OUTSIDE_ARGS:-} > "$OUT/outside.log" 2>&1
+      grep -v "^{" "$OUT/outside.log" | tail -10 ;;
     turnover)
       timeout ${TURNOVER_TIMEOUT:-300} python3 bench/kv_turnover.py ${TURNOVER_ARGS:-} 2>&1 | grep "^{" ;;
     structured)

@@ -3,7 +3,8 @@ measured by the official `openai` client from two worker processes, at saturatio
 two Poisson rates. Every request completes with exactly the tokens it asked for (the
 server's usage count against the lengths rebuilt from the same seed), every prompt is the
 length it was built to, TTFT comes before each stream's end, and percentiles are ordered.
-With an AIPerf executable (ONDO_AIPERF, or `aiperf` on PATH) its stage is checked too."""
+Locust's three stages (`--locust`) are checked the same way, with its own statistics beside
+ours. With an AIPerf executable (ONDO_AIPERF, or `aiperf` on PATH) its stage is checked too."""
 
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ from pathlib import Path
 import pytest
 
 from ondo.bench.aiperf_stage import aiperf_command, window_args
-from ondo.bench.outside_load import LoadResult, make_load, summarize
+from ondo.bench.locust_stage import run_locust
+from ondo.bench.outside_load import LoadRequest, LoadResult, make_load, summarize
 from ondo.bench.shapes import SHAPES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,6 +78,56 @@ def test_openai_client_stages_complete_every_request_with_its_tokens(tmp_path):
         assert 0.0 < stage["client_cpu_share_max"] < 1.5
         assert_ordered(stage)
     assert stages[0]["max_concurrency"] == 8
+
+
+@pytest.mark.slow
+def test_locust_stages_complete_every_request_with_its_tokens(tmp_path):
+    result = run_smoke(tmp_path, "--locust")
+    openai_stages, stages = result["stages"][:3], result["stages"][3:]
+    assert [s["stage"].split()[:2] for s in stages] == [["locust", "saturation"],
+                                                        ["locust", "poisson"],
+                                                        ["locust", "poisson"]]
+    rates = [math.inf, openai_stages[1]["request_rate"], openai_stages[2]["request_rate"]]
+    assert [s.get("request_rate") for s in stages[1:]] == rates[1:]
+    vocab = SHAPES["tiny-llama"]["vocab_size"]
+    for k, (stage, rate) in enumerate(zip(stages, rates)):
+        requests = make_load(32, SMOKE_LEN["input"], SMOKE_LEN["output"], vocab, "token-ids",
+                             rate, 10 + k)
+        assert stage["requests"] == stage["completed"] == 32 and stage["failed"] == 0
+        assert stage["short"] == 0 and stage["prompt_len_mismatch"] == 0
+        assert stage["output_tokens"] == sum(r.max_tokens for r in requests)
+        assert stage["ttft_after_end"] == 0
+        assert stage["users"] == (8 if k == 0 else 32)
+        assert stage["locust_version"] and 0.0 < stage["client_cpu_share_max"] < 1.5
+        assert_ordered(stage)
+        # Locust's own account of the same requests: one TTFT and one TPOT entry each,
+        # percentiles as it rounds them (whole milliseconds below 100 ms).
+        own = stage["locust_stats"]
+        assert own["TTFT"]["requests"] == 32 and own["TTFT"]["failures"] == 0
+        assert own["TPOT"]["requests"] == sum(r.max_tokens > 1 for r in requests)
+        for name, ours in (("TTFT", stage["ttft_ms"]), ("TPOT", stage["tpot_ms"])):
+            assert own[name]["max"] == pytest.approx(ours["max"], rel=1e-6)
+            assert abs(own[name]["p50"] - ours["p50"]) <= 1.0 + 0.05 * ours["p50"]
+        if k:  # open loop: the stage lasts at least until the last request's arrival
+            assert stage["duration_s"] >= 0.9 * requests[-1].arrival_s
+
+
+@pytest.mark.slow
+def test_locust_counts_requests_a_dead_server_never_answers_as_failed():
+    requests = [LoadRequest([5, 6, 7], 3, 4, 0.0), LoadRequest([8, 9], 2, 3, 0.0),
+                LoadRequest([10], 1, 2, 0.01)]
+    s = run_locust(f"http://127.0.0.1:{_free_port()}", "m", requests, users=2, timeout_s=60)
+    assert (s["requests"], s["completed"], s["failed"]) == (3, 0, 3)
+    assert s["errors"] and all("Error" in e or "HTTP" in e for e in s["errors"])
+    assert s["locust_stats"]["/v1/completions (stream)"]["failures"] == 3
+    assert "TTFT" not in s["locust_stats"]
+
+
+def test_locust_stage_refuses_nothing_to_send_and_no_users():
+    with pytest.raises(ValueError, match="no requests"):
+        run_locust("http://127.0.0.1:1", "m", [], users=1)
+    with pytest.raises(ValueError, match="users must be >= 1"):
+        run_locust("http://127.0.0.1:1", "m", [LoadRequest([1], 1, 1, 0.0)], users=0)
 
 
 def test_summary_counts_short_and_failed_requests_and_orders_percentiles():

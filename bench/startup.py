@@ -13,8 +13,11 @@ from __future__ import annotations
 import argparse
 import cProfile
 import json
+import os
 import pstats
+import shutil
 import sys
+import tempfile
 import time
 
 T_START = time.perf_counter()
@@ -36,6 +39,9 @@ def main() -> None:
     ap.add_argument("--profile", metavar="PSTATS",
                     help="cProfile the engine's start (main thread) into this file and print the "
                          "functions with the most cumulative time, and Dynamo's compile times")
+    ap.add_argument("--no-tokenizer", action="store_true",
+                    help="start on a copy of the shape without its tokenizer files (token ids "
+                         "only): what loading the tokenizer beside the engine costs")
     args = ap.parse_args()
     import torch  # noqa: F401  (timed: the imports are a phase of a start)
 
@@ -43,11 +49,16 @@ def main() -> None:
     from ondo.bench.shapes import shape_folder
 
     imports_s = time.perf_counter() - T_START
+    folder = shape_folder(args.model_shape)
+    if args.no_tokenizer:
+        bare = tempfile.mkdtemp(prefix="ondo-startup-")
+        shutil.copy(os.path.join(folder, "config.json"), bare)
+        folder = bare
     profiler = cProfile.Profile() if args.profile else None
     t0 = time.perf_counter()
     if profiler is not None:
         profiler.enable()
-    llm = LLM(shape_folder(args.model_shape), load_format="dummy", dtype="bfloat16",
+    llm = LLM(folder, load_format="dummy", dtype="bfloat16",
               max_model_len=args.max_model_len, gpu_memory_utilization=0.9)
     wall = time.perf_counter() - t0
     if profiler is not None:
@@ -65,7 +76,7 @@ def main() -> None:
         c["warm_up_s"] += warm_up_s
         c["capture_s"] += capture_s
         c["max_capture_s"] = max(c["max_capture_s"], capture_s)
-    print(json.dumps({"model": args.model_shape, "startup_s": engine.startup_s, "wall_s": wall,
+    print(json.dumps({"model": args.model_shape, "tokenizer": not args.no_tokenizer, "startup_s": engine.startup_s, "wall_s": wall,
                       "imports_s": imports_s, "compile_s": compile_seconds(),
                       "phases_s": engine.startup_phases_s, "cuda_graphs": len(runner.graphs),
                       "mixed_cuda_graphs": len(runner.mixed_graphs),

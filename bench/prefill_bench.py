@@ -1,5 +1,10 @@
 """Prefill attention: ondo's paged Triton kernel against PyTorch SDPA (flash) on contiguous
-q/k/v, for whole prompts and for chunks over a cached prefix. Prints a table and a JSON line.
+q/k/v, for whole prompts and for chunks over a cached prefix. Where this torch has it, also
+its variable-length flash attention (`torch.nn.attention.varlen.varlen_attn`) on the same
+packed step: on the step's own contiguous K/V (whole prompts only: nothing cached before
+them) and through ondo's block tables (paged, every row), each with its largest
+difference from the Triton kernel's output; a form the build refuses is recorded with its
+error instead. Prints a table and a JSON line.
 
     python3 bench/prefill_bench.py
 """
@@ -21,6 +26,34 @@ def flops(query_lens: list[int], context_lens: list[int], heads: int, head_dim: 
     return 4.0 * heads * head_dim * pairs
 
 
+def varlen_variants(b, scale: float) -> dict[str, object]:
+    """torch's varlen flash attention on the packed step `b`, contiguous (whole prompts
+    only) and paged: ms and the largest difference from the Triton kernel, or the error."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError as e:
+        return {"varlen_error": f"ImportError: {e}"}
+    m = b.meta
+    ref = paged_prefill_attention_triton(b.query, b.k_cache, b.v_cache, m, scale)
+    out: dict[str, object] = {}
+    forms = {"varlen_paged": lambda: varlen_attn(
+        b.query, b.k_cache, b.v_cache, m.query_start_loc, None, m.max_query_len,
+        m.max_context_len, scale=scale, window_size=(-1, 0), enable_gqa=True,
+        seqused_k=m.context_lens, block_table=m.block_tables)}
+    if m.query_lens_cpu == m.context_lens_cpu:
+        forms["varlen_contiguous"] = lambda: varlen_attn(
+            b.query, b.key, b.value, m.query_start_loc, m.query_start_loc, m.max_query_len,
+            m.max_query_len, scale=scale, window_size=(-1, 0), enable_gqa=True)
+    for name, fn in forms.items():
+        try:
+            diff = (fn().float() - ref.float()).abs().max().item()
+            out[f"{name}_ms"] = triton.testing.do_bench(fn)
+            out[f"{name}_max_abs_diff"] = diff
+        except Exception as e:  # noqa: BLE001 — what the build refuses is the finding
+            out[f"{name}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+    return out
+
+
 def main() -> None:
     rows = []
     hq, hkv, d = 16, 8, 128
@@ -28,6 +61,10 @@ def main() -> None:
         b = make_paged_batch([q] * seqs, [c] * seqs, num_q_heads=hq, num_kv_heads=hkv, head_dim=d,
                              block_size=16, dtype=torch.bfloat16, device="cuda")
         scale = d ** -0.5
+        # The new tokens' K/V in their cache slots, as the forward pass writes them before
+        # attention: the paged and the contiguous forms then see the same keys.
+        b.k_cache.view(-1, hkv, d)[b.meta.slot_mapping] = b.key
+        b.v_cache.view(-1, hkv, d)[b.meta.slot_mapping] = b.value
         t_triton = triton.testing.do_bench(
             lambda b=b, scale=scale: paged_prefill_attention_triton(b.query, b.k_cache, b.v_cache, b.meta, scale))
         qq = torch.randn(seqs, hq, q, d, dtype=torch.bfloat16, device="cuda")
@@ -39,10 +76,16 @@ def main() -> None:
         f = flops([q] * seqs, [c] * seqs, hq, d)
         rows.append({"seqs": seqs, "query_len": q, "context_len": c, "triton_ms": t_triton,
                      "triton_tflops": f / t_triton / 1e9, "sdpa_ms": t_sdpa,
-                     "sdpa_tflops": (f if causal else 4.0 * hq * d * seqs * q * c) / t_sdpa / 1e9})
+                     "sdpa_tflops": (f if causal else 4.0 * hq * d * seqs * q * c) / t_sdpa / 1e9,
+                     **varlen_variants(b, scale)})
         r = rows[-1]
+        varlen = "".join(f"  {k[:-3]} {v:.3f} ms" for k, v in r.items()
+                         if k.startswith("varlen") and k.endswith("_ms"))
         print(f"{seqs:3d} x q{q:5d} c{c:5d}: triton {r['triton_ms']:.3f} ms ({r['triton_tflops']:.0f} TFLOP/s)"
-              f"  sdpa {r['sdpa_ms']:.3f} ms ({r['sdpa_tflops']:.0f} TFLOP/s)")
+              f"  sdpa {r['sdpa_ms']:.3f} ms ({r['sdpa_tflops']:.0f} TFLOP/s){varlen}")
+        for k, v in r.items():
+            if k.endswith("_error"):
+                print(f"    {k}: {v}")
     print(json.dumps({"benchmark": "prefill_attention", "device": torch.cuda.get_device_name(), "rows": rows}))
 
 

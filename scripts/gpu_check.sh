@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs ondo's GPU tests and benchmarks in one go on a CUDA machine; results under $OUT.
-# Stages are chosen with STAGES: tests timeline sampling kernels prefill throughput host serve startup trace mixed_trace outside telemetry turnover structured soak agent.
+# Stages are chosen with STAGES: tests timeline sampling kernels prefill throughput host serve startup startup_ab trace mixed_trace outside telemetry turnover structured soak agent.
 # THROUGHPUT_ARGS passes extra flags to `ondo bench throughput`.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -61,6 +61,13 @@ for stage in $STAGES; do
         TORCHINDUCTOR_CACHE_DIR=$dir/inductor TRITON_CACHE_DIR=$dir/triton \
           timeout 150 python3 bench/startup.py 2>/dev/null | grep "^{"
       done ;;
+    startup_ab)
+      # What loading the tokenizer beside the engine costs a warm start: one run to fill the
+      # caches, then runs with and without the tokenizer files, alternating, on one machine.
+      for run in fill tok bare tok bare tok bare; do
+        flag=""; [ $run = bare ] && flag=--no-tokenizer
+        echo -n "$run: "; timeout 100 python3 bench/startup.py $flag 2>/dev/null | grep "^{"
+      done | tee "$OUT/startup_ab.log" ;;
     trace)
       timeout ${TRACE_TIMEOUT:-300} python3 bench/record_serving_trace.py --out "$OUT/serving_trace.csv" ${TRACE_ARGS:-} \
         > "$OUT/trace.log" 2>&1

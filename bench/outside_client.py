@@ -21,6 +21,7 @@ as a table and one JSON line.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import shlex
@@ -124,6 +125,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if not 1 <= lo <= hi:
             ap.error(f"--{flag.replace('_', '-')} {lo} {hi}: want 1 <= LO <= HI")
         setattr(args, flag, (lo, hi))
+    if args.locust and importlib.util.find_spec("locust") is None:
+        ap.error("--locust: Locust is not installed in this Python (pip install locust)")
     if args.aiperf and not os.access(args.aiperf, os.X_OK):
         ap.error(f"--aiperf {args.aiperf}: not an executable file")
     if args.smoke:

@@ -174,3 +174,18 @@ def test_aiperf_stage_completes_every_request_with_its_tokens(tmp_path):
     assert stage["short"] == 0 and stage["ttft_after_end"] == 0
     assert stage["output_tokens"] > 0 and stage["aiperf_version"]
     assert_ordered(stage)
+
+
+def test_locust_flag_without_locust_installed_is_refused_before_any_load(monkeypatch, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("outside_client", ROOT / "bench" / "outside_client.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "locust" else real(name, *a))
+    with pytest.raises(SystemExit) as exit_info:
+        module.parse_args(["--smoke", "--locust"])
+    assert exit_info.value.code == 2
+    assert "Locust is not installed" in capsys.readouterr().err

@@ -7,11 +7,11 @@ Run by `ondo.bench.locust_stage`, not by hand. It reads the requests to send fro
 file named by ONDO_LOCUST_REQUESTS ({"model": ..., "requests": [{"prompt", "prompt_len",
 "max_tokens", "arrival_s"}, ...]}); each user takes the next request, waits for its
 arrival time (seconds after the first request was taken; all 0 for a burst) and sends it,
-until none is left; when the last one has finished the run quits. Besides Locust's own statistics (the request, plus a
-"TTFT" and a "TPOT" entry per request: per entry its counts and its p50 / p99 / max as
-Locust computes them, written as JSON to ONDO_LOCUST_STATS when it quits), every request's
-record goes to the JSON-lines file named by ONDO_LOCUST_RECORDS, in
-`outside_load.LoadResult`'s fields.
+until none is left; when the last one has finished the run quits. When it quits it writes
+Locust's own statistics (the request, plus a "TTFT" and a "TPOT" entry per request: counts
+and p50 / p99 / max as Locust computes them) as JSON to ONDO_LOCUST_STATS, and every
+request's record, in `outside_load.LoadResult`'s fields, as JSON lines to
+ONDO_LOCUST_RECORDS.
 """
 
 from __future__ import annotations
@@ -56,8 +56,8 @@ def _write_records(environment, **_kwargs) -> None:
 
 def _lines(response):
     """The body's lines as each arrives: geventhttpclient's `readline` on the response under
-    Locust's (Locust's own `iter_content` waits for whole 1 kB chunks, which would hold
-    back a stream's first events and bunch the rest)."""
+    Locust's (Locust's own `iter_content` waits until a whole chunk of the size asked for has
+    arrived, which holds back a stream's first events and bunches the rest)."""
     stream = response._response
     while True:
         line = stream.readline(b"\n")

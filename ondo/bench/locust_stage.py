@@ -20,6 +20,7 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from ondo.bench.outside_load import LoadRequest, LoadResult, summarize
@@ -52,7 +53,8 @@ def run_locust(base_url: str, model: str, requests: list[LoadRequest], users: in
     if not requests:
         raise ValueError("no requests to send")
     work = tempfile.mkdtemp(prefix="ondo-locust-")
-    spec_path, records_path = os.path.join(work, "requests.json"), os.path.join(work, "records.jsonl")
+    spec_path = os.path.join(work, "requests.json")
+    records_path = os.path.join(work, "records.jsonl")
     with open(spec_path, "w") as f:
         json.dump({"model": model, "requests": [asdict(r) for r in requests]}, f)
     stats_path = os.path.join(work, "locust_stats.json")
@@ -70,7 +72,8 @@ def run_locust(base_url: str, model: str, requests: list[LoadRequest], users: in
     if proc.returncode != 0 or not os.path.exists(records_path):
         with open(log_path) as f:
             tail = f.read()[-2000:]
-        raise RuntimeError(f"locust exited with status {proc.returncode}; its log {log_path}:\n{tail}")
+        raise RuntimeError(f"locust exited with status {proc.returncode}; "
+                           f"its log {log_path}:\n{tail}")
     rows = read_records(records_path)
     t_first = min((r.start_s for r in rows), default=0.0)
     for r in rows:
@@ -91,8 +94,6 @@ def run_locust(base_url: str, model: str, requests: list[LoadRequest], users: in
 
 def _locust_version() -> str | None:
     try:
-        from importlib.metadata import version
-
         return version("locust")
-    except Exception:  # noqa: BLE001 — only reported
+    except PackageNotFoundError:  # run from a folder on PYTHONPATH, not installed
         return None

@@ -33,17 +33,30 @@ def varlen_variants(b, scale: float) -> dict[str, object]:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError as e:
         return {"varlen_error": f"ImportError: {e}"}
+    import inspect
+
+    params = inspect.signature(varlen_attn).parameters
+    # Older builds (2.11) have no enable_gqa (they take fewer K/V heads as they are: the
+    # same output within bf16 rounding on an H200) and no paged form.
+    gqa = {"enable_gqa": True} if "enable_gqa" in params else {}
+    if "scale" in params:
+        gqa["scale"] = scale  # without it, the build's own 1/sqrt(head_dim), the same here
+    causal = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
     m = b.meta
     ref = paged_prefill_attention_triton(b.query, b.k_cache, b.v_cache, m, scale)
-    out: dict[str, object] = {}
-    forms = {"varlen_paged": lambda: varlen_attn(
-        b.query, b.k_cache, b.v_cache, m.query_start_loc, None, m.max_query_len,
-        m.max_context_len, scale=scale, window_size=(-1, 0), enable_gqa=True,
-        seqused_k=m.context_lens, block_table=m.block_tables)}
+    out: dict[str, object] = {"varlen_signature": list(params)}
+    forms = {}
+    if "block_table" in params:
+        forms["varlen_paged"] = lambda: varlen_attn(
+            b.query, b.k_cache, b.v_cache, m.query_start_loc, None, m.max_query_len,
+            m.max_context_len, window_size=(-1, 0), **gqa,
+            seqused_k=m.context_lens, block_table=m.block_tables)
+    else:
+        out["varlen_paged_error"] = "this torch's varlen_attn has no block_table"
     if m.query_lens_cpu == m.context_lens_cpu:
         forms["varlen_contiguous"] = lambda: varlen_attn(
             b.query, b.key, b.value, m.query_start_loc, m.query_start_loc, m.max_query_len,
-            m.max_query_len, scale=scale, window_size=(-1, 0), enable_gqa=True)
+            m.max_query_len, **causal, **gqa)
     for name, fn in forms.items():
         try:
             diff = (fn().float() - ref.float()).abs().max().item()

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs ondo's GPU tests and benchmarks in one go on a CUDA machine; results under $OUT.
-# Stages are chosen with STAGES: tests timeline sampling kernels prefill throughput host serve startup startup_ab trace mixed_trace outside telemetry turnover structured soak agent.
+# Stages are chosen with STAGES: tests timeline sampling kernels prefill throughput host serve startup startup_ab tokenizer_load trace mixed_trace outside telemetry turnover structured soak agent.
 # THROUGHPUT_ARGS passes extra flags to `ondo bench throughput`.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -68,6 +68,9 @@ for stage in $STAGES; do
         flag=""; [ $run = bare ] && flag=--no-tokenizer
         echo -n "$run: "; timeout 100 python3 bench/startup.py $flag 2>/dev/null | grep "^{"
       done | tee "$OUT/startup_ab.log" ;;
+    tokenizer_load)
+      # load_tokenizer against plain AutoTokenizer in fresh processes that hold torch already.
+      timeout 120 python3 bench/tokenizer_load.py --repeats 3 2>&1 | tee "$OUT/tokenizer_load.log" ;;
     trace)
       timeout ${TRACE_TIMEOUT:-300} python3 bench/record_serving_trace.py --out "$OUT/serving_trace.csv" ${TRACE_ARGS:-} \
         > "$OUT/trace.log" 2>&1

@@ -1,4 +1,4 @@
-"""The tokenizer the engine and the server use: a thin, typed wrapper over transformers' AutoTokenizer."""
+"""The tokenizer the engine and the server use: a thin, typed wrapper over a transformers tokenizer."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import os
 from typing import Any
 
 from ondo.model.default_model import default_model_path
+from ondo.model.tokenizer_class import declared_tokenizer_class
 
 
 class Tokenizer:
@@ -75,17 +76,23 @@ def load_tokenizer(path: str | None, tokenizer_path: str | None = None) -> Token
 
     tokenizer_path, when given, overrides path; both None means the embedded default model.
     """
-    from transformers import AutoTokenizer
-
     source = tokenizer_path or path or default_model_path()
     if not os.path.exists(source):
         raise FileNotFoundError(f"tokenizer source not found: {source}")
     try:
         if source.endswith(".gguf"):
+            from transformers import AutoTokenizer
+
             folder, file_name = os.path.split(os.path.abspath(source))
             hf_tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file_name)
         else:
-            hf_tokenizer = AutoTokenizer.from_pretrained(source)
+            declared = declared_tokenizer_class(source)
+            if declared is not None:
+                hf_tokenizer = declared.from_pretrained(source)
+            else:
+                from transformers import AutoTokenizer
+
+                hf_tokenizer = AutoTokenizer.from_pretrained(source)
     except Exception as e:  # transformers raises many kinds on a bad file
         raise ValueError(f"cannot load a tokenizer from {source}: {e}") from e
     return Tokenizer(hf_tokenizer, source, _generation_eos_ids(source))

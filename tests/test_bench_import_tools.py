@@ -37,9 +37,9 @@ def test_import_chain_on_a_real_import():
     out = subprocess.run([sys.executable, str(ROOT / "bench" / "import_chain.py"),
                           "--code", "import json", "--why", "json.decoder", "nowhere.at.all"],
                          capture_output=True, text=True, check=True, cwd=ROOT).stdout
-    why = out.split("why json.decoder:")[1].split("\n\n")[0].split()
-    # json imports json.decoder: json first (outermost), then the module itself.
-    names = [w for w in why if not w.replace(".", "").isdigit() and w != "s"]
+    why = out.split("why json.decoder:\n")[1].split("\n\n")[0].splitlines()
+    # Each line: "<cumulative> s  <module>"; json imports json.decoder, outermost first.
+    names = [line.split(" s  ")[1] for line in why]
     assert names[0] == "json" and names[-1] == "json.decoder"
     assert "nowhere.at.all: not imported" in out
 

@@ -2,8 +2,9 @@
 transformers' AutoTokenizer.
 
 AutoTokenizer's module brings in the `Auto*` machinery, and with it, in some transformers
-releases, the generation and distributed stacks and scikit-learn: on a GPU machine that
-was 15–20 s of imports in the tokenizer's thread beside the engine's start, slowing both.
+releases, the generation and distributed stacks and scikit-learn: on a GPU machine a
+tokenizer then took 12–17 s to load, nearly all of it imports, in a thread beside the
+engine's start, slowing both.
 A folder whose tokenizer_config.json names a fast (Rust-backed) class, and brings no code
 of its own, gets that class straight from transformers' top level, which is what
 AutoTokenizer would build. Where AutoTokenizer would choose differently — a Llama

@@ -34,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile-steps", type=int, default=0,
                     help="then this many steps under torch.profiler (0: none)")
     ap.add_argument("--trace", default=None, help="the profiler's Chrome trace here")
+    ap.add_argument("--table-rows", type=int, default=25, help="rows of the profiler's table")
     ap.add_argument("--max-model-len", type=int, default=4096)
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny model, a few steps")
     ap.add_argument("--out", default=None, help="also write the JSON here")
@@ -81,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
             if cuda:
                 torch.cuda.synchronize()
         sort = "cuda_time_total" if cuda else "cpu_time_total"
-        print(prof.key_averages().table(sort_by=sort, row_limit=25, max_name_column_width=60))
+        print(prof.key_averages().table(sort_by=sort, row_limit=args.table_rows, max_name_column_width=60))
         if args.trace:
             prof.export_chrome_trace(args.trace)
     while engine.has_unfinished_requests():

@@ -137,6 +137,34 @@ def test_the_samplers_fused_path_keeps_its_contract(fused):
     assert len(set(many.token_ids)) > 1
 
 
+@pytest.mark.parametrize("one_pass", [True, False])
+def test_the_sampler_reads_bf16_logits_as_their_float32_copy(monkeypatch, one_pass):
+    """The engine's runner hands the sampler bf16 logits on the GPU. Greedy and seeded rows
+    draw from them what they draw from the float32 copy (argmax and the one-pass kernel
+    widen each value exactly; the PyTorch path works on a float32 copy), and a row's
+    logprobs are those of the float32 copy, not of a bf16 softmax."""
+    import ondo.engine.sampler as sampler
+    from ondo.engine.sampling_params import SamplingParams
+
+    monkeypatch.setattr(sampler, "fused_sampling", lambda device: one_pass)
+    g = torch.Generator().manual_seed(9)
+    logits = (torch.randn(6, 300, generator=g) * 3).to(torch.bfloat16).to(DEVICE)
+    params = [SamplingParams(temperature=0.0), SamplingParams(temperature=0.7, seed=1),
+              SamplingParams(temperature=1.3, seed=2), SamplingParams(temperature=0.0),
+              SamplingParams(temperature=0.5, seed=3), SamplingParams(temperature=1.0, seed=4)]
+    lens = [0, 3, 5, 0, 9, 1]
+    narrow = sampler.sample_on_device(logits, params, lens).to_host()
+    wide = sampler.sample_on_device(logits.float(), params, lens).to_host()
+    assert narrow.token_ids == wide.token_ids
+    assert narrow.token_ids[0] == int(logits[0].float().argmax())
+    greedy = [SamplingParams(temperature=0.0)] * 6
+    assert sampler.sample_on_device(logits, greedy, [0] * 6).to_host().token_ids == \
+        logits.float().argmax(-1).tolist()
+    asked = sampler.sample_on_device(logits[:1], [SamplingParams(temperature=0.0, logprobs=3)], [0]).to_host()
+    top = logits[:1].float().log_softmax(-1).topk(3)
+    assert asked.logprobs[0] == dict(zip(top.indices[0].tolist(), top.values[0].tolist()))
+
+
 def _splitmix_input_for(z: int) -> int:
     """The SplitMix64 state whose finalizer gives `z`: each xor-shift and product undone."""
     mask = (1 << 64) - 1

@@ -138,10 +138,10 @@ class ModelRunner:
         with torch.inference_mode():
             hidden = self.model(batch.input_ids, batch.positions, caches, batch.meta)
             rows = min(self.args.max_num_seqs, num_tokens)
-            logits = self.model.compute_logits(hidden[:rows]).float()
-            logits.softmax(-1)
+            logits = self.model.compute_logits(hidden[:rows], dtype=None)
+            logits.float().softmax(-1)  # the peak of the float32 path (logprobs, filters, penalties)
             if fused_sampling(logits.device):
-                # Its kernel compiles now, not in the first request's step.
+                # Its kernel compiles now, for the logits' dtype, not in the first request's step.
                 sample_on_device(logits, [_PROFILE_SAMPLING] * rows, [0] * rows)
         self._sync()
         return time.perf_counter() - t0
@@ -346,7 +346,8 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput, batch: StepBatch,
                 prev_tokens: torch.Tensor | None = None) -> torch.Tensor | None:
-        """Run the step's copies and forward pass; logits [num sampling rows, vocab] float32.
+        """Run the step's copies and forward pass; logits [num sampling rows, vocab] in the
+        model's dtype (the sampler converts them where it needs float32).
         `prev_tokens`: the previous step's draws, still on the device, for pending tokens."""
         if batch.pending_dst is not None:
             if prev_tokens is None:
@@ -369,7 +370,7 @@ class ModelRunner:
             hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.meta)
         if batch.logits_indices.numel() == 0:
             return None
-        return self.model.compute_logits(hidden.index_select(0, batch.logits_indices)).float()
+        return self.model.compute_logits(hidden.index_select(0, batch.logits_indices), dtype=None)
 
     # -- CUDA graphs ----------------------------------------------------------------
     def _graph_size(self, n: int) -> int:

@@ -282,13 +282,16 @@ class LlamaForCausalLM(torch.nn.Module):
             return self.model.embed_tokens.weight
         return self.lm_head.weight
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[N, hidden] -> float32 logits [N, vocab] (on rank 0 of a tensor-parallel model;
-        the other ranks get their own vocabulary slice, which nobody reads)."""
+    def compute_logits(self, hidden: torch.Tensor, dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
+        """[N, hidden] -> logits [N, vocab] in `dtype` (None: the model's own, as the matmul
+        writes them; the engine's sampler reads bf16 logits where it can, which saves a
+        float32 copy of [N, vocab] a step). On rank 0 of a tensor-parallel model; the other
+        ranks get their own vocabulary slice, which nobody reads."""
         if self.shard.size > 1:
-            return vocab_parallel_logits(hidden, self.lm_head_weight, self.config.vocab_size,
-                                         self.shard).float()
-        return F.linear(hidden, self.lm_head_weight).float()
+            logits = vocab_parallel_logits(hidden, self.lm_head_weight, self.config.vocab_size, self.shard)
+        else:
+            logits = F.linear(hidden, self.lm_head_weight)
+        return logits if dtype is None else logits.to(dtype)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> dict[str, int]:
         """Copy HF-named tensors into ondo's (fused) parameters, each cut to this rank's

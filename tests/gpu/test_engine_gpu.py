@@ -102,8 +102,9 @@ def test_cuda_graph_decode_equals_eager_decode(checkpoint):
             context_lens=st["context_lens"][:8], query_start_loc=st["query_start_loc"][:9],
             max_query_len=1, max_context_len=runner.max_model_len, block_size=runner.block_size)
         hidden = runner.model(st["input_ids"][:8], st["positions"][:8], runner.kv_caches, meta)
-        eager_logits = runner.model.compute_logits(hidden[:5]).float()
+        eager_logits = runner.model.compute_logits(hidden[:5], dtype=None)
     assert graph.output.shape[0] == 8
+    assert graph_logits.dtype == torch.bfloat16  # the sampler reads them as they are
     assert torch.equal(graph_logits, eager_logits)
     for item in sched.scheduled:  # leave the engine consistent
         engine.abort_request(item.seq.request_id)
@@ -137,10 +138,10 @@ def test_cuda_graph_mixed_step_equals_eager_forward(checkpoint):
             context_lens=st["context_lens"], query_start_loc=st["query_start_loc"],
             max_query_len=128, max_context_len=runner.max_model_len, block_size=runner.block_size)
         hidden = runner.model(st["input_ids"][:128], st["positions"][:128], runner.kv_caches, meta)
-        eager_logits = runner.model.compute_logits(hidden.index_select(0, batch.logits_indices)).float()
+        eager_logits = runner.model.compute_logits(hidden.index_select(0, batch.logits_indices), dtype=None)
         # And the unpadded eager forward picks the same tokens.
         unpadded = runner.model(batch.input_ids, batch.positions, runner.kv_caches, batch.meta)
-        unpadded_logits = runner.model.compute_logits(unpadded.index_select(0, batch.logits_indices)).float()
+        unpadded_logits = runner.model.compute_logits(unpadded.index_select(0, batch.logits_indices), dtype=None)
     assert runner.mixed_graphs[128].output.shape[0] == 128
     assert graph_logits.shape[0] == 4 and torch.equal(graph_logits, eager_logits)
     assert torch.equal(graph_logits.argmax(-1), unpadded_logits.argmax(-1))

@@ -141,3 +141,25 @@ def test_one_pass_sampling_on_gpu_at_a_real_vocabulary():
                               torch.ones(1, dtype=torch.int32, device="cuda"),
                               torch.tensor([5 * 7919 + 3], device="cuda"))
     assert alone.item() == tokens[5].item()
+
+
+def test_sampler_on_bf16_logits_at_a_real_vocabulary():
+    """W1's batch as the engine samples it: bf16 logits of Qwen3's vocabulary, read by the
+    one-pass kernel as they are. Greedy and seeded rows draw what their float32 copy draws."""
+    from ondo.engine.sampler import fused_sampling, sample_on_device
+    from ondo.engine.sampling_params import SamplingParams
+
+    vocab, n = 151_936, 256
+    assert fused_sampling(torch.device("cuda"))  # the default on CUDA
+    g = torch.Generator(device="cuda").manual_seed(3)
+    logits = (torch.randn(n, vocab, device="cuda", generator=g) * 3).bfloat16()
+    params = [SamplingParams(temperature=0.0) if i % 4 == 0 else SamplingParams(temperature=0.6, seed=i)
+              for i in range(n)]
+    lens = list(range(n))
+    narrow = sample_on_device(logits, params, lens).to_host().token_ids
+    wide = sample_on_device(logits.float(), params, lens).to_host().token_ids
+    assert narrow == wide
+    top = logits.float().argmax(-1).tolist()
+    assert narrow[::4] == top[::4]
+    # The sampled rows draw: many do not pick their maximum.
+    assert sum(narrow[i] != top[i] for i in range(n) if i % 4) > 20

@@ -725,8 +725,14 @@ class LLMEngine:
                 seq.stop_reason = f"the output left its grammar: {grammar.error}"
                 self.scheduler.finish(seq, "error")
                 return
+        num_output = seq.num_output_tokens
+        if (grammar is None and not p.stop_list and token not in p.stop_token_ids
+                and (p.ignore_eos or token not in self.eos_token_ids)
+                and (p.max_tokens is None or num_output < p.max_tokens)
+                and len(seq.token_ids) < self.max_model_len):
+            return  # nothing check_stop looks at can end it: the common decode step
         decision = check_stop(
-            token_id=token, num_output_tokens=seq.num_output_tokens, num_tokens=seq.num_tokens,
+            token_id=token, num_output_tokens=num_output, num_tokens=seq.num_tokens,
             text=state.text, new_text_len=new_text_len,
             eos_token_ids=self.eos_token_ids, stop_token_ids=p.stop_token_ids, stop_strings=p.stop_list,
             include_stop_str=p.include_stop_str_in_output, ignore_eos=p.ignore_eos,

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ondo.engine import staging
 from ondo.engine.config import EngineArgs
 from ondo.engine.memory import MemoryPlan, kv_bytes_per_block
 from ondo.engine.sampler import fused_sampling, sample_on_device
@@ -309,20 +310,20 @@ class ModelRunner:
         ))
 
     def upload(self, host: HostBatch) -> StepBatch:
-        """The host batch on the device (through pinned memory, never waiting for it)."""
-        dev = self.device
-
-        def to_dev(a: np.ndarray) -> torch.Tensor:
-            # Pinned staging: a copy from pageable memory may wait for the stream.
-            t = torch.from_numpy(a)
-            return t.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else t
-
+        """The host batch on the device: one pinned staging buffer, one non-blocking copy
+        (`ondo.engine.staging`), never waiting for the device."""
         ctx = host.context_lens
+        pending = host.pending_dst is not None
+        arrays = [host.input_ids, host.positions, host.slot_mapping, host.block_tables,
+                  ctx.astype(np.int32), host.query_start_loc.astype(np.int32), host.logits_indices]
+        if pending:
+            arrays += [host.pending_dst, host.pending_src]
+        dev = staging.to_device(arrays, self.device)
         meta = AttentionMetadata(
-            slot_mapping=to_dev(host.slot_mapping),
-            block_tables=to_dev(host.block_tables),
-            context_lens=to_dev(ctx.astype(np.int32)),
-            query_start_loc=to_dev(host.query_start_loc.astype(np.int32)),
+            slot_mapping=dev[2],
+            block_tables=dev[3],
+            context_lens=dev[4],
+            query_start_loc=dev[5],
             max_query_len=int(host.query_lens.max()),
             max_context_len=int(ctx.max()),
             block_size=self.block_size,
@@ -331,16 +332,16 @@ class ModelRunner:
         )
         total = int(host.query_start_loc[-1])
         return StepBatch(
-            input_ids=to_dev(host.input_ids),
-            positions=to_dev(host.positions),
+            input_ids=dev[0],
+            positions=dev[1],
             meta=meta,
-            logits_indices=to_dev(host.logits_indices),
+            logits_indices=dev[6],
             num_prefill_tokens=total - host.num_decode_tokens,
             num_decode_tokens=host.num_decode_tokens,
             kv_tokens_read=int(ctx.sum()),
             host=host,
-            pending_dst=None if host.pending_dst is None else to_dev(host.pending_dst),
-            pending_src=None if host.pending_src is None else to_dev(host.pending_src),
+            pending_dst=dev[7] if pending else None,
+            pending_src=dev[8] if pending else None,
         )
 
     @torch.inference_mode()

@@ -12,8 +12,10 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
+from ondo.engine import staging
 from ondo.engine.sampling_params import SamplingParams
 from ondo.kernels.bitmask import apply_token_bitmask
 
@@ -191,22 +193,20 @@ def _sample_fused(logits: torch.Tensor, params: list[SamplingParams], output_len
 
     device = logits.device
     n = len(params)
-    seeds = torch.randint(0, 2**62, (n,), generator=host_generator, dtype=torch.int64)
+    seeds = torch.randint(0, 2**62, (n,), generator=host_generator, dtype=torch.int64).numpy()
     for row, p in enumerate(params):
         if p.seed is not None:
             seeds[row] = mix_seed(_seed_for(p.seed, output_lens[row]))
     filtered = any(p.top_k > 0 or p.top_p < 1.0 or p.min_p > 0 for p in params)
-    temps = [1.0 if p.greedy else p.temperature for p in params]
+    temps = np.fromiter((1.0 if p.greedy else p.temperature for p in params), dtype=np.float64, count=n)
     if filtered:  # the filters act on the scaled logits; the kernel then scales by 1
-        logits = _filter(logits / to_device(temps, torch.float32, device)[:, None], params)
-        scale = [1.0] * n
+        logits = _filter(logits / to_device(temps.tolist(), torch.float32, device)[:, None], params)
+        scale = np.ones(n, dtype=np.float32)
     else:
-        scale = [1.0 / t for t in temps]
-    noisy = [0 if p.greedy else 1 for p in params]
-    if device.type == "cuda":
-        seeds = seeds.pin_memory().to(device, non_blocking=True)
-    return gumbel_max_sample(logits, to_device(scale, torch.float32, device),
-                             to_device(noisy, torch.int32, device), seeds)
+        scale = (1.0 / temps).astype(np.float32)
+    noisy = np.fromiter((0 if p.greedy else 1 for p in params), dtype=np.int32, count=n)
+    seeds_d, scale_d, noisy_d = staging.to_device([seeds, scale, noisy], device)  # one copy
+    return gumbel_max_sample(logits, scale_d, noisy_d, seeds_d)
 
 
 @torch.inference_mode()  # the logits are inference tensors: bias and masks apply in place

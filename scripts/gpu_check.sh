@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs ondo's GPU tests and benchmarks in one go on a CUDA machine; results under $OUT.
-# Stages are chosen with STAGES: tests timeline sampling kernels prefill throughput host serve startup startup_ab tokenizer_load trace mixed_trace outside telemetry turnover structured soak agent.
+# Stages are chosen with STAGES: tests timeline sampling gemm kernels prefill throughput host serve startup startup_ab tokenizer_load trace mixed_trace outside telemetry turnover structured soak agent.
 # THROUGHPUT_ARGS passes extra flags to `ondo bench throughput`.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -34,6 +34,11 @@ for stage in $STAGES; do
       grep -v "^{" "$OUT/step_timeline.log" | tail -45; grep "^{" "$OUT/step_timeline.log" ;;
     sampling)
       timeout 120 python3 bench/sampling_bench.py --out "$OUT/sampling_bench.json" 2>&1 | tail -5 ;;
+    gemm)
+      # A layer's matmuls alone at a ladder of row counts (GEMM_ARGS: e.g. --autotune 64 256).
+      timeout ${GEMM_TIMEOUT:-300} python3 bench/gemm_bench.py --out "$OUT/gemm_bench.json" ${GEMM_ARGS:-} \
+        > "$OUT/gemm_bench.log" 2>&1
+      grep -v "^{" "$OUT/gemm_bench.log" | tail -20 ;;
     kernels)
       timeout 240 python3 bench/kernel_bench.py --out "$OUT/kernel_bench.json" 2>&1 | tail -30 ;;
     prefill)

@@ -140,10 +140,13 @@ class ModelRunner:
             hidden = self.model(batch.input_ids, batch.positions, caches, batch.meta)
             rows = min(self.args.max_num_seqs, num_tokens)
             logits = self.model.compute_logits(hidden[:rows], dtype=None)
-            logits.float().softmax(-1)  # the peak of the float32 path (logprobs, filters, penalties)
+            wide = logits.float()
+            wide.softmax(-1)  # the peak of the float32 path (logprobs, filters, penalties)
             if fused_sampling(logits.device):
-                # Its kernel compiles now, for the logits' dtype, not in the first request's step.
+                # Its kernel compiles now, not in a request's step: for the model's logits and
+                # for float32 ones (what top-k, top-p and min-p hand it).
                 sample_on_device(logits, [_PROFILE_SAMPLING] * rows, [0] * rows)
+                sample_on_device(wide, [_PROFILE_SAMPLING] * rows, [0] * rows)
         self._sync()
         return time.perf_counter() - t0
 

@@ -1,11 +1,11 @@
 """Small host arrays onto the device in one copy: each array is written into one pinned
-staging buffer, the buffer goes over in one non-blocking copy, and each
-array comes back as a typed view of the device copy, at a 16-byte aligned offset (Triton
-specializes a kernel on whether each pointer is a multiple of 16: a view off that would
-compile the kernel again, in the middle of serving). A step's batch is some ten arrays of a
-few kilobytes; copied one by one, each paid a pinned allocation, a staging copy and a
-launch. The caching host allocator keeps a pinned block
-from reuse until the copy that read it has run, so nothing here waits for the device.
+staging buffer, the buffer goes over in one non-blocking copy, and each array comes back as
+a typed view of the device copy, at a 16-byte aligned offset (Triton specializes a kernel on
+whether each pointer is a multiple of 16: a view off that would compile the kernel again,
+in the middle of serving). A step's batch is some ten arrays of a few kilobytes; copied one
+by one, each paid a pinned allocation, a staging copy and a launch. The caching host
+allocator keeps a pinned block from reuse until the copy that read it has run, so nothing
+here waits for the device.
 """
 
 from __future__ import annotations

@@ -185,10 +185,11 @@ def fused_sampling(device: torch.device) -> bool:
 
 
 def _sample_fused(logits: torch.Tensor, params: list[SamplingParams], output_lens: list[int],
-                  host_generator: torch.Generator | None) -> torch.Tensor:
+                  host_generator: torch.Generator | None, filtered: bool) -> torch.Tensor:
     """Greedy and sampled rows in one pass (ondo/kernels/triton_sampling.py). A seeded
     request's row draws from its own (seed, output position) stream: the same tokens alone
-    or inside any batch; the others from seeds drawn on the host (no device sync)."""
+    or inside any batch; the others from seeds drawn on the host (no device sync).
+    `filtered`: some row has top-k, top-p or min-p (the caller has checked already)."""
     from ondo.kernels.triton_sampling import gumbel_max_sample, mix_seed  # Triton where it runs
 
     device = logits.device
@@ -197,7 +198,6 @@ def _sample_fused(logits: torch.Tensor, params: list[SamplingParams], output_len
     for row, p in enumerate(params):
         if p.seed is not None:
             seeds[row] = mix_seed(_seed_for(p.seed, output_lens[row]))
-    filtered = any(p.top_k > 0 or p.top_p < 1.0 or p.min_p > 0 for p in params)
     temps = np.fromiter((1.0 if p.greedy else p.temperature for p in params), dtype=np.float64, count=n)
     if filtered:  # the filters act on the scaled logits; the kernel then scales by 1
         logits = _filter(logits / to_device(temps.tolist(), torch.float32, device)[:, None], params)
@@ -254,7 +254,7 @@ def sample_on_device(
     if greedy:
         tokens = logits.argmax(-1)
     elif fused:
-        tokens = _sample_fused(logits, params, output_lens, host_generator)
+        tokens = _sample_fused(logits, params, output_lens, host_generator, filtered)
     else:
         tokens = logits.argmax(-1)
         greedy = to_device([p.greedy for p in params], torch.bool, device)

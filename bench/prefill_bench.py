@@ -4,7 +4,10 @@ its variable-length flash attention (`torch.nn.attention.varlen.varlen_attn`) on
 packed step: on the step's own contiguous K/V (whole prompts only: nothing cached before
 them) and through ondo's block tables (paged, every row), each with its largest
 difference from the Triton kernel's output; a form the build refuses is recorded with its
-error instead. Prints a table and a JSON line.
+error instead. Then W3's mixed steps (whole 2,048-token prompts beside decode rows of
+~2,048-token contexts): the Triton kernel with the decode rows handed to the decode
+kernel, and with the prefill kernel taking them in its own tiles. Prints a table and a
+JSON line.
 
     python3 bench/prefill_bench.py
 """
@@ -67,6 +70,32 @@ def varlen_variants(b, scale: float) -> dict[str, object]:
     return out
 
 
+def mixed_steps(hq: int, hkv: int, d: int) -> list[dict[str, object]]:
+    """W3's steps: `prompts` whole 2,048-token prompts and `decode` rows whose contexts are
+    2,049-2,064 tokens (prompts a few tokens into their 16 outputs), with the decode rows
+    split off to the decode kernel and not."""
+    rows = []
+    scale = d ** -0.5
+    for prompts, decode in ((4, 0), (4, 60), (3, 120), (1, 200)):
+        ctx = [2048 + 1 + i % 16 for i in range(decode)]
+        query_lens, context_lens = [2048] * prompts + [1] * decode, [2048] * prompts + ctx
+        b = make_paged_batch(query_lens, context_lens, num_q_heads=hq, num_kv_heads=hkv,
+                             head_dim=d, block_size=16, dtype=torch.bfloat16, device="cuda")
+        split = paged_prefill_attention_triton(b.query, b.k_cache, b.v_cache, b.meta, scale)
+        whole = paged_prefill_attention_triton(b.query, b.k_cache, b.v_cache, b.meta, scale,
+                                               split_decode_rows=False)
+        times = {name: triton.testing.do_bench(
+            lambda b=b, s=flag: paged_prefill_attention_triton(b.query, b.k_cache, b.v_cache, b.meta, d ** -0.5,
+                                                               split_decode_rows=s))
+            for name, flag in (("split_ms", True), ("one_kernel_ms", False))}
+        rows.append({"prompts": prompts, "decode_rows": decode, **times,
+                     "max_abs_diff": (split.float() - whole.float()).abs().max().item()})
+        r = rows[-1]
+        print(f"mixed {prompts} x 2048 + {decode:3d} decode rows: split {r['split_ms']:.3f} ms, "
+              f"one kernel {r['one_kernel_ms']:.3f} ms (max diff {r['max_abs_diff']:.4f})")
+    return rows
+
+
 def main() -> None:
     rows = []
     hq, hkv, d = 16, 8, 128
@@ -99,7 +128,9 @@ def main() -> None:
         for k, v in r.items():
             if k.endswith("_error"):
                 print(f"    {k}: {v}")
-    print(json.dumps({"benchmark": "prefill_attention", "device": torch.cuda.get_device_name(), "rows": rows}))
+    mixed = mixed_steps(hq, hkv, d)
+    print(json.dumps({"benchmark": "prefill_attention", "device": torch.cuda.get_device_name(), "rows": rows,
+                      "mixed_rows": mixed}))
 
 
 if __name__ == "__main__":

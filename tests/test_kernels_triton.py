@@ -160,6 +160,41 @@ def test_mixed_batch_of_prefill_chunks_decode_rows_and_idle_sequences():
     torch.testing.assert_close(out, _reference(b), atol=ATOL, rtol=RTOL)
 
 
+def test_mixed_batch_decode_rows_split_off_match_the_prefill_kernels_own():
+    # Decode rows beside prompts go to the decode kernel (split_decode_rows), with
+    # contexts long enough for several K/V tiles; the output must not depend on which
+    # kernel took them.
+    b = _batch([1, 40, 1, 0, 1, 23], [150, 70, 9, 20, 64, 90], heads=(8, 2), head_dim=64,
+               block_size=8)
+    write_kv_cache_triton(b.key, b.value, b.k_cache, b.v_cache, b.meta.slot_mapping)
+    scale = 64**-0.5
+    split = paged_prefill_attention_triton(b.query, b.k_cache, b.v_cache, b.meta, scale)
+    whole = paged_prefill_attention_triton(
+        b.query, b.k_cache, b.v_cache, b.meta, scale, split_decode_rows=False
+    )
+    expect = _reference(b)
+    torch.testing.assert_close(split, expect, atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(whole, expect, atol=ATOL, rtol=RTOL)
+
+
+def test_split_decode_rows_without_host_query_lengths_launches_both_kernels():
+    # As under a CUDA graph's capture: no host copy of the query lengths, so neither
+    # kernel may assume which sequences are single tokens.
+    b = _batch([1, 37, 1, 5], [100, 50, 9, 5], heads=(8, 2), head_dim=64, block_size=8)
+    expect = _reference(b)
+    b.meta.query_lens_cpu = None
+    out = _write_then_attend(b, paged_prefill_attention_triton)
+    torch.testing.assert_close(out, expect, atol=ATOL, rtol=RTOL)
+
+
+def test_prefill_tiles_wholly_below_the_query_skip_the_mask_without_changing_output():
+    # A long cached prefix (several unmasked K/V tiles) and a chunk that ends on a tile
+    # edge and one that does not.
+    b = _batch([32, 17], [160, 113], heads=(4, 2), head_dim=64, block_size=16)
+    out = _write_then_attend(b, paged_prefill_attention_triton)
+    torch.testing.assert_close(out, _reference(b), atol=ATOL, rtol=RTOL)
+
+
 def test_prefill_kernel_handles_decode_only_batches_too():
     # The prefill kernel is a superset: it must agree on a batch the decode kernel owns.
     b = _batch([1, 1], [29, 64], heads=(8, 2), head_dim=128)

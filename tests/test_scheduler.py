@@ -184,3 +184,56 @@ def test_random_workload_never_leaks_and_wastes_under_one_block_per_sequence():
     assert bm.num_free_blocks == 24 and bm.num_cpu_blocks_used == 0
     assert all(c == 0 for c in bm.gpu.ref_counts + bm.cpu.ref_counts)
     assert sched.num_preemptions_swap > 0
+
+
+def _decisions(fast_path: bool, monkeypatch) -> list[tuple]:
+    """Every step's scheduled (request, tokens), preemptions and block copies, for one
+    seeded workload with forks (shared blocks, so copy-on-write) and block shortage."""
+    if not fast_path:
+        monkeypatch.setattr(BlockManager, "has_slot_for_next_token", lambda self, seq: False)
+    rng = random.Random(3)
+    bm = BlockManager(num_gpu_blocks=20, num_cpu_blocks=12, block_size=4)
+    sched = Scheduler(bm, max_num_seqs=6, max_num_batched_tokens=16, preemption_mode="swap")
+    for i in range(14):
+        s = make_seq(i, rng.randint(1, 25))
+        s.params = SamplingParams(max_tokens=rng.randint(1, 14))
+        sched.add(s)
+    forked, steps = 0, []
+    for _ in range(2000):
+        if sched.num_unfinished == 0:
+            break
+        out = run_step(sched)
+        steps.append((tuple((it.seq.request_id, it.num_new_tokens) for it in out.scheduled),
+                      tuple(s.request_id for s in out.preempted_swap), tuple(out.block_copies)))
+        for s in list(sched.running):
+            if forked < 3 and s.num_output_tokens == 1 and s.num_computed_tokens % 4:
+                child = make_seq(100 + forked, 1)
+                child.params = s.params
+                sched.fork(s, child)
+                forked += 1
+            if s.num_output_tokens >= s.params.max_tokens:
+                sched.finish(s, "length")
+    assert sched.num_unfinished == 0 and forked == 3
+    return steps
+
+
+def test_decode_fast_path_decides_as_the_general_path(monkeypatch):
+    fast = _decisions(True, monkeypatch)
+    general = _decisions(False, monkeypatch)
+    assert fast == general
+    assert any(copies for _, _, copies in fast)  # a shared block was copied on write
+    assert any(preempted for _, preempted, _ in fast)
+
+
+def test_has_slot_for_next_token_only_inside_an_unshared_block():
+    bm = BlockManager(num_gpu_blocks=8, num_cpu_blocks=0, block_size=4)
+    seq = make_seq(0, 6)
+    assert bm.allocate_slots(seq, 6)  # blocks for tokens 0-7
+    seq.num_computed_tokens = 6
+    assert bm.has_slot_for_next_token(seq)  # position 6 is in its second block
+    seq.num_computed_tokens = 8
+    assert not bm.has_slot_for_next_token(seq)  # position 8 needs a third block
+    seq.num_computed_tokens = 6
+    child = make_seq(1, 1)
+    bm.fork(seq, child)
+    assert not bm.has_slot_for_next_token(seq)  # the block is shared: copy on write first

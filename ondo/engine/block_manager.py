@@ -139,6 +139,12 @@ class BlockManager:
         i = seq.num_computed_tokens // self.block_size
         return i < len(seq.block_table) and self.gpu.ref_counts[seq.block_table[i]] > 1
 
+    def has_slot_for_next_token(self, seq: Sequence) -> bool:
+        """The next token lands in a block the sequence already holds alone: one more
+        token needs no allocation and no copy (`allocate_slots(seq, 1)` would do nothing)."""
+        i = seq.num_computed_tokens // self.block_size
+        return i < len(seq.block_table) and self.gpu.ref_counts[seq.block_table[i]] == 1
+
     def num_new_blocks(self, seq: Sequence, num_new_tokens: int) -> int:
         """Blocks to add so that the cache covers the computed tokens plus the new ones."""
         need = self.blocks_needed(seq.num_computed_tokens + num_new_tokens)

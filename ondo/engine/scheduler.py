@@ -176,6 +176,14 @@ class Scheduler:
         while queue and budget > 0:
             seq = queue.popleft()
             remaining = seq.num_uncomputed_tokens
+            if (remaining == 1 and self.block_manager.has_slot_for_next_token(seq)
+                    and not self._ends_with_pending(seq)):
+                # A decode token with room in its own last block: the general path below
+                # would decide the same, at several times the cost per sequence.
+                out.scheduled.append(ScheduledSeq(seq, 1))
+                running.append(seq)
+                budget -= 1
+                continue
             num_new = self._tokens_for(remaining, budget)
             in_prefill = remaining > 1
             if in_prefill:

@@ -41,20 +41,26 @@ def _load_kv_tile(
     stride_cache_slot,
     stride_cache_h,
     BLOCK_SIZE: tl.constexpr,
+    MASKED: tl.constexpr,  # False: every token of ``n`` is in the context
 ):
     """[BLOCK_N, BLOCK_D] tile of K or V for tokens ``n``, gathered through the table.
 
     BLOCK_N tokens may span several cache blocks (or part of one); each token looks up
     its own block id, so the tile size is independent of the cache's block size.
     """
-    block_ids = tl.load(block_table_row_ptr + n // BLOCK_SIZE, mask=n_mask, other=0)
+    if MASKED:
+        block_ids = tl.load(block_table_row_ptr + n // BLOCK_SIZE, mask=n_mask, other=0)
+    else:
+        block_ids = tl.load(block_table_row_ptr + n // BLOCK_SIZE)
     offsets = (
         block_ids.to(tl.int64)[:, None] * stride_cache_block
         + (n % BLOCK_SIZE)[:, None] * stride_cache_slot
         + kv_head * stride_cache_h
         + d[None, :]
     )
-    return tl.load(cache_ptr + offsets, mask=n_mask[:, None] & d_mask[None, :], other=0.0)
+    if MASKED:
+        return tl.load(cache_ptr + offsets, mask=n_mask[:, None] & d_mask[None, :], other=0.0)
+    return tl.load(cache_ptr + offsets, mask=d_mask[None, :], other=0.0)
 
 
 @triton.jit
@@ -98,7 +104,9 @@ def _decode_split_kernel(
     q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
     ctx_len = tl.load(context_lens_ptr + seq)
     lo = split * split_tokens
-    if (q_len == 0) | (lo >= ctx_len):  # no new token, or a split past the context end
+    # Not a single new token (none, or a prefill row the prefill kernel owns), or a split
+    # past the context's end.
+    if (q_len != 1) | (lo >= ctx_len):
         return
     hi = tl.minimum(lo + split_tokens, ctx_len)
 
@@ -120,7 +128,7 @@ def _decode_split_kernel(
         n_mask = n < hi
         k = _load_kv_tile(
             k_cache_ptr, table_row, kv_head, n, n_mask, d, d_mask,
-            stride_cache_block, stride_cache_slot, stride_cache_h, BLOCK_SIZE,
+            stride_cache_block, stride_cache_slot, stride_cache_h, BLOCK_SIZE, True,
         )  # fmt: skip
         qk = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION) * scale_log2e
         qk = tl.where(n_mask[None, :], qk, float("-inf"))
@@ -130,7 +138,7 @@ def _decode_split_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
         v = _load_kv_tile(
             v_cache_ptr, table_row, kv_head, n, n_mask, d, d_mask,
-            stride_cache_block, stride_cache_slot, stride_cache_h, BLOCK_SIZE,
+            stride_cache_block, stride_cache_slot, stride_cache_h, BLOCK_SIZE, True,
         )  # fmt: skip
         v = v.to(q.dtype)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
@@ -173,7 +181,7 @@ def _decode_reduce_kernel(
     head = tl.program_id(1)
     q_start = tl.load(query_start_loc_ptr + seq)
     q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
-    if q_len == 0:
+    if q_len != 1:  # the split kernel wrote nothing for this sequence
         return
     ctx_len = tl.load(context_lens_ptr + seq)
     live_splits = tl.cdiv(ctx_len, split_tokens)  # later splits returned without writing
@@ -190,6 +198,54 @@ def _decode_reduce_kernel(
     result = tl.sum(o * weight[:, None], 0) / tl.sum(weight, 0)
     o_offsets = q_start.to(tl.int64) * stride_o_t + head * stride_o_h + d
     tl.store(out_ptr + o_offsets, result.to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM)
+
+
+@triton.jit
+def _prefill_tile(
+    q,
+    m_i,
+    l_i,
+    acc,
+    k_cache_ptr,
+    v_cache_ptr,
+    table_row,
+    kv_head,
+    start,
+    kv_end,
+    q_pos,  # [BLOCK_M] each row's position in the sequence
+    d,
+    d_mask,
+    scale_log2e,
+    stride_cache_block,
+    stride_cache_slot,
+    stride_cache_h,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    MASKED: tl.constexpr,  # False: keys start.. are in the context and visible to every row
+    DOT_PRECISION: tl.constexpr,
+):
+    """One K/V tile of the online softmax: the updated (running max, running sum, output)."""
+    n = start + tl.arange(0, BLOCK_N)
+    n_mask = n < kv_end
+    k = _load_kv_tile(
+        k_cache_ptr, table_row, kv_head, n, n_mask, d, d_mask,
+        stride_cache_block, stride_cache_slot, stride_cache_h, BLOCK_SIZE, MASKED,
+    )  # fmt: skip
+    qk = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION) * scale_log2e
+    if MASKED:
+        visible = n_mask[None, :] & (n[None, :] <= q_pos[:, None])
+        qk = tl.where(visible, qk, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(qk - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = _load_kv_tile(
+        v_cache_ptr, table_row, kv_head, n, n_mask, d, d_mask,
+        stride_cache_block, stride_cache_slot, stride_cache_h, BLOCK_SIZE, MASKED,
+    )  # fmt: skip
+    v = v.to(q.dtype)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return m_new, l_i, acc
 
 
 @triton.jit
@@ -218,13 +274,15 @@ def _prefill_kernel(
     BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr,  # rows per tile = query tokens per tile * GROUP_PAD
     BLOCK_N: tl.constexpr,
+    SKIP_SINGLE: tl.constexpr,  # sequences with one new token are the decode kernel's
     DOT_PRECISION: tl.constexpr,
 ):
     """Causal attention of a tile of one sequence's new tokens over its whole context.
 
     A tile's rows are (token, head-in-group) pairs, so the kv head's K/V tile is
-    loaded once for all its query heads, and decode rows (one token) mixed into the
-    batch still fill GROUP rows of the dot instead of one.
+    loaded once for all its query heads. With SKIP_SINGLE, sequences bringing one new
+    token (decode rows beside a prefill) are left to the decode kernel: here each would
+    fill GROUP of a tile's BLOCK_M rows and still walk its whole context.
 
     The grid's first axis runs over the batch's query tiles, flat: sequence s owns
     programs from query_start_loc[s] // TOKENS_PER_TILE + s on, at least as many as it
@@ -249,7 +307,10 @@ def _prefill_kernel(
     q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
     tile = program - (q_start // TOKENS_PER_TILE + seq)
     tok0 = tile * TOKENS_PER_TILE
-    if tok0 >= q_len:  # this sequence has fewer tiles (or no new tokens at all)
+    done = tok0 >= q_len  # this sequence has fewer tiles (or no new tokens at all)
+    if SKIP_SINGLE:
+        done = done | (q_len == 1)
+    if done:
         return
     ctx_len = tl.load(context_lens_ptr + seq)
     prefix_len = ctx_len - q_len  # tokens already cached before this step
@@ -274,27 +335,21 @@ def _prefill_kernel(
     # Keys past the tile's last token are masked for every row: stop there.
     kv_end = tl.minimum(ctx_len, prefix_len + tok0 + TOKENS_PER_TILE)
 
-    for start in range(0, kv_end, BLOCK_N):
-        n = start + tl.arange(0, BLOCK_N)
-        n_mask = n < kv_end
-        k = _load_kv_tile(
-            k_cache_ptr, table_row, kv_head, n, n_mask, d, d_mask,
-            stride_cache_block, stride_cache_slot, stride_cache_h, BLOCK_SIZE,
+    # Keys up to the tile's first query position are visible to every row: whole K/V
+    # tiles below it need neither the causal mask nor the context bound.
+    full_end = (prefix_len + tok0 + 1) // BLOCK_N * BLOCK_N
+    for start in range(0, full_end, BLOCK_N):
+        m_i, l_i, acc = _prefill_tile(
+            q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, table_row, kv_head, start, kv_end, q_pos,
+            d, d_mask, scale_log2e, stride_cache_block, stride_cache_slot, stride_cache_h,
+            BLOCK_SIZE, BLOCK_N, False, DOT_PRECISION,
         )  # fmt: skip
-        qk = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION) * scale_log2e
-        visible = n_mask[None, :] & (n[None, :] <= q_pos[:, None])
-        qk = tl.where(visible, qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(qk - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load_kv_tile(
-            v_cache_ptr, table_row, kv_head, n, n_mask, d, d_mask,
-            stride_cache_block, stride_cache_slot, stride_cache_h, BLOCK_SIZE,
+    for start in range(full_end, kv_end, BLOCK_N):
+        m_i, l_i, acc = _prefill_tile(
+            q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, table_row, kv_head, start, kv_end, q_pos,
+            d, d_mask, scale_log2e, stride_cache_block, stride_cache_slot, stride_cache_h,
+            BLOCK_SIZE, BLOCK_N, True, DOT_PRECISION,
         )  # fmt: skip
-        v = v.to(q.dtype)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
 
     # Every live row sees key 0, so l_i > 0 there; padded rows are not stored.
     acc = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
@@ -383,19 +438,34 @@ def paged_decode_attention_triton(
 ) -> torch.Tensor:
     """Attention for batches whose sequences bring at most one new token each."""
     _check_inputs(query, k_cache, v_cache)
-    num_tokens, num_q_heads, head_dim = query.shape
+    out = torch.empty_like(query)
+    if query.shape[0] == 0 or meta.num_seqs == 0:
+        return out
+    _decode_into(out, query, k_cache, v_cache, meta, scale, meta.num_seqs, split_tokens)
+    return out
+
+
+def _decode_into(
+    out: torch.Tensor,
+    query: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+    num_rows: int,  # sequences with one new token: they alone need programs
+    split_tokens: int | None = None,
+) -> None:
+    """Write the output rows of the sequences that bring exactly one new token."""
+    num_q_heads, head_dim = query.shape[1], query.shape[2]
     num_kv_heads = k_cache.shape[2]
     group = num_q_heads // num_kv_heads
     num_seqs = meta.num_seqs
-    out = torch.empty_like(query)
-    if num_tokens == 0 or num_seqs == 0:
-        return out
     block_d = triton.next_power_of_2(head_dim)
     block_n, stages = _kv_tile_tokens(k_cache, block_d)
     max_context_len = max(meta.max_context_len, 1)
     if split_tokens is None:
         split_tokens = decode_split_tokens(
-            num_seqs, num_kv_heads, max_context_len, block_n, _sm_count(query)
+            max(num_rows, 1), num_kv_heads, max_context_len, block_n, _sm_count(query)
         )
     split_tokens = math.ceil(split_tokens / block_n) * block_n  # whole tiles per split
     num_splits = math.ceil(max_context_len / split_tokens)
@@ -463,7 +533,6 @@ def paged_decode_attention_triton(
             SPLITS_PAD=triton.next_power_of_2(num_splits),
             num_warps=4 if block_d >= 128 else 2,
         )
-    return out
 
 
 def paged_prefill_attention_triton(
@@ -472,8 +541,15 @@ def paged_prefill_attention_triton(
     v_cache: torch.Tensor,
     meta: AttentionMetadata,
     scale: float,
+    split_decode_rows: bool = True,
 ) -> torch.Tensor:
-    """Causal attention for any batch: prefill, chunked prefill, decode rows, empty rows."""
+    """Causal attention for any batch: prefill, chunked prefill, decode rows, empty rows.
+
+    With ``split_decode_rows``, sequences that bring one new token go to the decode
+    kernel, which reads each one's context once per kv head with no empty tile rows.
+    Where the host does not know the query lengths (a CUDA graph's capture), both
+    kernels are launched and each skips the other's sequences.
+    """
     _check_inputs(query, k_cache, v_cache)
     num_tokens, num_q_heads, head_dim = query.shape
     num_kv_heads = k_cache.shape[2]
@@ -495,6 +571,10 @@ def paged_prefill_attention_triton(
     tokens_per_tile = block_m // group_pad
     # Enough programs for every sequence's tiles (see _prefill_kernel), from host sizes only.
     num_programs = num_tokens // tokens_per_tile + meta.num_seqs
+    num_single = meta.num_seqs  # unknown: every sequence may bring one token
+    if meta.query_lens_cpu is not None:
+        num_single = sum(1 for n in meta.query_lens_cpu if n == 1)
+    skip_single = split_decode_rows and num_single > 0
 
     _prefill_kernel[(num_programs, num_kv_heads)](
         query,
@@ -521,10 +601,13 @@ def paged_prefill_attention_triton(
         BLOCK_SIZE=k_cache.shape[1],
         BLOCK_M=block_m,
         BLOCK_N=block_n,
+        SKIP_SINGLE=skip_single,
         DOT_PRECISION=_dot_precision(query.dtype),
         num_warps=num_warps,
         num_stages=stages,
     )
+    if skip_single:
+        _decode_into(out, query, k_cache, v_cache, meta, scale, num_single)
     return out
 
 

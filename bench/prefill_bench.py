@@ -72,13 +72,17 @@ def varlen_variants(b, scale: float) -> dict[str, object]:
 
 def mixed_steps(hq: int, hkv: int, d: int) -> list[dict[str, object]]:
     """W3's steps: `prompts` whole 2,048-token prompts and `decode` rows whose contexts are
-    2,049-2,064 tokens (prompts a few tokens into their 16 outputs), with the decode rows
-    split off to the decode kernel and not."""
+    2,049-2,064 tokens (prompts a few tokens into their 16 outputs), and a light load's
+    (one 512-token prompt beside a few such decodes), with the decode rows split off to
+    the decode kernel and not."""
     rows = []
     scale = d ** -0.5
-    for prompts, decode in ((4, 0), (4, 60), (3, 120), (1, 200)):
+    # The last two: a light load's steps, a short prompt beside a few long decodes.
+    for prompts, prompt_len, decode in ((4, 2048, 0), (4, 2048, 60), (3, 2048, 120), (1, 2048, 200),
+                                        (1, 512, 2), (1, 512, 8)):
         ctx = [2048 + 1 + i % 16 for i in range(decode)]
-        query_lens, context_lens = [2048] * prompts + [1] * decode, [2048] * prompts + ctx
+        query_lens = [prompt_len] * prompts + [1] * decode
+        context_lens = [prompt_len] * prompts + ctx
         b = make_paged_batch(query_lens, context_lens, num_q_heads=hq, num_kv_heads=hkv,
                              head_dim=d, block_size=16, dtype=torch.bfloat16, device="cuda")
         split = paged_prefill_attention_triton(b.query, b.k_cache, b.v_cache, b.meta, scale)
@@ -88,10 +92,10 @@ def mixed_steps(hq: int, hkv: int, d: int) -> list[dict[str, object]]:
             lambda b=b, s=flag: paged_prefill_attention_triton(b.query, b.k_cache, b.v_cache, b.meta, d ** -0.5,
                                                                split_decode_rows=s))
             for name, flag in (("split_ms", True), ("one_kernel_ms", False))}
-        rows.append({"prompts": prompts, "decode_rows": decode, **times,
+        rows.append({"prompts": prompts, "prompt_len": prompt_len, "decode_rows": decode, **times,
                      "max_abs_diff": (split.float() - whole.float()).abs().max().item()})
         r = rows[-1]
-        print(f"mixed {prompts} x 2048 + {decode:3d} decode rows: split {r['split_ms']:.3f} ms, "
+        print(f"mixed {prompts} x {prompt_len} + {decode:3d} decode rows: split {r['split_ms']:.3f} ms, "
               f"one kernel {r['one_kernel_ms']:.3f} ms (max diff {r['max_abs_diff']:.4f})")
     return rows
 

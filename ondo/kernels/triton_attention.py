@@ -607,7 +607,10 @@ def paged_prefill_attention_triton(
         num_stages=stages,
     )
     if skip_single:
-        _decode_into(out, query, k_cache, v_cache, meta, scale, num_single)
+        # One split per row, whatever the batch: a step replayed from a CUDA graph (which
+        # sees only the captured sizes) then sums in the order of the same step run eagerly.
+        _decode_into(out, query, k_cache, v_cache, meta, scale, num_single,
+                     split_tokens=max(meta.max_context_len, 1))
     return out
 
 

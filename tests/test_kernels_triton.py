@@ -15,6 +15,7 @@ if DEVICE == "cpu":
 
 import pytest  # noqa: E402
 
+from ondo.kernels.attention import splits_decode_rows  # noqa: E402
 from ondo.kernels.reference import paged_attention_ref, write_kv_cache_ref  # noqa: E402
 from ondo.kernels.testing import PagedBatch, make_paged_batch  # noqa: E402
 from ondo.kernels.triton_attention import (  # noqa: E402
@@ -168,7 +169,9 @@ def test_mixed_batch_decode_rows_split_off_match_the_prefill_kernels_own():
                block_size=8)
     write_kv_cache_triton(b.key, b.value, b.k_cache, b.v_cache, b.meta.slot_mapping)
     scale = 64**-0.5
-    split = paged_prefill_attention_triton(b.query, b.k_cache, b.v_cache, b.meta, scale)
+    split = paged_prefill_attention_triton(
+        b.query, b.k_cache, b.v_cache, b.meta, scale, split_decode_rows=True
+    )
     whole = paged_prefill_attention_triton(
         b.query, b.k_cache, b.v_cache, b.meta, scale, split_decode_rows=False
     )
@@ -177,14 +180,26 @@ def test_mixed_batch_decode_rows_split_off_match_the_prefill_kernels_own():
     torch.testing.assert_close(whole, expect, atol=ATOL, rtol=RTOL)
 
 
-def test_split_decode_rows_without_host_query_lengths_launches_both_kernels():
-    # As under a CUDA graph's capture: no host copy of the query lengths, so neither
-    # kernel may assume which sequences are single tokens.
+@pytest.mark.parametrize("flag", [None, 0, 1])
+def test_without_host_query_lengths_the_device_flag_picks_the_kernel(flag):
+    # As under a CUDA graph's capture: no host copy of the query lengths, so the split
+    # is read from the device (both kernels launched, each skipping the other's rows),
+    # or, with no flag, the prefill kernel takes every row.
     b = _batch([1, 37, 1, 5], [100, 50, 9, 5], heads=(8, 2), head_dim=64, block_size=8)
     expect = _reference(b)
     b.meta.query_lens_cpu = None
+    if flag is not None:
+        b.meta.split_decode_rows = torch.tensor([flag], dtype=torch.int32, device=DEVICE)
     out = _write_then_attend(b, paged_prefill_attention_triton)
     torch.testing.assert_close(out, expect, atol=ATOL, rtol=RTOL)
+
+
+def test_decode_rows_are_split_off_once_their_programs_make_two_waves():
+    assert not splits_decode_rows(2, 8, 132)  # a light load: 16 programs
+    assert not splits_decode_rows(32, 8, 132)  # 256 programs, under two waves of 132
+    assert splits_decode_rows(33, 8, 132)
+    assert splits_decode_rows(60, 8, 132)  # W3's steps
+    assert not splits_decode_rows(60, 2, 132)  # fewer kv heads: fewer programs per row
 
 
 def test_prefill_tiles_wholly_below_the_query_skip_the_mask_without_changing_output():
@@ -202,7 +217,8 @@ def test_prefill_kernel_handles_decode_only_batches_too():
     torch.testing.assert_close(out, _reference(b), atol=ATOL, rtol=RTOL)
 
 
-def test_prefill_kernel_on_a_graph_shaped_batch_ignores_padding():
+@pytest.mark.parametrize("split_flag", [None, 0, 1])
+def test_prefill_kernel_on_a_graph_shaped_batch_ignores_padding(split_flag):
     """As a CUDA graph replays it: more token rows than the batch has (padding of no
     sequence, slot -1), trailing sequences with no new tokens and stale context lengths,
     wider block tables, and a max_query_len that is the padded size. The batch's own
@@ -226,6 +242,8 @@ def test_prefill_kernel_on_a_graph_shaped_batch_ignores_padding():
         query_start_loc=torch.cat([m.query_start_loc,
                                    torch.full((extra,), total, dtype=torch.int32, device=DEVICE)]),
         max_query_len=total + pad_tokens, max_context_len=m.max_context_len, block_size=m.block_size,
+        split_decode_rows=None if split_flag is None else torch.tensor([split_flag], dtype=torch.int32,
+                                                                      device=DEVICE),
     )
     graph_shaped = PagedBatch(padded(b.query), padded(b.key), padded(b.value), b.k_cache, b.v_cache, meta)
     out = _write_then_attend(graph_shaped, paged_prefill_attention_triton)

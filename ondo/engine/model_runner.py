@@ -23,6 +23,7 @@ from ondo.engine.sampling_params import SamplingParams
 from ondo.engine.scheduler import PreemptionCosts, ScheduledSeq, SchedulerOutput
 from ondo.engine.sequence import Sequence
 from ondo.engine.step_cost import CostShape, step_cost
+from ondo.kernels.attention import splits_decode_rows
 from ondo.kernels.block_copy import copy_blocks, swap_in, swap_out
 from ondo.kernels.metadata import AttentionMetadata
 
@@ -416,6 +417,8 @@ class ModelRunner:
             "block_tables": torch.zeros((num_seqs, max_blocks), dtype=torch.int32, device=dev),
             "context_lens": torch.zeros(num_seqs, dtype=torch.int32, device=dev),
             "query_start_loc": torch.zeros(num_seqs + 1, dtype=torch.int32, device=dev),
+            # Whether the replayed step's one-token sequences go to the decode kernel.
+            "split_decode_rows": torch.zeros(1, dtype=torch.int32, device=dev),
         }
 
     def _capture(self, kind: str, args: tuple, pool, warm_up: bool = True) -> _Graph:
@@ -442,12 +445,14 @@ class ModelRunner:
         if not self.mixed_graph_sizes:
             return None
         self.mixed_static = st = self._static_inputs(max_tokens, self.args.max_num_seqs)
+        self._num_sms = torch.cuda.get_device_properties(self.device).multi_processor_count
         pool = None
         for size in reversed(self.mixed_graph_sizes):
             meta = AttentionMetadata(
                 slot_mapping=st["slot_mapping"][:size], block_tables=st["block_tables"],
                 context_lens=st["context_lens"], query_start_loc=st["query_start_loc"],
                 max_query_len=size, max_context_len=self.max_model_len, block_size=self.block_size,
+                split_decode_rows=st["split_decode_rows"],
             )
             # One warm-up compiles every kernel these graphs use: the compiled regions take
             # any token count, and every size on the ladder is a multiple of 16, so no
@@ -506,6 +511,9 @@ class ModelRunner:
         st["context_lens"][:num_seqs].copy_(meta.context_lens, non_blocking=True)
         st["query_start_loc"][: num_seqs + 1].copy_(meta.query_start_loc, non_blocking=True)
         st["query_start_loc"][num_seqs + 1 :].fill_(n)  # the sequences past the batch's: no new tokens
+        # The choice the eager step makes from the same lengths, so that both sum alike.
+        st["split_decode_rows"].fill_(int(splits_decode_rows(
+            int((batch.host.query_lens == 1).sum()), self.kv_caches[0][0].shape[2], self._num_sms)))
         graph.graph.replay()
         return graph.output[:n]
 

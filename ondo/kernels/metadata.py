@@ -25,6 +25,9 @@ class AttentionMetadata:
     max_query_len: int
     max_context_len: int
     block_size: int
+    # [1] int32 on the device, read only where the host lengths are absent (a CUDA graph's
+    # capture): nonzero sends the sequences with one new token to the decode kernel.
+    split_decode_rows: torch.Tensor | None = None
     # Host copies, so the reference path never waits on the device for sizes.
     query_lens_cpu: list[int] | None = None
     context_lens_cpu: list[int] | None = None

@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ondo.kernels.attention import splits_decode_rows
 from ondo.kernels.metadata import AttentionMetadata
 
 LOG2E = 1.4426950408889634
@@ -86,6 +87,7 @@ def _decode_split_kernel(
     stride_bt,
     split_tokens,  # context tokens per split, a multiple of BLOCK_N
     num_splits,  # a runtime value, so that batch sizes do not each compile a kernel
+    split_flag_ptr,  # [1] int32, read when READ_FLAG: zero means the prefill kernel has them
     NUM_Q_HEADS: tl.constexpr,
     GROUP: tl.constexpr,  # query heads per kv head
     GROUP_PAD: tl.constexpr,  # GROUP padded to a power of two >= 16 (tl.dot's minimum M)
@@ -94,8 +96,12 @@ def _decode_split_kernel(
     BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     SPLIT: tl.constexpr,  # num_splits > 1: write partials for the reduce kernel
+    READ_FLAG: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
+    if READ_FLAG:
+        if tl.load(split_flag_ptr) == 0:
+            return
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -267,6 +273,7 @@ def _prefill_kernel(
     stride_cache_h,
     stride_bt,
     num_seqs,
+    split_flag_ptr,  # [1] int32, read when SKIP_SINGLE == 2
     GROUP: tl.constexpr,
     GROUP_PAD: tl.constexpr,  # GROUP padded to a power of two
     HEAD_DIM: tl.constexpr,
@@ -274,15 +281,17 @@ def _prefill_kernel(
     BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr,  # rows per tile = query tokens per tile * GROUP_PAD
     BLOCK_N: tl.constexpr,
-    SKIP_SINGLE: tl.constexpr,  # sequences with one new token are the decode kernel's
+    # Sequences with one new token are the decode kernel's: 0 never, 1 always, 2 where
+    # split_flag_ptr holds a nonzero value (a CUDA graph, decided per replay).
+    SKIP_SINGLE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     """Causal attention of a tile of one sequence's new tokens over its whole context.
 
     A tile's rows are (token, head-in-group) pairs, so the kv head's K/V tile is
     loaded once for all its query heads. With SKIP_SINGLE, sequences bringing one new
-    token (decode rows beside a prefill) are left to the decode kernel: here each would
-    fill GROUP of a tile's BLOCK_M rows and still walk its whole context.
+    token (decode rows beside a prefill) are left to the decode kernel: here each fills
+    GROUP of a tile's BLOCK_M rows and still walks its whole context.
 
     The grid's first axis runs over the batch's query tiles, flat: sequence s owns
     programs from query_start_loc[s] // TOKENS_PER_TILE + s on, at least as many as it
@@ -308,8 +317,10 @@ def _prefill_kernel(
     tile = program - (q_start // TOKENS_PER_TILE + seq)
     tok0 = tile * TOKENS_PER_TILE
     done = tok0 >= q_len  # this sequence has fewer tiles (or no new tokens at all)
-    if SKIP_SINGLE:
+    if SKIP_SINGLE == 1:
         done = done | (q_len == 1)
+    elif SKIP_SINGLE == 2:
+        done = done | ((q_len == 1) & (tl.load(split_flag_ptr) != 0))
     if done:
         return
     ctx_len = tl.load(context_lens_ptr + seq)
@@ -454,6 +465,7 @@ def _decode_into(
     scale: float,
     num_rows: int,  # sequences with one new token: they alone need programs
     split_tokens: int | None = None,
+    split_flag: torch.Tensor | None = None,  # [1] int32: write nothing where it holds 0
 ) -> None:
     """Write the output rows of the sequences that bring exactly one new token."""
     num_q_heads, head_dim = query.shape[1], query.shape[2]
@@ -503,6 +515,7 @@ def _decode_into(
         meta.block_tables.stride(0),
         split_tokens,
         num_splits,
+        meta.context_lens if split_flag is None else split_flag,  # any int32 pointer when unread
         NUM_Q_HEADS=num_q_heads,
         GROUP=group,
         GROUP_PAD=max(16, triton.next_power_of_2(group)),
@@ -511,6 +524,7 @@ def _decode_into(
         BLOCK_SIZE=k_cache.shape[1],
         BLOCK_N=block_n,
         SPLIT=num_splits > 1,
+        READ_FLAG=split_flag is not None,
         DOT_PRECISION=_dot_precision(query.dtype),
         num_warps=4,
         num_stages=stages,
@@ -541,14 +555,16 @@ def paged_prefill_attention_triton(
     v_cache: torch.Tensor,
     meta: AttentionMetadata,
     scale: float,
-    split_decode_rows: bool = True,
+    split_decode_rows: bool | None = None,
 ) -> torch.Tensor:
     """Causal attention for any batch: prefill, chunked prefill, decode rows, empty rows.
 
-    With ``split_decode_rows``, sequences that bring one new token go to the decode
-    kernel, which reads each one's context once per kv head with no empty tile rows.
-    Where the host does not know the query lengths (a CUDA graph's capture), both
-    kernels are launched and each skips the other's sequences.
+    Sequences that bring one new token may go to the decode kernel, which reads each
+    one's context once per kv head with no empty tile rows: where there are enough of
+    them to fill the GPU (`ondo.kernels.attention.splits_decode_rows`), or as ``split_decode_rows`` says. Where
+    the host does not know the query lengths (a CUDA graph's capture), the choice is
+    read on the device from ``meta.split_decode_rows``: both kernels are launched and
+    each skips the other's sequences; without that tensor the prefill kernel takes all.
     """
     _check_inputs(query, k_cache, v_cache)
     num_tokens, num_q_heads, head_dim = query.shape
@@ -571,10 +587,18 @@ def paged_prefill_attention_triton(
     tokens_per_tile = block_m // group_pad
     # Enough programs for every sequence's tiles (see _prefill_kernel), from host sizes only.
     num_programs = num_tokens // tokens_per_tile + meta.num_seqs
-    num_single = meta.num_seqs  # unknown: every sequence may bring one token
+    split_flag = None
     if meta.query_lens_cpu is not None:
         num_single = sum(1 for n in meta.query_lens_cpu if n == 1)
-    skip_single = split_decode_rows and num_single > 0
+        if split_decode_rows is None:
+            split_decode_rows = splits_decode_rows(num_single, num_kv_heads, _sm_count(query))
+        skip_single = int(split_decode_rows and num_single > 0)
+    else:  # every sequence may bring one token
+        num_single = meta.num_seqs
+        if meta.split_decode_rows is not None and split_decode_rows is None:
+            split_flag, skip_single = meta.split_decode_rows, 2
+        else:
+            skip_single = int(bool(split_decode_rows))
 
     _prefill_kernel[(num_programs, num_kv_heads)](
         query,
@@ -594,6 +618,7 @@ def paged_prefill_attention_triton(
         k_cache.stride(2),
         meta.block_tables.stride(0),
         meta.num_seqs,
+        meta.context_lens if split_flag is None else split_flag,  # any int32 pointer when unread
         GROUP=group,
         GROUP_PAD=group_pad,
         HEAD_DIM=head_dim,
@@ -610,7 +635,7 @@ def paged_prefill_attention_triton(
         # One split per row, whatever the batch: a step replayed from a CUDA graph (which
         # sees only the captured sizes) then sums in the order of the same step run eagerly.
         _decode_into(out, query, k_cache, v_cache, meta, scale, num_single,
-                     split_tokens=max(meta.max_context_len, 1))
+                     split_tokens=max(meta.max_context_len, 1), split_flag=split_flag)
     return out
 
 

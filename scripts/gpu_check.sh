@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs ondo's GPU tests and benchmarks in one go on a CUDA machine; results under $OUT.
-# Stages are chosen with STAGES: tests timeline sampling gemm kernels prefill throughput host serve startup startup_ab tokenizer_load trace mixed_trace outside telemetry turnover structured soak agent.
+# Stages are chosen with STAGES: tests timeline sampling gemm kernels prefill throughput parallel host serve startup startup_ab tokenizer_load trace mixed_trace outside telemetry turnover structured soak agent.
 # THROUGHPUT_ARGS passes extra flags to `ondo bench throughput`.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -47,6 +47,11 @@ for stage in $STAGES; do
       timeout ${THROUGHPUT_TIMEOUT:-560} python3 -m ondo bench throughput --out-dir "$OUT" ${THROUGHPUT_ARGS:-} \
         > "$OUT/throughput.log" 2>&1
       grep -E "^\{|INFO ondo|Error|error" "$OUT/throughput.log" | grep -v '"throughput"' | tail -40 ;;
+    parallel)
+      # W5 on one engine: n = 8 with steps ahead, n = 8 drained (the default), unshared.
+      timeout ${PARALLEL_TIMEOUT:-240} python3 bench/parallel_sampling.py --out "$OUT/parallel_sampling.json" \
+        ${PARALLEL_ARGS:-} > "$OUT/parallel_sampling.log" 2>&1
+      grep -v "^{" "$OUT/parallel_sampling.log" | grep -v "INFO" | tail -12 ;;
     serve)
       timeout ${SERVE_TIMEOUT:-400} python3 bench/serve_vs_offline.py --out "$OUT/serve_curve.json" ${SERVE_ARGS:-} \
         > "$OUT/serve.log" 2>&1

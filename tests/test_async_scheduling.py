@@ -100,6 +100,45 @@ def test_penalties_and_parallel_sampling_drain_and_match(tiny_path):
     assert llm.engine._num_sync_requests == 0
 
 
+def _parallel_params(i: int) -> SamplingParams:
+    # n = 3 seeded (sequences of one request end at the same step), n = 2 greedy, n = 1.
+    if i % 3 == 0:
+        return SamplingParams(n=3, temperature=0.8, top_p=0.9, seed=9 + i, max_tokens=4 + 3 * i,
+                              ignore_eos=True, logprobs=1)
+    if i % 3 == 1:
+        return SamplingParams(n=2, temperature=0, max_tokens=7, ignore_eos=True)
+    return SamplingParams(temperature=0.9, seed=i, max_tokens=5 + i, ignore_eos=True)
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"num_kv_blocks": 30, "preemption_mode": "recompute"},
+                                    {"num_kv_blocks": 30, "preemption_mode": "swap"}])
+def test_parallel_sampling_runs_ahead_with_the_synchronous_outputs(tiny_path, kwargs, monkeypatch):
+    """n > 1 forks as the step that samples its first token is launched: with
+    ONDO_PARALLEL_SAMPLING_AHEAD=1 its sequences then run with steps ahead, and give the
+    tokens and logprobs of synchronous stepping, also when blocks run short and sequences
+    are preempted."""
+    monkeypatch.setenv("ONDO_PARALLEL_SAMPLING_AHEAD", "1")
+    ps = prompts()[:9]
+    params = [_parallel_params(i) for i in range(len(ps))]
+    want, _ = run(tiny_path, ps, params, async_scheduling=False, **kwargs)
+    got, llm = run(tiny_path, ps, params, async_scheduling=True, **kwargs)
+    assert tokens(got) == tokens(want)
+    assert [len(o.outputs) for o in got] == [p.n for p in params]
+    for g, w in zip(got, want):
+        for a, b in zip(g.outputs, w.outputs):
+            assert a.finish_reason == b.finish_reason == "length"
+            if b.logprobs is not None:
+                assert [x.keys() for x in a.logprobs] == [x.keys() for x in b.logprobs]
+    engine = llm.engine
+    assert engine._num_sync_requests == 0
+    if kwargs:
+        stats = llm.stats()
+        assert stats["num_preemptions_swap"] + stats["num_preemptions_recompute"] > 0
+        assert engine.num_steps_ahead > 0
+    else:  # nothing drains: every step after the first was scheduled ahead
+        assert engine.num_steps_ahead >= engine.step_timing_s["steps"] - 3
+
+
 def test_one_request_takes_exactly_max_tokens_steps(tiny_path):
     llm = LLM(tiny_path, block_size=BS, max_model_len=96, async_scheduling=True)
     out = llm.generate([[1, 2, 3]], SamplingParams(temperature=0, max_tokens=7, ignore_eos=True))[0]
@@ -156,3 +195,19 @@ def test_stops_on_eos_and_stop_strings_match_synchronous_stepping():
             (w.outputs[0].finish_reason, w.outputs[0].stop_reason)
     assert {o.outputs[0].finish_reason for o in got} >= {"stop"}
     assert llm.engine.num_steps_ahead > 0
+
+
+def test_parallel_sampling_drains_unless_switched_on(tiny_path, monkeypatch):
+    params = SamplingParams(n=2, temperature=0.8, seed=1, max_tokens=6, ignore_eos=True)
+    for env, ahead in ((None, False), ("1", True)):
+        if env is None:
+            monkeypatch.delenv("ONDO_PARALLEL_SAMPLING_AHEAD", raising=False)
+        else:
+            monkeypatch.setenv("ONDO_PARALLEL_SAMPLING_AHEAD", env)
+        llm = LLM(tiny_path, block_size=BS, max_model_len=96, async_scheduling=True)
+        assert llm.engine.parallel_sampling_ahead is ahead
+        out = llm.generate([[1, 2, 3, 4, 5]], params)[0]
+        assert len(out.outputs) == 2
+        engine = llm.engine
+        assert (engine.num_steps_ahead > 0) is ahead
+        assert engine._num_sync_requests == 0

@@ -139,6 +139,21 @@ def test_asynchronous_scheduling_gives_the_same_outputs(reference):
     assert ahead.engine.num_steps_ahead > 0  # the guided ones did not make it drain
 
 
+def test_n_with_a_grammar_runs_ahead_with_the_synchronous_outputs(llm, monkeypatch):
+    """With ONDO_PARALLEL_SAMPLING_AHEAD=1 a guided request with n > 1 forks (grammar states
+    too) without making the engine drain, and its sequences draw what they draw stepping
+    synchronously."""
+    monkeypatch.setenv("ONDO_PARALLEL_SAMPLING_AHEAD", "1")
+    params = [json_params(temperature=0.9, seed=21, n=3, max_tokens=60),
+              json_params(n=2, max_tokens=40), SamplingParams(temperature=0, max_tokens=12)]
+    want = llm.generate(PROMPTS[:3], params)
+    ahead = LLM(max_model_len=512, async_scheduling=True)
+    got = ahead.generate(PROMPTS[:3], params)
+    assert [[c.token_ids for c in o.outputs] for o in got] == [[c.token_ids for c in o.outputs] for o in want]
+    assert [len(o.outputs) for o in got] == [3, 2, 1]
+    assert ahead.engine.num_steps_ahead > 0.5 * ahead.engine.step_timing_s["steps"]
+
+
 def test_n_and_best_of_sample_each_sequence_within_the_schema(llm):
     params = json_params(temperature=0.9, seed=11, n=2, best_of=3)
     out = llm.chat([{"role": "user", "content": CHAT}], params)[0]

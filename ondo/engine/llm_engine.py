@@ -12,8 +12,10 @@ the GPU's. Each sequence then counts one token "pending" (drawn, still on the de
 the model reads it from step N's draws on the device. A sequence that ends in step N
 was already given a slot in step N+1, whose token is dropped. The engine drains (runs
 one step synchronously) whenever that cannot work: a penalty needs the host's token
-history, a request with n > 1 is to fork, something is swapped out, or the last
-schedule ran short of blocks (only a drained schedule may preempt).
+history, something is swapped out, or the last schedule ran short of blocks (only a
+drained schedule may preempt). A request with n > 1 drains too, unless
+`parallel_sampling_ahead` (ONDO_PARALLEL_SAMPLING_AHEAD=1): it forks when the step that
+samples its first token is launched, so its sequences can run ahead like any other.
 
 Structured outputs: a request with a grammar waits outside the scheduler until its grammar
 has compiled (on the compiler's thread), then queues like any other. Each step, the
@@ -107,9 +109,17 @@ def engine_limits(args: EngineArgs, cfg, device: torch.device) -> tuple[int, int
     return max_model_len, max_num_batched_tokens
 
 
-def _needs_drained_steps(params: SamplingParams) -> bool:
-    """Penalties read the host's token history; a request with n > 1 forks on the host."""
-    return params.has_penalties or params.num_sequences > 1
+def _needs_drained_steps(params: SamplingParams, parallel_sampling_ahead: bool) -> bool:
+    """Penalties read the host's token history. A request with n > 1 forks as the step
+    that samples its first token is launched, and its sequences' first tokens are pending
+    like any other's: with `parallel_sampling_ahead` it runs ahead too."""
+    return params.has_penalties or (params.num_sequences > 1 and not parallel_sampling_ahead)
+
+
+def parallel_sampling_ahead_default() -> bool:
+    """ONDO_PARALLEL_SAMPLING_AHEAD=1: requests with n > 1 no longer drain the engine's
+    steps. Off by default: W5's committed figures were measured with them draining."""
+    return os.environ.get("ONDO_PARALLEL_SAMPLING_AHEAD", "0") == "1"
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
@@ -229,6 +239,8 @@ class LLMEngine:
         self.step_gate = DutyCycleGate()  # step pacing; the engine loop honours it
         self._in_flight: _InFlight | None = None
         self._num_sync_requests = 0  # unfinished requests that need drained steps
+        # Change it only while no request is unfinished (requests count by it when added).
+        self.parallel_sampling_ahead = parallel_sampling_ahead_default()
         self.num_steps_ahead = 0  # steps scheduled while the previous one was on the device
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(args.seed)
@@ -349,7 +361,7 @@ class LLMEngine:
         seq.stream = stream and not params.ranks_by_logprob  # the best are known at the end
         seq.detokenize = detokenize
         self._requests[request_id] = [seq]
-        if _needs_drained_steps(params):
+        if _needs_drained_steps(params, self.parallel_sampling_ahead):
             self._num_sync_requests += 1
         self._text[seq.seq_id] = self._new_text_state(seq)
         if params.structured_outputs is None:
@@ -820,7 +832,7 @@ class LLMEngine:
 
     def _forget(self, request_id: str) -> None:
         seqs = self._requests.pop(request_id, [])
-        if seqs and _needs_drained_steps(seqs[0].params):
+        if seqs and _needs_drained_steps(seqs[0].params, self.parallel_sampling_ahead):
             self._num_sync_requests -= 1
         for seq in seqs:
             self._text.pop(seq.seq_id, None)

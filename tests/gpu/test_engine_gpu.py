@@ -192,3 +192,31 @@ def test_async_scheduling_equals_synchronous_stepping_on_the_gpu(checkpoint):
         del llm
         torch.cuda.empty_cache()
     assert outs[True] == outs[False]
+
+
+def test_parallel_sampling_ahead_equals_drained_steps_on_the_gpu(checkpoint, monkeypatch):
+    """Requests with n > 1 run with steps ahead (ONDO_PARALLEL_SAMPLING_AHEAD=1) and give
+    the tokens of drained steps: seeded and greedy, beside n = 1 requests."""
+    _, _, path = checkpoint
+    gen = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, SHAPE["vocab_size"], (int(n),), generator=gen).tolist()
+               for n in torch.randint(1, 300, (12,), generator=gen)]
+    params = [SamplingParams(n=4, temperature=0.8, seed=i, max_tokens=8 + 5 * i, ignore_eos=True) if i % 3 == 0
+              else SamplingParams(n=2, temperature=0, max_tokens=10 + 3 * i, ignore_eos=True) if i % 3 == 1
+              else SamplingParams(temperature=0.7, seed=i, max_tokens=12, ignore_eos=True)
+              for i in range(len(prompts))]
+    outs = {}
+    for ahead in (False, True):
+        monkeypatch.setenv("ONDO_PARALLEL_SAMPLING_AHEAD", "1" if ahead else "0")
+        # Every request's sequences have seats: both modes run the same batches.
+        llm = LLM(path, dtype="bfloat16", max_num_seqs=64, max_model_len=512, max_num_batched_tokens=512,
+                  gpu_memory_utilization=0.3)
+        assert llm.engine.async_scheduling and llm.engine.parallel_sampling_ahead is ahead
+        outs[ahead] = [[c.token_ids for c in o.outputs] for o in llm.generate(prompts, params)]
+        steps, steps_ahead = llm.engine.step_timing_s["steps"], llm.engine.num_steps_ahead
+        print(f"RESULT n > 1 {'ahead' if ahead else 'drained'}: {steps_ahead} of {steps} steps ahead")
+        if ahead:
+            assert steps_ahead > 0.9 * steps
+        del llm
+        torch.cuda.empty_cache()
+    assert outs[True] == outs[False]

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs ondo's GPU tests and benchmarks in one go on a CUDA machine; results under $OUT.
-# Stages are chosen with STAGES: tests timeline sampling gemm kernels prefill throughput parallel host serve startup startup_ab tokenizer_load trace mixed_trace outside telemetry turnover structured soak agent.
+# Stages are chosen with STAGES: tests timeline sampling gemm kernels prefill prefill_tiles throughput parallel host serve startup startup_ab tokenizer_load trace mixed_trace outside telemetry turnover structured soak agent.
 # THROUGHPUT_ARGS passes extra flags to `ondo bench throughput`.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -43,6 +43,11 @@ for stage in $STAGES; do
       timeout 240 python3 bench/kernel_bench.py --out "$OUT/kernel_bench.json" 2>&1 | tail -30 ;;
     prefill)
       timeout 120 python3 bench/prefill_bench.py 2>&1 | tee "$OUT/prefill_bench.log" | grep -v "^{" ;;
+    prefill_tiles)
+      # The prefill kernel's launch configurations on W3's steps (both shapes) and a chunk.
+      timeout ${PREFILL_TILES_TIMEOUT:-300} python3 bench/prefill_tiles.py --out "$OUT/prefill_tiles.json" \
+        > "$OUT/prefill_tiles.log" 2>&1
+      grep -v "^{" "$OUT/prefill_tiles.log" | tail -6 ;;
     throughput)
       timeout ${THROUGHPUT_TIMEOUT:-560} python3 -m ondo bench throughput --out-dir "$OUT" ${THROUGHPUT_ARGS:-} \
         > "$OUT/throughput.log" 2>&1

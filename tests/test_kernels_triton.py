@@ -19,6 +19,7 @@ from ondo.kernels.attention import splits_decode_rows  # noqa: E402
 from ondo.kernels.reference import paged_attention_ref, write_kv_cache_ref  # noqa: E402
 from ondo.kernels.testing import PagedBatch, make_paged_batch  # noqa: E402
 from ondo.kernels.triton_attention import (  # noqa: E402
+    PrefillTiles,
     decode_split_tokens,
     paged_attention_triton,
     paged_decode_attention_triton,
@@ -200,6 +201,16 @@ def test_decode_rows_are_split_off_once_their_programs_make_two_waves():
     assert splits_decode_rows(33, 8, 132)
     assert splits_decode_rows(60, 8, 132)  # W3's steps
     assert not splits_decode_rows(60, 2, 132)  # fewer kv heads: fewer programs per row
+
+
+@pytest.mark.parametrize("tiles", [(32, 16, 4, 1), (16, 64, 4, 1)])
+def test_prefill_with_other_tiles_matches_reference(tiles):
+    # Query tiles of 32 rows (16 tokens of a GQA-2 group) and K/V tiles of 16 or 64 tokens.
+    b = _batch([40, 1, 23], [40, 70, 90], heads=(8, 4), head_dim=64, block_size=8)
+    out = _write_then_attend(
+        b, lambda *a: paged_prefill_attention_triton(*a, tiles=PrefillTiles(*tiles))
+    )
+    torch.testing.assert_close(out, _reference(b), atol=ATOL, rtol=RTOL)
 
 
 def test_prefill_tiles_wholly_below_the_query_skip_the_mask_without_changing_output():

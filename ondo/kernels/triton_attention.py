@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
 import torch
 import triton
@@ -549,6 +550,26 @@ def _decode_into(
         )
 
 
+class PrefillTiles(NamedTuple):
+    """The prefill kernel's launch configuration."""
+
+    block_m: int  # rows per query tile: (token, head-in-group) pairs
+    block_n: int  # K/V tokens per tile
+    num_warps: int
+    num_stages: int
+
+
+def prefill_tiles(query: torch.Tensor, k_cache: torch.Tensor) -> PrefillTiles:
+    """The default configuration for these heads and dtypes."""
+    block_d = triton.next_power_of_2(query.shape[2])
+    block_n, stages = _kv_tile_tokens(k_cache, block_d)
+    if not query.is_cuda:
+        return PrefillTiles(16, block_n, 4, stages)
+    # 128 rows keep the tensor cores busy; wide or fp32 heads need the registers.
+    small = block_d > 128 or query.element_size() > 2
+    return PrefillTiles(64 if small else 128, block_n, 4 if small else 8, stages)
+
+
 def paged_prefill_attention_triton(
     query: torch.Tensor,  # [T, Hq, D]
     k_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
@@ -556,15 +577,17 @@ def paged_prefill_attention_triton(
     meta: AttentionMetadata,
     scale: float,
     split_decode_rows: bool | None = None,
+    tiles: PrefillTiles | None = None,  # override the launch configuration (benchmarks)
 ) -> torch.Tensor:
     """Causal attention for any batch: prefill, chunked prefill, decode rows, empty rows.
 
     Sequences that bring one new token may go to the decode kernel, which reads each
     one's context once per kv head with no empty tile rows: where there are enough of
-    them to fill the GPU (`ondo.kernels.attention.splits_decode_rows`), or as ``split_decode_rows`` says. Where
-    the host does not know the query lengths (a CUDA graph's capture), the choice is
-    read on the device from ``meta.split_decode_rows``: both kernels are launched and
-    each skips the other's sequences; without that tensor the prefill kernel takes all.
+    them to fill the GPU (`ondo.kernels.attention.splits_decode_rows`), or as
+    ``split_decode_rows`` says. Where the host does not know the query lengths (a CUDA
+    graph's capture), the choice is read on the device from ``meta.split_decode_rows``:
+    both kernels are launched and each skips the other's sequences; without that tensor
+    the prefill kernel takes all.
     """
     _check_inputs(query, k_cache, v_cache)
     num_tokens, num_q_heads, head_dim = query.shape
@@ -575,14 +598,7 @@ def paged_prefill_attention_triton(
         return out
     group_pad = triton.next_power_of_2(group)
     block_d = triton.next_power_of_2(head_dim)
-    block_n, stages = _kv_tile_tokens(k_cache, block_d)
-    if query.is_cuda:
-        # 128 rows keep the tensor cores busy; wide or fp32 heads need the registers.
-        small = block_d > 128 or query.element_size() > 2
-        block_m = 64 if small else 128
-        num_warps = 4 if small else 8
-    else:
-        block_m, num_warps = 16, 4
+    block_m, block_n, num_warps, stages = tiles or prefill_tiles(query, k_cache)
     block_m = max(block_m, group_pad)
     tokens_per_tile = block_m // group_pad
     # Enough programs for every sequence's tiles (see _prefill_kernel), from host sizes only.

@@ -1,0 +1,120 @@
+"""The prefill attention kernel's launch configurations (`PrefillTiles`: rows per query
+tile, K/V tokens per tile, warps, pipeline stages) swept on W3's steps of both model
+shapes and a chunk over a cached prefix: time and TFLOP/s of each, its largest
+difference from the default configuration's output, and the fastest per step shape.
+Configurations the GPU cannot hold (shared memory, registers) are recorded as such.
+
+    python3 bench/prefill_tiles.py [--out FILE]
+    python3 bench/prefill_tiles.py --smoke   # CPU (Triton's interpreter), tiny shapes
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import sys
+import time
+
+import torch
+
+
+def step_shapes(smoke: bool) -> list[dict]:
+    """(name, query lengths, context lengths, query heads, kv heads, head dim)."""
+    if smoke:
+        return [{"name": "smoke", "query_lens": [20, 7], "context_lens": [20, 39], "heads": (4, 2), "head_dim": 32}]
+    return [
+        {"name": "qwen3-0.6b W3: 4 x 2048", "query_lens": [2048] * 4, "context_lens": [2048] * 4,
+         "heads": (16, 8), "head_dim": 128},
+        {"name": "llama3.1-8b W3: 4 x 2048", "query_lens": [2048] * 4, "context_lens": [2048] * 4,
+         "heads": (32, 8), "head_dim": 128},
+        {"name": "qwen3-0.6b chunks: 4 x 512 over 2048", "query_lens": [512] * 4, "context_lens": [2048] * 4,
+         "heads": (16, 8), "head_dim": 128},
+    ]
+
+
+def candidates(smoke: bool) -> list[tuple[int, int, int, int]]:
+    if smoke:
+        return [(16, 32, 4, 1), (32, 16, 4, 1)]
+    return list(itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3, 4)))
+
+
+def flops(query_lens: list[int], context_lens: list[int], heads: int, head_dim: int) -> float:
+    pairs = sum(q * c - q * (q - 1) / 2 for q, c in zip(query_lens, context_lens))
+    return 4.0 * heads * head_dim * pairs
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--out")
+    args = ap.parse_args(argv)
+    if args.smoke:
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are decorated
+    import triton.testing
+
+    from ondo.kernels.testing import make_paged_batch
+    from ondo.kernels.triton_attention import (
+        PrefillTiles,
+        paged_prefill_attention_triton,
+        prefill_tiles,
+    )
+
+    cuda = torch.cuda.is_available() and not args.smoke
+    device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
+    results = []
+    for shape in step_shapes(args.smoke):
+        hq, hkv = shape["heads"]
+        d = shape["head_dim"]
+        b = make_paged_batch(shape["query_lens"], shape["context_lens"], num_q_heads=hq, num_kv_heads=hkv,
+                             head_dim=d, block_size=16, dtype=dtype, device=device)
+        b.k_cache.view(-1, hkv, d)[b.meta.slot_mapping] = b.key
+        b.v_cache.view(-1, hkv, d)[b.meta.slot_mapping] = b.value
+        scale = d ** -0.5
+        default = prefill_tiles(b.query, b.k_cache)
+        expect = paged_prefill_attention_triton(b.query, b.k_cache, b.v_cache, b.meta, scale).float()
+        f = flops(shape["query_lens"], shape["context_lens"], hq, d)
+        rows = []
+        for config in candidates(args.smoke):
+            tiles = PrefillTiles(*config)
+            row: dict[str, object] = {**tiles._asdict(), "default": tiles == default}
+
+            def run(b=b, scale=scale, tiles=tiles):
+                return paged_prefill_attention_triton(b.query, b.k_cache, b.v_cache, b.meta, scale, tiles=tiles)
+
+            try:
+                diff = (run().float() - expect).abs().max().item()
+                ms = triton.testing.do_bench(run) if cuda else _cpu_ms(run)
+            except Exception as e:  # noqa: BLE001 — a configuration the GPU cannot hold is a finding
+                row["error"] = f"{type(e).__name__}: {str(e)[:160]}"
+            else:
+                row.update(ms=ms, tflops=f / ms / 1e9, max_abs_diff=diff)
+            rows.append(row)
+        timed = [r for r in rows if "ms" in r]
+        best = min(timed, key=lambda r: r["ms"])
+        base = next((r for r in timed if r["default"]), None)
+        results.append({"shape": shape["name"], "default": default._asdict(), "best": best, "rows": rows})
+        print(f"{shape['name']}: default {default} "
+              + (f"{base['ms']:.3f} ms ({base['tflops']:.0f} TFLOP/s)" if base else "not timed")
+              + f"; fastest {tuple(best[k] for k in ('block_m', 'block_n', 'num_warps', 'num_stages'))} "
+              f"{best['ms']:.3f} ms ({best['tflops']:.0f} TFLOP/s), max diff {best['max_abs_diff']:.4f}; "
+              f"{len(rows) - len(timed)} configurations did not run", flush=True)
+    summary = {"benchmark": "prefill_tiles", "device": torch.cuda.get_device_name() if cuda else "cpu",
+               "date": time.strftime("%Y-%m-%d"), "shapes": results}
+    print(json.dumps({"benchmark": "prefill_tiles",
+                      "best": {r["shape"]: r["best"] for r in results}}))
+    if args.out:
+        with open(args.out, "w") as fh:
+            json.dump(summary, fh, indent=1)
+    return 0
+
+
+def _cpu_ms(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -19,8 +19,9 @@ def splits_decode_rows(num_single: int, num_kv_heads: int, num_sms: int) -> bool
     cheaper in the prefill kernel, where they run beside the prompts' tiles, than as a
     kernel of their own whose handful of programs leaves most SMs idle: split them off
     once their programs make two waves over the SMs (on an H200, 2 decode rows beside a
-    512-token prompt took 0.075 ms in the prefill kernel and 0.168 ms split off; 60
-    beside four 2,048-token prompts 0.508 ms and 0.410 ms: `bench/prefill_bench.py`).
+    512-token prompt took 0.070 ms in the prefill kernel and 0.085 ms split off, 16
+    beside a 2,048-token prompt 0.166 and 0.175 ms, 32 there 0.224 and 0.187 ms, 60
+    beside four such prompts 0.509 and 0.412 ms: `bench/prefill_bench.py`).
     """
     return num_single * num_kv_heads >= 2 * num_sms
 

@@ -195,6 +195,14 @@ def test_without_host_query_lengths_the_device_flag_picks_the_kernel(flag):
     torch.testing.assert_close(out, expect, atol=ATOL, rtol=RTOL)
 
 
+def test_metadata_counts_single_token_sequences_from_host_lengths():
+    b = _batch([1, 40, 0, 1, 23, 1], [150, 70, 20, 9, 90, 1], heads=(8, 2), head_dim=64)
+    assert b.meta.num_single_token_seqs == 3
+    b = _batch([1, 2], [5, 5], heads=(8, 2), head_dim=64)
+    b.meta.query_lens_cpu = None
+    assert b.meta.num_single_token_seqs is None
+
+
 def test_decode_rows_are_split_off_once_their_programs_make_two_waves():
     assert not splits_decode_rows(2, 8, 132)  # a light load: 16 programs
     assert not splits_decode_rows(32, 8, 132)  # 256 programs, under two waves of 132

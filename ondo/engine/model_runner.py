@@ -513,7 +513,7 @@ class ModelRunner:
         st["query_start_loc"][num_seqs + 1 :].fill_(n)  # the sequences past the batch's: no new tokens
         # The choice the eager step makes from the same lengths, so that both sum alike.
         st["split_decode_rows"].fill_(int(splits_decode_rows(
-            int((batch.host.query_lens == 1).sum()), self.kv_caches[0][0].shape[2], self._num_sms)))
+            meta.num_single_token_seqs, self.kv_caches[0][0].shape[2], self._num_sms)))
         graph.graph.replay()
         return graph.output[:n]
 

@@ -257,7 +257,7 @@ def sample_on_device(
         tokens = _sample_fused(logits, params, output_lens, host_generator, filtered)
     else:
         tokens = logits.argmax(-1)
-        greedy = to_device([p.greedy for p in params], torch.bool, device)
+        greedy_rows = to_device([p.greedy for p in params], torch.bool, device)
         temps = to_device([1.0 if p.greedy else p.temperature for p in params], torch.float32, device)
         scaled = _filter(logits / temps[:, None], params)
         probs = scaled.softmax(-1)
@@ -269,7 +269,7 @@ def sample_on_device(
                 g.manual_seed(_seed_for(p.seed, output_lens[row]))
                 noise[row].exponential_(generator=g)
         sampled = (probs / noise).argmax(-1)
-        tokens = torch.where(greedy, tokens, sampled)
+        tokens = torch.where(greedy_rows, tokens, sampled)
 
     out = DeviceSample(tokens, params)
     if raw_logprobs is not None:

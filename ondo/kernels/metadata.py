@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +32,14 @@ class AttentionMetadata:
     # Host copies, so the reference path never waits on the device for sizes.
     query_lens_cpu: list[int] | None = None
     context_lens_cpu: list[int] | None = None
+
+    @functools.cached_property
+    def num_single_token_seqs(self) -> int | None:
+        """Sequences bringing exactly one new token, from the host lengths (None without
+        them): counted once a step, however many layers ask."""
+        if self.query_lens_cpu is None:
+            return None
+        return sum(1 for n in self.query_lens_cpu if n == 1)
 
     @property
     def num_seqs(self) -> int:

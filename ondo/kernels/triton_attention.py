@@ -605,7 +605,7 @@ def paged_prefill_attention_triton(
     num_programs = num_tokens // tokens_per_tile + meta.num_seqs
     split_flag = None
     if meta.query_lens_cpu is not None:
-        num_single = sum(1 for n in meta.query_lens_cpu if n == 1)
+        num_single = meta.num_single_token_seqs
         if split_decode_rows is None:
             split_decode_rows = splits_decode_rows(num_single, num_kv_heads, _sm_count(query))
         skip_single = int(split_decode_rows and num_single > 0)

@@ -1,7 +1,7 @@
 """W5 (64 prompts, n = 8, input 512, output 256) on one engine, three ways, alternated over
 rounds with fresh prompts each run: shared (n = 8, forked, prefix caching on) with steps
 ahead (`LLMEngine.parallel_sampling_ahead`), shared with every step drained while a request
-with n > 1 is unfinished (the default), and unshared (8 independent requests per prompt, caching off).
+with n > 1 is unfinished (ONDO_PARALLEL_SAMPLING_AHEAD=0), and unshared (8 independent requests per prompt, caching off).
 Output tok/s and steps scheduled ahead per run, and the shared / unshared ratios.
 
     python3 bench/parallel_sampling.py [--model-shape qwen3-0.6b] [--rounds 2] [--out FILE]

@@ -114,7 +114,7 @@ def _parallel_params(i: int) -> SamplingParams:
                                     {"num_kv_blocks": 30, "preemption_mode": "swap"}])
 def test_parallel_sampling_runs_ahead_with_the_synchronous_outputs(tiny_path, kwargs, monkeypatch):
     """n > 1 forks as the step that samples its first token is launched: with
-    ONDO_PARALLEL_SAMPLING_AHEAD=1 its sequences then run with steps ahead, and give the
+    its sequences then run with steps ahead (the default), and give the
     tokens and logprobs of synchronous stepping, also when blocks run short and sequences
     are preempted."""
     monkeypatch.setenv("ONDO_PARALLEL_SAMPLING_AHEAD", "1")
@@ -197,9 +197,9 @@ def test_stops_on_eos_and_stop_strings_match_synchronous_stepping():
     assert llm.engine.num_steps_ahead > 0
 
 
-def test_parallel_sampling_drains_unless_switched_on(tiny_path, monkeypatch):
+def test_parallel_sampling_runs_ahead_unless_switched_off(tiny_path, monkeypatch):
     params = SamplingParams(n=2, temperature=0.8, seed=1, max_tokens=6, ignore_eos=True)
-    for env, ahead in ((None, False), ("1", True)):
+    for env, ahead in ((None, True), ("0", False), ("1", True)):
         if env is None:
             monkeypatch.delenv("ONDO_PARALLEL_SAMPLING_AHEAD", raising=False)
         else:

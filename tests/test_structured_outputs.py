@@ -140,7 +140,7 @@ def test_asynchronous_scheduling_gives_the_same_outputs(reference):
 
 
 def test_n_with_a_grammar_runs_ahead_with_the_synchronous_outputs(llm, monkeypatch):
-    """With ONDO_PARALLEL_SAMPLING_AHEAD=1 a guided request with n > 1 forks (grammar states
+    """A guided request with n > 1 forks (grammar states
     too) without making the engine drain, and its sequences draw what they draw stepping
     synchronously."""
     monkeypatch.setenv("ONDO_PARALLEL_SAMPLING_AHEAD", "1")

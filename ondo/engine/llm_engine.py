@@ -13,9 +13,9 @@ the model reads it from step N's draws on the device. A sequence that ends in st
 was already given a slot in step N+1, whose token is dropped. The engine drains (runs
 one step synchronously) whenever that cannot work: a penalty needs the host's token
 history, something is swapped out, or the last schedule ran short of blocks (only a
-drained schedule may preempt). A request with n > 1 drains too, unless
-`parallel_sampling_ahead` (ONDO_PARALLEL_SAMPLING_AHEAD=1): it forks when the step that
-samples its first token is launched, so its sequences can run ahead like any other.
+drained schedule may preempt). A request with n > 1 forks when the step that
+samples its first token is launched, so its sequences run ahead like any other's
+(`parallel_sampling_ahead`; ONDO_PARALLEL_SAMPLING_AHEAD=0 makes such requests drain).
 
 Structured outputs: a request with a grammar waits outside the scheduler until its grammar
 has compiled (on the compiler's thread), then queues like any other. Each step, the
@@ -117,9 +117,9 @@ def _needs_drained_steps(params: SamplingParams, parallel_sampling_ahead: bool) 
 
 
 def parallel_sampling_ahead_default() -> bool:
-    """ONDO_PARALLEL_SAMPLING_AHEAD=1: requests with n > 1 no longer drain the engine's
-    steps. Off by default: W5's committed figures were measured with them draining."""
-    return os.environ.get("ONDO_PARALLEL_SAMPLING_AHEAD", "0") == "1"
+    """Requests with n > 1 run with steps ahead unless ONDO_PARALLEL_SAMPLING_AHEAD=0
+    makes them drain the engine's steps (on an H200, W5 ran 1.46x faster ahead)."""
+    return os.environ.get("ONDO_PARALLEL_SAMPLING_AHEAD", "1") != "0"
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")

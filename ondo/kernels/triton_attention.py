@@ -565,9 +565,10 @@ def prefill_tiles(query: torch.Tensor, k_cache: torch.Tensor) -> PrefillTiles:
     block_n, stages = _kv_tile_tokens(k_cache, block_d)
     if not query.is_cuda:
         return PrefillTiles(16, block_n, 4, stages)
-    # 128 rows keep the tensor cores busy; wide or fp32 heads need the registers.
-    small = block_d > 128 or query.element_size() > 2
-    return PrefillTiles(64 if small else 128, block_n, 4 if small else 8, stages)
+    # 64 rows on 4 warps: on an H200 the fastest on both W3 shapes and on chunks over a
+    # context (bench/prefill_tiles.py: 7 %, 4 % and 12 % under 128 rows on 8 warps), and
+    # a single-token row that stays in this kernel wastes half as many tile rows.
+    return PrefillTiles(64, block_n, 4, stages)
 
 
 def paged_prefill_attention_triton(

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs ondo's GPU tests and benchmarks in one go on a CUDA machine; results under $OUT.
-# Stages are chosen with STAGES: tests timeline sampling gemm kernels prefill prefill_tiles throughput parallel host serve startup startup_ab tokenizer_load trace mixed_trace outside telemetry turnover structured soak agent.
+# Stages are chosen with STAGES: tests timeline sampling gemm kernels prefill prefill_tiles kv_write throughput parallel host serve startup startup_ab tokenizer_load trace mixed_trace outside telemetry turnover structured soak agent.
 # THROUGHPUT_ARGS passes extra flags to `ondo bench throughput`.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -48,6 +48,10 @@ for stage in $STAGES; do
       timeout ${PREFILL_TILES_TIMEOUT:-300} python3 bench/prefill_tiles.py --out "$OUT/prefill_tiles.json" \
         > "$OUT/prefill_tiles.log" 2>&1
       grep -v "^{" "$OUT/prefill_tiles.log" | tail -6 ;;
+    kv_write)
+      # The KV write's launch configurations on a W3 prefill step and a decode step (both shapes).
+      timeout 200 python3 bench/kv_write_bench.py --out "$OUT/kv_write.json" > "$OUT/kv_write.log" 2>&1
+      grep -v "^{" "$OUT/kv_write.log" | tail -6 ;;
     throughput)
       timeout ${THROUGHPUT_TIMEOUT:-560} python3 -m ondo bench throughput --out-dir "$OUT" ${THROUGHPUT_ARGS:-} \
         > "$OUT/throughput.log" 2>&1

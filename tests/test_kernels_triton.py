@@ -25,7 +25,7 @@ from ondo.kernels.triton_attention import (  # noqa: E402
     paged_decode_attention_triton,
     paged_prefill_attention_triton,
 )
-from ondo.kernels.triton_kv_write import write_kv_cache_triton  # noqa: E402
+from ondo.kernels.triton_kv_write import KVWriteTiles, write_kv_cache_triton  # noqa: E402
 
 ATOL = RTOL = 1e-4  # fp32 end to end; only the summation order differs
 
@@ -60,18 +60,24 @@ def _write_then_attend(b: PagedBatch, attend) -> torch.Tensor:
 # ------------------------------------------------------------------ KV-cache write
 
 
-def test_write_kv_cache_stores_strided_rows_and_skips_negative_slots():
-    b = _batch([3, 1, 4], [3, 9, 21], heads=(4, 2), block_size=8)
+@pytest.mark.parametrize("heads, tiles", [((4, 2), None), ((4, 2), KVWriteTiles(1, 4)),
+                                          ((6, 3), KVWriteTiles(3, 4)), ((6, 3), None)])
+def test_write_kv_cache_stores_strided_rows_and_skips_negative_slots(heads, tiles):
+    """Both layouts of the work: per (token, kv head), and several tokens with all their
+    kv heads (3 a program over 8 tokens: a partly filled last program; 3 kv heads: a
+    padded head tile)."""
+    b = _batch([3, 1, 4], [3, 9, 21], heads=heads, block_size=8)
+    hkv = heads[1]
     # K and V as views into a fused [T, 2 * Hkv, D] projection, as a model produces them.
     fused = torch.cat([b.key, b.value], dim=1)
-    key, value = fused[:, :2], fused[:, 2:]
+    key, value = fused[:, :hkv], fused[:, hkv:]
     slots = b.meta.slot_mapping.clone()
     slots[[1, 5]] = -1  # e.g. padding tokens of a CUDA-graph batch
     expect_k, expect_v = b.k_cache.clone(), b.v_cache.clone()
     write_kv_cache_ref(key, value, expect_k, expect_v, slots)
     before = b.k_cache.clone()
 
-    write_kv_cache_triton(key, value, b.k_cache, b.v_cache, slots)
+    write_kv_cache_triton(key, value, b.k_cache, b.v_cache, slots, tiles=tiles)
 
     assert torch.equal(b.k_cache, expect_k)
     assert torch.equal(b.v_cache, expect_v)

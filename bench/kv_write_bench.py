@@ -11,10 +11,8 @@ QKV projection and slots in shuffled blocks, as the engine writes them: time, ba
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-import time
 
 import torch
 
@@ -62,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are decorated
     import triton.testing
 
+    from ondo.bench.launch_sweep import cpu_ms, write_sweep
     from ondo.kernels.reference import write_kv_cache_ref
     from ondo.kernels.triton_kv_write import KVWriteTiles, kv_write_tiles, write_kv_cache_triton
 
@@ -89,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 run()
                 equal = bool(torch.equal(k_cache, expect_k) and torch.equal(v_cache, expect_v))
-                ms = triton.testing.do_bench(run) if cuda else _cpu_ms(run)
+                ms = triton.testing.do_bench(run) if cuda else cpu_ms(run)
             except Exception as e:  # noqa: BLE001 — a configuration the GPU cannot run is a finding
                 row["error"] = f"{type(e).__name__}: {str(e)[:160]}"
             else:
@@ -104,19 +103,8 @@ def main(argv: list[str] | None = None) -> int:
               + f"; fastest {(best['tokens'], best['num_warps'])} {best['us']:.1f} us "
               f"({best['gb_per_s']:.0f} GB/s); {sum(not r.get('equal', False) for r in rows)} "
               f"configurations differ from the reference or did not run", flush=True)
-    summary = {"benchmark": "kv_write", "device": torch.cuda.get_device_name() if cuda else "cpu",
-               "date": time.strftime("%Y-%m-%d"), "shapes": results}
-    print(json.dumps({"benchmark": "kv_write", "best": {r["shape"]: r["best"] for r in results}}))
-    if args.out:
-        with open(args.out, "w") as fh:
-            json.dump(summary, fh, indent=1)
+    write_sweep("kv_write", cuda, results, args.out)
     return 0
-
-
-def _cpu_ms(fn) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return (time.perf_counter() - t0) * 1e3
 
 
 if __name__ == "__main__":

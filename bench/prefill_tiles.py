@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import os
 import sys
-import time
 
 import torch
 
@@ -54,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are decorated
     import triton.testing
 
+    from ondo.bench.launch_sweep import cpu_ms, write_sweep
     from ondo.kernels.testing import make_paged_batch
     from ondo.kernels.triton_attention import (
         PrefillTiles,
@@ -85,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
 
             try:
                 diff = (run().float() - expect).abs().max().item()
-                ms = triton.testing.do_bench(run) if cuda else _cpu_ms(run)
+                ms = triton.testing.do_bench(run) if cuda else cpu_ms(run)
             except Exception as e:  # noqa: BLE001 — a configuration the GPU cannot hold is a finding
                 row["error"] = f"{type(e).__name__}: {str(e)[:160]}"
             else:
@@ -100,20 +99,8 @@ def main(argv: list[str] | None = None) -> int:
               + f"; fastest {tuple(best[k] for k in ('block_m', 'block_n', 'num_warps', 'num_stages'))} "
               f"{best['ms']:.3f} ms ({best['tflops']:.0f} TFLOP/s), max diff {best['max_abs_diff']:.4f}; "
               f"{len(rows) - len(timed)} configurations did not run", flush=True)
-    summary = {"benchmark": "prefill_tiles", "device": torch.cuda.get_device_name() if cuda else "cpu",
-               "date": time.strftime("%Y-%m-%d"), "shapes": results}
-    print(json.dumps({"benchmark": "prefill_tiles",
-                      "best": {r["shape"]: r["best"] for r in results}}))
-    if args.out:
-        with open(args.out, "w") as fh:
-            json.dump(summary, fh, indent=1)
+    write_sweep("prefill_tiles", cuda, results, args.out)
     return 0
-
-
-def _cpu_ms(fn) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return (time.perf_counter() - t0) * 1e3
 
 
 if __name__ == "__main__":

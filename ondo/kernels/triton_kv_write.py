@@ -61,7 +61,6 @@ def _write_kv_tokens_kernel(
     k_cache_ptr,
     v_cache_ptr,
     slot_mapping_ptr,
-    num_tokens,
     stride_key_t,
     stride_key_h,
     stride_value_t,
@@ -69,6 +68,7 @@ def _write_kv_tokens_kernel(
     stride_cache_block,
     stride_cache_slot,
     stride_cache_h,
+    num_tokens,
     BLOCK_SIZE: tl.constexpr,
     NUM_HEADS: tl.constexpr,
     HEAD_DIM: tl.constexpr,
@@ -126,45 +126,22 @@ def write_kv_cache_triton(
     assert k_cache.shape[2:] == (num_kv_heads, head_dim)
     assert key.stride(-1) == 1 and value.stride(-1) == 1 and k_cache.stride(-1) == 1
     tokens, num_warps = tiles or kv_write_tiles(head_dim)
+    args = (key, value, k_cache, v_cache, slot_mapping, key.stride(0), key.stride(1), value.stride(0),
+            value.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2))
+    block_d = triton.next_power_of_2(head_dim)
     if tokens > 0:
         _write_kv_tokens_kernel[(triton.cdiv(num_tokens, tokens),)](
-            key,
-            value,
-            k_cache,
-            v_cache,
-            slot_mapping,
+            *args,
             num_tokens,
-            key.stride(0),
-            key.stride(1),
-            value.stride(0),
-            value.stride(1),
-            k_cache.stride(0),
-            k_cache.stride(1),
-            k_cache.stride(2),
             BLOCK_SIZE=k_cache.shape[1],
             NUM_HEADS=num_kv_heads,
             HEAD_DIM=head_dim,
             BLOCK_H=triton.next_power_of_2(num_kv_heads),
-            BLOCK_D=triton.next_power_of_2(head_dim),
+            BLOCK_D=block_d,
             TOKENS=tokens,
             num_warps=num_warps,
         )
-        return
-    _write_kv_cache_kernel[(num_tokens, num_kv_heads)](
-        key,
-        value,
-        k_cache,
-        v_cache,
-        slot_mapping,
-        key.stride(0),
-        key.stride(1),
-        value.stride(0),
-        value.stride(1),
-        k_cache.stride(0),
-        k_cache.stride(1),
-        k_cache.stride(2),
-        BLOCK_SIZE=k_cache.shape[1],
-        HEAD_DIM=head_dim,
-        BLOCK_D=triton.next_power_of_2(head_dim),
-        num_warps=num_warps,
-    )
+    else:
+        _write_kv_cache_kernel[(num_tokens, num_kv_heads)](
+            *args, BLOCK_SIZE=k_cache.shape[1], HEAD_DIM=head_dim, BLOCK_D=block_d, num_warps=num_warps
+        )

@@ -1,0 +1,41 @@
+"""The launch-configuration sweeps in Triton's interpreter: every configuration
+`bench/prefill_tiles.py` sweeps gives the default configuration's output, every one
+`bench/kv_write_bench.py` sweeps writes the reference writer's caches, and in each the
+default is among them and the fastest is the one named."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def smoke_sweep(script: str, tmp_path: Path) -> dict:
+    """The script's --smoke run; its one step shape as written to --out."""
+    out = tmp_path / "sweep.json"
+    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
+    subprocess.run([sys.executable, str(ROOT / "bench" / script), "--smoke", "--out", str(out)],
+                   check=True, cwd=ROOT, env=env, capture_output=True, timeout=300)
+    shape = json.loads(out.read_text())["shapes"][0]
+    assert [r["default"] for r in shape["rows"]].count(True) == 1
+    return shape
+
+
+def test_prefill_tiles_sweep_agrees_with_the_default_configuration(tmp_path):
+    shape = smoke_sweep("prefill_tiles.py", tmp_path)
+    rows = shape["rows"]
+    assert all("error" not in r and r["max_abs_diff"] < 1e-4 for r in rows)
+    assert {r["block_m"] for r in rows} == {16, 32}
+    assert shape["best"]["ms"] == min(r["ms"] for r in rows)
+
+
+def test_kv_write_sweep_writes_the_reference_caches(tmp_path):
+    shape = smoke_sweep("kv_write_bench.py", tmp_path)
+    rows = shape["rows"]
+    assert all("error" not in r and r["equal"] for r in rows)
+    assert {r["tokens"] for r in rows} == {0, 1, 4}
+    assert shape["best"]["us"] == min(r["us"] for r in rows)

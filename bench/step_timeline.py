@@ -8,7 +8,13 @@ trace of a few of the same steps for a kernel-level view.
     PYTHONPATH=. python3 bench/step_timeline.py --smoke     # CPU, tiny model, host phases only
 
 The steady window: after `--skip-steps` steps (the prefills of the first requests are
-done by then), `--steps` steps are recorded while all requests still run.
+done by then), `--steps` steps are recorded while all requests still run. `--whole`
+records the workload from its first step to its last instead, and splits it by batch
+size (`by_rows`): which of host and GPU bounds the steps of each size, and each size's
+share of the run's time; with it, the launches that took far longer than the median
+(`execute_outliers`).
+
+    PYTHONPATH=. python3 bench/step_timeline.py --model-shape llama3.1-8b --workload W1 --whole
 """
 
 from __future__ import annotations
@@ -21,7 +27,14 @@ import time
 import torch
 
 from ondo.bench.shapes import SHAPES, shape_folder
-from ondo.bench.step_timeline import StepTimeline, format_steps, summarize
+from ondo.bench.step_timeline import (
+    StepTimeline,
+    by_rows,
+    execute_outliers,
+    format_bands,
+    format_steps,
+    summarize,
+)
 from ondo.bench.workloads import make_workload
 
 
@@ -36,6 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--trace", default=None, help="the profiler's Chrome trace here")
     ap.add_argument("--table-rows", type=int, default=25, help="rows of the profiler's table")
     ap.add_argument("--max-model-len", type=int, default=4096)
+    ap.add_argument("--whole", action="store_true",
+                    help="record every step of the workload (no --skip-steps, --steps) and split "
+                         "the run by batch size")
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny model, a few steps")
     ap.add_argument("--out", default=None, help="also write the JSON here")
     args = ap.parse_args(argv)
@@ -57,22 +73,36 @@ def main(argv: list[str] | None = None) -> int:
     for i, (r, p) in enumerate(zip(workload.requests, workload.params())):
         engine.add_request(f"timeline-{i}", prompt_token_ids=r.prompt_token_ids, params=p,
                            stream=False)
-    for _ in range(args.skip_steps):
+    for _ in range(0 if args.whole else args.skip_steps):
         engine.step()
     timeline = StepTimeline(engine)
     t0 = time.perf_counter()
+    calls = 0
     with timeline.recording():
-        for _ in range(args.steps):
+        while (engine.has_unfinished_requests() if args.whole else calls < args.steps):
             engine.step()
+            calls += 1
     wall = time.perf_counter() - t0
     running = engine.scheduler.num_unfinished
     result = {"model_shape": args.model_shape, "workload": args.workload,
               "device": torch.cuda.get_device_name() if cuda else "cpu",
-              "date": time.strftime("%Y-%m-%d"), "skip_steps": args.skip_steps,
-              "async_scheduling": engine.async_scheduling, "unfinished_after": running,
-              "wall_ms_per_step": 1e3 * wall / args.steps, **summarize(timeline.steps)}
+              "date": time.strftime("%Y-%m-%d"), "skip_steps": 0 if args.whole else args.skip_steps,
+              "whole_run": args.whole, "async_scheduling": engine.async_scheduling,
+              "unfinished_after": running, "wall_ms_per_step": 1e3 * wall / calls,
+              **summarize(timeline.steps)}
     print(format_steps(timeline.steps[len(timeline.steps) // 2:]), flush=True)
-    if args.profile_steps:
+    if args.whole:
+        result["by_rows"] = by_rows(timeline.steps)
+        result["execute_outliers"] = execute_outliers(timeline.steps)
+        print(format_bands(result["by_rows"]), flush=True)
+        o = result["execute_outliers"]
+        print(f"execute: median {o['median_ms']:.2f} ms; {o['count']} of {o['steps']} steps over "
+              f"{o['factor']:g}x it (mean {o['mean_ms']:.2f} ms, {100 * o['share_of_execute_time']:.0f} % "
+              f"of all execute time), {o['with_rows_changed']} of them after a change in rows "
+              f"({o['steps_with_rows_changed']} such steps in all)", flush=True)
+    if args.profile_steps and args.whole:
+        print("--profile-steps skipped: a whole run leaves no step to profile", flush=True)
+    elif args.profile_steps:
         activities = [torch.profiler.ProfilerActivity.CPU]
         if cuda:
             activities.append(torch.profiler.ProfilerActivity.CUDA)

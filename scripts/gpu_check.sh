@@ -28,7 +28,8 @@ for stage in $STAGES; do
       timeout 300 python3 -m pytest -m gpu tests/gpu -q -p no:cacheprovider -o addopts="" -s > "$OUT/gpu_tests.log" 2>&1
       grep -E "RESULT|FAILED|Error|passed|failed" "$OUT/gpu_tests.log" | tail -30 ;;
     timeline)
-      # Host against GPU per step in W1's steady state, plus a short torch.profiler trace.
+      # Host against GPU per step in W1's steady state, plus a short torch.profiler trace
+      # (TIMELINE_ARGS="--whole ...": every step of the workload, split by batch size).
       timeout ${TIMELINE_TIMEOUT:-300} python3 bench/step_timeline.py --out "$OUT/step_timeline.json" \
         --profile-steps 6 --trace "$OUT/step_trace.json" ${TIMELINE_ARGS:-} > "$OUT/step_timeline.log" 2>&1
       grep -v "^{" "$OUT/step_timeline.log" | tail -45; grep "^{" "$OUT/step_timeline.log" ;;

@@ -4,6 +4,7 @@ GPU's."""
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -11,7 +12,14 @@ import pytest
 
 from ondo import LLM
 from ondo.bench.shapes import shape_folder
-from ondo.bench.step_timeline import HOST_PHASES, StepRecord, StepTimeline, summarize
+from ondo.bench.step_timeline import (
+    HOST_PHASES,
+    StepRecord,
+    StepTimeline,
+    by_rows,
+    execute_outliers,
+    summarize,
+)
 from ondo.engine.sampling_params import SamplingParams
 
 
@@ -48,6 +56,57 @@ def test_summary_of_known_steps():
     assert by == pytest.approx({"sample": 0.5, "schedule": 1.0, "prepare": 0.5, "wait": 0.5,
                                 "postprocess": 0.5})
     assert s["gpu_idle_ms_other_host_work"] == pytest.approx(0.0)
+
+
+def _sized(i: int, t: float, rows: int, tokens: int, gpu_ms: float, execute_ms: float = 1.0) -> StepRecord:
+    """A step of `rows` sequences: host work 3 ms (prepare 1, execute `execute_ms`, sample
+    the rest), GPU busy `gpu_ms` (forward `gpu_ms` - 0.5, sampling 0.5)."""
+    ms = 1e-3
+    e = execute_ms * ms
+    host = {"prepare": (t, t + ms), "execute": (t + ms, t + ms + e), "wait": (t + 2 * ms, t + 2 * ms),
+            "sample": (t + ms + e, t + 3 * ms)}
+    fwd = (gpu_ms - 0.5) * ms
+    gpu = {"A": t, "B": t + fwd, "C": t + fwd, "D": t + fwd + 0.5 * ms}
+    return StepRecord(i, host, gpu, rows=rows, tokens=tokens)
+
+
+def test_a_run_split_by_batch_size():
+    # Two prefill steps of 10 ms, three decode steps at 200 rows every 6 ms (GPU-bound: the
+    # GPU is busy 6 ms of each), four at 20 rows every 3 ms (host-bound: GPU busy 1.5 ms),
+    # and a last step, which has no period.
+    plan = [(4, 4096, 10.0, 10.0)] * 2 + [(200, 200, 6.0, 6.0)] * 3 + [(20, 20, 1.5, 3.0)] * 4 \
+        + [(20, 20, 1.5, 3.0)]
+    steps, t = [], 0.0
+    for i, (rows, tokens, gpu, period) in enumerate(plan):
+        steps.append(_sized(i, t, rows, tokens, gpu))
+        t += period * 1e-3
+    bands = {b["band"]: b for b in by_rows(steps)}
+    assert list(bands) == ["with prefill", "decode 17-32 rows", "decode 193-256 rows"]
+    total = 2 * 10 + 3 * 6 + 4 * 3
+    pre, small, big = bands["with prefill"], bands["decode 17-32 rows"], bands["decode 193-256 rows"]
+    assert (pre["steps"], small["steps"], big["steps"]) == (2, 4, 3)
+    assert pre["share_of_time"] == pytest.approx(20 / total)
+    assert small["share_of_time"] == pytest.approx(12 / total)
+    assert big["period_ms"] == pytest.approx(6.0) and small["period_ms"] == pytest.approx(3.0)
+    assert big["host_busy_ms"] == pytest.approx(3.0)
+    assert big["gpu_busy_fraction"] == pytest.approx(1.0)
+    assert small["gpu_busy_fraction"] == pytest.approx(0.5) and small["gpu_busy_ms"] == pytest.approx(1.5)
+    assert small["mean_rows"] == 20
+
+
+def test_the_slow_launches_are_found_and_told_apart_by_a_change_in_rows():
+    rows = [256, 256, 255, 255, 255, 254, 254, 253, 253, 253]
+    execute = [1.0, 1.0, 4.0, 1.0, 1.0, 5.0, 1.1, 1.0, 0.9, 3.5]
+    steps = [_sized(0, 0.0, 4, 4096, 10.0, execute_ms=50.0)]  # a prefill: not a decode launch
+    steps += [_sized(i + 1, 0.01 * (i + 1), r, r, 5.0, execute_ms=e)
+              for i, (r, e) in enumerate(zip(rows, execute))]
+    o = execute_outliers(steps)
+    assert o["steps"] == 10 and o["median_ms"] == pytest.approx(1.0)
+    assert o["count"] == 3 and o["mean_ms"] == pytest.approx((4.0 + 5.0 + 3.5) / 3)
+    assert o["with_rows_changed"] == 2 and o["steps_with_rows_changed"] == 3
+    assert o["share_of_execute_time"] == pytest.approx(12.5 / sum(execute))
+    assert [e["step"] for e in o["examples"]] == [3, 6, 10]
+    assert o["examples"][0]["previous_rows"] == 256
 
 
 def test_a_timeline_needs_two_steps():
@@ -151,3 +210,21 @@ def test_the_benchmark_runs_on_the_cpu(tmp_path, capsys):
     assert r["steps"] == 8 and r["device"] == "cpu" and "gpu_ms" not in r
     assert set(r["host_ms"]) == set(HOST_PHASES) and r["period_ms"] > 0
     assert "step " in capsys.readouterr().out
+
+
+def test_the_benchmark_records_a_whole_run(tmp_path, capsys):
+    from bench.step_timeline import main
+
+    out = tmp_path / "whole.json"
+    assert main(["--smoke", "--whole", "--out", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["whole_run"] and r["unfinished_after"] == 0
+    bands = r["by_rows"]
+    assert bands[0]["band"] == "with prefill" and bands[0]["steps"] >= 1
+    # Every step but the last has a period; the bands hold them all.
+    assert sum(b["steps"] for b in bands) == r["steps"] - 1
+    assert sum(b["share_of_time"] for b in bands) == pytest.approx(1.0)
+    o = r["execute_outliers"]
+    assert o["steps"] == sum(b["steps"] for b in bands if b["band"] != "with prefill") + 1
+    printed = capsys.readouterr().out
+    assert "with prefill" in printed and "execute: median" in printed

@@ -9,12 +9,15 @@ wrapped, nothing in the engine changes) and records, per step:
   (the sampling kernels, launched);
 - on CUDA, four events on the engine's stream, put on the host clock through one
   reference event: the GPU reaching the step's upload (A), the end of its forward pass and
-  logits (B), the start of its sampling (C), the end of its sampling and read-back (D).
+  logits (B), the start of its sampling (C), the end of its sampling and read-back (D);
+- the step's size: sequences (rows) and new tokens.
 
 An event's time is when the GPU got to it: a gap between the previous step's D and this
 step's A is the GPU idle until the host had launched the step; one between B and C is the
 GPU idle until the host had launched the sampling. `summarize` turns the records into
-per-step means and says which host phases ran while the GPU idled.
+per-step means and says which host phases ran while the GPU idled; `by_rows` splits a
+whole run by batch size (which of host and GPU bounds the steps of each size), and
+`execute_outliers` lists the steps whose launch took far longer than the median.
 """
 
 from __future__ import annotations
@@ -39,6 +42,19 @@ class StepRecord:
     index: int
     host: dict[str, tuple[float, float]] = field(default_factory=dict)
     gpu: dict[str, float] = field(default_factory=dict)  # "A", "B", "C", "D"
+    rows: int = 0  # sequences in the step
+    tokens: int = 0  # new tokens in the step
+
+    @property
+    def host_busy_s(self) -> float:
+        """The host's work for the step: every phase but the wait for the GPU."""
+        return sum(b - a for p, (a, b) in self.host.items() if p != "wait")
+
+    @property
+    def gpu_busy_s(self) -> float | None:
+        """The GPU's forward pass and sampling; None without its events."""
+        g = self.gpu
+        return (g["B"] - g["A"]) + (g["D"] - g["C"]) if len(g) == 4 else None
 
 
 def _overlap(a: tuple[float, float], b: tuple[float, float]) -> float:
@@ -99,6 +115,93 @@ def summarize(steps: list[StepRecord]) -> dict[str, Any]:
     out["gpu_idle_ms_by_host_phase"] = {p: ms * v / n for p, v in waiting_on.items() if v > 0}
     out["gpu_idle_ms_other_host_work"] = ms * unattributed / n
     return out
+
+
+ROW_BANDS = (16, 32, 64, 128, 192, 256)
+
+
+def by_rows(steps: list[StepRecord], edges: tuple[int, ...] = ROW_BANDS) -> list[dict[str, Any]]:
+    """A run split by step size: the steps with a prefill (more tokens than rows), then the
+    decode steps in bands of rows (up to each edge; past the last one). Per band: its steps,
+    its share of the run's time, the mean period (launch to next launch), the host's work
+    (every phase but the wait) and, with GPU times, the GPU's forward and sampling, and the
+    GPU's busy share of the band's time: near 1 the GPU bounds those steps, well below it
+    the host does. The last step has no period and is left out."""
+    if len(steps) < 2:
+        raise ValueError(f"a timeline needs at least 2 steps, got {len(steps)}")
+    ms = 1e3
+    bands: dict[str, list[tuple[StepRecord, float]]] = {}
+    for s, nxt in zip(steps, steps[1:]):
+        period = nxt.host["prepare"][0] - s.host["prepare"][0]
+        if s.tokens > s.rows:
+            key = "with prefill"
+        else:
+            lo = 0
+            for edge in edges:
+                if s.rows <= edge:
+                    key = f"decode {lo + 1}-{edge} rows"
+                    break
+                lo = edge
+            else:
+                key = f"decode > {edges[-1]} rows"
+        bands.setdefault(key, []).append((s, period))
+    total = sum(p for members in bands.values() for _, p in members)
+    out = []
+    for key, members in bands.items():
+        time_s = sum(p for _, p in members)
+        row: dict[str, Any] = {
+            "band": key, "steps": len(members),
+            "share_of_time": time_s / total if total > 0 else float("nan"),
+            "mean_rows": statistics.fmean(s.rows for s, _ in members),
+            "period_ms": ms * time_s / len(members),
+            "host_busy_ms": ms * statistics.fmean(s.host_busy_s for s, _ in members),
+        }
+        gpu = [s.gpu_busy_s for s, _ in members if s.gpu_busy_s is not None]
+        if len(gpu) == len(members):
+            row["gpu_busy_ms"] = ms * statistics.fmean(gpu)
+            row["gpu_busy_fraction"] = sum(gpu) / time_s if time_s > 0 else float("nan")
+        out.append(row)
+    return sorted(out, key=lambda r: (r["band"] != "with prefill", r["mean_rows"]))
+
+
+def execute_outliers(steps: list[StepRecord], factor: float = 3.0, examples: int = 12) -> dict[str, Any]:
+    """The decode steps whose `execute` (the forward pass launched) took more than `factor`
+    times their median: how many, their mean, and how many of them ran a different number
+    of rows than the step before (another CUDA graph, new shapes for the eager logits)
+    against the run's count of such steps. A launch that waits for the GPU, or a one-time
+    cost paid in the middle of serving, shows here. Steps with a prefill are left out:
+    their launches are longer by nature."""
+    timed = [s for s in steps if "execute" in s.host and s.tokens == s.rows]
+    if not timed:
+        raise ValueError("no decode step with an execute phase")
+    ms = 1e3
+    dur = [s.host["execute"][1] - s.host["execute"][0] for s in timed]
+    median = statistics.median(dur)
+    changed = [i > 0 and s.rows != timed[i - 1].rows for i, s in enumerate(timed)]
+    slow = [i for i, d in enumerate(dur) if d > factor * median]
+    return {
+        "median_ms": ms * median,
+        "factor": factor,
+        "count": len(slow),
+        "share_of_execute_time": sum(dur[i] for i in slow) / sum(dur) if sum(dur) > 0 else 0.0,
+        "mean_ms": ms * statistics.fmean(dur[i] for i in slow) if slow else 0.0,
+        "with_rows_changed": sum(changed[i] for i in slow),
+        "steps_with_rows_changed": sum(changed),
+        "steps": len(timed),
+        "examples": [{"step": timed[i].index, "rows": timed[i].rows,
+                      "previous_rows": timed[i - 1].rows if i else None,
+                      "tokens": timed[i].tokens, "execute_ms": ms * dur[i]} for i in slow[:examples]],
+    }
+
+
+def format_bands(bands: list[dict[str, Any]]) -> str:
+    """`by_rows` as a text table."""
+    lines = [f"{'band':<22}{'steps':>7}{'time %':>8}{'period':>9}{'host':>8}{'GPU':>8}{'GPU busy':>10}"]
+    for b in bands:
+        gpu = f"{b['gpu_busy_ms']:8.2f}{b['gpu_busy_fraction']:10.2f}" if "gpu_busy_ms" in b else ""
+        lines.append(f"{b['band']:<22}{b['steps']:>7}{100 * b['share_of_time']:8.1f}"
+                     f"{b['period_ms']:9.2f}{b['host_busy_ms']:8.2f}{gpu}")
+    return "\n".join(lines)
 
 
 def format_steps(steps: list[StepRecord], count: int = 4) -> str:
@@ -189,12 +292,13 @@ class StepTimeline:
             return call
 
         def prepare(fn):
-            def call(*args, **kwargs):
+            def call(sched, *args, **kwargs):
                 record = new_step()
+                record.rows, record.tokens = len(sched.scheduled), sched.num_tokens
                 if pending_schedule:
                     record.host["schedule"] = pending_schedule.pop()
                 t0 = time.perf_counter()
-                result = fn(*args, **kwargs)
+                result = fn(sched, *args, **kwargs)
                 record.host["prepare"] = (t0, time.perf_counter())
                 return result
             return call

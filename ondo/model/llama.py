@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ondo.distributed.group import tensor_parallel_group
-from ondo.kernels.attention import paged_attention, write_kv_cache
+from ondo.kernels.attention import write_and_attend
 from ondo.kernels.metadata import AttentionMetadata
 from ondo.model.config import ModelConfig
 from ondo.model.fusion import fused_on_cuda
@@ -166,8 +166,7 @@ class LlamaAttention(torch.nn.Module):
                meta: AttentionMetadata) -> torch.Tensor:
         """Write the new K/V into their slots and attend: [T, q_size]."""
         k_cache, v_cache = kv_cache
-        write_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping)
-        out = paged_attention(q, k_cache, v_cache, meta, self.scale)
+        out = write_and_attend(q, k, v, k_cache, v_cache, meta, self.scale)
         return out.reshape(q.shape[0], self.q_size)
 
 

@@ -466,8 +466,7 @@ class ModelRunner:
     def _capture_decode_graphs(self, pool) -> None:
         """Decode graphs at a ladder of batch sizes, sharing one set of input buffers."""
         max_bs = self.args.max_num_seqs
-        ladder = [b for b in (1, 2, 4, 8) if b < max_bs] + list(range(16, max_bs, 16)) + [max_bs]
-        self.graph_sizes = sorted(set(ladder))
+        self.graph_sizes = decode_graph_sizes(max_bs)
         self.static = st = self._static_inputs(max_bs, max_bs)
         # One new token per sequence, and padding rows that read one slot of block 0.
         st["context_lens"].fill_(1)
@@ -528,6 +527,19 @@ def _padded_size(sizes: list[int], n: int) -> int:
     """The smallest of the sorted `sizes` that holds n; -1 when none does."""
     i = bisect.bisect_left(sizes, n)
     return sizes[i] if i < len(sizes) else -1
+
+
+def decode_graph_sizes(max_num_seqs: int) -> list[int]:
+    """Batch sizes captured for decode steps: 2, 4, 8, then every 16 to `max_num_seqs`. No
+    graph of one sequence (unless that is the most a step holds): a one-row step replays
+    the two-row graph with a padding row. The compiled regions take any token count from
+    two up, but a count of one is a case of its own for dynamic shapes (they specialize
+    sizes 0 and 1), and a graph of batch one compiled every region a second time at
+    start-up, for steps that are rare and cost the GPU the same with one row more."""
+    if max_num_seqs <= 1:
+        return [1]
+    ladder = [b for b in (2, 4, 8) if b < max_num_seqs] + list(range(16, max_num_seqs, 16))
+    return sorted({*ladder, max_num_seqs})
 
 
 def mixed_graph_sizes(max_tokens: int) -> list[int]:

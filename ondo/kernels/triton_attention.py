@@ -26,6 +26,7 @@ from ondo.kernels.attention import splits_decode_rows
 from ondo.kernels.metadata import AttentionMetadata
 
 LOG2E = 1.4426950408889634
+MAX_DECODE_SPLITS = 64  # the most `decode_split_tokens` cuts a context into
 # A finite "minus infinity" for running maxima: exp2(-inf - (-inf)) would be NaN.
 NEG_BIG = tl.constexpr(-1.0e30)
 
@@ -65,7 +66,11 @@ def _load_kv_tile(
     return tl.load(cache_ptr + offsets, mask=d_mask[None, :], other=0.0)
 
 
-@triton.jit
+# The split count varies with the batch size (16 splits at batch 2, 5 at batch 8, 1 from
+# 48 up, for a 4k context on 132 SMs): left unspecialized, the decode graphs' ladder
+# compiles one kernel per value of SPLIT instead of one per kind of value (1, a multiple
+# of 16, other), and the reduction one kernel instead of one per SPLITS_PAD.
+@triton.jit(do_not_specialize=["num_splits"])
 def _decode_split_kernel(
     q_ptr,
     k_cache_ptr,
@@ -194,7 +199,7 @@ def _decode_split_kernel(
         tl.store(part_out_ptr + row[:, None] * BLOCK_D + d[None, :], acc, mask=g_mask[:, None])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _decode_reduce_kernel(
     context_lens_ptr,
     query_start_loc_ptr,
@@ -453,11 +458,28 @@ def decode_split_tokens(
     splits = min(
         math.ceil(target_programs / programs),
         math.ceil(max_context_len / min_split_tokens),
-        64,
+        MAX_DECODE_SPLITS,
     )
     splits = max(splits, 1)
     split_tokens = math.ceil(max_context_len / splits)
     return max(block_n, math.ceil(split_tokens / block_n) * block_n)
+
+
+def decode_splits(num_rows: int, num_kv_heads: int, max_context_len: int, block_n: int, num_sms: int,
+                  split_tokens: int | None = None) -> tuple[int, int]:
+    """(context tokens per split, splits) of a decode launch: `decode_split_tokens` unless
+    given, in whole tiles."""
+    max_context_len = max(max_context_len, 1)
+    if split_tokens is None:
+        split_tokens = decode_split_tokens(max(num_rows, 1), num_kv_heads, max_context_len, block_n, num_sms)
+    split_tokens = math.ceil(split_tokens / block_n) * block_n
+    return split_tokens, math.ceil(max_context_len / split_tokens)
+
+
+def reduce_splits_pad(num_splits: int) -> int:
+    """The reduction's split lanes: one width for every split count the heuristic makes, so
+    that one kernel serves them all."""
+    return max(MAX_DECODE_SPLITS, triton.next_power_of_2(num_splits))
 
 
 def _check_inputs(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
@@ -514,13 +536,8 @@ def _decode_into(
     num_seqs = meta.num_seqs
     block_d = triton.next_power_of_2(head_dim)
     block_n, stages = _kv_tile_tokens(k_cache, block_d)
-    max_context_len = max(meta.max_context_len, 1)
-    if split_tokens is None:
-        split_tokens = decode_split_tokens(
-            max(num_rows, 1), num_kv_heads, max_context_len, block_n, _sm_count(query)
-        )
-    split_tokens = math.ceil(split_tokens / block_n) * block_n  # whole tiles per split
-    num_splits = math.ceil(max_context_len / split_tokens)
+    split_tokens, num_splits = decode_splits(num_rows, num_kv_heads, meta.max_context_len, block_n,
+                                             _sm_count(query), split_tokens)
 
     if num_splits > 1:
         part_out = torch.empty(
@@ -586,7 +603,7 @@ def _decode_into(
             NUM_Q_HEADS=num_q_heads,
             HEAD_DIM=head_dim,
             BLOCK_D=block_d,
-            SPLITS_PAD=triton.next_power_of_2(num_splits),
+            SPLITS_PAD=reduce_splits_pad(num_splits),
             num_warps=4 if block_d >= 128 else 2,
         )
 

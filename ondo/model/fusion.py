@@ -74,9 +74,10 @@ def unbacked_tokens() -> bool:
 def mark_token_dim(x: torch.Tensor, args: tuple) -> None:
     """The token count (dim 0 of `x` and of every other activation of its length: not the
     weights, which are parameters) as an unbacked size. Dynamic shapes otherwise specialize
-    a size of 1, so that a batch of one compiled everything a second time at start-up (a
-    decode graph of batch 1) or, worse, in the middle of serving (a one-token step run
-    eagerly); an unbacked size makes no assumption about its value, one graph serves all."""
+    a size of 1, so that a batch of one compiles everything a second time, in the middle of
+    serving where a one-token step runs eagerly (the CUDA graphs leave out batch 1 for this
+    reason: `decode_graph_sizes`); an unbacked size makes no assumption about its value,
+    one graph serves all."""
     n = x.shape[0]
     for t in (x, *args):
         if (isinstance(t, torch.Tensor) and not isinstance(t, torch.nn.Parameter)

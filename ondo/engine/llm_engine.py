@@ -51,9 +51,9 @@ from ondo.engine import fault_injection
 from ondo.engine.block_manager import BlockManager
 from ondo.engine.config import EngineArgs
 from ondo.engine.grammar import CompiledGrammar, GrammarCompiler, SequenceGrammar
-from ondo.engine.model_runner import ModelRunner, StepBatch
+from ondo.engine.model_runner import ModelRunner, StepBatch, decode_graph_sizes, mixed_graph_sizes
 from ondo.engine.outputs import CompletionOutput, RequestOutput, WireDelta, wire_delta
-from ondo.engine.sampler import DeviceSample, sample_on_device, to_device
+from ondo.engine.sampler import DeviceSample, fused_sampling, sample_on_device, to_device
 from ondo.engine.sampling_params import SamplingParams
 from ondo.engine.scheduler import Scheduler, SchedulerOutput
 from ondo.engine.scheduler_limits import DutyCycleGate, SchedulerLimits
@@ -61,9 +61,15 @@ from ondo.engine.sequence import Sequence, SequenceStatus
 from ondo.engine.step_stats import StepStats
 from ondo.engine.stop_checker import check_stop
 from ondo.engine.token_masks import MaskFiller, PendingMask
+from ondo.kernels.precompile import (
+    EngineKernelShapes,
+    Precompile,
+    precompile_enabled,
+    start_precompile,
+)
 from ondo.model.detokenizer import IncrementalDetokenizer, detokenize
 from ondo.model.fusion import warm_compiler
-from ondo.model.loader import load_model
+from ondo.model.loader import load_model, read_model_config
 from ondo.model.tokenizer import Tokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -107,6 +113,25 @@ def engine_limits(args: EngineArgs, cfg, device: torch.device) -> tuple[int, int
             f"{max_model_len}: enable chunked prefill or raise max_num_batched_tokens"
         )
     return max_model_len, max_num_batched_tokens
+
+
+def start_kernel_precompile(args: EngineArgs, device: torch.device) -> Precompile | None:
+    """With ONDO_TRITON_PRECOMPILE=1, on CUDA with one rank: start-up's Triton kernels start
+    compiling on threads now, from the model's config alone, while the weights load and the
+    profiling pass runs (`ondo.kernels.precompile`)."""
+    if device.type != "cuda" or args.tensor_parallel_size > 1 or not precompile_enabled():
+        return None
+    cfg = read_model_config(args.model, args.load_format)
+    max_model_len, max_tokens = engine_limits(args, cfg, device)
+    graphs = not args.enforce_eager
+    limit = args.cuda_graph_max_tokens
+    return start_precompile(EngineKernelShapes(
+        num_q_heads=cfg.num_attention_heads, num_kv_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim,
+        vocab_size=cfg.vocab_size, block_size=args.block_size, dtype=load_dtype(args, device), device=device,
+        max_num_seqs=args.max_num_seqs, max_model_len=max_model_len, max_num_batched_tokens=max_tokens,
+        decode_graph_sizes=tuple(decode_graph_sizes(args.max_num_seqs)) if graphs else (),
+        mixed_graphs=graphs and bool(mixed_graph_sizes(min(max_tokens if limit is None else limit, max_tokens))),
+        fused_sampling=fused_sampling(device)))
 
 
 def _needs_drained_steps(params: SamplingParams, parallel_sampling_ahead: bool) -> bool:
@@ -189,6 +214,7 @@ class LLMEngine:
             t_context = time.perf_counter()
             if self.device.type == "cuda":
                 warm_compiler()  # its workers start while the weights load
+            precompile = start_kernel_precompile(args, self.device)
             t_device = time.perf_counter()
             # Tensor parallelism: the sizes are checked against the model's shape, then the
             # other ranks start and load their shards while this process loads its own.
@@ -213,8 +239,11 @@ class LLMEngine:
                 else:
                     self.runner = ShardedModelRunner(*runner_args, group=self.workers.group,
                                                      watch=self.workers)
+                self.runner.precompile, precompile = precompile, None
                 plan = self.runner.profile_and_allocate()
             except BaseException:
+                if precompile is not None:  # failed before the runner took it
+                    precompile.wait()
                 if self.workers is not None:
                     self.workers.abandon()
                 raise
@@ -280,7 +309,8 @@ class LLMEngine:
                                  "cuda_graphs": self.runner.graph_capture_s,
                                  "load.device": t_device - t0, "load.weights": t_weights - t_device,
                                  "load.compiler_workers": t_device - t_context,
-                                 "load.tokenizer": t_tokenizer - t_profiled}
+                                 "load.tokenizer": t_tokenizer - t_profiled,
+                                 "cuda_graphs.precompile_wait": self.runner.precompile_wait_s}
         log.info("start-up phases: %s", {k: round(v, 1) for k, v in self.startup_phases_s.items()})
         log.info("engine ready in %.1f s on %s (%s), max_model_len %d", self.startup_s, self.device,
                  self.dtype, self.max_model_len)

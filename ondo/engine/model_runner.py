@@ -26,6 +26,7 @@ from ondo.engine.step_cost import CostShape, step_cost
 from ondo.kernels.attention import splits_decode_rows
 from ondo.kernels.block_copy import copy_blocks, swap_in, swap_out
 from ondo.kernels.metadata import AttentionMetadata
+from ondo.kernels.precompile import Precompile
 
 log = logging.getLogger(__name__)
 _PROFILE_SAMPLING = SamplingParams(temperature=1.0)
@@ -112,6 +113,8 @@ class ModelRunner:
         self.graph_capture_s = 0.0
         self.graph_capture_times_s: list[tuple[str, int, float, float]] = []  # kind, size, warm-up, capture
         self.profile_s = 0.0  # profiling passes (on CUDA the first compiles the fused regions)
+        self.precompile: Precompile | None = None  # Triton kernels compiling on threads
+        self.precompile_wait_s = 0.0  # what start-up waited for kernels compiled ahead
         self.graph_memory_bytes = 0
 
     # -- start-up --------------------------------------------------------------
@@ -156,6 +159,19 @@ class ModelRunner:
             torch.cuda.synchronize(self.device)
 
     def profile_and_allocate(self) -> MemoryPlan:
+        try:
+            return self._profile_and_allocate()
+        finally:
+            self._wait_precompile()  # no compile outlives the start (none without graphs to wait)
+
+    def _wait_precompile(self) -> None:
+        """Wait for the kernels being compiled ahead (`precompile`, set by the engine)."""
+        job, self.precompile = self.precompile, None
+        if job is not None:
+            job.wait()
+            self.precompile_wait_s = job.waited_s
+
+    def _profile_and_allocate(self) -> MemoryPlan:
         args = self.args
         t_start = time.perf_counter()
         if self.device.type == "cuda":
@@ -392,6 +408,7 @@ class ModelRunner:
         thousands of tokens."""
         if self.device.type != "cuda" or self.args.enforce_eager:
             return
+        self._wait_precompile()  # nothing may launch on another thread while a graph captures
         t0 = time.perf_counter()
         # The profiling pass's activations sit cached in the allocator; handing them back
         # lets the graphs' pool take that memory instead of more.

@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 from ondo.kernels.attention import splits_decode_rows
+from ondo.kernels.launch import launch
 from ondo.kernels.metadata import AttentionMetadata
 
 LOG2E = 1.4426950408889634
@@ -550,7 +551,9 @@ def _decode_into(
     else:  # unused by the kernel; any fp32 tensor satisfies the signature
         part_out = part_max = part_sum = out.new_empty(1, dtype=torch.float32)
 
-    _decode_split_kernel[(num_seqs, num_kv_heads, num_splits)](
+    launch(
+        _decode_split_kernel,
+        (num_seqs, num_kv_heads, num_splits),
         query,
         k_cache,
         v_cache,
@@ -589,7 +592,9 @@ def _decode_into(
         num_stages=stages,
     )
     if num_splits > 1:
-        _decode_reduce_kernel[(num_seqs, num_q_heads)](
+        launch(
+            _decode_reduce_kernel,
+            (num_seqs, num_q_heads),
             meta.context_lens,
             meta.query_start_loc,
             out,
@@ -686,7 +691,9 @@ def paged_prefill_attention_triton(
         else:
             skip_single = int(bool(split_decode_rows))
 
-    _prefill_kernel[(num_programs, num_kv_heads)](
+    launch(
+        _prefill_kernel,
+        (num_programs, num_kv_heads),
         query,
         k_cache,
         v_cache,

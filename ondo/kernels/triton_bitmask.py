@@ -6,6 +6,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ondo.kernels.launch import launch
+
 BLOCK_TOKENS = 4096
 
 
@@ -47,7 +49,8 @@ def apply_token_bitmask_triton(logits: torch.Tensor, bitmask: torch.Tensor,
     if logits.stride(1) != 1 or bitmask.stride(1) != 1:
         raise ValueError("apply_token_bitmask_triton needs rows with contiguous columns")
     grid = (num_rows, triton.cdiv(vocab, BLOCK_TOKENS))
-    _apply_token_bitmask_kernel[grid](
+    launch(
+        _apply_token_bitmask_kernel, grid,
         logits, bitmask, rows if rows is not None else bitmask,
         logits.stride(0), bitmask.stride(0), vocab,
         HAS_ROWS=rows is not None, BLOCK=BLOCK_TOKENS,

@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ondo.kernels.launch import launch
+
 
 @triton.jit
 def _write_kv_cache_kernel(
@@ -130,7 +132,9 @@ def write_kv_cache_triton(
             value.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2))
     block_d = triton.next_power_of_2(head_dim)
     if tokens > 0:
-        _write_kv_tokens_kernel[(triton.cdiv(num_tokens, tokens),)](
+        launch(
+            _write_kv_tokens_kernel,
+            (triton.cdiv(num_tokens, tokens),),
             *args,
             num_tokens,
             BLOCK_SIZE=k_cache.shape[1],
@@ -142,6 +146,7 @@ def write_kv_cache_triton(
             num_warps=num_warps,
         )
     else:
-        _write_kv_cache_kernel[(num_tokens, num_kv_heads)](
+        launch(
+            _write_kv_cache_kernel, (num_tokens, num_kv_heads),
             *args, BLOCK_SIZE=k_cache.shape[1], HEAD_DIM=head_dim, BLOCK_D=block_d, num_warps=num_warps
         )

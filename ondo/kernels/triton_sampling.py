@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ondo.kernels.launch import launch
+
 CHUNK = 8192  # vocabulary entries per program
 BLOCK = 1024  # per loop iteration
 _MASK64 = (1 << 64) - 1
@@ -105,7 +107,8 @@ def gumbel_max_sample(logits: torch.Tensor, scale: torch.Tensor, noisy: torch.Te
     best_val = torch.empty((n, num_chunks), dtype=torch.float32, device=logits.device)
     best_idx = torch.empty((n, num_chunks), dtype=torch.int32, device=logits.device)
     if n:
-        _gumbel_max_chunks_kernel[(n, num_chunks)](
+        launch(
+            _gumbel_max_chunks_kernel, (n, num_chunks),
             logits, logits.stride(0), scale, noisy, seeds, best_val, best_idx,
             vocab, num_chunks, CHUNK=chunk, BLOCK=block)
     # argmax returns the first maximal chunk: the lowest index among equal maxima.

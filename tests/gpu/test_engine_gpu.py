@@ -239,3 +239,62 @@ def test_decode_kernel_writing_the_kv_keeps_greedy_outputs(checkpoint, monkeypat
         del llm
         torch.cuda.empty_cache()
     assert outs["1"] == outs["0"]
+
+
+_COMPILES_SCRIPT = r'''
+import json, sys, threading
+import torch
+from ondo import LLM, SamplingParams
+from ondo.kernels import triton_attention as ta, triton_kv_write as kw, triton_sampling as ts
+
+dev = torch.cuda.current_device()
+main_thread_compiles = []
+for kernel in (ta._decode_split_kernel, ta._decode_reduce_kernel, ta._prefill_kernel,
+               kw._write_kv_cache_kernel, ts._gumbel_max_chunks_kernel):
+    original = kernel.run
+    def run(*args, grid, warmup, _k=kernel, _run=original, **kwargs):
+        cache = _k.device_caches[dev][0]
+        before = len(cache)
+        out = _run(*args, grid=grid, warmup=warmup, **kwargs)
+        if len(cache) > before and threading.current_thread() is threading.main_thread() and not warmup:
+            main_thread_compiles.append(_k.__name__)
+        return out
+    kernel.run = run
+llm = LLM(sys.argv[1], dtype="bfloat16", max_num_seqs=32, max_model_len=512, gpu_memory_utilization=0.3)
+gen = torch.Generator().manual_seed(3)
+prompts = [torch.randint(0, 4096, (int(n),), generator=gen).tolist() for n in torch.randint(1, 300, (40,), generator=gen)]
+outs = llm.generate(prompts, [SamplingParams(temperature=0, max_tokens=5 + i, ignore_eos=True) for i in range(40)])
+print(json.dumps({"main_thread_compiles": main_thread_compiles,
+                  "tokens": [o.outputs[0].token_ids for o in outs],
+                  "waited_s": llm.engine.startup_phases_s["cuda_graphs.precompile_wait"]}))
+'''
+
+
+def test_kernels_compiled_ahead_leave_start_up_and_serving_nothing_to_compile(tmp_path):
+    """ONDO_TRITON_PRECOMPILE=1: the Triton kernel variants that the graphs' capture, the
+    sampler and serving launch were compiled on the precompile threads, none on the
+    engine's thread (a fresh process, an empty Triton cache); only the profiling pass's
+    first launches (KV write, prefill) may beat their threads to it. Without it the
+    engine's thread compiles them all. The greedy tokens are the same either way."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    hf = conditioned_hf_model("Qwen3Config", {**SHAPE, "head_dim": 128})
+    path = tmp_path / "qwen3"
+    hf.save_pretrained(path)
+    results = {}
+    for ahead in ("0", "1"):
+        env = {**os.environ, "ONDO_TRITON_PRECOMPILE": ahead, "TRITON_CACHE_DIR": str(tmp_path / f"triton-{ahead}")}
+        done = subprocess.run([sys.executable, "-c", _COMPILES_SCRIPT, str(path)], capture_output=True, text=True,
+                              env=env, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        results[ahead] = json.loads(done.stdout.strip().splitlines()[-1])
+        print(f"RESULT precompile={ahead}: engine-thread compiles {results[ahead]['main_thread_compiles']}, "
+              f"waited {results[ahead]['waited_s']:.2f} s")
+    plain, ahead = results["0"]["main_thread_compiles"], results["1"]["main_thread_compiles"]
+    assert {"_decode_split_kernel", "_prefill_kernel", "_gumbel_max_chunks_kernel"} <= set(plain)
+    assert set(ahead) <= {"_write_kv_cache_kernel", "_prefill_kernel"} and len(ahead) < len(plain)
+    assert ahead.count("_prefill_kernel") <= 1 and ahead.count("_write_kv_cache_kernel") <= 1
+    assert results["1"]["tokens"] == results["0"]["tokens"]

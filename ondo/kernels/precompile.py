@@ -96,12 +96,14 @@ def start_precompile(shapes: EngineKernelShapes, max_workers: int | None = None)
     _touch_device_caches(shapes.device)
     pool = ThreadPoolExecutor(max_workers or min(len(tasks), os.cpu_count() or 1),
                               thread_name_prefix="ondo-triton-precompile")
-    return Precompile(pool, [pool.submit(_compiled, task) for task in tasks])
+    return Precompile(pool, [pool.submit(_compiled, task, shapes.device) for task in tasks])
 
 
-def _compiled(task: Callable[[], object]) -> None:
+def _compiled(task: Callable[[], object], device: torch.device | None = None) -> None:
     from ondo.kernels.launch import compile_only
 
+    if device is not None and device.type == "cuda":
+        torch.cuda.set_device(device)  # a new thread's current device is the first one
     with torch.inference_mode(), compile_only():
         task()
 

@@ -13,10 +13,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
-from collections.abc import Callable
 
 
 def shapes(smoke: bool) -> list[dict]:
@@ -48,36 +46,6 @@ def make_step(shape: dict, dtype, device: str):
     return b, key, value
 
 
-def time_graph_us(fn: Callable[[], None], layers: int, cuda: bool, replays: int = 50) -> float:
-    """Median µs of `layers` calls of `fn`: replayed as one CUDA graph on a GPU, called
-    directly on the CPU (where the figure means nothing)."""
-    if not cuda:
-        t0 = time.perf_counter()
-        for _ in range(layers):
-            fn()
-        return 1e6 * (time.perf_counter() - t0)
-    import torch
-
-    stream = torch.cuda.Stream()
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()  # compiles outside the capture
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(layers):
-            fn()
-    times = []
-    for _ in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(1e3 * start.elapsed_time(end))
-    return statistics.median(times)
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--smoke", action="store_true")
@@ -88,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     cuda = torch.cuda.is_available() and not args.smoke
     if not cuda:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are decorated
+    from ondo.bench.graph_timing import graph_time_us
     from ondo.kernels.triton_attention import paged_decode_attention_triton
     from ondo.kernels.triton_kv_write import write_kv_cache_triton
 
@@ -106,8 +75,9 @@ def main(argv: list[str] | None = None) -> int:
             paged_decode_attention_triton(b.query, k, v, b.meta, scale, new_kv=(key, value))
 
         layers = shape["layers"]
-        separate = time_graph_us(write_then_decode, layers, cuda)
-        fused = time_graph_us(decode_writes, layers, cuda)
+        # A step: one call a layer, in one CUDA graph (µs per call times the layers).
+        separate = layers * graph_time_us(write_then_decode, cuda, calls=layers, repeat=50)
+        fused = layers * graph_time_us(decode_writes, cuda, calls=layers, repeat=50)
         same = torch.equal(b.k_cache, k_fused) and torch.equal(b.v_cache, v_fused)
         row = {"shape": shape["name"], "layers": layers, "write_then_decode_us": separate,
                "decode_writes_us": fused, "saved_us_per_step": separate - fused,

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -28,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from ondo.bench.device_limits import measure_device_limits
+from ondo.bench.graph_timing import graph_time_us
 from ondo.bench.shapes import SHAPES
 
 DEFAULT_ROWS = [1, 8, 32, 64, 128, 256, 512, 2048, 8192]
@@ -51,35 +51,7 @@ def layer_gemms(shape: dict) -> dict[str, tuple[int, int]]:
 def time_us(fn: Callable[[], torch.Tensor], cuda: bool, repeat: int = 15) -> float:
     """Median microseconds per call: from a CUDA graph of CALLS_PER_GRAPH calls on CUDA,
     from the wall clock elsewhere."""
-    if not cuda:
-        fn()
-        samples = []
-        for _ in range(3):
-            t0 = time.perf_counter()
-            fn()
-            samples.append((time.perf_counter() - t0) * 1e6)
-        return statistics.median(samples)
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(CALLS_PER_GRAPH):
-            fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    samples = []
-    for _ in range(repeat):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        samples.append(start.elapsed_time(end) * 1e3 / CALLS_PER_GRAPH)
-    return statistics.median(samples)
+    return graph_time_us(fn, cuda, CALLS_PER_GRAPH, repeat)
 
 
 def device_rates(device: torch.device) -> tuple[float, float]:

@@ -58,9 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.smoke:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are decorated
-    import triton.testing
-
-    from ondo.bench.launch_sweep import cpu_ms, write_sweep
+    from ondo.bench.launch_sweep import fastest, time_config, write_sweep
     from ondo.kernels.reference import write_kv_cache_ref
     from ondo.kernels.triton_kv_write import KVWriteTiles, kv_write_tiles, write_kv_cache_triton
 
@@ -85,18 +83,15 @@ def main(argv: list[str] | None = None) -> int:
             def run(tiles=tiles, key=key, value=value, k_cache=k_cache, v_cache=v_cache, slots=slots):
                 write_kv_cache_triton(key, value, k_cache, v_cache, slots, tiles=tiles)
 
-            try:
+            def check(run=run, k_cache=k_cache, v_cache=v_cache, expect_k=expect_k, expect_v=expect_v) -> dict:
                 run()
-                equal = bool(torch.equal(k_cache, expect_k) and torch.equal(v_cache, expect_v))
-                ms = triton.testing.do_bench(run) if cuda else cpu_ms(run)
-            except Exception as e:  # noqa: BLE001 — a configuration the GPU cannot run is a finding
-                row["error"] = f"{type(e).__name__}: {str(e)[:160]}"
-            else:
-                row.update(us=ms * 1e3, gb_per_s=moved / ms / 1e6, equal=equal)
+                return {"equal": bool(torch.equal(k_cache, expect_k) and torch.equal(v_cache, expect_v))}
+
+            ms = time_config(row, run, check, cuda)
+            if ms is not None:
+                row.update(us=ms * 1e3, gb_per_s=moved / ms / 1e6)
             rows.append(row)
-        timed = [r for r in rows if "us" in r]
-        best = min(timed, key=lambda r: r["us"])
-        base = next((r for r in timed if r["default"]), None)
+        best, base = fastest(rows, "us")
         results.append({"shape": shape["name"], "default": default._asdict(), "best": best, "rows": rows})
         print(f"{shape['name']}: default {tuple(default)} "
               + (f"{base['us']:.1f} us ({base['gb_per_s']:.0f} GB/s)" if base else "not timed")

@@ -50,9 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.smoke:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are decorated
-    import triton.testing
-
-    from ondo.bench.launch_sweep import cpu_ms, write_sweep
+    from ondo.bench.launch_sweep import fastest, time_config, write_sweep
     from ondo.kernels.testing import make_paged_batch
     from ondo.kernels.triton_attention import (
         PrefillTiles,
@@ -82,23 +80,20 @@ def main(argv: list[str] | None = None) -> int:
             def run(b=b, scale=scale, tiles=tiles):
                 return paged_prefill_attention_triton(b.query, b.k_cache, b.v_cache, b.meta, scale, tiles=tiles)
 
-            try:
-                diff = (run().float() - expect).abs().max().item()
-                ms = triton.testing.do_bench(run) if cuda else cpu_ms(run)
-            except Exception as e:  # noqa: BLE001 — a configuration the GPU cannot hold is a finding
-                row["error"] = f"{type(e).__name__}: {str(e)[:160]}"
-            else:
-                row.update(ms=ms, tflops=f / ms / 1e9, max_abs_diff=diff)
+            def check(run=run, expect=expect) -> dict:
+                return {"max_abs_diff": (run().float() - expect).abs().max().item()}
+
+            ms = time_config(row, run, check, cuda)
+            if ms is not None:
+                row.update(ms=ms, tflops=f / ms / 1e9)
             rows.append(row)
-        timed = [r for r in rows if "ms" in r]
-        best = min(timed, key=lambda r: r["ms"])
-        base = next((r for r in timed if r["default"]), None)
+        best, base = fastest(rows, "ms")
         results.append({"shape": shape["name"], "default": default._asdict(), "best": best, "rows": rows})
         print(f"{shape['name']}: default {default} "
               + (f"{base['ms']:.3f} ms ({base['tflops']:.0f} TFLOP/s)" if base else "not timed")
               + f"; fastest {tuple(best[k] for k in ('block_m', 'block_n', 'num_warps', 'num_stages'))} "
               f"{best['ms']:.3f} ms ({best['tflops']:.0f} TFLOP/s), max diff {best['max_abs_diff']:.4f}; "
-              f"{len(rows) - len(timed)} configurations did not run", flush=True)
+              f"{sum('error' in r for r in rows)} configurations did not run", flush=True)
     write_sweep("prefill_tiles", cuda, results, args.out)
     return 0
 

@@ -62,7 +62,6 @@ class Precompile:
     def __init__(self, pool: ThreadPoolExecutor | None, futures: list[Future]) -> None:
         self._pool = pool
         self._futures = futures
-        self.started_s = time.perf_counter()
         self.waited_s = 0.0
         self.failures = 0
 

@@ -310,7 +310,7 @@ class LLMEngine:
                                  "load.device": t_device - t0, "load.weights": t_weights - t_device,
                                  "load.compiler_workers": t_device - t_context,
                                  "load.tokenizer": t_tokenizer - t_profiled,
-                                 "cuda_graphs.precompile_wait": self.runner.precompile_wait_s}
+                                 "profile.precompile_wait": self.runner.precompile_wait_s}
         log.info("start-up phases: %s", {k: round(v, 1) for k, v in self.startup_phases_s.items()})
         log.info("engine ready in %.1f s on %s (%s), max_model_len %d", self.startup_s, self.device,
                  self.dtype, self.max_model_len)

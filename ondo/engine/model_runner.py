@@ -159,10 +159,12 @@ class ModelRunner:
             torch.cuda.synchronize(self.device)
 
     def profile_and_allocate(self) -> MemoryPlan:
-        try:
-            return self._profile_and_allocate()
-        finally:
-            self._wait_precompile()  # no compile outlives the start (none without graphs to wait)
+        # The kernels compiled ahead are waited for before the profiling pass launches them:
+        # a launch that found its variant still compiling on a thread would compile it again.
+        self._wait_precompile()
+        plan = self._profile_and_allocate()
+        self.profile_s += self.precompile_wait_s  # part of the profile phase
+        return plan
 
     def _wait_precompile(self) -> None:
         """Wait for the kernels being compiled ahead (`precompile`, set by the engine)."""

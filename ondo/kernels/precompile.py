@@ -92,29 +92,30 @@ def start_precompile(shapes: EngineKernelShapes, max_workers: int | None = None)
     if shapes.device.type != "cuda":
         return Precompile(None, [])
     tasks = _tasks(shapes)
-    _touch_device_caches(shapes.device)
+    # "cuda" names the current device of this thread; a new thread's is the first one.
+    index = shapes.device.index if shapes.device.index is not None else torch.cuda.current_device()
+    _touch_device_caches(index)
     pool = ThreadPoolExecutor(max_workers or min(len(tasks), os.cpu_count() or 1),
                               thread_name_prefix="ondo-triton-precompile")
-    return Precompile(pool, [pool.submit(_compiled, task, shapes.device) for task in tasks])
+    return Precompile(pool, [pool.submit(_compiled, task, index) for task in tasks])
 
 
-def _compiled(task: Callable[[], object], device: torch.device | None = None) -> None:
+def _compiled(task: Callable[[], object], cuda_index: int | None = None) -> None:
     from ondo.kernels.launch import compile_only
 
-    if device is not None and device.type == "cuda":
-        torch.cuda.set_device(device)  # a new thread's current device is the first one
+    if cuda_index is not None:
+        torch.cuda.set_device(cuda_index)
     with torch.inference_mode(), compile_only():
         task()
 
 
-def _touch_device_caches(device: torch.device) -> None:
+def _touch_device_caches(index: int) -> None:
     """Each kernel's per-device cache made once here, not by two threads at once (the
     second would drop what the first compiled into its own)."""
     from ondo.kernels import triton_attention as ta
     from ondo.kernels import triton_kv_write as kw
     from ondo.kernels import triton_sampling as ts
 
-    index = device.index if device.index is not None else torch.cuda.current_device()
     for kernel in (ta._decode_split_kernel, ta._decode_reduce_kernel, ta._prefill_kernel,
                    kw._write_kv_cache_kernel, kw._write_kv_tokens_kernel, ts._gumbel_max_chunks_kernel):
         try:
@@ -126,6 +127,7 @@ def _touch_device_caches(device: torch.device) -> None:
 def _tasks(s: EngineKernelShapes) -> list[Callable[[], object]]:
     """One callable per kernel variant start-up launches, as the engine launches it."""
     from ondo.kernels.attention import write_and_attend
+    from ondo.kernels.triton_kv_write import KV_WRITE_TOKEN_PROGRAMS_FROM, write_kv_cache_triton
 
     dev, bs = s.device, s.block_size
     max_blocks = math.ceil(s.max_model_len / bs)
@@ -178,6 +180,13 @@ def _tasks(s: EngineKernelShapes) -> list[Callable[[], object]]:
             context_lens=int32([1] * size), query_start_loc=int32(list(range(size + 1))),
             max_query_len=1, max_context_len=s.max_model_len, block_size=bs)
         tasks.append(lambda a=(q, k, v, kc, vc, decode_meta): write_and_attend(*a, scale))
+
+    # The KV write of steps of KV_WRITE_TOKEN_PROGRAMS_FROM tokens or more (the profiling
+    # pass's full step, the largest prefill graphs'): one program per token.
+    if s.max_num_batched_tokens >= KV_WRITE_TOKEN_PROGRAMS_FROM:
+        q, k, v, kc, vc = step(KV_WRITE_TOKEN_PROGRAMS_FROM)
+        slots = torch.full((KV_WRITE_TOKEN_PROGRAMS_FROM,), -1, dtype=torch.int64, device=dev)
+        tasks.append(lambda a=(k, v, kc, vc, slots): write_kv_cache_triton(*a))
 
     if s.fused_sampling:  # the model's logits, and float32 ones (top-k, top-p, min-p)
         from ondo.kernels.triton_sampling import gumbel_max_sample

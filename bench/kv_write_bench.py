@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         expect_k, expect_v = k_cache.clone(), v_cache.clone()
         write_kv_cache_ref(key, value, expect_k, expect_v, slots)
         moved = 4 * shape["tokens"] * hkv * d * key.element_size()  # K and V, read and written
-        default = kv_write_tiles(d)
+        default = kv_write_tiles(d, shape["tokens"])
         rows = []
         for config in candidates(args.smoke):
             tiles = KVWriteTiles(*config)

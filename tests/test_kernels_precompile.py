@@ -6,6 +6,7 @@ same plan fills Triton's cache (tests/gpu)."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 
@@ -72,7 +73,8 @@ def test_the_plan_launches_every_start_up_kernel_through_the_real_wrappers(monke
     monkeypatch.setenv("ONDO_DECODE_WRITES_KV", fused_decode)
     compiled: list[tuple[str, dict]] = []
     kernels = {"split": ta._decode_split_kernel, "reduce": ta._decode_reduce_kernel, "prefill": ta._prefill_kernel,
-               "write": kw._write_kv_cache_kernel, "sample": ts._gumbel_max_chunks_kernel}
+               "write": kw._write_kv_cache_kernel, "write_tokens": kw._write_kv_tokens_kernel,
+               "sample": ts._gumbel_max_chunks_kernel}
     for name, kernel in kernels.items():
         def run(*args, grid, warmup, _name=name, **kwargs):
             assert warmup, "compile only: nothing runs"
@@ -92,9 +94,14 @@ def test_the_plan_launches_every_start_up_kernel_through_the_real_wrappers(monke
     writes = {kw["WRITE_KV"] for kw in split if not kw["READ_FLAG"]}
     assert writes == {fused_decode == "1"}
     assert names.count("write") == (2 if fused_decode == "1" else 4)
+    # The profiling pass's 1,024-token step writes its KV one program per token.
+    assert names.count("write_tokens") == 1
     assert names.count("sample") == 1  # float32 logits only once (the model's dtype is float32 here)
 
 
 def test_no_graphs_no_graph_variants():
-    shapes = _shapes(torch.device("cpu"), decode_graph_sizes=(), mixed_graphs=False, fused_sampling=False)
+    shapes = _shapes(torch.device("cpu"), decode_graph_sizes=(), mixed_graphs=False, fused_sampling=False,
+                     max_num_batched_tokens=512)
     assert len(precompile._tasks(shapes)) == 1  # the profiling pass's write and prefill
+    # From 1,024 tokens a step's KV write is the other kernel: one variant more.
+    assert len(precompile._tasks(dataclasses.replace(shapes, max_num_batched_tokens=1024))) == 2

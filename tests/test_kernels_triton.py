@@ -25,7 +25,12 @@ from ondo.kernels.triton_attention import (  # noqa: E402
     paged_decode_attention_triton,
     paged_prefill_attention_triton,
 )
-from ondo.kernels.triton_kv_write import KVWriteTiles, write_kv_cache_triton  # noqa: E402
+from ondo.kernels.triton_kv_write import (  # noqa: E402
+    KV_WRITE_TOKEN_PROGRAMS_FROM,
+    KVWriteTiles,
+    kv_write_tiles,
+    write_kv_cache_triton,
+)
 
 ATOL = RTOL = 1e-4  # fp32 end to end; only the summation order differs
 
@@ -58,6 +63,13 @@ def _write_then_attend(b: PagedBatch, attend) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------ KV-cache write
+
+
+def test_large_steps_write_their_kv_one_program_per_token():
+    small = kv_write_tiles(128, KV_WRITE_TOKEN_PROGRAMS_FROM - 1)
+    assert small.tokens == 0 and kv_write_tiles(256, 16).num_warps == 2  # a program per (token, kv head)
+    assert kv_write_tiles(128, KV_WRITE_TOKEN_PROGRAMS_FROM) == KVWriteTiles(1, 4)
+    assert kv_write_tiles(64, 8192) == KVWriteTiles(1, 4)
 
 
 @pytest.mark.parametrize("heads, tiles", [((4, 2), None), ((4, 2), KVWriteTiles(1, 4)),

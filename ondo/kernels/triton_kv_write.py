@@ -105,8 +105,17 @@ class KVWriteTiles(NamedTuple):
     num_warps: int
 
 
-def kv_write_tiles(head_dim: int) -> KVWriteTiles:
-    """The default: one program per (token, kv head)."""
+# From this many tokens a step's write runs one program per token, all kv heads at once:
+# on an H200 an 8,192-token step's write took 23 us that way against 44 us with one program
+# per (token, kv head) on both model shapes; at 256 tokens the two were within 0.5 us
+# (bench/kv_write_bench.py, docs/benchmarks.md).
+KV_WRITE_TOKEN_PROGRAMS_FROM = 1024
+
+
+def kv_write_tiles(head_dim: int, num_tokens: int) -> KVWriteTiles:
+    """The default launch configuration for a step of `num_tokens` tokens."""
+    if num_tokens >= KV_WRITE_TOKEN_PROGRAMS_FROM:
+        return KVWriteTiles(1, 4)
     return KVWriteTiles(0, 1 if head_dim <= 128 else 2)
 
 
@@ -127,7 +136,7 @@ def write_kv_cache_triton(
     assert k_cache.shape == v_cache.shape and k_cache.stride() == v_cache.stride()
     assert k_cache.shape[2:] == (num_kv_heads, head_dim)
     assert key.stride(-1) == 1 and value.stride(-1) == 1 and k_cache.stride(-1) == 1
-    tokens, num_warps = tiles or kv_write_tiles(head_dim)
+    tokens, num_warps = tiles or kv_write_tiles(head_dim, num_tokens)
     args = (key, value, k_cache, v_cache, slot_mapping, key.stride(0), key.stride(1), value.stride(0),
             value.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2))
     block_d = triton.next_power_of_2(head_dim)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs ondo's GPU tests and benchmarks in one go on a CUDA machine; results under $OUT.
-# Stages are chosen with STAGES: tests timeline sampling gemm kernels prefill prefill_tiles kv_write decode_kv throughput parallel host serve startup startup_ab tokenizer_load trace mixed_trace outside telemetry turnover structured soak agent.
+# Stages are chosen with STAGES: tests timeline host_step sampling gemm kernels prefill prefill_tiles kv_write decode_kv throughput parallel host serve startup startup_ab tokenizer_load trace mixed_trace outside telemetry turnover structured soak agent.
 # THROUGHPUT_ARGS passes extra flags to `ondo bench throughput`.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -33,6 +33,11 @@ for stage in $STAGES; do
       timeout ${TIMELINE_TIMEOUT:-300} python3 bench/step_timeline.py --out "$OUT/step_timeline.json" \
         --profile-steps 6 --trace "$OUT/step_trace.json" ${TIMELINE_ARGS:-} > "$OUT/step_timeline.log" 2>&1
       grep -v "^{" "$OUT/step_timeline.log" | tail -45; grep "^{" "$OUT/step_timeline.log" ;;
+    host_step)
+      # The engine's host time per decode step at 32, 128 and 256 rows (dummy weights).
+      timeout 200 python3 bench/host_step_cost.py --device cuda --model-shape qwen3-0.6b ${HOST_STEP_ARGS:-} \
+        > "$OUT/host_step.log" 2>&1
+      grep -v "^{" "$OUT/host_step.log" | grep rows; grep "^{" "$OUT/host_step.log" > "$OUT/host_step.json" ;;
     sampling)
       timeout 120 python3 bench/sampling_bench.py --out "$OUT/sampling_bench.json" 2>&1 | tail -5 ;;
     gemm)

@@ -26,6 +26,7 @@ import time
 
 import torch
 
+from ondo.bench.allocator_counts import allocator_counts, counts_between
 from ondo.bench.shapes import SHAPES, shape_folder
 from ondo.bench.step_timeline import (
     StepTimeline,
@@ -76,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     for _ in range(0 if args.whole else args.skip_steps):
         engine.step()
     timeline = StepTimeline(engine)
+    allocator_before = allocator_counts()
     t0 = time.perf_counter()
     calls = 0
     with timeline.recording():
@@ -83,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
             engine.step()
             calls += 1
     wall = time.perf_counter() - t0
+    allocator = counts_between(allocator_before, allocator_counts())
     running = engine.scheduler.num_unfinished
     result = {"model_shape": args.model_shape, "workload": args.workload,
               "device": torch.cuda.get_device_name() if cuda else "cpu",
@@ -90,6 +93,10 @@ def main(argv: list[str] | None = None) -> int:
               "whole_run": args.whole, "async_scheduling": engine.async_scheduling,
               "unfinished_after": running, "wall_ms_per_step": 1e3 * wall / calls,
               **summarize(timeline.steps)}
+    if allocator is not None:  # cudaMalloc, retries (a device-wide sync each), cudaHostAlloc
+        result["cuda_allocator"] = allocator
+        print("allocators over the recorded steps: " + ", ".join(f"{k} {v:g}" for k, v in allocator.items()),
+              flush=True)
     print(format_steps(timeline.steps[len(timeline.steps) // 2:]), flush=True)
     if args.whole:
         result["by_rows"] = by_rows(timeline.steps)

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ondo.bench.allocator_counts import allocator_counts, counts_between
 from ondo.bench.device_limits import DeviceLimits, measure_device_limits
 from ondo.bench.shapes import SHAPES, shape_folder
 from ondo.bench.workloads import Workload, make_workload
@@ -58,6 +59,7 @@ def run_ondo(llm, workload: Workload, limits: DeviceLimits | None,
     prompts = [{"prompt_token_ids": r.prompt_token_ids} for r in workload.requests]
     timing_before = dict(llm.engine.step_timing_s)
     _sync()
+    allocator_before = allocator_counts()
     start = time.perf_counter()
     try:
         outs = llm.generate(prompts, workload.params())
@@ -66,6 +68,7 @@ def run_ondo(llm, workload: Workload, limits: DeviceLimits | None,
         for listener in listeners:
             llm.engine.remove_step_listener(listener)
     elapsed = time.perf_counter() - start
+    allocator = counts_between(allocator_before, allocator_counts())
     produced = sum(len(o.outputs[0].token_ids) for o in outs)
     assert produced == workload.output_tokens, "every request must produce exactly max_tokens"
     row = {
@@ -83,6 +86,8 @@ def run_ondo(llm, workload: Workload, limits: DeviceLimits | None,
     timing = {k: v - timing_before[k] for k, v in llm.engine.step_timing_s.items()}
     n = max(timing.pop("steps"), 1)
     row["host_ms_per_step"] = {k: 1e3 * v / n for k, v in timing.items()}
+    if allocator is not None:  # CUDA: what the caching allocators did during the run
+        row["cuda_allocator"] = allocator
     if limits is not None:
         row["roofline_bound_s"] = steps.bound_s
         row["fraction_of_roofline"] = steps.bound_s / elapsed

@@ -9,8 +9,9 @@ without splits and the reduction at the decode graphs'. One after another on the
 thread, each a Python front end plus LLVM and ptxas. Here the kernels' own wrappers run on
 tiny inputs shaped like the engine's (the same dtypes, head counts, block table widths,
 sequence counts and vocabulary: the same cache keys) under `compile_only`, each variant on
-a thread of its own, while the weights load and the profiling pass runs; the engine waits
-for them before it captures its graphs (nothing may launch on another thread then).
+a thread of its own, while the weights load; the engine waits for them before its
+profiling pass (a launch that found its variant still compiling on a thread would compile
+it a second time, and nothing may launch on another thread while a graph captures).
 A variant that does not match what the engine later launches costs its compile and saves
 nothing; a failure here is logged and leaves the kernel to compile at its launch.
 """
@@ -56,8 +57,8 @@ class EngineKernelShapes:
 
 
 class Precompile:
-    """Compiles running on threads; `wait()` ends them (the engine calls it before it
-    captures graphs, and at the end of its start)."""
+    """Compiles running on threads; `wait()` ends them (the engine calls it before its
+    profiling pass)."""
 
     def __init__(self, pool: ThreadPoolExecutor | None, futures: list[Future]) -> None:
         self._pool = pool

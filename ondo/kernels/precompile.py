@@ -1,5 +1,5 @@
 """Start-up's Triton kernels compiled ahead, on threads (`ONDO_TRITON_PRECOMPILE=1`, off
-by default until measured on a GPU).
+by default: on an H200 it did not make start-up shorter, docs/benchmarks.md).
 
 A cold start compiles each Triton kernel variant where it is first launched: the KV write
 and the prefill kernel in the profiling pass, the sampler's kernel (for the model's logits

@@ -53,8 +53,9 @@ def write_kv_cache(
 
 def decode_writes_kv() -> bool:
     """ONDO_DECODE_WRITES_KV=1: in a step where every sequence brings one token, the decode
-    kernel stores the new K/V itself (one kernel a layer fewer). Off by default until
-    measured on a GPU."""
+    kernel stores the new K/V itself (one kernel a layer fewer). Off by default: on an H200
+    that kernel ran about 45 % slower from 64 rows up than the KV write and the decode
+    kernel together (docs/benchmarks.md)."""
     return os.environ.get("ONDO_DECODE_WRITES_KV", "0") == "1"
 
 

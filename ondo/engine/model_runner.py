@@ -410,7 +410,6 @@ class ModelRunner:
         thousands of tokens."""
         if self.device.type != "cuda" or self.args.enforce_eager:
             return
-        self._wait_precompile()  # nothing may launch on another thread while a graph captures
         t0 = time.perf_counter()
         # The profiling pass's activations sit cached in the allocator; handing them back
         # lets the graphs' pool take that memory instead of more.

@@ -149,13 +149,18 @@ def test_cuda_graph_mixed_step_equals_eager_forward(checkpoint):
         engine.abort_request(item.seq.request_id)
 
 
+def _random_prompts(count: int = 24, seed: int = 11) -> list[list[int]]:
+    """Token-id prompts of 1 to 299 tokens, the same for a seed."""
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, SHAPE["vocab_size"], (int(n),), generator=gen).tolist()
+            for n in torch.randint(1, 300, (count,), generator=gen)]
+
+
 def test_cuda_graphs_for_prefill_steps_keep_greedy_outputs(checkpoint):
     """The same greedy requests with steps that have a prefill replayed from graphs and
     run eagerly (cuda_graph_max_tokens=0): token for token the same."""
     _, _, path = checkpoint
-    gen = torch.Generator().manual_seed(11)
-    prompts = [torch.randint(0, SHAPE["vocab_size"], (int(n),), generator=gen).tolist()
-               for n in torch.randint(1, 300, (24,), generator=gen)]
+    prompts = _random_prompts()
     params = [SamplingParams(temperature=0, max_tokens=8 + 5 * i, ignore_eos=True) for i in range(len(prompts))]
     outs = {}
     for limit in (None, 0):
@@ -226,9 +231,7 @@ def test_decode_kernel_writing_the_kv_keeps_greedy_outputs(checkpoint, monkeypat
     """ONDO_DECODE_WRITES_KV=1 (the decode kernel stores the new K/V, in eager steps and in
     the decode graphs) gives the greedy tokens of the KV-write kernel, token for token."""
     _, _, path = checkpoint
-    gen = torch.Generator().manual_seed(11)
-    prompts = [torch.randint(0, SHAPE["vocab_size"], (int(n),), generator=gen).tolist()
-               for n in torch.randint(1, 300, (24,), generator=gen)]
+    prompts = _random_prompts()
     params = [SamplingParams(temperature=0, max_tokens=20 + 3 * i, ignore_eos=True) for i in range(len(prompts))]
     outs = {}
     for fused in ("0", "1"):

@@ -243,6 +243,10 @@ class BlockManager:
         """Register the sequence's blocks that are full and computed (vLLM's rule: never one
         whose K/V is still to be written, nor one holding a token not yet read back from the
         device). Call after each step's forward pass and as tokens arrive."""
+        # Most calls (a decode token within its block) end at the first test: no block of
+        # the computed tokens beyond those registered is full.
+        if seq.num_computed_tokens // self.block_size <= seq.num_registered_blocks:
+            return
         if not self.enable_prefix_caching or seq.is_finished:
             return
         num_full = min(seq.num_computed_tokens, seq.num_tokens) // self.block_size

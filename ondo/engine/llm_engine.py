@@ -580,26 +580,33 @@ class LLMEngine:
         t_launch = time.perf_counter()
         logits = self.runner.execute(sched, batch, prev_tokens)
         t_launched = time.perf_counter()
+        cache_full_blocks = self.block_manager.cache_full_blocks
         for item in sched.scheduled:
-            item.seq.num_computed_tokens += item.num_new_tokens
-            self.block_manager.cache_full_blocks(item.seq)
-            if item.seq.first_scheduled_s is None:
-                item.seq.first_scheduled_s = start
+            seq = item.seq
+            seq.num_computed_tokens += item.num_new_tokens
+            cache_full_blocks(seq)
+            if seq.first_scheduled_s is None:
+                seq.first_scheduled_s = start
         seqs: list[Sequence] = []
         if logits is not None:
             # A request with n > 1 forks as its first token is sampled: every sequence
             # draws its own first token from the prompt's logits row.
             rows: list[int] = []
             for row, seq in enumerate(sampling):
-                for s in (seq, *self._fork(seq)) if seq.params.num_sequences > 1 else (seq,):
+                if seq.params.num_sequences > 1:
+                    for s in (seq, *self._fork(seq)):
+                        rows.append(row)
+                        seqs.append(s)
+                else:
                     rows.append(row)
-                    seqs.append(s)
+                    seqs.append(seq)
             if len(seqs) != len(sampling):
                 logits = logits.index_select(0, to_device(rows, torch.int64, logits.device))
         if masks is None and self._grammars and seqs:
             masks = self._token_mask(seqs, prev)
-        output_lens = [s.num_output_tokens + s.num_pending_tokens for s in seqs]
+        output_lens: list[int] = []
         for row, s in enumerate(seqs):  # drawn by this step, read back by `_finish`
+            output_lens.append(len(s.token_ids) - len(s.prompt_token_ids) + s.num_pending_tokens)
             s.num_pending_tokens += 1
             s.pending_row = row
         timing["prepare"] += t_prepared - t0
@@ -690,7 +697,7 @@ class LLMEngine:
                 if group[0].stream:
                     delta = self._wire_delta(group) if self.wire_deltas else None
                     outputs.append(delta if delta is not None else self._make_output(rid))
-                elif all(q.is_finished for q in group):
+                elif group[0].is_finished if len(group) == 1 else all(q.is_finished for q in group):
                     outputs.append(self._make_output(rid))
         self.num_generation_tokens_total += num_out
         timing["wait"] += t_read - t0
@@ -759,7 +766,7 @@ class LLMEngine:
             state.text += delta
             new_text_len = len(delta)
         p = seq.params
-        grammar = self._grammars.get(seq.seq_id)
+        grammar = self._grammars.get(seq.seq_id) if self._grammars else None
         if grammar is not None:
             grammar.sync(seq.token_ids, seq.num_prompt_tokens)
             if grammar.error is not None:  # the mask should have made this impossible
@@ -767,7 +774,7 @@ class LLMEngine:
                 seq.stop_reason = f"the output left its grammar: {grammar.error}"
                 self.scheduler.finish(seq, "error")
                 return
-        num_output = seq.num_output_tokens
+        num_output = len(seq.token_ids) - len(seq.prompt_token_ids)
         if (grammar is None and not p.stop_list and token not in p.stop_token_ids
                 and (p.ignore_eos or token not in self.eos_token_ids)
                 and (p.max_tokens is None or num_output < p.max_tokens)

@@ -60,7 +60,8 @@ class ScheduledSeq:
     samples: bool = False  # this step reaches the last token, so a new one is sampled
 
     def __post_init__(self) -> None:
-        self.samples = self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_total_tokens
+        seq = self.seq
+        self.samples = seq.num_computed_tokens + self.num_new_tokens == len(seq.token_ids) + seq.num_pending_tokens
 
 
 @dataclass
@@ -173,11 +174,12 @@ class Scheduler:
 
         # 1. Running sequences, oldest first; preempt from the tail when blocks run out.
         queue = deque(self.running)
+        has_slot = self.block_manager.has_slot_for_next_token
         while queue and budget > 0:
             seq = queue.popleft()
-            remaining = seq.num_uncomputed_tokens
-            if (remaining == 1 and self.block_manager.has_slot_for_next_token(seq)
-                    and not self._ends_with_pending(seq)):
+            remaining = len(seq.token_ids) + seq.num_pending_tokens - seq.num_computed_tokens
+            if (remaining == 1 and has_slot(seq)
+                    and not (seq.num_pending_tokens and self._ends_with_pending(seq))):
                 # A decode token with room in its own last block: the general path below
                 # would decide the same, at several times the cost per sequence.
                 out.scheduled.append(ScheduledSeq(seq, 1))

@@ -75,6 +75,19 @@ def test_seeded_sampling_is_the_same_alone_and_in_a_batch(llm):
     assert llm.generate("Tell me about the ocean.", other_seed)[0].outputs[0].token_ids != alone
 
 
+def test_parameters_changed_after_a_call_apply_to_the_next_call_only(llm, unconstrained):
+    """The engine keeps its own copy of a request's parameters, and the sampler's summary of
+    a step's rows follows the objects it is given: one object reused across two calls, changed
+    in between, samples as a new object would."""
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    assert [o.outputs[0].token_ids for o in llm.generate(BATCH, params)] == unconstrained
+    params.temperature, params.seed = 1.0, 5
+    reused = [o.outputs[0].token_ids for o in llm.generate(BATCH, params)]
+    fresh = SamplingParams(temperature=1.0, seed=5, max_tokens=40, ignore_eos=True)
+    assert reused == [o.outputs[0].token_ids for o in llm.generate(BATCH, fresh)]
+    assert reused != unconstrained
+
+
 def test_sampling_filters_that_leave_one_token_are_greedy(llm, unconstrained):
     for params in (SamplingParams(temperature=1.0, top_k=1, max_tokens=40, ignore_eos=True),
                    SamplingParams(temperature=1.0, min_p=1.0, max_tokens=40, ignore_eos=True)):

@@ -33,6 +33,7 @@ no constrained row does none of this: it is sampled at once, as it always was.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import itertools
 import logging
@@ -356,7 +357,9 @@ class LLMEngine:
         it is the text the stream would have made. With detokenize=False a streamed
         request's outputs carry token ids but no text (the caller decodes them, with the
         same detokenizer); stop strings still make the engine decode token by token."""
-        params = params or SamplingParams()
+        # The engine's own copy: a caller may change or reuse its object once this returns,
+        # and the sampler keeps what it read from a step's parameter objects for the next.
+        params = copy.copy(params) if params is not None else SamplingParams()
         if request_id in self._requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
         if prompt_token_ids is None:

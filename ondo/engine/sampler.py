@@ -8,7 +8,9 @@ tokens alone or inside any batch.
 
 from __future__ import annotations
 
+import operator
 import os
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -176,6 +178,70 @@ class DeviceSample:
         return self._result
 
 
+@dataclass(frozen=True)
+class BatchParams:
+    """What a step's draws need from its rows' parameters, in one pass over them."""
+
+    want_logprobs: bool
+    penalties: bool
+    bias: bool
+    greedy: bool  # every row
+    filtered: bool  # some row has top-k, top-p or min-p
+    temperatures: np.ndarray  # float64, 1.0 for greedy rows
+    noisy: np.ndarray  # int32, 0 for greedy rows
+    seeded_rows: tuple[int, ...]  # rows with a seed of their own (and a temperature)
+
+
+def _summarize(params: list[SamplingParams]) -> BatchParams:
+    want_logprobs = penalties = bias = filtered = False
+    n = len(params)
+    temps = np.ones(n, dtype=np.float64)
+    noisy = np.zeros(n, dtype=np.int32)
+    seeded: list[int] = []
+    for row, p in enumerate(params):
+        if p.logprobs is not None or p.ranks_by_logprob:
+            want_logprobs = True
+        if p.has_penalties:
+            penalties = True
+        if p.logit_bias:
+            bias = True
+        if p.top_k > 0 or p.top_p < 1.0 or p.min_p > 0:
+            filtered = True
+        if not p.greedy:
+            temps[row] = p.temperature
+            noisy[row] = 1
+            if p.seed is not None:
+                seeded.append(row)
+    return BatchParams(want_logprobs, penalties, bias, not noisy.any(), filtered, temps, noisy, tuple(seeded))
+
+
+class _LastBatch:
+    """The summary of the last step's rows, kept while the same parameter objects come in
+    the same order (a decode step's batch, most steps): checking that is one C-level pass
+    of identity tests. The list it holds keeps those objects alive, so no id is reused."""
+
+    def __init__(self) -> None:
+        self.params: list[SamplingParams] = []
+        self.summary: BatchParams | None = None
+
+    def summary_of(self, params: list[SamplingParams]) -> BatchParams:
+        if (self.summary is None or len(params) != len(self.params)
+                or not all(map(operator.is_, params, self.params))):
+            self.params, self.summary = list(params), _summarize(params)
+        return self.summary
+
+
+_last_batch = threading.local()
+
+
+def batch_params(params: list[SamplingParams]) -> BatchParams:
+    """`_summarize(params)`, from this thread's last step where its rows are the same."""
+    cache = getattr(_last_batch, "cache", None)
+    if cache is None:
+        cache = _last_batch.cache = _LastBatch()
+    return cache.summary_of(params)
+
+
 def fused_sampling(device: torch.device) -> bool:
     """On CUDA, the one-pass kernel (ONDO_FUSED_SAMPLING=0: the PyTorch operations). It reads
     the model's bf16 logits as they are: at 256 rows of a 151,936-token vocabulary it takes
@@ -185,27 +251,25 @@ def fused_sampling(device: torch.device) -> bool:
 
 
 def _sample_fused(logits: torch.Tensor, params: list[SamplingParams], output_lens: list[int],
-                  host_generator: torch.Generator | None, filtered: bool) -> torch.Tensor:
+                  host_generator: torch.Generator | None, summary: BatchParams) -> torch.Tensor:
     """Greedy and sampled rows in one pass (ondo/kernels/triton_sampling.py). A seeded
     request's row draws from its own (seed, output position) stream: the same tokens alone
     or inside any batch; the others from seeds drawn on the host (no device sync).
-    `filtered`: some row has top-k, top-p or min-p (the caller has checked already)."""
+    `summary`: the rows' parameters in one (`batch_params`)."""
     from ondo.kernels.triton_sampling import gumbel_max_sample, mix_seed  # Triton where it runs
 
     device = logits.device
     n = len(params)
     seeds = torch.randint(0, 2**62, (n,), generator=host_generator, dtype=torch.int64).numpy()
-    for row, p in enumerate(params):
-        if p.seed is not None:
-            seeds[row] = mix_seed(_seed_for(p.seed, output_lens[row]))
-    temps = np.fromiter((1.0 if p.greedy else p.temperature for p in params), dtype=np.float64, count=n)
-    if filtered:  # the filters act on the scaled logits; the kernel then scales by 1
+    for row in summary.seeded_rows:
+        seeds[row] = mix_seed(_seed_for(params[row].seed, output_lens[row]))
+    temps = summary.temperatures
+    if summary.filtered:  # the filters act on the scaled logits; the kernel then scales by 1
         logits = _filter(logits / to_device(temps.tolist(), torch.float32, device)[:, None], params)
         scale = np.ones(n, dtype=np.float32)
     else:
         scale = (1.0 / temps).astype(np.float32)
-    noisy = np.fromiter((0 if p.greedy else 1 for p in params), dtype=np.int32, count=n)
-    seeds_d, scale_d, noisy_d = staging.to_device([seeds, scale, noisy], device)  # one copy
+    seeds_d, scale_d, noisy_d = staging.to_device([seeds, scale, summary.noisy], device)  # one copy
     return gumbel_max_sample(logits, scale_d, noisy_d, seeds_d)
 
 
@@ -229,12 +293,10 @@ def sample_on_device(
     as they are by argmax and by the kernel (both widen each value exactly, so the draws
     are those of the float32 copy); every other path works on a float32 copy."""
     device = logits.device
-    want_logprobs = any(p.logprobs is not None or p.ranks_by_logprob for p in params)
-    penalties = any(p.has_penalties for p in params)
-    bias = any(p.logit_bias for p in params)
-    greedy = all(p.greedy for p in params)
+    summary = batch_params(params)
+    want_logprobs, penalties, bias = summary.want_logprobs, summary.penalties, summary.bias
+    greedy, filtered = summary.greedy, summary.filtered
     fused = fused_sampling(device)
-    filtered = any(p.top_k > 0 or p.top_p < 1.0 or p.min_p > 0 for p in params)
     if (want_logprobs or penalties or bias or mask is not None
             or not (greedy or (fused and not filtered))):
         logits = logits.float()
@@ -254,20 +316,19 @@ def sample_on_device(
     if greedy:
         tokens = logits.argmax(-1)
     elif fused:
-        tokens = _sample_fused(logits, params, output_lens, host_generator, filtered)
+        tokens = _sample_fused(logits, params, output_lens, host_generator, summary)
     else:
         tokens = logits.argmax(-1)
-        greedy_rows = to_device([p.greedy for p in params], torch.bool, device)
-        temps = to_device([1.0 if p.greedy else p.temperature for p in params], torch.float32, device)
+        greedy_rows = to_device((summary.noisy == 0).tolist(), torch.bool, device)
+        temps = to_device(summary.temperatures.tolist(), torch.float32, device)
         scaled = _filter(logits / temps[:, None], params)
         probs = scaled.softmax(-1)
         # Exponential race: argmax(p / E) with E ~ Exp(1) draws from p.
         noise = torch.empty_like(probs).exponential_(generator=generator)
-        for row, p in enumerate(params):
-            if p.seed is not None and not p.greedy:
-                g = torch.Generator(device=device)
-                g.manual_seed(_seed_for(p.seed, output_lens[row]))
-                noise[row].exponential_(generator=g)
+        for row in summary.seeded_rows:
+            g = torch.Generator(device=device)
+            g.manual_seed(_seed_for(params[row].seed, output_lens[row]))
+            noise[row].exponential_(generator=g)
         sampled = (probs / noise).argmax(-1)
         tokens = torch.where(greedy_rows, tokens, sampled)
 

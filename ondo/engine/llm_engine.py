@@ -607,6 +607,8 @@ class LLMEngine:
                 logits = logits.index_select(0, to_device(rows, torch.int64, logits.device))
         if masks is None and self._grammars and seqs:
             masks = self._token_mask(seqs, prev)
+        # Sequence's properties are inlined in this loop and in `_append_token`, `_finish`:
+        # per row, per step (about 10 % of the host's step at 256 rows on the CPU).
         output_lens: list[int] = []
         for row, s in enumerate(seqs):  # drawn by this step, read back by `_finish`
             output_lens.append(len(s.token_ids) - len(s.prompt_token_ids) + s.num_pending_tokens)

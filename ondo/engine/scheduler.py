@@ -177,7 +177,7 @@ class Scheduler:
         has_slot = self.block_manager.has_slot_for_next_token
         while queue and budget > 0:
             seq = queue.popleft()
-            remaining = len(seq.token_ids) + seq.num_pending_tokens - seq.num_computed_tokens
+            remaining = len(seq.token_ids) + seq.num_pending_tokens - seq.num_computed_tokens  # inlined property
             if (remaining == 1 and has_slot(seq)
                     and not (seq.num_pending_tokens and self._ends_with_pending(seq))):
                 # A decode token with room in its own last block: the general path below

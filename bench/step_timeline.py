@@ -10,8 +10,9 @@ trace of a few of the same steps for a kernel-level view.
 The steady window: after `--skip-steps` steps (the prefills of the first requests are
 done by then), `--steps` steps are recorded while all requests still run. `--whole`
 records the workload from its first step to its last instead, and splits it by batch
-size (`by_rows`): which of host and GPU bounds the steps of each size, and each size's
-share of the run's time; with it, the launches that took far longer than the median
+size (`by_rows`): which of host and GPU bounds the steps of each size, each size's share
+of the run's time, and (on a GPU) how far each size's steps are from their roofline bound
+and how much of the run's time each loses to it; with it, the launches that took far longer than the median
 (`execute_outliers`).
 
     PYTHONPATH=. python3 bench/step_timeline.py --model-shape llama3.1-8b --workload W1 --whole
@@ -27,6 +28,7 @@ import time
 import torch
 
 from ondo.bench.allocator_counts import allocator_counts, counts_between
+from ondo.bench.device_limits import measure_device_limits
 from ondo.bench.shapes import SHAPES, shape_folder
 from ondo.bench.step_timeline import (
     StepTimeline,
@@ -67,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
         args.max_model_len = 2048
     folder = shape_folder(args.model_shape)
     cuda = torch.cuda.is_available() and not args.smoke
+    # The roofline's copy and matmul rates, measured before the KV cache takes the memory.
+    limits = measure_device_limits(torch.device("cuda")) if cuda and args.whole else None
     llm = LLM(folder, load_format="dummy", dtype="bfloat16" if cuda else "float32",
               max_model_len=args.max_model_len, seed=0, device="cuda" if cuda else "cpu")
     engine = llm.engine
@@ -99,7 +103,10 @@ def main(argv: list[str] | None = None) -> int:
               flush=True)
     print(format_steps(timeline.steps[len(timeline.steps) // 2:]), flush=True)
     if args.whole:
-        result["by_rows"] = by_rows(timeline.steps)
+        if limits is not None:
+            result["copy_bytes_per_s"] = limits.copy_bytes_per_s
+            result["matmul_flops_per_s"] = limits.matmul_flops_per_s
+        result["by_rows"] = by_rows(timeline.steps, limits=limits)
         result["execute_outliers"] = execute_outliers(timeline.steps)
         print(format_bands(result["by_rows"]), flush=True)
         o = result["execute_outliers"]

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from ondo import LLM
+from ondo.bench.device_limits import DeviceLimits
 from ondo.bench.shapes import shape_folder
 from ondo.bench.step_timeline import (
     HOST_PHASES,
@@ -18,6 +19,7 @@ from ondo.bench.step_timeline import (
     StepTimeline,
     by_rows,
     execute_outliers,
+    format_bands,
     summarize,
 )
 from ondo.engine.sampling_params import SamplingParams
@@ -92,6 +94,29 @@ def test_a_run_split_by_batch_size():
     assert big["gpu_busy_fraction"] == pytest.approx(1.0)
     assert small["gpu_busy_fraction"] == pytest.approx(0.5) and small["gpu_busy_ms"] == pytest.approx(1.5)
     assert small["mean_rows"] == 20
+    assert "bound_ms" not in big  # no device limits given
+
+
+def test_each_band_is_held_against_its_roofline():
+    # Copy 1 GB/s, 1 GFLOP/s: a step's bound is its bytes in GB or its FLOPs in GFLOP, in s.
+    limits = DeviceLimits("test", copy_bytes_per_s=1e9, matmul_flops_per_s=1e9)
+    steps, t = [], 0.0
+    for i, (rows, tokens, period, flops, nbytes) in enumerate(
+            [(4, 4096, 10.0, 8e6, 1e6)]  # prefill: FLOP-bound, 8 ms of a 10 ms period
+            + [(200, 200, 6.0, 1e6, 3e6)] * 2 + [(200, 200, 6.0, 1e6, 4.5e6)]  # decode: byte-bound
+            + [(200, 200, 6.0, 0.0, 0.0)]):  # the last step: no period, left out
+        s = _sized(i, t, rows, tokens, 1.0)
+        s.flops, s.bytes_moved = flops, nbytes
+        steps.append(s)
+        t += period * 1e-3
+    bands = {b["band"]: b for b in by_rows(steps, limits=limits)}
+    pre, big = bands["with prefill"], bands["decode 193-256 rows"]
+    assert pre["bound_ms"] == pytest.approx(8.0) and pre["fraction_of_roofline"] == pytest.approx(0.8)
+    assert pre["ms_over_bound"] == pytest.approx(2.0)
+    assert big["bound_ms"] == pytest.approx((3 + 3 + 4.5) / 3)
+    assert big["fraction_of_roofline"] == pytest.approx(10.5 / 18)
+    assert big["ms_over_bound"] == pytest.approx(18 - 10.5)
+    assert "of bound" in format_bands(list(bands.values()))
 
 
 def test_the_slow_launches_are_found_and_told_apart_by_a_change_in_rows():
@@ -183,6 +208,15 @@ def test_the_timeline_records_each_step_and_leaves_the_engine_as_it_was(llm):
         assert h["wait"][1] <= h["postprocess"][0]
         g = s.gpu
         assert h["prepare"][0] <= g["A"] <= g["B"] <= g["C"] <= g["D"] <= h["sample"][1] + 1e-3
+        # The step's cost from its own rows: the weights once, the linear layers and the LM
+        # head over its tokens, and attention over contexts of 21 to 25 + 24 tokens.
+        shape = engine.runner.cost_shape
+        dense = 2.0 * shape.linear_params * s.tokens + 2.0 * shape.head_params * s.rows
+        per_pair = 4.0 * shape.num_attention_heads * shape.head_dim * shape.num_layers
+        assert dense + per_pair * s.tokens * 20 < s.flops < dense + per_pair * s.tokens * 50
+        weights = (shape.linear_params + shape.head_params) * shape.dtype_bytes
+        kv = shape.kv_bytes_per_token
+        assert weights + kv * s.rows * 20 < s.bytes_moved < weights + kv * s.rows * 50 + 1e6
     s = summarize(steps)
     assert 0 < s["gpu_ms"]["forward"] <= s["host_ms"]["prepare"] + s["host_ms"]["execute"] + 1
     # The engine is synchronous on the CPU: after a step's draws the host waits, post-

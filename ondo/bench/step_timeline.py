@@ -10,7 +10,8 @@ wrapped, nothing in the engine changes) and records, per step:
 - on CUDA, four events on the engine's stream, put on the host clock through one
   reference event: the GPU reaching the step's upload (A), the end of its forward pass and
   logits (B), the start of its sampling (C), the end of its sampling and read-back (D);
-- the step's size: sequences (rows) and new tokens.
+- the step's size: sequences (rows) and new tokens, and what it must move and compute
+  (`ModelRunner.step_cost`, the roofline's inputs).
 
 An event's time is when the GPU got to it: a gap between the previous step's D and this
 step's A is the GPU idle until the host had launched the step; one between B and C is the
@@ -31,6 +32,8 @@ from typing import Any
 
 import torch
 
+from ondo.bench.device_limits import DeviceLimits
+
 HOST_PHASES = ("schedule", "prepare", "execute", "wait", "postprocess", "sample")
 
 
@@ -44,6 +47,8 @@ class StepRecord:
     gpu: dict[str, float] = field(default_factory=dict)  # "A", "B", "C", "D"
     rows: int = 0  # sequences in the step
     tokens: int = 0  # new tokens in the step
+    flops: float = 0.0  # the step's FLOPs and bytes at least (`ondo.engine.step_cost`)
+    bytes_moved: float = 0.0
 
     @property
     def host_busy_s(self) -> float:
@@ -120,13 +125,18 @@ def summarize(steps: list[StepRecord]) -> dict[str, Any]:
 ROW_BANDS = (16, 32, 64, 128, 192, 256)
 
 
-def by_rows(steps: list[StepRecord], edges: tuple[int, ...] = ROW_BANDS) -> list[dict[str, Any]]:
+def by_rows(steps: list[StepRecord], edges: tuple[int, ...] = ROW_BANDS,
+            limits: DeviceLimits | None = None) -> list[dict[str, Any]]:
     """A run split by step size: the steps with a prefill (more tokens than rows), then the
     decode steps in bands of rows (up to each edge; past the last one). Per band: its steps,
     its share of the run's time, the mean period (launch to next launch), the host's work
     (every phase but the wait) and, with GPU times, the GPU's forward and sampling, and the
     GPU's busy share of the band's time: near 1 the GPU bounds those steps, well below it
-    the host does. The last step has no period and is left out."""
+    the host does. With the device's `limits`, the band's roofline too: its steps' mean
+    bound, the bound over the band's time (`fraction_of_roofline`, as `ondo bench
+    throughput` computes it for a whole run) and the time the band takes beyond its bound
+    (`ms_over_bound`: where a run loses to its roofline). The last step has no period and is
+    left out."""
     if len(steps) < 2:
         raise ValueError(f"a timeline needs at least 2 steps, got {len(steps)}")
     ms = 1e3
@@ -160,6 +170,11 @@ def by_rows(steps: list[StepRecord], edges: tuple[int, ...] = ROW_BANDS) -> list
         if len(gpu) == len(members):
             row["gpu_busy_ms"] = ms * statistics.fmean(gpu)
             row["gpu_busy_fraction"] = sum(gpu) / time_s if time_s > 0 else float("nan")
+        if limits is not None:
+            bound_s = sum(limits.step_bound_s(s.flops, s.bytes_moved) for s, _ in members)
+            row["bound_ms"] = ms * bound_s / len(members)
+            row["fraction_of_roofline"] = bound_s / time_s if time_s > 0 else float("nan")
+            row["ms_over_bound"] = ms * (time_s - bound_s)
         out.append(row)
     return sorted(out, key=lambda r: (r["band"] != "with prefill", r["mean_rows"]))
 
@@ -196,11 +211,14 @@ def execute_outliers(steps: list[StepRecord], factor: float = 3.0, examples: int
 
 def format_bands(bands: list[dict[str, Any]]) -> str:
     """`by_rows` as a text table."""
-    lines = [f"{'band':<22}{'steps':>7}{'time %':>8}{'period':>9}{'host':>8}{'GPU':>8}{'GPU busy':>10}"]
+    lines = [f"{'band':<22}{'steps':>7}{'time %':>8}{'period':>9}{'host':>8}{'GPU':>8}{'GPU busy':>10}"
+             f"{'bound':>8}{'of bound':>10}{'ms over':>9}"]
     for b in bands:
-        gpu = f"{b['gpu_busy_ms']:8.2f}{b['gpu_busy_fraction']:10.2f}" if "gpu_busy_ms" in b else ""
+        gpu = f"{b['gpu_busy_ms']:8.2f}{b['gpu_busy_fraction']:10.2f}" if "gpu_busy_ms" in b else " " * 18
+        bound = (f"{b['bound_ms']:8.2f}{b['fraction_of_roofline']:10.2f}{b['ms_over_bound']:9.0f}"
+                 if "bound_ms" in b else "")
         lines.append(f"{b['band']:<22}{b['steps']:>7}{100 * b['share_of_time']:8.1f}"
-                     f"{b['period_ms']:9.2f}{b['host_busy_ms']:8.2f}{gpu}")
+                     f"{b['period_ms']:9.2f}{b['host_busy_ms']:8.2f}{gpu}{bound}".rstrip())
     return "\n".join(lines)
 
 
@@ -300,6 +318,9 @@ class StepTimeline:
                 t0 = time.perf_counter()
                 result = fn(sched, *args, **kwargs)
                 record.host["prepare"] = (t0, time.perf_counter())
+                # Outside the phases timed (a few µs of numpy; the engine's step stats
+                # compute the same).
+                record.flops, record.bytes_moved = runner.step_cost(result)
                 return result
             return call
 

@@ -10,7 +10,8 @@ trace of a few of the same steps for a kernel-level view.
 The steady window: after `--skip-steps` steps (the prefills of the first requests are
 done by then), `--steps` steps are recorded while all requests still run. `--whole`
 records the workload from its first step to its last instead, and splits it by batch
-size (`by_rows`): which of host and GPU bounds the steps of each size, each size's share
+size (`by_rows`), after the same warm-up pass as `ondo bench throughput` (on a GPU; not
+with `--no-warm-up`): which of host and GPU bounds the steps of each size, each size's share
 of the run's time, and (on a GPU) how far each size's steps are from their roofline bound
 and how much of the run's time each loses to it; with it, the launches that took far longer than the median
 (`execute_outliers`).
@@ -38,7 +39,7 @@ from ondo.bench.step_timeline import (
     format_steps,
     summarize,
 )
-from ondo.bench.workloads import make_workload
+from ondo.bench.workloads import make_workload, warm_up_workload
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,6 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--whole", action="store_true",
                     help="record every step of the workload (no --skip-steps, --steps) and split "
                          "the run by batch size")
+    ap.add_argument("--no-warm-up", action="store_true",
+                    help="with --whole on a GPU: record from the engine's very first step, without "
+                         "the warm-up pass `ondo bench throughput` makes")
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny model, a few steps")
     ap.add_argument("--out", default=None, help="also write the JSON here")
     args = ap.parse_args(argv)
@@ -74,7 +78,13 @@ def main(argv: list[str] | None = None) -> int:
     llm = LLM(folder, load_format="dummy", dtype="bfloat16" if cuda else "float32",
               max_model_len=args.max_model_len, seed=0, device="cuda" if cuda else "cpu")
     engine = llm.engine
-    workload = make_workload(args.workload, SHAPES[args.model_shape]["vocab_size"], scale=scale)
+    vocab = SHAPES[args.model_shape]["vocab_size"]
+    if args.whole and cuda and not args.no_warm_up:
+        # As `ondo bench throughput` does before its timed runs: the steps recorded then
+        # carry no first-time cost (compiles, first replays, the allocators' first blocks).
+        warm = warm_up_workload(vocab)
+        llm.generate([{"prompt_token_ids": r.prompt_token_ids} for r in warm.requests], warm.params())
+    workload = make_workload(args.workload, vocab, scale=scale)
     for i, (r, p) in enumerate(zip(workload.requests, workload.params())):
         engine.add_request(f"timeline-{i}", prompt_token_ids=r.prompt_token_ids, params=p,
                            stream=False)

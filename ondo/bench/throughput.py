@@ -22,7 +22,7 @@ import torch
 from ondo.bench.allocator_counts import allocator_counts, counts_between
 from ondo.bench.device_limits import DeviceLimits, measure_device_limits
 from ondo.bench.shapes import SHAPES, shape_folder
-from ondo.bench.workloads import Workload, make_workload
+from ondo.bench.workloads import Workload, make_workload, warm_up_workload
 from ondo.engine.step_stats import StepStats
 
 if TYPE_CHECKING:
@@ -195,7 +195,7 @@ def main(args: argparse.Namespace) -> int:
         shape_rows = []
         if device.type == "cuda":
             # Warm-up: the fused kernels' first shapes compile here, not inside a timed run.
-            warm = make_workload("W1", SHAPES[shape]["vocab_size"], seed=999, scale=0.125)
+            warm = warm_up_workload(SHAPES[shape]["vocab_size"])
             t_warm = time.perf_counter()
             run_ondo(llm, warm, None)
             log.info("warm-up (%d requests) took %.1f s", len(warm.requests), time.perf_counter() - t_warm)

@@ -1,0 +1,33 @@
+"""The offline workloads: their lengths as described, deterministic, and the warm-up pass
+on prompts the measured runs never see."""
+
+from __future__ import annotations
+
+import pytest
+
+from ondo.bench.workloads import make_workload, warm_up_workload
+
+VOCAB = 151936
+
+
+def test_the_workloads_have_the_lengths_they_describe():
+    w1 = make_workload("W1", VOCAB)
+    assert len(w1.requests) == 256
+    assert all(100 <= len(r.prompt_token_ids) <= 1024 and 100 <= r.max_tokens <= 1024 for r in w1.requests)
+    assert len({len(r.prompt_token_ids) for r in w1.requests}) > 100  # spread, not one length
+    w2, w3 = make_workload("W2", VOCAB), make_workload("W3", VOCAB)
+    assert {(len(r.prompt_token_ids), r.max_tokens) for r in w2.requests} == {(128, 1024)}
+    assert len(w3.requests) == 1024 and {(len(r.prompt_token_ids), r.max_tokens) for r in w3.requests} == {(2048, 16)}
+    assert w1.output_tokens == sum(r.max_tokens for r in w1.requests)
+    assert all(p.ignore_eos and p.max_tokens == r.max_tokens for p, r in zip(w1.params(), w1.requests))
+    assert make_workload("W1", VOCAB) == w1  # seeded: the same requests every run
+    with pytest.raises(ValueError, match="unknown workload 'W9'"):
+        make_workload("W9", VOCAB)
+
+
+def test_the_warm_up_pass_is_a_slice_of_w1_on_other_prompts():
+    warm, w1 = warm_up_workload(VOCAB), make_workload("W1", VOCAB)
+    assert len(warm.requests) == 32 and warm.name == "W1"
+    measured = {tuple(r.prompt_token_ids) for r in w1.requests}
+    assert not any(tuple(r.prompt_token_ids) in measured for r in warm.requests)
+    assert all(100 <= len(r.prompt_token_ids) <= 1024 for r in warm.requests)

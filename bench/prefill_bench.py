@@ -4,7 +4,9 @@ its variable-length flash attention (`torch.nn.attention.varlen.varlen_attn`) on
 packed step: on the step's own contiguous K/V (whole prompts only: nothing cached before
 them) and through ondo's block tables (paged, every row), each with its largest
 difference from the Triton kernel's output; a form the build refuses is recorded with its
-error instead. Then W3's mixed steps (whole 2,048-token prompts beside decode rows of
+error instead. The padded SDPA runs again with each backend forced (cuDNN, flash,
+memory-efficient: which one its time is), and whole prompts also go through SDPA as
+jagged nested tensors, each backend forced, as a ragged step of unequal prompts would. Then W3's mixed steps (whole 2,048-token prompts beside decode rows of
 ~2,048-token contexts): the Triton kernel with the decode rows handed to the decode
 kernel, and with the prefill kernel taking them in its own tiles. Prints a table and a
 JSON line.
@@ -70,6 +72,65 @@ def varlen_variants(b, scale: float) -> dict[str, object]:
     return out
 
 
+BACKENDS = ("CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION")
+
+
+def _timed_or_error(prefix: str, fn, ref: torch.Tensor | None = None) -> dict[str, object]:
+    """`{prefix}_ms` (and `{prefix}_max_abs_diff` from `ref`), or `{prefix}_error`: what a
+    build refuses is a finding, not a failure."""
+    try:
+        got = fn()
+        out: dict[str, object] = {f"{prefix}_ms": triton.testing.do_bench(fn)}
+        if ref is not None:
+            out[f"{prefix}_max_abs_diff"] = (got.float() - ref.float()).abs().max().item()
+        return out
+    except Exception as e:  # noqa: BLE001
+        return {f"{prefix}_error": f"{type(e).__name__}: {str(e)[:300]}"}
+
+
+def sdpa_backends(qq: torch.Tensor, kk: torch.Tensor, vv: torch.Tensor, causal: bool) -> dict[str, object]:
+    """The padded SDPA of the table with each backend forced: which one gives its time."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    out: dict[str, object] = {}
+    for name in BACKENDS:
+        def run(name=name):
+            with sdpa_kernel(getattr(SDPBackend, name)):
+                return F.scaled_dot_product_attention(qq, kk, vv, is_causal=causal, enable_gqa=True)
+        out.update(_timed_or_error(f"sdpa_{name.split('_')[0].lower()}", run))
+    return out
+
+
+def jagged_variants(b, ref: torch.Tensor) -> dict[str, object]:
+    """SDPA on the packed step's own contiguous q/k/v as jagged nested tensors (whole
+    prompts only), each backend forced: a ragged batch of unequal prompts, as a step packs
+    them. Jagged SDPA takes no fewer K/V heads than query heads, so K/V are repeated per
+    group first; `jagged_*_ms` times the attention alone, `jagged_repeat_ms` the repeat."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    m = b.meta
+    if m.query_lens_cpu != m.context_lens_cpu:
+        return {}
+    group = b.query.shape[1] // b.key.shape[1]
+    offsets = m.query_start_loc.to(torch.int64)
+
+    def jagged(x: torch.Tensor) -> torch.Tensor:
+        return torch.nested.nested_tensor_from_jagged(x, offsets).transpose(1, 2)
+
+    def repeat() -> tuple[torch.Tensor, torch.Tensor]:
+        return b.key.repeat_interleave(group, dim=1), b.value.repeat_interleave(group, dim=1)
+
+    k, v = repeat()
+    q, kj, vj = jagged(b.query), jagged(k), jagged(v)
+    out: dict[str, object] = {"jagged_repeat_ms": triton.testing.do_bench(repeat)}
+    for name in BACKENDS:
+        def run(name=name):
+            with sdpa_kernel(getattr(SDPBackend, name)):
+                return F.scaled_dot_product_attention(q, kj, vj, is_causal=True).transpose(1, 2).values()
+        out.update(_timed_or_error(f"jagged_{name.split('_')[0].lower()}", run, ref))
+    return out
+
+
 def mixed_steps(hq: int, hkv: int, d: int) -> list[dict[str, object]]:
     """W3's steps: `prompts` whole 2,048-token prompts and `decode` rows whose contexts are
     2,049-2,064 tokens (prompts a few tokens into their 16 outputs), and a light load's
@@ -121,13 +182,15 @@ def main() -> None:
         t_sdpa = triton.testing.do_bench(lambda qq=qq, kk=kk, vv=vv, causal=causal: F.scaled_dot_product_attention(
             qq, kk, vv, is_causal=causal, enable_gqa=True))
         f = flops([q] * seqs, [c] * seqs, hq, d)
+        ref = paged_prefill_attention_triton(b.query, b.k_cache, b.v_cache, b.meta, scale)
         rows.append({"seqs": seqs, "query_len": q, "context_len": c, "triton_ms": t_triton,
                      "triton_tflops": f / t_triton / 1e9, "sdpa_ms": t_sdpa,
                      "sdpa_tflops": (f if causal else 4.0 * hq * d * seqs * q * c) / t_sdpa / 1e9,
-                     **varlen_variants(b, scale)})
+                     **sdpa_backends(qq, kk, vv, causal), **varlen_variants(b, scale),
+                     **jagged_variants(b, ref)})
         r = rows[-1]
         varlen = "".join(f"  {k[:-3]} {v:.3f} ms" for k, v in r.items()
-                         if k.startswith("varlen") and k.endswith("_ms"))
+                         if k.startswith(("varlen", "sdpa_", "jagged")) and k.endswith("_ms"))
         print(f"{seqs:3d} x q{q:5d} c{c:5d}: triton {r['triton_ms']:.3f} ms ({r['triton_tflops']:.0f} TFLOP/s)"
               f"  sdpa {r['sdpa_ms']:.3f} ms ({r['sdpa_tflops']:.0f} TFLOP/s){varlen}")
         for k, v in r.items():

@@ -48,7 +48,7 @@ for stage in $STAGES; do
     kernels)
       timeout 240 python3 bench/kernel_bench.py --out "$OUT/kernel_bench.json" 2>&1 | tail -30 ;;
     prefill)
-      timeout 120 python3 bench/prefill_bench.py 2>&1 | tee "$OUT/prefill_bench.log" | grep -v "^{" ;;
+      timeout 180 python3 bench/prefill_bench.py 2>&1 | tee "$OUT/prefill_bench.log" | grep -v "^{" ;;
     prefill_tiles)
       # The prefill kernel's launch configurations on W3's steps (both shapes) and a chunk.
       timeout ${PREFILL_TILES_TIMEOUT:-300} python3 bench/prefill_tiles.py --out "$OUT/prefill_tiles.json" \

@@ -6,10 +6,10 @@ them) and through ondo's block tables (paged, every row), each with its largest
 difference from the Triton kernel's output; a form the build refuses is recorded with its
 error instead. The padded SDPA runs again with each backend forced (cuDNN, flash,
 memory-efficient: which one its time is), and whole prompts also go through SDPA as
-jagged nested tensors, each backend forced, as a ragged step of unequal prompts would. Then W3's mixed steps (whole 2,048-token prompts beside decode rows of
-~2,048-token contexts): the Triton kernel with the decode rows handed to the decode
-kernel, and with the prefill kernel taking them in its own tiles. Prints a table and a
-JSON line.
+jagged nested tensors, each backend forced, as a ragged step of unequal prompts would.
+Then W3's mixed steps (whole 2,048-token prompts beside decode rows of ~2,048-token
+contexts): the Triton kernel with the decode rows handed to the decode kernel, and with
+the prefill kernel taking them in its own tiles. Prints a table and a JSON line.
 
     python3 bench/prefill_bench.py
 """
@@ -31,9 +31,10 @@ def flops(query_lens: list[int], context_lens: list[int], heads: int, head_dim: 
     return 4.0 * heads * head_dim * pairs
 
 
-def varlen_variants(b, scale: float) -> dict[str, object]:
+def varlen_variants(b, scale: float, ref: torch.Tensor) -> dict[str, object]:
     """torch's varlen flash attention on the packed step `b`, contiguous (whole prompts
-    only) and paged: ms and the largest difference from the Triton kernel, or the error."""
+    only) and paged: ms and the largest difference from the Triton kernel's `ref`, or the
+    error."""
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError as e:
@@ -48,7 +49,6 @@ def varlen_variants(b, scale: float) -> dict[str, object]:
         gqa["scale"] = scale  # without it, the build's own 1/sqrt(head_dim), the same here
     causal = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
     m = b.meta
-    ref = paged_prefill_attention_triton(b.query, b.k_cache, b.v_cache, m, scale)
     out: dict[str, object] = {"varlen_signature": list(params)}
     forms = {}
     if "block_table" in params:
@@ -63,12 +63,7 @@ def varlen_variants(b, scale: float) -> dict[str, object]:
             b.query, b.key, b.value, m.query_start_loc, m.query_start_loc, m.max_query_len,
             m.max_query_len, **causal, **gqa)
     for name, fn in forms.items():
-        try:
-            diff = (fn().float() - ref.float()).abs().max().item()
-            out[f"{name}_ms"] = triton.testing.do_bench(fn)
-            out[f"{name}_max_abs_diff"] = diff
-        except Exception as e:  # noqa: BLE001 — what the build refuses is the finding
-            out[f"{name}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        out.update(_timed_or_error(name, fn, ref))
     return out
 
 
@@ -84,7 +79,7 @@ def _timed_or_error(prefix: str, fn, ref: torch.Tensor | None = None) -> dict[st
         if ref is not None:
             out[f"{prefix}_max_abs_diff"] = (got.float() - ref.float()).abs().max().item()
         return out
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:  # noqa: BLE001 — what the build refuses is the finding
         return {f"{prefix}_error": f"{type(e).__name__}: {str(e)[:300]}"}
 
 
@@ -186,7 +181,7 @@ def main() -> None:
         rows.append({"seqs": seqs, "query_len": q, "context_len": c, "triton_ms": t_triton,
                      "triton_tflops": f / t_triton / 1e9, "sdpa_ms": t_sdpa,
                      "sdpa_tflops": (f if causal else 4.0 * hq * d * seqs * q * c) / t_sdpa / 1e9,
-                     **sdpa_backends(qq, kk, vv, causal), **varlen_variants(b, scale),
+                     **sdpa_backends(qq, kk, vv, causal), **varlen_variants(b, scale, ref),
                      **jagged_variants(b, ref)})
         r = rows[-1]
         varlen = "".join(f"  {k[:-3]} {v:.3f} ms" for k, v in r.items()

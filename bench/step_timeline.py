@@ -11,10 +11,10 @@ The steady window: after `--skip-steps` steps (the prefills of the first request
 done by then), `--steps` steps are recorded while all requests still run. `--whole`
 records the workload from its first step to its last instead, and splits it by batch
 size (`by_rows`), after the same warm-up pass as `ondo bench throughput` (on a GPU; not
-with `--no-warm-up`): which of host and GPU bounds the steps of each size, each size's share
-of the run's time, and (on a GPU) how far each size's steps are from their roofline bound
-and how much of the run's time each loses to it; with it, the launches that took far longer than the median
-(`execute_outliers`).
+with `--no-warm-up`): which of host and GPU bounds the steps of each size, each size's
+share of the run's time, and (on a GPU) how far each size's steps are from their roofline
+bound and how much of the run's time each loses to it; with it, the launches that took
+far longer than the median (`execute_outliers`).
 
     PYTHONPATH=. python3 bench/step_timeline.py --model-shape llama3.1-8b --workload W1 --whole
 """

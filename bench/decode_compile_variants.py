@@ -46,7 +46,8 @@ def ladder_launches(heads: tuple[int, int], head_dim: int, max_num_seqs: int, ma
     import triton
 
     from ondo.engine.model_runner import decode_graph_sizes
-    from ondo.kernels.triton_attention import decode_splits, reduce_splits_pad
+    from ondo.kernels.decode_splits import decode_splits
+    from ondo.kernels.triton_attention import reduce_splits_pad
 
     hq, hkv = heads
     block_d = triton.next_power_of_2(head_dim)

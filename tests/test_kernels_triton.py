@@ -4,6 +4,8 @@ Without a GPU the kernels run in Triton's interpreter on CPU tensors, so the sha
 are small; on a CUDA machine the same checks run on the GPU in fp32.
 """
 
+import dataclasses
+import math
 import os
 
 import torch
@@ -16,11 +18,11 @@ if DEVICE == "cpu":
 import pytest  # noqa: E402
 
 from ondo.kernels.attention import splits_decode_rows  # noqa: E402
+from ondo.kernels.decode_splits import decode_split_tokens, decode_splits, graph_split_tokens  # noqa: E402
 from ondo.kernels.reference import paged_attention_ref, write_kv_cache_ref  # noqa: E402
 from ondo.kernels.testing import PagedBatch, make_paged_batch  # noqa: E402
 from ondo.kernels.triton_attention import (  # noqa: E402
     PrefillTiles,
-    decode_split_tokens,
     paged_attention_triton,
     paged_decode_attention_triton,
     paged_prefill_attention_triton,
@@ -203,6 +205,42 @@ def test_write_and_attend_gives_the_same_caches_and_output_either_way(fused, mon
         out = attention.write_and_attend(b.query, b.key, b.value, b.k_cache, b.v_cache, b.meta, 64**-0.5)
         torch.testing.assert_close(out, expect, atol=ATOL, rtol=RTOL)
         assert torch.equal(b.k_cache, k_ref) and torch.equal(b.v_cache, v_ref)
+
+
+@pytest.mark.parametrize("split", [32, 64, 96])
+def test_decode_graph_split_set_at_replay_equals_reference_and_the_fixed_split(split):
+    """A CUDA graph's decode launch: a grid sized for the longest context allowed (4,096
+    tokens: 16 splits here), the split's tokens read from the device as each replay sets
+    them. Splits past a context's end write nothing, and the reduction must skip them."""
+    b = _batch([1, 1, 1], [150, 20, 96], heads=(8, 2), head_dim=64, block_size=16)
+    write_kv_cache_triton(b.key, b.value, b.k_cache, b.v_cache, b.meta.slot_mapping)
+    scale = 64**-0.5
+    graph_meta = dataclasses.replace(b.meta, max_context_len=4096, decode_split_tokens=torch.tensor(
+        [split], dtype=torch.int32, device=DEVICE))
+    from_device = paged_decode_attention_triton(b.query, b.k_cache, b.v_cache, graph_meta, scale)
+    fixed = paged_decode_attention_triton(b.query, b.k_cache, b.v_cache, b.meta, scale, split_tokens=split)
+    torch.testing.assert_close(from_device, _reference(b), atol=ATOL, rtol=RTOL)
+    assert torch.equal(from_device, fixed)  # the same splits, summed in the same order
+
+
+def test_graph_split_follows_the_steps_contexts_within_the_graphs_grid():
+    # The graph of 8 rows captured for 4,096 tokens (8 kv heads, 132 SMs, 64-token tiles):
+    # 5 splits of 832 tokens. Replayed by 7 rows of at most 1,900 tokens: 5 splits of 384,
+    # as an eager step of those rows chooses, where the captured split left 2 of 5 idle.
+    assert decode_splits(8, 8, 4096, 64, 132) == (832, 5)
+    assert graph_split_tokens(7, 1900, 8, 4096, 8, 64, 132) == decode_splits(7, 8, 1900, 64, 132)[0] == 384
+    # Short contexts are not cut below 256 tokens: 2 splits of 192 (whole tiles).
+    assert graph_split_tokens(7, 300, 8, 4096, 8, 64, 132) == 192
+    # 2 rows replaying the graph of 4 rows (8 splits) would split 4,000 tokens 16 ways;
+    # the grid holds 8, so the context is spread over those.
+    assert decode_splits(4, 8, 4096, 64, 132)[1] == 8
+    assert graph_split_tokens(2, 4000, 4, 4096, 8, 64, 132) == 512
+    for rows, graph_rows in ((1, 2), (3, 4), (5, 8), (40, 48), (250, 256)):
+        grid = decode_splits(graph_rows, 8, 4096, 64, 132)[1]
+        for context in (1, 17, 255, 256, 1000, 2049, 4096):
+            split = graph_split_tokens(rows, context, graph_rows, 4096, 8, 64, 132)
+            assert split % 64 == 0 and split > 0
+            assert math.ceil(context / split) <= grid, (rows, graph_rows, context, split, grid)
 
 
 def test_decode_split_heuristic_fills_the_gpu_only_when_needed():

@@ -15,7 +15,6 @@ a partial (max, sum, normalised output), and a small kernel combines the splits.
 from __future__ import annotations
 
 import functools
-import math
 from typing import NamedTuple
 
 import torch
@@ -23,11 +22,11 @@ import triton
 import triton.language as tl
 
 from ondo.kernels.attention import splits_decode_rows
+from ondo.kernels.decode_splits import MAX_DECODE_SPLITS, decode_splits
 from ondo.kernels.launch import launch
 from ondo.kernels.metadata import AttentionMetadata
 
 LOG2E = 1.4426950408889634
-MAX_DECODE_SPLITS = 64  # the most `decode_split_tokens` cuts a context into
 # A finite "minus infinity" for running maxima: exp2(-inf - (-inf)) would be NaN.
 NEG_BIG = tl.constexpr(-1.0e30)
 
@@ -94,6 +93,7 @@ def _decode_split_kernel(
     stride_bt,
     split_tokens,  # context tokens per split, a multiple of BLOCK_N
     num_splits,  # a runtime value, so that batch sizes do not each compile a kernel
+    split_tokens_ptr,  # [1] int32, read when SPLIT_TOKENS_FROM_PTR: split_tokens set at replay
     split_flag_ptr,  # [1] int32, read when READ_FLAG: zero means the prefill kernel has them
     k_new_ptr,  # [T, Hkv, D] the step's new K, read when WRITE_KV
     v_new_ptr,
@@ -110,6 +110,7 @@ def _decode_split_kernel(
     BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     SPLIT: tl.constexpr,  # num_splits > 1: write partials for the reduce kernel
+    SPLIT_TOKENS_FROM_PTR: tl.constexpr,
     READ_FLAG: tl.constexpr,
     WRITE_KV: tl.constexpr,  # store the new token's K/V here too (no KV-write kernel first)
     DOT_PRECISION: tl.constexpr,
@@ -124,6 +125,8 @@ def _decode_split_kernel(
     q_start = tl.load(query_start_loc_ptr + seq)
     q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
     ctx_len = tl.load(context_lens_ptr + seq)
+    if SPLIT_TOKENS_FROM_PTR:
+        split_tokens = tl.load(split_tokens_ptr)
     lo = split * split_tokens
     # Not a single new token (none, or a prefill row the prefill kernel owns), or a split
     # past the context's end.
@@ -212,10 +215,12 @@ def _decode_reduce_kernel(
     stride_o_h,
     split_tokens,
     num_splits,
+    split_tokens_ptr,  # [1] int32, read when SPLIT_TOKENS_FROM_PTR
     NUM_Q_HEADS: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     SPLITS_PAD: tl.constexpr,
+    SPLIT_TOKENS_FROM_PTR: tl.constexpr,
 ):
     """Combine one (sequence, query head)'s split partials into the final output row."""
     seq = tl.program_id(0)
@@ -225,6 +230,8 @@ def _decode_reduce_kernel(
     if q_len != 1:  # the split kernel wrote nothing for this sequence
         return
     ctx_len = tl.load(context_lens_ptr + seq)
+    if SPLIT_TOKENS_FROM_PTR:
+        split_tokens = tl.load(split_tokens_ptr)
     live_splits = tl.cdiv(ctx_len, split_tokens)  # later splits returned without writing
 
     s = tl.arange(0, SPLITS_PAD)
@@ -444,37 +451,9 @@ def _kv_tile_tokens(t: torch.Tensor, block_d: int) -> tuple[int, int]:
     return block_n, stages
 
 
-def decode_split_tokens(
-    num_seqs: int, num_kv_heads: int, max_context_len: int, block_n: int, num_sms: int
-) -> int:
-    """Context tokens per flash-decoding split (>= max_context_len means no split).
-
-    Aim for about two waves of (sequence, kv head, split) programs over the SMs, but
-    never cut a split below 256 tokens: each split costs a partial write and a share
-    of the reduction, which only pays when it reads a fair amount of K/V.
-    """
-    programs = num_seqs * num_kv_heads
-    target_programs = 2 * num_sms
-    min_split_tokens = 256
-    splits = min(
-        math.ceil(target_programs / programs),
-        math.ceil(max_context_len / min_split_tokens),
-        MAX_DECODE_SPLITS,
-    )
-    splits = max(splits, 1)
-    split_tokens = math.ceil(max_context_len / splits)
-    return max(block_n, math.ceil(split_tokens / block_n) * block_n)
-
-
-def decode_splits(num_rows: int, num_kv_heads: int, max_context_len: int, block_n: int, num_sms: int,
-                  split_tokens: int | None = None) -> tuple[int, int]:
-    """(context tokens per split, splits) of a decode launch: `decode_split_tokens` unless
-    given, in whole tiles."""
-    max_context_len = max(max_context_len, 1)
-    if split_tokens is None:
-        split_tokens = decode_split_tokens(max(num_rows, 1), num_kv_heads, max_context_len, block_n, num_sms)
-    split_tokens = math.ceil(split_tokens / block_n) * block_n
-    return split_tokens, math.ceil(max_context_len / split_tokens)
+def decode_tile_tokens(k_cache: torch.Tensor) -> int:
+    """BLOCK_N of the decode kernel on this cache: the unit a split's tokens come in."""
+    return _kv_tile_tokens(k_cache, triton.next_power_of_2(k_cache.shape[3]))[0]
 
 
 def reduce_splits_pad(num_splits: int) -> int:
@@ -537,8 +516,13 @@ def _decode_into(
     num_seqs = meta.num_seqs
     block_d = triton.next_power_of_2(head_dim)
     block_n, stages = _kv_tile_tokens(k_cache, block_d)
+    # A CUDA graph's capture sizes the grid for the longest context allowed; each replay
+    # then sets the split's tokens from its own longest context (`graph_split_tokens`).
+    from_ptr = split_tokens is None and meta.decode_split_tokens is not None
     split_tokens, num_splits = decode_splits(num_rows, num_kv_heads, meta.max_context_len, block_n,
                                              _sm_count(query), split_tokens)
+    from_ptr = from_ptr and num_splits > 1
+    split_tokens_ptr = meta.decode_split_tokens if from_ptr else meta.context_lens  # any int32 pointer
 
     if num_splits > 1:
         part_out = torch.empty(
@@ -575,6 +559,7 @@ def _decode_into(
         meta.block_tables.stride(0),
         split_tokens,
         num_splits,
+        split_tokens_ptr,
         meta.context_lens if split_flag is None else split_flag,  # any int32 pointer when unread
         *_new_kv_args(new_kv, query, meta),
         NUM_Q_HEADS=num_q_heads,
@@ -585,6 +570,7 @@ def _decode_into(
         BLOCK_SIZE=k_cache.shape[1],
         BLOCK_N=block_n,
         SPLIT=num_splits > 1,
+        SPLIT_TOKENS_FROM_PTR=from_ptr,
         READ_FLAG=split_flag is not None,
         WRITE_KV=new_kv is not None,
         DOT_PRECISION=_dot_precision(query.dtype),
@@ -605,10 +591,12 @@ def _decode_into(
             out.stride(1),
             split_tokens,
             num_splits,
+            split_tokens_ptr,
             NUM_Q_HEADS=num_q_heads,
             HEAD_DIM=head_dim,
             BLOCK_D=block_d,
             SPLITS_PAD=reduce_splits_pad(num_splits),
+            SPLIT_TOKENS_FROM_PTR=from_ptr,
             num_warps=4 if block_d >= 128 else 2,
         )
 

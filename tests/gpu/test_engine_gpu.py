@@ -100,7 +100,8 @@ def test_cuda_graph_decode_equals_eager_decode(checkpoint):
         meta = type(batch.meta)(
             slot_mapping=st["slot_mapping"][:8], block_tables=st["block_tables"][:8],
             context_lens=st["context_lens"][:8], query_start_loc=st["query_start_loc"][:9],
-            max_query_len=1, max_context_len=runner.max_model_len, block_size=runner.block_size)
+            max_query_len=1, max_context_len=runner.max_model_len, block_size=runner.block_size,
+            decode_split_tokens=st["decode_split_tokens"])  # as the replay set it
         hidden = runner.model(st["input_ids"][:8], st["positions"][:8], runner.kv_caches, meta)
         eager_logits = runner.model.compute_logits(hidden[:5], dtype=None)
     assert graph.output.shape[0] == 8

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs ondo's GPU tests and benchmarks in one go on a CUDA machine; results under $OUT.
-# Stages are chosen with STAGES: tests timeline host_step sampling gemm kernels prefill prefill_tiles kv_write decode_kv throughput parallel host serve startup startup_ab tokenizer_load trace mixed_trace outside telemetry turnover structured soak agent.
+# Stages are chosen with STAGES: tests timeline host_step sampling gemm kernels prefill prefill_tiles kv_write decode_kv decode_splits throughput parallel host serve startup startup_ab tokenizer_load trace mixed_trace outside telemetry turnover structured soak agent.
 # THROUGHPUT_ARGS passes extra flags to `ondo bench throughput`.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -64,6 +64,12 @@ for stage in $STAGES; do
       timeout 200 python3 bench/decode_kv_write_bench.py --out "$OUT/decode_kv_write.json" \
         > "$OUT/decode_kv_write.log" 2>&1
       grep -v "^{" "$OUT/decode_kv_write.log" | tail -10 ;;
+    decode_splits)
+      # A decode graph's attention with the split of each context fixed at capture against
+      # the split set at each replay from the step's own contexts, and a sweep of split counts.
+      timeout 240 python3 bench/decode_graph_splits.py --out "$OUT/decode_graph_splits.json" \
+        > "$OUT/decode_graph_splits.log" 2>&1
+      grep -v "^{" "$OUT/decode_graph_splits.log" | tail -60 ;;
     throughput)
       timeout ${THROUGHPUT_TIMEOUT:-560} python3 -m ondo bench throughput --out-dir "$OUT" ${THROUGHPUT_ARGS:-} \
         > "$OUT/throughput.log" 2>&1

@@ -141,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.count_only:
         # The first compile of a process also loads Triton's compiler: paid once, not counted.
         compile_variant(ta._decode_reduce_kernel, {"NUM_Q_HEADS": hq, "HEAD_DIM": head_dim,
-                                                   "BLOCK_D": head_dim, "SPLITS_PAD": 2}, {}, 4, 1)
+                                                   "BLOCK_D": head_dim, "SPLITS_PAD": 2,
+                                                   "SPLIT_TOKENS_FROM_PTR": False}, {}, 4, 1)
     def compile_one(key: tuple, launch: dict) -> dict:
         kernel = launch["kernel"]
         row = {"kernel": kernel, "first_size": launch["size"], "num_splits": launch["num_splits"],
@@ -152,11 +153,14 @@ def main(argv: list[str] | None = None) -> int:
         if kernel == "split":
             constexprs = {"NUM_Q_HEADS": hq, "GROUP": hq // hkv, "GROUP_PAD": max(16, hq // hkv),
                           "HEAD_DIM": head_dim, "BLOCK_D": head_dim, "BLOCK_SIZE": 16, "BLOCK_N": 64,
-                          "SPLIT": launch["SPLIT"], "READ_FLAG": False, "WRITE_KV": False,
+                          "SPLIT": launch["SPLIT"], "SPLIT_TOKENS_FROM_PTR": launch["SPLIT"] and not args.old_rules,
+                          "READ_FLAG": False, "WRITE_KV": False,
                           "DOT_PRECISION": DOT_PRECISION}
             row["compile_s"] = compile_variant(ta._decode_split_kernel, constexprs, ints, 4, 3)
         else:
-            constexprs = {k: launch[k] for k in ("NUM_Q_HEADS", "HEAD_DIM", "BLOCK_D", "SPLITS_PAD")}
+            # The graphs read a split's tokens from the device (`graph_split_tokens`).
+            constexprs = {**{k: launch[k] for k in ("NUM_Q_HEADS", "HEAD_DIM", "BLOCK_D", "SPLITS_PAD")},
+                          "SPLIT_TOKENS_FROM_PTR": not args.old_rules}
             row["compile_s"] = compile_variant(ta._decode_reduce_kernel, constexprs, ints, 4, 1)
         return row
 

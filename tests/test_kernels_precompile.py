@@ -91,6 +91,10 @@ def test_the_plan_launches_every_start_up_kernel_through_the_real_wrappers(monke
     assert sorted(kw["SKIP_SINGLE"] for n, kw in compiled if n == "prefill") == [0, 2]
     split = [kw for n, kw in compiled if n == "split"]
     assert sorted((kw["READ_FLAG"], kw["SPLIT"]) for kw in split) == [(False, False), (False, True), (True, False)]
+    # A decode graph with splits reads each replay's split from the device, as captured.
+    assert [kw["SPLIT_TOKENS_FROM_PTR"] for kw in split if kw["SPLIT"]] == [True]
+    reduce = [kw for n, kw in compiled if n == "reduce"]
+    assert [kw["SPLIT_TOKENS_FROM_PTR"] for kw in reduce] == [True]
     writes = {kw["WRITE_KV"] for kw in split if not kw["READ_FLAG"]}
     assert writes == {fused_decode == "1"}
     assert names.count("write") == (2 if fused_decode == "1" else 4)

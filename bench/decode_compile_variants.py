@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
             constexprs = {"NUM_Q_HEADS": hq, "GROUP": hq // hkv, "GROUP_PAD": max(16, hq // hkv),
                           "HEAD_DIM": head_dim, "BLOCK_D": head_dim, "BLOCK_SIZE": 16, "BLOCK_N": 64,
                           "SPLIT": launch["SPLIT"], "SPLIT_TOKENS_FROM_PTR": launch["SPLIT"] and not args.old_rules,
-                          "READ_FLAG": False, "WRITE_KV": False,
+                          "READ_FLAG": False,
                           "DOT_PRECISION": DOT_PRECISION}
             row["compile_s"] = compile_variant(ta._decode_split_kernel, constexprs, ints, 4, 3)
         else:

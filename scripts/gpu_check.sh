@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs ondo's GPU tests and benchmarks in one go on a CUDA machine; results under $OUT.
-# Stages are chosen with STAGES: tests timeline host_step sampling gemm kernels prefill prefill_tiles kv_write decode_kv decode_splits throughput parallel host serve startup startup_ab tokenizer_load trace mixed_trace outside telemetry turnover structured soak agent.
+# Stages are chosen with STAGES: tests timeline host_step sampling gemm kernels prefill prefill_tiles kv_write decode_splits throughput parallel host serve startup startup_ab tokenizer_load trace mixed_trace outside telemetry turnover structured soak agent.
 # THROUGHPUT_ARGS passes extra flags to `ondo bench throughput`.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -58,12 +58,6 @@ for stage in $STAGES; do
       # The KV write's launch configurations on a W3 prefill step and a decode step (both shapes).
       timeout 200 python3 bench/kv_write_bench.py --out "$OUT/kv_write.json" > "$OUT/kv_write.log" 2>&1
       grep -v "^{" "$OUT/kv_write.log" | tail -6 ;;
-    decode_kv)
-      # A decode step's attention with the KV write as its own kernel against the decode kernel
-      # storing the new K/V (ONDO_DECODE_WRITES_KV=1), as CUDA graphs of one call a layer.
-      timeout 200 python3 bench/decode_kv_write_bench.py --out "$OUT/decode_kv_write.json" \
-        > "$OUT/decode_kv_write.log" 2>&1
-      grep -v "^{" "$OUT/decode_kv_write.log" | tail -10 ;;
     decode_splits)
       # A decode graph's attention with the split of each context fixed at capture against
       # the split set at each replay from the step's own contexts, and a sweep of split counts.

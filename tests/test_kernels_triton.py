@@ -149,55 +149,12 @@ def _reference_caches(b: PagedBatch) -> tuple[torch.Tensor, torch.Tensor]:
     return k_cache, v_cache
 
 
-@pytest.mark.parametrize("split_tokens", [None, 32, 64])
-@pytest.mark.parametrize(
-    "heads, head_dim, block_size",
-    [((8, 2), 64, 16), ((4, 4), 32, 8), ((8, 1), 128, 16)],
-)
-def test_decode_that_writes_the_new_kv_equals_write_then_attend(split_tokens, heads, head_dim, block_size):
-    # The new token lands mid-block, as a block's first slot (33 = 2 * 16 + 1), as the
-    # very first token (1), and at a split's first and last position (65, 64 with 32- and
-    # 64-token splits): the split that holds it stores and attends to it.
-    b = _batch([1] * 6, [37, 1, 33, 65, 64, 130], heads=heads, head_dim=head_dim, block_size=block_size)
-    k_ref, v_ref = _reference_caches(b)
-    expect = _reference(b)
-    untouched = b.k_cache.clone()
-    out = paged_decode_attention_triton(b.query, b.k_cache, b.v_cache, b.meta, head_dim**-0.5,
-                                        split_tokens=split_tokens, new_kv=(b.key, b.value))
-    torch.testing.assert_close(out, expect, atol=ATOL, rtol=RTOL)
-    assert torch.equal(b.k_cache, k_ref) and torch.equal(b.v_cache, v_ref)
-    assert not torch.equal(b.k_cache, untouched)  # the kernel did write
-
-
-def test_decode_that_writes_the_new_kv_reads_strided_inputs_and_skips_padding_rows():
-    """K and V as views of a wider projection output (the model's layout), and padding
-    rows as a CUDA graph replays them: slot -1 (nothing stored), context of one token."""
-    b = _batch([1, 1, 1, 1], [20, 47, 1, 1], heads=(8, 2), head_dim=64, block_size=16)
-    b.meta.slot_mapping[2:] = -1
-    k_ref, v_ref = _reference_caches(b)  # the reference writer skips negative slots too
-    expect = _reference(b)
-    wide = torch.randn(4, 3, 2, 64, device=DEVICE)  # [T, (q, k, v) parts, Hkv, D]
-    wide[:, 1], wide[:, 2] = b.key, b.value
-    key, value = wide[:, 1], wide[:, 2]
-    assert not key.is_contiguous()
-    out = paged_decode_attention_triton(b.query, b.k_cache, b.v_cache, b.meta, 64**-0.5,
-                                        new_kv=(key, value))
-    assert torch.equal(b.k_cache, k_ref) and torch.equal(b.v_cache, v_ref)
-    # Padding rows attend to their own token only, read from registers: their output is
-    # that token's value for every head of its group.
-    torch.testing.assert_close(out[:2], expect[:2], atol=ATOL, rtol=RTOL)
-    torch.testing.assert_close(out[2], value[2].repeat_interleave(4, dim=0), atol=ATOL, rtol=RTOL)
-
-
-@pytest.mark.parametrize("fused", ["0", "1"])
-def test_write_and_attend_gives_the_same_caches_and_output_either_way(fused, monkeypatch):
-    """The model's entry point, on the Triton path, with the decode kernel storing the new
-    K/V (ONDO_DECODE_WRITES_KV=1) or the KV-write kernel first: the same caches and output
-    for a decode step and for a mixed one (which always writes first)."""
+def test_write_and_attend_gives_the_reference_caches_and_output(monkeypatch):
+    """The model's entry point, on the Triton path (the KV-write kernel, then attention):
+    the reference's caches and output for a decode step and for a mixed one."""
     from ondo.kernels import attention
 
     monkeypatch.setattr(attention, "_use_triton", lambda t: True)
-    monkeypatch.setenv("ONDO_DECODE_WRITES_KV", fused)
     for query_lens, context_lens in (([1, 1, 1], [40, 3, 77]), ([5, 1, 0], [21, 18, 4])):
         b = _batch(query_lens, context_lens, heads=(8, 2), head_dim=64)
         k_ref, v_ref = _reference_caches(b)

@@ -95,13 +95,6 @@ def _decode_split_kernel(
     num_splits,  # a runtime value, so that batch sizes do not each compile a kernel
     split_tokens_ptr,  # [1] int32, read when SPLIT_TOKENS_FROM_PTR: split_tokens set at replay
     split_flag_ptr,  # [1] int32, read when READ_FLAG: zero means the prefill kernel has them
-    k_new_ptr,  # [T, Hkv, D] the step's new K, read when WRITE_KV
-    v_new_ptr,
-    slot_mapping_ptr,  # [T] int64, read when WRITE_KV: where each new token's K/V go (-1: nowhere)
-    stride_kn_t,
-    stride_kn_h,
-    stride_vn_t,
-    stride_vn_h,
     NUM_Q_HEADS: tl.constexpr,
     GROUP: tl.constexpr,  # query heads per kv head
     GROUP_PAD: tl.constexpr,  # GROUP padded to a power of two >= 16 (tl.dot's minimum M)
@@ -112,7 +105,6 @@ def _decode_split_kernel(
     SPLIT: tl.constexpr,  # num_splits > 1: write partials for the reduce kernel
     SPLIT_TOKENS_FROM_PTR: tl.constexpr,
     READ_FLAG: tl.constexpr,
-    WRITE_KV: tl.constexpr,  # store the new token's K/V here too (no KV-write kernel first)
     DOT_PRECISION: tl.constexpr,
 ):
     if READ_FLAG:
@@ -147,22 +139,6 @@ def _decode_split_kernel(
     acc = tl.zeros([GROUP_PAD, BLOCK_D], dtype=tl.float32)
     table_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
 
-    if WRITE_KV:
-        # The new token is the context's last. The split holding it stores its K/V for
-        # this kv head into its slot, and attends to it from registers: its tile's load
-        # from the cache may come before the store lands, so that row is replaced.
-        last = ctx_len - 1
-        k_new = tl.load(k_new_ptr + q_start.to(tl.int64) * stride_kn_t + kv_head * stride_kn_h + d,
-                        mask=d_mask, other=0.0)
-        v_new = tl.load(v_new_ptr + q_start.to(tl.int64) * stride_vn_t + kv_head * stride_vn_h + d,
-                        mask=d_mask, other=0.0)
-        slot = tl.load(slot_mapping_ptr + q_start)
-        if (slot >= 0) & (last < hi):
-            c_off = ((slot // BLOCK_SIZE) * stride_cache_block + (slot % BLOCK_SIZE) * stride_cache_slot
-                     + kv_head * stride_cache_h + d)
-            tl.store(k_cache_ptr + c_off, k_new.to(k_cache_ptr.dtype.element_ty), mask=d_mask)
-            tl.store(v_cache_ptr + c_off, v_new.to(v_cache_ptr.dtype.element_ty), mask=d_mask)
-
     for start in range(lo, hi, BLOCK_N):
         n = start + tl.arange(0, BLOCK_N)
         n_mask = n < hi
@@ -170,8 +146,6 @@ def _decode_split_kernel(
             k_cache_ptr, table_row, kv_head, n, n_mask, d, d_mask,
             stride_cache_block, stride_cache_slot, stride_cache_h, BLOCK_SIZE, True,
         )  # fmt: skip
-        if WRITE_KV:
-            k = tl.where((n == last)[:, None], k_new.to(k.dtype)[None, :], k)
         qk = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION) * scale_log2e
         qk = tl.where(n_mask[None, :], qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
@@ -182,8 +156,6 @@ def _decode_split_kernel(
             v_cache_ptr, table_row, kv_head, n, n_mask, d, d_mask,
             stride_cache_block, stride_cache_slot, stride_cache_h, BLOCK_SIZE, True,
         )  # fmt: skip
-        if WRITE_KV:
-            v = tl.where((n == last)[:, None], v_new.to(v.dtype)[None, :], v)
         v = v.to(q.dtype)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
@@ -477,23 +449,13 @@ def paged_decode_attention_triton(
     meta: AttentionMetadata,
     scale: float,
     split_tokens: int | None = None,  # override the split heuristic (tests force splits)
-    new_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Attention for batches whose sequences bring at most one new token each.
-
-    `new_kv`: the step's new (key, value) [T, Hkv, D], not yet in the cache. The kernel
-    then stores them into their slots (`meta.slot_mapping`) itself and attends to them,
-    so the step needs no KV-write kernel before it (`ondo.kernels.attention.write_and_attend`).
-    Every sequence must then bring exactly one token."""
+    """Attention for batches whose sequences bring at most one new token each."""
     _check_inputs(query, k_cache, v_cache)
     out = torch.empty_like(query)
     if query.shape[0] == 0 or meta.num_seqs == 0:
         return out
-    if new_kv is not None:
-        key, value = new_kv
-        assert key.shape == value.shape and key.shape[1:] == k_cache.shape[2:]
-        assert key.shape[0] == query.shape[0] and key.stride(-1) == 1 and value.stride(-1) == 1
-    _decode_into(out, query, k_cache, v_cache, meta, scale, meta.num_seqs, split_tokens, new_kv=new_kv)
+    _decode_into(out, query, k_cache, v_cache, meta, scale, meta.num_seqs, split_tokens)
     return out
 
 
@@ -507,7 +469,6 @@ def _decode_into(
     num_rows: int,  # sequences with one new token: they alone need programs
     split_tokens: int | None = None,
     split_flag: torch.Tensor | None = None,  # [1] int32: write nothing where it holds 0
-    new_kv: tuple[torch.Tensor, torch.Tensor] | None = None,  # stored by the kernel too
 ) -> None:
     """Write the output rows of the sequences that bring exactly one new token."""
     num_q_heads, head_dim = query.shape[1], query.shape[2]
@@ -561,7 +522,6 @@ def _decode_into(
         num_splits,
         split_tokens_ptr,
         meta.context_lens if split_flag is None else split_flag,  # any int32 pointer when unread
-        *_new_kv_args(new_kv, query, meta),
         NUM_Q_HEADS=num_q_heads,
         GROUP=group,
         GROUP_PAD=max(16, triton.next_power_of_2(group)),
@@ -572,7 +532,6 @@ def _decode_into(
         SPLIT=num_splits > 1,
         SPLIT_TOKENS_FROM_PTR=from_ptr,
         READ_FLAG=split_flag is not None,
-        WRITE_KV=new_kv is not None,
         DOT_PRECISION=_dot_precision(query.dtype),
         num_warps=4,
         num_stages=stages,
@@ -599,17 +558,6 @@ def _decode_into(
             SPLIT_TOKENS_FROM_PTR=from_ptr,
             num_warps=4 if block_d >= 128 else 2,
         )
-
-
-def _new_kv_args(new_kv: tuple[torch.Tensor, torch.Tensor] | None, query: torch.Tensor,
-                 meta: AttentionMetadata) -> tuple:
-    """The decode kernel's new-K/V arguments: pointers, slots and strides (unread stand-ins
-    of the right types without them)."""
-    if new_kv is None:
-        return query, query, meta.slot_mapping, 0, 0, 0, 0
-    key, value = new_kv
-    return (key, value, meta.slot_mapping, key.stride(0), key.stride(1), value.stride(0),
-            value.stride(1))
 
 
 class PrefillTiles(NamedTuple):

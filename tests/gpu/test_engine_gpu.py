@@ -228,23 +228,6 @@ def test_parallel_sampling_ahead_equals_drained_steps_on_the_gpu(checkpoint, mon
     assert outs[True] == outs[False]
 
 
-def test_decode_kernel_writing_the_kv_keeps_greedy_outputs(checkpoint, monkeypatch):
-    """ONDO_DECODE_WRITES_KV=1 (the decode kernel stores the new K/V, in eager steps and in
-    the decode graphs) gives the greedy tokens of the KV-write kernel, token for token."""
-    _, _, path = checkpoint
-    prompts = _random_prompts()
-    params = [SamplingParams(temperature=0, max_tokens=20 + 3 * i, ignore_eos=True) for i in range(len(prompts))]
-    outs = {}
-    for fused in ("0", "1"):
-        monkeypatch.setenv("ONDO_DECODE_WRITES_KV", fused)
-        llm = LLM(path, dtype="bfloat16", max_num_seqs=32, max_model_len=512, gpu_memory_utilization=0.3)
-        assert llm.engine.runner.graphs
-        outs[fused] = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
-        del llm
-        torch.cuda.empty_cache()
-    assert outs["1"] == outs["0"]
-
-
 _COMPILES_SCRIPT = r'''
 import json, sys, threading
 import torch

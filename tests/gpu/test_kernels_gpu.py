@@ -71,25 +71,6 @@ def test_decode_forced_splits_on_gpu(dtype):
     _check(b, lambda *a: paged_decode_attention_triton(*a, split_tokens=128))
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("split_tokens", [None, 128])
-def test_decode_that_writes_the_new_kv_on_gpu(dtype, split_tokens):
-    """The decode kernel storing the new K/V itself: the caches the KV-write kernel makes,
-    and the output of writing first (it reads the new token from registers, the rest from
-    the cache, in the same order); padding rows (slot -1) store nothing."""
-    b = _batch([1] * 6, [3000, 17, 1, 640, 129, 1], (32, 8), 128, dtype)
-    b.meta.slot_mapping[5] = -1
-    scale = 128**-0.5
-    k_first, v_first = b.k_cache.clone(), b.v_cache.clone()
-    write_kv_cache_triton(b.key, b.value, k_first, v_first, b.meta.slot_mapping)
-    expect = paged_decode_attention_triton(b.query, k_first, v_first, b.meta, scale, split_tokens=split_tokens)
-    out = paged_decode_attention_triton(b.query, b.k_cache, b.v_cache, b.meta, scale,
-                                        split_tokens=split_tokens, new_kv=(b.key, b.value))
-    assert torch.equal(b.k_cache, k_first) and torch.equal(b.v_cache, v_first)
-    tol = TOLERANCE[dtype]
-    torch.testing.assert_close(out[:5], expect[:5], atol=tol, rtol=tol)
-
-
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize(
     "heads, head_dim",

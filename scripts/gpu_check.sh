@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs ondo's GPU tests and benchmarks in one go on a CUDA machine; results under $OUT.
-# Stages are chosen with STAGES: tests timeline host_step sampling gemm kernels prefill prefill_tiles kv_write decode_splits throughput parallel host serve startup startup_ab tokenizer_load trace mixed_trace outside telemetry turnover structured soak agent.
+# Stages are chosen with STAGES: tests timeline host_step sampling gemm kernels prefill prefill_tiles kv_write decode_splits decode_balance throughput parallel host serve startup startup_ab tokenizer_load trace mixed_trace outside telemetry turnover structured soak agent.
 # THROUGHPUT_ARGS passes extra flags to `ondo bench throughput`.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -64,6 +64,12 @@ for stage in $STAGES; do
       timeout 240 python3 bench/decode_graph_splits.py --out "$OUT/decode_graph_splits.json" \
         > "$OUT/decode_graph_splits.log" 2>&1
       grep -v "^{" "$OUT/decode_graph_splits.log" | tail -60 ;;
+    decode_balance)
+      # One layer's decode attention over W1's unequal contexts: request order or longest
+      # first, each context split or not.
+      timeout 240 python3 bench/decode_balance.py --out "$OUT/decode_balance.json" \
+        > "$OUT/decode_balance.log" 2>&1
+      grep -v "^{" "$OUT/decode_balance.log" | tail -90 ;;
     throughput)
       timeout ${THROUGHPUT_TIMEOUT:-560} python3 -m ondo bench throughput --out-dir "$OUT" ${THROUGHPUT_ARGS:-} \
         > "$OUT/throughput.log" 2>&1

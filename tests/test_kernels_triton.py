@@ -210,6 +210,26 @@ def test_decode_split_heuristic_fills_the_gpu_only_when_needed():
     assert decode_split_tokens(1, 8, 512, block_n=64, num_sms=132) == 256
 
 
+
+def test_a_split_cap_cuts_long_contexts_at_any_batch_size(monkeypatch):
+    # 240 rows x 8 kv heads fill the GPU without a split; with a 512-token cap the graph
+    # captured for 4,096 tokens holds 8 splits, and a replay whose longest context is
+    # 2,000 tokens cuts each at 512: its programs read at most 512 tokens each.
+    assert decode_splits(240, 8, 4096, 64, 132) == (4096, 1)
+    monkeypatch.setenv("ONDO_DECODE_SPLIT_MAX_TOKENS", "512")
+    assert decode_splits(240, 8, 4096, 64, 132) == (512, 8)
+    assert graph_split_tokens(240, 2000, 240, 4096, 8, 64, 132) == 512
+    assert decode_splits(8, 8, 4096, 64, 132) == (512, 8)  # was 5 splits of 832
+    assert decode_split_tokens(2, 8, 4096, block_n=64, num_sms=132) == 256  # small batches: as before
+    # A cap below a tile is a tile; the grid never passes MAX_DECODE_SPLITS.
+    monkeypatch.setenv("ONDO_DECODE_SPLIT_MAX_TOKENS", "10")
+    assert decode_splits(240, 8, 4096, 64, 132) == (64, 64)
+    assert decode_splits(240, 8, 32768, 64, 132) == (512, 64)
+    for bad in ("-1", "half"):
+        monkeypatch.setenv("ONDO_DECODE_SPLIT_MAX_TOKENS", bad)
+        with pytest.raises(ValueError, match="ONDO_DECODE_SPLIT_MAX_TOKENS"):
+            decode_splits(240, 8, 4096, 64, 132)
+
 # ------------------------------------------------------------------ prefill / extend
 
 

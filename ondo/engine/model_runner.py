@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import bisect
 import logging
+import os
 import time
 from dataclasses import dataclass
 
@@ -94,6 +95,8 @@ class ModelRunner:
         self.block_size = args.block_size
         self.max_model_len = max_model_len
         self.max_num_batched_tokens = max_num_batched_tokens
+        # Decode steps' rows packed longest context first (off by default; see `prepare`).
+        self.longest_first = longest_first_enabled()
         self.num_layers = config.num_hidden_layers
         kv_heads = model.num_kv_heads  # this rank's, in a tensor-parallel engine
         self.kv_shape_tail = (self.block_size, kv_heads, config.head_dim)
@@ -283,6 +286,16 @@ class ModelRunner:
         np.cumsum(q_lens, out=qsl[1:])
         total = int(qsl[-1])
         decode_only = total == n
+        # Rows of a decode step in the order the batch packs them; None: the scheduler's.
+        order = None
+        if decode_only and self.longest_first and n > 1:
+            # The GPU starts the decode kernel's programs in row order: longest contexts
+            # first, the step ends on short programs spread over the SMs rather than on a
+            # long one left running alone. The logits come back in the scheduler's order.
+            order = np.argsort(-ctx, kind="stable")
+            sampled_rows = np.fromiter((it.samples for it in items), dtype=bool, count=n)
+            items = [items[i] for i in order]
+            starts, ctx = starts[order], ctx[order]
         pending_dst: list[int] = []
         pending_src: list[int] = []
         if decode_only:
@@ -317,7 +330,13 @@ class ModelRunner:
         for i, it in enumerate(items):
             tables[i, : len(it.seq.block_table)] = it.seq.block_table
         slots = tables[seq_of_token, positions // bs].astype(np.int64) * bs + positions % bs
-        sampling = np.fromiter((it.samples for it in items), dtype=bool, count=n)
+        if order is None:
+            sampling = np.fromiter((it.samples for it in items), dtype=bool, count=n)
+            logits_indices = (qsl[1:] - 1)[sampling]
+        else:  # the packed row of each sampled row, in the scheduler's order
+            packed_row = np.empty(n, dtype=np.int64)
+            packed_row[order] = np.arange(n)
+            logits_indices = packed_row[sampled_rows]
         return self.upload(HostBatch(
             input_ids=input_ids,
             positions=np.ascontiguousarray(positions),
@@ -326,7 +345,7 @@ class ModelRunner:
             context_lens=ctx,
             query_start_loc=qsl,
             query_lens=q_lens,
-            logits_indices=(qsl[1:] - 1)[sampling],
+            logits_indices=logits_indices,
             num_decode_tokens=int(((q_lens == 1) & (starts > 0)).sum()),
             pending_dst=np.asarray(pending_dst, dtype=np.int64) if pending_dst else None,
             pending_src=np.asarray(pending_src, dtype=np.int64) if pending_dst else None,
@@ -563,6 +582,18 @@ def _padded_size(sizes: list[int], n: int) -> int:
     """The smallest of the sorted `sizes` that holds n; -1 when none does."""
     i = bisect.bisect_left(sizes, n)
     return sizes[i] if i < len(sizes) else -1
+
+
+LONGEST_FIRST_ENV = "ONDO_DECODE_LONGEST_FIRST"
+
+
+def longest_first_enabled() -> bool:
+    """Whether decode steps pack their rows longest context first (`ModelRunner.prepare`):
+    off unless ONDO_DECODE_LONGEST_FIRST=1, until a GPU run shows it pays."""
+    value = os.environ.get(LONGEST_FIRST_ENV, "0")
+    if value not in ("0", "1"):
+        raise ValueError(f"{LONGEST_FIRST_ENV} must be 0 or 1, got {value!r}")
+    return value == "1"
 
 
 def decode_graph_sizes(max_num_seqs: int) -> list[int]:

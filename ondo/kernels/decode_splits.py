@@ -5,8 +5,25 @@ graph's split at each replay."""
 from __future__ import annotations
 
 import math
+import os
 
 MAX_DECODE_SPLITS = 64  # the most `decode_split_tokens` cuts a context into
+SPLIT_CAP_ENV = "ONDO_DECODE_SPLIT_MAX_TOKENS"
+
+
+def split_cap_tokens() -> int:
+    """The most context tokens one split may take (0: no cap, the default). With a cap,
+    long contexts are cut however many programs a batch has already, so that the last
+    programs the GPU starts are short ones: a batch of unequal contexts then ends with
+    the SMs evenly loaded (`bench/decode_balance.py` measures it)."""
+    value = os.environ.get(SPLIT_CAP_ENV, "0")
+    try:
+        cap = int(value)
+    except ValueError:
+        raise ValueError(f"{SPLIT_CAP_ENV} must be a whole number of tokens, got {value!r}") from None
+    if cap < 0:
+        raise ValueError(f"{SPLIT_CAP_ENV} must be 0 (no cap) or more, got {cap}")
+    return cap
 
 
 def decode_split_tokens(
@@ -16,7 +33,8 @@ def decode_split_tokens(
 
     Aim for about two waves of (sequence, kv head, split) programs over the SMs, but
     never cut a split below 256 tokens: each split costs a partial write and a share
-    of the reduction, which only pays when it reads a fair amount of K/V.
+    of the reduction, which only pays when it reads a fair amount of K/V. With
+    `split_cap_tokens`, no split takes more than the cap (within MAX_DECODE_SPLITS).
     """
     programs = num_seqs * num_kv_heads
     target_programs = 2 * num_sms
@@ -26,6 +44,9 @@ def decode_split_tokens(
         math.ceil(max_context_len / min_split_tokens),
         MAX_DECODE_SPLITS,
     )
+    cap = split_cap_tokens()
+    if cap:
+        splits = max(splits, min(math.ceil(max_context_len / max(cap, block_n)), MAX_DECODE_SPLITS))
     splits = max(splits, 1)
     split_tokens = math.ceil(max_context_len / splits)
     return max(block_n, math.ceil(split_tokens / block_n) * block_n)

@@ -77,8 +77,11 @@ def test_teacher_forced_top1_agreement_and_logit_error(checkpoint):
     assert rel_err < 2e-2
 
 
-def test_cuda_graph_decode_equals_eager_decode(checkpoint):
-    """A replayed graph computes exactly what the same forward computes eagerly."""
+@pytest.mark.parametrize("split_cap", ["0", "128"])
+def test_cuda_graph_decode_equals_eager_decode(checkpoint, split_cap, monkeypatch):
+    """A replayed graph computes exactly what the same forward computes eagerly, also with
+    long contexts cut at a split cap (ONDO_DECODE_SPLIT_MAX_TOKENS)."""
+    monkeypatch.setenv("ONDO_DECODE_SPLIT_MAX_TOKENS", split_cap)
     _, _, path = checkpoint
     llm = LLM(path, dtype="bfloat16", max_num_seqs=16, max_model_len=512, gpu_memory_utilization=0.3,
               async_scheduling=False)
@@ -198,6 +201,29 @@ def test_async_scheduling_equals_synchronous_stepping_on_the_gpu(checkpoint):
         del llm
         torch.cuda.empty_cache()
     assert outs[True] == outs[False]
+
+
+def test_decode_rows_packed_longest_first_keep_the_tokens_on_the_gpu(checkpoint, monkeypatch):
+    """ONDO_DECODE_LONGEST_FIRST=1 reorders a decode step's rows, and each row's arithmetic
+    stays the same: the tokens of the scheduler's order, greedy and seeded, with CUDA
+    graphs and steps ahead."""
+    _, _, path = checkpoint
+    gen = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, SHAPE["vocab_size"], (int(n),), generator=gen).tolist()
+               for n in torch.randint(1, 400, (24,), generator=gen)]
+    params = [SamplingParams(temperature=0, max_tokens=8 + 7 * i, ignore_eos=True) if i % 2 else
+              SamplingParams(temperature=0.8, seed=i, max_tokens=8 + 7 * i, ignore_eos=True)
+              for i in range(len(prompts))]
+    outs = {}
+    for flag in ("0", "1"):
+        monkeypatch.setenv("ONDO_DECODE_LONGEST_FIRST", flag)
+        llm = LLM(path, dtype="bfloat16", max_num_seqs=32, max_model_len=512, max_num_batched_tokens=512,
+                  gpu_memory_utilization=0.3)
+        assert llm.engine.runner.longest_first == (flag == "1")
+        outs[flag] = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+        del llm
+        torch.cuda.empty_cache()
+    assert outs["1"] == outs["0"]
 
 
 def test_parallel_sampling_ahead_equals_drained_steps_on_the_gpu(checkpoint, monkeypatch):

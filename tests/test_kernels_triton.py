@@ -26,6 +26,7 @@ from ondo.kernels.triton_attention import (  # noqa: E402
     paged_attention_triton,
     paged_decode_attention_triton,
     paged_prefill_attention_triton,
+    prefill_tiles,
 )
 from ondo.kernels.triton_kv_write import (  # noqa: E402
     KV_WRITE_TOKEN_PROGRAMS_FROM,
@@ -333,12 +334,36 @@ def test_prefill_kernel_handles_decode_only_batches_too():
     torch.testing.assert_close(out, _reference(b), atol=ATOL, rtol=RTOL)
 
 
+def test_prefill_tiles_started_longest_first_give_the_same_output():
+    # A long prompt, a chunk over a cached prefix, decode rows and an empty sequence: the
+    # programs taken from the grid's end compute exactly what they compute in grid order.
+    b = _batch([70, 1, 23, 1, 0, 9], [70, 40, 90, 17, 11, 9], heads=(8, 2), head_dim=64, block_size=8)
+    outs = {}
+    for first in (False, True):
+        tiles = PrefillTiles(16, 32, 4, 1, first)
+        outs[first] = _write_then_attend(b, lambda *a, t=tiles: paged_prefill_attention_triton(*a, tiles=t))
+    assert torch.equal(outs[True], outs[False])
+    torch.testing.assert_close(outs[True], _reference(b), atol=ATOL, rtol=RTOL)
+
+
+def test_the_prefill_longest_first_switch(monkeypatch):
+    q, kc = torch.zeros(1, 4, 64), torch.zeros(1, 16, 2, 64)
+    assert not prefill_tiles(q, kc).longest_first  # off by default
+    monkeypatch.setenv("ONDO_PREFILL_LONGEST_FIRST", "1")
+    assert prefill_tiles(q, kc).longest_first
+    monkeypatch.setenv("ONDO_PREFILL_LONGEST_FIRST", "on")
+    with pytest.raises(ValueError, match="ONDO_PREFILL_LONGEST_FIRST must be 0 or 1"):
+        prefill_tiles(q, kc)
+
+
+@pytest.mark.parametrize("longest_first", ["0", "1"])
 @pytest.mark.parametrize("split_flag", [None, 0, 1])
-def test_prefill_kernel_on_a_graph_shaped_batch_ignores_padding(split_flag):
+def test_prefill_kernel_on_a_graph_shaped_batch_ignores_padding(split_flag, longest_first, monkeypatch):
     """As a CUDA graph replays it: more token rows than the batch has (padding of no
     sequence, slot -1), trailing sequences with no new tokens and stale context lengths,
     wider block tables, and a max_query_len that is the padded size. The batch's own
-    rows must come out as without the padding."""
+    rows must come out as without the padding, whichever end of the grid starts."""
+    monkeypatch.setenv("ONDO_PREFILL_LONGEST_FIRST", longest_first)
     b = _batch([1, 37, 1, 0, 5], [20, 50, 9, 12, 5], heads=(8, 2), head_dim=64, block_size=8)
     expect = _reference(b)
     total, pad_tokens, num_seqs = b.query.shape[0], 23, 8

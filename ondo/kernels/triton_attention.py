@@ -15,6 +15,7 @@ a partial (max, sum, normalised output), and a small kernel combines the splits.
 from __future__ import annotations
 
 import functools
+import os
 from typing import NamedTuple
 
 import torch
@@ -298,6 +299,7 @@ def _prefill_kernel(
     # Sequences with one new token are the decode kernel's: 0 never, 1 always, 2 where
     # split_flag_ptr holds a nonzero value (a CUDA graph, decided per replay).
     SKIP_SINGLE: tl.constexpr,
+    LONGEST_FIRST: tl.constexpr,  # programs taken from the grid's end: each sequence's last tiles first
     DOT_PRECISION: tl.constexpr,
 ):
     """Causal attention of a tile of one sequence's new tokens over its whole context.
@@ -312,9 +314,17 @@ def _prefill_kernel(
     has tiles. So the grid needs only the token and sequence counts, never the longest
     query, and a CUDA graph captured for T tokens and B sequences serves every batch
     that fits (trailing sequences with no new tokens, tokens of no sequence).
+
+    A causal tile's work grows with its position: the last tile of a 2,048-token prompt
+    reads 2,048 keys, the first one 32. The GPU starts programs in grid order, so in
+    grid order the longest tiles start last and the kernel ends on a few of them running
+    alone. LONGEST_FIRST walks the grid from its end instead: within each sequence the
+    longest tiles start first and the kernel ends on short ones, spread over the SMs.
     """
     TOKENS_PER_TILE: tl.constexpr = BLOCK_M // GROUP_PAD
     program = tl.program_id(0)
+    if LONGEST_FIRST:
+        program = tl.num_programs(0) - 1 - program
     kv_head = tl.program_id(1)
     # The last sequence whose first program is at or before this one (binary search).
     lo = tl.full([], 0, tl.int32)
@@ -567,18 +577,32 @@ class PrefillTiles(NamedTuple):
     block_n: int  # K/V tokens per tile
     num_warps: int
     num_stages: int
+    longest_first: bool = False  # each sequence's last (longest) query tiles start first
+
+
+PREFILL_LONGEST_FIRST_ENV = "ONDO_PREFILL_LONGEST_FIRST"
+
+
+def prefill_longest_first() -> bool:
+    """Whether the prefill kernel starts each sequence's longest tiles first: off unless
+    ONDO_PREFILL_LONGEST_FIRST=1, until a GPU run shows it pays (`bench/prefill_tiles.py`)."""
+    value = os.environ.get(PREFILL_LONGEST_FIRST_ENV, "0")
+    if value not in ("0", "1"):
+        raise ValueError(f"{PREFILL_LONGEST_FIRST_ENV} must be 0 or 1, got {value!r}")
+    return value == "1"
 
 
 def prefill_tiles(query: torch.Tensor, k_cache: torch.Tensor) -> PrefillTiles:
     """The default configuration for these heads and dtypes."""
     block_d = triton.next_power_of_2(query.shape[2])
     block_n, stages = _kv_tile_tokens(k_cache, block_d)
+    longest_first = prefill_longest_first()
     if not query.is_cuda:
-        return PrefillTiles(16, block_n, 4, stages)
+        return PrefillTiles(16, block_n, 4, stages, longest_first)
     # 64 rows on 4 warps: on an H200 the fastest on both W3 shapes and on chunks over a
     # context (bench/prefill_tiles.py: 7 %, 4 % and 12 % under 128 rows on 8 warps), and
     # a single-token row that stays in this kernel wastes half as many tile rows.
-    return PrefillTiles(64, block_n, 4, stages)
+    return PrefillTiles(64, block_n, 4, stages, longest_first)
 
 
 def paged_prefill_attention_triton(
@@ -609,7 +633,7 @@ def paged_prefill_attention_triton(
         return out
     group_pad = triton.next_power_of_2(group)
     block_d = triton.next_power_of_2(head_dim)
-    block_m, block_n, num_warps, stages = tiles or prefill_tiles(query, k_cache)
+    block_m, block_n, num_warps, stages, longest_first = tiles or prefill_tiles(query, k_cache)
     block_m = max(block_m, group_pad)
     tokens_per_tile = block_m // group_pad
     # Enough programs for every sequence's tiles (see _prefill_kernel), from host sizes only.
@@ -656,6 +680,7 @@ def paged_prefill_attention_triton(
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         SKIP_SINGLE=skip_single,
+        LONGEST_FIRST=longest_first,
         DOT_PRECISION=_dot_precision(query.dtype),
         num_warps=num_warps,
         num_stages=stages,

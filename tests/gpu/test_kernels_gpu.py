@@ -17,6 +17,7 @@ if not torch.cuda.is_available():  # collected on CPU machines, never run there
 from ondo.kernels.block_copy import copy_blocks, swap_in, swap_out  # noqa: E402
 from ondo.kernels.reference import paged_attention_ref, write_kv_cache_ref  # noqa: E402
 from ondo.kernels.triton_attention import (  # noqa: E402
+    PrefillTiles,
     paged_attention_triton,
     paged_decode_attention_triton,
     paged_prefill_attention_triton,
@@ -80,6 +81,19 @@ def test_mixed_prefill_on_gpu(dtype, heads, head_dim):
     # Fresh prompt, chunked prefill over a long prefix, decode rows, an idle sequence.
     b = _batch([300, 1, 77, 0, 1, 129], [300, 900, 1100, 40, 5, 129], heads, head_dim, dtype)
     _check(b)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_prefill_longest_tiles_first_on_gpu(dtype):
+    """Programs taken from the grid's end: the reference's output, and the grid order's
+    bit for bit."""
+    b = _batch([300, 1, 77, 0, 1, 129], [300, 900, 1100, 40, 5, 129], (16, 8), 128, dtype)
+    scale = 128 ** -0.5
+    write_kv_cache_triton(b.key, b.value, b.k_cache, b.v_cache, b.meta.slot_mapping)
+    outs = [paged_prefill_attention_triton(b.query, b.k_cache, b.v_cache, b.meta, scale,
+                                           tiles=PrefillTiles(64, 64, 4, 3, first)) for first in (False, True)]
+    assert torch.equal(outs[0], outs[1])
+    _check(b, lambda *a: paged_prefill_attention_triton(*a, tiles=PrefillTiles(64, 64, 4, 3, True)))
 
 
 @pytest.mark.parametrize("block_size", [1, 8, 32, 128])

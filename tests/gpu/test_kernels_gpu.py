@@ -17,10 +17,10 @@ if not torch.cuda.is_available():  # collected on CPU machines, never run there
 from ondo.kernels.block_copy import copy_blocks, swap_in, swap_out  # noqa: E402
 from ondo.kernels.reference import paged_attention_ref, write_kv_cache_ref  # noqa: E402
 from ondo.kernels.triton_attention import (  # noqa: E402
-    PrefillTiles,
     paged_attention_triton,
     paged_decode_attention_triton,
     paged_prefill_attention_triton,
+    prefill_tiles,
 )
 from ondo.kernels.triton_kv_write import write_kv_cache_triton  # noqa: E402
 
@@ -90,10 +90,10 @@ def test_prefill_longest_tiles_first_on_gpu(dtype):
     b = _batch([300, 1, 77, 0, 1, 129], [300, 900, 1100, 40, 5, 129], (16, 8), 128, dtype)
     scale = 128 ** -0.5
     write_kv_cache_triton(b.key, b.value, b.k_cache, b.v_cache, b.meta.slot_mapping)
-    outs = [paged_prefill_attention_triton(b.query, b.k_cache, b.v_cache, b.meta, scale,
-                                           tiles=PrefillTiles(64, 64, 4, 3, first)) for first in (False, True)]
+    tiles = [prefill_tiles(b.query, b.k_cache)._replace(longest_first=first) for first in (False, True)]
+    outs = [paged_prefill_attention_triton(b.query, b.k_cache, b.v_cache, b.meta, scale, tiles=t) for t in tiles]
     assert torch.equal(outs[0], outs[1])
-    _check(b, lambda *a: paged_prefill_attention_triton(*a, tiles=PrefillTiles(64, 64, 4, 3, True)))
+    _check(b, lambda *a: paged_prefill_attention_triton(*a, tiles=tiles[1]))
 
 
 @pytest.mark.parametrize("block_size", [1, 8, 32, 128])

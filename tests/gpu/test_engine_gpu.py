@@ -153,11 +153,18 @@ def test_cuda_graph_mixed_step_equals_eager_forward(checkpoint):
         engine.abort_request(item.seq.request_id)
 
 
-def _random_prompts(count: int = 24, seed: int = 11) -> list[list[int]]:
-    """Token-id prompts of 1 to 299 tokens, the same for a seed."""
+def _random_prompts(count: int = 24, seed: int = 11, longest: int = 299) -> list[list[int]]:
+    """Token-id prompts of 1 to `longest` tokens, the same for a seed."""
     gen = torch.Generator().manual_seed(seed)
     return [torch.randint(0, SHAPE["vocab_size"], (int(n),), generator=gen).tolist()
-            for n in torch.randint(1, 300, (count,), generator=gen)]
+            for n in torch.randint(1, longest + 1, (count,), generator=gen)]
+
+
+def _greedy_and_seeded(count: int) -> list[SamplingParams]:
+    """Greedy and seeded requests in turn, each ending on its own length limit."""
+    return [SamplingParams(temperature=0, max_tokens=8 + 7 * i, ignore_eos=True) if i % 2 else
+            SamplingParams(temperature=0.8, seed=i, max_tokens=8 + 7 * i, ignore_eos=True)
+            for i in range(count)]
 
 
 def test_cuda_graphs_for_prefill_steps_keep_greedy_outputs(checkpoint):
@@ -183,12 +190,8 @@ def test_async_scheduling_equals_synchronous_stepping_on_the_gpu(checkpoint):
     """Steps queued ahead (tokens fed from the previous draws on the device, CUDA graphs,
     chunked prefill) give the tokens of synchronous stepping, greedy and seeded."""
     _, _, path = checkpoint
-    gen = torch.Generator().manual_seed(3)
-    prompts = [torch.randint(0, SHAPE["vocab_size"], (int(n),), generator=gen).tolist()
-               for n in torch.randint(1, 300, (24,), generator=gen)]
-    params = [SamplingParams(temperature=0, max_tokens=8 + 7 * i, ignore_eos=True) if i % 2 else
-              SamplingParams(temperature=0.8, seed=i, max_tokens=8 + 7 * i, ignore_eos=True)
-              for i in range(len(prompts))]
+    prompts = _random_prompts(24, seed=3)
+    params = _greedy_and_seeded(len(prompts))
     outs = {}
     for mode in (False, True):
         # Every request has a seat, and each ends on its length limit, which asynchronous
@@ -208,12 +211,8 @@ def test_decode_rows_packed_longest_first_keep_the_tokens_on_the_gpu(checkpoint,
     stays the same: the tokens of the scheduler's order, greedy and seeded, with CUDA
     graphs and steps ahead."""
     _, _, path = checkpoint
-    gen = torch.Generator().manual_seed(5)
-    prompts = [torch.randint(0, SHAPE["vocab_size"], (int(n),), generator=gen).tolist()
-               for n in torch.randint(1, 400, (24,), generator=gen)]
-    params = [SamplingParams(temperature=0, max_tokens=8 + 7 * i, ignore_eos=True) if i % 2 else
-              SamplingParams(temperature=0.8, seed=i, max_tokens=8 + 7 * i, ignore_eos=True)
-              for i in range(len(prompts))]
+    prompts = _random_prompts(24, seed=5, longest=399)
+    params = _greedy_and_seeded(len(prompts))
     outs = {}
     for flag in ("0", "1"):
         monkeypatch.setenv("ONDO_DECODE_LONGEST_FIRST", flag)

@@ -1,6 +1,7 @@
 """One layer's decode attention over a batch of unequal contexts, as W1's decode steps hold
-them: the batch's rows in request order or longest context first, each context cut into
-splits of a given size or not at all.
+them: the batch's rows in request order or longest context first (a row's kv heads apart
+in the grid, or side by side so that the rows start one after another), each context cut
+into splits of a given size or not at all.
 
     python3 bench/decode_balance.py --out decode_balance.json   # on a GPU
     python3 bench/decode_balance.py --smoke                     # CPU, Triton interpreter
@@ -45,7 +46,8 @@ from ondo.kernels.triton_attention import (  # noqa: E402
     paged_decode_attention_triton,
 )
 
-ORDERS = ("request", "longest_first")
+# (rows in request order or longest context first, a row's kv heads side by side in the grid)
+ORDERS = {"request": (False, False), "longest_first": (True, False), "longest_first_heads_inner": (True, True)}
 
 
 def w1_contexts(rows: int, vocab: int, seed: int = 0) -> list[int]:
@@ -108,16 +110,16 @@ def run_case(shape: str, rows: int, max_model_len: int, split_sizes: list[int], 
     scale = heads[2] ** -0.5
     bytes_read = 2 * sum(contexts) * heads[1] * heads[2] * k_cache.element_size()
     by_length = torch.argsort(meta.context_lens, descending=True, stable=True)
-    layouts = {"request": (query, meta, None),
-               "longest_first": (*reorder(query, meta, by_length), by_length)}
-    reference = paged_decode_attention_triton(query, k_cache, v_cache, meta, scale)
+    layouts = {False: (query, meta, None), True: (*reorder(query, meta, by_length), by_length)}
+    reference = paged_decode_attention_triton(query, k_cache, v_cache, meta, scale, heads_inner=False)
     heuristic = decode_splits(len(contexts), heads[1], max_model_len, block_n, num_sms)[0]
     results = []
-    for order in ORDERS:
-        q, m, rows_of = layouts[order]
+    for order, (sorted_rows, heads_inner) in ORDERS.items():
+        q, m, rows_of = layouts[sorted_rows]
         for split in [None, *split_sizes]:
-            def attend(q=q, m=m, split=split) -> torch.Tensor:
-                return paged_decode_attention_triton(q, k_cache, v_cache, m, scale, split_tokens=split)
+            def attend(q=q, m=m, split=split, heads_inner=heads_inner) -> torch.Tensor:
+                return paged_decode_attention_triton(q, k_cache, v_cache, m, scale, split_tokens=split,
+                                                     heads_inner=heads_inner)
 
             if cuda:
                 us = graph_time_us(attend, cuda)
@@ -162,13 +164,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
         copy = measure_device_limits(torch.device(device)).copy_bytes_per_s
     results = []
-    print(f"{'shape':12} {'rows':>4} {'order':13} {'split':>5} {'grid':>4} {'programs':>8} "
+    print(f"{'shape':12} {'rows':>4} {'order':25} {'split':>5} {'grid':>4} {'programs':>8} "
           f"{'us':>8} {'GB/s':>7} {'of copy':>7}")
     for shape in args.shapes:
         for rows in args.rows:
             for r in run_case(shape, rows, args.max_model_len, args.split_tokens, block_size, dtype, device, copy):
                 results.append(r)
-                print(f"{shape:12} {r['rows']:4d} {r['order']:13} {r['split_tokens']:5d}"
+                print(f"{shape:12} {r['rows']:4d} {r['order']:25} {r['split_tokens']:5d}"
                       f"{'*' if r['heuristic'] else ' '}{r['grid_splits']:4d} {r['programs']:8d} "
                       f"{r['us']:8.1f} {r['gb_per_s']:7.0f} {r['fraction_of_copy'] or 0:7.3f}", flush=True)
     for r in results:

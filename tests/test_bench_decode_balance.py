@@ -29,9 +29,10 @@ def test_every_order_and_split_gives_the_reference_rows(tmp_path):
     out = tmp_path / "balance.json"
     rows = decode_balance.main(["--smoke", "--out", str(out)])
     assert json.loads(out.read_text()) == rows
-    # Two orders x (the heuristic's split, 512 tokens).
+    # Three orders x (the heuristic's split, 512 tokens).
     assert [(r["order"], r["heuristic"]) for r in rows] == [
-        ("request", True), ("request", False), ("longest_first", True), ("longest_first", False)]
+        (order, heuristic) for order in ("request", "longest_first", "longest_first_heads_inner")
+        for heuristic in (True, False)]
     for r in rows:
         assert r["max_abs_diff"] < 1e-5  # fp32: only the summation order differs
         assert r["context_min"] <= r["context_mean"] <= r["context_max"]

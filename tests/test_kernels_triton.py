@@ -212,6 +212,35 @@ def test_decode_split_heuristic_fills_the_gpu_only_when_needed():
 
 
 
+@pytest.mark.parametrize("split_tokens", [None, 64])
+def test_decode_grid_with_a_rows_heads_side_by_side_gives_the_same_output(split_tokens, monkeypatch):
+    # The grid (kv heads, rows, splits) runs the same programs as (rows, kv heads, splits).
+    b = _batch([1, 1, 0, 1, 1], [150, 7, 12, 300, 64], heads=(8, 2), head_dim=64, block_size=8)
+    outs = {}
+    for inner in (False, True):
+        outs[inner] = _write_then_attend(
+            b, lambda *a, i=inner: paged_decode_attention_triton(*a, split_tokens=split_tokens, heads_inner=i))
+    assert torch.equal(outs[True], outs[False])  # every token is a decode row's
+    torch.testing.assert_close(outs[True], _reference(b), atol=ATOL, rtol=RTOL)
+    # By default the grid follows ONDO_DECODE_LONGEST_FIRST: (kv heads, rows, splits) with it.
+    import ondo.kernels.triton_attention as ta
+
+    grids = []
+
+    def launch(kernel, grid, *args, **kwargs):
+        grids.append((kernel, grid))
+        return real_launch(kernel, grid, *args, **kwargs)
+
+    real_launch = ta.launch
+    monkeypatch.setattr(ta, "launch", launch)
+    for flag in ("0", "1"):
+        monkeypatch.setenv("ONDO_DECODE_LONGEST_FIRST", flag)
+        by_switch = _write_then_attend(b, lambda *a: paged_decode_attention_triton(*a, split_tokens=split_tokens))
+        assert torch.equal(by_switch, outs[True])
+    split_grids = [grid for kernel, grid in grids if kernel is ta._decode_split_kernel]
+    assert [g[:2] for g in split_grids] == [(5, 2), (2, 5)]
+
+
 def test_a_split_cap_cuts_long_contexts_at_any_batch_size(monkeypatch):
     # 240 rows x 8 kv heads fill the GPU without a split; with a 512-token cap the graph
     # captured for 4,096 tokens holds 8 splits, and a replay whose longest context is

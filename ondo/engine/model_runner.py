@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import bisect
 import logging
-import os
 import time
 from dataclasses import dataclass
 
@@ -26,7 +25,7 @@ from ondo.engine.sequence import Sequence
 from ondo.engine.step_cost import CostShape, step_cost
 from ondo.kernels.attention import splits_decode_rows
 from ondo.kernels.block_copy import copy_blocks, swap_in, swap_out
-from ondo.kernels.decode_splits import graph_split_tokens
+from ondo.kernels.decode_splits import decode_longest_first, graph_split_tokens
 from ondo.kernels.metadata import AttentionMetadata
 from ondo.kernels.precompile import Precompile
 
@@ -96,7 +95,7 @@ class ModelRunner:
         self.max_model_len = max_model_len
         self.max_num_batched_tokens = max_num_batched_tokens
         # Decode steps' rows packed longest context first (off by default; see `prepare`).
-        self.longest_first = longest_first_enabled()
+        self.longest_first = decode_longest_first()
         self.num_layers = config.num_hidden_layers
         kv_heads = model.num_kv_heads  # this rank's, in a tensor-parallel engine
         self.kv_shape_tail = (self.block_size, kv_heads, config.head_dim)
@@ -582,18 +581,6 @@ def _padded_size(sizes: list[int], n: int) -> int:
     """The smallest of the sorted `sizes` that holds n; -1 when none does."""
     i = bisect.bisect_left(sizes, n)
     return sizes[i] if i < len(sizes) else -1
-
-
-LONGEST_FIRST_ENV = "ONDO_DECODE_LONGEST_FIRST"
-
-
-def longest_first_enabled() -> bool:
-    """Whether decode steps pack their rows longest context first (`ModelRunner.prepare`):
-    off unless ONDO_DECODE_LONGEST_FIRST=1, until a GPU run shows it pays."""
-    value = os.environ.get(LONGEST_FIRST_ENV, "0")
-    if value not in ("0", "1"):
-        raise ValueError(f"{LONGEST_FIRST_ENV} must be 0 or 1, got {value!r}")
-    return value == "1"
 
 
 def decode_graph_sizes(max_num_seqs: int) -> list[int]:

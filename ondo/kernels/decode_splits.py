@@ -26,6 +26,20 @@ def split_cap_tokens() -> int:
     return cap
 
 
+LONGEST_FIRST_ENV = "ONDO_DECODE_LONGEST_FIRST"
+
+
+def decode_longest_first() -> bool:
+    """Whether decode steps run their rows longest context first: the runner packs the
+    rows by context (`ModelRunner.prepare`) and the decode kernel's grid puts a row's KV
+    heads side by side, so that the GPU starts the programs row by row, longest first.
+    Off unless ONDO_DECODE_LONGEST_FIRST=1, until a GPU run shows it pays."""
+    value = os.environ.get(LONGEST_FIRST_ENV, "0")
+    if value not in ("0", "1"):
+        raise ValueError(f"{LONGEST_FIRST_ENV} must be 0 or 1, got {value!r}")
+    return value == "1"
+
+
 def decode_split_tokens(
     num_seqs: int, num_kv_heads: int, max_context_len: int, block_n: int, num_sms: int
 ) -> int:

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from ondo.kernels.attention import splits_decode_rows
-from ondo.kernels.decode_splits import MAX_DECODE_SPLITS, decode_splits
+from ondo.kernels.decode_splits import MAX_DECODE_SPLITS, decode_longest_first, decode_splits
 from ondo.kernels.launch import launch
 from ondo.kernels.metadata import AttentionMetadata
 
@@ -106,13 +106,18 @@ def _decode_split_kernel(
     SPLIT: tl.constexpr,  # num_splits > 1: write partials for the reduce kernel
     SPLIT_TOKENS_FROM_PTR: tl.constexpr,
     READ_FLAG: tl.constexpr,
+    HEADS_INNER: tl.constexpr,  # grid (kv heads, rows, splits): a row's programs start together
     DOT_PRECISION: tl.constexpr,
 ):
     if READ_FLAG:
         if tl.load(split_flag_ptr) == 0:
             return
-    seq = tl.program_id(0)
-    kv_head = tl.program_id(1)
+    if HEADS_INNER:
+        kv_head = tl.program_id(0)
+        seq = tl.program_id(1)
+    else:
+        seq = tl.program_id(0)
+        kv_head = tl.program_id(1)
     split = tl.program_id(2)
 
     q_start = tl.load(query_start_loc_ptr + seq)
@@ -459,13 +464,15 @@ def paged_decode_attention_triton(
     meta: AttentionMetadata,
     scale: float,
     split_tokens: int | None = None,  # override the split heuristic (tests force splits)
+    heads_inner: bool | None = None,  # a row's kv heads side by side in the grid (default: the switch)
 ) -> torch.Tensor:
     """Attention for batches whose sequences bring at most one new token each."""
     _check_inputs(query, k_cache, v_cache)
     out = torch.empty_like(query)
     if query.shape[0] == 0 or meta.num_seqs == 0:
         return out
-    _decode_into(out, query, k_cache, v_cache, meta, scale, meta.num_seqs, split_tokens)
+    _decode_into(out, query, k_cache, v_cache, meta, scale, meta.num_seqs, split_tokens,
+                 heads_inner=heads_inner)
     return out
 
 
@@ -479,8 +486,11 @@ def _decode_into(
     num_rows: int,  # sequences with one new token: they alone need programs
     split_tokens: int | None = None,
     split_flag: torch.Tensor | None = None,  # [1] int32: write nothing where it holds 0
+    heads_inner: bool | None = None,
 ) -> None:
-    """Write the output rows of the sequences that bring exactly one new token."""
+    """Write the output rows of the sequences that bring exactly one new token. With
+    `heads_inner` (by default `decode_longest_first()`) the grid puts a row's kv heads side
+    by side, so that the GPU starts the programs in row order, a row at a time."""
     num_q_heads, head_dim = query.shape[1], query.shape[2]
     num_kv_heads = k_cache.shape[2]
     group = num_q_heads // num_kv_heads
@@ -506,9 +516,11 @@ def _decode_into(
     else:  # unused by the kernel; any fp32 tensor satisfies the signature
         part_out = part_max = part_sum = out.new_empty(1, dtype=torch.float32)
 
+    if heads_inner is None:
+        heads_inner = decode_longest_first()
     launch(
         _decode_split_kernel,
-        (num_seqs, num_kv_heads, num_splits),
+        (num_kv_heads, num_seqs, num_splits) if heads_inner else (num_seqs, num_kv_heads, num_splits),
         query,
         k_cache,
         v_cache,
@@ -542,6 +554,7 @@ def _decode_into(
         SPLIT=num_splits > 1,
         SPLIT_TOKENS_FROM_PTR=from_ptr,
         READ_FLAG=split_flag is not None,
+        HEADS_INNER=heads_inner,
         DOT_PRECISION=_dot_precision(query.dtype),
         num_warps=4,
         num_stages=stages,

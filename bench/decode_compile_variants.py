@@ -128,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRITON_CACHE_DIR", tempfile.mkdtemp(prefix="ondo-triton-"))  # cold
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     from ondo.kernels import triton_attention as ta
+    from ondo.kernels.decode_splits import decode_longest_first
 
     heads, head_dim = SHAPES[args.model_shape]
     kernels = {"split": ta._decode_split_kernel, "reduce": ta._decode_reduce_kernel}
@@ -154,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
             constexprs = {"NUM_Q_HEADS": hq, "GROUP": hq // hkv, "GROUP_PAD": max(16, hq // hkv),
                           "HEAD_DIM": head_dim, "BLOCK_D": head_dim, "BLOCK_SIZE": 16, "BLOCK_N": 64,
                           "SPLIT": launch["SPLIT"], "SPLIT_TOKENS_FROM_PTR": launch["SPLIT"] and not args.old_rules,
-                          "READ_FLAG": False,
+                          "READ_FLAG": False, "HEADS_INNER": decode_longest_first(),
                           "DOT_PRECISION": DOT_PRECISION}
             row["compile_s"] = compile_variant(ta._decode_split_kernel, constexprs, ints, 4, 3)
         else:

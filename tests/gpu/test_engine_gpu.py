@@ -106,8 +106,9 @@ def test_cuda_graph_decode_equals_eager_decode(checkpoint, split_cap, monkeypatc
             max_query_len=1, max_context_len=runner.max_model_len, block_size=runner.block_size,
             decode_split_tokens=st["decode_split_tokens"])  # as the replay set it
         hidden = runner.model(st["input_ids"][:8], st["positions"][:8], runner.kv_caches, meta)
-        eager_logits = runner.model.compute_logits(hidden[:5], dtype=None)
-    assert graph.output.shape[0] == 8
+        # The sampled rows in the scheduler's order (packed longest first, they are not 0..4).
+        eager_logits = runner.model.compute_logits(hidden.index_select(0, batch.logits_indices), dtype=None)
+    assert graph.output.shape[0] == 8 and batch.logits_indices.numel() == 5
     assert graph_logits.dtype == torch.bfloat16  # the sampler reads them as they are
     assert torch.equal(graph_logits, eager_logits)
     for item in sched.scheduled:  # leave the engine consistent

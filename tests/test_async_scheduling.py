@@ -216,11 +216,15 @@ def test_parallel_sampling_runs_ahead_unless_switched_off(tiny_path, monkeypatch
 @pytest.mark.parametrize("kwargs", [{"async_scheduling": True}, {"async_scheduling": False},
                                     {"async_scheduling": True, "num_kv_blocks": 26, "preemption_mode": "swap"}])
 def test_decode_rows_packed_longest_first_give_the_same_outputs(tiny_path, reference, kwargs, monkeypatch):
-    """ONDO_DECODE_LONGEST_FIRST=1 packs a decode step's rows by context, longest first:
-    the tokens (greedy and seeded), logprobs and finish reasons stay those of the
-    scheduler's order, with steps ahead and under preemption."""
-    ps, params, want = reference
-    monkeypatch.setenv("ONDO_DECODE_LONGEST_FIRST", "1")
+    """ONDO_DECODE_LONGEST_FIRST=1 (the default) packs a decode step's rows by context,
+    longest first: the tokens (greedy and seeded), logprobs and finish reasons stay those
+    of the scheduler's order (ONDO_DECODE_LONGEST_FIRST=0), with steps ahead and under
+    preemption."""
+    ps, params, _ = reference
+    monkeypatch.setenv("ONDO_DECODE_LONGEST_FIRST", "0")
+    want, unpacked = run(tiny_path, ps, params, **kwargs)
+    assert not unpacked.engine.runner.longest_first
+    monkeypatch.delenv("ONDO_DECODE_LONGEST_FIRST")
     packed = []
     original = __import__("ondo.engine.model_runner", fromlist=["ModelRunner"]).ModelRunner.upload
 

@@ -598,7 +598,7 @@ PREFILL_LONGEST_FIRST_ENV = "ONDO_PREFILL_LONGEST_FIRST"
 
 def prefill_longest_first() -> bool:
     """Whether the prefill kernel starts each sequence's longest tiles first: off unless
-    ONDO_PREFILL_LONGEST_FIRST=1, until a GPU run shows it pays (`bench/prefill_tiles.py`)."""
+    ONDO_PREFILL_LONGEST_FIRST=1: on an H100, W3 ran no faster with it (docs/benchmarks.md)."""
     value = os.environ.get(PREFILL_LONGEST_FIRST_ENV, "0")
     if value not in ("0", "1"):
         raise ValueError(f"{PREFILL_LONGEST_FIRST_ENV} must be 0 or 1, got {value!r}")

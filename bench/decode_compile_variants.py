@@ -46,7 +46,8 @@ def ladder_launches(heads: tuple[int, int], head_dim: int, max_num_seqs: int, ma
     import triton
 
     from ondo.engine.model_runner import decode_graph_sizes
-    from ondo.kernels.triton_attention import decode_splits, reduce_splits_pad
+    from ondo.kernels.decode_splits import decode_splits
+    from ondo.kernels.triton_attention import reduce_splits_pad
 
     hq, hkv = heads
     block_d = triton.next_power_of_2(head_dim)
@@ -127,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRITON_CACHE_DIR", tempfile.mkdtemp(prefix="ondo-triton-"))  # cold
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     from ondo.kernels import triton_attention as ta
+    from ondo.kernels.decode_splits import decode_longest_first
 
     heads, head_dim = SHAPES[args.model_shape]
     kernels = {"split": ta._decode_split_kernel, "reduce": ta._decode_reduce_kernel}
@@ -140,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.count_only:
         # The first compile of a process also loads Triton's compiler: paid once, not counted.
         compile_variant(ta._decode_reduce_kernel, {"NUM_Q_HEADS": hq, "HEAD_DIM": head_dim,
-                                                   "BLOCK_D": head_dim, "SPLITS_PAD": 2}, {}, 4, 1)
+                                                   "BLOCK_D": head_dim, "SPLITS_PAD": 2,
+                                                   "SPLIT_TOKENS_FROM_PTR": False}, {}, 4, 1)
     def compile_one(key: tuple, launch: dict) -> dict:
         kernel = launch["kernel"]
         row = {"kernel": kernel, "first_size": launch["size"], "num_splits": launch["num_splits"],
@@ -151,11 +154,14 @@ def main(argv: list[str] | None = None) -> int:
         if kernel == "split":
             constexprs = {"NUM_Q_HEADS": hq, "GROUP": hq // hkv, "GROUP_PAD": max(16, hq // hkv),
                           "HEAD_DIM": head_dim, "BLOCK_D": head_dim, "BLOCK_SIZE": 16, "BLOCK_N": 64,
-                          "SPLIT": launch["SPLIT"], "READ_FLAG": False, "WRITE_KV": False,
+                          "SPLIT": launch["SPLIT"], "SPLIT_TOKENS_FROM_PTR": launch["SPLIT"] and not args.old_rules,
+                          "READ_FLAG": False, "HEADS_INNER": decode_longest_first(),
                           "DOT_PRECISION": DOT_PRECISION}
             row["compile_s"] = compile_variant(ta._decode_split_kernel, constexprs, ints, 4, 3)
         else:
-            constexprs = {k: launch[k] for k in ("NUM_Q_HEADS", "HEAD_DIM", "BLOCK_D", "SPLITS_PAD")}
+            # The graphs read a split's tokens from the device (`graph_split_tokens`).
+            constexprs = {**{k: launch[k] for k in ("NUM_Q_HEADS", "HEAD_DIM", "BLOCK_D", "SPLITS_PAD")},
+                          "SPLIT_TOKENS_FROM_PTR": not args.old_rules}
             row["compile_s"] = compile_variant(ta._decode_reduce_kernel, constexprs, ints, 4, 1)
         return row
 

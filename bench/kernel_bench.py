@@ -35,11 +35,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch.nn.functional as F  # noqa: E402
 from triton import next_power_of_2 as triton_next_power_of_2  # noqa: E402
 
+from ondo.kernels.decode_splits import decode_split_tokens  # noqa: E402
 from ondo.kernels.metadata import AttentionMetadata  # noqa: E402
 from ondo.kernels.triton_attention import (  # noqa: E402
     _kv_tile_tokens,
     _sm_count,
-    decode_split_tokens,
     paged_attention_triton,
 )
 

@@ -1,6 +1,7 @@
 """The prefill attention kernel's launch configurations (`PrefillTiles`: rows per query
-tile, K/V tokens per tile, warps, pipeline stages) swept on W3's steps of both model
-shapes and a chunk over a cached prefix: time and TFLOP/s of each, its largest
+tile, K/V tokens per tile, warps, pipeline stages, and whether each sequence's longest
+tiles start first) swept on W1's first step and W3's steps of both model shapes and a
+chunk over a cached prefix: time and TFLOP/s of each, its largest
 difference from the default configuration's output, and the fastest per step shape.
 Configurations the GPU cannot hold (shared memory, registers) are recorded as such.
 
@@ -18,11 +19,28 @@ import sys
 import torch
 
 
+def w1_first_step(budget: int = 8192) -> list[int]:
+    """The prompt tokens of W1's first step: its requests' prompts in order, the last one
+    cut to the step's token budget (chunked prefill)."""
+    from ondo.bench.workloads import make_workload
+
+    lens = []
+    for r in make_workload("W1", 151936).requests:
+        n = min(len(r.prompt_token_ids), budget - sum(lens))
+        if n <= 0:
+            break
+        lens.append(n)
+    return lens
+
+
 def step_shapes(smoke: bool) -> list[dict]:
     """(name, query lengths, context lengths, query heads, kv heads, head dim)."""
     if smoke:
         return [{"name": "smoke", "query_lens": [20, 7], "context_lens": [20, 39], "heads": (4, 2), "head_dim": 32}]
+    w1 = w1_first_step()
     return [
+        {"name": f"qwen3-0.6b W1 first step: {len(w1)} prompts, {sum(w1)} tokens", "query_lens": w1,
+         "context_lens": w1, "heads": (16, 8), "head_dim": 128},
         {"name": "qwen3-0.6b W3: 4 x 2048", "query_lens": [2048] * 4, "context_lens": [2048] * 4,
          "heads": (16, 8), "head_dim": 128},
         {"name": "llama3.1-8b W3: 4 x 2048", "query_lens": [2048] * 4, "context_lens": [2048] * 4,
@@ -32,10 +50,13 @@ def step_shapes(smoke: bool) -> list[dict]:
     ]
 
 
-def candidates(smoke: bool) -> list[tuple[int, int, int, int]]:
+def candidates(smoke: bool) -> list[tuple[int, int, int, int, bool]]:
+    """(rows, K/V tokens, warps, stages, longest tiles first): every tile shape in grid
+    order, and the ones fastest on some step so far also started longest first."""
     if smoke:
-        return [(16, 32, 4, 1), (32, 16, 4, 1)]
-    return list(itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3, 4)))
+        return [(16, 32, 4, 1, False), (32, 16, 4, 1, False), (16, 32, 4, 1, True)]
+    grid_order = [(*c, False) for c in itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3, 4))]
+    return grid_order + [(64, 64, 4, 3, True), (128, 128, 8, 3, True), (64, 32, 4, 2, True), (128, 32, 8, 3, True)]
 
 
 def flops(query_lens: list[int], context_lens: list[int], heads: int, head_dim: int) -> float:
@@ -91,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         results.append({"shape": shape["name"], "default": default._asdict(), "best": best, "rows": rows})
         print(f"{shape['name']}: default {default} "
               + (f"{base['ms']:.3f} ms ({base['tflops']:.0f} TFLOP/s)" if base else "not timed")
-              + f"; fastest {tuple(best[k] for k in ('block_m', 'block_n', 'num_warps', 'num_stages'))} "
+              + f"; fastest {tuple(best[k] for k in PrefillTiles._fields)} "
               f"{best['ms']:.3f} ms ({best['tflops']:.0f} TFLOP/s), max diff {best['max_abs_diff']:.4f}; "
               f"{sum('error' in r for r in rows)} configurations did not run", flush=True)
     write_sweep("prefill_tiles", cuda, results, args.out)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs ondo's GPU tests and benchmarks in one go on a CUDA machine; results under $OUT.
-# Stages are chosen with STAGES: tests timeline host_step sampling gemm kernels prefill prefill_tiles kv_write decode_kv throughput parallel host serve startup startup_ab tokenizer_load trace mixed_trace outside telemetry turnover structured soak agent.
+# Stages are chosen with STAGES: tests timeline host_step sampling gemm kernels prefill prefill_tiles kv_write decode_splits decode_balance switches throughput parallel host serve startup startup_ab tokenizer_load trace mixed_trace outside telemetry turnover structured soak agent.
 # THROUGHPUT_ARGS passes extra flags to `ondo bench throughput`.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -58,12 +58,38 @@ for stage in $STAGES; do
       # The KV write's launch configurations on a W3 prefill step and a decode step (both shapes).
       timeout 200 python3 bench/kv_write_bench.py --out "$OUT/kv_write.json" > "$OUT/kv_write.log" 2>&1
       grep -v "^{" "$OUT/kv_write.log" | tail -6 ;;
-    decode_kv)
-      # A decode step's attention with the KV write as its own kernel against the decode kernel
-      # storing the new K/V (ONDO_DECODE_WRITES_KV=1), as CUDA graphs of one call a layer.
-      timeout 200 python3 bench/decode_kv_write_bench.py --out "$OUT/decode_kv_write.json" \
-        > "$OUT/decode_kv_write.log" 2>&1
-      grep -v "^{" "$OUT/decode_kv_write.log" | tail -10 ;;
+    decode_splits)
+      # A decode graph's attention with the split of each context fixed at capture against
+      # the split set at each replay from the step's own contexts, and a sweep of split counts.
+      timeout 240 python3 bench/decode_graph_splits.py --out "$OUT/decode_graph_splits.json" \
+        > "$OUT/decode_graph_splits.log" 2>&1
+      grep -v "^{" "$OUT/decode_graph_splits.log" | tail -60 ;;
+    decode_balance)
+      # One layer's decode attention over W1's unequal contexts: request order or longest
+      # first, each context split or not.
+      timeout 240 python3 bench/decode_balance.py --out "$OUT/decode_balance.json" \
+        > "$OUT/decode_balance.log" 2>&1
+      grep -v "^{" "$OUT/decode_balance.log" | tail -90 ;;
+    switches)
+      # Offline throughput with each attention switch against all off, one after another on
+      # this machine (SWITCHES: space-separated runs, each "off" or VAR=VALUE[,VAR=VALUE]).
+      i=0
+      for run in ${SWITCHES:-off ONDO_DECODE_LONGEST_FIRST=1 ONDO_DECODE_SPLIT_MAX_TOKENS=512 ONDO_PREFILL_LONGEST_FIRST=1 off}; do
+        i=$((i + 1)); dir="$OUT/switches/$i"; mkdir -p "$dir"
+        envs=(); [ "$run" != off ] && IFS=, read -ra envs <<< "$run"
+        echo "$run" > "$dir/switches.txt"
+        env "${envs[@]}" timeout ${THROUGHPUT_TIMEOUT:-300} python3 -m ondo bench throughput --out-dir "$dir" \
+          ${THROUGHPUT_ARGS:---model-shape qwen3-0.6b --workload W1 W3 --no-baselines} > "$dir/throughput.log" 2>&1
+        python3 - "$dir" <<'PY'
+import glob, json, sys
+d = sys.argv[1]
+run = open(f"{d}/switches.txt").read().strip()
+for path in glob.glob(f"{d}/throughput-*.json"):
+    for r in json.load(open(path)):
+        print(f"{run:40} {r['model']:14} {r['workload']:3} {r['output_tokens_per_s']:9.0f} tok/s  "
+              f"{r.get('fraction_of_roofline', float('nan')):.3f} of roofline  {r['mean_step_ms']:.2f} ms/step")
+PY
+      done ;;
     throughput)
       timeout ${THROUGHPUT_TIMEOUT:-560} python3 -m ondo bench throughput --out-dir "$OUT" ${THROUGHPUT_ARGS:-} \
         > "$OUT/throughput.log" 2>&1

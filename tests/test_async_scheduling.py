@@ -211,3 +211,45 @@ def test_parallel_sampling_runs_ahead_unless_switched_off(tiny_path, monkeypatch
         engine = llm.engine
         assert (engine.num_steps_ahead > 0) is ahead
         assert engine._num_sync_requests == 0
+
+
+@pytest.mark.parametrize("kwargs", [{"async_scheduling": True}, {"async_scheduling": False},
+                                    {"async_scheduling": True, "num_kv_blocks": 26, "preemption_mode": "swap"}])
+def test_decode_rows_packed_longest_first_give_the_same_outputs(tiny_path, reference, kwargs, monkeypatch):
+    """ONDO_DECODE_LONGEST_FIRST=1 (the default) packs a decode step's rows by context,
+    longest first: the tokens (greedy and seeded), logprobs and finish reasons stay those
+    of the scheduler's order (ONDO_DECODE_LONGEST_FIRST=0), with steps ahead and under
+    preemption."""
+    ps, params, _ = reference
+    monkeypatch.setenv("ONDO_DECODE_LONGEST_FIRST", "0")
+    want, unpacked = run(tiny_path, ps, params, **kwargs)
+    assert not unpacked.engine.runner.longest_first
+    monkeypatch.delenv("ONDO_DECODE_LONGEST_FIRST")
+    packed = []
+    original = __import__("ondo.engine.model_runner", fromlist=["ModelRunner"]).ModelRunner.upload
+
+    def upload(self, host):
+        packed.append(host)
+        return original(self, host)
+
+    monkeypatch.setattr("ondo.engine.model_runner.ModelRunner.upload", upload)
+    got, llm = run(tiny_path, ps, params, **kwargs)
+    assert llm.engine.runner.longest_first
+    assert tokens(got) == tokens(want)
+    for g, w in zip(got, want):
+        assert g.outputs[0].finish_reason == w.outputs[0].finish_reason
+        if w.outputs[0].logprobs is not None:
+            for a, b in zip(g.outputs[0].logprobs, w.outputs[0].logprobs):
+                assert a.keys() == b.keys()
+                assert all(a[k] == pytest.approx(b[k], abs=1e-5) for k in a)
+    decode = [h for h in packed if int(h.query_start_loc[-1]) == len(h.context_lens)]
+    assert decode and all((h.context_lens[:-1] >= h.context_lens[1:]).all() for h in decode)
+    # Some steps' rows did move: their sampled rows come back from other packed rows.
+    assert any((h.logits_indices != range(len(h.logits_indices))).any() for h in decode)
+    assert all(sorted(h.logits_indices) == list(range(len(h.context_lens))) for h in decode)
+
+
+def test_the_longest_first_switch_takes_0_or_1(tiny_path, monkeypatch):
+    monkeypatch.setenv("ONDO_DECODE_LONGEST_FIRST", "yes")
+    with pytest.raises(ValueError, match="ONDO_DECODE_LONGEST_FIRST must be 0 or 1"):
+        LLM(tiny_path, block_size=BS, max_model_len=96, max_num_batched_tokens=64)

@@ -30,6 +30,9 @@ def test_prefill_tiles_sweep_agrees_with_the_default_configuration(tmp_path):
     rows = shape["rows"]
     assert all("error" not in r and r["max_abs_diff"] < 1e-4 for r in rows)
     assert {r["block_m"] for r in rows} == {16, 32}
+    # The default's tiles started from the grid's end too: the same output exactly.
+    assert [(r["block_m"], r["longest_first"]) for r in rows] == [(16, False), (32, False), (16, True)]
+    assert rows[2]["max_abs_diff"] == 0.0
     assert shape["best"]["ms"] == min(r["ms"] for r in rows)
 
 

@@ -15,8 +15,6 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are decorated
 
-import pytest  # noqa: E402
-
 from ondo.kernels import precompile  # noqa: E402
 from ondo.kernels.launch import compile_only, launch  # noqa: E402
 
@@ -62,15 +60,13 @@ def _shapes(device: torch.device, **overrides) -> precompile.EngineKernelShapes:
     return precompile.EngineKernelShapes(**{**fields, **overrides})
 
 
-@pytest.mark.parametrize("fused_decode", ["0", "1"])
-def test_the_plan_launches_every_start_up_kernel_through_the_real_wrappers(monkeypatch, fused_decode):
+def test_the_plan_launches_every_start_up_kernel_through_the_real_wrappers(monkeypatch):
     from ondo.kernels import attention
     from ondo.kernels import triton_attention as ta
     from ondo.kernels import triton_kv_write as kw
     from ondo.kernels import triton_sampling as ts
 
     monkeypatch.setattr(attention, "_use_triton", lambda t: True)  # CPU tensors, interpreted kernels
-    monkeypatch.setenv("ONDO_DECODE_WRITES_KV", fused_decode)
     compiled: list[tuple[str, dict]] = []
     kernels = {"split": ta._decode_split_kernel, "reduce": ta._decode_reduce_kernel, "prefill": ta._prefill_kernel,
                "write": kw._write_kv_cache_kernel, "write_tokens": kw._write_kv_tokens_kernel,
@@ -87,13 +83,15 @@ def test_the_plan_launches_every_start_up_kernel_through_the_real_wrappers(monke
     assert set(names) == set(kernels)
     # The profiling pass and the prefill graphs: the prefill kernel without and with the
     # device flag; the decode kernel with the flag (a prefill graph's decode rows), with
-    # splits (2 rows) and without (64 rows), with the new K/V or not as the engine would.
+    # splits (2 rows) and without (64 rows).
     assert sorted(kw["SKIP_SINGLE"] for n, kw in compiled if n == "prefill") == [0, 2]
     split = [kw for n, kw in compiled if n == "split"]
     assert sorted((kw["READ_FLAG"], kw["SPLIT"]) for kw in split) == [(False, False), (False, True), (True, False)]
-    writes = {kw["WRITE_KV"] for kw in split if not kw["READ_FLAG"]}
-    assert writes == {fused_decode == "1"}
-    assert names.count("write") == (2 if fused_decode == "1" else 4)
+    # A decode graph with splits reads each replay's split from the device, as captured.
+    assert [kw["SPLIT_TOKENS_FROM_PTR"] for kw in split if kw["SPLIT"]] == [True]
+    reduce = [kw for n, kw in compiled if n == "reduce"]
+    assert [kw["SPLIT_TOKENS_FROM_PTR"] for kw in reduce] == [True]
+    assert names.count("write") == 4  # the profiling pass, a prefill graph, two decode graphs
     # The profiling pass's 1,024-token step writes its KV one program per token.
     assert names.count("write_tokens") == 1
     assert names.count("sample") == 1  # float32 logits only once (the model's dtype is float32 here)

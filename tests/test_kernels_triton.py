@@ -4,6 +4,8 @@ Without a GPU the kernels run in Triton's interpreter on CPU tensors, so the sha
 are small; on a CUDA machine the same checks run on the GPU in fp32.
 """
 
+import dataclasses
+import math
 import os
 
 import torch
@@ -16,14 +18,15 @@ if DEVICE == "cpu":
 import pytest  # noqa: E402
 
 from ondo.kernels.attention import splits_decode_rows  # noqa: E402
+from ondo.kernels.decode_splits import decode_split_tokens, decode_splits, graph_split_tokens  # noqa: E402
 from ondo.kernels.reference import paged_attention_ref, write_kv_cache_ref  # noqa: E402
 from ondo.kernels.testing import PagedBatch, make_paged_batch  # noqa: E402
 from ondo.kernels.triton_attention import (  # noqa: E402
     PrefillTiles,
-    decode_split_tokens,
     paged_attention_triton,
     paged_decode_attention_triton,
     paged_prefill_attention_triton,
+    prefill_tiles,
 )
 from ondo.kernels.triton_kv_write import (  # noqa: E402
     KV_WRITE_TOKEN_PROGRAMS_FROM,
@@ -147,55 +150,12 @@ def _reference_caches(b: PagedBatch) -> tuple[torch.Tensor, torch.Tensor]:
     return k_cache, v_cache
 
 
-@pytest.mark.parametrize("split_tokens", [None, 32, 64])
-@pytest.mark.parametrize(
-    "heads, head_dim, block_size",
-    [((8, 2), 64, 16), ((4, 4), 32, 8), ((8, 1), 128, 16)],
-)
-def test_decode_that_writes_the_new_kv_equals_write_then_attend(split_tokens, heads, head_dim, block_size):
-    # The new token lands mid-block, as a block's first slot (33 = 2 * 16 + 1), as the
-    # very first token (1), and at a split's first and last position (65, 64 with 32- and
-    # 64-token splits): the split that holds it stores and attends to it.
-    b = _batch([1] * 6, [37, 1, 33, 65, 64, 130], heads=heads, head_dim=head_dim, block_size=block_size)
-    k_ref, v_ref = _reference_caches(b)
-    expect = _reference(b)
-    untouched = b.k_cache.clone()
-    out = paged_decode_attention_triton(b.query, b.k_cache, b.v_cache, b.meta, head_dim**-0.5,
-                                        split_tokens=split_tokens, new_kv=(b.key, b.value))
-    torch.testing.assert_close(out, expect, atol=ATOL, rtol=RTOL)
-    assert torch.equal(b.k_cache, k_ref) and torch.equal(b.v_cache, v_ref)
-    assert not torch.equal(b.k_cache, untouched)  # the kernel did write
-
-
-def test_decode_that_writes_the_new_kv_reads_strided_inputs_and_skips_padding_rows():
-    """K and V as views of a wider projection output (the model's layout), and padding
-    rows as a CUDA graph replays them: slot -1 (nothing stored), context of one token."""
-    b = _batch([1, 1, 1, 1], [20, 47, 1, 1], heads=(8, 2), head_dim=64, block_size=16)
-    b.meta.slot_mapping[2:] = -1
-    k_ref, v_ref = _reference_caches(b)  # the reference writer skips negative slots too
-    expect = _reference(b)
-    wide = torch.randn(4, 3, 2, 64, device=DEVICE)  # [T, (q, k, v) parts, Hkv, D]
-    wide[:, 1], wide[:, 2] = b.key, b.value
-    key, value = wide[:, 1], wide[:, 2]
-    assert not key.is_contiguous()
-    out = paged_decode_attention_triton(b.query, b.k_cache, b.v_cache, b.meta, 64**-0.5,
-                                        new_kv=(key, value))
-    assert torch.equal(b.k_cache, k_ref) and torch.equal(b.v_cache, v_ref)
-    # Padding rows attend to their own token only, read from registers: their output is
-    # that token's value for every head of its group.
-    torch.testing.assert_close(out[:2], expect[:2], atol=ATOL, rtol=RTOL)
-    torch.testing.assert_close(out[2], value[2].repeat_interleave(4, dim=0), atol=ATOL, rtol=RTOL)
-
-
-@pytest.mark.parametrize("fused", ["0", "1"])
-def test_write_and_attend_gives_the_same_caches_and_output_either_way(fused, monkeypatch):
-    """The model's entry point, on the Triton path, with the decode kernel storing the new
-    K/V (ONDO_DECODE_WRITES_KV=1) or the KV-write kernel first: the same caches and output
-    for a decode step and for a mixed one (which always writes first)."""
+def test_write_and_attend_gives_the_reference_caches_and_output(monkeypatch):
+    """The model's entry point, on the Triton path (the KV-write kernel, then attention):
+    the reference's caches and output for a decode step and for a mixed one."""
     from ondo.kernels import attention
 
     monkeypatch.setattr(attention, "_use_triton", lambda t: True)
-    monkeypatch.setenv("ONDO_DECODE_WRITES_KV", fused)
     for query_lens, context_lens in (([1, 1, 1], [40, 3, 77]), ([5, 1, 0], [21, 18, 4])):
         b = _batch(query_lens, context_lens, heads=(8, 2), head_dim=64)
         k_ref, v_ref = _reference_caches(b)
@@ -203,6 +163,42 @@ def test_write_and_attend_gives_the_same_caches_and_output_either_way(fused, mon
         out = attention.write_and_attend(b.query, b.key, b.value, b.k_cache, b.v_cache, b.meta, 64**-0.5)
         torch.testing.assert_close(out, expect, atol=ATOL, rtol=RTOL)
         assert torch.equal(b.k_cache, k_ref) and torch.equal(b.v_cache, v_ref)
+
+
+@pytest.mark.parametrize("split", [32, 64, 96])
+def test_decode_graph_split_set_at_replay_equals_reference_and_the_fixed_split(split):
+    """A CUDA graph's decode launch: a grid sized for the longest context allowed (4,096
+    tokens: 16 splits here), the split's tokens read from the device as each replay sets
+    them. Splits past a context's end write nothing, and the reduction must skip them."""
+    b = _batch([1, 1, 1], [150, 20, 96], heads=(8, 2), head_dim=64, block_size=16)
+    write_kv_cache_triton(b.key, b.value, b.k_cache, b.v_cache, b.meta.slot_mapping)
+    scale = 64**-0.5
+    graph_meta = dataclasses.replace(b.meta, max_context_len=4096, decode_split_tokens=torch.tensor(
+        [split], dtype=torch.int32, device=DEVICE))
+    from_device = paged_decode_attention_triton(b.query, b.k_cache, b.v_cache, graph_meta, scale)
+    fixed = paged_decode_attention_triton(b.query, b.k_cache, b.v_cache, b.meta, scale, split_tokens=split)
+    torch.testing.assert_close(from_device, _reference(b), atol=ATOL, rtol=RTOL)
+    assert torch.equal(from_device, fixed)  # the same splits, summed in the same order
+
+
+def test_graph_split_follows_the_steps_contexts_within_the_graphs_grid():
+    # The graph of 8 rows captured for 4,096 tokens (8 kv heads, 132 SMs, 64-token tiles):
+    # 5 splits of 832 tokens. Replayed by 7 rows of at most 1,900 tokens: 5 splits of 384,
+    # as an eager step of those rows chooses, where the captured split left 2 of 5 idle.
+    assert decode_splits(8, 8, 4096, 64, 132) == (832, 5)
+    assert graph_split_tokens(7, 1900, 8, 4096, 8, 64, 132) == decode_splits(7, 8, 1900, 64, 132)[0] == 384
+    # Short contexts are not cut below 256 tokens: 2 splits of 192 (whole tiles).
+    assert graph_split_tokens(7, 300, 8, 4096, 8, 64, 132) == 192
+    # 2 rows replaying the graph of 4 rows (8 splits) would split 4,000 tokens 16 ways;
+    # the grid holds 8, so the context is spread over those.
+    assert decode_splits(4, 8, 4096, 64, 132)[1] == 8
+    assert graph_split_tokens(2, 4000, 4, 4096, 8, 64, 132) == 512
+    for rows, graph_rows in ((1, 2), (3, 4), (5, 8), (40, 48), (250, 256)):
+        grid = decode_splits(graph_rows, 8, 4096, 64, 132)[1]
+        for context in (1, 17, 255, 256, 1000, 2049, 4096):
+            split = graph_split_tokens(rows, context, graph_rows, 4096, 8, 64, 132)
+            assert split % 64 == 0 and split > 0
+            assert math.ceil(context / split) <= grid, (rows, graph_rows, context, split, grid)
 
 
 def test_decode_split_heuristic_fills_the_gpu_only_when_needed():
@@ -214,6 +210,55 @@ def test_decode_split_heuristic_fills_the_gpu_only_when_needed():
     # Short contexts are never cut below 256 tokens per split.
     assert decode_split_tokens(1, 8, 512, block_n=64, num_sms=132) == 256
 
+
+
+@pytest.mark.parametrize("split_tokens", [None, 64])
+def test_decode_grid_with_a_rows_heads_side_by_side_gives_the_same_output(split_tokens, monkeypatch):
+    # The grid (kv heads, rows, splits) runs the same programs as (rows, kv heads, splits).
+    b = _batch([1, 1, 0, 1, 1], [150, 7, 12, 300, 64], heads=(8, 2), head_dim=64, block_size=8)
+    outs = {}
+    for inner in (False, True):
+        outs[inner] = _write_then_attend(
+            b, lambda *a, i=inner: paged_decode_attention_triton(*a, split_tokens=split_tokens, heads_inner=i))
+    assert torch.equal(outs[True], outs[False])  # every token is a decode row's
+    torch.testing.assert_close(outs[True], _reference(b), atol=ATOL, rtol=RTOL)
+    # By default the grid follows ONDO_DECODE_LONGEST_FIRST: (kv heads, rows, splits) with it.
+    import ondo.kernels.triton_attention as ta
+
+    grids = []
+
+    def launch(kernel, grid, *args, **kwargs):
+        grids.append((kernel, grid))
+        return real_launch(kernel, grid, *args, **kwargs)
+
+    real_launch = ta.launch
+    monkeypatch.setattr(ta, "launch", launch)
+    for flag in ("0", "1"):
+        monkeypatch.setenv("ONDO_DECODE_LONGEST_FIRST", flag)
+        by_switch = _write_then_attend(b, lambda *a: paged_decode_attention_triton(*a, split_tokens=split_tokens))
+        assert torch.equal(by_switch, outs[True])
+    split_grids = [grid for kernel, grid in grids if kernel is ta._decode_split_kernel]
+    assert [g[:2] for g in split_grids] == [(5, 2), (2, 5)]
+
+
+def test_a_split_cap_cuts_long_contexts_at_any_batch_size(monkeypatch):
+    # 240 rows x 8 kv heads fill the GPU without a split; with a 512-token cap the graph
+    # captured for 4,096 tokens holds 8 splits, and a replay whose longest context is
+    # 2,000 tokens cuts each at 512: its programs read at most 512 tokens each.
+    assert decode_splits(240, 8, 4096, 64, 132) == (4096, 1)
+    monkeypatch.setenv("ONDO_DECODE_SPLIT_MAX_TOKENS", "512")
+    assert decode_splits(240, 8, 4096, 64, 132) == (512, 8)
+    assert graph_split_tokens(240, 2000, 240, 4096, 8, 64, 132) == 512
+    assert decode_splits(8, 8, 4096, 64, 132) == (512, 8)  # was 5 splits of 832
+    assert decode_split_tokens(2, 8, 4096, block_n=64, num_sms=132) == 256  # small batches: as before
+    # A cap below a tile is a tile; the grid never passes MAX_DECODE_SPLITS.
+    monkeypatch.setenv("ONDO_DECODE_SPLIT_MAX_TOKENS", "10")
+    assert decode_splits(240, 8, 4096, 64, 132) == (64, 64)
+    assert decode_splits(240, 8, 32768, 64, 132) == (512, 64)
+    for bad in ("-1", "half"):
+        monkeypatch.setenv("ONDO_DECODE_SPLIT_MAX_TOKENS", bad)
+        with pytest.raises(ValueError, match="ONDO_DECODE_SPLIT_MAX_TOKENS"):
+            decode_splits(240, 8, 4096, 64, 132)
 
 # ------------------------------------------------------------------ prefill / extend
 
@@ -318,12 +363,36 @@ def test_prefill_kernel_handles_decode_only_batches_too():
     torch.testing.assert_close(out, _reference(b), atol=ATOL, rtol=RTOL)
 
 
+def test_prefill_tiles_started_longest_first_give_the_same_output():
+    # A long prompt, a chunk over a cached prefix, decode rows and an empty sequence: the
+    # programs taken from the grid's end compute exactly what they compute in grid order.
+    b = _batch([70, 1, 23, 1, 0, 9], [70, 40, 90, 17, 11, 9], heads=(8, 2), head_dim=64, block_size=8)
+    outs = {}
+    for first in (False, True):
+        tiles = PrefillTiles(16, 32, 4, 1, first)
+        outs[first] = _write_then_attend(b, lambda *a, t=tiles: paged_prefill_attention_triton(*a, tiles=t))
+    assert torch.equal(outs[True], outs[False])
+    torch.testing.assert_close(outs[True], _reference(b), atol=ATOL, rtol=RTOL)
+
+
+def test_the_prefill_longest_first_switch(monkeypatch):
+    q, kc = torch.zeros(1, 4, 64), torch.zeros(1, 16, 2, 64)
+    assert not prefill_tiles(q, kc).longest_first  # off by default
+    monkeypatch.setenv("ONDO_PREFILL_LONGEST_FIRST", "1")
+    assert prefill_tiles(q, kc).longest_first
+    monkeypatch.setenv("ONDO_PREFILL_LONGEST_FIRST", "on")
+    with pytest.raises(ValueError, match="ONDO_PREFILL_LONGEST_FIRST must be 0 or 1"):
+        prefill_tiles(q, kc)
+
+
+@pytest.mark.parametrize("longest_first", ["0", "1"])
 @pytest.mark.parametrize("split_flag", [None, 0, 1])
-def test_prefill_kernel_on_a_graph_shaped_batch_ignores_padding(split_flag):
+def test_prefill_kernel_on_a_graph_shaped_batch_ignores_padding(split_flag, longest_first, monkeypatch):
     """As a CUDA graph replays it: more token rows than the batch has (padding of no
     sequence, slot -1), trailing sequences with no new tokens and stale context lengths,
     wider block tables, and a max_query_len that is the padded size. The batch's own
-    rows must come out as without the padding."""
+    rows must come out as without the padding, whichever end of the grid starts."""
+    monkeypatch.setenv("ONDO_PREFILL_LONGEST_FIRST", longest_first)
     b = _batch([1, 37, 1, 0, 5], [20, 50, 9, 12, 5], heads=(8, 2), head_dim=64, block_size=8)
     expect = _reference(b)
     total, pad_tokens, num_seqs = b.query.shape[0], 23, 8

@@ -25,6 +25,7 @@ from ondo.engine.sequence import Sequence
 from ondo.engine.step_cost import CostShape, step_cost
 from ondo.kernels.attention import splits_decode_rows
 from ondo.kernels.block_copy import copy_blocks, swap_in, swap_out
+from ondo.kernels.decode_splits import decode_longest_first, graph_split_tokens
 from ondo.kernels.metadata import AttentionMetadata
 from ondo.kernels.precompile import Precompile
 
@@ -93,6 +94,8 @@ class ModelRunner:
         self.block_size = args.block_size
         self.max_model_len = max_model_len
         self.max_num_batched_tokens = max_num_batched_tokens
+        # Decode steps' rows packed longest context first (off by default; see `prepare`).
+        self.longest_first = decode_longest_first()
         self.num_layers = config.num_hidden_layers
         kv_heads = model.num_kv_heads  # this rank's, in a tensor-parallel engine
         self.kv_shape_tail = (self.block_size, kv_heads, config.head_dim)
@@ -282,6 +285,16 @@ class ModelRunner:
         np.cumsum(q_lens, out=qsl[1:])
         total = int(qsl[-1])
         decode_only = total == n
+        # Rows of a decode step in the order the batch packs them; None: the scheduler's.
+        order = None
+        if decode_only and self.longest_first and n > 1:
+            # The GPU starts the decode kernel's programs in row order: longest contexts
+            # first, the step ends on short programs spread over the SMs rather than on a
+            # long one left running alone. The logits come back in the scheduler's order.
+            order = np.argsort(-ctx, kind="stable")
+            sampled_rows = np.fromiter((it.samples for it in items), dtype=bool, count=n)
+            items = [items[i] for i in order]
+            starts, ctx = starts[order], ctx[order]
         pending_dst: list[int] = []
         pending_src: list[int] = []
         if decode_only:
@@ -316,7 +329,13 @@ class ModelRunner:
         for i, it in enumerate(items):
             tables[i, : len(it.seq.block_table)] = it.seq.block_table
         slots = tables[seq_of_token, positions // bs].astype(np.int64) * bs + positions % bs
-        sampling = np.fromiter((it.samples for it in items), dtype=bool, count=n)
+        if order is None:
+            sampling = np.fromiter((it.samples for it in items), dtype=bool, count=n)
+            logits_indices = (qsl[1:] - 1)[sampling]
+        else:  # the packed row of each sampled row, in the scheduler's order
+            packed_row = np.empty(n, dtype=np.int64)
+            packed_row[order] = np.arange(n)
+            logits_indices = packed_row[sampled_rows]
         return self.upload(HostBatch(
             input_ids=input_ids,
             positions=np.ascontiguousarray(positions),
@@ -325,7 +344,7 @@ class ModelRunner:
             context_lens=ctx,
             query_start_loc=qsl,
             query_lens=q_lens,
-            logits_indices=(qsl[1:] - 1)[sampling],
+            logits_indices=logits_indices,
             num_decode_tokens=int(((q_lens == 1) & (starts > 0)).sum()),
             pending_dst=np.asarray(pending_dst, dtype=np.int64) if pending_dst else None,
             pending_src=np.asarray(pending_src, dtype=np.int64) if pending_dst else None,
@@ -437,6 +456,8 @@ class ModelRunner:
             "query_start_loc": torch.zeros(num_seqs + 1, dtype=torch.int32, device=dev),
             # Whether the replayed step's one-token sequences go to the decode kernel.
             "split_decode_rows": torch.zeros(1, dtype=torch.int32, device=dev),
+            # The decode kernel's context tokens per split, from the replayed step's contexts.
+            "decode_split_tokens": torch.ones(1, dtype=torch.int32, device=dev),
         }
 
     def _capture(self, kind: str, args: tuple, pool, warm_up: bool = True) -> _Graph:
@@ -483,17 +504,26 @@ class ModelRunner:
 
     def _capture_decode_graphs(self, pool) -> None:
         """Decode graphs at a ladder of batch sizes, sharing one set of input buffers."""
+        from ondo.kernels.triton_attention import decode_tile_tokens
+
         max_bs = self.args.max_num_seqs
         self.graph_sizes = decode_graph_sizes(max_bs)
         self.static = st = self._static_inputs(max_bs, max_bs)
         # One new token per sequence, and padding rows that read one slot of block 0.
         st["context_lens"].fill_(1)
         torch.arange(max_bs + 1, out=st["query_start_loc"])
+        k_cache = self.kv_caches[0][0]
+        self._decode_split_shape = (k_cache.shape[2], decode_tile_tokens(k_cache),
+                                    torch.cuda.get_device_properties(self.device).multi_processor_count)
         for size in reversed(self.graph_sizes):
+            # Captured with the grid of the longest context allowed; each replay sets the
+            # split's tokens from its own contexts (`_replay`).
+            st["decode_split_tokens"].fill_(self._graph_split_tokens(size, self.max_model_len, size))
             meta = AttentionMetadata(
                 slot_mapping=st["slot_mapping"][:size], block_tables=st["block_tables"][:size],
                 context_lens=st["context_lens"][:size], query_start_loc=st["query_start_loc"][: size + 1],
                 max_query_len=1, max_context_len=self.max_model_len, block_size=self.block_size,
+                decode_split_tokens=st["decode_split_tokens"],
             )
             graph = self._capture("decode", (st["input_ids"][:size], st["positions"][:size], self.kv_caches, meta),
                                   pool)
@@ -512,8 +542,14 @@ class ModelRunner:
         if size > n:  # padding rows: write nothing, read one slot of block 0
             st["slot_mapping"][n:size].fill_(-1)
             st["context_lens"][n:size].fill_(1)
+        st["decode_split_tokens"].fill_(self._graph_split_tokens(n, batch.meta.max_context_len, size))
         graph.graph.replay()
         return graph.output[:n]
+
+    def _graph_split_tokens(self, rows: int, max_context_len: int, graph_rows: int) -> int:
+        num_kv_heads, block_n, num_sms = self._decode_split_shape
+        return graph_split_tokens(rows, max_context_len, graph_rows, self.max_model_len, num_kv_heads,
+                                  block_n, num_sms)
 
     def _replay_mixed(self, graph: _Graph, batch: StepBatch) -> torch.Tensor:
         # The scheduler runs at most max_num_seqs sequences of at most max_model_len

@@ -1,6 +1,6 @@
 """The one entry point the model calls for a layer's KV write and attention
-(`write_and_attend`); picks Triton or the reference, which kernel a mixed step's decode
-rows take, and whether a decode step's kernel stores the new K/V itself."""
+(`write_and_attend`); picks Triton or the reference, and which kernel a mixed step's decode
+rows take."""
 
 from __future__ import annotations
 
@@ -51,14 +51,6 @@ def write_kv_cache(
         write_kv_cache_ref(key, value, k_cache, v_cache, slot_mapping)
 
 
-def decode_writes_kv() -> bool:
-    """ONDO_DECODE_WRITES_KV=1: in a step where every sequence brings one token, the decode
-    kernel stores the new K/V itself (one kernel a layer fewer). Off by default: on an H200
-    that kernel ran about 45 % slower from 64 rows up than the KV write and the decode
-    kernel together (docs/benchmarks.md)."""
-    return os.environ.get("ONDO_DECODE_WRITES_KV", "0") == "1"
-
-
 def write_and_attend(
     query: torch.Tensor,  # [T, Hq, D]
     key: torch.Tensor,  # [T, Hkv, D]: the new tokens' K, not yet in the cache
@@ -68,11 +60,9 @@ def write_and_attend(
     meta: AttentionMetadata,
     scale: float,
 ) -> torch.Tensor:
-    """Store the new tokens' K/V into their slots, then attend: [T, Hq, D]."""
-    if meta.is_decode_only and _use_triton(query) and decode_writes_kv():
-        from ondo.kernels.triton_attention import paged_decode_attention_triton
-
-        return paged_decode_attention_triton(query, k_cache, v_cache, meta, scale, new_kv=(key, value))
+    """Store the new tokens' K/V into their slots, then attend: [T, Hq, D]. (A decode kernel
+    that stored the new K/V itself, one kernel a layer fewer, ran about 45 % slower on an
+    H200 from 64 rows up: docs/benchmarks.md.)"""
     write_kv_cache(key, value, k_cache, v_cache, meta.slot_mapping)
     return paged_attention(query, k_cache, v_cache, meta, scale)
 

@@ -29,6 +29,11 @@ class AttentionMetadata:
     # [1] int32 on the device, read only where the host lengths are absent (a CUDA graph's
     # capture): nonzero sends the sequences with one new token to the decode kernel.
     split_decode_rows: torch.Tensor | None = None
+    # [1] int32 on the device, read by a CUDA graph's decode kernel where it splits its
+    # contexts: the context tokens per split, set before each replay from the step's own
+    # longest context (`graph_split_tokens`); the grid, captured once, holds the splits of
+    # `max_context_len`, the longest context the engine allows.
+    decode_split_tokens: torch.Tensor | None = None
     # Host copies, so the reference path never waits on the device for sizes.
     query_lens_cpu: list[int] | None = None
     context_lens_cpu: list[int] | None = None

@@ -179,7 +179,8 @@ def _tasks(s: EngineKernelShapes) -> list[Callable[[], object]]:
             slot_mapping=torch.full((size,), -1, dtype=torch.int64, device=dev),
             block_tables=torch.zeros(size, max_blocks, dtype=torch.int32, device=dev),
             context_lens=int32([1] * size), query_start_loc=int32(list(range(size + 1))),
-            max_query_len=1, max_context_len=s.max_model_len, block_size=bs)
+            max_query_len=1, max_context_len=s.max_model_len, block_size=bs,
+            decode_split_tokens=int32([s.max_model_len]))
         tasks.append(lambda a=(q, k, v, kc, vc, decode_meta): write_and_attend(*a, scale))
 
     # The KV write of steps of KV_WRITE_TOKEN_PROGRAMS_FROM tokens or more (the profiling

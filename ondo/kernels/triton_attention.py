@@ -15,7 +15,7 @@ a partial (max, sum, normalised output), and a small kernel combines the splits.
 from __future__ import annotations
 
 import functools
-import math
+import os
 from typing import NamedTuple
 
 import torch
@@ -23,11 +23,11 @@ import triton
 import triton.language as tl
 
 from ondo.kernels.attention import splits_decode_rows
+from ondo.kernels.decode_splits import MAX_DECODE_SPLITS, decode_longest_first, decode_splits
 from ondo.kernels.launch import launch
 from ondo.kernels.metadata import AttentionMetadata
 
 LOG2E = 1.4426950408889634
-MAX_DECODE_SPLITS = 64  # the most `decode_split_tokens` cuts a context into
 # A finite "minus infinity" for running maxima: exp2(-inf - (-inf)) would be NaN.
 NEG_BIG = tl.constexpr(-1.0e30)
 
@@ -94,14 +94,8 @@ def _decode_split_kernel(
     stride_bt,
     split_tokens,  # context tokens per split, a multiple of BLOCK_N
     num_splits,  # a runtime value, so that batch sizes do not each compile a kernel
+    split_tokens_ptr,  # [1] int32, read when SPLIT_TOKENS_FROM_PTR: split_tokens set at replay
     split_flag_ptr,  # [1] int32, read when READ_FLAG: zero means the prefill kernel has them
-    k_new_ptr,  # [T, Hkv, D] the step's new K, read when WRITE_KV
-    v_new_ptr,
-    slot_mapping_ptr,  # [T] int64, read when WRITE_KV: where each new token's K/V go (-1: nowhere)
-    stride_kn_t,
-    stride_kn_h,
-    stride_vn_t,
-    stride_vn_h,
     NUM_Q_HEADS: tl.constexpr,
     GROUP: tl.constexpr,  # query heads per kv head
     GROUP_PAD: tl.constexpr,  # GROUP padded to a power of two >= 16 (tl.dot's minimum M)
@@ -110,20 +104,27 @@ def _decode_split_kernel(
     BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     SPLIT: tl.constexpr,  # num_splits > 1: write partials for the reduce kernel
+    SPLIT_TOKENS_FROM_PTR: tl.constexpr,
     READ_FLAG: tl.constexpr,
-    WRITE_KV: tl.constexpr,  # store the new token's K/V here too (no KV-write kernel first)
+    HEADS_INNER: tl.constexpr,  # grid (kv heads, rows, splits): a row's programs start together
     DOT_PRECISION: tl.constexpr,
 ):
     if READ_FLAG:
         if tl.load(split_flag_ptr) == 0:
             return
-    seq = tl.program_id(0)
-    kv_head = tl.program_id(1)
+    if HEADS_INNER:
+        kv_head = tl.program_id(0)
+        seq = tl.program_id(1)
+    else:
+        seq = tl.program_id(0)
+        kv_head = tl.program_id(1)
     split = tl.program_id(2)
 
     q_start = tl.load(query_start_loc_ptr + seq)
     q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
     ctx_len = tl.load(context_lens_ptr + seq)
+    if SPLIT_TOKENS_FROM_PTR:
+        split_tokens = tl.load(split_tokens_ptr)
     lo = split * split_tokens
     # Not a single new token (none, or a prefill row the prefill kernel owns), or a split
     # past the context's end.
@@ -144,22 +145,6 @@ def _decode_split_kernel(
     acc = tl.zeros([GROUP_PAD, BLOCK_D], dtype=tl.float32)
     table_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
 
-    if WRITE_KV:
-        # The new token is the context's last. The split holding it stores its K/V for
-        # this kv head into its slot, and attends to it from registers: its tile's load
-        # from the cache may come before the store lands, so that row is replaced.
-        last = ctx_len - 1
-        k_new = tl.load(k_new_ptr + q_start.to(tl.int64) * stride_kn_t + kv_head * stride_kn_h + d,
-                        mask=d_mask, other=0.0)
-        v_new = tl.load(v_new_ptr + q_start.to(tl.int64) * stride_vn_t + kv_head * stride_vn_h + d,
-                        mask=d_mask, other=0.0)
-        slot = tl.load(slot_mapping_ptr + q_start)
-        if (slot >= 0) & (last < hi):
-            c_off = ((slot // BLOCK_SIZE) * stride_cache_block + (slot % BLOCK_SIZE) * stride_cache_slot
-                     + kv_head * stride_cache_h + d)
-            tl.store(k_cache_ptr + c_off, k_new.to(k_cache_ptr.dtype.element_ty), mask=d_mask)
-            tl.store(v_cache_ptr + c_off, v_new.to(v_cache_ptr.dtype.element_ty), mask=d_mask)
-
     for start in range(lo, hi, BLOCK_N):
         n = start + tl.arange(0, BLOCK_N)
         n_mask = n < hi
@@ -167,8 +152,6 @@ def _decode_split_kernel(
             k_cache_ptr, table_row, kv_head, n, n_mask, d, d_mask,
             stride_cache_block, stride_cache_slot, stride_cache_h, BLOCK_SIZE, True,
         )  # fmt: skip
-        if WRITE_KV:
-            k = tl.where((n == last)[:, None], k_new.to(k.dtype)[None, :], k)
         qk = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION) * scale_log2e
         qk = tl.where(n_mask[None, :], qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
@@ -179,8 +162,6 @@ def _decode_split_kernel(
             v_cache_ptr, table_row, kv_head, n, n_mask, d, d_mask,
             stride_cache_block, stride_cache_slot, stride_cache_h, BLOCK_SIZE, True,
         )  # fmt: skip
-        if WRITE_KV:
-            v = tl.where((n == last)[:, None], v_new.to(v.dtype)[None, :], v)
         v = v.to(q.dtype)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
@@ -212,10 +193,12 @@ def _decode_reduce_kernel(
     stride_o_h,
     split_tokens,
     num_splits,
+    split_tokens_ptr,  # [1] int32, read when SPLIT_TOKENS_FROM_PTR
     NUM_Q_HEADS: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     SPLITS_PAD: tl.constexpr,
+    SPLIT_TOKENS_FROM_PTR: tl.constexpr,
 ):
     """Combine one (sequence, query head)'s split partials into the final output row."""
     seq = tl.program_id(0)
@@ -225,6 +208,8 @@ def _decode_reduce_kernel(
     if q_len != 1:  # the split kernel wrote nothing for this sequence
         return
     ctx_len = tl.load(context_lens_ptr + seq)
+    if SPLIT_TOKENS_FROM_PTR:
+        split_tokens = tl.load(split_tokens_ptr)
     live_splits = tl.cdiv(ctx_len, split_tokens)  # later splits returned without writing
 
     s = tl.arange(0, SPLITS_PAD)
@@ -319,6 +304,7 @@ def _prefill_kernel(
     # Sequences with one new token are the decode kernel's: 0 never, 1 always, 2 where
     # split_flag_ptr holds a nonzero value (a CUDA graph, decided per replay).
     SKIP_SINGLE: tl.constexpr,
+    LONGEST_FIRST: tl.constexpr,  # programs taken from the grid's end: each sequence's last tiles first
     DOT_PRECISION: tl.constexpr,
 ):
     """Causal attention of a tile of one sequence's new tokens over its whole context.
@@ -333,9 +319,17 @@ def _prefill_kernel(
     has tiles. So the grid needs only the token and sequence counts, never the longest
     query, and a CUDA graph captured for T tokens and B sequences serves every batch
     that fits (trailing sequences with no new tokens, tokens of no sequence).
+
+    A causal tile's work grows with its position: the last tile of a 2,048-token prompt
+    reads 2,048 keys, the first one 32. The GPU starts programs in grid order, so in
+    grid order the longest tiles start last and the kernel ends on a few of them running
+    alone. LONGEST_FIRST walks the grid from its end instead: within each sequence the
+    longest tiles start first and the kernel ends on short ones, spread over the SMs.
     """
     TOKENS_PER_TILE: tl.constexpr = BLOCK_M // GROUP_PAD
     program = tl.program_id(0)
+    if LONGEST_FIRST:
+        program = tl.num_programs(0) - 1 - program
     kv_head = tl.program_id(1)
     # The last sequence whose first program is at or before this one (binary search).
     lo = tl.full([], 0, tl.int32)
@@ -444,37 +438,9 @@ def _kv_tile_tokens(t: torch.Tensor, block_d: int) -> tuple[int, int]:
     return block_n, stages
 
 
-def decode_split_tokens(
-    num_seqs: int, num_kv_heads: int, max_context_len: int, block_n: int, num_sms: int
-) -> int:
-    """Context tokens per flash-decoding split (>= max_context_len means no split).
-
-    Aim for about two waves of (sequence, kv head, split) programs over the SMs, but
-    never cut a split below 256 tokens: each split costs a partial write and a share
-    of the reduction, which only pays when it reads a fair amount of K/V.
-    """
-    programs = num_seqs * num_kv_heads
-    target_programs = 2 * num_sms
-    min_split_tokens = 256
-    splits = min(
-        math.ceil(target_programs / programs),
-        math.ceil(max_context_len / min_split_tokens),
-        MAX_DECODE_SPLITS,
-    )
-    splits = max(splits, 1)
-    split_tokens = math.ceil(max_context_len / splits)
-    return max(block_n, math.ceil(split_tokens / block_n) * block_n)
-
-
-def decode_splits(num_rows: int, num_kv_heads: int, max_context_len: int, block_n: int, num_sms: int,
-                  split_tokens: int | None = None) -> tuple[int, int]:
-    """(context tokens per split, splits) of a decode launch: `decode_split_tokens` unless
-    given, in whole tiles."""
-    max_context_len = max(max_context_len, 1)
-    if split_tokens is None:
-        split_tokens = decode_split_tokens(max(num_rows, 1), num_kv_heads, max_context_len, block_n, num_sms)
-    split_tokens = math.ceil(split_tokens / block_n) * block_n
-    return split_tokens, math.ceil(max_context_len / split_tokens)
+def decode_tile_tokens(k_cache: torch.Tensor) -> int:
+    """BLOCK_N of the decode kernel on this cache: the unit a split's tokens come in."""
+    return _kv_tile_tokens(k_cache, triton.next_power_of_2(k_cache.shape[3]))[0]
 
 
 def reduce_splits_pad(num_splits: int) -> int:
@@ -498,23 +464,15 @@ def paged_decode_attention_triton(
     meta: AttentionMetadata,
     scale: float,
     split_tokens: int | None = None,  # override the split heuristic (tests force splits)
-    new_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+    heads_inner: bool | None = None,  # a row's kv heads side by side in the grid (default: the switch)
 ) -> torch.Tensor:
-    """Attention for batches whose sequences bring at most one new token each.
-
-    `new_kv`: the step's new (key, value) [T, Hkv, D], not yet in the cache. The kernel
-    then stores them into their slots (`meta.slot_mapping`) itself and attends to them,
-    so the step needs no KV-write kernel before it (`ondo.kernels.attention.write_and_attend`).
-    Every sequence must then bring exactly one token."""
+    """Attention for batches whose sequences bring at most one new token each."""
     _check_inputs(query, k_cache, v_cache)
     out = torch.empty_like(query)
     if query.shape[0] == 0 or meta.num_seqs == 0:
         return out
-    if new_kv is not None:
-        key, value = new_kv
-        assert key.shape == value.shape and key.shape[1:] == k_cache.shape[2:]
-        assert key.shape[0] == query.shape[0] and key.stride(-1) == 1 and value.stride(-1) == 1
-    _decode_into(out, query, k_cache, v_cache, meta, scale, meta.num_seqs, split_tokens, new_kv=new_kv)
+    _decode_into(out, query, k_cache, v_cache, meta, scale, meta.num_seqs, split_tokens,
+                 heads_inner=heads_inner)
     return out
 
 
@@ -528,17 +486,24 @@ def _decode_into(
     num_rows: int,  # sequences with one new token: they alone need programs
     split_tokens: int | None = None,
     split_flag: torch.Tensor | None = None,  # [1] int32: write nothing where it holds 0
-    new_kv: tuple[torch.Tensor, torch.Tensor] | None = None,  # stored by the kernel too
+    heads_inner: bool | None = None,
 ) -> None:
-    """Write the output rows of the sequences that bring exactly one new token."""
+    """Write the output rows of the sequences that bring exactly one new token. With
+    `heads_inner` (by default `decode_longest_first()`) the grid puts a row's kv heads side
+    by side, so that the GPU starts the programs in row order, a row at a time."""
     num_q_heads, head_dim = query.shape[1], query.shape[2]
     num_kv_heads = k_cache.shape[2]
     group = num_q_heads // num_kv_heads
     num_seqs = meta.num_seqs
     block_d = triton.next_power_of_2(head_dim)
     block_n, stages = _kv_tile_tokens(k_cache, block_d)
+    # A CUDA graph's capture sizes the grid for the longest context allowed; each replay
+    # then sets the split's tokens from its own longest context (`graph_split_tokens`).
+    from_ptr = split_tokens is None and meta.decode_split_tokens is not None
     split_tokens, num_splits = decode_splits(num_rows, num_kv_heads, meta.max_context_len, block_n,
                                              _sm_count(query), split_tokens)
+    from_ptr = from_ptr and num_splits > 1
+    split_tokens_ptr = meta.decode_split_tokens if from_ptr else meta.context_lens  # any int32 pointer
 
     if num_splits > 1:
         part_out = torch.empty(
@@ -551,9 +516,11 @@ def _decode_into(
     else:  # unused by the kernel; any fp32 tensor satisfies the signature
         part_out = part_max = part_sum = out.new_empty(1, dtype=torch.float32)
 
+    if heads_inner is None:
+        heads_inner = decode_longest_first()
     launch(
         _decode_split_kernel,
-        (num_seqs, num_kv_heads, num_splits),
+        (num_kv_heads, num_seqs, num_splits) if heads_inner else (num_seqs, num_kv_heads, num_splits),
         query,
         k_cache,
         v_cache,
@@ -575,8 +542,8 @@ def _decode_into(
         meta.block_tables.stride(0),
         split_tokens,
         num_splits,
+        split_tokens_ptr,
         meta.context_lens if split_flag is None else split_flag,  # any int32 pointer when unread
-        *_new_kv_args(new_kv, query, meta),
         NUM_Q_HEADS=num_q_heads,
         GROUP=group,
         GROUP_PAD=max(16, triton.next_power_of_2(group)),
@@ -585,8 +552,9 @@ def _decode_into(
         BLOCK_SIZE=k_cache.shape[1],
         BLOCK_N=block_n,
         SPLIT=num_splits > 1,
+        SPLIT_TOKENS_FROM_PTR=from_ptr,
         READ_FLAG=split_flag is not None,
-        WRITE_KV=new_kv is not None,
+        HEADS_INNER=heads_inner,
         DOT_PRECISION=_dot_precision(query.dtype),
         num_warps=4,
         num_stages=stages,
@@ -605,23 +573,14 @@ def _decode_into(
             out.stride(1),
             split_tokens,
             num_splits,
+            split_tokens_ptr,
             NUM_Q_HEADS=num_q_heads,
             HEAD_DIM=head_dim,
             BLOCK_D=block_d,
             SPLITS_PAD=reduce_splits_pad(num_splits),
+            SPLIT_TOKENS_FROM_PTR=from_ptr,
             num_warps=4 if block_d >= 128 else 2,
         )
-
-
-def _new_kv_args(new_kv: tuple[torch.Tensor, torch.Tensor] | None, query: torch.Tensor,
-                 meta: AttentionMetadata) -> tuple:
-    """The decode kernel's new-K/V arguments: pointers, slots and strides (unread stand-ins
-    of the right types without them)."""
-    if new_kv is None:
-        return query, query, meta.slot_mapping, 0, 0, 0, 0
-    key, value = new_kv
-    return (key, value, meta.slot_mapping, key.stride(0), key.stride(1), value.stride(0),
-            value.stride(1))
 
 
 class PrefillTiles(NamedTuple):
@@ -631,18 +590,32 @@ class PrefillTiles(NamedTuple):
     block_n: int  # K/V tokens per tile
     num_warps: int
     num_stages: int
+    longest_first: bool = False  # each sequence's last (longest) query tiles start first
+
+
+PREFILL_LONGEST_FIRST_ENV = "ONDO_PREFILL_LONGEST_FIRST"
+
+
+def prefill_longest_first() -> bool:
+    """Whether the prefill kernel starts each sequence's longest tiles first: off unless
+    ONDO_PREFILL_LONGEST_FIRST=1: on an H100, W3 ran no faster with it (docs/benchmarks.md)."""
+    value = os.environ.get(PREFILL_LONGEST_FIRST_ENV, "0")
+    if value not in ("0", "1"):
+        raise ValueError(f"{PREFILL_LONGEST_FIRST_ENV} must be 0 or 1, got {value!r}")
+    return value == "1"
 
 
 def prefill_tiles(query: torch.Tensor, k_cache: torch.Tensor) -> PrefillTiles:
     """The default configuration for these heads and dtypes."""
     block_d = triton.next_power_of_2(query.shape[2])
     block_n, stages = _kv_tile_tokens(k_cache, block_d)
+    longest_first = prefill_longest_first()
     if not query.is_cuda:
-        return PrefillTiles(16, block_n, 4, stages)
+        return PrefillTiles(16, block_n, 4, stages, longest_first)
     # 64 rows on 4 warps: on an H200 the fastest on both W3 shapes and on chunks over a
     # context (bench/prefill_tiles.py: 7 %, 4 % and 12 % under 128 rows on 8 warps), and
     # a single-token row that stays in this kernel wastes half as many tile rows.
-    return PrefillTiles(64, block_n, 4, stages)
+    return PrefillTiles(64, block_n, 4, stages, longest_first)
 
 
 def paged_prefill_attention_triton(
@@ -673,7 +646,7 @@ def paged_prefill_attention_triton(
         return out
     group_pad = triton.next_power_of_2(group)
     block_d = triton.next_power_of_2(head_dim)
-    block_m, block_n, num_warps, stages = tiles or prefill_tiles(query, k_cache)
+    block_m, block_n, num_warps, stages, longest_first = tiles or prefill_tiles(query, k_cache)
     block_m = max(block_m, group_pad)
     tokens_per_tile = block_m // group_pad
     # Enough programs for every sequence's tiles (see _prefill_kernel), from host sizes only.
@@ -720,6 +693,7 @@ def paged_prefill_attention_triton(
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         SKIP_SINGLE=skip_single,
+        LONGEST_FIRST=longest_first,
         DOT_PRECISION=_dot_precision(query.dtype),
         num_warps=num_warps,
         num_stages=stages,

@@ -77,8 +77,11 @@ def test_teacher_forced_top1_agreement_and_logit_error(checkpoint):
     assert rel_err < 2e-2
 
 
-def test_cuda_graph_decode_equals_eager_decode(checkpoint):
-    """A replayed graph computes exactly what the same forward computes eagerly."""
+@pytest.mark.parametrize("split_cap", ["0", "128"])
+def test_cuda_graph_decode_equals_eager_decode(checkpoint, split_cap, monkeypatch):
+    """A replayed graph computes exactly what the same forward computes eagerly, also with
+    long contexts cut at a split cap (ONDO_DECODE_SPLIT_MAX_TOKENS)."""
+    monkeypatch.setenv("ONDO_DECODE_SPLIT_MAX_TOKENS", split_cap)
     _, _, path = checkpoint
     llm = LLM(path, dtype="bfloat16", max_num_seqs=16, max_model_len=512, gpu_memory_utilization=0.3,
               async_scheduling=False)
@@ -100,10 +103,12 @@ def test_cuda_graph_decode_equals_eager_decode(checkpoint):
         meta = type(batch.meta)(
             slot_mapping=st["slot_mapping"][:8], block_tables=st["block_tables"][:8],
             context_lens=st["context_lens"][:8], query_start_loc=st["query_start_loc"][:9],
-            max_query_len=1, max_context_len=runner.max_model_len, block_size=runner.block_size)
+            max_query_len=1, max_context_len=runner.max_model_len, block_size=runner.block_size,
+            decode_split_tokens=st["decode_split_tokens"])  # as the replay set it
         hidden = runner.model(st["input_ids"][:8], st["positions"][:8], runner.kv_caches, meta)
-        eager_logits = runner.model.compute_logits(hidden[:5], dtype=None)
-    assert graph.output.shape[0] == 8
+        # The sampled rows in the scheduler's order (packed longest first, they are not 0..4).
+        eager_logits = runner.model.compute_logits(hidden.index_select(0, batch.logits_indices), dtype=None)
+    assert graph.output.shape[0] == 8 and batch.logits_indices.numel() == 5
     assert graph_logits.dtype == torch.bfloat16  # the sampler reads them as they are
     assert torch.equal(graph_logits, eager_logits)
     for item in sched.scheduled:  # leave the engine consistent
@@ -149,11 +154,18 @@ def test_cuda_graph_mixed_step_equals_eager_forward(checkpoint):
         engine.abort_request(item.seq.request_id)
 
 
-def _random_prompts(count: int = 24, seed: int = 11) -> list[list[int]]:
-    """Token-id prompts of 1 to 299 tokens, the same for a seed."""
+def _random_prompts(count: int = 24, seed: int = 11, longest: int = 299) -> list[list[int]]:
+    """Token-id prompts of 1 to `longest` tokens, the same for a seed."""
     gen = torch.Generator().manual_seed(seed)
     return [torch.randint(0, SHAPE["vocab_size"], (int(n),), generator=gen).tolist()
-            for n in torch.randint(1, 300, (count,), generator=gen)]
+            for n in torch.randint(1, longest + 1, (count,), generator=gen)]
+
+
+def _greedy_and_seeded(count: int) -> list[SamplingParams]:
+    """Greedy and seeded requests in turn, each ending on its own length limit."""
+    return [SamplingParams(temperature=0, max_tokens=8 + 7 * i, ignore_eos=True) if i % 2 else
+            SamplingParams(temperature=0.8, seed=i, max_tokens=8 + 7 * i, ignore_eos=True)
+            for i in range(count)]
 
 
 def test_cuda_graphs_for_prefill_steps_keep_greedy_outputs(checkpoint):
@@ -179,12 +191,8 @@ def test_async_scheduling_equals_synchronous_stepping_on_the_gpu(checkpoint):
     """Steps queued ahead (tokens fed from the previous draws on the device, CUDA graphs,
     chunked prefill) give the tokens of synchronous stepping, greedy and seeded."""
     _, _, path = checkpoint
-    gen = torch.Generator().manual_seed(3)
-    prompts = [torch.randint(0, SHAPE["vocab_size"], (int(n),), generator=gen).tolist()
-               for n in torch.randint(1, 300, (24,), generator=gen)]
-    params = [SamplingParams(temperature=0, max_tokens=8 + 7 * i, ignore_eos=True) if i % 2 else
-              SamplingParams(temperature=0.8, seed=i, max_tokens=8 + 7 * i, ignore_eos=True)
-              for i in range(len(prompts))]
+    prompts = _random_prompts(24, seed=3)
+    params = _greedy_and_seeded(len(prompts))
     outs = {}
     for mode in (False, True):
         # Every request has a seat, and each ends on its length limit, which asynchronous
@@ -197,6 +205,25 @@ def test_async_scheduling_equals_synchronous_stepping_on_the_gpu(checkpoint):
         del llm
         torch.cuda.empty_cache()
     assert outs[True] == outs[False]
+
+
+def test_decode_rows_packed_longest_first_keep_the_tokens_on_the_gpu(checkpoint, monkeypatch):
+    """ONDO_DECODE_LONGEST_FIRST=1 reorders a decode step's rows, and each row's arithmetic
+    stays the same: the tokens of the scheduler's order, greedy and seeded, with CUDA
+    graphs and steps ahead."""
+    _, _, path = checkpoint
+    prompts = _random_prompts(24, seed=5, longest=399)
+    params = _greedy_and_seeded(len(prompts))
+    outs = {}
+    for flag in ("0", "1"):
+        monkeypatch.setenv("ONDO_DECODE_LONGEST_FIRST", flag)
+        llm = LLM(path, dtype="bfloat16", max_num_seqs=32, max_model_len=512, max_num_batched_tokens=512,
+                  gpu_memory_utilization=0.3)
+        assert llm.engine.runner.longest_first == (flag == "1")
+        outs[flag] = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+        del llm
+        torch.cuda.empty_cache()
+    assert outs["1"] == outs["0"]
 
 
 def test_parallel_sampling_ahead_equals_drained_steps_on_the_gpu(checkpoint, monkeypatch):
@@ -225,23 +252,6 @@ def test_parallel_sampling_ahead_equals_drained_steps_on_the_gpu(checkpoint, mon
         del llm
         torch.cuda.empty_cache()
     assert outs[True] == outs[False]
-
-
-def test_decode_kernel_writing_the_kv_keeps_greedy_outputs(checkpoint, monkeypatch):
-    """ONDO_DECODE_WRITES_KV=1 (the decode kernel stores the new K/V, in eager steps and in
-    the decode graphs) gives the greedy tokens of the KV-write kernel, token for token."""
-    _, _, path = checkpoint
-    prompts = _random_prompts()
-    params = [SamplingParams(temperature=0, max_tokens=20 + 3 * i, ignore_eos=True) for i in range(len(prompts))]
-    outs = {}
-    for fused in ("0", "1"):
-        monkeypatch.setenv("ONDO_DECODE_WRITES_KV", fused)
-        llm = LLM(path, dtype="bfloat16", max_num_seqs=32, max_model_len=512, gpu_memory_utilization=0.3)
-        assert llm.engine.runner.graphs
-        outs[fused] = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
-        del llm
-        torch.cuda.empty_cache()
-    assert outs["1"] == outs["0"]
 
 
 _COMPILES_SCRIPT = r'''

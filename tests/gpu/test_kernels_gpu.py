@@ -20,6 +20,7 @@ from ondo.kernels.triton_attention import (  # noqa: E402
     paged_attention_triton,
     paged_decode_attention_triton,
     paged_prefill_attention_triton,
+    prefill_tiles,
 )
 from ondo.kernels.triton_kv_write import write_kv_cache_triton  # noqa: E402
 
@@ -71,25 +72,6 @@ def test_decode_forced_splits_on_gpu(dtype):
     _check(b, lambda *a: paged_decode_attention_triton(*a, split_tokens=128))
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("split_tokens", [None, 128])
-def test_decode_that_writes_the_new_kv_on_gpu(dtype, split_tokens):
-    """The decode kernel storing the new K/V itself: the caches the KV-write kernel makes,
-    and the output of writing first (it reads the new token from registers, the rest from
-    the cache, in the same order); padding rows (slot -1) store nothing."""
-    b = _batch([1] * 6, [3000, 17, 1, 640, 129, 1], (32, 8), 128, dtype)
-    b.meta.slot_mapping[5] = -1
-    scale = 128**-0.5
-    k_first, v_first = b.k_cache.clone(), b.v_cache.clone()
-    write_kv_cache_triton(b.key, b.value, k_first, v_first, b.meta.slot_mapping)
-    expect = paged_decode_attention_triton(b.query, k_first, v_first, b.meta, scale, split_tokens=split_tokens)
-    out = paged_decode_attention_triton(b.query, b.k_cache, b.v_cache, b.meta, scale,
-                                        split_tokens=split_tokens, new_kv=(b.key, b.value))
-    assert torch.equal(b.k_cache, k_first) and torch.equal(b.v_cache, v_first)
-    tol = TOLERANCE[dtype]
-    torch.testing.assert_close(out[:5], expect[:5], atol=tol, rtol=tol)
-
-
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize(
     "heads, head_dim",
@@ -99,6 +81,19 @@ def test_mixed_prefill_on_gpu(dtype, heads, head_dim):
     # Fresh prompt, chunked prefill over a long prefix, decode rows, an idle sequence.
     b = _batch([300, 1, 77, 0, 1, 129], [300, 900, 1100, 40, 5, 129], heads, head_dim, dtype)
     _check(b)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_prefill_longest_tiles_first_on_gpu(dtype):
+    """Programs taken from the grid's end: the reference's output, and the grid order's
+    bit for bit."""
+    b = _batch([300, 1, 77, 0, 1, 129], [300, 900, 1100, 40, 5, 129], (16, 8), 128, dtype)
+    scale = 128 ** -0.5
+    write_kv_cache_triton(b.key, b.value, b.k_cache, b.v_cache, b.meta.slot_mapping)
+    tiles = [prefill_tiles(b.query, b.k_cache)._replace(longest_first=first) for first in (False, True)]
+    outs = [paged_prefill_attention_triton(b.query, b.k_cache, b.v_cache, b.meta, scale, tiles=t) for t in tiles]
+    assert torch.equal(outs[0], outs[1])
+    _check(b, lambda *a: paged_prefill_attention_triton(*a, tiles=tiles[1]))
 
 
 @pytest.mark.parametrize("block_size", [1, 8, 32, 128])

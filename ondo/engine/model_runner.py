@@ -94,7 +94,7 @@ class ModelRunner:
         self.block_size = args.block_size
         self.max_model_len = max_model_len
         self.max_num_batched_tokens = max_num_batched_tokens
-        # Decode steps' rows packed longest context first (off by default; see `prepare`).
+        # Decode steps' rows packed longest context first (on by default; see `prepare`).
         self.longest_first = decode_longest_first()
         self.num_layers = config.num_hidden_layers
         kv_heads = model.num_kv_heads  # this rank's, in a tensor-parallel engine

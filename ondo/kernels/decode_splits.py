@@ -7,6 +7,8 @@ from __future__ import annotations
 import math
 import os
 
+from ondo.kernels.switches import on_off
+
 MAX_DECODE_SPLITS = 64  # the most `decode_split_tokens` cuts a context into
 SPLIT_CAP_ENV = "ONDO_DECODE_SPLIT_MAX_TOKENS"
 
@@ -36,10 +38,7 @@ def decode_longest_first() -> bool:
     On unless ONDO_DECODE_LONGEST_FIRST=0: on an H100, W1 on the 0.6B shape ran at 0.739 of
     its roofline with it against 0.711 without (docs/benchmarks.md, "Decode over unequal
     contexts")."""
-    value = os.environ.get(LONGEST_FIRST_ENV, "1")
-    if value not in ("0", "1"):
-        raise ValueError(f"{LONGEST_FIRST_ENV} must be 0 or 1, got {value!r}")
-    return value == "1"
+    return on_off(LONGEST_FIRST_ENV, default=True)
 
 
 def decode_split_tokens(

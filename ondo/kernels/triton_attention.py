@@ -15,7 +15,6 @@ a partial (max, sum, normalised output), and a small kernel combines the splits.
 from __future__ import annotations
 
 import functools
-import os
 from typing import NamedTuple
 
 import torch
@@ -26,6 +25,7 @@ from ondo.kernels.attention import splits_decode_rows
 from ondo.kernels.decode_splits import MAX_DECODE_SPLITS, decode_longest_first, decode_splits
 from ondo.kernels.launch import launch
 from ondo.kernels.metadata import AttentionMetadata
+from ondo.kernels.switches import on_off
 
 LOG2E = 1.4426950408889634
 # A finite "minus infinity" for running maxima: exp2(-inf - (-inf)) would be NaN.
@@ -599,10 +599,7 @@ PREFILL_LONGEST_FIRST_ENV = "ONDO_PREFILL_LONGEST_FIRST"
 def prefill_longest_first() -> bool:
     """Whether the prefill kernel starts each sequence's longest tiles first: off unless
     ONDO_PREFILL_LONGEST_FIRST=1: on an H100, W3 ran no faster with it (docs/benchmarks.md)."""
-    value = os.environ.get(PREFILL_LONGEST_FIRST_ENV, "0")
-    if value not in ("0", "1"):
-        raise ValueError(f"{PREFILL_LONGEST_FIRST_ENV} must be 0 or 1, got {value!r}")
-    return value == "1"
+    return on_off(PREFILL_LONGEST_FIRST_ENV, default=False)
 
 
 def prefill_tiles(query: torch.Tensor, k_cache: torch.Tensor) -> PrefillTiles:

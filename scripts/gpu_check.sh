@@ -71,10 +71,11 @@ for stage in $STAGES; do
         > "$OUT/decode_balance.log" 2>&1
       grep -v "^{" "$OUT/decode_balance.log" | tail -90 ;;
     switches)
-      # Offline throughput with each attention switch against all off, one after another on
-      # this machine (SWITCHES: space-separated runs, each "off" or VAR=VALUE[,VAR=VALUE]).
+      # Offline throughput with each attention switch against the defaults, one after another
+      # on this machine (SWITCHES: space-separated runs, each "off", i.e. none set, or
+      # VAR=VALUE[,VAR=VALUE]).
       i=0
-      for run in ${SWITCHES:-off ONDO_DECODE_LONGEST_FIRST=1 ONDO_DECODE_SPLIT_MAX_TOKENS=512 ONDO_PREFILL_LONGEST_FIRST=1 off}; do
+      for run in ${SWITCHES:-off ONDO_DECODE_LONGEST_FIRST=0 ONDO_DECODE_SPLIT_MAX_TOKENS=512 ONDO_PREFILL_LONGEST_FIRST=1 off}; do
         i=$((i + 1)); dir="$OUT/switches/$i"; mkdir -p "$dir"
         envs=(); [ "$run" != off ] && IFS=, read -ra envs <<< "$run"
         echo "$run" > "$dir/switches.txt"

@@ -7,9 +7,9 @@ difference from the Triton kernel's output; a form the build refuses is recorded
 error instead. The padded SDPA runs again with each backend forced (cuDNN, flash,
 memory-efficient: which one its time is), and whole prompts also go through SDPA as
 jagged nested tensors, each backend forced, as a ragged step of unequal prompts would.
-Then W3's mixed steps (whole 2,048-token prompts beside decode rows of ~2,048-token
-contexts): the Triton kernel with the decode rows handed to the decode kernel, and with
-the prefill kernel taking them in its own tiles. Prints a table and a JSON line.
+Then steps with a prefill beside decode rows (W3's, a light load's, W1's first ones; both
+shapes' heads): the Triton kernel with the decode rows handed to the decode kernel, and
+with the prefill kernel taking them in its own tiles. Prints a table and a JSON line.
 
     python3 bench/prefill_bench.py
 """
@@ -126,17 +126,23 @@ def jagged_variants(b, ref: torch.Tensor) -> dict[str, object]:
     return out
 
 
+# (prompts, prompt tokens, decode rows, decode rows' context): W3's steps (whole 2,048-token
+# prompts beside rows a few tokens into their 16 outputs), a light load's (one prompt beside
+# a few long decodes), then full batches: W1's first steps (prompts of ~1,000 tokens beside
+# rows of ~600) and a chunk beside 255 rows.
+MIXED_CASES = ((4, 2048, 0, 2048), (4, 2048, 60, 2048), (3, 2048, 120, 2048), (1, 2048, 200, 2048),
+               (1, 512, 2, 2048), (1, 512, 8, 2048), (1, 2048, 16, 2048), (1, 2048, 32, 2048),
+               (6, 1024, 128, 600), (2, 1024, 240, 600), (1, 512, 255, 1024), (1, 128, 255, 1024),
+               (1, 2048, 255, 2048))
+
+
 def mixed_steps(hq: int, hkv: int, d: int) -> list[dict[str, object]]:
-    """W3's steps: `prompts` whole 2,048-token prompts and `decode` rows whose contexts are
-    2,049-2,064 tokens (prompts a few tokens into their 16 outputs), and a light load's
-    (one 512-token prompt beside a few such decodes), with the decode rows split off to
-    the decode kernel and not."""
+    """The MIXED_CASES steps with the decode rows split off to the decode kernel and not,
+    and as `splits_decode_rows` chooses."""
     rows = []
     scale = d ** -0.5
-    # Then a light load's steps: one prompt beside a few long decodes.
-    for prompts, prompt_len, decode in ((4, 2048, 0), (4, 2048, 60), (3, 2048, 120), (1, 2048, 200),
-                                        (1, 512, 2), (1, 512, 8), (1, 2048, 16), (1, 2048, 32)):
-        ctx = [2048 + 1 + i % 16 for i in range(decode)]
+    for prompts, prompt_len, decode, decode_ctx in MIXED_CASES:
+        ctx = [decode_ctx + 1 + i % 16 for i in range(decode)]
         query_lens = [prompt_len] * prompts + [1] * decode
         context_lens = [prompt_len] * prompts + ctx
         b = make_paged_batch(query_lens, context_lens, num_q_heads=hq, num_kv_heads=hkv,
@@ -148,12 +154,13 @@ def mixed_steps(hq: int, hkv: int, d: int) -> list[dict[str, object]]:
             lambda b=b, s=flag: paged_prefill_attention_triton(b.query, b.k_cache, b.v_cache, b.meta, d ** -0.5,
                                                                split_decode_rows=s))
             for name, flag in (("split_ms", True), ("one_kernel_ms", False), ("chosen_ms", None))}
-        rows.append({"prompts": prompts, "prompt_len": prompt_len, "decode_rows": decode, **times,
+        rows.append({"q_heads": hq, "kv_heads": hkv, "prompts": prompts, "prompt_len": prompt_len,
+                     "decode_rows": decode, "decode_context": decode_ctx, **times,
                      "max_abs_diff": (split.float() - whole.float()).abs().max().item()})
         r = rows[-1]
-        print(f"mixed {prompts} x {prompt_len} + {decode:3d} decode rows: split {r['split_ms']:.3f} ms, "
-              f"one kernel {r['one_kernel_ms']:.3f} ms, as chosen {r['chosen_ms']:.3f} ms "
-              f"(max diff {r['max_abs_diff']:.4f})")
+        print(f"mixed {hq}/{hkv} heads {prompts} x {prompt_len} + {decode:3d} decode rows of {decode_ctx}: "
+              f"split {r['split_ms']:.3f} ms, one kernel {r['one_kernel_ms']:.3f} ms, "
+              f"as chosen {r['chosen_ms']:.3f} ms (max diff {r['max_abs_diff']:.4f})")
     return rows
 
 
@@ -191,7 +198,7 @@ def main() -> None:
         for k, v in r.items():
             if k.endswith("_error"):
                 print(f"    {k}: {v}")
-    mixed = mixed_steps(hq, hkv, d)
+    mixed = mixed_steps(hq, hkv, d) + mixed_steps(32, 8, d)  # the 0.6B shape's heads, then the 8B's
     print(json.dumps({"benchmark": "prefill_attention", "device": torch.cuda.get_device_name(), "rows": rows,
                       "mixed_rows": mixed}))
 

@@ -113,4 +113,4 @@ def test_bench_governor_refuses_a_bad_duration(capsys):
 
 def test_the_calibration_inputs_are_in_the_repository():
     assert H100_TRACE.exists()
-    assert (REPO / "bench/results/throughput-h100-qwen3-0.6b.json").exists()
+    assert (REPO / "bench/results/throughput-h100-qwen3-0.6b-2026-11-24.json").exists()

@@ -17,7 +17,7 @@ if DEVICE == "cpu":
 
 import pytest  # noqa: E402
 
-from ondo.kernels.attention import splits_decode_rows  # noqa: E402
+from ondo.kernels.attention import MIXED_SPLIT_MIN_ROWS_ENV, splits_decode_rows  # noqa: E402
 from ondo.kernels.decode_splits import decode_split_tokens, decode_splits, graph_split_tokens  # noqa: E402
 from ondo.kernels.reference import paged_attention_ref, write_kv_cache_ref  # noqa: E402
 from ondo.kernels.testing import PagedBatch, make_paged_batch  # noqa: E402
@@ -336,6 +336,22 @@ def test_decode_rows_are_split_off_once_their_programs_make_two_waves():
     assert splits_decode_rows(33, 8, 132)
     assert splits_decode_rows(60, 8, 132)  # W3's steps
     assert not splits_decode_rows(60, 2, 132)  # fewer kv heads: fewer programs per row
+
+
+def test_a_row_count_from_the_environment_replaces_the_split_rule(monkeypatch):
+    monkeypatch.setenv(MIXED_SPLIT_MIN_ROWS_ENV, "100")
+    assert not splits_decode_rows(60, 8, 132)
+    assert splits_decode_rows(100, 8, 132)
+    assert splits_decode_rows(255, 2, 132)
+    monkeypatch.setenv(MIXED_SPLIT_MIN_ROWS_ENV, "1")
+    assert splits_decode_rows(1, 8, 132)
+
+
+@pytest.mark.parametrize("value", ["0", "-3", "many", "1.5", ""])
+def test_a_bad_split_row_count_is_refused_with_the_variables_name(monkeypatch, value):
+    monkeypatch.setenv(MIXED_SPLIT_MIN_ROWS_ENV, value)
+    with pytest.raises(ValueError, match=MIXED_SPLIT_MIN_ROWS_ENV):
+        splits_decode_rows(60, 8, 132)
 
 
 @pytest.mark.parametrize("tiles", [(32, 16, 4, 1), (16, 64, 4, 1)])

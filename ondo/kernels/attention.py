@@ -11,6 +11,24 @@ import torch
 from ondo.kernels.metadata import AttentionMetadata
 from ondo.kernels.reference import paged_attention_ref, write_kv_cache_ref
 
+MIXED_SPLIT_MIN_ROWS_ENV = "ONDO_MIXED_SPLIT_MIN_ROWS"
+
+
+def mixed_split_min_rows() -> int | None:
+    """The fewest decode rows a step with a prefill hands to the decode kernel, from
+    ONDO_MIXED_SPLIT_MIN_ROWS (a whole number of rows, 1 or more); None when unset: the
+    default rule of `splits_decode_rows`. Anything else is refused with the variable's name."""
+    value = os.environ.get(MIXED_SPLIT_MIN_ROWS_ENV)
+    if value is None:
+        return None
+    try:
+        rows = int(value)
+    except ValueError:
+        raise ValueError(f"{MIXED_SPLIT_MIN_ROWS_ENV} must be a whole number of rows, got {value!r}") from None
+    if rows < 1:
+        raise ValueError(f"{MIXED_SPLIT_MIN_ROWS_ENV} must be 1 or more, got {rows}")
+    return rows
+
 
 def splits_decode_rows(num_single: int, num_kv_heads: int, num_sms: int) -> bool:
     """Whether a step's sequences with one new token go to the decode kernel.
@@ -25,8 +43,11 @@ def splits_decode_rows(num_single: int, num_kv_heads: int, num_sms: int) -> bool
     beside four such prompts 0.509 and 0.412 ms: `bench/prefill_bench.py`). Those were
     128-row tiles; with the 64-row tiles of now, the prefill kernel took 60 to 200 rows
     2-5 % faster than the decode kernel (0.379 against 0.386 ms for W3's 60), so this
-    rule is to be measured again.
+    rule is to be measured again. `mixed_split_min_rows` replaces it with a row count.
     """
+    min_rows = mixed_split_min_rows()
+    if min_rows is not None:
+        return num_single >= min_rows
     return num_single * num_kv_heads >= 2 * num_sms
 
 

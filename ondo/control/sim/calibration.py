@@ -4,9 +4,9 @@
   fitted on ondo's own H100 serving trace (`data/traces/ondo_serving_w1_qwen3-0.6b_h100.csv`,
   the whole trace), as `ondo twin fit --engine-load` does: `h100_serving_params.json`.
 - The step time: `fit_step_time` on the same trace's engine rows (1,024 steps of W1 on the
-  Qwen3-0.6B shape, synchronous steps), with the copy and matmul ceilings of the committed
-  H100 throughput results (`bench/results/throughput-h100-qwen3-0.6b.json`):
-  `h100_step_time.json`.
+  Qwen3-0.6B shape, synchronous steps), with the copy and matmul ceilings of the H100
+  throughput results of the build that trace ran, 2026-11-24
+  (`bench/results/throughput-h100-qwen3-0.6b-2026-11-24.json`): `h100_step_time.json`.
 - The check (`check_throughput`): W1, W2 and W3 replayed offline in the simulator (all
   requests at t = 0, the engine settings of those results) against their measured step
   counts and mean step times.
@@ -36,7 +36,7 @@ from ondo.twin.params import TwinParams
 
 REPO = Path(__file__).resolve().parents[3]
 H100_TRACE = REPO / "data/traces/ondo_serving_w1_qwen3-0.6b_h100.csv"
-H100_THROUGHPUT = REPO / "bench/results/throughput-h100-qwen3-0.6b.json"
+H100_THROUGHPUT = REPO / "bench/results/throughput-h100-qwen3-0.6b-2026-11-24.json"
 H100_SERVING_PARAMS_PATH = Path(__file__).with_name("h100_serving_params.json")
 
 

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 import triton.testing
 
+from ondo.kernels.attention import splits_decode_rows
 from ondo.kernels.testing import make_paged_batch
 from ondo.kernels.triton_attention import paged_prefill_attention_triton
 
@@ -138,9 +139,11 @@ MIXED_CASES = ((4, 2048, 0, 2048), (4, 2048, 60, 2048), (3, 2048, 120, 2048), (1
 
 def mixed_steps(hq: int, hkv: int, d: int) -> list[dict[str, object]]:
     """The MIXED_CASES steps with the decode rows split off to the decode kernel and not,
-    and as `splits_decode_rows` chooses."""
+    and as `splits_decode_rows` chooses; and which of the two the rule by work
+    (ONDO_MIXED_SPLIT_BY_WORK=1) would pick."""
     rows = []
     scale = d ** -0.5
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
     for prompts, prompt_len, decode, decode_ctx in MIXED_CASES:
         ctx = [decode_ctx + 1 + i % 16 for i in range(decode)]
         query_lens = [prompt_len] * prompts + [1] * decode
@@ -154,13 +157,19 @@ def mixed_steps(hq: int, hkv: int, d: int) -> list[dict[str, object]]:
             lambda b=b, s=flag: paged_prefill_attention_triton(b.query, b.k_cache, b.v_cache, b.meta, d ** -0.5,
                                                                split_decode_rows=s))
             for name, flag in (("split_ms", True), ("one_kernel_ms", False), ("chosen_ms", None))}
+        # What each rule picks (timed above as split or one kernel): the rule in force, and
+        # the one that weighs the prompts' pairs against the decode rows' tokens.
+        by_work = splits_decode_rows(decode, hkv, sms, b.meta.prompt_pairs_and_decode_tokens)
         rows.append({"q_heads": hq, "kv_heads": hkv, "prompts": prompts, "prompt_len": prompt_len,
                      "decode_rows": decode, "decode_context": decode_ctx, **times,
+                     "rule_splits": splits_decode_rows(decode, hkv, sms), "by_work_splits": by_work,
+                     "by_work_ms": times["split_ms"] if by_work else times["one_kernel_ms"],
                      "max_abs_diff": (split.float() - whole.float()).abs().max().item()})
         r = rows[-1]
         print(f"mixed {hq}/{hkv} heads {prompts} x {prompt_len} + {decode:3d} decode rows of {decode_ctx}: "
               f"split {r['split_ms']:.3f} ms, one kernel {r['one_kernel_ms']:.3f} ms, "
-              f"as chosen {r['chosen_ms']:.3f} ms (max diff {r['max_abs_diff']:.4f})")
+              f"as chosen {r['chosen_ms']:.3f} ms, by work {r['by_work_ms']:.3f} ms "
+              f"(max diff {r['max_abs_diff']:.4f})")
     return rows
 
 

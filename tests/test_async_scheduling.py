@@ -255,8 +255,12 @@ def test_the_longest_first_switch_takes_0_or_1(tiny_path, monkeypatch):
         LLM(tiny_path, block_size=BS, max_model_len=96, max_num_batched_tokens=64)
 
 
-def test_a_bad_mixed_split_row_count_fails_the_engine_at_start(tiny_path, monkeypatch):
+def test_a_bad_mixed_split_setting_fails_the_engine_at_start(tiny_path, monkeypatch):
     # Read only by the Triton kernels, yet refused at start on any device.
     monkeypatch.setenv("ONDO_MIXED_SPLIT_MIN_ROWS", "half")
     with pytest.raises(ValueError, match="ONDO_MIXED_SPLIT_MIN_ROWS must be a whole number"):
+        LLM(tiny_path, block_size=BS, max_model_len=96, max_num_batched_tokens=64)
+    monkeypatch.setenv("ONDO_MIXED_SPLIT_MIN_ROWS", "300")
+    monkeypatch.setenv("ONDO_MIXED_SPLIT_BY_WORK", "on")
+    with pytest.raises(ValueError, match="ONDO_MIXED_SPLIT_BY_WORK must be 0 or 1"):
         LLM(tiny_path, block_size=BS, max_model_len=96, max_num_batched_tokens=64)

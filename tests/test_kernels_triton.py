@@ -17,7 +17,12 @@ if DEVICE == "cpu":
 
 import pytest  # noqa: E402
 
-from ondo.kernels.attention import MIXED_SPLIT_MIN_ROWS_ENV, splits_decode_rows  # noqa: E402
+from ondo.kernels.attention import (  # noqa: E402
+    MIXED_SPLIT_BY_WORK_ENV,
+    MIXED_SPLIT_MIN_ROWS_ENV,
+    splits_decode_rows,
+    splits_mixed_step,
+)
 from ondo.kernels.decode_splits import decode_split_tokens, decode_splits, graph_split_tokens  # noqa: E402
 from ondo.kernels.reference import paged_attention_ref, write_kv_cache_ref  # noqa: E402
 from ondo.kernels.testing import PagedBatch, make_paged_batch  # noqa: E402
@@ -345,6 +350,44 @@ def test_a_row_count_from_the_environment_replaces_the_split_rule(monkeypatch):
     assert splits_decode_rows(255, 2, 132)
     monkeypatch.setenv(MIXED_SPLIT_MIN_ROWS_ENV, "1")
     assert splits_decode_rows(1, 8, 132)
+
+
+def test_metadata_sums_prompt_pairs_and_decode_context_tokens():
+    b = _batch([1, 40, 0, 1, 23], [150, 70, 20, 9, 23], heads=(8, 2), head_dim=64)
+    # 40 new tokens over 70 (30 cached): 40*70 - 40*39/2 = 2020 pairs; 23 over 23: 276.
+    assert b.meta.prompt_pairs_and_decode_tokens == (2020 + 276, 150 + 9)
+    b = _batch([1, 2], [5, 5], heads=(8, 2), head_dim=64)
+    b.meta.query_lens_cpu = None
+    assert b.meta.prompt_pairs_and_decode_tokens is None
+
+
+def test_by_work_decode_rows_are_split_off_only_beside_light_prompts(monkeypatch):
+    # A short prompt beside a full batch of decodes: split off. Long prompts beside them
+    # (W3's step, W1's first steps): the prefill kernel takes them.
+    light = _batch([128] + [1] * 40, [128] + [1024] * 40, heads=(8, 2), head_dim=64)
+    heavy = _batch([512] * 2 + [1] * 40, [512] * 2 + [600] * 40, heads=(8, 2), head_dim=64)
+    prompts_only = _batch([64, 32], [64, 40], heads=(8, 2), head_dim=64)
+    assert splits_mixed_step(light.meta, 2, 132) is False  # the waves rule: 80 programs
+    monkeypatch.setenv(MIXED_SPLIT_BY_WORK_ENV, "1")
+    assert splits_mixed_step(light.meta, 2, 132) is True
+    assert splits_mixed_step(heavy.meta, 2, 132) is False
+    assert splits_mixed_step(prompts_only.meta, 2, 132) is False
+    monkeypatch.setenv(MIXED_SPLIT_MIN_ROWS_ENV, "41")  # a row count overrides the work
+    assert splits_mixed_step(light.meta, 2, 132) is False
+    monkeypatch.setenv(MIXED_SPLIT_BY_WORK_ENV, "yes")
+    with pytest.raises(ValueError, match=MIXED_SPLIT_BY_WORK_ENV):
+        splits_mixed_step(light.meta, 2, 132)
+
+
+@pytest.mark.parametrize("decode_ctx", [24, 300])
+def test_prefill_kernel_by_work_matches_reference(monkeypatch, decode_ctx):
+    # One 40-token prompt beside 6 decode rows: split off at 300 context tokens each
+    # (820 pairs < 1800 tokens), kept in the prefill kernel at 24 (820 > 144).
+    monkeypatch.setenv(MIXED_SPLIT_BY_WORK_ENV, "1")
+    b = _batch([40] + [1] * 6, [40] + [decode_ctx + i for i in range(6)], heads=(8, 2), head_dim=64)
+    assert splits_mixed_step(b.meta, 2, 132) is (decode_ctx == 300)
+    out = _write_then_attend(b, paged_prefill_attention_triton)
+    torch.testing.assert_close(out, _reference(b), atol=ATOL, rtol=RTOL)
 
 
 @pytest.mark.parametrize("value", ["0", "-3", "many", "1.5", ""])

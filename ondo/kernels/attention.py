@@ -10,6 +10,7 @@ import torch
 
 from ondo.kernels.metadata import AttentionMetadata
 from ondo.kernels.reference import paged_attention_ref, write_kv_cache_ref
+from ondo.kernels.switches import on_off
 
 MIXED_SPLIT_MIN_ROWS_ENV = "ONDO_MIXED_SPLIT_MIN_ROWS"
 
@@ -30,7 +31,23 @@ def mixed_split_min_rows() -> int | None:
     return rows
 
 
-def splits_decode_rows(num_single: int, num_kv_heads: int, num_sms: int) -> bool:
+MIXED_SPLIT_BY_WORK_ENV = "ONDO_MIXED_SPLIT_BY_WORK"
+
+
+def mixed_split_by_work() -> bool:
+    """Whether `splits_decode_rows` weighs a step's two kinds of attention work (off unless
+    ONDO_MIXED_SPLIT_BY_WORK=1; see `splits_decode_rows`)."""
+    return on_off(MIXED_SPLIT_BY_WORK_ENV, default=False)
+
+
+def splits_mixed_step(meta: AttentionMetadata, num_kv_heads: int, num_sms: int) -> bool:
+    """`splits_decode_rows` for the step `meta` (host lengths required)."""
+    work = meta.prompt_pairs_and_decode_tokens if mixed_split_by_work() else None
+    return splits_decode_rows(meta.num_single_token_seqs or 0, num_kv_heads, num_sms, work)
+
+
+def splits_decode_rows(num_single: int, num_kv_heads: int, num_sms: int,
+                       work: tuple[int, int] | None = None) -> bool:
     """Whether a step's sequences with one new token go to the decode kernel.
 
     There each (sequence, kv head) is one program reading its context once; in the
@@ -44,10 +61,20 @@ def splits_decode_rows(num_single: int, num_kv_heads: int, num_sms: int) -> bool
     128-row tiles; with the 64-row tiles of now, the prefill kernel took 60 to 200 rows
     2-5 % faster than the decode kernel (0.379 against 0.386 ms for W3's 60), so this
     rule is to be measured again. `mixed_split_min_rows` replaces it with a row count.
+
+    With `mixed_split_by_work` and the step's `work` (its prompts' causal query-key pairs,
+    its decode rows' context tokens: `AttentionMetadata.prompt_pairs_and_decode_tokens`),
+    the decode rows are split off only when the pairs are fewer than the tokens: a step
+    that is nearly all decode. Elsewhere their K/V reads run beside the prompts' tiles.
+    On an H100 this picked the faster kernel in every mixed step measured, on both shapes'
+    heads (docs/benchmarks.md, "A mixed step's decode rows").
     """
     min_rows = mixed_split_min_rows()
     if min_rows is not None:
         return num_single >= min_rows
+    if work is not None:
+        prompt_pairs, decode_tokens = work
+        return num_single > 0 and prompt_pairs < decode_tokens
     return num_single * num_kv_heads >= 2 * num_sms
 
 

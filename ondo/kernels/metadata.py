@@ -46,6 +46,21 @@ class AttentionMetadata:
             return None
         return sum(1 for n in self.query_lens_cpu if n == 1)
 
+    @functools.cached_property
+    def prompt_pairs_and_decode_tokens(self) -> tuple[int, int] | None:
+        """(causal query-key pairs of the sequences bringing several new tokens, context
+        tokens of those bringing one): the two kinds of attention work in a mixed step,
+        from the host lengths (None without them), once a step."""
+        if self.query_lens_cpu is None or self.context_lens_cpu is None:
+            return None
+        pairs = decode_tokens = 0
+        for q, c in zip(self.query_lens_cpu, self.context_lens_cpu):
+            if q == 1:
+                decode_tokens += c
+            elif q > 1:
+                pairs += q * c - q * (q - 1) // 2
+        return pairs, decode_tokens
+
     @property
     def num_seqs(self) -> int:
         return int(self.context_lens.shape[0])

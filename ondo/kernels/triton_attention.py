@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ondo.kernels.attention import splits_decode_rows
+from ondo.kernels.attention import splits_mixed_step
 from ondo.kernels.decode_splits import MAX_DECODE_SPLITS, decode_longest_first, decode_splits
 from ondo.kernels.launch import launch
 from ondo.kernels.metadata import AttentionMetadata
@@ -652,7 +652,7 @@ def paged_prefill_attention_triton(
     if meta.query_lens_cpu is not None:
         num_single = meta.num_single_token_seqs
         if split_decode_rows is None:
-            split_decode_rows = splits_decode_rows(num_single, num_kv_heads, _sm_count(query))
+            split_decode_rows = splits_mixed_step(meta, num_kv_heads, _sm_count(query))
         skip_single = int(split_decode_rows and num_single > 0)
     else:  # every sequence may bring one token
         num_single = meta.num_seqs

@@ -10,7 +10,7 @@ import torch
 
 from ondo.kernels.metadata import AttentionMetadata
 from ondo.kernels.reference import paged_attention_ref, write_kv_cache_ref
-from ondo.kernels.switches import on_off
+from ondo.kernels.switches import on_off, whole_number
 
 MIXED_SPLIT_MIN_ROWS_ENV = "ONDO_MIXED_SPLIT_MIN_ROWS"
 
@@ -18,17 +18,8 @@ MIXED_SPLIT_MIN_ROWS_ENV = "ONDO_MIXED_SPLIT_MIN_ROWS"
 def mixed_split_min_rows() -> int | None:
     """The fewest decode rows a step with a prefill hands to the decode kernel, from
     ONDO_MIXED_SPLIT_MIN_ROWS (a whole number of rows, 1 or more); None when unset: the
-    default rule of `splits_decode_rows`. Anything else is refused with the variable's name."""
-    value = os.environ.get(MIXED_SPLIT_MIN_ROWS_ENV)
-    if value is None:
-        return None
-    try:
-        rows = int(value)
-    except ValueError:
-        raise ValueError(f"{MIXED_SPLIT_MIN_ROWS_ENV} must be a whole number of rows, got {value!r}") from None
-    if rows < 1:
-        raise ValueError(f"{MIXED_SPLIT_MIN_ROWS_ENV} must be 1 or more, got {rows}")
-    return rows
+    default rule of `splits_decode_rows`."""
+    return whole_number(MIXED_SPLIT_MIN_ROWS_ENV, "rows", minimum=1)
 
 
 MIXED_SPLIT_BY_WORK_ENV = "ONDO_MIXED_SPLIT_BY_WORK"

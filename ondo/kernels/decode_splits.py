@@ -5,9 +5,8 @@ graph's split at each replay."""
 from __future__ import annotations
 
 import math
-import os
 
-from ondo.kernels.switches import on_off
+from ondo.kernels.switches import on_off, whole_number
 
 MAX_DECODE_SPLITS = 64  # the most `decode_split_tokens` cuts a context into
 SPLIT_CAP_ENV = "ONDO_DECODE_SPLIT_MAX_TOKENS"
@@ -18,14 +17,7 @@ def split_cap_tokens() -> int:
     long contexts are cut however many programs a batch has already, so that the last
     programs the GPU starts are short ones: a batch of unequal contexts then ends with
     the SMs evenly loaded (`bench/decode_balance.py` measures it)."""
-    value = os.environ.get(SPLIT_CAP_ENV, "0")
-    try:
-        cap = int(value)
-    except ValueError:
-        raise ValueError(f"{SPLIT_CAP_ENV} must be a whole number of tokens, got {value!r}") from None
-    if cap < 0:
-        raise ValueError(f"{SPLIT_CAP_ENV} must be 0 (no cap) or more, got {cap}")
-    return cap
+    return whole_number(SPLIT_CAP_ENV, "tokens", minimum=0) or 0
 
 
 LONGEST_FIRST_ENV = "ONDO_DECODE_LONGEST_FIRST"

@@ -1,6 +1,6 @@
-"""The attention kernels' on/off switches, read from the environment: "0" or "1", anything
-else refused with the variable's name, so that a typo fails at start rather than running
-the other way."""
+"""The attention kernels' switches, read from the environment: on/off ("0" or "1") and
+whole numbers, anything else refused with the variable's name, so that a typo fails at
+start rather than running the other way."""
 
 from __future__ import annotations
 
@@ -13,3 +13,17 @@ def on_off(name: str, default: bool) -> bool:
     if value not in ("0", "1"):
         raise ValueError(f"{name} must be 0 or 1, got {value!r}")
     return value == "1"
+
+
+def whole_number(name: str, unit: str, minimum: int) -> int | None:
+    """The whole number of `unit` in `name`, at least `minimum`; None when unset."""
+    value = os.environ.get(name)
+    if value is None:
+        return None
+    try:
+        number = int(value)
+    except ValueError:
+        raise ValueError(f"{name} must be a whole number of {unit}, got {value!r}") from None
+    if number < minimum:
+        raise ValueError(f"{name} must be {minimum} or more, got {number}")
+    return number

@@ -49,9 +49,12 @@ def splits_decode_rows(num_single: int, num_kv_heads: int, num_sms: int,
     512-token prompt took 0.070 ms in the prefill kernel and 0.085 ms split off, 16
     beside a 2,048-token prompt 0.166 and 0.175 ms, 32 there 0.224 and 0.187 ms, 60
     beside four such prompts 0.509 and 0.412 ms: `bench/prefill_bench.py`). Those were
-    128-row tiles; with the 64-row tiles of now, the prefill kernel took 60 to 200 rows
-    2-5 % faster than the decode kernel (0.379 against 0.386 ms for W3's 60), so this
-    rule is to be measured again. `mixed_split_min_rows` replaces it with a row count.
+    128-row tiles. With the 64-row tiles of now the prefill kernel is the faster one
+    wherever the prompts bring a fair share of the step's work (on an H100, W3's step of
+    4 × 2,048 prompt tokens and 60 decode rows: 0.391 against 0.435 ms split off), so this
+    rule picks the slower kernel there; the decode kernel still wins beside a short prompt
+    and 255 decode rows (0.398 against 0.408 ms). `mixed_split_min_rows` replaces the
+    rule with a row count.
 
     With `mixed_split_by_work` and the step's `work` (its prompts' causal query-key pairs,
     its decode rows' context tokens: `AttentionMetadata.prompt_pairs_and_decode_tokens`),

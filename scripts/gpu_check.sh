@@ -76,7 +76,7 @@ for stage in $STAGES; do
       # on this machine (SWITCHES: space-separated runs, each "off", i.e. none set, or
       # VAR=VALUE[,VAR=VALUE]).
       i=0
-      for run in ${SWITCHES:-off ONDO_MIXED_SPLIT_BY_WORK=1 ONDO_MIXED_SPLIT_MIN_ROWS=257 off ONDO_MIXED_SPLIT_BY_WORK=1}; do
+      for run in ${SWITCHES:-off ONDO_MIXED_SPLIT_BY_WORK=0 off ONDO_MIXED_SPLIT_BY_WORK=0}; do
         i=$((i + 1)); dir="$OUT/switches/$i"; mkdir -p "$dir"
         envs=(); [ "$run" != off ] && IFS=, read -ra envs <<< "$run"
         echo "$run" > "$dir/switches.txt"

@@ -367,7 +367,10 @@ def test_by_work_decode_rows_are_split_off_only_beside_light_prompts(monkeypatch
     light = _batch([128] + [1] * 40, [128] + [1024] * 40, heads=(8, 2), head_dim=64)
     heavy = _batch([512] * 2 + [1] * 40, [512] * 2 + [600] * 40, heads=(8, 2), head_dim=64)
     prompts_only = _batch([64, 32], [64, 40], heads=(8, 2), head_dim=64)
+    assert splits_mixed_step(light.meta, 2, 132) is True  # by work: the default
+    monkeypatch.setenv(MIXED_SPLIT_BY_WORK_ENV, "0")
     assert splits_mixed_step(light.meta, 2, 132) is False  # the waves rule: 80 programs
+    assert splits_mixed_step(heavy.meta, 2, 132) is False
     monkeypatch.setenv(MIXED_SPLIT_BY_WORK_ENV, "1")
     assert splits_mixed_step(light.meta, 2, 132) is True
     assert splits_mixed_step(heavy.meta, 2, 132) is False

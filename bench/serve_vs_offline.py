@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib.util
 import json
 import os
 import sqlite3
@@ -65,6 +66,13 @@ def engine_view(steps: list[Step], t0: float, t1: float) -> dict:
             "step_gaps": {k: {"steps": len(v), "total_s": round(sum(v), 3),
                               "median_ms": round(1e3 * statistics.median(v), 2) if v else 0.0}
                           for k, v in kinds.items()}}
+
+
+def resolved(choice: str, fast: str, plain: str) -> str:
+    """What uvicorn runs for `choice`: "auto" is `fast` where it is installed."""
+    if choice != "auto":
+        return choice
+    return fast if importlib.util.find_spec(fast) is not None else plain
 
 
 def cpu_seconds(pid: int) -> float:
@@ -146,6 +154,10 @@ def main() -> int:
                          "off: the server runs no telemetry at all (no engine view)")
     ap.add_argument("--port", type=int, default=8321)
     ap.add_argument("--max-model-len", type=int, default=2048)
+    ap.add_argument("--loop", choices=("auto", "asyncio", "uvloop"), default="auto",
+                    help="the server's event loop (ondo serve --loop)")
+    ap.add_argument("--http", choices=("auto", "h11", "httptools"), default="auto",
+                    help="the server's HTTP parser (ondo serve --http)")
     ap.add_argument("--out", default="serve_curve.json")
     args = ap.parse_args()
 
@@ -168,7 +180,8 @@ def main() -> int:
     if os.path.exists(db):
         os.remove(db)
     flags = ["--dtype", "bfloat16", "--max-model-len", str(args.max_model_len),
-             "--max-num-seqs", "256", "--max-waiting-requests", str(4 * args.num_prompts)]
+             "--max-num-seqs", "256", "--max-waiting-requests", str(4 * args.num_prompts),
+             "--loop", args.loop, "--http", args.http]
     flags += ["--telemetry-db", db] if args.telemetry == "db" else ["--telemetry", "off"]
     proc, url = start_dummy_server(folder, args.port, flags)
     rows = []
@@ -213,7 +226,9 @@ def main() -> int:
               "saturation_fraction_of_offline": {"runs": saturation,
                                                  "median": statistics.median(saturation)},
               "num_prompts": args.num_prompts, "input_len": args.input_len, "output_len": args.output_len,
-              "range_ratio": args.range_ratio, "curve": rows}
+              "range_ratio": args.range_ratio, "server_loop": resolved(args.loop, "uvloop", "asyncio"),
+              "server_http": resolved(args.http, "httptools", "h11"),
+              "curve": rows}
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
     print(json.dumps(result))

@@ -7,6 +7,8 @@ process and sends streaming requests, all at once; each configuration serves a w
 round, then the measured rounds.
 
     python3 bench/server_stream_cost.py --config asyncio/h11 uvloop/httptools
+    python3 bench/server_stream_cost.py --config asyncio/h11 --model-shape tiny-llama \
+        --num-prompts 256 --output-len 128 --token-id-vocab 4096
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import httpx
 import uvicorn
 from prometheus_client import CollectorRegistry
 
+from ondo.bench.shapes import SHAPES, shape_folder
 from ondo.engine.async_llm import AsyncLLM
 from ondo.engine.config import EngineArgs
 from ondo.server.app import build_app
@@ -58,7 +61,8 @@ def client_round(url: str, args: argparse.Namespace, seed: int) -> dict:
 
 def measure(config: str, args: argparse.Namespace) -> dict:
     loop, http = config.split("/")
-    llm = AsyncLLM.from_engine_args(EngineArgs(device="cpu", max_model_len=1024, num_kv_blocks=1024),
+    model = {"model": shape_folder(args.model_shape), "load_format": "dummy"} if args.model_shape else {}
+    llm = AsyncLLM.from_engine_args(EngineArgs(device="cpu", max_model_len=1024, num_kv_blocks=1024, **model),
                                     max_waiting_requests=4 * args.num_prompts, engine_process=True)
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(build_app(llm, "default", registry=CollectorRegistry()),
@@ -120,6 +124,10 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--token-id-vocab", type=int, default=0,
                     help="send random token-id prompts below this id (0: text prompts)")
+    ap.add_argument("--model-shape", choices=sorted(SHAPES), default=None,
+                    help="dummy weights of this shape instead of the embedded model: tiny-llama "
+                         "steps fast enough on a CPU that the server, not the engine, sets the pace, "
+                         "as on a GPU")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="print the server thread's N costliest functions (cProfile) to stderr")
     args = ap.parse_args()

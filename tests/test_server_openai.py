@@ -12,6 +12,7 @@ import httpx
 import openai
 import pytest
 
+from ondo.server.protocol import ChatCompletionChunk, CompletionResponse
 from tests.server_harness import MODEL_NAME, make_async_llm, serve, wait_for
 
 CHAT = [{"role": "user", "content": "Name three colours."}]
@@ -296,3 +297,21 @@ def test_sse_stream_ends_with_done_and_valid_chunks(http):
     chunks = [json.loads(e) for e in events[:-1]]
     assert all(c["object"] == "chat.completion.chunk" for c in chunks)
     assert chunks[-1]["usage"]["completion_tokens"] <= 4
+
+
+@pytest.mark.parametrize("path, body, model", [
+    ("/v1/completions", {"prompt": PROMPT, "max_tokens": 12, "stream": True, "n": 2},
+     CompletionResponse),
+    ("/v1/chat/completions", {"messages": CHAT, "max_tokens": 12, "stream": True}, ChatCompletionChunk),
+])
+def test_every_streamed_event_is_the_response_models_own_json(http, path, body, model):
+    # Mid-stream text chunks are written from a template, the rest by the models: on the
+    # wire every event must be exactly what the model dumps.
+    with http.stream("POST", path, json=body) as r:
+        events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    assert len(events) > 4
+    for event in events[:-1]:
+        assert model.model_validate_json(event).model_dump_json() == event
+    texts = [json.loads(e)["choices"][0] for e in events[:-1]]
+    assert any(c.get("finish_reason") for c in texts)

@@ -67,6 +67,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="close a keep-alive connection idle this many seconds; longer than "
                         "the clients' and load balancers' own, so that they close first")
     p.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=False)
+    p.add_argument("--loop", choices=("auto", "asyncio", "uvloop"), default="auto",
+                   help="uvicorn's event loop; auto: uvloop where it is installed, else asyncio")
+    p.add_argument("--http", choices=("auto", "h11", "httptools"), default="auto",
+                   help="uvicorn's HTTP parser; auto: httptools where it is installed, else h11")
     p.add_argument("--telemetry", choices=("auto", "nvml", "sim", "off"), default="auto",
                    help="GPU telemetry on /metrics: auto = NVML where there is a GPU, else "
                         "engine-only; nvml falls back to sim; sim = the twin as the GPU")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import logging
 import os
 import signal
@@ -52,6 +53,7 @@ def serve(args: argparse.Namespace) -> int:
         limits = RequestLimits(args.max_request_bytes, args.request_timeout,
                                args.timeout_keep_alive)
         restart_policy = RestartPolicy(max_restarts=args.engine_restarts)
+        check_installed(args.loop, args.http)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -83,6 +85,7 @@ def serve(args: argparse.Namespace) -> int:
     console = start_console(console_flags, app, telemetry, events, governor, async_llm,
                             agent is not None)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
+                            loop=args.loop, http=args.http,
                             timeout_graceful_shutdown=args.shutdown_timeout + 10,
                             timeout_keep_alive=limits.keep_alive_s,
                             access_log=args.access_log)
@@ -195,6 +198,14 @@ def start_telemetry(args: argparse.Namespace, registry: CollectorRegistry):
     return Telemetry.start(args.telemetry_db, source=source, hz=args.telemetry_hz,
                            registry=registry, fallback=fallback, tables=tables,
                            sim_inlet_c=getattr(args, "sim_inlets", None))
+
+
+def check_installed(loop: str, http: str) -> None:
+    """An event loop or HTTP parser asked for by name must be importable (before the engine
+    loads, rather than uvicorn failing after it)."""
+    for flag, name in (("--loop", loop), ("--http", http)):
+        if name in ("uvloop", "httptools") and importlib.util.find_spec(name) is None:
+            raise ValueError(f"{flag} {name}: {name} is not installed (pip install {name})")
 
 
 class DrainingServer(uvicorn.Server):

@@ -40,6 +40,7 @@ from ondo.server.serving import (
     until_disconnected,
     usage,
 )
+from ondo.server.sse_chunks import TextChunks
 from ondo.server.structured_request import structured_outputs
 from ondo.server.tool_calls import (
     ToolPlan,
@@ -197,6 +198,10 @@ async def _stream(ctx: ServingContext, body: ChatCompletionRequest, request_id: 
         return sse(ChatCompletionChunk(id=request_id, created=created, model=ctx.model_name,
                                        choices=[ChatStreamChoice(index=index, delta=delta, **fields)]))
 
+    text_chunk = TextChunks(lambda index, text: ChatCompletionChunk(
+        id=request_id, created=created, model=ctx.model_name,
+        choices=[ChatStreamChoice(index=index, delta=DeltaMessage(content=text))]))
+
     async def outputs() -> AsyncIterator[RequestOutput]:
         if first is not None:
             yield first
@@ -224,6 +229,9 @@ async def _stream(ctx: ServingContext, body: ChatCompletionRequest, request_id: 
                 if not text and not calls and not c.finished and not (body.logprobs and c.new_token_ids):
                     continue
                 lp = _logprobs(ctx, c.new_token_ids, c.new_logprobs, num_top) if body.logprobs else None
+                if lp is None and calls is None and not c.finished:
+                    yield text_chunk(c.index, text)
+                    continue
                 finish = c.finish_reason if c.finished else None
                 if finish == "stop" and parser is not None and parser.num_calls:
                     finish = "tool_calls"

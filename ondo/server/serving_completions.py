@@ -32,6 +32,7 @@ from ondo.server.serving import (
     until_disconnected,
     usage,
 )
+from ondo.server.sse_chunks import TextChunks
 from ondo.server.structured_request import structured_outputs
 
 
@@ -145,6 +146,9 @@ async def _stream(ctx: ServingContext, body: CompletionRequest, request_id: str,
     text_len = [len(echo[i // n]) for i in range(len(prompts) * n)]
     echoed = [not echo[i // n] for i in range(len(prompts) * n)]
     done = [False] * (len(prompts) * n)  # its finish_reason went out (n > 1: one ends first)
+    text_chunk = TextChunks(lambda index, text: CompletionResponse(
+        id=request_id, created=created, model=ctx.model_name,
+        choices=[CompletionChoice(index=index, text=text)]))
 
     async def items() -> AsyncIterator[tuple[int, RequestOutput]]:
         if first is not None:
@@ -170,6 +174,9 @@ async def _stream(ctx: ServingContext, body: CompletionRequest, request_id: str,
                 if body.logprobs is not None:
                     lp = _logprobs(ctx, c.new_token_ids, c.new_logprobs, num_top, text_len[index])
                 text_len[index] += len(text)
+                if lp is None and not c.finished:
+                    yield text_chunk(index, text)
+                    continue
                 chunk = CompletionResponse(
                     id=request_id, created=created, model=ctx.model_name,
                     choices=[CompletionChoice(index=index, text=text, logprobs=lp,

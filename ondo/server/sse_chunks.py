@@ -1,8 +1,9 @@
 """A stream's mid-stream text chunks as server-sent events, without a pydantic model per
 token.
 
-Every token of every streamed request is one event; at a few thousand concurrent streams
-building and dumping a response model for each was a fifth of the server's event loop.
+Every token of every streamed request is one event; building and dumping a response model
+for each was about a tenth of the server's event loop (8 % of its CPU per streamed token,
+`bench/server_stream_cost.py --model-shape tiny-llama`).
 A stream's events differ only in their text (and choice index), so `TextChunks` dumps the
 chunk model once per stream with a placeholder text, cuts the JSON around it, and fills in
 each text encoded by pydantic's own JSON encoder: the bytes are those `model_dump_json`

@@ -139,8 +139,9 @@ MIXED_CASES = ((4, 2048, 0, 2048), (4, 2048, 60, 2048), (3, 2048, 120, 2048), (1
 
 def mixed_steps(hq: int, hkv: int, d: int) -> list[dict[str, object]]:
     """The MIXED_CASES steps with the decode rows split off to the decode kernel and not,
-    and as `splits_decode_rows` chooses; and which of the two the rule by work
-    (ONDO_MIXED_SPLIT_BY_WORK=1) would pick."""
+    and as the engine chooses (`splits_mixed_step`: by work unless
+    ONDO_MIXED_SPLIT_BY_WORK=0); and which of the two each rule picks: the SM-waves rule
+    (`rule_splits`) and the rule by work (`by_work_splits`)."""
     rows = []
     scale = d ** -0.5
     sms = torch.cuda.get_device_properties(0).multi_processor_count
@@ -157,7 +158,7 @@ def mixed_steps(hq: int, hkv: int, d: int) -> list[dict[str, object]]:
             lambda b=b, s=flag: paged_prefill_attention_triton(b.query, b.k_cache, b.v_cache, b.meta, d ** -0.5,
                                                                split_decode_rows=s))
             for name, flag in (("split_ms", True), ("one_kernel_ms", False), ("chosen_ms", None))}
-        # What each rule picks (timed above as split or one kernel): the rule in force, and
+        # What each rule picks (timed above as split or one kernel): the SM-waves rule, and
         # the one that weighs the prompts' pairs against the decode rows' tokens.
         by_work = splits_decode_rows(decode, hkv, sms, b.meta.prompt_pairs_and_decode_tokens)
         rows.append({"q_heads": hq, "kv_heads": hkv, "prompts": prompts, "prompt_len": prompt_len,

@@ -102,9 +102,15 @@ PY
         ${PARALLEL_ARGS:-} > "$OUT/parallel_sampling.log" 2>&1
       grep -v "^{" "$OUT/parallel_sampling.log" | grep -v "INFO" | tail -12 ;;
     serve)
-      timeout ${SERVE_TIMEOUT:-400} python3 bench/serve_vs_offline.py --out "$OUT/serve_curve.json" ${SERVE_ARGS:-} \
-        > "$OUT/serve.log" 2>&1
-      grep -E "^offline|^\{\"backend|^saturation|host time per step|garbage|Error|error" "$OUT/serve.log" | tail -24 ;;
+      # SERVE_LOOPS: the server's event loop/HTTP parser pairs to run one after another
+      # (e.g. "asyncio/h11 uvloop/httptools", their wheels in .whl); one run each.
+      for pair in ${SERVE_LOOPS:-auto/auto}; do
+        tag=""; [ "$pair" != auto/auto ] && tag="-${pair/\//-}"
+        echo "--- server loop/parser $pair"
+        timeout ${SERVE_TIMEOUT:-400} python3 bench/serve_vs_offline.py --out "$OUT/serve_curve$tag.json" \
+          --loop "${pair%/*}" --http "${pair#*/}" ${SERVE_ARGS:-} > "$OUT/serve$tag.log" 2>&1
+        grep -E "^offline|^\{\"backend|^saturation|host time per step|garbage|Error|error" "$OUT/serve$tag.log" | tail -24
+      done ;;
     host)
       for fuse in 1 0; do
         ONDO_FUSE=$fuse timeout 150 python3 bench/host_overhead.py > "$OUT/host_fuse$fuse.log" 2>&1

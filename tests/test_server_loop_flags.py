@@ -39,7 +39,8 @@ def test_named_asyncio_and_h11_serve_a_stream():
     proc, base = launch_server("--device", "cpu", "--max-model-len", "256", "--loop", "asyncio",
                                "--http", "h11")
     try:
-        body = {"prompt": "The capital of France is", "max_tokens": 6, "stream": True}
+        body = {"prompt": "The capital of France is", "max_tokens": 6, "temperature": 0,
+                "stream": True}
         with httpx.stream("POST", base + "/v1/completions", json=body, timeout=60) as r:
             assert r.status_code == 200
             events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]

@@ -18,8 +18,10 @@ def rust_decoder(hf_tokenizer: Any) -> Any | None:
     nine tenths of its time in argument conversion and checks around the Rust call
     (`bench/server_stream_cost.py --profile`), so `Tokenizer.decode` calls the Rust
     tokenizer directly where that gives the same text."""
+    import tokenizers  # loaded already wherever a fast tokenizer is
+
     backend = getattr(hf_tokenizer, "_tokenizer", None)
-    if type(backend).__name__ != "Tokenizer" or type(backend).__module__.split(".")[0] != "tokenizers":
+    if not isinstance(backend, tokenizers.Tokenizer):
         return None
     if _owner(hf_tokenizer, "decode") != "PreTrainedTokenizerBase" or \
             _owner(hf_tokenizer, "_decode") not in _LIBRARY_FAST_DECODERS:

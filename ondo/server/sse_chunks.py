@@ -19,6 +19,7 @@ from pydantic import BaseModel
 from pydantic_core import to_json
 
 _PLACEHOLDER = "\x00ondo-text\x00"
+_MARKER = to_json(_PLACEHOLDER).decode()  # the placeholder as it appears in the JSON
 
 
 class TextChunks:
@@ -30,10 +31,9 @@ class TextChunks:
 
     def _cut(self, index: int) -> tuple[str, str]:
         body = self._make(index, _PLACEHOLDER).model_dump_json()
-        marker = to_json(_PLACEHOLDER).decode()
-        if body.count(marker) != 1:
+        if body.count(_MARKER) != 1:
             raise ValueError("the chunk model must carry its text exactly once")
-        head, tail = body.split(marker)
+        head, tail = body.split(_MARKER)
         return f"data: {head}", f"{tail}\n\n"
 
     def __call__(self, index: int, text: str) -> str:

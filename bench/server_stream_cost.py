@@ -106,7 +106,7 @@ def measure(config: str, args: argparse.Namespace) -> dict:
         thread.join(30)
         llm.close()
     if profile is not None:
-        pstats.Stats(profile, stream=sys.stderr).sort_stats("tottime").print_stats(args.profile)
+        pstats.Stats(profile, stream=sys.stderr).sort_stats(os.environ.get("PROFILE_SORT", "tottime")).print_stats(args.profile)
     requests = args.rounds * args.num_prompts
     return {"config": config, "rounds": args.rounds, "requests": requests, "streamed_tokens": tokens,
             "server_cpu_s": cpu_s, "server_cpu_us_per_token": cpu_s / tokens * 1e6,

@@ -9,6 +9,8 @@ round, then the measured rounds.
     python3 bench/server_stream_cost.py --config asyncio/h11 uvloop/httptools
     python3 bench/server_stream_cost.py --config asyncio/h11 --model-shape tiny-llama \
         --num-prompts 256 --output-len 128 --token-id-vocab 4096
+    python3 bench/server_stream_cost.py --config asyncio/h11 --model-shape tiny-llama \
+        --output-len 1 --profile 40 --profile-sort cumulative     # a request's intake
 """
 
 from __future__ import annotations
@@ -106,7 +108,7 @@ def measure(config: str, args: argparse.Namespace) -> dict:
         thread.join(30)
         llm.close()
     if profile is not None:
-        pstats.Stats(profile, stream=sys.stderr).sort_stats(os.environ.get("PROFILE_SORT", "tottime")).print_stats(args.profile)
+        pstats.Stats(profile, stream=sys.stderr).sort_stats(args.profile_sort).print_stats(args.profile)
     requests = args.rounds * args.num_prompts
     return {"config": config, "rounds": args.rounds, "requests": requests, "streamed_tokens": tokens,
             "server_cpu_s": cpu_s, "server_cpu_us_per_token": cpu_s / tokens * 1e6,
@@ -130,6 +132,8 @@ def main() -> int:
                          "as on a GPU")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="print the server thread's N costliest functions (cProfile) to stderr")
+    ap.add_argument("--profile-sort", choices=("tottime", "cumulative"), default="tottime",
+                    help="rank --profile's functions by their own time or by time under them")
     args = ap.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     for config in args.config:

@@ -363,23 +363,50 @@ def test_metadata_sums_prompt_pairs_and_decode_context_tokens():
 
 def test_by_work_decode_rows_are_split_off_only_beside_light_prompts(monkeypatch):
     # A short prompt beside a full batch of decodes: split off. Long prompts beside them
-    # (W3's step, W1's first steps): the prefill kernel takes them.
-    light = _batch([128] + [1] * 40, [128] + [1024] * 40, heads=(8, 2), head_dim=64)
-    heavy = _batch([512] * 2 + [1] * 40, [512] * 2 + [600] * 40, heads=(8, 2), head_dim=64)
+    # (W3's step, W1's first steps): the prefill kernel takes them. Each check is a new
+    # step: a step keeps its first choice (see the test below).
+    def light():
+        return _batch([128] + [1] * 40, [128] + [1024] * 40, heads=(8, 2), head_dim=64).meta
+
+    def heavy():
+        return _batch([512] * 2 + [1] * 40, [512] * 2 + [600] * 40, heads=(8, 2), head_dim=64).meta
+
     prompts_only = _batch([64, 32], [64, 40], heads=(8, 2), head_dim=64)
-    assert splits_mixed_step(light.meta, 2, 132) is True  # by work: the default
+    assert splits_mixed_step(light(), 2, 132) is True  # by work: the default
     monkeypatch.setenv(MIXED_SPLIT_BY_WORK_ENV, "0")
-    assert splits_mixed_step(light.meta, 2, 132) is False  # the waves rule: 80 programs
-    assert splits_mixed_step(heavy.meta, 2, 132) is False
+    assert splits_mixed_step(light(), 2, 132) is False  # the waves rule: 80 programs
+    assert splits_mixed_step(heavy(), 2, 132) is False
     monkeypatch.setenv(MIXED_SPLIT_BY_WORK_ENV, "1")
-    assert splits_mixed_step(light.meta, 2, 132) is True
-    assert splits_mixed_step(heavy.meta, 2, 132) is False
+    assert splits_mixed_step(light(), 2, 132) is True
+    assert splits_mixed_step(heavy(), 2, 132) is False
     assert splits_mixed_step(prompts_only.meta, 2, 132) is False
     monkeypatch.setenv(MIXED_SPLIT_MIN_ROWS_ENV, "41")  # a row count overrides the work
-    assert splits_mixed_step(light.meta, 2, 132) is False
+    assert splits_mixed_step(light(), 2, 132) is False
+    monkeypatch.setenv(MIXED_SPLIT_MIN_ROWS_ENV, "40")
+    assert splits_mixed_step(light(), 2, 132) is True
+    monkeypatch.delenv(MIXED_SPLIT_MIN_ROWS_ENV)
     monkeypatch.setenv(MIXED_SPLIT_BY_WORK_ENV, "yes")
     with pytest.raises(ValueError, match=MIXED_SPLIT_BY_WORK_ENV):
-        splits_mixed_step(light.meta, 2, 132)
+        splits_mixed_step(light(), 2, 132)
+
+
+def test_a_step_decides_its_split_once_for_all_layers(monkeypatch):
+    # The first layer's call decides; the later layers' calls on the same step's metadata
+    # neither read the switches again nor change the choice. A new step decides anew.
+    meta = _batch([128] + [1] * 40, [128] + [1024] * 40, heads=(8, 2), head_dim=64).meta
+    assert splits_mixed_step(meta, 2, 132) is True
+    monkeypatch.setenv(MIXED_SPLIT_BY_WORK_ENV, "yes")  # would be refused if read again
+    assert all(splits_mixed_step(meta, 2, 132) is True for _ in range(28))
+    monkeypatch.setenv(MIXED_SPLIT_BY_WORK_ENV, "0")
+    assert splits_mixed_step(meta, 2, 132) is True
+    fresh = _batch([128] + [1] * 40, [128] + [1024] * 40, heads=(8, 2), head_dim=64).meta
+    assert splits_mixed_step(fresh, 2, 132) is False  # the waves rule, read for the new step
+
+
+def test_a_step_without_decode_rows_splits_nothing_without_summing_its_work(monkeypatch):
+    meta = _batch([64, 32], [64, 40], heads=(8, 2), head_dim=64).meta
+    assert splits_mixed_step(meta, 2, 132) is False
+    assert "prompt_pairs_and_decode_tokens" not in vars(meta)  # the pairs were never summed
 
 
 @pytest.mark.parametrize("decode_ctx", [24, 300])

@@ -32,9 +32,21 @@ def mixed_split_by_work() -> bool:
 
 
 def splits_mixed_step(meta: AttentionMetadata, num_kv_heads: int, num_sms: int) -> bool:
-    """`splits_decode_rows` for the step `meta` (host lengths required)."""
-    work = meta.prompt_pairs_and_decode_tokens if mixed_split_by_work() else None
-    return splits_decode_rows(meta.num_single_token_seqs or 0, num_kv_heads, num_sms, work)
+    """`splits_decode_rows` for the step `meta` (host lengths required), decided once a
+    step: every layer's call after the first reads the choice kept on `meta`, without
+    the switches' environment reads or the lengths' sums."""
+    key = (num_kv_heads, num_sms)
+    cached = meta.split_choices.get(key)
+    if cached is not None:
+        return cached
+    num_single = meta.num_single_token_seqs or 0
+    if num_single == 0 and mixed_split_min_rows() is None:
+        choice = False  # no decode rows: nothing to split off
+    else:
+        work = meta.prompt_pairs_and_decode_tokens if mixed_split_by_work() else None
+        choice = splits_decode_rows(num_single, num_kv_heads, num_sms, work)
+    meta.split_choices[key] = choice
+    return choice
 
 
 def splits_decode_rows(num_single: int, num_kv_heads: int, num_sms: int,

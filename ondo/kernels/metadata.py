@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -37,6 +37,9 @@ class AttentionMetadata:
     # Host copies, so the reference path never waits on the device for sizes.
     query_lens_cpu: list[int] | None = None
     context_lens_cpu: list[int] | None = None
+    # (kv heads, SMs) -> whether this step's decode rows go to the decode kernel: made once
+    # a step by `ondo.kernels.attention.splits_mixed_step`, read by every later layer.
+    split_choices: dict[tuple[int, int], bool] = field(default_factory=dict, repr=False, compare=False)
 
     @functools.cached_property
     def num_single_token_seqs(self) -> int | None:

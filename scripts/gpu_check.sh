@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs ondo's GPU tests and benchmarks in one go on a CUDA machine; results under $OUT.
-# Stages are chosen with STAGES: tests timeline host_step sampling gemm kernels prefill prefill_tiles kv_write decode_splits decode_balance switches throughput parallel host serve startup startup_ab tokenizer_load trace mixed_trace outside telemetry turnover structured soak agent.
+# Stages are chosen with STAGES: tests timeline host_step sampling gemm kernels prefill prefill_tiles prefill_fresh kv_write decode_splits decode_balance switches throughput parallel host serve startup startup_ab tokenizer_load trace mixed_trace outside telemetry turnover structured soak agent.
 # THROUGHPUT_ARGS passes extra flags to `ondo bench throughput`.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -55,6 +55,11 @@ for stage in $STAGES; do
       timeout ${PREFILL_TILES_TIMEOUT:-300} python3 bench/prefill_tiles.py --out "$OUT/prefill_tiles.json" \
         > "$OUT/prefill_tiles.log" 2>&1
       grep -v "^{" "$OUT/prefill_tiles.log" | tail -6 ;;
+    prefill_fresh)
+      # Fresh prompts' attention reading K/V from the step's projections (pointers or TMA).
+      timeout ${PREFILL_FRESH_TIMEOUT:-240} python3 bench/prefill_fresh_kv.py --out "$OUT/prefill_fresh_kv.json" \
+        > "$OUT/prefill_fresh_kv.log" 2>&1
+      grep -v "^{" "$OUT/prefill_fresh_kv.log" | grep -v "^qwen3\|^llama" ; grep ": ondo" "$OUT/prefill_fresh_kv.log" ;;
     kv_write)
       # The KV write's launch configurations on a W3 prefill step and a decode step (both shapes).
       timeout 200 python3 bench/kv_write_bench.py --out "$OUT/kv_write.json" > "$OUT/kv_write.log" 2>&1

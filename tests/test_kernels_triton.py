@@ -28,6 +28,7 @@ from ondo.kernels.reference import paged_attention_ref, write_kv_cache_ref  # no
 from ondo.kernels.testing import PagedBatch, make_paged_batch  # noqa: E402
 from ondo.kernels.triton_attention import (  # noqa: E402
     PrefillTiles,
+    new_kv_mode,
     paged_attention_triton,
     paged_decode_attention_triton,
     paged_prefill_attention_triton,
@@ -462,6 +463,68 @@ def test_prefill_tiles_started_longest_first_give_the_same_output():
         outs[first] = _write_then_attend(b, lambda *a, t=tiles: paged_prefill_attention_triton(*a, tiles=t))
     assert torch.equal(outs[True], outs[False])
     torch.testing.assert_close(outs[True], _reference(b), atol=ATOL, rtol=RTOL)
+
+
+def _strided_value(b: PagedBatch) -> PagedBatch:
+    """The batch with V a view of a wider projection, as the model hands it over (K/V
+    rows of 3 * Hkv * D elements), holding the same values."""
+    t, h, d = b.value.shape
+    wide = torch.full((t, 3 * h * d), float("nan"), dtype=b.value.dtype, device=b.value.device)
+    view = wide[:, 2 * h * d:].view(t, h, d)
+    view.copy_(b.value)
+    return dataclasses.replace(b, value=view)
+
+
+@pytest.mark.parametrize("mode", [1, 2])
+@pytest.mark.parametrize("tiles", [(16, 32, 4, 1, False), (32, 16, 4, 1, True)])
+def test_prefill_reading_the_steps_own_kv_matches_reference(mode, tiles):
+    # Fresh prompts (one ending inside a K/V tile, one on a tile edge), a chunk over a
+    # prefix that ends inside a tile and one over a whole-tile prefix, decode rows, an
+    # idle sequence, and K/V tokens past the last sequence (a graph's padding: NaN).
+    b = _strided_value(_batch([70, 1, 23, 1, 0, 32, 16, 9], [70, 40, 90, 17, 11, 32, 48, 9], heads=(8, 2),
+                              head_dim=64, block_size=8))
+    out = _write_then_attend(
+        b, lambda *a: paged_prefill_attention_triton(*a, tiles=PrefillTiles(*tiles), key=b.key, value=b.value,
+                                                     new_kv=mode))
+    expect = _reference(b)
+    torch.testing.assert_close(out, expect, atol=ATOL, rtol=RTOL)
+    cached = _write_then_attend(b, lambda *a: paged_prefill_attention_triton(*a, tiles=PrefillTiles(*tiles)))
+    torch.testing.assert_close(out, cached, atol=ATOL, rtol=RTOL)
+    # The new tokens' keys really come from `key` now: other values there, not in the
+    # cache, change every row (each sees its own new key) but a fresh prompt's first,
+    # whose softmax over a single key is 1 whatever the key.
+    other = paged_prefill_attention_triton(b.query, b.k_cache, b.v_cache, b.meta, 64 ** -0.5,
+                                           tiles=PrefillTiles(*tiles), key=b.key.flip(0), value=b.value, new_kv=mode)
+    changed = (other - out).abs().amax(dim=(1, 2)) > 1e-3
+    starts, lens = b.meta.query_start_loc.tolist(), b.meta.context_lens_cpu
+    alone = [starts[i] for i, q in enumerate(b.meta.query_lens_cpu) if 0 < q == lens[i]]
+    assert changed.nonzero().flatten().tolist() == [i for i in range(len(changed)) if i not in alone]
+
+
+@pytest.mark.parametrize("mode", [1, 2])
+def test_prefill_reading_the_steps_own_kv_ignores_padding_tokens(mode):
+    # The step's K/V hold 5 more tokens than its sequences own (a CUDA graph's padding),
+    # all NaN: no sequence may see them, in a masked tile or out of one.
+    b = _batch([19, 1, 12], [19, 30, 40], heads=(4, 2), head_dim=32, block_size=16)
+    pad = torch.full((5, *b.key.shape[1:]), float("nan"), device=b.key.device)
+    key, value = torch.cat([b.key, pad]), torch.cat([b.value, pad])
+    query = torch.cat([b.query, torch.zeros(5, *b.query.shape[1:], device=b.query.device)])
+    write_kv_cache_triton(b.key, b.value, b.k_cache, b.v_cache, b.meta.slot_mapping)
+    out = paged_prefill_attention_triton(query, b.k_cache, b.v_cache, b.meta, 32 ** -0.5,
+                                         tiles=PrefillTiles(16, 16, 4, 1), key=key, value=value, new_kv=mode)
+    torch.testing.assert_close(out[:32], _reference(b), atol=ATOL, rtol=RTOL)
+
+
+def test_the_prefill_new_kv_switch(monkeypatch):
+    k = torch.zeros(4, 2, 64)
+    assert new_kv_mode(k, k) == 0  # off by default
+    assert new_kv_mode(None, None, new_kv=2) == 0  # nothing to read from
+    monkeypatch.setenv("ONDO_PREFILL_NEW_KV", "1")
+    assert new_kv_mode(k, k) == 1  # no tensor descriptors on a CPU
+    assert new_kv_mode(k, k, new_kv=2) == 2
+    monkeypatch.setenv("ONDO_PREFILL_NEW_KV", "yes")
+    with pytest.raises(ValueError, match="ONDO_PREFILL_NEW_KV"):
+        new_kv_mode(k, k)
 
 
 def test_the_prefill_longest_first_switch(monkeypatch):

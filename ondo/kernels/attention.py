@@ -120,7 +120,7 @@ def write_and_attend(
     that stored the new K/V itself, one kernel a layer fewer, ran about 45 % slower on an
     H200 from 64 rows up: docs/benchmarks.md.)"""
     write_kv_cache(key, value, k_cache, v_cache, meta.slot_mapping)
-    return paged_attention(query, k_cache, v_cache, meta, scale)
+    return paged_attention(query, k_cache, v_cache, meta, scale, key, value)
 
 
 def paged_attention(
@@ -129,9 +129,11 @@ def paged_attention(
     v_cache: torch.Tensor,
     meta: AttentionMetadata,
     scale: float,
+    key: torch.Tensor | None = None,  # the step's new K/V, already in the cache: the prefill
+    value: torch.Tensor | None = None,  # kernel may read them from here (ONDO_PREFILL_NEW_KV)
 ) -> torch.Tensor:
     if _use_triton(query):
         from ondo.kernels.triton_attention import paged_attention_triton
 
-        return paged_attention_triton(query, k_cache, v_cache, meta, scale)
+        return paged_attention_triton(query, k_cache, v_cache, meta, scale, key, value)
     return paged_attention_ref(query, k_cache, v_cache, meta, scale)

@@ -275,6 +275,69 @@ def _prefill_tile(
 
 
 @triton.jit
+def _new_kv_tile(
+    q,
+    m_i,
+    l_i,
+    acc,
+    k_new_ptr,
+    v_new_ptr,
+    desc_k,
+    desc_v,
+    row0,  # the sequence's first new token in the step
+    kv_head,
+    start,  # the tile's first key, counted from the sequence's first new token
+    kv_end,
+    q_tok,  # [BLOCK_M] each row's new token, counted the same way
+    d,
+    d_mask,
+    scale_log2e,
+    stride_k_t,
+    stride_k_h,
+    stride_v_t,
+    stride_v_h,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    MASKED: tl.constexpr,  # False: keys start.. are this step's and visible to every row
+    TMA: tl.constexpr,  # load by tensor descriptors (Hopper's TMA) rather than by pointers
+    DOT_PRECISION: tl.constexpr,
+):
+    """One K/V tile of the online softmax, read from the step's own projections: rows
+    `row0 + start ..` of K and V, contiguous, with no block table to look up."""
+    n = start + tl.arange(0, BLOCK_N)
+    n_mask = n < kv_end
+    if TMA:
+        k = desc_k.load([row0 + start, kv_head * HEAD_DIM])
+    else:
+        k_offsets = (row0 + n).to(tl.int64)[:, None] * stride_k_t + kv_head * stride_k_h + d[None, :]
+        if MASKED:
+            k = tl.load(k_new_ptr + k_offsets, mask=n_mask[:, None] & d_mask[None, :], other=0.0)
+        else:
+            k = tl.load(k_new_ptr + k_offsets, mask=d_mask[None, :], other=0.0)
+    qk = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION) * scale_log2e
+    if MASKED:
+        visible = n_mask[None, :] & (n[None, :] <= q_tok[:, None])
+        qk = tl.where(visible, qk, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(qk - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if TMA:
+        v = desc_v.load([row0 + start, kv_head * HEAD_DIM])
+        if MASKED:  # rows past the sequence are another's (or padding): never let them in
+            v = tl.where(n_mask[:, None], v, 0.0)
+    else:
+        v_offsets = (row0 + n).to(tl.int64)[:, None] * stride_v_t + kv_head * stride_v_h + d[None, :]
+        if MASKED:
+            v = tl.load(v_new_ptr + v_offsets, mask=n_mask[:, None] & d_mask[None, :], other=0.0)
+        else:
+            v = tl.load(v_new_ptr + v_offsets, mask=d_mask[None, :], other=0.0)
+    v = v.to(q.dtype)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _prefill_kernel(
     q_ptr,
     k_cache_ptr,
@@ -294,6 +357,14 @@ def _prefill_kernel(
     stride_bt,
     num_seqs,
     split_flag_ptr,  # [1] int32, read when SKIP_SINGLE == 2
+    k_new_ptr,  # [T, Hkv, D]: the step's new K, read when NEW_KV (also in the cache by now)
+    v_new_ptr,
+    desc_k,  # tensor descriptors of k_new / v_new as [T, Hkv * D], read when NEW_KV == 2
+    desc_v,
+    stride_k_t,
+    stride_k_h,
+    stride_v_t,
+    stride_v_h,
     GROUP: tl.constexpr,
     GROUP_PAD: tl.constexpr,  # GROUP padded to a power of two
     HEAD_DIM: tl.constexpr,
@@ -305,6 +376,9 @@ def _prefill_kernel(
     # split_flag_ptr holds a nonzero value (a CUDA graph, decided per replay).
     SKIP_SINGLE: tl.constexpr,
     LONGEST_FIRST: tl.constexpr,  # programs taken from the grid's end: each sequence's last tiles first
+    # Where the step's own keys are read: 0 through the block table like the cached ones,
+    # 1 from k_new / v_new by pointers, 2 from them by tensor descriptors.
+    NEW_KV: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     """Causal attention of a tile of one sequence's new tokens over its whole context.
@@ -375,21 +449,54 @@ def _prefill_kernel(
     # Keys past the tile's last token are masked for every row: stop there.
     kv_end = tl.minimum(ctx_len, prefix_len + tok0 + TOKENS_PER_TILE)
 
-    # Keys up to the tile's first query position are visible to every row: whole K/V
-    # tiles below it need neither the causal mask nor the context bound.
-    full_end = (prefix_len + tok0 + 1) // BLOCK_N * BLOCK_N
-    for start in range(0, full_end, BLOCK_N):
-        m_i, l_i, acc = _prefill_tile(
-            q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, table_row, kv_head, start, kv_end, q_pos,
-            d, d_mask, scale_log2e, stride_cache_block, stride_cache_slot, stride_cache_h,
-            BLOCK_SIZE, BLOCK_N, False, DOT_PRECISION,
-        )  # fmt: skip
-    for start in range(full_end, kv_end, BLOCK_N):
-        m_i, l_i, acc = _prefill_tile(
-            q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, table_row, kv_head, start, kv_end, q_pos,
-            d, d_mask, scale_log2e, stride_cache_block, stride_cache_slot, stride_cache_h,
-            BLOCK_SIZE, BLOCK_N, True, DOT_PRECISION,
-        )  # fmt: skip
+    if NEW_KV == 0:
+        # Keys up to the tile's first query position are visible to every row: whole K/V
+        # tiles below it need neither the causal mask nor the context bound.
+        full_end = (prefix_len + tok0 + 1) // BLOCK_N * BLOCK_N
+        for start in range(0, full_end, BLOCK_N):
+            m_i, l_i, acc = _prefill_tile(
+                q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, table_row, kv_head, start, kv_end, q_pos,
+                d, d_mask, scale_log2e, stride_cache_block, stride_cache_slot, stride_cache_h,
+                BLOCK_SIZE, BLOCK_N, False, DOT_PRECISION,
+            )  # fmt: skip
+        for start in range(full_end, kv_end, BLOCK_N):
+            m_i, l_i, acc = _prefill_tile(
+                q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, table_row, kv_head, start, kv_end, q_pos,
+                d, d_mask, scale_log2e, stride_cache_block, stride_cache_slot, stride_cache_h,
+                BLOCK_SIZE, BLOCK_N, True, DOT_PRECISION,
+            )  # fmt: skip
+    else:
+        # The cached prefix through the block table, visible to every row: whole tiles,
+        # then the part of one that is left.
+        prefix_full = prefix_len // BLOCK_N * BLOCK_N
+        for start in range(0, prefix_full, BLOCK_N):
+            m_i, l_i, acc = _prefill_tile(
+                q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, table_row, kv_head, start, prefix_len, q_pos,
+                d, d_mask, scale_log2e, stride_cache_block, stride_cache_slot, stride_cache_h,
+                BLOCK_SIZE, BLOCK_N, False, DOT_PRECISION,
+            )  # fmt: skip
+        for start in range(prefix_full, prefix_len, BLOCK_N):
+            m_i, l_i, acc = _prefill_tile(
+                q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, table_row, kv_head, start, prefix_len, q_pos,
+                d, d_mask, scale_log2e, stride_cache_block, stride_cache_slot, stride_cache_h,
+                BLOCK_SIZE, BLOCK_N, True, DOT_PRECISION,
+            )  # fmt: skip
+        # This step's keys from its own K/V, counted from the sequence's first new token:
+        # whole tiles up to the tile's first query token unmasked, then the diagonal.
+        new_end = kv_end - prefix_len
+        new_full = (tok0 + 1) // BLOCK_N * BLOCK_N
+        for start in range(0, new_full, BLOCK_N):
+            m_i, l_i, acc = _new_kv_tile(
+                q, m_i, l_i, acc, k_new_ptr, v_new_ptr, desc_k, desc_v, q_start, kv_head, start, new_end,
+                tok, d, d_mask, scale_log2e, stride_k_t, stride_k_h, stride_v_t, stride_v_h,
+                HEAD_DIM, BLOCK_N, False, NEW_KV == 2, DOT_PRECISION,
+            )  # fmt: skip
+        for start in range(new_full, new_end, BLOCK_N):
+            m_i, l_i, acc = _new_kv_tile(
+                q, m_i, l_i, acc, k_new_ptr, v_new_ptr, desc_k, desc_v, q_start, kv_head, start, new_end,
+                tok, d, d_mask, scale_log2e, stride_k_t, stride_k_h, stride_v_t, stride_v_h,
+                HEAD_DIM, BLOCK_N, True, NEW_KV == 2, DOT_PRECISION,
+            )  # fmt: skip
 
     # Every live row sees key 0, so l_i > 0 there; padded rows are not stored.
     acc = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
@@ -602,6 +709,51 @@ def prefill_longest_first() -> bool:
     return on_off(PREFILL_LONGEST_FIRST_ENV, default=False)
 
 
+PREFILL_NEW_KV_ENV = "ONDO_PREFILL_NEW_KV"
+
+
+def prefill_new_kv() -> bool:
+    """Whether the prefill kernel reads the step's own keys from its K/V projections
+    (contiguous, no block table) rather than back from the cache: off unless
+    ONDO_PREFILL_NEW_KV=1."""
+    return on_off(PREFILL_NEW_KV_ENV, default=False)
+
+
+def _tma_ready(*tensors: torch.Tensor) -> bool:
+    """Whether these [T, H, D] tensors can be read by tensor descriptors as [T, H * D]:
+    a GPU with TMA (Hopper on), a power-of-two head dim, rows a view of 16-byte aligned
+    memory."""
+    t = tensors[0]
+    if not t.is_cuda or torch.cuda.get_device_capability(t.device)[0] < 9:
+        return False
+    d = t.shape[2]
+    return d == triton.next_power_of_2(d) and all(
+        x.stride(2) == 1 and x.stride(1) == d and (x.stride(0) * x.element_size()) % 16 == 0
+        and x.data_ptr() % 16 == 0 for x in tensors)
+
+
+def new_kv_mode(key: torch.Tensor | None, value: torch.Tensor | None, new_kv: int | None = None) -> int:
+    """The prefill kernel's NEW_KV: 0 the step's keys read back from the cache, 1 from
+    `key` / `value` by pointers, 2 from them by tensor descriptors. `new_kv` forces a
+    mode (tests, benchmarks); by default the switch, with descriptors where they work."""
+    if key is None or value is None:
+        return 0
+    if new_kv is not None:
+        return new_kv
+    if not prefill_new_kv():
+        return 0
+    return 2 if _tma_ready(key, value) else 1
+
+
+def _kv_descriptors(key: torch.Tensor, value: torch.Tensor, block_n: int) -> tuple[object, object]:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    t, h, d = key.shape
+    return tuple(
+        TensorDescriptor(x, [t, h * d], [x.stride(0), 1], [block_n, d]) for x in (key, value)
+    )  # type: ignore[return-value]
+
+
 def prefill_tiles(query: torch.Tensor, k_cache: torch.Tensor) -> PrefillTiles:
     """The default configuration for these heads and dtypes."""
     block_d = triton.next_power_of_2(query.shape[2])
@@ -623,8 +775,15 @@ def paged_prefill_attention_triton(
     scale: float,
     split_decode_rows: bool | None = None,
     tiles: PrefillTiles | None = None,  # override the launch configuration (benchmarks)
+    key: torch.Tensor | None = None,  # [T, Hkv, D]: the step's new K/V, already in the cache
+    value: torch.Tensor | None = None,
+    new_kv: int | None = None,  # force `new_kv_mode` (tests, benchmarks)
 ) -> torch.Tensor:
     """Causal attention for any batch: prefill, chunked prefill, decode rows, empty rows.
+
+    Given the step's own `key` and `value` (and ONDO_PREFILL_NEW_KV=1), the new tokens'
+    keys are read from them, contiguous, and only the cached prefix through the block
+    table (`new_kv_mode`); the result is the same either way.
 
     Sequences that bring one new token may go to the decode kernel, which reads each
     one's context once per kv head with no empty tile rows: where there are enough of
@@ -661,6 +820,10 @@ def paged_prefill_attention_triton(
         else:
             skip_single = int(bool(split_decode_rows))
 
+    mode = new_kv_mode(key, value, new_kv)
+    if mode == 0:
+        key = value = query  # any pointer, unread
+    desc_k, desc_v = _kv_descriptors(key, value, block_n) if mode == 2 else (key, value)
     launch(
         _prefill_kernel,
         (num_programs, num_kv_heads),
@@ -682,6 +845,14 @@ def paged_prefill_attention_triton(
         meta.block_tables.stride(0),
         meta.num_seqs,
         meta.context_lens if split_flag is None else split_flag,  # any int32 pointer when unread
+        key,
+        value,
+        desc_k,
+        desc_v,
+        key.stride(0),
+        key.stride(1),
+        value.stride(0),
+        value.stride(1),
         GROUP=group,
         GROUP_PAD=group_pad,
         HEAD_DIM=head_dim,
@@ -691,6 +862,7 @@ def paged_prefill_attention_triton(
         BLOCK_N=block_n,
         SKIP_SINGLE=skip_single,
         LONGEST_FIRST=longest_first,
+        NEW_KV=mode,
         DOT_PRECISION=_dot_precision(query.dtype),
         num_warps=num_warps,
         num_stages=stages,
@@ -709,8 +881,10 @@ def paged_attention_triton(
     v_cache: torch.Tensor,
     meta: AttentionMetadata,
     scale: float,
+    key: torch.Tensor | None = None,  # [T, Hkv, D]: the step's new K/V, already in the cache
+    value: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Same contract as ``paged_attention_ref``: out [T, Hq, D] in query's dtype."""
     if meta.max_query_len <= 1:
         return paged_decode_attention_triton(query, k_cache, v_cache, meta, scale)
-    return paged_prefill_attention_triton(query, k_cache, v_cache, meta, scale)
+    return paged_prefill_attention_triton(query, k_cache, v_cache, meta, scale, key=key, value=value)

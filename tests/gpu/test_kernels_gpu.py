@@ -96,6 +96,20 @@ def test_prefill_longest_tiles_first_on_gpu(dtype):
     _check(b, lambda *a: paged_prefill_attention_triton(*a, tiles=tiles[1]))
 
 
+@pytest.mark.parametrize("mode", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("heads", [(16, 8), (32, 8)])
+def test_prefill_reading_the_steps_own_kv_on_gpu(mode, dtype, heads):
+    """The new tokens' keys from the step's K (its own tensor) and V (a view of the fused
+    projection, as the model hands them over), by pointers or tensor descriptors."""
+    b = _batch([300, 1, 77, 0, 1, 129, 2048], [300, 900, 1100, 40, 5, 129, 2048], heads, 128, dtype)
+    t, h, d = b.value.shape
+    wide = torch.empty(t, (heads[0] + 2 * h) * d, dtype=dtype, device="cuda")
+    value = wide[:, (heads[0] + h) * d:].view(t, h, d)
+    value.copy_(b.value)
+    _check(b, lambda *a: paged_prefill_attention_triton(*a, key=b.key, value=value, new_kv=mode))
+
+
 @pytest.mark.parametrize("block_size", [1, 8, 32, 128])
 def test_block_sizes_on_gpu(block_size):
     b = _batch([1, 1, 1], [513, 77, 2], (32, 8), 128, torch.bfloat16, block_size=block_size)

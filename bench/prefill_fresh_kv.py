@@ -9,6 +9,7 @@ keys from the step's K/V (`new_kv` 1 by pointers, 2 by descriptors) on every ste
 chunks over a cached prefix and W3's mixed steps with decode rows included.
 
     python3 bench/prefill_fresh_kv.py [--out FILE]
+    python3 bench/prefill_fresh_kv.py --quick   # W3 0.6B (fresh and mixed), W1's first step
     python3 bench/prefill_fresh_kv.py --smoke   # CPU (Triton's interpreter), tiny shapes
 """
 
@@ -136,10 +137,12 @@ def run_fresh(query, key, value, query_start_loc, scale, block_m, block_n, warps
     return out
 
 
-def variants(smoke: bool) -> list[tuple[int, int, int, int, bool, bool]]:
+def variants(smoke: bool, quick: bool = False) -> list[tuple[int, int, int, int, bool, bool]]:
     """(rows, K/V tokens, warps, stages, TMA, FMA)."""
     if smoke:
         return [(16, 16, 4, 1, False, False), (16, 16, 4, 1, False, True), (16, 16, 4, 1, True, True)]
+    if quick:
+        return [(64, 64, 4, 3, False, False), (64, 64, 4, 3, True, True)]
     out = []
     for tma in (False, True):
         for fma in (False, True):
@@ -147,7 +150,7 @@ def variants(smoke: bool) -> list[tuple[int, int, int, int, bool, bool]]:
     return out + [(64, 128, 4, 2, True, True), (128, 128, 8, 3, True, True), (64, 64, 4, 4, True, True)]
 
 
-def measure(shape: dict, cuda: bool, smoke: bool) -> dict[str, object]:
+def measure(shape: dict, cuda: bool, smoke: bool, quick: bool = False) -> dict[str, object]:
     """ondo's kernel, SDPA (cuDNN) where the prompts have one length, and every variant."""
     import torch.nn.functional as F
 
@@ -199,7 +202,7 @@ def measure(shape: dict, cuda: bool, smoke: bool) -> dict[str, object]:
         except RuntimeError as e:
             row["sdpa_cudnn_strided_error"] = str(e).splitlines()[0][:200]
     rows = []
-    for bm, bn, warps, stages, tma, fma in variants(smoke):
+    for bm, bn, warps, stages, tma, fma in variants(smoke, quick):
         r: dict[str, object] = {"block_m": bm, "block_n": bn, "warps": warps, "stages": stages,
                                 "tma": tma, "fma": fma}
 
@@ -228,6 +231,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--out")
+    ap.add_argument("--quick", action="store_true",
+                    help="the 0.6B shape's W3 steps and W1's first step, two standalone variants")
     args = ap.parse_args(argv)
     cuda = torch.cuda.is_available() and not args.smoke
     if cuda:  # device-side descriptors' scratch
@@ -242,7 +247,9 @@ def main(argv: list[str] | None = None) -> int:
                   "context_lens": [2048] * 4 + [2049 + i % 15 for i in range(60)], "heads": heads, "head_dim": 128}
                  for model, heads in (("qwen3-0.6b", (16, 8)), ("llama3.1-8b", (32, 8)))]
         shapes = step_shapes(False) + mixed
-    results = [measure(shape, cuda, args.smoke) for shape in shapes]
+        if args.quick:
+            shapes = [sh for sh in shapes if sh["name"].startswith("qwen3") and "chunks" not in sh["name"]]
+    results = [measure(shape, cuda, args.smoke, args.quick) for shape in shapes]
     line = json.dumps({"bench": "prefill_fresh_kv", "device": torch.cuda.get_device_name() if cuda else "cpu",
                        "results": results})
     print(line)

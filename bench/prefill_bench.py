@@ -183,8 +183,7 @@ def main() -> None:
         scale = d ** -0.5
         # The new tokens' K/V in their cache slots, as the forward pass writes them before
         # attention: the paged and the contiguous forms then see the same keys.
-        b.k_cache.view(-1, hkv, d)[b.meta.slot_mapping] = b.key
-        b.v_cache.view(-1, hkv, d)[b.meta.slot_mapping] = b.value
+        b.cache_new_kv()
         t_triton = triton.testing.do_bench(
             lambda b=b, scale=scale: paged_prefill_attention_triton(b.query, b.k_cache, b.v_cache, b.meta, scale))
         qq = torch.randn(seqs, hq, q, d, dtype=torch.bfloat16, device="cuda")

@@ -23,12 +23,14 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from prefill_tiles import flops, step_shapes  # noqa: E402
+from prefill_tiles import flops, shape_batch, step_shapes  # noqa: E402
 
 if "--smoke" in sys.argv:
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are decorated
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
+
+from ondo.kernels.triton_attention import program_tile  # noqa: E402
 
 
 @triton.jit
@@ -75,18 +77,7 @@ def fresh_prefill(q_ptr, k_ptr, v_ptr, desc_k, desc_v, query_start_loc_ptr, out_
     TOKENS_PER_TILE: tl.constexpr = BLOCK_M // GROUP_PAD
     program = tl.program_id(0)
     kv_head = tl.program_id(1)
-    lo = tl.full([], 0, tl.int32)
-    hi = lo + num_seqs
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        first = tl.load(query_start_loc_ptr + mid) // TOKENS_PER_TILE + mid
-        is_before = first <= program
-        lo = tl.where(is_before, mid, lo)
-        hi = tl.where(is_before, hi, mid)
-    seq = lo
-    q_start = tl.load(query_start_loc_ptr + seq)
-    q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
-    tile = program - (q_start // TOKENS_PER_TILE + seq)
+    _, q_start, q_len, tile = program_tile(query_start_loc_ptr, num_seqs, program, TOKENS_PER_TILE)
     tok0 = tile * TOKENS_PER_TILE
     if tok0 >= q_len:
         return
@@ -154,17 +145,13 @@ def measure(shape: dict, cuda: bool, smoke: bool, quick: bool = False) -> dict[s
     """ondo's kernel, SDPA (cuDNN) where the prompts have one length, and every variant."""
     import torch.nn.functional as F
 
-    from ondo.kernels.testing import make_paged_batch
     from ondo.kernels.triton_attention import paged_prefill_attention_triton
 
     device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
     bench = triton.testing.do_bench if cuda else (lambda fn: float("nan"))
     hq, hkv = shape["heads"]
     d = shape["head_dim"]
-    b = make_paged_batch(shape["query_lens"], shape["context_lens"], num_q_heads=hq, num_kv_heads=hkv,
-                         head_dim=d, block_size=16, dtype=dtype, device=device)
-    b.k_cache.view(-1, hkv, d)[b.meta.slot_mapping] = b.key
-    b.v_cache.view(-1, hkv, d)[b.meta.slot_mapping] = b.value
+    b = shape_batch(shape, dtype, device)
     scale = d ** -0.5
 
     def ondo() -> torch.Tensor:

@@ -50,6 +50,17 @@ def step_shapes(smoke: bool) -> list[dict]:
     ]
 
 
+def shape_batch(shape: dict, dtype: torch.dtype, device: str):
+    """A paged batch of `shape` (see `step_shapes`), the new tokens' K/V already cached."""
+    from ondo.kernels.testing import make_paged_batch
+
+    hq, hkv = shape["heads"]
+    b = make_paged_batch(shape["query_lens"], shape["context_lens"], num_q_heads=hq, num_kv_heads=hkv,
+                         head_dim=shape["head_dim"], block_size=16, dtype=dtype, device=device)
+    b.cache_new_kv()
+    return b
+
+
 def candidates(smoke: bool) -> list[tuple[int, int, int, int, bool]]:
     """(rows, K/V tokens, warps, stages, longest tiles first): every tile shape in grid
     order, and the ones fastest on some step so far also started longest first."""
@@ -72,7 +83,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.smoke:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are decorated
     from ondo.bench.launch_sweep import fastest, time_config, write_sweep
-    from ondo.kernels.testing import make_paged_batch
     from ondo.kernels.triton_attention import (
         PrefillTiles,
         paged_prefill_attention_triton,
@@ -83,12 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
     results = []
     for shape in step_shapes(args.smoke):
-        hq, hkv = shape["heads"]
+        hq = shape["heads"][0]
         d = shape["head_dim"]
-        b = make_paged_batch(shape["query_lens"], shape["context_lens"], num_q_heads=hq, num_kv_heads=hkv,
-                             head_dim=d, block_size=16, dtype=dtype, device=device)
-        b.k_cache.view(-1, hkv, d)[b.meta.slot_mapping] = b.key
-        b.v_cache.view(-1, hkv, d)[b.meta.slot_mapping] = b.value
+        b = shape_batch(shape, dtype, device)
         scale = d ** -0.5
         default = prefill_tiles(b.query, b.k_cache)
         expect = paged_prefill_attention_triton(b.query, b.k_cache, b.v_cache, b.meta, scale).float()

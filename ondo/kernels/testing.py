@@ -18,6 +18,13 @@ class PagedBatch:
     v_cache: torch.Tensor
     meta: AttentionMetadata
 
+    def cache_new_kv(self) -> None:
+        """Store the new tokens' K/V into their slots, as the engine's KV write does
+        before attention (by plain indexing, for benchmarks)."""
+        heads, dim = self.key.shape[1:]
+        self.k_cache.view(-1, heads, dim)[self.meta.slot_mapping] = self.key
+        self.v_cache.view(-1, heads, dim)[self.meta.slot_mapping] = self.value
+
 
 def make_paged_batch(
     query_lens: list[int],

@@ -275,6 +275,24 @@ def _prefill_tile(
 
 
 @triton.jit
+def program_tile(query_start_loc_ptr, num_seqs, program, TOKENS_PER_TILE: tl.constexpr):
+    """(sequence, its first new token, its new tokens, the query tile) of a flat grid's
+    `program`, where sequence s owns programs from query_start_loc[s] // TOKENS_PER_TILE + s
+    on: the last sequence whose first program is at or before this one (binary search)."""
+    lo = tl.full([], 0, tl.int32)
+    hi = lo + num_seqs
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        first = tl.load(query_start_loc_ptr + mid) // TOKENS_PER_TILE + mid
+        is_before = first <= program
+        lo = tl.where(is_before, mid, lo)
+        hi = tl.where(is_before, hi, mid)
+    q_start = tl.load(query_start_loc_ptr + lo)
+    q_len = tl.load(query_start_loc_ptr + lo + 1) - q_start
+    return lo, q_start, q_len, program - (q_start // TOKENS_PER_TILE + lo)
+
+
+@triton.jit
 def _new_kv_tile(
     q,
     m_i,
@@ -405,19 +423,7 @@ def _prefill_kernel(
     if LONGEST_FIRST:
         program = tl.num_programs(0) - 1 - program
     kv_head = tl.program_id(1)
-    # The last sequence whose first program is at or before this one (binary search).
-    lo = tl.full([], 0, tl.int32)
-    hi = lo + num_seqs
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        first = tl.load(query_start_loc_ptr + mid) // TOKENS_PER_TILE + mid
-        is_before = first <= program
-        lo = tl.where(is_before, mid, lo)
-        hi = tl.where(is_before, hi, mid)
-    seq = lo
-    q_start = tl.load(query_start_loc_ptr + seq)
-    q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
-    tile = program - (q_start // TOKENS_PER_TILE + seq)
+    seq, q_start, q_len, tile = program_tile(query_start_loc_ptr, num_seqs, program, TOKENS_PER_TILE)
     tok0 = tile * TOKENS_PER_TILE
     done = tok0 >= q_len  # this sequence has fewer tiles (or no new tokens at all)
     if SKIP_SINGLE == 1:
@@ -450,37 +456,28 @@ def _prefill_kernel(
     kv_end = tl.minimum(ctx_len, prefix_len + tok0 + TOKENS_PER_TILE)
 
     if NEW_KV == 0:
-        # Keys up to the tile's first query position are visible to every row: whole K/V
-        # tiles below it need neither the causal mask nor the context bound.
-        full_end = (prefix_len + tok0 + 1) // BLOCK_N * BLOCK_N
-        for start in range(0, full_end, BLOCK_N):
-            m_i, l_i, acc = _prefill_tile(
-                q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, table_row, kv_head, start, kv_end, q_pos,
-                d, d_mask, scale_log2e, stride_cache_block, stride_cache_slot, stride_cache_h,
-                BLOCK_SIZE, BLOCK_N, False, DOT_PRECISION,
-            )  # fmt: skip
-        for start in range(full_end, kv_end, BLOCK_N):
-            m_i, l_i, acc = _prefill_tile(
-                q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, table_row, kv_head, start, kv_end, q_pos,
-                d, d_mask, scale_log2e, stride_cache_block, stride_cache_slot, stride_cache_h,
-                BLOCK_SIZE, BLOCK_N, True, DOT_PRECISION,
-            )  # fmt: skip
+        # Every key through the block table. Keys up to the tile's first query position are
+        # visible to every row: whole K/V tiles below it need neither the causal mask nor
+        # the context bound.
+        cache_end = kv_end
+        cache_full = (prefix_len + tok0 + 1) // BLOCK_N * BLOCK_N
     else:
-        # The cached prefix through the block table, visible to every row: whole tiles,
-        # then the part of one that is left.
-        prefix_full = prefix_len // BLOCK_N * BLOCK_N
-        for start in range(0, prefix_full, BLOCK_N):
-            m_i, l_i, acc = _prefill_tile(
-                q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, table_row, kv_head, start, prefix_len, q_pos,
-                d, d_mask, scale_log2e, stride_cache_block, stride_cache_slot, stride_cache_h,
-                BLOCK_SIZE, BLOCK_N, False, DOT_PRECISION,
-            )  # fmt: skip
-        for start in range(prefix_full, prefix_len, BLOCK_N):
-            m_i, l_i, acc = _prefill_tile(
-                q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, table_row, kv_head, start, prefix_len, q_pos,
-                d, d_mask, scale_log2e, stride_cache_block, stride_cache_slot, stride_cache_h,
-                BLOCK_SIZE, BLOCK_N, True, DOT_PRECISION,
-            )  # fmt: skip
+        # Only the cached prefix, visible to every row: whole tiles, then what is left of one.
+        cache_end = prefix_len
+        cache_full = prefix_len // BLOCK_N * BLOCK_N
+    for start in range(0, cache_full, BLOCK_N):
+        m_i, l_i, acc = _prefill_tile(
+            q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, table_row, kv_head, start, cache_end, q_pos,
+            d, d_mask, scale_log2e, stride_cache_block, stride_cache_slot, stride_cache_h,
+            BLOCK_SIZE, BLOCK_N, False, DOT_PRECISION,
+        )  # fmt: skip
+    for start in range(cache_full, cache_end, BLOCK_N):
+        m_i, l_i, acc = _prefill_tile(
+            q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, table_row, kv_head, start, cache_end, q_pos,
+            d, d_mask, scale_log2e, stride_cache_block, stride_cache_slot, stride_cache_h,
+            BLOCK_SIZE, BLOCK_N, True, DOT_PRECISION,
+        )  # fmt: skip
+    if NEW_KV != 0:
         # This step's keys from its own K/V, counted from the sequence's first new token:
         # whole tiles up to the tile's first query token unmasked, then the diagonal.
         new_end = kv_end - prefix_len

@@ -110,6 +110,14 @@ def test_prefill_reading_the_steps_own_kv_on_gpu(mode, dtype, heads):
     _check(b, lambda *a: paged_prefill_attention_triton(*a, key=b.key, value=value, new_kv=mode))
 
 
+@pytest.mark.parametrize("mode", [1, 2])
+def test_prefill_reading_the_own_kv_of_a_step_smaller_than_a_tile_on_gpu(mode):
+    """Fewer tokens in the step than a K/V tile holds: the descriptor's box is taller
+    than its tensor (a graph for steps with a prefill captured at 16 tokens)."""
+    b = _batch([9, 1, 3], [9, 40, 20], (16, 8), 128, torch.bfloat16)
+    _check(b, lambda *a: paged_prefill_attention_triton(*a, key=b.key, value=b.value, new_kv=mode))
+
+
 @pytest.mark.parametrize("block_size", [1, 8, 32, 128])
 def test_block_sizes_on_gpu(block_size):
     b = _batch([1, 1, 1], [513, 77, 2], (32, 8), 128, torch.bfloat16, block_size=block_size)

@@ -208,7 +208,9 @@ def measure(shape: dict, cuda: bool, smoke: bool, quick: bool = False) -> dict[s
     timed = [r for r in rows if "ms" in r]
     if timed:
         best = min(timed, key=lambda r: r["ms"])
-        print(f"{shape['name']}: ondo {ondo_ms:.3f} ms ({row['ondo_tflops']:.0f} TFLOP/s); best {best}"
+        config = "/".join(str(best[k]) for k in ("block_m", "block_n", "warps", "stages"))
+        print(f"{shape['name']}: ondo {ondo_ms:.3f} ms ({row['ondo_tflops']:.0f} TFLOP/s); stand-alone best "
+              f"{config} tma={best['tma']} fma={best['fma']} {best['ms']:.3f} ms ({best['tflops']:.0f} TFLOP/s)"
               + (f"; cuDNN {row['sdpa_cudnn_strided_ms']:.3f} ms" if "sdpa_cudnn_strided_ms" in row else ""),
               flush=True)
     return row
@@ -222,8 +224,6 @@ def main(argv: list[str] | None = None) -> int:
                     help="the 0.6B shape's W3 steps and W1's first step, two standalone variants")
     args = ap.parse_args(argv)
     cuda = torch.cuda.is_available() and not args.smoke
-    if cuda:  # device-side descriptors' scratch
-        triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
     if args.smoke:
         shapes = [{"name": "smoke", "query_lens": [20, 7, 33], "context_lens": [20, 7, 33], "heads": (4, 2),
                    "head_dim": 32},

@@ -780,7 +780,8 @@ def paged_prefill_attention_triton(
 
     Given the step's own `key` and `value` (and ONDO_PREFILL_NEW_KV=1), the new tokens'
     keys are read from them, contiguous, and only the cached prefix through the block
-    table (`new_kv_mode`); the result is the same either way.
+    table (`new_kv_mode`); the result is the same up to the order of its sums (the same
+    bits on fresh prompts, whose K/V tiles do not change).
 
     Sequences that bring one new token may go to the decode kernel, which reads each
     one's context once per kv head with no empty tile rows: where there are enough of

@@ -6,7 +6,9 @@ one multiply-add or not. Each variant's time, TFLOP/s and largest difference fro
 kernel on W3's steps of both shapes and on W1's first step; SDPA (cuDNN) on the same
 equal-length prompts where it applies. ondo's own kernel is also timed reading the new
 keys from the step's K/V (`new_kv` 1 by pointers, 2 by descriptors) on every step shape,
-chunks over a cached prefix and W3's mixed steps with decode rows included.
+chunks over a cached prefix and W3's mixed steps with decode rows included; on the mixed
+steps also with the decode rows in the decode kernel, after the prefill kernel or beside
+it on a second stream (ONDO_MIXED_DECODE_OVERLAP=1).
 
     python3 bench/prefill_fresh_kv.py [--out FILE]
     python3 bench/prefill_fresh_kv.py --quick   # W3 0.6B (fresh and mixed), W1's first step
@@ -30,7 +32,8 @@ if "--smoke" in sys.argv:
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from ondo.kernels.triton_attention import program_tile  # noqa: E402
+from ondo.kernels.attention import MIXED_DECODE_OVERLAP_ENV  # noqa: E402
+from ondo.kernels.triton_attention import paged_prefill_attention_triton, program_tile  # noqa: E402
 
 
 @triton.jit
@@ -145,8 +148,6 @@ def measure(shape: dict, cuda: bool, smoke: bool, quick: bool = False) -> dict[s
     """ondo's kernel, SDPA (cuDNN) where the prompts have one length, and every variant."""
     import torch.nn.functional as F
 
-    from ondo.kernels.triton_attention import paged_prefill_attention_triton
-
     device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
     bench = triton.testing.do_bench if cuda else (lambda fn: float("nan"))
     hq, hkv = shape["heads"]
@@ -171,8 +172,10 @@ def measure(shape: dict, cuda: bool, smoke: bool, quick: bool = False) -> dict[s
             row[f"ondo_new_kv{mode}_tflops"] = f / ms / 1e9
         except Exception as e:  # noqa: BLE001 - e.g. no tensor descriptors in this Triton
             row[f"ondo_new_kv{mode}_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
-    print(shape["name"], {k: v for k, v in row.items() if k.startswith("ondo")}, flush=True)
     lens = shape["query_lens"]
+    if 1 in lens and max(lens) > 1:  # decode rows beside prompts: split off, then overlapped
+        row.update(decode_rows_split_off(b, scale, expect, bench))
+    print(shape["name"], {k: v for k, v in row.items() if k.startswith("ondo")}, flush=True)
     if shape["query_lens"] != shape["context_lens"]:
         return row  # a cached prefix or decode rows: not the standalone kernel's case
     if cuda and len(set(lens)) == 1:
@@ -213,6 +216,30 @@ def measure(shape: dict, cuda: bool, smoke: bool, quick: bool = False) -> dict[s
               f"{config} tma={best['tma']} fma={best['fma']} {best['ms']:.3f} ms ({best['tflops']:.0f} TFLOP/s)"
               + (f"; cuDNN {row['sdpa_cudnn_strided_ms']:.3f} ms" if "sdpa_cudnn_strided_ms" in row else ""),
               flush=True)
+    return row
+
+
+def decode_rows_split_off(b, scale: float, expect: torch.Tensor, bench) -> dict[str, float]:
+    """ondo's kernels on a mixed step with its decode rows in the decode kernel: one kernel
+    after the other (`split`), and the decode kernel on a second stream beside the prefill
+    kernel (`overlap`, ONDO_MIXED_DECODE_OVERLAP=1); the step's own keys as the switch says."""
+    row: dict[str, float] = {}
+    before = os.environ.get(MIXED_DECODE_OVERLAP_ENV)
+    try:
+        for name, overlap in (("split", "0"), ("overlap", "1")):
+            os.environ[MIXED_DECODE_OVERLAP_ENV] = overlap
+
+            def go() -> torch.Tensor:
+                return paged_prefill_attention_triton(b.query, b.k_cache, b.v_cache, b.meta, scale,
+                                                      split_decode_rows=True, key=b.key, value=b.value)
+
+            row[f"ondo_{name}_max_abs_diff"] = (go().float() - expect).abs().max().item()
+            row[f"ondo_{name}_ms"] = bench(go)
+    finally:
+        if before is None:
+            os.environ.pop(MIXED_DECODE_OVERLAP_ENV, None)
+        else:
+            os.environ[MIXED_DECODE_OVERLAP_ENV] = before
     return row
 
 

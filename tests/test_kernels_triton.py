@@ -18,6 +18,7 @@ if DEVICE == "cpu":
 import pytest  # noqa: E402
 
 from ondo.kernels.attention import (  # noqa: E402
+    MIXED_DECODE_OVERLAP_ENV,
     MIXED_SPLIT_BY_WORK_ENV,
     MIXED_SPLIT_MIN_ROWS_ENV,
     splits_decode_rows,
@@ -404,6 +405,34 @@ def test_a_step_decides_its_split_once_for_all_layers(monkeypatch):
     assert splits_mixed_step(fresh, 2, 132) is False  # the waves rule, read for the new step
 
 
+def test_overlapping_a_mixed_steps_decode_rows_sends_them_all_to_the_decode_kernel(monkeypatch):
+    # W3's step: four prompts beside decode rows, which the by-work rule keeps in the
+    # prefill kernel; with the decode kernel on a stream of its own they all go there.
+    def w3():
+        return _batch([256] * 4 + [1] * 12, [256] * 4 + [300] * 12, heads=(8, 2), head_dim=64).meta
+
+    assert splits_mixed_step(w3(), 2, 132) is False
+    monkeypatch.setenv(MIXED_DECODE_OVERLAP_ENV, "1")
+    assert splits_mixed_step(w3(), 2, 132) is True
+    prompts_only = _batch([64, 32], [64, 40], heads=(8, 2), head_dim=64).meta
+    assert splits_mixed_step(prompts_only, 2, 132) is False  # no decode rows: nothing to send
+    monkeypatch.setenv(MIXED_SPLIT_MIN_ROWS_ENV, "13")  # an explicit row count still rules
+    assert splits_mixed_step(w3(), 2, 132) is False
+    monkeypatch.delenv(MIXED_SPLIT_MIN_ROWS_ENV)
+    monkeypatch.setenv(MIXED_DECODE_OVERLAP_ENV, "2")
+    with pytest.raises(ValueError, match=MIXED_DECODE_OVERLAP_ENV):
+        splits_mixed_step(w3(), 2, 132)
+
+
+def test_prefill_kernel_with_overlapped_decode_rows_matches_the_reference(monkeypatch):
+    # On a CPU there is no second stream: the same kernels run one after the other.
+    monkeypatch.setenv(MIXED_DECODE_OVERLAP_ENV, "1")
+    b = _batch([40, 1, 33, 1, 1], [40, 90, 70, 17, 200], heads=(8, 2), head_dim=64)
+    out = _write_then_attend(b, paged_prefill_attention_triton)
+    assert list(b.meta.split_choices.values()) == [True]  # the decode rows went to the decode kernel
+    torch.testing.assert_close(out, _reference(b), atol=ATOL, rtol=RTOL)
+
+
 def test_a_step_without_decode_rows_splits_nothing_without_summing_its_work(monkeypatch):
     meta = _batch([64, 32], [64, 40], heads=(8, 2), head_dim=64).meta
     assert splits_mixed_step(meta, 2, 132) is False
@@ -517,11 +546,14 @@ def test_prefill_reading_the_steps_own_kv_ignores_padding_tokens(mode):
 
 def test_the_prefill_new_kv_switch(monkeypatch):
     k = torch.zeros(4, 2, 64)
-    assert new_kv_mode(k, k) == 0  # off by default
+    monkeypatch.delenv("ONDO_PREFILL_NEW_KV", raising=False)
+    assert new_kv_mode(k, k) == 1  # on by default; no tensor descriptors on a CPU
     assert new_kv_mode(None, None, new_kv=2) == 0  # nothing to read from
-    monkeypatch.setenv("ONDO_PREFILL_NEW_KV", "1")
-    assert new_kv_mode(k, k) == 1  # no tensor descriptors on a CPU
+    monkeypatch.setenv("ONDO_PREFILL_NEW_KV", "0")
+    assert new_kv_mode(k, k) == 0
     assert new_kv_mode(k, k, new_kv=2) == 2
+    monkeypatch.setenv("ONDO_PREFILL_NEW_KV", "1")
+    assert new_kv_mode(k, k) == 1
     monkeypatch.setenv("ONDO_PREFILL_NEW_KV", "yes")
     with pytest.raises(ValueError, match="ONDO_PREFILL_NEW_KV"):
         new_kv_mode(k, k)

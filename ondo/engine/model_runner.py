@@ -23,7 +23,7 @@ from ondo.engine.sampling_params import SamplingParams
 from ondo.engine.scheduler import PreemptionCosts, ScheduledSeq, SchedulerOutput
 from ondo.engine.sequence import Sequence
 from ondo.engine.step_cost import CostShape, step_cost
-from ondo.kernels.attention import mixed_split_by_work, mixed_split_min_rows, splits_mixed_step
+from ondo.kernels.attention import check_switches, splits_mixed_step
 from ondo.kernels.block_copy import copy_blocks, swap_in, swap_out
 from ondo.kernels.decode_splits import decode_longest_first, graph_split_tokens
 from ondo.kernels.metadata import AttentionMetadata
@@ -96,7 +96,7 @@ class ModelRunner:
         self.max_num_batched_tokens = max_num_batched_tokens
         # Decode steps' rows packed longest context first (on by default; see `prepare`).
         self.longest_first = decode_longest_first()
-        mixed_split_min_rows(), mixed_split_by_work()  # a bad value fails here, at start
+        check_switches()  # a bad value fails here, at start
         self.num_layers = config.num_hidden_layers
         kv_heads = model.num_kv_heads  # this rank's, in a tensor-parallel engine
         self.kv_shape_tail = (self.block_size, kv_heads, config.head_dim)

@@ -31,6 +31,45 @@ def mixed_split_by_work() -> bool:
     return on_off(MIXED_SPLIT_BY_WORK_ENV, default=True)
 
 
+MIXED_DECODE_OVERLAP_ENV = "ONDO_MIXED_DECODE_OVERLAP"
+
+
+def mixed_decode_overlap() -> bool:
+    """Whether a step with a prefill hands all its decode rows to the decode kernel and
+    runs that kernel on a second stream beside the prefill kernel: off unless
+    ONDO_MIXED_DECODE_OVERLAP=1. The decode rows' attention is bound by reading their
+    contexts, the prompts' by the tensor cores, so the two can share the SMs; in the prefill
+    kernel each decode row fills a mostly empty tile of matrix work instead."""
+    return on_off(MIXED_DECODE_OVERLAP_ENV, default=False)
+
+
+PREFILL_LONGEST_FIRST_ENV = "ONDO_PREFILL_LONGEST_FIRST"
+
+
+def prefill_longest_first() -> bool:
+    """Whether the prefill kernel starts each sequence's longest tiles first: off unless
+    ONDO_PREFILL_LONGEST_FIRST=1: on an H100, W3 ran no faster with it (docs/benchmarks.md)."""
+    return on_off(PREFILL_LONGEST_FIRST_ENV, default=False)
+
+
+PREFILL_NEW_KV_ENV = "ONDO_PREFILL_NEW_KV"
+
+
+def prefill_new_kv() -> bool:
+    """Whether the prefill kernel reads the step's own keys from its K/V projections
+    (contiguous, no block table) rather than back from the cache: on unless
+    ONDO_PREFILL_NEW_KV=0. On an H100, W3 on the 0.6B shape ran 3 % faster with it and W1
+    the same (docs/benchmarks.md)."""
+    return on_off(PREFILL_NEW_KV_ENV, default=True)
+
+
+def check_switches() -> None:
+    """Read every attention switch once, so that a bad value fails the engine at start on
+    any device (the kernels read them only on a GPU)."""
+    mixed_split_min_rows(), mixed_split_by_work(), mixed_decode_overlap()
+    prefill_longest_first(), prefill_new_kv()
+
+
 def splits_mixed_step(meta: AttentionMetadata, num_kv_heads: int, num_sms: int) -> bool:
     """`splits_decode_rows` for the step `meta` (host lengths required), decided once a
     step: every layer's call after the first reads the choice kept on `meta`, without
@@ -42,6 +81,8 @@ def splits_mixed_step(meta: AttentionMetadata, num_kv_heads: int, num_sms: int) 
     num_single = meta.num_single_token_seqs or 0
     if num_single == 0 and mixed_split_min_rows() is None:
         choice = False  # no decode rows: nothing to split off
+    elif mixed_split_min_rows() is None and mixed_decode_overlap():
+        choice = True  # every decode row to the decode kernel, on its own stream
     else:
         work = meta.prompt_pairs_and_decode_tokens if mixed_split_by_work() else None
         choice = splits_decode_rows(num_single, num_kv_heads, num_sms, work)

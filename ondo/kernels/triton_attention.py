@@ -21,11 +21,15 @@ import torch
 import triton
 import triton.language as tl
 
-from ondo.kernels.attention import splits_mixed_step
+from ondo.kernels.attention import (
+    mixed_decode_overlap,
+    prefill_longest_first,
+    prefill_new_kv,
+    splits_mixed_step,
+)
 from ondo.kernels.decode_splits import MAX_DECODE_SPLITS, decode_longest_first, decode_splits
 from ondo.kernels.launch import launch
 from ondo.kernels.metadata import AttentionMetadata
-from ondo.kernels.switches import on_off
 
 LOG2E = 1.4426950408889634
 # A finite "minus infinity" for running maxima: exp2(-inf - (-inf)) would be NaN.
@@ -697,25 +701,6 @@ class PrefillTiles(NamedTuple):
     longest_first: bool = False  # each sequence's last (longest) query tiles start first
 
 
-PREFILL_LONGEST_FIRST_ENV = "ONDO_PREFILL_LONGEST_FIRST"
-
-
-def prefill_longest_first() -> bool:
-    """Whether the prefill kernel starts each sequence's longest tiles first: off unless
-    ONDO_PREFILL_LONGEST_FIRST=1: on an H100, W3 ran no faster with it (docs/benchmarks.md)."""
-    return on_off(PREFILL_LONGEST_FIRST_ENV, default=False)
-
-
-PREFILL_NEW_KV_ENV = "ONDO_PREFILL_NEW_KV"
-
-
-def prefill_new_kv() -> bool:
-    """Whether the prefill kernel reads the step's own keys from its K/V projections
-    (contiguous, no block table) rather than back from the cache: off unless
-    ONDO_PREFILL_NEW_KV=1."""
-    return on_off(PREFILL_NEW_KV_ENV, default=False)
-
-
 def _tma_ready(*tensors: torch.Tensor) -> bool:
     """Whether these [T, H, D] tensors can be read by tensor descriptors as [T, H * D]:
     a GPU with TMA (Hopper on), a power-of-two head dim, rows a view of 16-byte aligned
@@ -778,7 +763,7 @@ def paged_prefill_attention_triton(
 ) -> torch.Tensor:
     """Causal attention for any batch: prefill, chunked prefill, decode rows, empty rows.
 
-    Given the step's own `key` and `value` (and ONDO_PREFILL_NEW_KV=1), the new tokens'
+    Given the step's own `key` and `value` (unless ONDO_PREFILL_NEW_KV=0), the new tokens'
     keys are read from them, contiguous, and only the cached prefix through the block
     table (`new_kv_mode`); the result is the same up to the order of its sums (the same
     bits on fresh prompts, whose K/V tiles do not change).
@@ -817,6 +802,21 @@ def paged_prefill_attention_triton(
             split_flag, skip_single = meta.split_decode_rows, 2
         else:
             skip_single = int(bool(split_decode_rows))
+
+    # The decode rows take one split each, whatever the batch: a step replayed from a CUDA
+    # graph (which sees only the captured sizes) then sums in the order of the same step
+    # run eagerly.
+    decode_rows = functools.partial(_decode_into, out, query, k_cache, v_cache, meta, scale, num_single,
+                                    split_tokens=max(meta.max_context_len, 1), split_flag=split_flag)
+    side = _side_stream(query.device) if skip_single and query.is_cuda and mixed_decode_overlap() else None
+    if side is not None:
+        # The decode rows read their contexts while the prompts' tiles keep the tensor cores
+        # busy: the decode kernel goes first, on a stream of its own that forks from this
+        # one (a CUDA graph captures the fork and the join as two branches).
+        main = torch.cuda.current_stream(query.device)
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
+            decode_rows()
 
     mode = new_kv_mode(key, value, new_kv)
     if mode == 0:
@@ -865,12 +865,25 @@ def paged_prefill_attention_triton(
         num_warps=num_warps,
         num_stages=stages,
     )
-    if skip_single:
-        # One split per row, whatever the batch: a step replayed from a CUDA graph (which
-        # sees only the captured sizes) then sums in the order of the same step run eagerly.
-        _decode_into(out, query, k_cache, v_cache, meta, scale, num_single,
-                     split_tokens=max(meta.max_context_len, 1), split_flag=split_flag)
+    if side is not None:
+        main.wait_stream(side)
+    elif skip_single:
+        decode_rows()
     return out
+
+
+_SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
+
+
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    """The second stream of `device` that a step with a prefill runs its decode rows on
+    (ONDO_MIXED_DECODE_OVERLAP=1): high priority, so the GPU starts the decode programs
+    before the prompts' tiles queued beside them."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    stream = _SIDE_STREAMS.get(index)
+    if stream is None:
+        stream = _SIDE_STREAMS[index] = torch.cuda.Stream(index, priority=-1)
+    return stream
 
 
 def paged_attention_triton(

@@ -79,9 +79,10 @@ def splits_mixed_step(meta: AttentionMetadata, num_kv_heads: int, num_sms: int) 
     if cached is not None:
         return cached
     num_single = meta.num_single_token_seqs or 0
-    if num_single == 0 and mixed_split_min_rows() is None:
+    by_rule = mixed_split_min_rows() is None  # no row count set
+    if by_rule and num_single == 0:
         choice = False  # no decode rows: nothing to split off
-    elif mixed_split_min_rows() is None and mixed_decode_overlap():
+    elif by_rule and mixed_decode_overlap():
         choice = True  # every decode row to the decode kernel, on its own stream
     else:
         work = meta.prompt_pairs_and_decode_tokens if mixed_split_by_work() else None

@@ -807,8 +807,9 @@ def paged_prefill_attention_triton(
     # graph (which sees only the captured sizes) then sums in the order of the same step
     # run eagerly.
     decode_rows = functools.partial(_decode_into, out, query, k_cache, v_cache, meta, scale, num_single,
-                                    split_tokens=max(meta.max_context_len, 1), split_flag=split_flag)
-    side = _side_stream(query.device) if skip_single and query.is_cuda and mixed_decode_overlap() else None
+                                    split_tokens=max(meta.max_context_len, 1),
+                                    split_flag=split_flag) if skip_single else None
+    side = _side_stream(query.device) if decode_rows is not None and query.is_cuda and mixed_decode_overlap() else None
     if side is not None:
         # The decode rows read their contexts while the prompts' tiles keep the tensor cores
         # busy: the decode kernel goes first, on a stream of its own that forks from this
@@ -867,7 +868,7 @@ def paged_prefill_attention_triton(
     )
     if side is not None:
         main.wait_stream(side)
-    elif skip_single:
+    elif decode_rows is not None:
         decode_rows()
     return out
 

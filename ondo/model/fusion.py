@@ -1,7 +1,9 @@
 """Compiled regions on CUDA: everything between two attention calls (output projection,
 residual adds, RMSNorm, the MLP with SiLU-and-mul, the next layer's QKV projection,
 q/k norm and rotary embedding) compiled by torch.compile as one function, so Inductor
-fuses the pointwise work into few kernels and the host pays one call per layer.
+fuses the pointwise work into few kernels and the host pays one call per layer. With
+ONDO_RESIDUAL_ADD_IN_NORM=1 the residual adds leave the matmuls for the norms' kernels
+(`ondo.model.residual_add`).
 
 The profiles that asked for it, on an H100 with the Qwen3-0.6B shape: an 8192-token
 prefill step spent ~35 ms of ~55 ms in unfused elementwise operators; compiling each
@@ -19,6 +21,8 @@ from collections.abc import Callable
 from typing import TypeVar
 
 import torch
+
+from ondo.model.residual_add import residual_add_in_norm, residual_add_pass
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +89,14 @@ def mark_token_dim(x: torch.Tensor, args: tuple) -> None:
             torch._dynamo.decorators.mark_unbacked(t, 0)
 
 
+def inductor_options() -> dict[str, object] | None:
+    """What the compiled regions ask of Inductor beyond its defaults (None for another
+    backend, which takes no options)."""
+    if BACKEND != "inductor" or not residual_add_in_norm():
+        return None
+    return {"post_grad_custom_post_pass": residual_add_pass()}
+
+
 def fused_on_cuda(fn: F) -> F:
     """`fn` as is on CPU tensors; compiled (dynamic shapes) on CUDA tensors."""
     compiled: Callable[..., torch.Tensor] | None = None
@@ -97,7 +109,8 @@ def fused_on_cuda(fn: F) -> F:
         if compiled is None:
             use_user_cache_dir()
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
-            compiled = torch.compile(fn, dynamic=True, fullgraph=True, backend=BACKEND)
+            compiled = torch.compile(fn, dynamic=True, fullgraph=True, backend=BACKEND,
+                                     options=inductor_options())
             if unbacked_tokens():
                 mark_token_dim(x, args)  # the first call compiles: its sizes set the guards
         return compiled(x, *args, **kwargs)

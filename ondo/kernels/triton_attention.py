@@ -743,6 +743,11 @@ def prefill_tiles(query: torch.Tensor, k_cache: torch.Tensor) -> PrefillTiles:
     longest_first = prefill_longest_first()
     if not query.is_cuda:
         return PrefillTiles(16, block_n, 4, stages, longest_first)
+    if query.dtype == torch.float32:
+        # fp32 dots run on the CUDA cores ("ieee"), unrolled: with 64 x 64 tiles each fp32
+        # prefill GPU test took 35-93 s on an H100 (2026-12-06), the bf16 ones 2-8 s. fp32
+        # is served for exactness, not speed; a 32 x 32 tile is a quarter of the code.
+        return PrefillTiles(32, min(block_n, 32), 4, stages, longest_first)
     # 64 rows on 4 warps: on an H200 the fastest on both W3 shapes and on chunks over a
     # context (bench/prefill_tiles.py: 7 %, 4 % and 12 % under 128 rows on 8 warps), and
     # a single-token row that stays in this kernel wastes half as many tile rows.

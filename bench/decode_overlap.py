@@ -136,13 +136,13 @@ def whole(rows: Rows, layers: list[Weights]) -> None:
 
 
 def attention_only(rows: Rows, layers: list[Weights]) -> None:
-    rows.pre(layers[0])
+    """The layers' attention alone, on queries made before (`measure`)."""
     for _ in layers:
         rows.attend()
 
 
 def matmuls_only(rows: Rows, layers: list[Weights]) -> None:
-    rows.attend()
+    """The layers without their attention, on an attention output made before."""
     for w in layers:
         rows.pre(w)
         rows.post(w)
@@ -194,6 +194,8 @@ def measure(name: str, shape: dict, rows: int, context: int, num_layers: int, cu
         for r in (full, a, b):
             r.reset()
 
+    full.pre(layers[0])  # the queries and attention output the "_only" variants start from
+    full.attend()
     row: dict = {"shape": name, "rows": rows, "context": context, "layers": num_layers}
     for key, fn in (("whole", lambda: whole(full, layers)),
                     ("attention_only", lambda: attention_only(full, layers)),

@@ -21,6 +21,7 @@ from ondo.kernels.attention import (  # noqa: E402
     MIXED_DECODE_OVERLAP_ENV,
     MIXED_SPLIT_BY_WORK_ENV,
     MIXED_SPLIT_MIN_ROWS_ENV,
+    PREFILL_DECODE_TILE_ENV,
     splits_decode_rows,
     splits_mixed_step,
 )
@@ -29,6 +30,7 @@ from ondo.kernels.reference import paged_attention_ref, write_kv_cache_ref  # no
 from ondo.kernels.testing import PagedBatch, make_paged_batch  # noqa: E402
 from ondo.kernels.triton_attention import (  # noqa: E402
     PrefillTiles,
+    decode_tile_rows,
     new_kv_mode,
     paged_attention_triton,
     paged_decode_attention_triton,
@@ -603,6 +605,44 @@ def test_prefill_kernel_on_a_graph_shaped_batch_ignores_padding(split_flag, long
     out = _write_then_attend(graph_shaped, paged_prefill_attention_triton)
     assert out.shape[0] == total + pad_tokens
     torch.testing.assert_close(out[:total], expect, atol=ATOL, rtol=RTOL)
+
+
+@pytest.mark.parametrize("mode", [0, 1])
+@pytest.mark.parametrize("heads", [(8, 2), (16, 1)])
+def test_decode_rows_in_a_tile_of_their_own_match_the_reference(mode, heads, monkeypatch):
+    """ONDO_PREFILL_DECODE_TILE=1: a decode row that stays in the prefill kernel takes a
+    tile of its query heads (16 rows) instead of a prompt tile (32 here); prompts, chunks
+    and idle sequences beside it keep theirs. Both give the reference's output, and the
+    prompts' rows the same bits as without the switch."""
+    b = _strided_value(_batch([70, 1, 23, 1, 0, 1, 9], [70, 40, 90, 17, 11, 130, 9], heads=heads,
+                              head_dim=64, block_size=8))
+    tiles = PrefillTiles(32, 16, 4, 1)
+
+    def attend(*a):
+        return paged_prefill_attention_triton(*a, split_decode_rows=False, tiles=tiles, key=b.key,
+                                              value=b.value, new_kv=mode)
+
+    monkeypatch.setenv(PREFILL_DECODE_TILE_ENV, "0")
+    before = _write_then_attend(b, attend)
+    monkeypatch.setenv(PREFILL_DECODE_TILE_ENV, "1")
+    out = _write_then_attend(b, attend)
+    torch.testing.assert_close(out, _reference(b), atol=ATOL, rtol=RTOL)
+    starts = b.meta.query_start_loc.tolist()
+    decode_rows = [starts[i] for i, q in enumerate(b.meta.query_lens_cpu) if q == 1]
+    prompt_rows = [r for r in range(out.shape[0]) if r not in decode_rows]
+    assert torch.equal(out[prompt_rows], before[prompt_rows])
+
+
+def test_the_prefill_decode_tile_switch(monkeypatch):
+    monkeypatch.delenv(PREFILL_DECODE_TILE_ENV, raising=False)
+    assert decode_tile_rows(2, 64) == 0  # off by default
+    monkeypatch.setenv(PREFILL_DECODE_TILE_ENV, "1")
+    assert decode_tile_rows(2, 64) == 16  # a tensor-core tile at least
+    assert decode_tile_rows(32, 64) == 32  # a row's query heads
+    assert decode_tile_rows(2, 16) == 0  # no smaller than a prompt tile already
+    monkeypatch.setenv(PREFILL_DECODE_TILE_ENV, "2")
+    with pytest.raises(ValueError, match="ONDO_PREFILL_DECODE_TILE must be 0 or 1"):
+        decode_tile_rows(2, 64)
 
 
 def test_fp16_inputs_keep_fp16_output_close_to_fp32_reference():

@@ -52,6 +52,17 @@ def prefill_longest_first() -> bool:
     return on_off(PREFILL_LONGEST_FIRST_ENV, default=False)
 
 
+PREFILL_DECODE_TILE_ENV = "ONDO_PREFILL_DECODE_TILE"
+
+
+def prefill_decode_tile() -> bool:
+    """Whether a decode row that stays in the prefill kernel (beside prompts) takes a tile
+    of its own query heads padded to 16 rows rather than a whole prompt tile (64 rows, 2 of
+    them live on a 16 / 8-head model): the same K/V read, a quarter of the matrix work or
+    less. Off unless ONDO_PREFILL_DECODE_TILE=1 (not yet measured on a GPU)."""
+    return on_off(PREFILL_DECODE_TILE_ENV, default=False)
+
+
 PREFILL_NEW_KV_ENV = "ONDO_PREFILL_NEW_KV"
 
 
@@ -67,7 +78,7 @@ def check_switches() -> None:
     """Read every attention switch once, so that a bad value fails the engine at start on
     any device (the kernels read them only on a GPU)."""
     mixed_split_min_rows(), mixed_split_by_work(), mixed_decode_overlap()
-    prefill_longest_first(), prefill_new_kv()
+    prefill_longest_first(), prefill_new_kv(), prefill_decode_tile()
 
 
 def splits_mixed_step(meta: AttentionMetadata, num_kv_heads: int, num_sms: int) -> bool:

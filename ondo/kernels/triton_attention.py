@@ -23,6 +23,7 @@ import triton.language as tl
 
 from ondo.kernels.attention import (
     mixed_decode_overlap,
+    prefill_decode_tile,
     prefill_longest_first,
     prefill_new_kv,
     splits_mixed_step,
@@ -360,13 +361,12 @@ def _new_kv_tile(
 
 
 @triton.jit
-def _prefill_kernel(
+def _attend_tile(
     q_ptr,
     k_cache_ptr,
     v_cache_ptr,
     block_tables_ptr,
     context_lens_ptr,
-    query_start_loc_ptr,
     out_ptr,
     scale_log2e,
     stride_q_t,
@@ -377,65 +377,32 @@ def _prefill_kernel(
     stride_cache_slot,
     stride_cache_h,
     stride_bt,
-    num_seqs,
-    split_flag_ptr,  # [1] int32, read when SKIP_SINGLE == 2
-    k_new_ptr,  # [T, Hkv, D]: the step's new K, read when NEW_KV (also in the cache by now)
+    k_new_ptr,
     v_new_ptr,
-    desc_k,  # tensor descriptors of k_new / v_new as [T, Hkv * D], read when NEW_KV == 2
+    desc_k,
     desc_v,
     stride_k_t,
     stride_k_h,
     stride_v_t,
     stride_v_h,
+    seq,
+    q_start,
+    q_len,
+    tok0,  # the tile's first new token
+    kv_head,
     GROUP: tl.constexpr,
-    GROUP_PAD: tl.constexpr,  # GROUP padded to a power of two
+    GROUP_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
-    BLOCK_M: tl.constexpr,  # rows per tile = query tokens per tile * GROUP_PAD
+    BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    # Sequences with one new token are the decode kernel's: 0 never, 1 always, 2 where
-    # split_flag_ptr holds a nonzero value (a CUDA graph, decided per replay).
-    SKIP_SINGLE: tl.constexpr,
-    LONGEST_FIRST: tl.constexpr,  # programs taken from the grid's end: each sequence's last tiles first
-    # Where the step's own keys are read: 0 through the block table like the cached ones,
-    # 1 from k_new / v_new by pointers, 2 from them by tensor descriptors.
     NEW_KV: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """Causal attention of a tile of one sequence's new tokens over its whole context.
-
-    A tile's rows are (token, head-in-group) pairs, so the kv head's K/V tile is
-    loaded once for all its query heads. With SKIP_SINGLE, sequences bringing one new
-    token (decode rows beside a prefill) are left to the decode kernel: here each fills
-    GROUP of a tile's BLOCK_M rows and still walks its whole context.
-
-    The grid's first axis runs over the batch's query tiles, flat: sequence s owns
-    programs from query_start_loc[s] // TOKENS_PER_TILE + s on, at least as many as it
-    has tiles. So the grid needs only the token and sequence counts, never the longest
-    query, and a CUDA graph captured for T tokens and B sequences serves every batch
-    that fits (trailing sequences with no new tokens, tokens of no sequence).
-
-    A causal tile's work grows with its position: the last tile of a 2,048-token prompt
-    reads 2,048 keys, the first one 32. The GPU starts programs in grid order, so in
-    grid order the longest tiles start last and the kernel ends on a few of them running
-    alone. LONGEST_FIRST walks the grid from its end instead: within each sequence the
-    longest tiles start first and the kernel ends on short ones, spread over the SMs.
-    """
+    """One query tile of `_prefill_kernel`: BLOCK_M rows of (token, head-in-group) pairs
+    from the sequence's new token `tok0` on, over its whole visible context."""
     TOKENS_PER_TILE: tl.constexpr = BLOCK_M // GROUP_PAD
-    program = tl.program_id(0)
-    if LONGEST_FIRST:
-        program = tl.num_programs(0) - 1 - program
-    kv_head = tl.program_id(1)
-    seq, q_start, q_len, tile = program_tile(query_start_loc_ptr, num_seqs, program, TOKENS_PER_TILE)
-    tok0 = tile * TOKENS_PER_TILE
-    done = tok0 >= q_len  # this sequence has fewer tiles (or no new tokens at all)
-    if SKIP_SINGLE == 1:
-        done = done | (q_len == 1)
-    elif SKIP_SINGLE == 2:
-        done = done | ((q_len == 1) & (tl.load(split_flag_ptr) != 0))
-    if done:
-        return
     ctx_len = tl.load(context_lens_ptr + seq)
     prefix_len = ctx_len - q_len  # tokens already cached before this step
 
@@ -507,6 +474,108 @@ def _prefill_kernel(
         acc.to(out_ptr.dtype.element_ty),
         mask=row_mask[:, None] & d_mask[None, :],
     )
+
+
+@triton.jit
+def _prefill_kernel(
+    q_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    block_tables_ptr,
+    context_lens_ptr,
+    query_start_loc_ptr,
+    out_ptr,
+    scale_log2e,
+    stride_q_t,
+    stride_q_h,
+    stride_o_t,
+    stride_o_h,
+    stride_cache_block,
+    stride_cache_slot,
+    stride_cache_h,
+    stride_bt,
+    num_seqs,
+    split_flag_ptr,  # [1] int32, read when SKIP_SINGLE == 2
+    k_new_ptr,  # [T, Hkv, D]: the step's new K, read when NEW_KV (also in the cache by now)
+    v_new_ptr,
+    desc_k,  # tensor descriptors of k_new / v_new as [T, Hkv * D], read when NEW_KV == 2
+    desc_v,
+    stride_k_t,
+    stride_k_h,
+    stride_v_t,
+    stride_v_h,
+    GROUP: tl.constexpr,
+    GROUP_PAD: tl.constexpr,  # GROUP padded to a power of two
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr,  # rows per tile = query tokens per tile * GROUP_PAD
+    BLOCK_N: tl.constexpr,
+    # Sequences with one new token are the decode kernel's: 0 never, 1 always, 2 where
+    # split_flag_ptr holds a nonzero value (a CUDA graph, decided per replay).
+    SKIP_SINGLE: tl.constexpr,
+    LONGEST_FIRST: tl.constexpr,  # programs taken from the grid's end: each sequence's last tiles first
+    # Where the step's own keys are read: 0 through the block table like the cached ones,
+    # 1 from k_new / v_new by pointers, 2 from them by tensor descriptors.
+    NEW_KV: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    # 0: a sequence with one new token (a decode row) takes a tile of BLOCK_M rows like any
+    # other, GROUP of them live; > 0: a tile of DECODE_M rows (ONDO_PREFILL_DECODE_TILE).
+    DECODE_M: tl.constexpr,
+):
+    """Causal attention of a tile of one sequence's new tokens over its whole context.
+
+    A tile's rows are (token, head-in-group) pairs, so the kv head's K/V tile is
+    loaded once for all its query heads. With SKIP_SINGLE, sequences bringing one new
+    token (decode rows beside a prefill) are left to the decode kernel: here each fills
+    GROUP of a tile's BLOCK_M rows (of DECODE_M with DECODE_M > 0, so that its walk over
+    its whole context does a fraction of the matrix work) and still walks its context.
+
+    The grid's first axis runs over the batch's query tiles, flat: sequence s owns
+    programs from query_start_loc[s] // TOKENS_PER_TILE + s on, at least as many as it
+    has tiles. So the grid needs only the token and sequence counts, never the longest
+    query, and a CUDA graph captured for T tokens and B sequences serves every batch
+    that fits (trailing sequences with no new tokens, tokens of no sequence).
+
+    A causal tile's work grows with its position: the last tile of a 2,048-token prompt
+    reads 2,048 keys, the first one 32. The GPU starts programs in grid order, so in
+    grid order the longest tiles start last and the kernel ends on a few of them running
+    alone. LONGEST_FIRST walks the grid from its end instead: within each sequence the
+    longest tiles start first and the kernel ends on short ones, spread over the SMs.
+    """
+    TOKENS_PER_TILE: tl.constexpr = BLOCK_M // GROUP_PAD
+    program = tl.program_id(0)
+    if LONGEST_FIRST:
+        program = tl.num_programs(0) - 1 - program
+    kv_head = tl.program_id(1)
+    seq, q_start, q_len, tile = program_tile(query_start_loc_ptr, num_seqs, program, TOKENS_PER_TILE)
+    tok0 = tile * TOKENS_PER_TILE
+    done = tok0 >= q_len  # this sequence has fewer tiles (or no new tokens at all)
+    if SKIP_SINGLE == 1:
+        done = done | (q_len == 1)
+    elif SKIP_SINGLE == 2:
+        done = done | ((q_len == 1) & (tl.load(split_flag_ptr) != 0))
+    if done:
+        return
+    if DECODE_M > 0 and q_len == 1:
+        # A decode row beside prompts: its GROUP rows in a tile of DECODE_M, not BLOCK_M.
+        _attend_tile(
+            q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, out_ptr, scale_log2e,
+            stride_q_t, stride_q_h, stride_o_t, stride_o_h, stride_cache_block, stride_cache_slot,
+            stride_cache_h, stride_bt, k_new_ptr, v_new_ptr, desc_k, desc_v, stride_k_t, stride_k_h,
+            stride_v_t, stride_v_h, seq, q_start, q_len, tok0, kv_head, GROUP, GROUP_PAD, HEAD_DIM,
+            BLOCK_D, BLOCK_SIZE,
+            DECODE_M, BLOCK_N, NEW_KV, DOT_PRECISION,
+        )  # fmt: skip
+    else:
+        _attend_tile(
+            q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, out_ptr, scale_log2e,
+            stride_q_t, stride_q_h, stride_o_t, stride_o_h, stride_cache_block, stride_cache_slot,
+            stride_cache_h, stride_bt, k_new_ptr, v_new_ptr, desc_k, desc_v, stride_k_t, stride_k_h,
+            stride_v_t, stride_v_h, seq, q_start, q_len, tok0, kv_head, GROUP, GROUP_PAD, HEAD_DIM,
+            BLOCK_D, BLOCK_SIZE,
+            BLOCK_M, BLOCK_N, NEW_KV, DOT_PRECISION,
+        )  # fmt: skip
 
 
 # ---------------------------------------------------------------- launch configuration
@@ -754,6 +823,14 @@ def prefill_tiles(query: torch.Tensor, k_cache: torch.Tensor) -> PrefillTiles:
     return PrefillTiles(64, block_n, 4, stages, longest_first)
 
 
+def decode_tile_rows(group_pad: int, block_m: int) -> int:
+    """The prefill kernel's DECODE_M: with ONDO_PREFILL_DECODE_TILE=1, the rows of a decode
+    row's tile (its query heads, at least the 16 rows of a tensor-core tile), where that is
+    fewer than a prompt tile's; otherwise 0 (a decode row takes a prompt tile)."""
+    rows = max(16, group_pad)
+    return rows if prefill_decode_tile() and rows < block_m else 0
+
+
 def paged_prefill_attention_triton(
     query: torch.Tensor,  # [T, Hq, D]
     k_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
@@ -793,6 +870,7 @@ def paged_prefill_attention_triton(
     block_m, block_n, num_warps, stages, longest_first = tiles or prefill_tiles(query, k_cache)
     block_m = max(block_m, group_pad)
     tokens_per_tile = block_m // group_pad
+    decode_m = decode_tile_rows(group_pad, block_m)
     # Enough programs for every sequence's tiles (see _prefill_kernel), from host sizes only.
     num_programs = num_tokens // tokens_per_tile + meta.num_seqs
     split_flag = None
@@ -868,6 +946,7 @@ def paged_prefill_attention_triton(
         LONGEST_FIRST=longest_first,
         NEW_KV=mode,
         DOT_PRECISION=_dot_precision(query.dtype),
+        DECODE_M=decode_m,
         num_warps=num_warps,
         num_stages=stages,
     )

@@ -112,6 +112,18 @@ def test_prefill_reading_the_steps_own_kv_on_gpu(mode, dtype, heads):
     _check(b, lambda *a: paged_prefill_attention_triton(*a, key=b.key, value=value, new_kv=mode))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("heads", [(16, 8), (32, 8), (32, 4)])
+def test_decode_rows_in_a_tile_of_their_own_on_gpu(heads, dtype, monkeypatch):
+    """ONDO_PREFILL_DECODE_TILE=1: decode rows kept in the prefill kernel (beside prompts)
+    take 16-row tiles, on every way of reading the step's own keys."""
+    monkeypatch.setenv("ONDO_PREFILL_DECODE_TILE", "1")
+    b = _batch([300, 1, 77, 1, 0, 1, 2048], [300, 900, 1100, 5, 40, 2100, 2048], heads, 128, dtype)
+    for mode in (0, 1, 2):
+        _check(b, lambda *a, mode=mode: paged_prefill_attention_triton(
+            *a, split_decode_rows=False, key=b.key, value=b.value, new_kv=mode))
+
+
 @pytest.mark.parametrize("mode", [1, 2])
 def test_prefill_reading_the_own_kv_of_a_step_smaller_than_a_tile_on_gpu(mode):
     """Fewer tokens in the step than a K/V tile holds: the descriptor's box is taller

@@ -75,3 +75,25 @@ def test_decode_overlap_bench_halves_give_the_whole_batchs_output(tmp_path):
     assert row["perfect_overlap_ms_per_layer"] == max(row["attention_only_ms_per_layer"],
                                                      row["matmuls_only_ms_per_layer"])
     assert all(row[f"{k}_ms_per_layer"] > 0 for k in ("whole", "halves_in_turn", "halves_overlapped"))
+
+
+def test_the_prefill_kernel_compiles_for_sm90_without_spills_either_decode_tile(tmp_path):
+    """bench/prefill_sass.py (Triton's compiler, no GPU): every way of reading the step's
+    own keys compiles for an H100 with no register spills, the prompts' tiles on Hopper's
+    warpgroup matrix instructions; with 16-row decode tiles (ONDO_PREFILL_DECODE_TILE=1)
+    those rows add matrix instructions of their own and no registers to speak of."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    rows = {}
+    for decode_m in (0, 16):
+        out = tmp_path / f"sass{decode_m}.json"
+        subprocess.run([sys.executable, str(ROOT / "bench" / "prefill_sass.py"), "--quick", "--decode-m",
+                        str(decode_m), "--out", str(out)], check=True, cwd=ROOT, env=env, capture_output=True,
+                       timeout=600)
+        rows[decode_m] = json.loads(out.read_text())["rows"]
+    assert [r["new_kv"] for r in rows[0]] == [0, 1, 2]
+    for plain, tiled in zip(rows[0], rows[16], strict=True):
+        assert plain["spill_instructions"] == tiled["spill_instructions"] == 0
+        assert plain["hgmma"] > 0 and plain["hmma"] == 0
+        assert tiled["hgmma"] + tiled["hmma"] > plain["hgmma"]  # the decode rows' own products
+        assert abs(tiled["registers"] - plain["registers"]) <= 4
+        assert tiled["shared_bytes"] == plain["shared_bytes"]

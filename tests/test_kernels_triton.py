@@ -635,9 +635,10 @@ def test_decode_rows_in_a_tile_of_their_own_match_the_reference(mode, heads, mon
 
 def test_the_prefill_decode_tile_switch(monkeypatch):
     monkeypatch.delenv(PREFILL_DECODE_TILE_ENV, raising=False)
-    assert decode_tile_rows(2, 64) == 0  # off by default
+    assert decode_tile_rows(2, 64) == 16  # on by default: a tensor-core tile at least
+    monkeypatch.setenv(PREFILL_DECODE_TILE_ENV, "0")
+    assert decode_tile_rows(2, 64) == 0  # a prompt tile
     monkeypatch.setenv(PREFILL_DECODE_TILE_ENV, "1")
-    assert decode_tile_rows(2, 64) == 16  # a tensor-core tile at least
     assert decode_tile_rows(32, 64) == 32  # a row's query heads
     assert decode_tile_rows(2, 16) == 0  # no smaller than a prompt tile already
     monkeypatch.setenv(PREFILL_DECODE_TILE_ENV, "2")

@@ -87,12 +87,13 @@ def test_the_compiled_boundary_region_adds_the_residual_in_its_norm_kernels(tmp_
     assert len(adding_norms["1"]) >= len(adding_norms["0"]) + 2
 
 
-def test_the_switch_is_off_by_default_and_read_strictly(monkeypatch):
+def test_the_switch_is_on_by_default_and_read_strictly(monkeypatch):
     monkeypatch.delenv(RESIDUAL_ADD_IN_NORM_ENV, raising=False)
-    assert fusion.inductor_options() is None
-    monkeypatch.setenv(RESIDUAL_ADD_IN_NORM_ENV, "1")
     options = fusion.inductor_options()
     assert options is not None and options["post_grad_custom_post_pass"].uuid()
+    monkeypatch.setenv(RESIDUAL_ADD_IN_NORM_ENV, "0")
+    assert fusion.inductor_options() is None
+    monkeypatch.setenv(RESIDUAL_ADD_IN_NORM_ENV, "1")
     monkeypatch.setattr(fusion, "BACKEND", "aot_eager")  # takes no options
     assert fusion.inductor_options() is None
     monkeypatch.setattr(fusion, "BACKEND", "inductor")

@@ -824,7 +824,7 @@ def prefill_tiles(query: torch.Tensor, k_cache: torch.Tensor) -> PrefillTiles:
 
 
 def decode_tile_rows(group_pad: int, block_m: int) -> int:
-    """The prefill kernel's DECODE_M: with ONDO_PREFILL_DECODE_TILE=1, the rows of a decode
+    """The prefill kernel's DECODE_M: unless ONDO_PREFILL_DECODE_TILE=0, the rows of a decode
     row's tile (its query heads, at least the 16 rows of a tensor-core tile), where that is
     fewer than a prompt tile's; otherwise 0 (a decode row takes a prompt tile)."""
     rows = max(16, group_pad)

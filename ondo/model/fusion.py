@@ -1,9 +1,9 @@
 """Compiled regions on CUDA: everything between two attention calls (output projection,
 residual adds, RMSNorm, the MLP with SiLU-and-mul, the next layer's QKV projection,
 q/k norm and rotary embedding) compiled by torch.compile as one function, so Inductor
-fuses the pointwise work into few kernels and the host pays one call per layer. With
-ONDO_RESIDUAL_ADD_IN_NORM=1 the residual adds leave the matmuls for the norms' kernels
-(`ondo.model.residual_add`).
+fuses the pointwise work into few kernels and the host pays one call per layer. The
+residual adds leave the matmuls for the norms' kernels (`ondo.model.residual_add`; not
+with ONDO_RESIDUAL_ADD_IN_NORM=0).
 
 The profiles that asked for it, on an H100 with the Qwen3-0.6B shape: an 8192-token
 prefill step spent ~35 ms of ~55 ms in unfused elementwise operators; compiling each

@@ -8,9 +8,10 @@ As a plain matmul followed by the add, Inductor fuses the add into the RMSNorm k
 reads the sum anyway, which then also writes the residual stream out.
 
 `rewrite` makes that change to a graph; `residual_add_pass` is the same as a post-grad
-pass, given to Inductor for ondo's compiled regions with ONDO_RESIDUAL_ADD_IN_NORM=1 (off
-by default until measured on a GPU). It rewrites only a full [M, N] addend with unit alpha and beta: a bias vector stays
-in the matmul's epilogue.
+pass, given to Inductor for ondo's compiled regions unless ONDO_RESIDUAL_ADD_IN_NORM=0 (on
+an H100, W1 and W3 on the 0.6B shape ran 1 % faster with it: docs/benchmarks.md). It
+rewrites only a full [M, N] addend with unit alpha and beta: a bias vector stays in the
+matmul's epilogue.
 """
 
 from __future__ import annotations
@@ -30,8 +31,9 @@ _aten = torch.ops.aten
 
 
 def residual_add_in_norm() -> bool:
-    """ONDO_RESIDUAL_ADD_IN_NORM=1: the compiled regions get `ResidualAddOutOfMatmul`."""
-    return on_off(RESIDUAL_ADD_IN_NORM_ENV, default=False)
+    """Whether the compiled regions get `ResidualAddOutOfMatmul`: on unless
+    ONDO_RESIDUAL_ADD_IN_NORM=0."""
+    return on_off(RESIDUAL_ADD_IN_NORM_ENV, default=True)
 
 
 def _full_addend(node: torch.fx.Node) -> bool:

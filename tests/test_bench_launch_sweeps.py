@@ -96,3 +96,16 @@ def test_the_prefill_kernel_compiles_for_sm90_without_spills_either_decode_tile(
         assert tiled["hgmma"] + tiled["hmma"] > plain["hgmma"]  # the decode rows' own products
         assert abs(tiled["registers"] - plain["registers"]) <= 4
         assert tiled["shared_bytes"] == plain["shared_bytes"]
+
+
+def test_qk_norm_rope_bench_runs_the_operator_against_the_models_path(tmp_path):
+    """bench/qk_norm_rope_bench.py: the operator and the model's norms and rotations, timed
+    from one projection output; in fp32 most elements are the same bits (the norm's sum is
+    taken in another order), none far off (tests/test_qk_norm_rope.py)."""
+    out = tmp_path / "qk.json"
+    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
+    subprocess.run([sys.executable, str(ROOT / "bench" / "qk_norm_rope_bench.py"), "--smoke", "--out", str(out)],
+                   check=True, cwd=ROOT, env=env, capture_output=True, timeout=300)
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["tokens"] for r in rows] == [5, 16]
+    assert all(0.5 < r["same_bits_fraction"] <= 1.0 and r["fused_us"] > 0 and r["inductor_us"] > 0 for r in rows)

@@ -28,6 +28,7 @@ from ondo.kernels.block_copy import copy_blocks, swap_in, swap_out
 from ondo.kernels.decode_splits import decode_longest_first, graph_split_tokens
 from ondo.kernels.metadata import AttentionMetadata
 from ondo.kernels.precompile import Precompile
+from ondo.kernels.qk_norm_rope import fused_qk_norm_rope
 from ondo.model.residual_add import residual_add_in_norm
 
 log = logging.getLogger(__name__)
@@ -99,6 +100,7 @@ class ModelRunner:
         self.longest_first = decode_longest_first()
         check_switches()  # a bad value fails here, at start
         residual_add_in_norm()
+        fused_qk_norm_rope()  # read when the model was built; checked here too
         self.num_layers = config.num_hidden_layers
         kv_heads = model.num_kv_heads  # this rank's, in a tensor-parallel engine
         self.kv_shape_tail = (self.block_size, kv_heads, config.head_dim)

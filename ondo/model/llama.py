@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from ondo.distributed.group import tensor_parallel_group
 from ondo.kernels.attention import write_and_attend
 from ondo.kernels.metadata import AttentionMetadata
+from ondo.kernels.qk_norm_rope import fused_qk_norm_rope  # also registers ondo::qk_norm_rope
 from ondo.model.config import ModelConfig
 from ondo.model.fusion import fused_on_cuda
 from ondo.model.layers import RMSNorm, RotaryEmbedding, apply_rotary, rms_norm, silu_and_mul
@@ -50,12 +51,18 @@ class _RegionShape:
     num_kv_heads: int
     head_dim: int
     eps: float
+    # q/k norm and rotary as one kernel on CUDA (ONDO_FUSED_QK_NORM_ROPE=1, read at build)
+    fused_qk_norm_rope: bool = False
 
 
 def _qkv(shape: _RegionShape, x, qkv_w, qkv_b, q_norm_w, k_norm_w, cos, sin):
     """QKV projection, q/k norm and rotary for the shape's (this rank's) heads."""
     h, hkv, d, eps = shape.num_heads, shape.num_kv_heads, shape.head_dim, shape.eps
     n = x.shape[0]
+    if shape.fused_qk_norm_rope and q_norm_w is not None and x.is_cuda:
+        qkv = F.linear(x, qkv_w, qkv_b)
+        q, k = torch.ops.ondo.qk_norm_rope(qkv, q_norm_w, k_norm_w, cos, sin, h, hkv, d, eps)
+        return q, k, qkv[:, (h + hkv) * d:].reshape(n, hkv, d)
     q, k, v = F.linear(x, qkv_w, qkv_b).split([h * d, hkv * d, hkv * d], dim=-1)
     q = q.reshape(n, h, d)
     k = k.reshape(n, hkv, d)
@@ -221,7 +228,7 @@ class LlamaForCausalLM(torch.nn.Module):
         )
         attn = self.model.layers[0].self_attn
         self._shape = _RegionShape(attn.num_heads, attn.num_kv_heads, config.head_dim,
-                                   config.rms_norm_eps)
+                                   config.rms_norm_eps, fused_qk_norm_rope())
 
     @property
     def num_kv_heads(self) -> int:

@@ -248,3 +248,44 @@ def test_sampler_on_bf16_logits_at_a_real_vocabulary():
     assert narrow[::4] == top[::4]
     # The sampled rows draw: many do not pick their maximum.
     assert sum(narrow[i] != top[i] for i in range(n) if i % 4) > 20
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fused_qk_norm_rope_against_eager_and_under_torch_compile(dtype):
+    """ONDO_FUSED_QK_NORM_ROPE=1: Qwen3-0.6B's heads (16 / 8, D 128) over 8,200 tokens of
+    mixed positions. Eager's bits but where the norm's float32 sum, taken in another order,
+    moves a value one step of the dtype; inside a compiled region (dynamic token counts)
+    Inductor calls the operator rather than generating the norms."""
+    import functools
+
+    import torch.nn.functional as F
+    from torch._inductor.utils import run_and_get_code
+
+    from ondo.model.layers import RotaryEmbedding
+    from ondo.model.llama import _qkv, _RegionShape
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    hq, hkv, d, hidden = 16, 8, 128, 1024
+    weights = (torch.randn((hq + 2 * hkv) * d, hidden, device="cuda", generator=g) / hidden**0.5).to(dtype)
+    q_norm_w = (1 + 0.3 * torch.randn(d, device="cuda", generator=g)).to(dtype)
+    k_norm_w = (1 + 0.3 * torch.randn(d, device="cuda", generator=g)).to(dtype)
+    rope = RotaryEmbedding(d, 1_000_000.0, None)
+    eager = functools.partial(_qkv, _RegionShape(hq, hkv, d, 1e-6))
+    fused = torch.compile(functools.partial(_qkv, _RegionShape(hq, hkv, d, 1e-6, True)), dynamic=True)
+    step = 2.0**-7 if dtype == torch.bfloat16 else 2.0**-10
+    for tokens in (8200, 300, 17):
+        x = torch.randn(tokens, hidden, device="cuda", generator=g).to(dtype)
+        cos, sin = rope(torch.randint(0, 40_000, (tokens,), device="cuda", generator=g))
+        want = eager(x, weights, None, q_norm_w, k_norm_w, cos, sin)
+        q, k = torch.ops.ondo.qk_norm_rope(F.linear(x, weights), q_norm_w, k_norm_w, cos, sin, hq, hkv, d, 1e-6)
+        for a, b in ((q, want[0]), (k, want[1])):
+            assert a.shape == b.shape and a.is_contiguous()
+            assert ((a.float() - b.float()).abs() <= 2 * step * b.float().abs().amax(-1, keepdim=True)).all()
+            assert (a == b).float().mean() > 0.99
+        got, codes = run_and_get_code(fused, x, weights, None, q_norm_w, k_norm_w, cos, sin)
+        assert torch.equal(got[2], want[2])  # v untouched
+        for a, b in zip(got[:2], want[:2]):
+            torch.testing.assert_close(a, b, atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
+        if tokens == 8200:  # the first call compiles
+            assert any("ondo.qk_norm_rope" in code for code in codes)
+            assert not any("rsqrt" in code for code in codes)  # no norm of Inductor's own

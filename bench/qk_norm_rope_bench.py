@@ -32,15 +32,13 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from ondo.bench.graph_timing import graph_time_us  # noqa: E402
 from ondo.bench.shapes import SHAPES  # noqa: E402
 from ondo.kernels.qk_norm_rope import qk_norm_rope  # noqa: E402
-from ondo.model.layers import RotaryEmbedding, apply_rotary, rms_norm  # noqa: E402
+from ondo.model.layers import RotaryEmbedding  # noqa: E402
+from ondo.model.llama import _norm_and_rotate, _RegionShape  # noqa: E402
 
 
 def norm_and_rotate(qkv, q_w, k_w, cos, sin, hq: int, hkv: int, d: int, eps: float):
-    """The model's eager path from the projection's output (`ondo.model.llama._qkv`)."""
-    n = qkv.shape[0]
-    q = rms_norm(qkv[:, : hq * d].reshape(n, hq, d), q_w, eps)
-    k = rms_norm(qkv[:, hq * d : (hq + hkv) * d].reshape(n, hkv, d), k_w, eps)
-    return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+    """q and k as the model's eager path makes them (`ondo.model.llama._norm_and_rotate`)."""
+    return _norm_and_rotate(_RegionShape(hq, hkv, d, eps), qkv, q_w, k_w, cos, sin)[:2]
 
 
 def measure(tokens: int, cfg: dict, device: str, dtype: torch.dtype, compiled) -> dict:

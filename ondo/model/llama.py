@@ -57,13 +57,18 @@ class _RegionShape:
 
 def _qkv(shape: _RegionShape, x, qkv_w, qkv_b, q_norm_w, k_norm_w, cos, sin):
     """QKV projection, q/k norm and rotary for the shape's (this rank's) heads."""
+    return _norm_and_rotate(shape, F.linear(x, qkv_w, qkv_b), q_norm_w, k_norm_w, cos, sin)
+
+
+def _norm_and_rotate(shape: _RegionShape, qkv, q_norm_w, k_norm_w, cos, sin):
+    """q and k normed (where the model has q/k norms) and rotated, and v, from the QKV
+    projection's output [T, (Hq + 2 Hkv) D]."""
     h, hkv, d, eps = shape.num_heads, shape.num_kv_heads, shape.head_dim, shape.eps
-    n = x.shape[0]
-    if shape.fused_qk_norm_rope and q_norm_w is not None and x.is_cuda:
-        qkv = F.linear(x, qkv_w, qkv_b)
+    n = qkv.shape[0]
+    if shape.fused_qk_norm_rope and q_norm_w is not None and qkv.is_cuda:
         q, k = torch.ops.ondo.qk_norm_rope(qkv, q_norm_w, k_norm_w, cos, sin, h, hkv, d, eps)
         return q, k, qkv[:, (h + hkv) * d:].reshape(n, hkv, d)
-    q, k, v = F.linear(x, qkv_w, qkv_b).split([h * d, hkv * d, hkv * d], dim=-1)
+    q, k, v = qkv.split([h * d, hkv * d, hkv * d], dim=-1)
     q = q.reshape(n, h, d)
     k = k.reshape(n, hkv, d)
     v = v.reshape(n, hkv, d)

@@ -24,7 +24,9 @@ def test_frozen_startup_objects_leave_the_collectors_walk_until_thawed():
     startup = [[i] for i in range(20_000)]  # alive, tracked containers
     try:
         frozen = freeze_startup_heap()
-        assert frozen >= len(startup) and gc.get_freeze_count() == frozen
+        assert frozen >= len(startup)
+        # The count is live: a frozen object another thread frees meanwhile leaves it.
+        assert len(startup) <= gc.get_freeze_count() <= frozen
         walked = {id(o) for o in gc.get_objects()}
         assert id(startup[0]) not in walked and id(startup[-1]) not in walked
         later = [1, 2]

@@ -7,7 +7,9 @@ and a full prefill step's token counts, each from the same QKV projection output
   model's own functions under torch.compile, dynamic token counts);
 - `fused_us`: the operator (ONDO_FUSED_QK_NORM_ROPE=1), one Triton kernel;
 - `*_gb_per_s`: the bytes both must move (q and k read and written, cos and sin read)
-  over the time; `same_bits_fraction`: of the fused output against eager's.
+  over the time; `same_bits_fraction` (`inductor_same_bits_fraction`): of the fused
+  (compiled) output against eager's; `mean_abs_error_vs_float64`: each path's against
+  the same norms and rotations in float64.
 
 Each is captured in a CUDA graph, replayed and timed by CUDA events
 (`ondo.bench.graph_timing`).
@@ -52,14 +54,41 @@ def measure(tokens: int, cfg: dict, device: str, dtype: torch.dtype, compiled) -
     args = (qkv, q_w, k_w, cos, sin, hq, hkv, d, eps)
     want = norm_and_rotate(*args)
     got = qk_norm_rope(*args)
-    same = sum(int((a == b).sum()) for a, b in zip(got, want)) / sum(b.numel() for b in want)
+    today = compiled(*args)
+    exact = exact_norm_and_rotate(*args)
+    same = same_bits(got, want)
     cuda = device == "cuda"
     inductor_us = graph_time_us(lambda: compiled(*args), cuda)
     fused_us = graph_time_us(lambda: qk_norm_rope(*args), cuda)
     moved = 2 * tokens * (hq + hkv) * d * qkv.element_size() + 2 * tokens * d * 4
     return {"tokens": tokens, "inductor_us": round(inductor_us, 2), "fused_us": round(fused_us, 2),
             "inductor_gb_per_s": round(moved / inductor_us / 1e3, 1),
-            "fused_gb_per_s": round(moved / fused_us / 1e3, 1), "same_bits_fraction": round(same, 5)}
+            "fused_gb_per_s": round(moved / fused_us / 1e3, 1), "same_bits_fraction": round(same, 5),
+            "inductor_same_bits_fraction": round(same_bits(today, want), 5),
+            "mean_abs_error_vs_float64": {name: float(f"{mean_error(out, exact):.4g}")
+                                          for name, out in (("eager", want), ("inductor", today), ("fused", got))}}
+
+
+def exact_norm_and_rotate(qkv, q_w, k_w, cos, sin, hq: int, hkv: int, d: int, eps: float):
+    """q and k from the same projection output in float64, rounding nothing."""
+    x = qkv.double()
+    half = d // 2
+    out = []
+    for heads, w in ((slice(0, hq * d), q_w), (slice(hq * d, (hq + hkv) * d), k_w)):
+        t = x[:, heads].reshape(x.shape[0], -1, d)
+        t = t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + eps) * w.double()
+        rotated = torch.cat([-t[..., half:], t[..., :half]], -1)
+        out.append(t * cos.double()[:, None] + rotated * sin.double()[:, None])
+    return out
+
+
+def same_bits(got, want) -> float:
+    """The fraction of elements of q and k equal bit for bit."""
+    return sum(int((a == b).sum()) for a, b in zip(got, want)) / sum(b.numel() for b in want)
+
+
+def mean_error(got, exact) -> float:
+    return sum(float((a.double() - b).abs().sum()) for a, b in zip(got, exact)) / sum(b.numel() for b in exact)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,6 +1,7 @@
 """Qwen3's q/k norm and rotary embedding as one operator of the compiled regions
 (`ondo::qk_norm_rope`), run by `triton_qk_norm_rope` on a GPU. Off unless
-ONDO_FUSED_QK_NORM_ROPE=1 (not yet measured on a GPU): then a CUDA model with q/k norms
+ONDO_FUSED_QK_NORM_ROPE=1 (measured faster on an H100, docs/benchmarks.md; off until the
+engine's GPU tests have run with it): then a CUDA model with q/k norms
 calls it in place of the norms and rotations Inductor would generate.
 
 A custom operator, opaque to Inductor: it sees a call of known output shapes (the fake

@@ -250,12 +250,22 @@ def test_sampler_on_bf16_logits_at_a_real_vocabulary():
     assert sum(narrow[i] != top[i] for i in range(n) if i % 4) > 20
 
 
+def _norm_and_rotate_f64(x, weight, cos, sin):
+    """Per-head RMSNorm and neox rotary in float64, rounding nothing: [T, H, D]."""
+    half = x.shape[-1] // 2
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * weight.double()
+    rotated = torch.cat([-x[..., half:], x[..., :half]], -1)
+    return x * cos.double()[:, None] + rotated * sin.double()[:, None]
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_fused_qk_norm_rope_against_eager_and_under_torch_compile(dtype):
     """ONDO_FUSED_QK_NORM_ROPE=1: Qwen3-0.6B's heads (16 / 8, D 128) over 8,200 tokens of
-    mixed positions. Eager's bits but where the norm's float32 sum, taken in another order,
-    moves a value one step of the dtype; inside a compiled region (dynamic token counts)
-    Inductor calls the operator rather than generating the norms."""
+    mixed positions. Within two steps of the dtype of eager's values (at the row's scale),
+    as close to a float64 reference as eager, and nearer eager's bits than the compiled
+    default path (Inductor keeps float32 between eager's roundings: on an H100, 51 % of
+    eager's bits against the kernel's 78 %); inside a compiled region (dynamic token
+    counts) Inductor calls the operator rather than generating the norms."""
     import functools
 
     import torch.nn.functional as F
@@ -272,16 +282,22 @@ def test_fused_qk_norm_rope_against_eager_and_under_torch_compile(dtype):
     rope = RotaryEmbedding(d, 1_000_000.0, None)
     eager = functools.partial(_qkv, _RegionShape(hq, hkv, d, 1e-6))
     fused = torch.compile(functools.partial(_qkv, _RegionShape(hq, hkv, d, 1e-6, True)), dynamic=True)
+    default = torch.compile(functools.partial(_qkv, _RegionShape(hq, hkv, d, 1e-6)), dynamic=True)
     step = 2.0**-7 if dtype == torch.bfloat16 else 2.0**-10
     for tokens in (8200, 300, 17):
         x = torch.randn(tokens, hidden, device="cuda", generator=g).to(dtype)
         cos, sin = rope(torch.randint(0, 40_000, (tokens,), device="cuda", generator=g))
         want = eager(x, weights, None, q_norm_w, k_norm_w, cos, sin)
         q, k = torch.ops.ondo.qk_norm_rope(F.linear(x, weights), q_norm_w, k_norm_w, cos, sin, hq, hkv, d, 1e-6)
-        for a, b in ((q, want[0]), (k, want[1])):
+        today = default(x, weights, None, q_norm_w, k_norm_w, cos, sin)
+        projected = F.linear(x, weights).double()
+        for a, b, c, w, heads in ((q, want[0], today[0], q_norm_w, slice(0, hq * d)),
+                                  (k, want[1], today[1], k_norm_w, slice(hq * d, (hq + hkv) * d))):
             assert a.shape == b.shape and a.is_contiguous()
             assert ((a.float() - b.float()).abs() <= 2 * step * b.float().abs().amax(-1, keepdim=True)).all()
-            assert (a == b).float().mean() > 0.99
+            assert (a == b).float().mean() >= (c == b).float().mean()
+            exact = _norm_and_rotate_f64(projected[:, heads].view(tokens, -1, d), w, cos, sin)
+            assert (a.double() - exact).abs().mean() <= (b.double() - exact).abs().mean()
         got, codes = run_and_get_code(fused, x, weights, None, q_norm_w, k_norm_w, cos, sin)
         assert torch.equal(got[2], want[2])  # v untouched
         for a, b in zip(got[:2], want[:2]):

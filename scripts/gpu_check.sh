@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs ondo's GPU tests and benchmarks in one go on a CUDA machine; results under $OUT.
-# Stages are chosen with STAGES: tests timeline host_step sampling gemm kernels prefill prefill_tiles prefill_fresh decode_overlap qk_norm_rope kv_write decode_splits decode_balance switches throughput parallel host serve startup startup_ab tokenizer_load trace mixed_trace outside telemetry turnover structured soak agent.
+# Stages are chosen with STAGES: tests timeline host_step sampling gemm kernels prefill prefill_tiles prefill_fresh decode_overlap qk_norm_rope gate_up_silu kv_write decode_splits decode_balance switches throughput parallel host serve startup startup_ab tokenizer_load trace mixed_trace outside telemetry turnover structured soak agent.
 # THROUGHPUT_ARGS passes extra flags to `ondo bench throughput`.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -71,6 +71,11 @@ for stage in $STAGES; do
       timeout ${QK_NORM_ROPE_TIMEOUT:-180} python3 bench/qk_norm_rope_bench.py --out "$OUT/qk_norm_rope.json" \
         > "$OUT/qk_norm_rope.log" 2>&1
       tail -5 "$OUT/qk_norm_rope.log" ;;
+    gate_up_silu)
+      # The MLP's gate/up matmul and SiLU-and-mul: cuBLAS + Inductor against ondo::gate_up_silu.
+      timeout ${GATE_UP_SILU_TIMEOUT:-240} python3 bench/gate_up_silu_bench.py --out "$OUT/gate_up_silu.json" \
+        > "$OUT/gate_up_silu.log" 2>&1
+      cut -c1-400 "$OUT/gate_up_silu.log" | tail -9 ;;
     kv_write)
       # The KV write's launch configurations on a W3 prefill step and a decode step (both shapes).
       timeout 200 python3 bench/kv_write_bench.py --out "$OUT/kv_write.json" > "$OUT/kv_write.log" 2>&1

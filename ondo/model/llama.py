@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from ondo.distributed.group import tensor_parallel_group
 from ondo.kernels.attention import write_and_attend
+from ondo.kernels.gate_up_silu import fused_gate_up_silu  # also registers ondo::gate_up_silu
 from ondo.kernels.metadata import AttentionMetadata
 from ondo.kernels.qk_norm_rope import fused_qk_norm_rope  # also registers ondo::qk_norm_rope
 from ondo.model.config import ModelConfig
@@ -53,6 +54,8 @@ class _RegionShape:
     eps: float
     # q/k norm and rotary as one kernel on CUDA (ONDO_FUSED_QK_NORM_ROPE=1, read at build)
     fused_qk_norm_rope: bool = False
+    # gate/up projection and SiLU-and-mul as one kernel on CUDA (ONDO_FUSED_GATE_UP_SILU=1)
+    fused_gate_up_silu: bool = False
 
 
 def _qkv(shape: _RegionShape, x, qkv_w, qkv_b, q_norm_w, k_norm_w, cos, sin):
@@ -78,6 +81,13 @@ def _norm_and_rotate(shape: _RegionShape, qkv, q_norm_w, k_norm_w, cos, sin):
     return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
 
 
+def _gate_up_act(shape: _RegionShape, x, gate_up_w):
+    """silu(gate) * up from the MLP's input [T, H]: [T, I]."""
+    if shape.fused_gate_up_silu and x.is_cuda:
+        return torch.ops.ondo.gate_up_silu(x, gate_up_w)
+    return silu_and_mul(F.linear(x, gate_up_w))
+
+
 @functools.cache
 def _regions(shape: _RegionShape) -> tuple[Callable[..., tuple], Callable[..., tuple], Callable[..., torch.Tensor]]:
     """(head, boundary, tail) for one attention shape; compiled on CUDA (see fusion.py)."""
@@ -89,7 +99,7 @@ def _regions(shape: _RegionShape) -> tuple[Callable[..., tuple], Callable[..., t
     def mlp_block(attn, residual, o_w, ln2_w, gate_up_w, down_w):
         hidden = residual + F.linear(attn, o_w)
         x = rms_norm(hidden, ln2_w, eps)
-        return hidden + F.linear(silu_and_mul(F.linear(x, gate_up_w)), down_w)
+        return hidden + F.linear(_gate_up_act(shape, x, gate_up_w), down_w)
 
     def head(hidden, ln1_w, qkv_w, qkv_b, q_norm_w, k_norm_w, cos, sin):
         return (hidden, *qkv(rms_norm(hidden, ln1_w, eps), qkv_w, qkv_b, q_norm_w, k_norm_w, cos, sin))
@@ -122,7 +132,7 @@ def _sharded_regions(shape: _RegionShape) -> tuple[Callable[..., tuple], ...]:
     def mlp(o, residual, ln2_w, gate_up_w, down_w):
         hidden = residual + o
         x = rms_norm(hidden, ln2_w, eps)
-        return hidden, F.linear(silu_and_mul(F.linear(x, gate_up_w)), down_w)
+        return hidden, F.linear(_gate_up_act(shape, x, gate_up_w), down_w)
 
     def next_head(down, hidden, ln1_w, qkv_w, qkv_b, q_norm_w, k_norm_w, cos, sin):
         return head(hidden + down, ln1_w, qkv_w, qkv_b, q_norm_w, k_norm_w, cos, sin)
@@ -233,7 +243,7 @@ class LlamaForCausalLM(torch.nn.Module):
         )
         attn = self.model.layers[0].self_attn
         self._shape = _RegionShape(attn.num_heads, attn.num_kv_heads, config.head_dim,
-                                   config.rms_norm_eps, fused_qk_norm_rope())
+                                   config.rms_norm_eps, fused_qk_norm_rope(), fused_gate_up_silu())
 
     @property
     def num_kv_heads(self) -> int:

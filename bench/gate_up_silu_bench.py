@@ -1,0 +1,115 @@
+"""The MLP's gate/up matmul and SiLU-and-mul: cuBLAS plus Inductor's kernel against
+`ondo::gate_up_silu` (ONDO_FUSED_GATE_UP_SILU=1), one Triton matmul with the SiLU-and-mul
+in its epilogue.
+
+For each model shape's hidden and intermediate sizes at a decode step's, a chunk's and a
+full prefill step's token counts, from the same input:
+
+- `compiled_us`: the model's own `silu_and_mul(F.linear(x, w))` under torch.compile
+  (dynamic token counts), as the compiled regions run it today; `matmul_us`: cuBLAS's
+  matmul alone, the part of it no fusion removes;
+- `fused_us`: the Triton kernel at its default tiles (the sweep's first); `tiles`: each
+  configuration swept (block_m x block_n x block_k x group_m x warps x stages),
+  its time (the fastest is what the default should be);
+- `*_tflop_per_s`: the matmul's FLOPs over each time; `mean_abs_error_vs_float64`: each
+  path's against the same product in float64.
+
+Each is captured in a CUDA graph, replayed and timed by CUDA events
+(`ondo.bench.graph_timing`).
+
+    python3 bench/gate_up_silu_bench.py [--out FILE]   # = STAGES=gate_up_silu scripts/gpu_check.sh
+    python3 bench/gate_up_silu_bench.py --smoke        # CPU, Triton's interpreter, float32
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+if "--smoke" in sys.argv:
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are decorated
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import torch.nn.functional as F  # noqa: E402
+
+from ondo.bench.graph_timing import graph_time_us  # noqa: E402
+from ondo.bench.shapes import SHAPES  # noqa: E402
+from ondo.kernels.triton_gate_up_silu import DEFAULT_TILES, GateUpTiles, gate_up_silu_triton  # noqa: E402
+from ondo.model.layers import silu_and_mul  # noqa: E402
+
+SWEEP = [
+    DEFAULT_TILES,
+    GateUpTiles(128, 64, 64, 8, 4, 4),
+    GateUpTiles(64, 128, 64, 8, 4, 4),
+    GateUpTiles(128, 128, 64, 8, 8, 4),
+    GateUpTiles(128, 128, 32, 8, 8, 5),
+    GateUpTiles(128, 64, 128, 8, 8, 3),
+]
+
+
+def gate_up_act(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The model's path (`ondo.model.llama._gate_up_act` without the switch)."""
+    return silu_and_mul(F.linear(x, weight))
+
+
+def measure(tokens: int, hidden: int, intermediate: int, device: str, dtype: torch.dtype, compiled,
+            sweep: list[GateUpTiles]) -> dict:
+    """One token count; `sweep[0]` stands for the default tiles."""
+    g = torch.Generator(device=device).manual_seed(tokens)
+    x = torch.randn(tokens, hidden, device=device, generator=g).to(dtype)
+    weight = (torch.randn(2 * intermediate, hidden, device=device, generator=g) / hidden**0.5).to(dtype)
+    exact = gate_up_act(x.double(), weight.double())
+    fused = gate_up_silu_triton(x, weight, sweep[0])
+    today = compiled(x, weight)
+    cuda = device == "cuda"
+    flop = 2 * tokens * hidden * 2 * intermediate
+    compiled_us = graph_time_us(lambda: compiled(x, weight), cuda)
+    matmul_us = graph_time_us(lambda: F.linear(x, weight), cuda)
+    tiles = {"x".join(map(str, t)): round(graph_time_us(lambda t=t: gate_up_silu_triton(x, weight, t), cuda), 2)
+             for t in sweep}
+    fused_us = tiles["x".join(map(str, sweep[0]))]
+    return {"tokens": tokens, "hidden": hidden, "intermediate": intermediate,
+            "compiled_us": round(compiled_us, 2), "matmul_us": round(matmul_us, 2), "fused_us": fused_us,
+            "compiled_tflop_per_s": round(flop / compiled_us / 1e6, 1),
+            "matmul_tflop_per_s": round(flop / matmul_us / 1e6, 1),
+            "fused_tflop_per_s": round(flop / fused_us / 1e6, 1),
+            "best_tiles": min(tiles, key=tiles.get), "tiles": tiles,
+            "mean_abs_error_vs_float64": {name: float(f"{float((out.double() - exact).abs().mean()):.4g}")
+                                          for name, out in (("compiled", today), ("fused", fused))}}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--smoke", action="store_true", help="CPU, Triton's interpreter, a few tokens")
+    ap.add_argument("--out")
+    args = ap.parse_args(argv)
+    if args.smoke:
+        device, dtype, compiled = "cpu", torch.float32, gate_up_act
+        cases = [(40, 64, 48)]
+        sweep = [GateUpTiles(16, 16, 32, 2, 4, 2), GateUpTiles(32, 16, 32, 2, 4, 2)]
+    else:
+        if not torch.cuda.is_available():
+            ap.error("needs a CUDA GPU (or --smoke)")
+        device, dtype, sweep = "cuda", torch.bfloat16, SWEEP
+        compiled = torch.compile(gate_up_act, dynamic=True)
+        cases = [(tokens, SHAPES[s]["hidden_size"], SHAPES[s]["intermediate_size"])
+                 for s in ("qwen3-0.6b", "llama3.1-8b") for tokens in (256, 1024, 2048, 8192)]
+    rows = []
+    for tokens, hidden, intermediate in cases:
+        row = measure(tokens, hidden, intermediate, device, dtype, compiled, sweep)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    result = {"bench": "gate_up_silu", "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+              "torch": torch.__version__, "dtype": str(dtype).removeprefix("torch."), "rows": rows}
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

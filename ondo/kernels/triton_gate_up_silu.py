@@ -1,0 +1,112 @@
+"""The MLP's gate/up projection with SiLU-and-mul in its epilogue: out = silu(x Wg^T) * (x Wu^T)
+as one Triton matmul, so that the [T, 2 I] projection never goes to memory.
+
+In W3's step on an H100 (docs/benchmarks.md) cuBLAS's gate/up matmul takes 147 µs a layer
+at 8,192 tokens and Inductor's SiLU-and-mul kernel 50 µs more, at the copy rate: it reads
+the projection's 100 MB back and writes 50 MB. Here a program computes a [BLOCK_M,
+BLOCK_N] tile of the output from two accumulators, the gate's columns and the same
+columns of up (rows n and I + n of the weight, which holds gate's rows then up's), and
+stores only their product. Tensor descriptors (TMA) load the tiles: a GPU of compute
+capability 9 or more; Triton's interpreter runs them on the CPU.
+
+Rounding as the compiled regions round today: each projection rounded to the model's
+dtype (cuBLAS's output), SiLU and the product in float32, rounded once.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from ondo.kernels.launch import launch
+
+
+class GateUpTiles(NamedTuple):
+    block_m: int  # tokens per tile
+    block_n: int  # output columns per tile (each needs gate's and up's)
+    block_k: int  # hidden size per step of the loop
+    group_m: int  # row tiles walked together, so their weight tiles stay in L2
+    num_warps: int
+    num_stages: int
+
+
+# Two 128 x 128 float32 accumulators on 8 warps (128 registers a thread for them) and three
+# stages of 48 KB of shared memory; `bench/gate_up_silu_bench.py` sweeps the others.
+DEFAULT_TILES = GateUpTiles(128, 128, 64, 8, 8, 3)
+
+
+@triton.jit
+def _gate_up_silu_kernel(
+    x_desc,  # [T, H]
+    w_desc,  # [2 I, H]: gate's rows, then up's
+    out_desc,  # [T, I]
+    num_tokens,
+    intermediate,  # I
+    hidden,  # H
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    # Tiles in groups of GROUP_M row tiles that walk the columns together.
+    pid = tl.program_id(0)
+    tiles_m = tl.cdiv(num_tokens, BLOCK_M)
+    tiles_n = tl.cdiv(intermediate, BLOCK_N)
+    per_group = GROUP_M * tiles_n
+    first_m = (pid // per_group) * GROUP_M
+    group_rows = tl.minimum(tiles_m - first_m, GROUP_M)
+    m0 = (first_m + (pid % per_group) % group_rows) * BLOCK_M
+    n0 = ((pid % per_group) // group_rows) * BLOCK_N
+
+    gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, hidden, BLOCK_K):
+        x = x_desc.load([m0, k0])
+        gate = tl.dot(x, w_desc.load([n0, k0]).T, gate)
+        up = tl.dot(x, w_desc.load([intermediate + n0, k0]).T, up)
+    dtype = out_desc.dtype
+    g = gate.to(dtype).to(tl.float32)
+    u = up.to(dtype).to(tl.float32)
+    # Columns past I (a last tile that reads into up's rows) are clipped by the store.
+    out_desc.store([m0, n0], (g / (1.0 + tl.exp(-g)) * u).to(dtype))
+
+
+def tma_ready(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether tensor descriptors can read these: a CUDA GPU of capability 9 or more (or
+    Triton's interpreter on the CPU), 16-byte aligned rows."""
+    if x.is_cuda and torch.cuda.get_device_capability(x.device)[0] < 9:
+        return False
+    return all(t.stride(1) == 1 and (t.stride(0) * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0
+               for t in (x, weight)) and (weight.shape[0] // 2 * x.element_size()) % 16 == 0
+
+
+def gate_up_silu_triton(x: torch.Tensor, weight: torch.Tensor, tiles: GateUpTiles = DEFAULT_TILES) -> torch.Tensor:
+    """silu(x @ gate^T) * (x @ up^T), [T, I], from x [T, H] and weight [2 I, H]."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    num_tokens, hidden = x.shape
+    if weight.ndim != 2 or weight.shape[1] != hidden or weight.shape[0] % 2 or weight.dtype != x.dtype:
+        raise ValueError(f"weight {tuple(weight.shape)} {weight.dtype} is not [2 I, {hidden}] {x.dtype}")
+    if not tma_ready(x, weight):
+        raise ValueError(f"x {tuple(x.shape)} (strides {x.stride()}) and weight {tuple(weight.shape)} "
+                         "cannot be read by tensor descriptors: rows of 16-byte multiples on a GPU "
+                         "of compute capability 9 or more")
+    intermediate = weight.shape[0] // 2
+    out = x.new_empty((num_tokens, intermediate))
+    if num_tokens == 0:
+        return out
+    bm, bn, bk = tiles.block_m, tiles.block_n, tiles.block_k
+    launch(
+        _gate_up_silu_kernel,
+        (triton.cdiv(num_tokens, bm) * triton.cdiv(intermediate, bn),),
+        TensorDescriptor.from_tensor(x, [bm, bk]),
+        TensorDescriptor.from_tensor(weight, [bn, bk]),
+        TensorDescriptor.from_tensor(out, [bm, bn]),
+        num_tokens, intermediate, hidden,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=tiles.group_m,
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+    )  # fmt: skip
+    return out

@@ -1,0 +1,98 @@
+"""ONDO_FUSED_GATE_UP_SILU: the MLP's gate/up matmul with SiLU-and-mul in its epilogue,
+against the model's own path (`silu_and_mul(F.linear(x, gate_up_w))`, the path checked
+against transformers).
+
+Without a GPU the kernel runs in Triton's interpreter (tests/conftest.py), tensor
+descriptors included; float32 there, whose matmuls the interpreter takes in float32."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ondo.kernels.gate_up_silu import (
+    FUSED_GATE_UP_SILU_ENV,
+    GATE_UP_SILU_MIN_TOKENS,
+    fused_gate_up_silu,
+)
+from ondo.kernels.triton_gate_up_silu import DEFAULT_TILES, GateUpTiles, gate_up_silu_triton
+from ondo.model.layers import silu_and_mul
+from ondo.model.llama import _gate_up_act, _RegionShape
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+SMALL = GateUpTiles(16, 16, 32, 2, 4, 2)  # many tiles and groups on a few rows
+
+
+def _inputs(num_tokens: int, hidden: int, intermediate: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(num_tokens, hidden, generator=g).to(DEVICE)
+    weight = (torch.randn(2 * intermediate, hidden, generator=g) / hidden**0.5).to(DEVICE)
+    return x, weight
+
+
+@pytest.mark.parametrize("tiles", [SMALL, GateUpTiles(32, 16, 32, 3, 4, 2)])
+@pytest.mark.parametrize("num_tokens,hidden,intermediate", [(37, 64, 40), (100, 96, 48), (5, 32, 24)])
+def test_the_kernel_equals_the_models_matmul_and_silu(tiles, num_tokens, hidden, intermediate):
+    """Ragged sizes: rows, columns and the hidden size each end inside a tile; a last column
+    tile whose gate rows run into up's rows keeps only the columns that exist."""
+    x, weight = _inputs(num_tokens, hidden, intermediate)
+    want = silu_and_mul(F.linear(x, weight))
+    got = gate_up_silu_triton(x, weight, tiles)
+    assert got.shape == (num_tokens, intermediate) and got.dtype == x.dtype
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    # Not the gate alone, nor up alone: both halves of the weight are in the product.
+    gate, up = F.linear(x, weight).chunk(2, dim=-1)
+    assert (got - F.silu(gate)).abs().max() > 0.1 and (got - up).abs().max() > 0.1
+
+
+def test_the_operator_runs_the_kernel_from_its_token_threshold_and_gives_fake_shapes(monkeypatch):
+    import ondo.kernels.triton_gate_up_silu as kernel_module
+
+    calls = []
+    real = kernel_module.gate_up_silu_triton
+    monkeypatch.setattr(kernel_module, "gate_up_silu_triton", lambda *a: calls.append(a[0].shape[0]) or real(*a))
+    for num_tokens in (GATE_UP_SILU_MIN_TOKENS - 1, GATE_UP_SILU_MIN_TOKENS + 3):
+        x, weight = _inputs(num_tokens, 64, 24, seed=num_tokens)
+        got = torch.ops.ondo.gate_up_silu(x, weight)
+        torch.testing.assert_close(got, silu_and_mul(F.linear(x, weight)), atol=1e-5, rtol=1e-5)
+    assert calls == [GATE_UP_SILU_MIN_TOKENS + 3]  # the smaller step took cuBLAS's path
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    mode = FakeTensorMode()
+    fx, fw = mode.from_tensor(x), mode.from_tensor(weight)
+    with mode:
+        out = torch.ops.ondo.gate_up_silu(fx, fw)
+    assert out.shape == (GATE_UP_SILU_MIN_TOKENS + 3, 24)
+    # Traced by torch.compile through the fake (dynamic token counts), run as is.
+    traced = torch.compile(lambda a, b: torch.ops.ondo.gate_up_silu(a, b) * 2, backend="aot_eager", dynamic=True)
+    torch.testing.assert_close(traced(x, weight), 2 * silu_and_mul(F.linear(x, weight)), atol=1e-5, rtol=1e-5)
+    assert calls == [GATE_UP_SILU_MIN_TOKENS + 3] * 2
+
+
+def test_the_model_takes_the_operator_only_on_cuda_with_the_switch():
+    x, weight = _inputs(7, 32, 16)
+    for fused in (False, True):
+        got = _gate_up_act(_RegionShape(2, 1, 16, 1e-6, fused_gate_up_silu=fused), x, weight)
+        torch.testing.assert_close(got, silu_and_mul(F.linear(x, weight)), atol=1e-6, rtol=1e-6)
+
+
+def test_bad_operands_are_refused_with_their_shapes():
+    x, weight = _inputs(4, 64, 24)
+    with pytest.raises(ValueError, match=r"weight \(48, 32\) torch.float32 is not \[2 I, 64\]"):
+        gate_up_silu_triton(x, weight[:, :32].contiguous())
+    with pytest.raises(ValueError, match=r"is not \[2 I, 64\] torch.float32"):
+        gate_up_silu_triton(x, weight[:47])
+    with pytest.raises(ValueError, match="cannot be read by tensor descriptors"):
+        gate_up_silu_triton(*_inputs(4, 63, 24))  # rows of 252 bytes
+    got = gate_up_silu_triton(x[:, :60], weight[:, :60])  # strided rows, 16-byte aligned: fine
+    torch.testing.assert_close(got, silu_and_mul(F.linear(x[:, :60], weight[:, :60])), atol=1e-5, rtol=1e-5)
+    assert gate_up_silu_triton(x[:0], weight, DEFAULT_TILES).shape == (0, 24)
+
+
+def test_the_switch_is_off_by_default_and_read_strictly(monkeypatch):
+    monkeypatch.delenv(FUSED_GATE_UP_SILU_ENV, raising=False)
+    assert not fused_gate_up_silu()
+    monkeypatch.setenv(FUSED_GATE_UP_SILU_ENV, "1")
+    assert fused_gate_up_silu()
+    monkeypatch.setenv(FUSED_GATE_UP_SILU_ENV, "on")
+    with pytest.raises(ValueError, match="ONDO_FUSED_GATE_UP_SILU must be 0 or 1"):
+        fused_gate_up_silu()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import httpx
@@ -42,3 +43,16 @@ def wait_healthy(proc: subprocess.Popen, base: str, timeout_s: float) -> None:
         time.sleep(0.3)
     proc.kill()
     pytest.fail(f"ondo serve did not answer /health within {timeout_s} s")
+
+
+def server_log(proc: subprocess.Popen, wait_s: float = 5.0) -> str:
+    """What a killed server wrote, for a failing test's report: read on a thread and given
+    up on after `wait_s` (its engine process may still hold the pipe open)."""
+    if proc.poll() is None:
+        proc.kill()
+    chunks: list[str] = []
+    reader = threading.Thread(target=lambda: chunks.append(proc.stdout.read() if proc.stdout else ""),
+                              daemon=True)
+    reader.start()
+    reader.join(wait_s)
+    return chunks[0] if chunks else f"(nothing readable within {wait_s:.0f} s)"

@@ -220,15 +220,22 @@ def stream_and_kill(base: str, pid: Callable[[], int]) -> tuple[list[str], float
     The stream's data lines, and when the kill was sent (monotonic seconds)."""
     events: list[str] = []
     killed_s = float("nan")
-    with httpx.stream("POST", base + "/v1/completions", json=LONG_BODY | {"stream": True},
-                      timeout=60) as r:
-        for line in r.iter_lines():
-            if not line.startswith("data: "):
-                continue
-            events.append(line[6:])
-            if len(events) == 3:
-                os.kill(pid(), signal.SIGKILL)
-                killed_s = time.monotonic()
+    t0 = time.monotonic()
+    try:
+        with httpx.stream("POST", base + "/v1/completions", json=LONG_BODY | {"stream": True},
+                          timeout=60) as r:
+            for line in r.iter_lines():
+                if not line.startswith("data: "):
+                    continue
+                events.append(line[6:])
+                if len(events) == 3:
+                    os.kill(pid(), signal.SIGKILL)
+                    killed_s = time.monotonic()
+    except httpx.ReadTimeout as e:  # say where the stream stalled
+        raise AssertionError(f"the stream stalled {time.monotonic() - t0:.1f} s in, after {len(events)} "
+                             f"events, the kill {'sent ' if killed_s == killed_s else 'not yet sent'}"
+                             f"{f'{killed_s - t0:.1f} s in' if killed_s == killed_s else ''}: "
+                             f"{events[-3:]}") from e
     return events, killed_s
 
 

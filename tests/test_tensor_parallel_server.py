@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from tests.server_harness import wait_for
-from tests.server_process import launch_server
+from tests.server_process import launch_server, server_log
 from tests.test_engine_supervision import (
     LONG_BODY,
     _children,
@@ -72,6 +72,9 @@ def test_a_dead_worker_restarts_the_engine_process_and_the_server_serves_again(t
         while time.monotonic() < deadline and any(_alive(p) for p in (fresh, fresh_worker)):
             time.sleep(0.1)
         assert not any(_alive(p) for p in (engine, worker, fresh, fresh_worker))
+    except BaseException:
+        print("ondo serve's log:\n" + server_log(proc))  # in the failure's report
+        raise
     finally:
         if proc.poll() is None:
             proc.kill()

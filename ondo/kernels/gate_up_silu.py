@@ -1,12 +1,12 @@
 """The MLP's gate/up projection and SiLU-and-mul as one operator of the compiled regions
 (`ondo::gate_up_silu`), run by `triton_gate_up_silu` on a GPU with tensor descriptors.
 Off unless ONDO_FUSED_GATE_UP_SILU=1 (not yet measured on a GPU): then a CUDA model calls
-it in place of cuBLAS's matmul and the SiLU-and-mul kernel Inductor would generate.
+it, for steps of `GATE_UP_SILU_MIN_TOKENS` tokens or more, in place of cuBLAS's matmul and
+the SiLU-and-mul kernel Inductor would generate. Smaller steps (decode) keep those: there
+the weight is read once whichever runs it, and cuBLAS spreads a few rows over every SM.
 
-Under `GATE_UP_SILU_MIN_TOKENS` tokens (decode steps), in float32 on a GPU, or where tensor
-descriptors cannot read the operands, the operator runs the matmul and SiLU-and-mul as
-before: in a decode step the weight is read once whichever runs it, and cuBLAS spreads a
-few rows over every SM.
+In float32 on a GPU, or where tensor descriptors cannot read the operands, the operator
+itself runs the matmul and SiLU-and-mul.
 
 A custom operator, opaque to Inductor (see `ondo.kernels.qk_norm_rope`). No module-level
 `from __future__ import annotations` here: the operator's schema is read from its
@@ -19,14 +19,21 @@ import torch.nn.functional as F
 from ondo.kernels.switches import on_off
 
 FUSED_GATE_UP_SILU_ENV = "ONDO_FUSED_GATE_UP_SILU"
-# A 128-row tile a program: from here each weight tile serves eight row tiles or more.
+# The model's threshold: with a 128-row tile a program, from here each weight tile serves
+# eight row tiles or more.
 GATE_UP_SILU_MIN_TOKENS = 1024
 
 
-def fused_gate_up_silu() -> bool:
+def fused_gate_up_silu(unbacked_tokens: bool) -> bool:
     """Whether CUDA models use `gate_up_silu`: off unless ONDO_FUSED_GATE_UP_SILU=1;
-    anything but 0 or 1 is refused."""
-    return on_off(FUSED_GATE_UP_SILU_ENV, default=False)
+    anything but 0 or 1 is refused, and so is the switch with `unbacked_tokens`
+    (ONDO_UNBACKED_TOKENS=1), under which a compiled region cannot branch on the step's
+    token count."""
+    on = on_off(FUSED_GATE_UP_SILU_ENV, default=False)
+    if on and unbacked_tokens:
+        raise ValueError(f"{FUSED_GATE_UP_SILU_ENV}=1 takes its kernel by the step's token count; "
+                         "ONDO_UNBACKED_TOKENS=1 hides it from the compiled regions: set one of them to 0")
+    return on
 
 
 @torch.library.custom_op("ondo::gate_up_silu", mutates_args=())
@@ -35,8 +42,8 @@ def gate_up_silu(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     rows, then up's)."""
     from ondo.kernels.triton_gate_up_silu import gate_up_silu_triton, tma_ready
 
-    # float32 on a GPU too: its tensor-core dots would round to tf32 where cuBLAS does not.
-    if x.shape[0] < GATE_UP_SILU_MIN_TOKENS or (x.is_cuda and x.dtype == torch.float32) or not tma_ready(x, weight):
+    # Not float32 on a GPU: its tensor-core dots would round to tf32 where cuBLAS does not.
+    if (x.is_cuda and x.dtype == torch.float32) or not tma_ready(x, weight):
         gate, up = F.linear(x, weight).chunk(2, dim=-1)
         return F.silu(gate) * up
     return gate_up_silu_triton(x, weight)

@@ -27,11 +27,14 @@ import torch.nn.functional as F
 
 from ondo.distributed.group import tensor_parallel_group
 from ondo.kernels.attention import write_and_attend
-from ondo.kernels.gate_up_silu import fused_gate_up_silu  # also registers ondo::gate_up_silu
+from ondo.kernels.gate_up_silu import (  # also registers ondo::gate_up_silu
+    GATE_UP_SILU_MIN_TOKENS,
+    fused_gate_up_silu,
+)
 from ondo.kernels.metadata import AttentionMetadata
 from ondo.kernels.qk_norm_rope import fused_qk_norm_rope  # also registers ondo::qk_norm_rope
 from ondo.model.config import ModelConfig
-from ondo.model.fusion import fused_on_cuda
+from ondo.model.fusion import fused_on_cuda, unbacked_tokens
 from ondo.model.layers import RMSNorm, RotaryEmbedding, apply_rotary, rms_norm, silu_and_mul
 from ondo.model.parallel_layers import (
     ColumnParallelLinear,
@@ -82,8 +85,10 @@ def _norm_and_rotate(shape: _RegionShape, qkv, q_norm_w, k_norm_w, cos, sin):
 
 
 def _gate_up_act(shape: _RegionShape, x, gate_up_w):
-    """silu(gate) * up from the MLP's input [T, H]: [T, I]."""
-    if shape.fused_gate_up_silu and x.is_cuda:
+    """silu(gate) * up from the MLP's input [T, H]: [T, I]. With the switch, a step of
+    `GATE_UP_SILU_MIN_TOKENS` tokens or more takes the fused operator and a smaller one the
+    compiled path as before: Dynamo guards the token count, one graph on each side."""
+    if shape.fused_gate_up_silu and x.is_cuda and x.shape[0] >= GATE_UP_SILU_MIN_TOKENS:
         return torch.ops.ondo.gate_up_silu(x, gate_up_w)
     return silu_and_mul(F.linear(x, gate_up_w))
 
@@ -243,7 +248,8 @@ class LlamaForCausalLM(torch.nn.Module):
         )
         attn = self.model.layers[0].self_attn
         self._shape = _RegionShape(attn.num_heads, attn.num_kv_heads, config.head_dim,
-                                   config.rms_norm_eps, fused_qk_norm_rope(), fused_gate_up_silu())
+                                   config.rms_norm_eps, fused_qk_norm_rope(),
+                                   fused_gate_up_silu(unbacked_tokens()))
 
     @property
     def num_kv_heads(self) -> int:

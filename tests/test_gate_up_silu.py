@@ -78,20 +78,30 @@ def test_bad_operands_are_refused_with_their_shapes():
     assert gate_up_silu_triton(x[:0], weight, DEFAULT_TILES).shape == (0, 24)
 
 
-def test_the_switch_is_off_by_default_and_read_strictly(monkeypatch):
+def test_the_switch_is_on_by_default_yields_to_unbacked_token_counts_and_is_read_strictly(monkeypatch):
     monkeypatch.delenv(FUSED_GATE_UP_SILU_ENV, raising=False)
+    assert fused_gate_up_silu(unbacked_tokens=False)
+    # The model picks the kernel by the token count, which unbacked sizes leave unknown:
+    # the default gives way, the switch set to 1 is refused.
     assert not fused_gate_up_silu(unbacked_tokens=True)
+    monkeypatch.setenv(FUSED_GATE_UP_SILU_ENV, "0")
+    assert not fused_gate_up_silu(unbacked_tokens=False)
     monkeypatch.setenv(FUSED_GATE_UP_SILU_ENV, "1")
     assert fused_gate_up_silu(unbacked_tokens=False)
-    # The model picks the kernel by the token count, which unbacked sizes leave unknown.
     with pytest.raises(ValueError, match="ONDO_UNBACKED_TOKENS=1 hides it .* set one of them to 0"):
         fused_gate_up_silu(unbacked_tokens=True)
     monkeypatch.setenv(FUSED_GATE_UP_SILU_ENV, "on")
     with pytest.raises(ValueError, match="ONDO_FUSED_GATE_UP_SILU must be 0 or 1"):
         fused_gate_up_silu(unbacked_tokens=False)
+    with pytest.raises(ValueError, match="ONDO_FUSED_GATE_UP_SILU must be 0 or 1"):
+        fused_gate_up_silu(unbacked_tokens=True)
 
 
-def test_the_model_reads_the_switch_and_refuses_it_with_unbacked_token_counts(monkeypatch):
+def test_the_model_reads_the_switch_up_to_its_widest_hidden_size_and_refuses_it_with_unbacked_token_counts(
+        monkeypatch):
+    import dataclasses
+
+    from ondo.kernels.gate_up_silu import GATE_UP_SILU_MAX_HIDDEN, GATE_UP_SILU_MIN_TOKENS
     from ondo.model.config import ModelConfig
     from ondo.model.llama import LlamaForCausalLM
 
@@ -100,9 +110,22 @@ def test_the_model_reads_the_switch_and_refuses_it_with_unbacked_token_counts(mo
                          rms_norm_eps=1e-6, rope_theta=10_000.0)
     monkeypatch.delenv("ONDO_UNBACKED_TOKENS", raising=False)
     monkeypatch.delenv(FUSED_GATE_UP_SILU_ENV, raising=False)
-    assert not LlamaForCausalLM(config)._shape.fused_gate_up_silu
+    model = LlamaForCausalLM(config)
+    assert model._shape.fused_gate_up_silu
+    # The runner's CUDA graphs warm up on each side of the token count it branches on.
+    assert model.token_count_branches == (GATE_UP_SILU_MIN_TOKENS,)
+    monkeypatch.setenv(FUSED_GATE_UP_SILU_ENV, "0")
+    model = LlamaForCausalLM(config)
+    assert not model._shape.fused_gate_up_silu and model.token_count_branches == ()
     monkeypatch.setenv(FUSED_GATE_UP_SILU_ENV, "1")
     assert LlamaForCausalLM(config)._shape.fused_gate_up_silu
+    # A wider model keeps cuBLAS's matmul (faster than the fused kernel there on an H100).
+    wide = dataclasses.replace(config, hidden_size=2 * GATE_UP_SILU_MAX_HIDDEN, num_attention_heads=2 * 128,
+                               num_key_value_heads=1)
+    with torch.device("meta"):
+        assert not LlamaForCausalLM(wide)._shape.fused_gate_up_silu
     monkeypatch.setenv("ONDO_UNBACKED_TOKENS", "1")
     with pytest.raises(ValueError, match="ONDO_FUSED_GATE_UP_SILU=1 takes its kernel by the step's token count"):
         LlamaForCausalLM(config)
+    monkeypatch.delenv(FUSED_GATE_UP_SILU_ENV)
+    assert not LlamaForCausalLM(config)._shape.fused_gate_up_silu  # the default gives way

@@ -496,18 +496,22 @@ class ModelRunner:
         self.mixed_static = st = self._static_inputs(max_tokens, self.args.max_num_seqs)
         self._num_sms = torch.cuda.get_device_properties(self.device).multi_processor_count
         pool = None
+        branches = self.model.token_count_branches
+        warmed: set[int] = set()  # the branches' sides warmed up: how many each size is past
         for size in reversed(self.mixed_graph_sizes):
+            side = sum(size >= b for b in branches)
             meta = AttentionMetadata(
                 slot_mapping=st["slot_mapping"][:size], block_tables=st["block_tables"],
                 context_lens=st["context_lens"], query_start_loc=st["query_start_loc"],
                 max_query_len=size, max_context_len=self.max_model_len, block_size=self.block_size,
                 split_decode_rows=st["split_decode_rows"],
             )
-            # One warm-up compiles every kernel these graphs use: the compiled regions take
-            # any token count, and every size on the ladder is a multiple of 16, so no
-            # kernel specializes anew.
+            # One warm-up on each side of the regions' branches compiles every kernel these
+            # graphs use: the compiled regions take any token count there, and every size
+            # on the ladder is a multiple of 16, so no kernel specializes anew.
             graph = self._capture("mixed", (st["input_ids"][:size], st["positions"][:size], self.kv_caches, meta),
-                                  pool, warm_up=pool is None)
+                                  pool, warm_up=side not in warmed)
+            warmed.add(side)
             pool = graph.graph.pool()
             self.mixed_graphs[size] = graph
         return pool

@@ -1,9 +1,15 @@
 """The MLP's gate/up projection and SiLU-and-mul as one operator of the compiled regions
 (`ondo::gate_up_silu`), run by `triton_gate_up_silu` on a GPU with tensor descriptors.
-Off unless ONDO_FUSED_GATE_UP_SILU=1 (not yet measured on a GPU): then a CUDA model calls
-it, for steps of `GATE_UP_SILU_MIN_TOKENS` tokens or more, in place of cuBLAS's matmul and
-the SiLU-and-mul kernel Inductor would generate. Smaller steps (decode) keep those: there
-the weight is read once whichever runs it, and cuBLAS spreads a few rows over every SM.
+On by default since it was measured (docs/benchmarks.md; ONDO_FUSED_GATE_UP_SILU=0 turns it
+off): a CUDA model whose hidden size is at most
+`GATE_UP_SILU_MAX_HIDDEN` calls it, for steps of `GATE_UP_SILU_MIN_TOKENS` tokens or more,
+in place of cuBLAS's matmul and the SiLU-and-mul kernel Inductor would generate. Smaller
+steps (decode) keep those: there the weight is read once whichever runs it, and cuBLAS
+spreads a few rows over every SM. Wider models keep them too: the SiLU-and-mul's pass over
+the [T, 2I] projection costs a share of the matmul that falls as the hidden size (the
+matmul's depth) grows, and on the H100 the Triton matmul's deficit against cuBLAS outweighs
+it from 2,048 tokens on the 8B shape (hidden 4,096), while it wins at every step of 1,024
+tokens or more on the 0.6B shape (hidden 1,024): docs/benchmarks.md.
 
 In float32 on a GPU, or where tensor descriptors cannot read the operands, the operator
 itself runs the matmul and SiLU-and-mul.
@@ -22,18 +28,21 @@ FUSED_GATE_UP_SILU_ENV = "ONDO_FUSED_GATE_UP_SILU"
 # The model's threshold: with a 128-row tile a program, from here each weight tile serves
 # eight row tiles or more.
 GATE_UP_SILU_MIN_TOKENS = 1024
+# The widest hidden size it serves (see above).
+GATE_UP_SILU_MAX_HIDDEN = 2048
 
 
 def fused_gate_up_silu(unbacked_tokens: bool) -> bool:
-    """Whether CUDA models use `gate_up_silu`: off unless ONDO_FUSED_GATE_UP_SILU=1;
-    anything but 0 or 1 is refused, and so is the switch with `unbacked_tokens`
-    (ONDO_UNBACKED_TOKENS=1), under which a compiled region cannot branch on the step's
-    token count."""
-    on = on_off(FUSED_GATE_UP_SILU_ENV, default=False)
-    if on and unbacked_tokens:
-        raise ValueError(f"{FUSED_GATE_UP_SILU_ENV}=1 takes its kernel by the step's token count; "
-                         "ONDO_UNBACKED_TOKENS=1 hides it from the compiled regions: set one of them to 0")
-    return on
+    """Whether CUDA models use `gate_up_silu`: on unless ONDO_FUSED_GATE_UP_SILU=0, or unless
+    `unbacked_tokens` (ONDO_UNBACKED_TOKENS=1), under which a compiled region cannot branch
+    on the step's token count. Anything but 0 or 1 is refused, and so is the switch set to 1
+    with `unbacked_tokens`."""
+    if unbacked_tokens:
+        if on_off(FUSED_GATE_UP_SILU_ENV, default=False):
+            raise ValueError(f"{FUSED_GATE_UP_SILU_ENV}=1 takes its kernel by the step's token count; "
+                             "ONDO_UNBACKED_TOKENS=1 hides it from the compiled regions: set one of them to 0")
+        return False
+    return on_off(FUSED_GATE_UP_SILU_ENV, default=True)
 
 
 @torch.library.custom_op("ondo::gate_up_silu", mutates_args=())

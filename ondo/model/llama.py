@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from ondo.distributed.group import tensor_parallel_group
 from ondo.kernels.attention import write_and_attend
 from ondo.kernels.gate_up_silu import (  # also registers ondo::gate_up_silu
+    GATE_UP_SILU_MAX_HIDDEN,
     GATE_UP_SILU_MIN_TOKENS,
     fused_gate_up_silu,
 )
@@ -55,9 +56,9 @@ class _RegionShape:
     num_kv_heads: int
     head_dim: int
     eps: float
-    # q/k norm and rotary as one kernel on CUDA (ONDO_FUSED_QK_NORM_ROPE=1, read at build)
+    # q/k norm and rotary as one kernel on CUDA (ONDO_FUSED_QK_NORM_ROPE, read at build)
     fused_qk_norm_rope: bool = False
-    # gate/up projection and SiLU-and-mul as one kernel on CUDA (ONDO_FUSED_GATE_UP_SILU=1)
+    # gate/up projection and SiLU-and-mul as one kernel on CUDA (ONDO_FUSED_GATE_UP_SILU)
     fused_gate_up_silu: bool = False
 
 
@@ -249,12 +250,19 @@ class LlamaForCausalLM(torch.nn.Module):
         attn = self.model.layers[0].self_attn
         self._shape = _RegionShape(attn.num_heads, attn.num_kv_heads, config.head_dim,
                                    config.rms_norm_eps, fused_qk_norm_rope(),
-                                   fused_gate_up_silu(unbacked_tokens()))
+                                   fused_gate_up_silu(unbacked_tokens())
+                                   and config.hidden_size <= GATE_UP_SILU_MAX_HIDDEN)
 
     @property
     def num_kv_heads(self) -> int:
         """KV heads per layer in this rank's KV cache (all of them with one rank)."""
         return self._shape.num_kv_heads
+
+    @property
+    def token_count_branches(self) -> tuple[int, ...]:
+        """Token counts from which the compiled regions take another graph (their other
+        kernels): a CUDA graph's warm-up at one side of one compiles nothing for the other."""
+        return (GATE_UP_SILU_MIN_TOKENS,) if self._shape.fused_gate_up_silu else ()
 
     def forward(
         self,

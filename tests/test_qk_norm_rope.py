@@ -80,8 +80,10 @@ def test_bad_shapes_are_refused_with_the_sizes():
     assert q.shape == (0, 4, 64) and k.shape == (0, 2, 64)
 
 
-def test_the_switch_is_off_by_default_and_read_strictly(monkeypatch):
+def test_the_switch_is_on_by_default_and_read_strictly(monkeypatch):
     monkeypatch.delenv(FUSED_QK_NORM_ROPE_ENV, raising=False)
+    assert fused_qk_norm_rope()
+    monkeypatch.setenv(FUSED_QK_NORM_ROPE_ENV, "0")
     assert not fused_qk_norm_rope()
     monkeypatch.setenv(FUSED_QK_NORM_ROPE_ENV, "1")
     assert fused_qk_norm_rope()

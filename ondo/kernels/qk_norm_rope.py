@@ -1,8 +1,7 @@
 """Qwen3's q/k norm and rotary embedding as one operator of the compiled regions
-(`ondo::qk_norm_rope`), run by `triton_qk_norm_rope` on a GPU. Off unless
-ONDO_FUSED_QK_NORM_ROPE=1 (measured faster on an H100, docs/benchmarks.md; off until the
-engine's GPU tests have run with it): then a CUDA model with q/k norms
-calls it in place of the norms and rotations Inductor would generate.
+(`ondo::qk_norm_rope`), run by `triton_qk_norm_rope` on a GPU. On by default since it was
+measured (docs/benchmarks.md; ONDO_FUSED_QK_NORM_ROPE=0 turns it off): a CUDA model with
+q/k norms calls it in place of the norms and rotations Inductor would generate.
 
 A custom operator, opaque to Inductor: it sees a call of known output shapes (the fake
 implementation), launches nothing of its own around it, and a CUDA graph captures the
@@ -18,9 +17,9 @@ FUSED_QK_NORM_ROPE_ENV = "ONDO_FUSED_QK_NORM_ROPE"
 
 
 def fused_qk_norm_rope() -> bool:
-    """Whether CUDA models with q/k norms use `qk_norm_rope`: off unless
-    ONDO_FUSED_QK_NORM_ROPE=1; anything but 0 or 1 is refused."""
-    return on_off(FUSED_QK_NORM_ROPE_ENV, default=False)
+    """Whether CUDA models with q/k norms use `qk_norm_rope`: on unless
+    ONDO_FUSED_QK_NORM_ROPE=0; anything but 0 or 1 is refused."""
+    return on_off(FUSED_QK_NORM_ROPE_ENV, default=True)
 
 
 @torch.library.custom_op("ondo::qk_norm_rope", mutates_args=())

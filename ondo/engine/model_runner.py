@@ -496,22 +496,16 @@ class ModelRunner:
         self.mixed_static = st = self._static_inputs(max_tokens, self.args.max_num_seqs)
         self._num_sms = torch.cuda.get_device_properties(self.device).multi_processor_count
         pool = None
-        branches = self.model.token_count_branches
-        warmed: set[int] = set()  # the branches' sides warmed up: how many each size is past
+        warm_up = warm_up_sizes(self.mixed_graph_sizes, self.model.token_count_branches)
         for size in reversed(self.mixed_graph_sizes):
-            side = sum(size >= b for b in branches)
             meta = AttentionMetadata(
                 slot_mapping=st["slot_mapping"][:size], block_tables=st["block_tables"],
                 context_lens=st["context_lens"], query_start_loc=st["query_start_loc"],
                 max_query_len=size, max_context_len=self.max_model_len, block_size=self.block_size,
                 split_decode_rows=st["split_decode_rows"],
             )
-            # One warm-up on each side of the regions' branches compiles every kernel these
-            # graphs use: the compiled regions take any token count there, and every size
-            # on the ladder is a multiple of 16, so no kernel specializes anew.
             graph = self._capture("mixed", (st["input_ids"][:size], st["positions"][:size], self.kv_caches, meta),
-                                  pool, warm_up=side not in warmed)
-            warmed.add(side)
+                                  pool, warm_up=size in warm_up)
             pool = graph.graph.pool()
             self.mixed_graphs[size] = graph
         return pool
@@ -607,6 +601,18 @@ def decode_graph_sizes(max_num_seqs: int) -> list[int]:
         return [1]
     ladder = [b for b in (2, 4, 8) if b < max_num_seqs] + list(range(16, max_num_seqs, 16))
     return sorted({*ladder, max_num_seqs})
+
+
+def warm_up_sizes(sizes: list[int], branches: tuple[int, ...]) -> set[int]:
+    """The graph sizes, captured largest first, that run once before their capture: the
+    largest on each side of the compiled regions' token-count branches. One warm-up there
+    compiles every kernel those graphs use (the regions take any token count on one side,
+    and every size on the ladder is a multiple of 16, so no kernel specializes anew); a
+    first run inside a capture would tune Inductor's kernels there, which synchronizes."""
+    first: dict[int, int] = {}  # the side (branches at or below the size) -> its largest size
+    for size in sorted(sizes, reverse=True):
+        first.setdefault(sum(size >= b for b in branches), size)
+    return set(first.values())
 
 
 def mixed_graph_sizes(max_tokens: int) -> list[int]:

@@ -42,8 +42,8 @@ from ondo.kernels.triton_gate_up_silu import DEFAULT_TILES, GateUpTiles, gate_up
 from ondo.model.layers import silu_and_mul  # noqa: E402
 
 SWEEP = [
-    DEFAULT_TILES,
-    GateUpTiles(128, 64, 64, 8, 4, 4),
+    DEFAULT_TILES,  # 128 x 64 x 64, 4 warps, 4 stages
+    GateUpTiles(128, 128, 64, 8, 8, 3),  # the first default
     GateUpTiles(64, 128, 64, 8, 4, 4),
     GateUpTiles(128, 128, 64, 8, 8, 4),
     GateUpTiles(128, 128, 32, 8, 8, 5),

@@ -8,6 +8,8 @@ full prefill step's token counts, from the same input:
 - `compiled_us`: the model's own `silu_and_mul(F.linear(x, w))` under torch.compile
   (dynamic token counts), as the compiled regions run it today; `matmul_us`: cuBLAS's
   matmul alone, the part of it no fusion removes;
+- `operator_us`: `ondo::gate_up_silu` as the model calls it: the fused kernel from 1,024
+  tokens, cuBLAS's matmul and the operator's SiLU-and-mul kernel under that (decode);
 - `fused_us`: the Triton kernel at its default tiles (the sweep's first); `tiles`: each
   configuration swept (block_m x block_n x block_k x group_m x warps x stages),
   its time (the fastest is what the default should be);
@@ -38,6 +40,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from ondo.bench.graph_timing import graph_time_us  # noqa: E402
 from ondo.bench.shapes import SHAPES  # noqa: E402
+from ondo.kernels import gate_up_silu as _registers_the_operator  # noqa: E402, F401
 from ondo.kernels.triton_gate_up_silu import DEFAULT_TILES, GateUpTiles, gate_up_silu_triton  # noqa: E402
 from ondo.model.layers import silu_and_mul  # noqa: E402
 
@@ -65,21 +68,25 @@ def measure(tokens: int, hidden: int, intermediate: int, device: str, dtype: tor
     exact = gate_up_act(x.double(), weight.double())
     fused = gate_up_silu_triton(x, weight, sweep[0])
     today = compiled(x, weight)
+    operator = torch.ops.ondo.gate_up_silu(x, weight)
     cuda = device == "cuda"
     flop = 2 * tokens * hidden * 2 * intermediate
     compiled_us = graph_time_us(lambda: compiled(x, weight), cuda)
     matmul_us = graph_time_us(lambda: F.linear(x, weight), cuda)
+    operator_us = graph_time_us(lambda: torch.ops.ondo.gate_up_silu(x, weight), cuda)
     tiles = {"x".join(map(str, t)): round(graph_time_us(lambda t=t: gate_up_silu_triton(x, weight, t), cuda), 2)
              for t in sweep}
     fused_us = tiles["x".join(map(str, sweep[0]))]
     return {"tokens": tokens, "hidden": hidden, "intermediate": intermediate,
-            "compiled_us": round(compiled_us, 2), "matmul_us": round(matmul_us, 2), "fused_us": fused_us,
+            "compiled_us": round(compiled_us, 2), "matmul_us": round(matmul_us, 2),
+            "operator_us": round(operator_us, 2), "fused_us": fused_us,
             "compiled_tflop_per_s": round(flop / compiled_us / 1e6, 1),
             "matmul_tflop_per_s": round(flop / matmul_us / 1e6, 1),
             "fused_tflop_per_s": round(flop / fused_us / 1e6, 1),
             "best_tiles": min(tiles, key=tiles.get), "tiles": tiles,
             "mean_abs_error_vs_float64": {name: float(f"{float((out.double() - exact).abs().mean()):.4g}")
-                                          for name, out in (("compiled", today), ("fused", fused))}}
+                                          for name, out in (("compiled", today), ("operator", operator),
+                                                            ("fused", fused))}}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -97,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         device, dtype, sweep = "cuda", torch.bfloat16, SWEEP
         compiled = torch.compile(gate_up_act, dynamic=True)
         cases = [(tokens, SHAPES[s]["hidden_size"], SHAPES[s]["intermediate_size"])
-                 for s in ("qwen3-0.6b", "llama3.1-8b") for tokens in (256, 1024, 2048, 8192)]
+                 for s in ("qwen3-0.6b", "llama3.1-8b") for tokens in (64, 256, 1024, 2048, 8192)]
     rows = []
     for tokens, hidden, intermediate in cases:
         row = measure(tokens, hidden, intermediate, device, dtype, compiled, sweep)

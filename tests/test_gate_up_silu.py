@@ -39,30 +39,82 @@ def test_the_kernel_equals_the_models_matmul_and_silu(tiles, num_tokens, hidden,
     assert (got - F.silu(gate)).abs().max() > 0.1 and (got - up).abs().max() > 0.1
 
 
-def test_the_operator_runs_the_kernel_and_gives_torch_compile_its_shapes(monkeypatch):
+def test_the_operator_picks_its_kernels_by_the_token_count_and_gives_torch_compile_its_shapes(monkeypatch):
+    """From GATE_UP_SILU_MIN_TOKENS tokens the fused kernel; under it the matmul and the
+    operator's SiLU-and-mul kernel. Either way one graph for torch.compile: the operator, not
+    the region, branches on the token count."""
     import ondo.kernels.triton_gate_up_silu as kernel_module
+    from ondo.kernels.gate_up_silu import GATE_UP_SILU_MIN_TOKENS
 
     calls = []
-    real = kernel_module.gate_up_silu_triton
-    monkeypatch.setattr(kernel_module, "gate_up_silu_triton", lambda *a: calls.append(a[0].shape[0]) or real(*a))
-    x, weight = _inputs(19, 64, 24)
-    torch.testing.assert_close(torch.ops.ondo.gate_up_silu(x, weight), silu_and_mul(F.linear(x, weight)),
-                               atol=1e-5, rtol=1e-5)
+    for name in ("gate_up_silu_triton", "silu_and_mul_triton"):
+        real = getattr(kernel_module, name)
+        monkeypatch.setattr(kernel_module, name,
+                            lambda *a, _n=name, _r=real: calls.append((_n, a[0].shape[0])) or _r(*a))
+    big, weight = _inputs(GATE_UP_SILU_MIN_TOKENS, 64, 24)
+    small = big[:19].clone()
+    for x in (big, small):
+        torch.testing.assert_close(torch.ops.ondo.gate_up_silu(x, weight), silu_and_mul(F.linear(x, weight)),
+                                   atol=1e-5, rtol=1e-5)
+    assert calls == [("gate_up_silu_triton", GATE_UP_SILU_MIN_TOKENS), ("silu_and_mul_triton", 19)]
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     mode = FakeTensorMode()
-    fx, fw = mode.from_tensor(x), mode.from_tensor(weight)
+    fx, fw = mode.from_tensor(small), mode.from_tensor(weight)
     with mode:
         out = torch.ops.ondo.gate_up_silu(fx, fw)
     assert out.shape == (19, 24)
-    # Traced by torch.compile through the fake (dynamic token counts), run as is.
-    traced = torch.compile(lambda a, b: torch.ops.ondo.gate_up_silu(a, b) * 2, backend="aot_eager", dynamic=True)
-    torch.testing.assert_close(traced(x, weight), 2 * silu_and_mul(F.linear(x, weight)), atol=1e-5, rtol=1e-5)
-    assert calls == [19, 19]  # the kernel each time (Triton's interpreter here)
-    # Rows tensor descriptors cannot read (252 bytes): the matmul and SiLU-and-mul instead.
-    x, weight = _inputs(5, 63, 24)
-    torch.testing.assert_close(torch.ops.ondo.gate_up_silu(x, weight), silu_and_mul(F.linear(x, weight)))
-    assert calls == [19, 19]
+    # Traced by torch.compile through the fake (dynamic token counts), run as is, and traced
+    # once for both sides of the threshold.
+    from torch._dynamo.testing import CompileCounter
+
+    counter = CompileCounter()
+    traced = torch.compile(lambda a, b: torch.ops.ondo.gate_up_silu(a, b) * 2, backend=counter, dynamic=True)
+    calls.clear()
+    for x in (small, big, big[:GATE_UP_SILU_MIN_TOKENS - 1].clone()):
+        torch.testing.assert_close(traced(x, weight), 2 * silu_and_mul(F.linear(x, weight)), atol=1e-5, rtol=1e-5)
+    assert counter.frame_count == 1
+    assert [name for name, _ in calls] == ["silu_and_mul_triton", "gate_up_silu_triton", "silu_and_mul_triton"]
+    # Rows tensor descriptors cannot read (252 bytes): the matmul and SiLU-and-mul at any size.
+    x, weight = _inputs(GATE_UP_SILU_MIN_TOKENS, 63, 24)
+    calls.clear()
+    torch.testing.assert_close(torch.ops.ondo.gate_up_silu(x, weight), silu_and_mul(F.linear(x, weight)),
+                               atol=1e-6, rtol=1e-6)
+    assert calls == [("silu_and_mul_triton", GATE_UP_SILU_MIN_TOKENS)]
+
+
+@pytest.mark.parametrize("num_tokens,intermediate", [(3, 40), (2, 1100), (1, 8)])
+def test_the_small_steps_silu_and_mul_kernel_rounds_once_as_the_compiled_path(num_tokens, intermediate):
+    """Columns that end inside a block (1,100 = a block and a part), gate and up from one
+    row each; float32 as the model's, and bfloat16 rounded once from float32 (Inductor's
+    kernel for the compiled path computes it so): within a rounding step of it here, the
+    same bits on a GPU."""
+    from ondo.kernels.triton_gate_up_silu import silu_and_mul_triton
+
+    g = torch.Generator().manual_seed(1)
+    gate_up = (3 * torch.randn(num_tokens, 2 * intermediate, generator=g)).to(DEVICE)
+    got = silu_and_mul_triton(gate_up)
+    assert got.shape == (num_tokens, intermediate)
+    torch.testing.assert_close(got, silu_and_mul(gate_up), atol=1e-6, rtol=1e-6)
+    assert (got - gate_up[:, :intermediate]).abs().max() > 0.1  # not the gate passed through
+    half = gate_up.to(torch.bfloat16)
+    gate, up = half.float().chunk(2, dim=-1)
+    want = (F.silu(gate) * up).to(torch.bfloat16)
+    got = silu_and_mul_triton(half)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got, want, atol=0, rtol=2.0**-7)
+    if DEVICE == "cuda":  # Triton's interpreter rounds to bfloat16 toward zero, a GPU to nearest
+        assert torch.equal(got, want)
+
+
+def test_the_silu_and_mul_kernel_refuses_what_it_cannot_read():
+    from ondo.kernels.triton_gate_up_silu import silu_and_mul_triton
+
+    with pytest.raises(ValueError, match=r"gate_up \(4, 7\) .* is not a contiguous \[T, 2 I\]"):
+        silu_and_mul_triton(torch.zeros(4, 7, device=DEVICE))
+    with pytest.raises(ValueError, match=r"strides \(1, 4\)"):
+        silu_and_mul_triton(torch.zeros(8, 4, device=DEVICE).t())
+    assert silu_and_mul_triton(torch.zeros(0, 8, device=DEVICE)).shape == (0, 4)
 
 
 def test_bad_operands_are_refused_with_their_shapes():
@@ -78,27 +130,19 @@ def test_bad_operands_are_refused_with_their_shapes():
     assert gate_up_silu_triton(x[:0], weight, DEFAULT_TILES).shape == (0, 24)
 
 
-def test_the_switch_is_on_by_default_yields_to_unbacked_token_counts_and_is_read_strictly(monkeypatch):
+def test_the_switch_is_on_by_default_and_is_read_strictly(monkeypatch):
     monkeypatch.delenv(FUSED_GATE_UP_SILU_ENV, raising=False)
-    assert fused_gate_up_silu(unbacked_tokens=False)
-    # The model picks the kernel by the token count, which unbacked sizes leave unknown:
-    # the default gives way, the switch set to 1 is refused.
-    assert not fused_gate_up_silu(unbacked_tokens=True)
+    assert fused_gate_up_silu()
     monkeypatch.setenv(FUSED_GATE_UP_SILU_ENV, "0")
-    assert not fused_gate_up_silu(unbacked_tokens=False)
+    assert not fused_gate_up_silu()
     monkeypatch.setenv(FUSED_GATE_UP_SILU_ENV, "1")
-    assert fused_gate_up_silu(unbacked_tokens=False)
-    with pytest.raises(ValueError, match="ONDO_UNBACKED_TOKENS=1 hides it .* set one of them to 0"):
-        fused_gate_up_silu(unbacked_tokens=True)
+    assert fused_gate_up_silu()
     monkeypatch.setenv(FUSED_GATE_UP_SILU_ENV, "on")
     with pytest.raises(ValueError, match="ONDO_FUSED_GATE_UP_SILU must be 0 or 1"):
-        fused_gate_up_silu(unbacked_tokens=False)
-    with pytest.raises(ValueError, match="ONDO_FUSED_GATE_UP_SILU must be 0 or 1"):
-        fused_gate_up_silu(unbacked_tokens=True)
+        fused_gate_up_silu()
 
 
-def test_the_model_reads_the_switch_up_to_its_widest_hidden_size_and_refuses_it_with_unbacked_token_counts(
-        monkeypatch):
+def test_the_model_reads_the_switch_up_to_its_widest_hidden_size_with_backed_or_unbacked_token_counts(monkeypatch):
     import dataclasses
 
     from ondo.kernels.gate_up_silu import GATE_UP_SILU_MAX_HIDDEN, GATE_UP_SILU_MIN_TOKENS
@@ -124,8 +168,8 @@ def test_the_model_reads_the_switch_up_to_its_widest_hidden_size_and_refuses_it_
                                num_key_value_heads=1)
     with torch.device("meta"):
         assert not LlamaForCausalLM(wide)._shape.fused_gate_up_silu
+    # The operator branches on the token count inside, so unbacked token counts take it too.
     monkeypatch.setenv("ONDO_UNBACKED_TOKENS", "1")
-    with pytest.raises(ValueError, match="ONDO_FUSED_GATE_UP_SILU=1 takes its kernel by the step's token count"):
-        LlamaForCausalLM(config)
+    assert LlamaForCausalLM(config)._shape.fused_gate_up_silu
     monkeypatch.delenv(FUSED_GATE_UP_SILU_ENV)
-    assert not LlamaForCausalLM(config)._shape.fused_gate_up_silu  # the default gives way
+    assert LlamaForCausalLM(config)._shape.fused_gate_up_silu

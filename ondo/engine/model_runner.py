@@ -30,7 +30,6 @@ from ondo.kernels.gate_up_silu import fused_gate_up_silu
 from ondo.kernels.metadata import AttentionMetadata
 from ondo.kernels.precompile import Precompile
 from ondo.kernels.qk_norm_rope import fused_qk_norm_rope
-from ondo.model.fusion import unbacked_tokens
 from ondo.model.residual_add import residual_add_in_norm
 
 log = logging.getLogger(__name__)
@@ -105,7 +104,7 @@ class ModelRunner:
         # Read when the model was built; again here, for a model built before (and loaded
         # once for several engines, as the tests do).
         fused_qk_norm_rope()
-        fused_gate_up_silu(unbacked_tokens())
+        fused_gate_up_silu()
         self.num_layers = config.num_hidden_layers
         kv_heads = model.num_kv_heads  # this rank's, in a tensor-parallel engine
         self.kv_shape_tail = (self.block_size, kv_heads, config.head_dim)

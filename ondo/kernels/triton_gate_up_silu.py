@@ -11,6 +11,10 @@ capability 9 or more; Triton's interpreter runs them on the CPU.
 
 Rounding as the compiled regions round today: each projection rounded to the model's
 dtype (cuBLAS's output), SiLU and the product in float32, rounded once.
+
+Steps under `GATE_UP_SILU_MIN_TOKENS` tokens (decode) take cuBLAS's matmul and
+`silu_and_mul_triton`, one elementwise kernel with the same rounding (what Inductor
+generates for that pass), so that the operator, not the compiled region, picks the path.
 """
 
 from __future__ import annotations
@@ -73,6 +77,40 @@ def _gate_up_silu_kernel(
     u = up.to(dtype).to(tl.float32)
     # Columns past I (a last tile that reads into up's rows) are clipped by the store.
     out_desc.store([m0, n0], (g / (1.0 + tl.exp(-g)) * u).to(dtype))
+
+
+@triton.jit
+def _silu_and_mul_kernel(
+    gate_up_ptr,  # [T, 2 I], rows contiguous: gate's columns, then up's
+    out_ptr,  # [T, I]
+    intermediate,  # I
+    BLOCK: tl.constexpr,
+):
+    # The token count is only the grid's: no compiled variant per batch size.
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < intermediate
+    src = gate_up_ptr + row * 2 * intermediate
+    g = tl.load(src + cols, mask=mask).to(tl.float32)
+    u = tl.load(src + intermediate + cols, mask=mask).to(tl.float32)
+    tl.store(out_ptr + row * intermediate + cols, (g * tl.sigmoid(g) * u).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+SILU_AND_MUL_BLOCK = 1024
+
+
+def silu_and_mul_triton(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up, [T, I], from the gate/up projection [T, 2 I] (gate's columns, then
+    up's) in one pass: SiLU and the product in float32, rounded once."""
+    if gate_up.ndim != 2 or gate_up.shape[1] % 2 or not gate_up.is_contiguous():
+        raise ValueError(f"gate_up {tuple(gate_up.shape)} (strides {gate_up.stride()}) is not a contiguous [T, 2 I]")
+    num_tokens, intermediate = gate_up.shape[0], gate_up.shape[1] // 2
+    out = gate_up.new_empty((num_tokens, intermediate))
+    if num_tokens == 0:
+        return out
+    launch(_silu_and_mul_kernel, (num_tokens, triton.cdiv(intermediate, SILU_AND_MUL_BLOCK)),
+           gate_up, out, intermediate, BLOCK=SILU_AND_MUL_BLOCK, num_warps=4)
+    return out
 
 
 def tma_ready(x: torch.Tensor, weight: torch.Tensor) -> bool:

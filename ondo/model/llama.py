@@ -35,7 +35,7 @@ from ondo.kernels.gate_up_silu import (  # also registers ondo::gate_up_silu
 from ondo.kernels.metadata import AttentionMetadata
 from ondo.kernels.qk_norm_rope import fused_qk_norm_rope  # also registers ondo::qk_norm_rope
 from ondo.model.config import ModelConfig
-from ondo.model.fusion import fused_on_cuda, unbacked_tokens
+from ondo.model.fusion import fused_on_cuda
 from ondo.model.layers import RMSNorm, RotaryEmbedding, apply_rotary, rms_norm, silu_and_mul
 from ondo.model.parallel_layers import (
     ColumnParallelLinear,
@@ -86,10 +86,9 @@ def _norm_and_rotate(shape: _RegionShape, qkv, q_norm_w, k_norm_w, cos, sin):
 
 
 def _gate_up_act(shape: _RegionShape, x, gate_up_w):
-    """silu(gate) * up from the MLP's input [T, H]: [T, I]. With the switch, a step of
-    `GATE_UP_SILU_MIN_TOKENS` tokens or more takes the fused operator and a smaller one the
-    compiled path as before: Dynamo guards the token count, one graph on each side."""
-    if shape.fused_gate_up_silu and x.is_cuda and x.shape[0] >= GATE_UP_SILU_MIN_TOKENS:
+    """silu(gate) * up from the MLP's input [T, H]: [T, I]. With the switch, the operator
+    (which picks its kernels by the step's token count, so the region makes one graph)."""
+    if shape.fused_gate_up_silu and x.is_cuda:
         return torch.ops.ondo.gate_up_silu(x, gate_up_w)
     return silu_and_mul(F.linear(x, gate_up_w))
 
@@ -250,8 +249,7 @@ class LlamaForCausalLM(torch.nn.Module):
         attn = self.model.layers[0].self_attn
         self._shape = _RegionShape(attn.num_heads, attn.num_kv_heads, config.head_dim,
                                    config.rms_norm_eps, fused_qk_norm_rope(),
-                                   fused_gate_up_silu(unbacked_tokens())
-                                   and config.hidden_size <= GATE_UP_SILU_MAX_HIDDEN)
+                                   fused_gate_up_silu() and config.hidden_size <= GATE_UP_SILU_MAX_HIDDEN)
 
     @property
     def num_kv_heads(self) -> int:
@@ -260,8 +258,8 @@ class LlamaForCausalLM(torch.nn.Module):
 
     @property
     def token_count_branches(self) -> tuple[int, ...]:
-        """Token counts from which the compiled regions take another graph (their other
-        kernels): a CUDA graph's warm-up at one side of one compiles nothing for the other."""
+        """Token counts from which a step runs other kernels (the gate/up operator's): a
+        CUDA graph's warm-up at one side of one compiles nothing for the other."""
         return (GATE_UP_SILU_MIN_TOKENS,) if self._shape.fused_gate_up_silu else ()
 
     def forward(

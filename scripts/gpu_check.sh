@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs ondo's GPU tests and benchmarks in one go on a CUDA machine; results under $OUT.
-# Stages are chosen with STAGES: tests timeline host_step sampling gemm kernels prefill prefill_tiles prefill_fresh decode_overlap qk_norm_rope gate_up_silu kv_write decode_splits decode_balance switches throughput parallel host serve startup startup_ab tokenizer_load trace mixed_trace outside telemetry turnover structured soak agent.
+# Stages are chosen with STAGES: tests timeline host_step sampling gemm kernels prefill prefill_tiles prefill_fresh decode_overlap mixed_overlap qk_norm_rope gate_up_silu kv_write decode_splits decode_balance switches throughput parallel host serve startup startup_ab tokenizer_load trace mixed_trace outside telemetry turnover structured soak agent.
 # THROUGHPUT_ARGS passes extra flags to `ondo bench throughput`.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -66,6 +66,12 @@ for stage in $STAGES; do
       timeout ${DECODE_OVERLAP_TIMEOUT:-240} python3 bench/decode_overlap.py --out "$OUT/decode_overlap.json" \
         ${DECODE_OVERLAP_ARGS:-} > "$OUT/decode_overlap.log" 2>&1
       grep -v "^{\"" "$OUT/decode_overlap.log" | tail -12 ;;
+    mixed_overlap)
+      # W3's step as two batches, prompts and decode rows, a stream each (MIXED_OVERLAP_ARGS:
+      # e.g. --model-shape llama3.1-8b).
+      timeout ${MIXED_OVERLAP_TIMEOUT:-240} python3 bench/mixed_overlap.py --out "$OUT/mixed_overlap.json" \
+        ${MIXED_OVERLAP_ARGS:-} > "$OUT/mixed_overlap.log" 2>&1
+      grep -v "^{\"" "$OUT/mixed_overlap.log" | tail -6 ;;
     qk_norm_rope)
       # Qwen3's q/k norm and rotary: Inductor's kernels against ondo::qk_norm_rope.
       timeout ${QK_NORM_ROPE_TIMEOUT:-180} python3 bench/qk_norm_rope_bench.py --out "$OUT/qk_norm_rope.json" \

@@ -76,6 +76,23 @@ def test_decode_overlap_bench_halves_give_the_whole_batchs_output(tmp_path):
                ("whole", "attention_only", "matmuls_only", "halves_in_turn", "halves_overlapped"))
 
 
+def test_mixed_overlap_bench_splits_a_step_into_prompts_and_decode_rows_that_end_where_the_step_does(tmp_path):
+    """bench/mixed_overlap.py: the prompts and the decode rows of one step, run as two
+    batches (slices of its metadata over one cache, the decode rows through the decode
+    kernel), end where the one batch does; every variant is timed. (Their order on two
+    streams is a GPU's to check: on a CPU it is the one-stream order.)"""
+    out = tmp_path / "mixed.json"
+    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
+    subprocess.run([sys.executable, str(ROOT / "bench" / "mixed_overlap.py"), "--smoke", "--out", str(out)],
+                   check=True, cwd=ROOT, env=env, capture_output=True, timeout=300)
+    (row,) = json.loads(out.read_text())["results"]
+    assert (row["prompts"], row["decode_rows"], row["layers"]) == ([20, 7], 3, 2)
+    assert row["split_max_abs_diff_vs_one_batch"] < 1e-4 < row["one_batch_max_abs"]
+    assert row["two_streams_equals_in_turn"]
+    assert all(row[f"{k}_ms"] > 0 for k in ("one_batch", "prompts_only", "decodes_only", "in_turn", "two_streams"))
+    assert row["perfect_overlap_ms"] == max(row["prompts_only_ms"], row["decodes_only_ms"])
+
+
 def test_the_prefill_kernel_compiles_for_sm90_without_spills_either_decode_tile(tmp_path):
     """bench/prefill_sass.py (Triton's compiler, no GPU): every way of reading the step's
     own keys compiles for an H100 with no register spills, the prompts' tiles on Hopper's

@@ -41,7 +41,6 @@ import argparse
 import json
 import os
 import sys
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -50,6 +49,9 @@ if "--smoke" in sys.argv:
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are decorated
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(__file__))
+from decode_overlap import SMOKE_SHAPE, Weights, make_layers  # noqa: E402  (one layer's weights, as there)
+
 from ondo.bench.graph_timing import graph_time_us  # noqa: E402
 from ondo.bench.shapes import SHAPES  # noqa: E402
 from ondo.kernels import gate_up_silu as _registers_the_operator  # noqa: E402, F401
@@ -60,28 +62,6 @@ from ondo.kernels.triton_attention import (  # noqa: E402
     paged_prefill_attention_triton,
 )
 from ondo.kernels.triton_kv_write import write_kv_cache_triton  # noqa: E402
-
-SMOKE_SHAPE = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
-               "num_key_value_heads": 2, "head_dim": 32}
-
-
-@dataclass(frozen=True)
-class Weights:
-    qkv: torch.Tensor  # [(Hq + 2 Hkv) D, H]
-    o: torch.Tensor  # [H, Hq D]
-    gate_up: torch.Tensor  # [2 I, H]
-    down: torch.Tensor  # [H, I]
-
-
-def make_layers(shape: dict, num_layers: int, dtype: torch.dtype, device: str) -> list[Weights]:
-    h, i, d = shape["hidden_size"], shape["intermediate_size"], shape["head_dim"]
-    hq, hkv = shape["num_attention_heads"], shape["num_key_value_heads"]
-    gen = torch.Generator(device=device).manual_seed(1)
-
-    def w(rows: int, cols: int) -> torch.Tensor:
-        return (torch.randn(rows, cols, generator=gen, device=device) * cols ** -0.5).to(dtype)
-
-    return [Weights(w((hq + 2 * hkv) * d, h), w(h, hq * d), w(2 * i, h), w(h, i)) for _ in range(num_layers)]
 
 
 def sequences_of(meta: AttentionMetadata, lo: int, hi: int) -> AttentionMetadata:

@@ -1,7 +1,7 @@
 """The batch sizes and token counts CUDA graphs are captured at: every step size up to the
 limits has a graph to pad up to, with bounded padding, and no decode graph of one row
 (a size the compiled regions would compile a second time for), and a warm-up before
-the first capture on each side of the compiled regions' token-count branches."""
+the first capture on each side of the model's token-count branches."""
 
 from __future__ import annotations
 
@@ -42,9 +42,9 @@ def test_every_token_count_of_a_step_with_a_prefill_pads_to_a_graph(max_tokens):
         assert padded - n <= max(15, min(511, n // 4 if n > 1024 else 511))
 
 
-def test_the_graphs_warm_up_once_on_each_side_of_the_regions_branches():
+def test_the_graphs_warm_up_once_on_each_side_of_the_models_branches():
     sizes = mixed_graph_sizes(8192)
-    assert warm_up_sizes(sizes, ()) == {8192}  # one graph of the region: one warm-up
+    assert warm_up_sizes(sizes, ()) == {8192}  # the same kernels at every size: one warm-up
     # The gate/up kernel's branch at 1,024 tokens: the largest graph under it warms up too.
     assert warm_up_sizes(sizes, (1024,)) == {8192, 768}
     assert warm_up_sizes(sizes, (1024, 4000)) == {8192, 3584, 768}

@@ -604,10 +604,11 @@ def decode_graph_sizes(max_num_seqs: int) -> list[int]:
 
 def warm_up_sizes(sizes: list[int], branches: tuple[int, ...]) -> set[int]:
     """The graph sizes, captured largest first, that run once before their capture: the
-    largest on each side of the compiled regions' token-count branches. One warm-up there
-    compiles every kernel those graphs use (the regions take any token count on one side,
-    and every size on the ladder is a multiple of 16, so no kernel specializes anew); a
-    first run inside a capture would tune Inductor's kernels there, which synchronizes."""
+    largest on each side of the model's token-count branches (where a step runs other
+    kernels). One warm-up there compiles every kernel those graphs use (the regions take any
+    token count, and every size on the ladder is a multiple of 16, so no kernel specializes
+    anew); a first run inside a capture would compile there, and tune Inductor's kernels,
+    which synchronizes."""
     first: dict[int, int] = {}  # the side (branches at or below the size) -> its largest size
     for size in sorted(sizes, reverse=True):
         first.setdefault(sum(size >= b for b in branches), size)

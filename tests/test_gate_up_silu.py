@@ -24,11 +24,16 @@ def _inputs(num_tokens: int, hidden: int, intermediate: int, seed: int = 0):
     return x, weight
 
 
-@pytest.mark.parametrize("tiles", [SMALL, GateUpTiles(32, 16, 32, 3, 4, 2)])
+@pytest.mark.parametrize("tiles", [SMALL, GateUpTiles(32, 16, 32, 3, 4, 2),
+                                   # persistent grids: on the CPU two SMs, so each program walks
+                                   # several tiles
+                                   GateUpTiles(16, 16, 32, 2, 4, 2, 1), GateUpTiles(16, 16, 32, 3, 4, 2, 3, True)],
+                         ids=lambda t: t.label)
 @pytest.mark.parametrize("num_tokens,hidden,intermediate", [(37, 64, 40), (100, 96, 48), (5, 32, 24)])
 def test_the_kernel_equals_the_models_matmul_and_silu(tiles, num_tokens, hidden, intermediate):
     """Ragged sizes: rows, columns and the hidden size each end inside a tile; a last column
-    tile whose gate rows run into up's rows keeps only the columns that exist."""
+    tile whose gate rows run into up's rows keeps only the columns that exist. A persistent
+    grid covers every tile once, however many each program walks."""
     x, weight = _inputs(num_tokens, hidden, intermediate)
     want = silu_and_mul(F.linear(x, weight))
     got = gate_up_silu_triton(x, weight, tiles)

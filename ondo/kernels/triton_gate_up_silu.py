@@ -35,6 +35,18 @@ class GateUpTiles(NamedTuple):
     group_m: int  # row tiles walked together, so their weight tiles stay in L2
     num_warps: int
     num_stages: int
+    # 0: a program a tile; k > 0: k programs an SM, each walking tiles (a persistent grid).
+    programs_per_sm: int = 0
+    warp_specialize: bool = False  # persistent only: loads and dots in partitions of their own
+
+    @property
+    def label(self) -> str:
+        """The tiles as a bench names them: 128x64x64x8x4x4, then -p1 (persistent, a
+        program an SM) and -ws (warp-specialized) where set."""
+        name = "x".join(map(str, self[:6]))
+        if self.programs_per_sm:
+            name += f"-p{self.programs_per_sm}"
+        return name + ("-ws" if self.warp_specialize else "")
 
 
 # Two 128 x 64 float32 accumulators on 4 warps (128 registers a thread for them) and four
@@ -77,6 +89,47 @@ def _gate_up_silu_kernel(
     u = up.to(dtype).to(tl.float32)
     # Columns past I (a last tile that reads into up's rows) are clipped by the store.
     out_desc.store([m0, n0], (g / (1.0 + tl.exp(-g)) * u).to(dtype))
+
+
+@triton.jit
+def _gate_up_silu_persistent_kernel(
+    x_desc,  # [T, H]
+    w_desc,  # [2 I, H]: gate's rows, then up's
+    out_desc,  # [T, I]
+    num_tokens,
+    intermediate,  # I
+    hidden,  # H
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    WARP_SPECIALIZE: tl.constexpr,
+):
+    """`_gate_up_silu_kernel` on a grid of a few programs an SM, each walking the tiles
+    program_id, program_id + programs, ...: the next tile's loads start while this one's
+    epilogue runs, and no program waits to be scheduled."""
+    tiles_m = tl.cdiv(num_tokens, BLOCK_M)
+    tiles_n = tl.cdiv(intermediate, BLOCK_N)
+    k_steps = tl.cdiv(hidden, BLOCK_K)
+    per_group = GROUP_M * tiles_n
+    # Flattened, the tile loop and the K loop pipeline as one; on Hopper a warp-specialized
+    # loop is not flattened.
+    for tile in tl.range(tl.program_id(0), tiles_m * tiles_n, tl.num_programs(0),
+                         flatten=not WARP_SPECIALIZE, warp_specialize=WARP_SPECIALIZE):
+        first_m = (tile // per_group) * GROUP_M
+        group_rows = tl.minimum(tiles_m - first_m, GROUP_M)
+        m0 = (first_m + (tile % per_group) % group_rows) * BLOCK_M
+        n0 = ((tile % per_group) // group_rows) * BLOCK_N
+        gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k in range(k_steps):
+            x = x_desc.load([m0, k * BLOCK_K])
+            gate = tl.dot(x, w_desc.load([n0, k * BLOCK_K]).T, gate)
+            up = tl.dot(x, w_desc.load([intermediate + n0, k * BLOCK_K]).T, up)
+        dtype = out_desc.dtype
+        g = gate.to(dtype).to(tl.float32)
+        u = up.to(dtype).to(tl.float32)
+        out_desc.store([m0, n0], (g / (1.0 + tl.exp(-g)) * u).to(dtype))
 
 
 @triton.jit
@@ -138,14 +191,24 @@ def gate_up_silu_triton(x: torch.Tensor, weight: torch.Tensor, tiles: GateUpTile
     if num_tokens == 0:
         return out
     bm, bn, bk = tiles.block_m, tiles.block_n, tiles.block_k
-    launch(
-        _gate_up_silu_kernel,
-        (triton.cdiv(num_tokens, bm) * triton.cdiv(intermediate, bn),),
-        TensorDescriptor.from_tensor(x, [bm, bk]),
-        TensorDescriptor.from_tensor(weight, [bn, bk]),
-        TensorDescriptor.from_tensor(out, [bm, bn]),
-        num_tokens, intermediate, hidden,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=tiles.group_m,
-        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
-    )  # fmt: skip
+    descriptors = (TensorDescriptor.from_tensor(x, [bm, bk]), TensorDescriptor.from_tensor(weight, [bn, bk]),
+                   TensorDescriptor.from_tensor(out, [bm, bn]))
+    num_tiles = triton.cdiv(num_tokens, bm) * triton.cdiv(intermediate, bn)
+    if tiles.programs_per_sm:
+        programs = min(num_tiles, tiles.programs_per_sm * _num_sms(x))
+        launch(_gate_up_silu_persistent_kernel, (programs,), *descriptors, num_tokens, intermediate, hidden,
+               BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=tiles.group_m, WARP_SPECIALIZE=tiles.warp_specialize,
+               num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+    else:
+        launch(_gate_up_silu_kernel, (num_tiles,), *descriptors, num_tokens, intermediate, hidden,
+               BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=tiles.group_m,
+               num_warps=tiles.num_warps, num_stages=tiles.num_stages)
     return out
+
+
+def _num_sms(x: torch.Tensor) -> int:
+    """SMs of x's GPU; on the CPU (Triton's interpreter) a few, so a persistent grid walks
+    several tiles a program."""
+    if not x.is_cuda:
+        return 2
+    return torch.cuda.get_device_properties(x.device).multi_processor_count

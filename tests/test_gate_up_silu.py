@@ -5,12 +5,25 @@ against transformers).
 Without a GPU the kernel runs in Triton's interpreter (tests/conftest.py), tensor
 descriptors included; float32 there, whose matmuls the interpreter takes in float32."""
 
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from ondo.kernels.gate_up_silu import FUSED_GATE_UP_SILU_ENV, fused_gate_up_silu
-from ondo.kernels.triton_gate_up_silu import DEFAULT_TILES, GateUpTiles, gate_up_silu_triton
+from ondo.kernels.gate_up_silu import (
+    FUSED_GATE_UP_SILU_ENV,
+    check_gate_up_tiles,
+    fused_gate_up_silu,
+)
+from ondo.kernels.triton_gate_up_silu import (
+    DEFAULT_TILES,
+    GATE_UP_TILES_ENV,
+    GateUpTiles,
+    configured_tiles,
+    gate_up_silu_triton,
+    parse_tiles,
+)
 from ondo.model.layers import silu_and_mul
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -145,6 +158,26 @@ def test_the_switch_is_on_by_default_and_is_read_strictly(monkeypatch):
     monkeypatch.setenv(FUSED_GATE_UP_SILU_ENV, "on")
     with pytest.raises(ValueError, match="ONDO_FUSED_GATE_UP_SILU must be 0 or 1"):
         fused_gate_up_silu()
+
+
+def test_the_tiles_are_read_from_the_environment_by_their_label_and_bad_labels_refused(monkeypatch):
+    """ONDO_GATE_UP_TILES names tiles as the bench does; the kernel runs at them, and a bad
+    label fails the engine's start with the variable's name."""
+    monkeypatch.delenv(GATE_UP_TILES_ENV, raising=False)
+    assert configured_tiles() == DEFAULT_TILES
+    for tiles in (DEFAULT_TILES, GateUpTiles(128, 128, 64, 8, 8, 3, 1, True), GateUpTiles(64, 64, 32, 4, 4, 3, 2)):
+        assert parse_tiles(tiles.label) == tiles
+    monkeypatch.setenv(GATE_UP_TILES_ENV, "16x16x32x2x4x2-p1")
+    assert configured_tiles() == GateUpTiles(16, 16, 32, 2, 4, 2, 1, False)
+    x, weight = _inputs(37, 64, 40)
+    torch.testing.assert_close(gate_up_silu_triton(x, weight), silu_and_mul(F.linear(x, weight)), atol=1e-5, rtol=1e-5)
+    for bad, why in (("128x64x64x8x4", "is not block_m"), ("128x64x64x8x4x4-q1", "is not block_m"),
+                     ("128x64x64x8x4x4-p1-ws-ws", "is not block_m"), ("128x64x64x8x4x4-px", "is not block_m"),
+                     ("96x64x64x8x4x4", "powers of two"), ("128x64x64x0x4x4", "group and stages"),
+                     ("128x64x64x8x4x4-ws", "needs a persistent grid")):
+        monkeypatch.setenv(GATE_UP_TILES_ENV, bad)
+        with pytest.raises(ValueError, match=f"ONDO_GATE_UP_TILES: '{re.escape(bad)}'.*{why}"):
+            check_gate_up_tiles()
 
 
 def test_the_model_reads_the_switch_up_to_its_widest_hidden_size_with_backed_or_unbacked_token_counts(monkeypatch):

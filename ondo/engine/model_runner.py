@@ -26,7 +26,7 @@ from ondo.engine.step_cost import CostShape, step_cost
 from ondo.kernels.attention import check_switches, splits_mixed_step
 from ondo.kernels.block_copy import copy_blocks, swap_in, swap_out
 from ondo.kernels.decode_splits import decode_longest_first, graph_split_tokens
-from ondo.kernels.gate_up_silu import fused_gate_up_silu
+from ondo.kernels.gate_up_silu import check_gate_up_tiles, fused_gate_up_silu
 from ondo.kernels.metadata import AttentionMetadata
 from ondo.kernels.precompile import Precompile
 from ondo.kernels.qk_norm_rope import fused_qk_norm_rope
@@ -105,6 +105,7 @@ class ModelRunner:
         # once for several engines, as the tests do).
         fused_qk_norm_rope()
         fused_gate_up_silu()
+        check_gate_up_tiles()
         self.num_layers = config.num_hidden_layers
         kv_heads = model.num_kv_heads  # this rank's, in a tensor-parallel engine
         self.kv_shape_tail = (self.block_size, kv_heads, config.head_dim)

@@ -42,6 +42,14 @@ def fused_gate_up_silu() -> bool:
     return on_off(FUSED_GATE_UP_SILU_ENV, default=True)
 
 
+def check_gate_up_tiles() -> None:
+    """Read ONDO_GATE_UP_TILES once (`triton_gate_up_silu.configured_tiles`), so that a bad
+    value fails the engine at start on any device, not at the first prefill on a GPU."""
+    from ondo.kernels.triton_gate_up_silu import configured_tiles
+
+    configured_tiles()
+
+
 @torch.library.custom_op("ondo::gate_up_silu", mutates_args=())
 def gate_up_silu(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """silu(x @ gate^T) * (x @ up^T), [T, I], from x [T, H] and weight [2 I, H] (gate's

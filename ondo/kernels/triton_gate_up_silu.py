@@ -19,6 +19,7 @@ generates for that pass), so that the operator, not the compiled region, picks t
 
 from __future__ import annotations
 
+import os
 from typing import NamedTuple
 
 import torch
@@ -53,6 +54,42 @@ class GateUpTiles(NamedTuple):
 # stages of 32 KB of shared memory: the fastest of `bench/gate_up_silu_bench.py`'s sweep on
 # an H100 at every size of both shapes but one (docs/benchmarks.md).
 DEFAULT_TILES = GateUpTiles(128, 64, 64, 8, 4, 4)
+
+GATE_UP_TILES_ENV = "ONDO_GATE_UP_TILES"
+
+
+def parse_tiles(label: str) -> GateUpTiles:
+    """The tiles a `GateUpTiles.label` names (e.g. 128x64x64x8x4x4-p1-ws); anything else is
+    refused with what was expected."""
+    head, *flags = label.split("-")
+    fields = head.split("x")
+    persistent = [f for f in flags if f.startswith("p")]
+    try:
+        if (len(fields) != 6 or len(persistent) > 1 or set(flags) - set(persistent) - {"ws"}
+                or flags.count("ws") > 1):
+            raise ValueError
+        tiles = GateUpTiles(*map(int, fields), int(persistent[0][1:]) if persistent else 0, "ws" in flags)
+    except ValueError:
+        raise ValueError(f"{label!r} is not block_m x block_n x block_k x group_m x warps x stages "
+                         "with an optional -pK (K programs an SM) and -ws, e.g. 128x64x64x8x4x4-p1") from None
+    powers = (tiles.block_m, tiles.block_n, tiles.block_k, tiles.num_warps)
+    if any(v < 1 or v & (v - 1) for v in powers) or min(tiles.group_m, tiles.num_stages) < 1:
+        raise ValueError(f"{label!r}: tile sizes and warps must be powers of two, group and stages 1 or more")
+    if tiles.warp_specialize and not tiles.programs_per_sm:
+        raise ValueError(f"{label!r}: -ws needs a persistent grid (-pK)")
+    return tiles
+
+
+def configured_tiles() -> GateUpTiles:
+    """The fused kernel's tiles: ONDO_GATE_UP_TILES (a `GateUpTiles.label`) where set, to
+    tune another GPU; `DEFAULT_TILES` otherwise."""
+    label = os.environ.get(GATE_UP_TILES_ENV)
+    if label is None:
+        return DEFAULT_TILES
+    try:
+        return parse_tiles(label)
+    except ValueError as e:
+        raise ValueError(f"{GATE_UP_TILES_ENV}: {e}") from None
 
 
 @triton.jit
@@ -175,9 +212,12 @@ def tma_ready(x: torch.Tensor, weight: torch.Tensor) -> bool:
                for t in (x, weight)) and (weight.shape[0] // 2 * x.element_size()) % 16 == 0
 
 
-def gate_up_silu_triton(x: torch.Tensor, weight: torch.Tensor, tiles: GateUpTiles = DEFAULT_TILES) -> torch.Tensor:
-    """silu(x @ gate^T) * (x @ up^T), [T, I], from x [T, H] and weight [2 I, H]."""
+def gate_up_silu_triton(x: torch.Tensor, weight: torch.Tensor, tiles: GateUpTiles | None = None) -> torch.Tensor:
+    """silu(x @ gate^T) * (x @ up^T), [T, I], from x [T, H] and weight [2 I, H], at `tiles`
+    (`configured_tiles()` unless given)."""
     from triton.tools.tensor_descriptor import TensorDescriptor
+
+    tiles = tiles or configured_tiles()
 
     num_tokens, hidden = x.shape
     if weight.ndim != 2 or weight.shape[1] != hidden or weight.shape[0] % 2 or weight.dtype != x.dtype:

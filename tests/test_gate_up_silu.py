@@ -13,14 +13,19 @@ import torch.nn.functional as F
 
 from ondo.kernels.gate_up_silu import (
     FUSED_GATE_UP_SILU_ENV,
+    GATE_UP_PERSISTENT_ENV,
     check_gate_up_tiles,
     fused_gate_up_silu,
+    gate_up_persistent,
+    gate_up_silu_max_hidden,
 )
 from ondo.kernels.triton_gate_up_silu import (
     DEFAULT_TILES,
     GATE_UP_TILES_ENV,
+    PERSISTENT_TILES,
     GateUpTiles,
     configured_tiles,
+    default_tiles,
     gate_up_silu_triton,
     parse_tiles,
 )
@@ -164,7 +169,7 @@ def test_the_tiles_are_read_from_the_environment_by_their_label_and_bad_labels_r
     """ONDO_GATE_UP_TILES names tiles as the bench does; the kernel runs at them, and a bad
     label fails the engine's start with the variable's name."""
     monkeypatch.delenv(GATE_UP_TILES_ENV, raising=False)
-    assert configured_tiles() == DEFAULT_TILES
+    assert configured_tiles() is None  # each size's default_tiles
     for tiles in (DEFAULT_TILES, GateUpTiles(128, 128, 64, 8, 8, 3, 1, True), GateUpTiles(64, 64, 32, 4, 4, 3, 2)):
         assert parse_tiles(tiles.label) == tiles
     monkeypatch.setenv(GATE_UP_TILES_ENV, "16x16x32x2x4x2-p1")
@@ -178,6 +183,69 @@ def test_the_tiles_are_read_from_the_environment_by_their_label_and_bad_labels_r
         monkeypatch.setenv(GATE_UP_TILES_ENV, bad)
         with pytest.raises(ValueError, match=f"ONDO_GATE_UP_TILES: '{re.escape(bad)}'.*{why}"):
             check_gate_up_tiles()
+
+
+def test_the_persistent_tiles_take_steps_with_two_waves_of_tiles_or_more_when_switched_on(monkeypatch):
+    """On 132 SMs: the 0.6B shape's 1,024 tokens make 8 x 24 = 192 output tiles of 128 x 128
+    (the non-persistent tiles), 2,048 tokens 384 (persistent); the 8B shape's 1,024 tokens
+    8 x 112 = 896 (persistent). Off, the non-persistent tiles everywhere. The switch is
+    read strictly and widens the models that take the operator."""
+    from ondo.kernels import triton_gate_up_silu as module
+
+    monkeypatch.setattr(module, "_WARP_SPECIALIZATION_REFUSED", [])
+    assert default_tiles(1024, 3072, 132, True) == DEFAULT_TILES
+    if module._range_takes_warp_specialize():  # Triton 3.4 and later
+        assert default_tiles(2048, 3072, 132, True) == PERSISTENT_TILES and PERSISTENT_TILES.warp_specialize
+        assert default_tiles(8200, 3072, 132, True) == PERSISTENT_TILES
+        assert default_tiles(1024, 14336, 132, True) == PERSISTENT_TILES
+    assert default_tiles(2048, 3072, 200, True) == DEFAULT_TILES  # 384 tiles are under two waves of 200
+    assert all(default_tiles(t, i, 132, False) == DEFAULT_TILES for t, i in ((8200, 3072), (1024, 14336)))
+
+    monkeypatch.delenv(GATE_UP_PERSISTENT_ENV, raising=False)
+    assert not gate_up_persistent() and gate_up_silu_max_hidden() == 2048
+    monkeypatch.setenv(GATE_UP_PERSISTENT_ENV, "1")
+    assert gate_up_persistent() and gate_up_silu_max_hidden() == 4096
+    monkeypatch.setenv(GATE_UP_PERSISTENT_ENV, "yes")
+    with pytest.raises(ValueError, match="ONDO_GATE_UP_PERSISTENT must be 0 or 1"):
+        check_gate_up_tiles()
+
+
+def test_a_triton_that_cannot_compile_warp_specialization_falls_back_once_and_other_errors_surface(monkeypatch):
+    """The warp-specialized tiles refused at compile: that call and every later one take the
+    non-persistent tiles, with the same result; an error of another kind is raised as is."""
+    from ondo.kernels import triton_gate_up_silu as module
+
+    monkeypatch.delenv(GATE_UP_TILES_ENV, raising=False)
+    monkeypatch.setenv(GATE_UP_PERSISTENT_ENV, "1")
+    monkeypatch.setattr(module, "_WARP_SPECIALIZATION_REFUSED", [])
+    monkeypatch.setattr(module, "_range_takes_warp_specialize", lambda: True)
+    monkeypatch.setattr(module, "_num_sms", lambda x: 1)  # a few rows make two waves
+    real_launch, launched = module._launch, []
+
+    def refusing(x, weight, out, tiles, descriptor):
+        launched.append(tiles)
+        if tiles.warp_specialize:
+            raise RuntimeError("PassManager::run failed")
+        real_launch(x, weight, out, tiles, descriptor)
+
+    monkeypatch.setattr(module, "_launch", refusing)
+    x, weight = _inputs(300, 64, 136)  # 3 x 2 tiles of 128 x 128 on "one SM"
+    want = silu_and_mul(F.linear(x, weight))
+    torch.testing.assert_close(gate_up_silu_triton(x, weight), want, atol=1e-5, rtol=1e-5)
+    assert launched == [PERSISTENT_TILES, DEFAULT_TILES] and not module.warp_specialization_available()
+    torch.testing.assert_close(gate_up_silu_triton(x, weight), want, atol=1e-5, rtol=1e-5)
+    assert launched[2:] == [DEFAULT_TILES]  # no second try
+    assert module.default_tiles(8200, 3072, 132, True) == DEFAULT_TILES
+
+    monkeypatch.setattr(module, "_WARP_SPECIALIZATION_REFUSED", [])
+
+    def faulting(x, weight, out, tiles, descriptor):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(module, "_launch", faulting)
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        gate_up_silu_triton(x, weight)
+    assert module.warp_specialization_available()
 
 
 def test_the_model_reads_the_switch_up_to_its_widest_hidden_size_with_backed_or_unbacked_token_counts(monkeypatch):
@@ -206,6 +274,13 @@ def test_the_model_reads_the_switch_up_to_its_widest_hidden_size_with_backed_or_
                                num_key_value_heads=1)
     with torch.device("meta"):
         assert not LlamaForCausalLM(wide)._shape.fused_gate_up_silu
+    # With the persistent grid, up to the 8B shape's 4,096; wider still not.
+    monkeypatch.setenv(GATE_UP_PERSISTENT_ENV, "1")
+    with torch.device("meta"):
+        assert LlamaForCausalLM(wide)._shape.fused_gate_up_silu
+        wider = dataclasses.replace(wide, hidden_size=2 * wide.hidden_size, num_attention_heads=4 * 128)
+        assert not LlamaForCausalLM(wider)._shape.fused_gate_up_silu
+    monkeypatch.delenv(GATE_UP_PERSISTENT_ENV)
     # The operator branches on the token count inside, so unbacked token counts take it too.
     monkeypatch.setenv("ONDO_UNBACKED_TOKENS", "1")
     assert LlamaForCausalLM(config)._shape.fused_gate_up_silu

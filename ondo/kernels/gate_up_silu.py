@@ -9,11 +9,17 @@ operator's own, as the compiled path would: there the weight is read once whiche
 it, and cuBLAS spreads a few rows over every SM. The operator, not the compiled region,
 branches on the token count, so the region compiles one graph for every step size, and
 unbacked token counts (ONDO_UNBACKED_TOKENS=1) take it too. Wider models keep cuBLAS and
-Inductor's kernel at every size: the SiLU-and-mul's pass over
-the [T, 2I] projection costs a share of the matmul that falls as the hidden size (the
-matmul's depth) grows, and on the H100 the Triton matmul's deficit against cuBLAS outweighs
-it from 2,048 tokens on the 8B shape (hidden 4,096), while it wins at every step of 1,024
-tokens or more on the 0.6B shape (hidden 1,024): docs/benchmarks.md.
+Inductor's kernel at every size: the SiLU-and-mul's pass over the [T, 2I] projection costs a
+share of the matmul that falls as the hidden size (the matmul's depth) grows, and on the
+H100 the Triton matmul's deficit against cuBLAS outweighs it from 2,048 tokens on the 8B
+shape (hidden 4,096), while it wins at every step of 1,024 tokens or more on the 0.6B shape
+(hidden 1,024): docs/benchmarks.md.
+
+ONDO_GATE_UP_PERSISTENT=1 (off by default until measured in the engine) gives steps with
+tiles enough a persistent, warp-specialized grid (`triton_gate_up_silu.default_tiles`): on
+an H200 17 % faster than the default tiles at 8,192 tokens of the 0.6B shape, and 10-13 %
+under cuBLAS + SiLU-and-mul from 1,024 tokens on the 8B shape, so with it models up to
+`GATE_UP_SILU_PERSISTENT_MAX_HIDDEN` take the operator.
 
 In float32 on a GPU, or where tensor descriptors cannot read the operands, the operator
 itself runs the matmul and SiLU-and-mul.
@@ -32,8 +38,21 @@ FUSED_GATE_UP_SILU_ENV = "ONDO_FUSED_GATE_UP_SILU"
 # From here the fused kernel: with a 128-row tile a program, each weight tile serves eight
 # row tiles or more.
 GATE_UP_SILU_MIN_TOKENS = 1024
-# The widest hidden size it serves (see above).
+# The widest hidden size it serves (see above); with the persistent grid, the widest measured.
 GATE_UP_SILU_MAX_HIDDEN = 2048
+GATE_UP_SILU_PERSISTENT_MAX_HIDDEN = 4096
+GATE_UP_PERSISTENT_ENV = "ONDO_GATE_UP_PERSISTENT"
+
+
+def gate_up_persistent() -> bool:
+    """Whether steps with tiles enough take the persistent, warp-specialized grid: off
+    unless ONDO_GATE_UP_PERSISTENT=1; anything but 0 or 1 is refused."""
+    return on_off(GATE_UP_PERSISTENT_ENV, default=False)
+
+
+def gate_up_silu_max_hidden() -> int:
+    """The widest hidden size that takes the operator, as ONDO_GATE_UP_PERSISTENT says."""
+    return GATE_UP_SILU_PERSISTENT_MAX_HIDDEN if gate_up_persistent() else GATE_UP_SILU_MAX_HIDDEN
 
 
 def fused_gate_up_silu() -> bool:
@@ -43,11 +62,13 @@ def fused_gate_up_silu() -> bool:
 
 
 def check_gate_up_tiles() -> None:
-    """Read ONDO_GATE_UP_TILES once (`triton_gate_up_silu.configured_tiles`), so that a bad
-    value fails the engine at start on any device, not at the first prefill on a GPU."""
+    """Read ONDO_GATE_UP_TILES (`triton_gate_up_silu.configured_tiles`) and
+    ONDO_GATE_UP_PERSISTENT once, so that a bad value fails the engine at start on any
+    device, not at the first prefill on a GPU."""
     from ondo.kernels.triton_gate_up_silu import configured_tiles
 
     configured_tiles()
+    gate_up_persistent()
 
 
 @torch.library.custom_op("ondo::gate_up_silu", mutates_args=())

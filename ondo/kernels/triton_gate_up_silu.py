@@ -19,6 +19,9 @@ generates for that pass), so that the operator, not the compiled region, picks t
 
 from __future__ import annotations
 
+import functools
+import inspect
+import logging
 import os
 from typing import NamedTuple
 
@@ -26,7 +29,10 @@ import torch
 import triton
 import triton.language as tl
 
+from ondo.kernels.gate_up_silu import gate_up_persistent
 from ondo.kernels.launch import launch
+
+log = logging.getLogger(__name__)
 
 
 class GateUpTiles(NamedTuple):
@@ -54,6 +60,12 @@ class GateUpTiles(NamedTuple):
 # stages of 32 KB of shared memory: the fastest of `bench/gate_up_silu_bench.py`'s sweep on
 # an H100 at every size of both shapes but one (docs/benchmarks.md).
 DEFAULT_TILES = GateUpTiles(128, 64, 64, 8, 4, 4)
+# A persistent grid, a program an SM walking 128 x 128 output tiles (two 128 x 128
+# accumulators on 8 warps), its loads and dots in partitions of their own (Triton's warp
+# specialization; ONDO_GATE_UP_PERSISTENT=1): on an H200 the fastest of the sweep on both shapes wherever the output
+# has two waves of tiles over the SMs or more, 17 % under `DEFAULT_TILES` at 8,192 tokens
+# of the 0.6B shape and 10 % under cuBLAS + SiLU-and-mul on the 8B shape (docs/benchmarks.md).
+PERSISTENT_TILES = GateUpTiles(128, 128, 64, 8, 8, 3, 1, True)
 
 GATE_UP_TILES_ENV = "ONDO_GATE_UP_TILES"
 
@@ -80,16 +92,42 @@ def parse_tiles(label: str) -> GateUpTiles:
     return tiles
 
 
-def configured_tiles() -> GateUpTiles:
-    """The fused kernel's tiles: ONDO_GATE_UP_TILES (a `GateUpTiles.label`) where set, to
-    tune another GPU; `DEFAULT_TILES` otherwise."""
+def configured_tiles() -> GateUpTiles | None:
+    """The fused kernel's tiles as ONDO_GATE_UP_TILES names them (a `GateUpTiles.label`),
+    to tune another GPU; None when unset (`default_tiles` by the step's size)."""
     label = os.environ.get(GATE_UP_TILES_ENV)
     if label is None:
-        return DEFAULT_TILES
+        return None
     try:
         return parse_tiles(label)
     except ValueError as e:
         raise ValueError(f"{GATE_UP_TILES_ENV}: {e}") from None
+
+
+def warp_specialization_available() -> bool:
+    """Whether this Triton takes `tl.range(..., warp_specialize=True)` (3.4 and later), and
+    has compiled it whenever asked in this process."""
+    return not _WARP_SPECIALIZATION_REFUSED and _range_takes_warp_specialize()
+
+
+@functools.cache
+def _range_takes_warp_specialize() -> bool:
+    return "warp_specialize" in inspect.signature(tl.range.__init__).parameters
+
+
+_WARP_SPECIALIZATION_REFUSED: list[str] = []  # why this Triton failed to compile it, once
+
+
+def default_tiles(num_tokens: int, intermediate: int, num_sms: int, persistent: bool) -> GateUpTiles:
+    """With `persistent` (ONDO_GATE_UP_PERSISTENT), `PERSISTENT_TILES` where the output's
+    128 x 128 tiles make two waves over the SMs or more (and this Triton warp-specializes);
+    `DEFAULT_TILES` otherwise, and under that, where the persistent grid's last wave leaves
+    SMs idle: on an H200 at 1,024 tokens of the 0.6B shape (192 tiles on 132 SMs) it took
+    28.9 µs against 25.1, at 2,048 (384 tiles) 43.2 against 51.7."""
+    tiles = triton.cdiv(num_tokens, PERSISTENT_TILES.block_m) * triton.cdiv(intermediate, PERSISTENT_TILES.block_n)
+    if persistent and tiles >= 2 * num_sms and warp_specialization_available():
+        return PERSISTENT_TILES
+    return DEFAULT_TILES
 
 
 @triton.jit
@@ -213,11 +251,11 @@ def tma_ready(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 
 def gate_up_silu_triton(x: torch.Tensor, weight: torch.Tensor, tiles: GateUpTiles | None = None) -> torch.Tensor:
-    """silu(x @ gate^T) * (x @ up^T), [T, I], from x [T, H] and weight [2 I, H], at `tiles`
-    (`configured_tiles()` unless given)."""
+    """silu(x @ gate^T) * (x @ up^T), [T, I], from x [T, H] and weight [2 I, H], at `tiles`;
+    unless given, ONDO_GATE_UP_TILES's or `default_tiles` for this size."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
-    tiles = tiles or configured_tiles()
+    chosen = tiles or configured_tiles()
 
     num_tokens, hidden = x.shape
     if weight.ndim != 2 or weight.shape[1] != hidden or weight.shape[0] % 2 or weight.dtype != x.dtype:
@@ -230,6 +268,32 @@ def gate_up_silu_triton(x: torch.Tensor, weight: torch.Tensor, tiles: GateUpTile
     out = x.new_empty((num_tokens, intermediate))
     if num_tokens == 0:
         return out
+    if chosen is not None:
+        _launch(x, weight, out, chosen, TensorDescriptor)
+        return out
+    tiles = default_tiles(num_tokens, intermediate, _num_sms(x), gate_up_persistent())
+    try:
+        _launch(x, weight, out, tiles, TensorDescriptor)
+    except (triton.CompilationError, RuntimeError) as e:
+        if not tiles.warp_specialize or not _refused_at_compile(e):
+            raise
+        # A Triton that has the option but cannot compile it for this GPU: the
+        # non-persistent tiles from now on (the first call of a size is a warm-up's).
+        _WARP_SPECIALIZATION_REFUSED.append(str(e).splitlines()[0] if str(e) else type(e).__name__)
+        log.warning("the gate/up kernel's warp-specialized tiles did not compile (%s); taking %s",
+                    _WARP_SPECIALIZATION_REFUSED[0], DEFAULT_TILES.label)
+        _launch(x, weight, out, DEFAULT_TILES, TensorDescriptor)
+    return out
+
+
+def _refused_at_compile(e: Exception) -> bool:
+    """Whether `e` is Triton's compiler refusing the kernel, not a fault of the launch."""
+    return isinstance(e, triton.CompilationError) or "PassManager::run failed" in str(e)
+
+
+def _launch(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, tiles: GateUpTiles, TensorDescriptor) -> None:
+    num_tokens, hidden = x.shape
+    intermediate = out.shape[1]
     bm, bn, bk = tiles.block_m, tiles.block_n, tiles.block_k
     descriptors = (TensorDescriptor.from_tensor(x, [bm, bk]), TensorDescriptor.from_tensor(weight, [bn, bk]),
                    TensorDescriptor.from_tensor(out, [bm, bn]))
@@ -243,7 +307,6 @@ def gate_up_silu_triton(x: torch.Tensor, weight: torch.Tensor, tiles: GateUpTile
         launch(_gate_up_silu_kernel, (num_tiles,), *descriptors, num_tokens, intermediate, hidden,
                BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=tiles.group_m,
                num_warps=tiles.num_warps, num_stages=tiles.num_stages)
-    return out
 
 
 def _num_sms(x: torch.Tensor) -> int:

@@ -28,9 +28,9 @@ import torch.nn.functional as F
 from ondo.distributed.group import tensor_parallel_group
 from ondo.kernels.attention import write_and_attend
 from ondo.kernels.gate_up_silu import (  # also registers ondo::gate_up_silu
-    GATE_UP_SILU_MAX_HIDDEN,
     GATE_UP_SILU_MIN_TOKENS,
     fused_gate_up_silu,
+    gate_up_silu_max_hidden,
 )
 from ondo.kernels.metadata import AttentionMetadata
 from ondo.kernels.qk_norm_rope import fused_qk_norm_rope  # also registers ondo::qk_norm_rope
@@ -249,7 +249,7 @@ class LlamaForCausalLM(torch.nn.Module):
         attn = self.model.layers[0].self_attn
         self._shape = _RegionShape(attn.num_heads, attn.num_kv_heads, config.head_dim,
                                    config.rms_norm_eps, fused_qk_norm_rope(),
-                                   fused_gate_up_silu() and config.hidden_size <= GATE_UP_SILU_MAX_HIDDEN)
+                                   fused_gate_up_silu() and config.hidden_size <= gate_up_silu_max_hidden())
 
     @property
     def num_kv_heads(self) -> int:

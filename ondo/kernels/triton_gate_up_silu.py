@@ -131,6 +131,30 @@ def default_tiles(num_tokens: int, intermediate: int, num_sms: int, persistent: 
 
 
 @triton.jit
+def _tile_origin(tile, num_tokens, intermediate, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 GROUP_M: tl.constexpr):
+    """(first row, first column) of output tile `tile`: tiles in groups of GROUP_M row tiles
+    that walk the columns together, so their weight tiles stay in L2."""
+    tiles_m = tl.cdiv(num_tokens, BLOCK_M)
+    tiles_n = tl.cdiv(intermediate, BLOCK_N)
+    per_group = GROUP_M * tiles_n
+    first_m = (tile // per_group) * GROUP_M
+    group_rows = tl.minimum(tiles_m - first_m, GROUP_M)
+    return (first_m + (tile % per_group) % group_rows) * BLOCK_M, ((tile % per_group) // group_rows) * BLOCK_N
+
+
+@triton.jit
+def _silu_and_mul_store(out_desc, m0, n0, gate, up):
+    """silu(gate) * up into the output tile at (m0, n0): each projection rounded to the
+    output's dtype first, as cuBLAS rounds it, SiLU and the product in float32."""
+    dtype = out_desc.dtype
+    g = gate.to(dtype).to(tl.float32)
+    u = up.to(dtype).to(tl.float32)
+    # Columns past I (a last tile that reads into up's rows) are clipped by the store.
+    out_desc.store([m0, n0], (g / (1.0 + tl.exp(-g)) * u).to(dtype))
+
+
+@triton.jit
 def _gate_up_silu_kernel(
     x_desc,  # [T, H]
     w_desc,  # [2 I, H]: gate's rows, then up's
@@ -142,69 +166,36 @@ def _gate_up_silu_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
+    PERSISTENT: tl.constexpr = False,
+    WARP_SPECIALIZE: tl.constexpr = False,
 ):
-    # Tiles in groups of GROUP_M row tiles that walk the columns together.
-    pid = tl.program_id(0)
-    tiles_m = tl.cdiv(num_tokens, BLOCK_M)
-    tiles_n = tl.cdiv(intermediate, BLOCK_N)
-    per_group = GROUP_M * tiles_n
-    first_m = (pid // per_group) * GROUP_M
-    group_rows = tl.minimum(tiles_m - first_m, GROUP_M)
-    m0 = (first_m + (pid % per_group) % group_rows) * BLOCK_M
-    n0 = ((pid % per_group) // group_rows) * BLOCK_N
-
-    gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, hidden, BLOCK_K):
-        x = x_desc.load([m0, k0])
-        gate = tl.dot(x, w_desc.load([n0, k0]).T, gate)
-        up = tl.dot(x, w_desc.load([intermediate + n0, k0]).T, up)
-    dtype = out_desc.dtype
-    g = gate.to(dtype).to(tl.float32)
-    u = up.to(dtype).to(tl.float32)
-    # Columns past I (a last tile that reads into up's rows) are clipped by the store.
-    out_desc.store([m0, n0], (g / (1.0 + tl.exp(-g)) * u).to(dtype))
-
-
-@triton.jit
-def _gate_up_silu_persistent_kernel(
-    x_desc,  # [T, H]
-    w_desc,  # [2 I, H]: gate's rows, then up's
-    out_desc,  # [T, I]
-    num_tokens,
-    intermediate,  # I
-    hidden,  # H
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr,
-    WARP_SPECIALIZE: tl.constexpr,
-):
-    """`_gate_up_silu_kernel` on a grid of a few programs an SM, each walking the tiles
-    program_id, program_id + programs, ...: the next tile's loads start while this one's
-    epilogue runs, and no program waits to be scheduled."""
-    tiles_m = tl.cdiv(num_tokens, BLOCK_M)
-    tiles_n = tl.cdiv(intermediate, BLOCK_N)
-    k_steps = tl.cdiv(hidden, BLOCK_K)
-    per_group = GROUP_M * tiles_n
-    # Flattened, the tile loop and the K loop pipeline as one; on Hopper a warp-specialized
-    # loop is not flattened.
-    for tile in tl.range(tl.program_id(0), tiles_m * tiles_n, tl.num_programs(0),
-                         flatten=not WARP_SPECIALIZE, warp_specialize=WARP_SPECIALIZE):
-        first_m = (tile // per_group) * GROUP_M
-        group_rows = tl.minimum(tiles_m - first_m, GROUP_M)
-        m0 = (first_m + (tile % per_group) % group_rows) * BLOCK_M
-        n0 = ((tile % per_group) // group_rows) * BLOCK_N
+    """A program an output tile; or, PERSISTENT, a grid of a few programs an SM, each
+    walking the tiles program_id, program_id + programs, ...: the next tile's loads start
+    while this one's epilogue runs, and no program waits to be scheduled."""
+    if PERSISTENT:
+        num_tiles = tl.cdiv(num_tokens, BLOCK_M) * tl.cdiv(intermediate, BLOCK_N)
+        k_steps = tl.cdiv(hidden, BLOCK_K)
+        # Flattened, the tile loop and the K loop pipeline as one; on Hopper a
+        # warp-specialized loop is not flattened.
+        for tile in tl.range(tl.program_id(0), num_tiles, tl.num_programs(0),
+                             flatten=not WARP_SPECIALIZE, warp_specialize=WARP_SPECIALIZE):
+            m0, n0 = _tile_origin(tile, num_tokens, intermediate, BLOCK_M, BLOCK_N, GROUP_M)
+            gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for k in range(k_steps):
+                x = x_desc.load([m0, k * BLOCK_K])
+                gate = tl.dot(x, w_desc.load([n0, k * BLOCK_K]).T, gate)
+                up = tl.dot(x, w_desc.load([intermediate + n0, k * BLOCK_K]).T, up)
+            _silu_and_mul_store(out_desc, m0, n0, gate, up)
+    else:
+        m0, n0 = _tile_origin(tl.program_id(0), num_tokens, intermediate, BLOCK_M, BLOCK_N, GROUP_M)
         gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k in range(k_steps):
-            x = x_desc.load([m0, k * BLOCK_K])
-            gate = tl.dot(x, w_desc.load([n0, k * BLOCK_K]).T, gate)
-            up = tl.dot(x, w_desc.load([intermediate + n0, k * BLOCK_K]).T, up)
-        dtype = out_desc.dtype
-        g = gate.to(dtype).to(tl.float32)
-        u = up.to(dtype).to(tl.float32)
-        out_desc.store([m0, n0], (g / (1.0 + tl.exp(-g)) * u).to(dtype))
+        for k0 in range(0, hidden, BLOCK_K):
+            x = x_desc.load([m0, k0])
+            gate = tl.dot(x, w_desc.load([n0, k0]).T, gate)
+            up = tl.dot(x, w_desc.load([intermediate + n0, k0]).T, up)
+        _silu_and_mul_store(out_desc, m0, n0, gate, up)
 
 
 @triton.jit
@@ -298,15 +289,12 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, tiles: Gat
     descriptors = (TensorDescriptor.from_tensor(x, [bm, bk]), TensorDescriptor.from_tensor(weight, [bn, bk]),
                    TensorDescriptor.from_tensor(out, [bm, bn]))
     num_tiles = triton.cdiv(num_tokens, bm) * triton.cdiv(intermediate, bn)
+    programs = num_tiles
     if tiles.programs_per_sm:
         programs = min(num_tiles, tiles.programs_per_sm * _num_sms(x))
-        launch(_gate_up_silu_persistent_kernel, (programs,), *descriptors, num_tokens, intermediate, hidden,
-               BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=tiles.group_m, WARP_SPECIALIZE=tiles.warp_specialize,
-               num_warps=tiles.num_warps, num_stages=tiles.num_stages)
-    else:
-        launch(_gate_up_silu_kernel, (num_tiles,), *descriptors, num_tokens, intermediate, hidden,
-               BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=tiles.group_m,
-               num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+    launch(_gate_up_silu_kernel, (programs,), *descriptors, num_tokens, intermediate, hidden,
+           BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=tiles.group_m, PERSISTENT=bool(tiles.programs_per_sm),
+           WARP_SPECIALIZE=tiles.warp_specialize, num_warps=tiles.num_warps, num_stages=tiles.num_stages)
 
 
 def _num_sms(x: torch.Tensor) -> int:

@@ -347,3 +347,38 @@ def test_fused_gate_up_silu_against_the_compiled_path_and_under_torch_compile(dt
         want = default(small, w)
         torch.testing.assert_close(got, want, atol=0, rtol=step)
         assert (got == want).float().mean() > 0.99
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_persistent_gate_up_silu_takes_its_tiles_by_size_and_rounds_as_the_default_tiles(dtype, monkeypatch):
+    """ONDO_GATE_UP_PERSISTENT=1: at sizes with two waves of 128 x 128 output tiles or more
+    (the 0.6B shape at 2,048 and 8,200 tokens, the 8B shape at 1,100) the operator runs the
+    persistent, warp-specialized grid; each output element is the same sum, tiled another
+    way, so within a few rounding steps of the default tiles' and as close to float64. Under two
+    waves (the 0.6B shape at 1,030 tokens) the default tiles' bits."""
+    from ondo.kernels import triton_gate_up_silu as module
+    from ondo.kernels.gate_up_silu import GATE_UP_PERSISTENT_ENV
+    from ondo.model.llama import _gate_up_act, _RegionShape
+
+    monkeypatch.setenv(GATE_UP_PERSISTENT_ENV, "1")
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    launched = []
+    real_launch = module._launch
+    monkeypatch.setattr(module, "_launch", lambda x, w, out, tiles, d: (launched.append(tiles), real_launch(x, w, out, tiles, d)))
+    g = torch.Generator(device="cuda").manual_seed(1)
+    step = 2.0**-7 if dtype == torch.bfloat16 else 2.0**-10
+    for tokens, hidden, inter in ((8200, 1024, 3072), (2048, 1024, 3072), (1030, 1024, 3072), (1100, 4096, 14336)):
+        x = torch.randn(tokens, hidden, device="cuda", generator=g).to(dtype)
+        w = (torch.randn(2 * inter, hidden, device="cuda", generator=g) / hidden**0.5).to(dtype)
+        launched.clear()
+        got = torch.ops.ondo.gate_up_silu(x, w)
+        want = module.gate_up_silu_triton(x, w, module.DEFAULT_TILES)
+        exact = _gate_up_act(_RegionShape(16, 8, 128, 1e-6), x.double(), w.double())
+        persistent = module.default_tiles(tokens, inter, sms, True) == module.PERSISTENT_TILES
+        assert persistent == (tokens != 1030) and launched[0] == module.default_tiles(tokens, inter, sms, True)
+        if not persistent:
+            assert torch.equal(got, want)
+            continue
+        scale = exact.abs().amax(-1, keepdim=True)
+        assert ((got.double() - want.double()).abs() <= 4 * step * scale).all()
+        assert (got.double() - exact).abs().mean() <= 1.05 * (want.double() - exact).abs().mean()

@@ -25,9 +25,9 @@ from ondo.kernels.triton_gate_up_silu import (
     PERSISTENT_TILES,
     GateUpTiles,
     configured_tiles,
-    default_tiles,
     gate_up_silu_triton,
     parse_tiles,
+    persistent_tiles,
 )
 from ondo.model.layers import silu_and_mul
 
@@ -169,7 +169,7 @@ def test_the_tiles_are_read_from_the_environment_by_their_label_and_bad_labels_r
     """ONDO_GATE_UP_TILES names tiles as the bench does; the kernel runs at them, and a bad
     label fails the engine's start with the variable's name."""
     monkeypatch.delenv(GATE_UP_TILES_ENV, raising=False)
-    assert configured_tiles() is None  # each size's default_tiles
+    assert configured_tiles() is None  # the default tiles, or each size's under ONDO_GATE_UP_PERSISTENT=1
     for tiles in (DEFAULT_TILES, GateUpTiles(128, 128, 64, 8, 8, 3, 1, True), GateUpTiles(64, 64, 32, 4, 4, 3, 2)):
         assert parse_tiles(tiles.label) == tiles
     monkeypatch.setenv(GATE_UP_TILES_ENV, "16x16x32x2x4x2-p1")
@@ -193,13 +193,12 @@ def test_the_persistent_tiles_take_steps_with_two_waves_of_tiles_or_more_when_sw
     from ondo.kernels import triton_gate_up_silu as module
 
     monkeypatch.setattr(module, "_WARP_SPECIALIZATION_REFUSED", [])
-    assert default_tiles(1024, 3072, 132, True) == DEFAULT_TILES
+    assert persistent_tiles(1024, 3072, 132) == DEFAULT_TILES
     if module._range_takes_warp_specialize():  # Triton 3.4 and later
-        assert default_tiles(2048, 3072, 132, True) == PERSISTENT_TILES and PERSISTENT_TILES.warp_specialize
-        assert default_tiles(8200, 3072, 132, True) == PERSISTENT_TILES
-        assert default_tiles(1024, 14336, 132, True) == PERSISTENT_TILES
-    assert default_tiles(2048, 3072, 200, True) == DEFAULT_TILES  # 384 tiles are under two waves of 200
-    assert all(default_tiles(t, i, 132, False) == DEFAULT_TILES for t, i in ((8200, 3072), (1024, 14336)))
+        assert persistent_tiles(2048, 3072, 132) == PERSISTENT_TILES and PERSISTENT_TILES.warp_specialize
+        assert persistent_tiles(8200, 3072, 132) == PERSISTENT_TILES
+        assert persistent_tiles(1024, 14336, 132) == PERSISTENT_TILES
+    assert persistent_tiles(2048, 3072, 200) == DEFAULT_TILES  # 384 tiles are under two waves of 200
 
     monkeypatch.delenv(GATE_UP_PERSISTENT_ENV, raising=False)
     assert not gate_up_persistent() and gate_up_silu_max_hidden() == 2048
@@ -211,12 +210,12 @@ def test_the_persistent_tiles_take_steps_with_two_waves_of_tiles_or_more_when_sw
 
 
 def test_a_triton_that_cannot_compile_warp_specialization_falls_back_once_and_other_errors_surface(monkeypatch):
-    """The warp-specialized tiles refused at compile: that call and every later one take the
+    """Off (the default), the non-persistent tiles however large the step. On, the
+    warp-specialized tiles refused at compile: that call and every later one take the
     non-persistent tiles, with the same result; an error of another kind is raised as is."""
     from ondo.kernels import triton_gate_up_silu as module
 
     monkeypatch.delenv(GATE_UP_TILES_ENV, raising=False)
-    monkeypatch.setenv(GATE_UP_PERSISTENT_ENV, "1")
     monkeypatch.setattr(module, "_WARP_SPECIALIZATION_REFUSED", [])
     monkeypatch.setattr(module, "_range_takes_warp_specialize", lambda: True)
     monkeypatch.setattr(module, "_num_sms", lambda x: 1)  # a few rows make two waves
@@ -231,11 +230,16 @@ def test_a_triton_that_cannot_compile_warp_specialization_falls_back_once_and_ot
     monkeypatch.setattr(module, "_launch", refusing)
     x, weight = _inputs(300, 64, 136)  # 3 x 2 tiles of 128 x 128 on "one SM"
     want = silu_and_mul(F.linear(x, weight))
+    monkeypatch.delenv(GATE_UP_PERSISTENT_ENV, raising=False)
+    torch.testing.assert_close(gate_up_silu_triton(x, weight), want, atol=1e-5, rtol=1e-5)
+    assert launched == [DEFAULT_TILES]
+    launched.clear()
+    monkeypatch.setenv(GATE_UP_PERSISTENT_ENV, "1")
     torch.testing.assert_close(gate_up_silu_triton(x, weight), want, atol=1e-5, rtol=1e-5)
     assert launched == [PERSISTENT_TILES, DEFAULT_TILES] and not module.warp_specialization_available()
     torch.testing.assert_close(gate_up_silu_triton(x, weight), want, atol=1e-5, rtol=1e-5)
     assert launched[2:] == [DEFAULT_TILES]  # no second try
-    assert module.default_tiles(8200, 3072, 132, True) == DEFAULT_TILES
+    assert module.persistent_tiles(8200, 3072, 132) == DEFAULT_TILES
 
     monkeypatch.setattr(module, "_WARP_SPECIALIZATION_REFUSED", [])
 

@@ -16,7 +16,7 @@ shape (hidden 4,096), while it wins at every step of 1,024 tokens or more on the
 (hidden 1,024): docs/benchmarks.md.
 
 ONDO_GATE_UP_PERSISTENT=1 (off by default until measured in the engine) gives steps with
-tiles enough a persistent, warp-specialized grid (`triton_gate_up_silu.default_tiles`): on
+tiles enough a persistent, warp-specialized grid (`triton_gate_up_silu.persistent_tiles`): on
 an H200 17 % faster than the default tiles at 8,192 tokens of the 0.6B shape, and 10-13 %
 under cuBLAS + SiLU-and-mul from 1,024 tokens on the 8B shape, so with it models up to
 `GATE_UP_SILU_PERSISTENT_MAX_HIDDEN` take the operator.

@@ -94,7 +94,7 @@ def parse_tiles(label: str) -> GateUpTiles:
 
 def configured_tiles() -> GateUpTiles | None:
     """The fused kernel's tiles as ONDO_GATE_UP_TILES names them (a `GateUpTiles.label`),
-    to tune another GPU; None when unset (`default_tiles` by the step's size)."""
+    to tune another GPU; None when unset."""
     label = os.environ.get(GATE_UP_TILES_ENV)
     if label is None:
         return None
@@ -118,14 +118,14 @@ def _range_takes_warp_specialize() -> bool:
 _WARP_SPECIALIZATION_REFUSED: list[str] = []  # why this Triton failed to compile it, once
 
 
-def default_tiles(num_tokens: int, intermediate: int, num_sms: int, persistent: bool) -> GateUpTiles:
-    """With `persistent` (ONDO_GATE_UP_PERSISTENT), `PERSISTENT_TILES` where the output's
+def persistent_tiles(num_tokens: int, intermediate: int, num_sms: int) -> GateUpTiles:
+    """The tiles under ONDO_GATE_UP_PERSISTENT=1: `PERSISTENT_TILES` where the output's
     128 x 128 tiles make two waves over the SMs or more (and this Triton warp-specializes);
-    `DEFAULT_TILES` otherwise, and under that, where the persistent grid's last wave leaves
-    SMs idle: on an H200 at 1,024 tokens of the 0.6B shape (192 tiles on 132 SMs) it took
-    28.9 µs against 25.1, at 2,048 (384 tiles) 43.2 against 51.7."""
+    `DEFAULT_TILES` under that, where the persistent grid's last wave leaves SMs idle: on an
+    H200 at 1,024 tokens of the 0.6B shape (192 tiles on 132 SMs) it took 28.9 µs against
+    25.1, at 2,048 (384 tiles) 43.2 against 51.7."""
     tiles = triton.cdiv(num_tokens, PERSISTENT_TILES.block_m) * triton.cdiv(intermediate, PERSISTENT_TILES.block_n)
-    if persistent and tiles >= 2 * num_sms and warp_specialization_available():
+    if tiles >= 2 * num_sms and warp_specialization_available():
         return PERSISTENT_TILES
     return DEFAULT_TILES
 
@@ -243,7 +243,8 @@ def tma_ready(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 def gate_up_silu_triton(x: torch.Tensor, weight: torch.Tensor, tiles: GateUpTiles | None = None) -> torch.Tensor:
     """silu(x @ gate^T) * (x @ up^T), [T, I], from x [T, H] and weight [2 I, H], at `tiles`;
-    unless given, ONDO_GATE_UP_TILES's or `default_tiles` for this size."""
+    unless given, ONDO_GATE_UP_TILES's, else `persistent_tiles` for this size under
+    ONDO_GATE_UP_PERSISTENT=1, else `DEFAULT_TILES`."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     chosen = tiles or configured_tiles()
@@ -259,10 +260,10 @@ def gate_up_silu_triton(x: torch.Tensor, weight: torch.Tensor, tiles: GateUpTile
     out = x.new_empty((num_tokens, intermediate))
     if num_tokens == 0:
         return out
-    if chosen is not None:
-        _launch(x, weight, out, chosen, TensorDescriptor)
+    if chosen is not None or not gate_up_persistent():
+        _launch(x, weight, out, chosen or DEFAULT_TILES, TensorDescriptor)
         return out
-    tiles = default_tiles(num_tokens, intermediate, _num_sms(x), gate_up_persistent())
+    tiles = persistent_tiles(num_tokens, intermediate, _num_sms(x))
     try:
         _launch(x, weight, out, tiles, TensorDescriptor)
     except (triton.CompilationError, RuntimeError) as e:
@@ -302,4 +303,9 @@ def _num_sms(x: torch.Tensor) -> int:
     several tiles a program."""
     if not x.is_cuda:
         return 2
-    return torch.cuda.get_device_properties(x.device).multi_processor_count
+    return _device_sms(x.device.index if x.device.index is not None else torch.cuda.current_device())
+
+
+@functools.cache
+def _device_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count

@@ -374,8 +374,8 @@ def test_persistent_gate_up_silu_takes_its_tiles_by_size_and_rounds_as_the_defau
         got = torch.ops.ondo.gate_up_silu(x, w)
         want = module.gate_up_silu_triton(x, w, module.DEFAULT_TILES)
         exact = _gate_up_act(_RegionShape(16, 8, 128, 1e-6), x.double(), w.double())
-        persistent = module.default_tiles(tokens, inter, sms, True) == module.PERSISTENT_TILES
-        assert persistent == (tokens != 1030) and launched[0] == module.default_tiles(tokens, inter, sms, True)
+        persistent = module.persistent_tiles(tokens, inter, sms) == module.PERSISTENT_TILES
+        assert persistent == (tokens != 1030) and launched[0] == module.persistent_tiles(tokens, inter, sms)
         if not persistent:
             assert torch.equal(got, want)
             continue

@@ -27,6 +27,7 @@ from ondo.kernels.triton_gate_up_silu import (
     configured_tiles,
     gate_up_silu_triton,
     parse_tiles,
+    persistent_min_tokens,
     persistent_tiles,
 )
 from ondo.model.layers import silu_and_mul
@@ -199,6 +200,13 @@ def test_the_persistent_tiles_take_steps_with_two_waves_of_tiles_or_more_when_sw
         assert persistent_tiles(8200, 3072, 132) == PERSISTENT_TILES
         assert persistent_tiles(1024, 14336, 132) == PERSISTENT_TILES
     assert persistent_tiles(2048, 3072, 200) == DEFAULT_TILES  # 384 tiles are under two waves of 200
+    # The first count of the persistent grid, where the runner's CUDA graphs warm up anew.
+    for intermediate, sms in ((3072, 132), (14336, 132), (3072, 200), (1000, 7)):
+        first = persistent_min_tokens(intermediate, sms)
+        if module._range_takes_warp_specialize():
+            assert persistent_tiles(first, intermediate, sms) == PERSISTENT_TILES
+        assert persistent_tiles(first - 1, intermediate, sms) == DEFAULT_TILES
+    assert persistent_min_tokens(3072, 132) == 1281 and persistent_min_tokens(14336, 132) == 257
 
     monkeypatch.delenv(GATE_UP_PERSISTENT_ENV, raising=False)
     assert not gate_up_persistent() and gate_up_silu_max_hidden() == 2048

@@ -130,6 +130,14 @@ def persistent_tiles(num_tokens: int, intermediate: int, num_sms: int) -> GateUp
     return DEFAULT_TILES
 
 
+def persistent_min_tokens(intermediate: int, num_sms: int) -> int:
+    """The fewest tokens from which `persistent_tiles` takes the persistent grid: the first
+    count whose 128-row tiles, times the output's 128-column tiles, make two waves over the
+    SMs (1,281 on the 0.6B shape's 3,072 columns and 132 SMs: 11 x 24 tiles)."""
+    rows = triton.cdiv(2 * num_sms, triton.cdiv(intermediate, PERSISTENT_TILES.block_n))
+    return (rows - 1) * PERSISTENT_TILES.block_m + 1
+
+
 @triton.jit
 def _tile_origin(tile, num_tokens, intermediate, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  GROUP_M: tl.constexpr):

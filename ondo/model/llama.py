@@ -30,6 +30,7 @@ from ondo.kernels.attention import write_and_attend
 from ondo.kernels.gate_up_silu import (  # also registers ondo::gate_up_silu
     GATE_UP_SILU_MIN_TOKENS,
     fused_gate_up_silu,
+    gate_up_persistent,
     gate_up_silu_max_hidden,
 )
 from ondo.kernels.metadata import AttentionMetadata
@@ -258,9 +259,20 @@ class LlamaForCausalLM(torch.nn.Module):
 
     @property
     def token_count_branches(self) -> tuple[int, ...]:
-        """Token counts from which a step runs other kernels (the gate/up operator's): a
-        CUDA graph's warm-up at one side of one compiles nothing for the other."""
-        return (GATE_UP_SILU_MIN_TOKENS,) if self._shape.fused_gate_up_silu else ()
+        """Token counts from which a step runs other kernels (the gate/up operator's: its
+        fused kernel, and with ONDO_GATE_UP_PERSISTENT=1 on a GPU that kernel's persistent
+        grid): a CUDA graph's warm-up at one side of one compiles nothing for the other."""
+        if not self._shape.fused_gate_up_silu:
+            return ()
+        branches = (GATE_UP_SILU_MIN_TOKENS,)
+        device = self.model.embed_tokens.weight.device
+        if gate_up_persistent() and device.type == "cuda":
+            from ondo.kernels.triton_gate_up_silu import persistent_min_tokens
+
+            sms = torch.cuda.get_device_properties(device).multi_processor_count
+            persistent = persistent_min_tokens(self.config.intermediate_size // self.shard.size, sms)
+            branches += (persistent,) if persistent > GATE_UP_SILU_MIN_TOKENS else ()
+        return branches
 
     def forward(
         self,

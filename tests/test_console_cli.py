@@ -43,6 +43,35 @@ def test_tokens_are_printed_once_stored_hashed_listed_and_revoked(tmp_path) -> N
     assert main(["console", "--db", str(tmp_path / "none.db")]) == 2
 
 
+def test_reading_tokens_writes_nothing_so_a_full_disk_does_not_stop_the_server(tmp_path) -> None:
+    """A database of telemetry with no token table yet (the server's file before any token
+    was made): counting, listing and looking up tokens leave it byte for byte as it was
+    (making the table there on a full disk failed the server's start), and a path that does
+    not exist is not created. A file the limit of which is reached still answers reads."""
+    import sqlite3
+
+    db = tmp_path / "serve.db"
+    with sqlite3.connect(db) as conn:
+        conn.execute("CREATE TABLE samples (t REAL, watts REAL)")
+        conn.executemany("INSERT INTO samples VALUES (?, ?)", [(i * 0.01, 300.0) for i in range(2000)])
+    conn.close()
+    before = db.read_bytes()
+    store = TokenStore(db)
+    assert store.active_count() == 0 and store.list() == [] and store.lookup("ondo_" + "x" * 43) is None
+    assert db.read_bytes() == before
+    missing = TokenStore(tmp_path / "missing.db")
+    assert missing.lookup("ondo_" + "x" * 43) is None and missing.active_count() == 0
+    assert not (tmp_path / "missing.db").exists()
+    # In a process that may not grow any file past the database's size, as the full-disk
+    # server test runs: reads answer, the first token cannot be made.
+    code = ("import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+            f"resource.setrlimit(resource.RLIMIT_FSIZE, ({len(before)}, {len(before)})); "
+            "from ondo.console.auth import TokenStore; s = TokenStore(sys.argv[1]); "
+            "print(s.active_count(), len(s.list())); s.create('admin', 'root')")
+    r = subprocess.run([sys.executable, "-c", code, str(db)], capture_output=True, text=True, timeout=60)
+    assert r.stdout.split() == ["0", "0"] and r.returncode != 0 and "OperationalError" in r.stderr
+
+
 def _serve_args(*argv: str):
     return build_parser().parse_args(["serve", *argv])
 

@@ -102,10 +102,22 @@ class TokenStore:
         self.path = None if path is None else Path(path)
 
     def _connect(self) -> sqlite3.Connection:
+        """A connection with the table made (for changes)."""
         assert self.path is not None
         conn = sqlite3.connect(str(self.path), timeout=5.0)
         conn.executescript(DDL)
         return conn
+
+    def _read(self) -> sqlite3.Connection | None:
+        """A connection for reads, None where the table was never made: reads write nothing,
+        so a server whose disk is full (its telemetry in the same file) still starts and
+        answers with no tokens."""
+        assert self.path is not None
+        conn = sqlite3.connect(str(self.path), timeout=5.0)
+        if conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'console_tokens'").fetchone():
+            return conn
+        conn.close()
+        return None
 
     def create(self, role: str, name: str) -> tuple[str, TokenInfo]:
         """A new token (shown once) and what is stored of it."""
@@ -125,9 +137,8 @@ class TokenStore:
         return token, info
 
     def list(self) -> list[TokenInfo]:
-        if self.path is None or not self.path.exists():
+        if self.path is None or not self.path.exists() or (conn := self._read()) is None:
             return []
-        conn = self._connect()
         try:
             rows = conn.execute("SELECT token_id, name, role, created_wall_s, revoked_wall_s "
                                 "FROM console_tokens ORDER BY created_wall_s").fetchall()
@@ -149,9 +160,8 @@ class TokenStore:
         return n > 0
 
     def active_count(self) -> int:
-        if self.path is None or not self.path.exists():
+        if self.path is None or not self.path.exists() or (conn := self._read()) is None:
             return 0
-        conn = self._connect()
         try:
             (n,) = conn.execute("SELECT COUNT(*) FROM console_tokens "
                                 "WHERE revoked_wall_s IS NULL").fetchone()
@@ -163,7 +173,8 @@ class TokenStore:
         """The principal of an active token, None for an unknown or revoked one."""
         if self.path is None or not token.startswith(TOKEN_PREFIX) or len(token) > 200:
             return None
-        conn = self._connect()
+        if not self.path.exists() or (conn := self._read()) is None:
+            return None
         try:
             row = conn.execute("SELECT token_id, name, role FROM console_tokens WHERE "
                                "token_sha256 = ? AND revoked_wall_s IS NULL",

@@ -7,10 +7,13 @@ wrappers that way, on threads, to compile start-up's kernels ahead of their firs
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any
+
+import torch
 
 _COMPILE_ONLY: ContextVar[bool] = ContextVar("ondo_compile_only", default=False)
 
@@ -31,3 +34,9 @@ def compile_only() -> Iterator[None]:
         yield
     finally:
         _COMPILE_ONLY.reset(token)
+
+
+@functools.cache
+def device_sm_count(device_index: int) -> int:
+    """SMs of CUDA device `device_index`, read once: the kernels size their grids by it."""
+    return torch.cuda.get_device_properties(device_index).multi_processor_count

@@ -29,7 +29,7 @@ from ondo.kernels.attention import (
     splits_mixed_step,
 )
 from ondo.kernels.decode_splits import MAX_DECODE_SPLITS, decode_longest_first, decode_splits
-from ondo.kernels.launch import launch
+from ondo.kernels.launch import device_sm_count, launch
 from ondo.kernels.metadata import AttentionMetadata
 
 LOG2E = 1.4426950408889634
@@ -581,15 +581,10 @@ def _prefill_kernel(
 # ---------------------------------------------------------------- launch configuration
 
 
-@functools.cache
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def _sm_count(t: torch.Tensor) -> int:
     # The interpreter (CPU tensors) has no SMs; pretend to be an H100 so the split
     # heuristic picks what the GPU would.
-    return _num_sms(t.device.index or 0) if t.is_cuda else 132
+    return device_sm_count(t.device.index or 0) if t.is_cuda else 132
 
 
 def _dot_precision(dtype: torch.dtype) -> str:

@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from ondo.kernels.gate_up_silu import gate_up_persistent
-from ondo.kernels.launch import launch
+from ondo.kernels.launch import device_sm_count, launch
 
 log = logging.getLogger(__name__)
 
@@ -309,11 +309,4 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, tiles: Gat
 def _num_sms(x: torch.Tensor) -> int:
     """SMs of x's GPU; on the CPU (Triton's interpreter) a few, so a persistent grid walks
     several tiles a program."""
-    if not x.is_cuda:
-        return 2
-    return _device_sms(x.device.index if x.device.index is not None else torch.cuda.current_device())
-
-
-@functools.cache
-def _device_sms(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
+    return device_sm_count(x.device.index or 0) if x.is_cuda else 2

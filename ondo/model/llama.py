@@ -267,9 +267,10 @@ class LlamaForCausalLM(torch.nn.Module):
         branches = (GATE_UP_SILU_MIN_TOKENS,)
         device = self.model.embed_tokens.weight.device
         if gate_up_persistent() and device.type == "cuda":
+            from ondo.kernels.launch import device_sm_count
             from ondo.kernels.triton_gate_up_silu import persistent_min_tokens
 
-            sms = torch.cuda.get_device_properties(device).multi_processor_count
+            sms = device_sm_count(device.index or 0)
             persistent = persistent_min_tokens(self.config.intermediate_size // self.shard.size, sms)
             branches += (persistent,) if persistent > GATE_UP_SILU_MIN_TOKENS else ()
         return branches

@@ -170,7 +170,7 @@ def test_the_tiles_are_read_from_the_environment_by_their_label_and_bad_labels_r
     """ONDO_GATE_UP_TILES names tiles as the bench does; the kernel runs at them, and a bad
     label fails the engine's start with the variable's name."""
     monkeypatch.delenv(GATE_UP_TILES_ENV, raising=False)
-    assert configured_tiles() is None  # the default tiles, or each size's under ONDO_GATE_UP_PERSISTENT=1
+    assert configured_tiles() is None  # each size's own tiles (the non-persistent under ONDO_GATE_UP_PERSISTENT=0)
     for tiles in (DEFAULT_TILES, GateUpTiles(128, 128, 64, 8, 8, 3, 1, True), GateUpTiles(64, 64, 32, 4, 4, 3, 2)):
         assert parse_tiles(tiles.label) == tiles
     monkeypatch.setenv(GATE_UP_TILES_ENV, "16x16x32x2x4x2-p1")
@@ -186,11 +186,12 @@ def test_the_tiles_are_read_from_the_environment_by_their_label_and_bad_labels_r
             check_gate_up_tiles()
 
 
-def test_the_persistent_tiles_take_steps_with_two_waves_of_tiles_or_more_when_switched_on(monkeypatch):
+def test_the_persistent_tiles_take_steps_with_two_waves_of_tiles_or_more_unless_switched_off(monkeypatch):
     """On 132 SMs: the 0.6B shape's 1,024 tokens make 8 x 24 = 192 output tiles of 128 x 128
     (the non-persistent tiles), 2,048 tokens 384 (persistent); the 8B shape's 1,024 tokens
-    8 x 112 = 896 (persistent). Off, the non-persistent tiles everywhere. The switch is
-    read strictly and widens the models that take the operator."""
+    8 x 112 = 896 (persistent). Off, the non-persistent tiles everywhere. The switch is on by
+    default, read strictly, and widens the models that take the operator where this Triton
+    warp-specializes."""
     from ondo.kernels import triton_gate_up_silu as module
 
     monkeypatch.setattr(module, "_WARP_SPECIALIZATION_REFUSED", [])
@@ -209,16 +210,26 @@ def test_the_persistent_tiles_take_steps_with_two_waves_of_tiles_or_more_when_sw
     assert persistent_min_tokens(3072, 132) == 1281 and persistent_min_tokens(14336, 132) == 257
 
     monkeypatch.delenv(GATE_UP_PERSISTENT_ENV, raising=False)
+    monkeypatch.setattr(module, "_range_takes_warp_specialize", lambda: True)
+    assert gate_up_persistent() and gate_up_silu_max_hidden() == 4096
+    monkeypatch.setenv(GATE_UP_PERSISTENT_ENV, "0")
     assert not gate_up_persistent() and gate_up_silu_max_hidden() == 2048
     monkeypatch.setenv(GATE_UP_PERSISTENT_ENV, "1")
     assert gate_up_persistent() and gate_up_silu_max_hidden() == 4096
+    # A Triton without warp specialization, or one that refused to compile it: the
+    # non-persistent tiles, which lose to cuBLAS on the 8B shape, so wider models keep cuBLAS.
+    monkeypatch.setattr(module, "_range_takes_warp_specialize", lambda: False)
+    assert gate_up_silu_max_hidden() == 2048
+    monkeypatch.setattr(module, "_range_takes_warp_specialize", lambda: True)
+    monkeypatch.setattr(module, "_WARP_SPECIALIZATION_REFUSED", ["PassManager::run failed"])
+    assert gate_up_silu_max_hidden() == 2048
     monkeypatch.setenv(GATE_UP_PERSISTENT_ENV, "yes")
     with pytest.raises(ValueError, match="ONDO_GATE_UP_PERSISTENT must be 0 or 1"):
         check_gate_up_tiles()
 
 
 def test_a_triton_that_cannot_compile_warp_specialization_falls_back_once_and_other_errors_surface(monkeypatch):
-    """Off (the default), the non-persistent tiles however large the step. On, the
+    """Off, the non-persistent tiles however large the step. On (the default), the
     warp-specialized tiles refused at compile: that call and every later one take the
     non-persistent tiles, with the same result; an error of another kind is raised as is."""
     from ondo.kernels import triton_gate_up_silu as module
@@ -238,11 +249,11 @@ def test_a_triton_that_cannot_compile_warp_specialization_falls_back_once_and_ot
     monkeypatch.setattr(module, "_launch", refusing)
     x, weight = _inputs(300, 64, 136)  # 3 x 2 tiles of 128 x 128 on "one SM"
     want = silu_and_mul(F.linear(x, weight))
-    monkeypatch.delenv(GATE_UP_PERSISTENT_ENV, raising=False)
+    monkeypatch.setenv(GATE_UP_PERSISTENT_ENV, "0")
     torch.testing.assert_close(gate_up_silu_triton(x, weight), want, atol=1e-5, rtol=1e-5)
     assert launched == [DEFAULT_TILES]
     launched.clear()
-    monkeypatch.setenv(GATE_UP_PERSISTENT_ENV, "1")
+    monkeypatch.delenv(GATE_UP_PERSISTENT_ENV)
     torch.testing.assert_close(gate_up_silu_triton(x, weight), want, atol=1e-5, rtol=1e-5)
     assert launched == [PERSISTENT_TILES, DEFAULT_TILES] and not module.warp_specialization_available()
     torch.testing.assert_close(gate_up_silu_triton(x, weight), want, atol=1e-5, rtol=1e-5)
@@ -281,18 +292,24 @@ def test_the_model_reads_the_switch_up_to_its_widest_hidden_size_with_backed_or_
     assert not model._shape.fused_gate_up_silu and model.token_count_branches == ()
     monkeypatch.setenv(FUSED_GATE_UP_SILU_ENV, "1")
     assert LlamaForCausalLM(config)._shape.fused_gate_up_silu
-    # A wider model keeps cuBLAS's matmul (faster than the fused kernel there on an H100).
+    # Without the persistent grid a wider model keeps cuBLAS's matmul (faster than the
+    # non-persistent tiles there on an H100).
     wide = dataclasses.replace(config, hidden_size=2 * GATE_UP_SILU_MAX_HIDDEN, num_attention_heads=2 * 128,
                                num_key_value_heads=1)
+    monkeypatch.setenv(GATE_UP_PERSISTENT_ENV, "0")
     with torch.device("meta"):
         assert not LlamaForCausalLM(wide)._shape.fused_gate_up_silu
-    # With the persistent grid, up to the 8B shape's 4,096; wider still not.
-    monkeypatch.setenv(GATE_UP_PERSISTENT_ENV, "1")
+    # With it (the default, on a Triton that warp-specializes), up to the 8B shape's 4,096;
+    # wider still not.
+    from ondo.kernels import triton_gate_up_silu as module
+
+    monkeypatch.setattr(module, "_range_takes_warp_specialize", lambda: True)
+    monkeypatch.setattr(module, "_WARP_SPECIALIZATION_REFUSED", [])
+    monkeypatch.delenv(GATE_UP_PERSISTENT_ENV)
     with torch.device("meta"):
         assert LlamaForCausalLM(wide)._shape.fused_gate_up_silu
         wider = dataclasses.replace(wide, hidden_size=2 * wide.hidden_size, num_attention_heads=4 * 128)
         assert not LlamaForCausalLM(wider)._shape.fused_gate_up_silu
-    monkeypatch.delenv(GATE_UP_PERSISTENT_ENV)
     # The operator branches on the token count inside, so unbacked token counts take it too.
     monkeypatch.setenv("ONDO_UNBACKED_TOKENS", "1")
     assert LlamaForCausalLM(config)._shape.fused_gate_up_silu

@@ -62,7 +62,7 @@ class GateUpTiles(NamedTuple):
 DEFAULT_TILES = GateUpTiles(128, 64, 64, 8, 4, 4)
 # A persistent grid, a program an SM walking 128 x 128 output tiles (two 128 x 128
 # accumulators on 8 warps), its loads and dots in partitions of their own (Triton's warp
-# specialization; ONDO_GATE_UP_PERSISTENT=1): on an H200 the fastest of the sweep on both shapes wherever the output
+# specialization; unless ONDO_GATE_UP_PERSISTENT=0): on an H200 the fastest of the sweep on both shapes wherever the output
 # has two waves of tiles over the SMs or more, 17 % under `DEFAULT_TILES` at 8,192 tokens
 # of the 0.6B shape and 10 % under cuBLAS + SiLU-and-mul on the 8B shape (docs/benchmarks.md).
 PERSISTENT_TILES = GateUpTiles(128, 128, 64, 8, 8, 3, 1, True)
@@ -119,7 +119,7 @@ _WARP_SPECIALIZATION_REFUSED: list[str] = []  # why this Triton failed to compil
 
 
 def persistent_tiles(num_tokens: int, intermediate: int, num_sms: int) -> GateUpTiles:
-    """The tiles under ONDO_GATE_UP_PERSISTENT=1: `PERSISTENT_TILES` where the output's
+    """The tiles with the persistent grid on (the default): `PERSISTENT_TILES` where the output's
     128 x 128 tiles make two waves over the SMs or more (and this Triton warp-specializes);
     `DEFAULT_TILES` under that, where the persistent grid's last wave leaves SMs idle: on an
     H200 at 1,024 tokens of the 0.6B shape (192 tiles on 132 SMs) it took 28.9 µs against
@@ -251,8 +251,8 @@ def tma_ready(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 def gate_up_silu_triton(x: torch.Tensor, weight: torch.Tensor, tiles: GateUpTiles | None = None) -> torch.Tensor:
     """silu(x @ gate^T) * (x @ up^T), [T, I], from x [T, H] and weight [2 I, H], at `tiles`;
-    unless given, ONDO_GATE_UP_TILES's, else `persistent_tiles` for this size under
-    ONDO_GATE_UP_PERSISTENT=1, else `DEFAULT_TILES`."""
+    unless given, ONDO_GATE_UP_TILES's, else `persistent_tiles` for this size (unless
+    ONDO_GATE_UP_PERSISTENT=0), else `DEFAULT_TILES`."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     chosen = tiles or configured_tiles()

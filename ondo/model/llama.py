@@ -260,8 +260,8 @@ class LlamaForCausalLM(torch.nn.Module):
     @property
     def token_count_branches(self) -> tuple[int, ...]:
         """Token counts from which a step runs other kernels (the gate/up operator's: its
-        fused kernel, and with ONDO_GATE_UP_PERSISTENT=1 on a GPU that kernel's persistent
-        grid): a CUDA graph's warm-up at one side of one compiles nothing for the other."""
+        fused kernel, and on a GPU, unless ONDO_GATE_UP_PERSISTENT=0, that kernel's
+        persistent grid): a CUDA graph's warm-up at one side of one compiles nothing for the other."""
         if not self._shape.fused_gate_up_silu:
             return ()
         branches = (GATE_UP_SILU_MIN_TOKENS,)

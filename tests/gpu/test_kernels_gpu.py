@@ -351,7 +351,7 @@ def test_fused_gate_up_silu_against_the_compiled_path_and_under_torch_compile(dt
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_persistent_gate_up_silu_takes_its_tiles_by_size_and_rounds_as_the_default_tiles(dtype, monkeypatch):
-    """ONDO_GATE_UP_PERSISTENT=1: at sizes with two waves of 128 x 128 output tiles or more
+    """The persistent grid (the default; set here all the same): at sizes with two waves of 128 x 128 output tiles or more
     (the 0.6B shape at 2,048 and 8,200 tokens, the 8B shape at 1,100) the operator runs the
     persistent, warp-specialized grid; each output element is the same sum, tiled another
     way, so within a few rounding steps of the default tiles' and as close to float64. Under two

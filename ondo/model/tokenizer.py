@@ -118,10 +118,7 @@ def load_tokenizer(path: str | None, tokenizer_path: str | None = None) -> Token
         raise FileNotFoundError(f"tokenizer source not found: {source}")
     try:
         if source.endswith(".gguf"):
-            from transformers import AutoTokenizer
-
-            folder, file_name = os.path.split(os.path.abspath(source))
-            hf_tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file_name)
+            hf_tokenizer = _gguf_tokenizer(source)
         else:
             declared = declared_tokenizer_class(source)
             if declared is not None:
@@ -133,6 +130,22 @@ def load_tokenizer(path: str | None, tokenizer_path: str | None = None) -> Token
     except Exception as e:  # transformers raises many kinds on a bad file
         raise ValueError(f"cannot load a tokenizer from {source}: {e}") from e
     return Tokenizer(hf_tokenizer, source, _generation_eos_ids(source))
+
+
+def _gguf_tokenizer(source: str) -> Any:
+    """The tokenizer in a GGUF file's metadata: the one converted at an earlier start if it
+    is kept (`gguf_tokenizer_cache`), else converted now and kept."""
+    from ondo.model import gguf_tokenizer_cache
+
+    hf_tokenizer = gguf_tokenizer_cache.load_cached(source)
+    if hf_tokenizer is not None:
+        return hf_tokenizer
+    from transformers import AutoTokenizer
+
+    folder, file_name = os.path.split(os.path.abspath(source))
+    hf_tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file_name)
+    gguf_tokenizer_cache.keep(source, hf_tokenizer)
+    return hf_tokenizer
 
 
 def _generation_eos_ids(source: str) -> list[int]:

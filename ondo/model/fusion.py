@@ -23,6 +23,7 @@ from typing import TypeVar
 import torch
 
 from ondo.model.residual_add import residual_add_in_norm, residual_add_pass
+from ondo.model.user_cache import user_cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +44,7 @@ def use_user_cache_dir() -> None:
     in the home folder already (`~/.triton/cache`). A folder the user set is kept."""
     if "TORCHINDUCTOR_CACHE_DIR" in os.environ:
         return
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    folder = os.path.join(base, "ondo", "inductor")
+    folder = user_cache_dir("inductor")
     try:
         os.makedirs(folder, exist_ok=True)
     except OSError as e:  # a read-only home: torch's default then

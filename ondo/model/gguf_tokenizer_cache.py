@@ -21,6 +21,8 @@ import shutil
 import tempfile
 from typing import Any
 
+from ondo.model.user_cache import user_cache_dir
+
 log = logging.getLogger(__name__)
 
 # Files `save_pretrained` writes for a fast tokenizer; their presence marks a whole folder.
@@ -28,8 +30,7 @@ _MARKER = "tokenizer.json"
 
 
 def cache_root() -> str:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "ondo", "tokenizers")
+    return user_cache_dir("tokenizers")
 
 
 def cached_folder(gguf_path: str) -> str:

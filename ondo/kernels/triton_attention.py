@@ -4,7 +4,8 @@ Both read K/V only through the block table, so a sequence's blocks may lie anywh
 in the cache. Both are GQA-aware: a program serves every query head that shares one
 KV head, so each K/V tile is loaded once for the whole head group and the head group
 becomes the M dimension of ``tl.dot``. Softmax runs online (flash attention) in fp32
-in the log2 domain (``exp2`` with ``scale * log2(e)`` folded into the scores).
+in the log2 domain (``exp2``; in the prefill kernel ``scale * log2(e)`` goes into the
+one multiply-add that also subtracts the running max).
 
 Decode (every sequence brings one new token) is memory-bound: the work is reading
 the context's K/V once. With few sequences there are too few (sequence, kv head)
@@ -262,13 +263,13 @@ def _prefill_tile(
         k_cache_ptr, table_row, kv_head, n, n_mask, d, d_mask,
         stride_cache_block, stride_cache_slot, stride_cache_h, BLOCK_SIZE, MASKED,
     )  # fmt: skip
-    qk = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION) * scale_log2e
+    qk = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION)
     if MASKED:
         visible = n_mask[None, :] & (n[None, :] <= q_pos[:, None])
         qk = tl.where(visible, qk, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    m_new = tl.maximum(m_i, tl.max(qk, 1) * scale_log2e)
     alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(qk - m_new[:, None])
+    p = tl.exp2(qk * scale_log2e - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     v = _load_kv_tile(
         v_cache_ptr, table_row, kv_head, n, n_mask, d, d_mask,
@@ -337,13 +338,13 @@ def _new_kv_tile(
             k = tl.load(k_new_ptr + k_offsets, mask=n_mask[:, None] & d_mask[None, :], other=0.0)
         else:
             k = tl.load(k_new_ptr + k_offsets, mask=d_mask[None, :], other=0.0)
-    qk = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION) * scale_log2e
+    qk = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION)
     if MASKED:
         visible = n_mask[None, :] & (n[None, :] <= q_tok[:, None])
         qk = tl.where(visible, qk, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    m_new = tl.maximum(m_i, tl.max(qk, 1) * scale_log2e)
     alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(qk - m_new[:, None])
+    p = tl.exp2(qk * scale_log2e - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     if TMA:
         v = desc_v.load([row0 + start, kv_head * HEAD_DIM])
@@ -436,18 +437,21 @@ def _attend_tile(
         # Only the cached prefix, visible to every row: whole tiles, then what is left of one.
         cache_end = prefix_len
         cache_full = prefix_len // BLOCK_N * BLOCK_N
-    for start in range(0, cache_full, BLOCK_N):
-        m_i, l_i, acc = _prefill_tile(
-            q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, table_row, kv_head, start, cache_end, q_pos,
-            d, d_mask, scale_log2e, stride_cache_block, stride_cache_slot, stride_cache_h,
-            BLOCK_SIZE, BLOCK_N, False, DOT_PRECISION,
-        )  # fmt: skip
-    for start in range(cache_full, cache_end, BLOCK_N):
-        m_i, l_i, acc = _prefill_tile(
-            q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, table_row, kv_head, start, cache_end, q_pos,
-            d, d_mask, scale_log2e, stride_cache_block, stride_cache_slot, stride_cache_h,
-            BLOCK_SIZE, BLOCK_N, True, DOT_PRECISION,
-        )  # fmt: skip
+    # A fresh prompt's tiles have no cached prefix: skipping the block-table loops as a whole
+    # (not only their iterations) saves their pipelines' set-up, 6 % of W3's prompts on an H100.
+    if cache_end > 0:
+        for start in range(0, cache_full, BLOCK_N):
+            m_i, l_i, acc = _prefill_tile(
+                q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, table_row, kv_head, start, cache_end, q_pos,
+                d, d_mask, scale_log2e, stride_cache_block, stride_cache_slot, stride_cache_h,
+                BLOCK_SIZE, BLOCK_N, False, DOT_PRECISION,
+            )  # fmt: skip
+        for start in range(cache_full, cache_end, BLOCK_N):
+            m_i, l_i, acc = _prefill_tile(
+                q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, table_row, kv_head, start, cache_end, q_pos,
+                d, d_mask, scale_log2e, stride_cache_block, stride_cache_slot, stride_cache_h,
+                BLOCK_SIZE, BLOCK_N, True, DOT_PRECISION,
+            )  # fmt: skip
     if NEW_KV != 0:
         # This step's keys from its own K/V, counted from the sequence's first new token:
         # whole tiles up to the tile's first query token unmasked, then the diagonal.

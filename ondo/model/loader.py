@@ -14,6 +14,7 @@ from collections.abc import Iterator
 
 import torch
 
+from ondo.model import gguf_weights_cache
 from ondo.model.config import ModelConfig
 from ondo.model.default_model import default_model_path
 from ondo.model.gguf_file import gguf_config, gguf_tensors, open_gguf
@@ -36,10 +37,9 @@ def load_model(
     shard = shard or Shard()
     path, load_format = _resolve(path, load_format)
     if load_format == "gguf":
-        reader = open_gguf(path)
-        config = gguf_config(reader, path)
+        config, tensors = _gguf_weights(path)
         model = _empty_model(config, dtype, device, shard)
-        _fill(model, gguf_tensors(reader, config, path, dtype), path)
+        _fill(model, ((name, t.to(dtype)) for name, t in tensors), path)
         return model, config
 
     config = read_hf_config(path)
@@ -54,8 +54,33 @@ def read_model_config(path: str | None, load_format: str) -> ModelConfig:
     """The model's shape alone (config.json or the GGUF's metadata), without its weights."""
     path, load_format = _resolve(path, load_format)
     if load_format == "gguf":
-        return gguf_config(open_gguf(path), path)
+        return gguf_weights_cache.cached_config(path) or gguf_config(open_gguf(path), path)
     return read_hf_config(path)
+
+
+def _gguf_weights(path: str) -> tuple[ModelConfig, Iterator[tuple[str, torch.Tensor]]]:
+    """The GGUF's config and float32 tensors: those kept from an earlier start where there
+    are, else read from the file (and kept, if the model is small enough)."""
+    config = gguf_weights_cache.cached_config(path)
+    tensors = gguf_weights_cache.cached_tensors(path) if config is not None else None
+    if config is not None and tensors is not None:
+        return config, tensors
+    reader = open_gguf(path)
+    config = gguf_config(reader, path)
+    tensors = gguf_tensors(reader, config, path, torch.float32)
+    if gguf_weights_cache.wants(reader):
+        tensors = _keeping(path, config, tensors)
+    return config, tensors
+
+
+def _keeping(path: str, config: ModelConfig,
+             tensors: Iterator[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+    """`tensors` as they come; once all have come, they are kept for the next start."""
+    kept: dict[str, torch.Tensor] = {}
+    for name, tensor in tensors:
+        kept[name] = tensor
+        yield name, tensor
+    gguf_weights_cache.keep(path, config, kept)
 
 
 def _resolve(path: str | None, load_format: str) -> tuple[str, str]:

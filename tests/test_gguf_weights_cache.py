@@ -125,3 +125,14 @@ def test_an_unwritable_cache_folder_still_loads_with_a_warning(gguf_path, tmp_pa
         second, _ = weights(gguf_path)
     assert "cannot keep" in caplog.text and str(blocker) in caplog.text
     assert all(torch.equal(first[n], second[n]) for n in first)
+
+
+def test_a_missing_file_is_named_whether_or_not_weights_are_kept(gguf_path, tmp_path):
+    weights(gguf_path)
+    missing = str(tmp_path / "missing.gguf")
+    with pytest.raises(FileNotFoundError, match=f"GGUF file not found: {missing}"):
+        loader.read_model_config(missing, "auto")
+    with pytest.raises(FileNotFoundError, match=f"GGUF file not found: {missing}"):
+        weights(missing)
+    assert gguf_weights_cache.float32_bytes(loader.open_gguf(gguf_path)) == 4 * sum(
+        p.numel() for p in weights(gguf_path)[0].values())

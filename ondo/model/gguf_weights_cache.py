@@ -22,7 +22,6 @@ import shutil
 from collections.abc import Iterator
 from typing import Any
 
-import numpy as np
 import torch
 
 from ondo.kernels.switches import whole_number
@@ -54,7 +53,7 @@ def cached_folder(gguf_path: str) -> str:
 
 def float32_bytes(reader: Any) -> int:
     """The model's weights in float32: what keeping them takes on disk."""
-    return sum(4 * int(np.prod(t.shape)) for t in reader.tensors if hf_tensor_name(t.name) is not None)
+    return sum(4 * int(t.n_elements) for t in reader.tensors if hf_tensor_name(t.name) is not None)
 
 
 def wants(reader: Any) -> bool:
@@ -62,7 +61,10 @@ def wants(reader: Any) -> bool:
 
 
 def cached_config(gguf_path: str) -> ModelConfig | None:
-    """The config kept for `gguf_path`; None where none is kept or it cannot be read."""
+    """The config kept for `gguf_path`; None where none is kept or it cannot be read (or
+    there is no such file: reading it then says so)."""
+    if not os.path.isfile(gguf_path):
+        return None
     folder = cached_folder(gguf_path)
     if not is_whole(folder, _WEIGHTS):
         return None

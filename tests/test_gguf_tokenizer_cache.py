@@ -83,7 +83,7 @@ def test_an_unwritable_cache_folder_still_loads_with_a_warning(gguf_copy, monkey
     blocker.write_text("not a folder")
     monkeypatch.setenv("XDG_CACHE_HOME", str(blocker))
     seen = conversions(monkeypatch)
-    with caplog.at_level(logging.WARNING, logger="ondo.model.gguf_tokenizer_cache"):
+    with caplog.at_level(logging.WARNING, logger="ondo.model.kept_files"):
         tokenizer = load_tokenizer(gguf_copy)
     assert "cannot keep" in caplog.text and str(blocker) in caplog.text
     assert tokenizer.decode(tokenizer.encode("Hello world")) == "Hello world"

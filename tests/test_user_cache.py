@@ -11,7 +11,9 @@ from ondo.model.user_cache import user_cache_dir
 def test_the_cache_folders_follow_xdg_cache_home_else_the_home_folder(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert user_cache_dir("tokenizers") == str(tmp_path / "xdg" / "ondo" / "tokenizers")
-    assert gguf_tokenizer_cache.cache_root() == user_cache_dir("tokenizers")
+    model = tmp_path / "m.gguf"
+    model.write_bytes(b"GGUF")
+    assert os.path.dirname(gguf_tokenizer_cache.cached_folder(str(model))) == user_cache_dir("tokenizers")
 
     monkeypatch.delenv("XDG_CACHE_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))

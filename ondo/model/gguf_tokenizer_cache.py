@@ -15,16 +15,11 @@ import shutil
 from typing import Any
 
 from ondo.model.kept_files import is_whole, keep_folder, kept_folder
-from ondo.model.user_cache import user_cache_dir
 
 log = logging.getLogger(__name__)
 
 # Files `save_pretrained` writes for a fast tokenizer; their presence marks a whole folder.
 _MARKER = "tokenizer.json"
-
-
-def cache_root() -> str:
-    return user_cache_dir("tokenizers")
 
 
 def cached_folder(gguf_path: str) -> str:

@@ -104,7 +104,7 @@ def keep(gguf_path: str, config: ModelConfig, tensors: dict[str, torch.Tensor]) 
     def write(folder: str) -> None:
         with open(os.path.join(folder, _CONFIG), "w") as f:
             json.dump(dataclasses.asdict(config), f)
-        save_file(tensors, os.path.join(folder, _WEIGHTS), metadata={"source": os.path.abspath(gguf_path)})
+        save_file(tensors, os.path.join(folder, _WEIGHTS))
 
     keep_folder(cached_folder(gguf_path), _WEIGHTS, write, f"{gguf_path}'s dequantized weights", gguf_path)
 

@@ -42,9 +42,9 @@ def is_whole(folder: str, marker: str) -> bool:
     return os.path.isfile(os.path.join(folder, marker))
 
 
-def keep_folder(folder: str, marker: str, write: Callable[[str], None], what: str, source_path: str) -> bool:
+def keep_folder(folder: str, marker: str, write: Callable[[str], None], what: str, source_path: str) -> None:
     """`write` fills a staging folder (`marker` among its files), which then becomes
-    `folder`, derived from `source_path`. False, with a warning, where that cannot be done."""
+    `folder`, derived from `source_path`; a warning where that cannot be done."""
     try:
         os.makedirs(os.path.dirname(folder), exist_ok=True)
         staging = tempfile.mkdtemp(prefix=".staging-", dir=os.path.dirname(folder))
@@ -62,16 +62,14 @@ def keep_folder(folder: str, marker: str, write: Callable[[str], None], what: st
             shutil.rmtree(staging, ignore_errors=True)  # another process's folder won
     except Exception as e:  # a full or read-only disk: convert again next time
         log.warning("cannot keep %s in %s: %s", what, folder, e)
-        return False
+        return
     remove_stale(os.path.dirname(folder), source_path, folder)
-    return True
 
 
-def remove_stale(root: str, source_path: str, current: str) -> list[str]:
+def remove_stale(root: str, source_path: str, current: str) -> None:
     """Remove the folders under `root`, other than `current`, derived from `source_path` or
-    from a file that is gone; the folders removed."""
+    from a file that is gone."""
     source = os.path.abspath(source_path)
-    removed = []
     for entry in os.scandir(root):
         if not entry.is_dir() or entry.name.startswith(".staging-") or entry.path == current:
             continue
@@ -82,5 +80,3 @@ def remove_stale(root: str, source_path: str, current: str) -> list[str]:
             continue  # not one of ours whole, or another process's: leave it
         if derived_from == source or not os.path.exists(derived_from):
             shutil.rmtree(entry.path, ignore_errors=True)
-            removed.append(entry.path)
-    return removed

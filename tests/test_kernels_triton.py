@@ -16,6 +16,8 @@ if DEVICE == "cpu":
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
 
 from ondo.kernels.attention import (  # noqa: E402
     MIXED_DECODE_OVERLAP_ENV,
@@ -30,6 +32,8 @@ from ondo.kernels.reference import paged_attention_ref, write_kv_cache_ref  # no
 from ondo.kernels.testing import PagedBatch, make_paged_batch  # noqa: E402
 from ondo.kernels.triton_attention import (  # noqa: E402
     PrefillTiles,
+    _claim,
+    _work_queue,
     decode_tile_rows,
     new_kv_mode,
     paged_attention_triton,
@@ -494,6 +498,54 @@ def test_prefill_tiles_started_longest_first_give_the_same_output():
         outs[first] = _write_then_attend(b, lambda *a, t=tiles: paged_prefill_attention_triton(*a, tiles=t))
     assert torch.equal(outs[True], outs[False])
     torch.testing.assert_close(outs[True], _reference(b), atol=ATOL, rtol=RTOL)
+
+
+@pytest.mark.parametrize("decode_rows_first", [True, False])
+def test_persistent_prefill_kernel_matches_the_grid_and_the_reference(decode_rows_first):
+    # The scheduler's order (running sequences first) and the other one; a long prompt, a
+    # chunk over a cached prefix, decode rows and an empty sequence. Every (tile, kv head)
+    # is taken from the queue exactly once, and the queue is left empty for the next launch.
+    query_lens, context_lens = [70, 23, 0, 9], [70, 90, 11, 9]
+    decode_lens, decode_ctx = [1, 1, 1], [40, 17, 65]
+    if decode_rows_first:
+        query_lens, context_lens = decode_lens + query_lens, decode_ctx + context_lens
+    else:
+        query_lens, context_lens = query_lens + decode_lens, context_lens + decode_ctx
+    b = _batch(query_lens, context_lens, heads=(8, 2), head_dim=64, block_size=8)
+    outs = {}
+    for persistent in (False, True):
+        tiles = PrefillTiles(16, 32, 4, 1, False, persistent)
+        outs[persistent] = _write_then_attend(b, lambda *a, t=tiles: paged_prefill_attention_triton(*a, tiles=t))
+        torch.testing.assert_close(outs[persistent], _reference(b), atol=ATOL, rtol=RTOL)
+    assert torch.equal(outs[True], outs[False])
+    assert _work_queue(b.query.device).tolist() == [0, 0]
+
+
+@triton.jit
+def _claims_kernel(queue_ptr, ends_ptr, out_ptr, num_items, num_claims):
+    for i in range(num_claims):
+        tl.store(out_ptr + i, _claim(queue_ptr, num_items, tl.load(ends_ptr + i) != 0))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_the_work_queue_splits_its_items_between_its_two_ends_exactly(seed):
+    # Claims from the front and the back in a random order: the valid ones are items
+    # 0, 1, ... from the front and n - 1, n - 2, ... from the back, together each item once;
+    # every claim after the two ends met is refused (-1).
+    gen = torch.Generator().manual_seed(seed)
+    n, num_claims = 37, 45
+    ends = torch.randint(0, 2, (num_claims,), generator=gen, dtype=torch.int32, device=DEVICE)
+    queue = torch.zeros(2, dtype=torch.int64, device=DEVICE)
+    out = torch.full((num_claims,), -2, dtype=torch.int32, device=DEVICE)
+    _claims_kernel[(1,)](queue, ends, out, n, num_claims)
+    got, from_back = out.tolist(), ends.tolist()
+    valid = [item for item in got if item >= 0]
+    assert sorted(valid) == list(range(n))
+    front = [item for item, back in zip(got, from_back) if item >= 0 and not back]
+    back = [item for item, back in zip(got, from_back) if item >= 0 and back]
+    assert front == list(range(len(front))) and back == list(range(n - 1, n - 1 - len(back), -1))
+    assert got[len(valid):] == [-1] * (num_claims - n)  # no gaps: refused only once all are taken
+    assert -2 not in got
 
 
 def _strided_value(b: PagedBatch) -> PagedBatch:

@@ -52,6 +52,17 @@ def prefill_longest_first() -> bool:
     return on_off(PREFILL_LONGEST_FIRST_ENV, default=False)
 
 
+PREFILL_PERSISTENT_ENV = "ONDO_PREFILL_PERSISTENT"
+
+
+def prefill_persistent() -> bool:
+    """Whether the prefill kernel runs as a persistent grid of two CTAs an SM taking its
+    tiles from a queue from both ends, so that a step's decode rows read their contexts
+    beside its prompts' tiles on every SM (`_prefill_kernel`): off unless
+    ONDO_PREFILL_PERSISTENT=1."""
+    return on_off(PREFILL_PERSISTENT_ENV, default=False)
+
+
 PREFILL_DECODE_TILE_ENV = "ONDO_PREFILL_DECODE_TILE"
 
 

@@ -24,6 +24,8 @@ from ondo.kernels.attention import (  # noqa: E402
     MIXED_SPLIT_BY_WORK_ENV,
     MIXED_SPLIT_MIN_ROWS_ENV,
     PREFILL_DECODE_TILE_ENV,
+    PREFILL_PERSISTENT_ENV,
+    check_switches,
     splits_decode_rows,
     splits_mixed_step,
 )
@@ -696,6 +698,18 @@ def test_the_prefill_decode_tile_switch(monkeypatch):
     monkeypatch.setenv(PREFILL_DECODE_TILE_ENV, "2")
     with pytest.raises(ValueError, match="ONDO_PREFILL_DECODE_TILE must be 0 or 1"):
         decode_tile_rows(2, 64)
+
+
+def test_the_prefill_persistent_switch(monkeypatch):
+    q = torch.zeros(4, 8, 64, device=DEVICE)
+    kc = torch.zeros(3, 16, 2, 64, device=DEVICE)
+    monkeypatch.delenv(PREFILL_PERSISTENT_ENV, raising=False)
+    assert not prefill_tiles(q, kc).persistent  # off by default
+    monkeypatch.setenv(PREFILL_PERSISTENT_ENV, "1")
+    assert prefill_tiles(q, kc).persistent
+    monkeypatch.setenv(PREFILL_PERSISTENT_ENV, "yes")
+    with pytest.raises(ValueError, match="ONDO_PREFILL_PERSISTENT must be 0 or 1"):
+        check_switches()
 
 
 def test_fp16_inputs_keep_fp16_output_close_to_fp32_reference():

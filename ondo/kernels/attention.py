@@ -90,7 +90,7 @@ def check_switches() -> None:
     """Read every attention switch once, so that a bad value fails the engine at start on
     any device (the kernels read them only on a GPU)."""
     mixed_split_min_rows(), mixed_split_by_work(), mixed_decode_overlap()
-    prefill_longest_first(), prefill_new_kv(), prefill_decode_tile()
+    prefill_longest_first(), prefill_new_kv(), prefill_decode_tile(), prefill_persistent()
 
 
 def splits_mixed_step(meta: AttentionMetadata, num_kv_heads: int, num_sms: int) -> bool:

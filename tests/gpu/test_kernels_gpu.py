@@ -178,7 +178,8 @@ def test_persistent_prefill_kernel_on_gpu(dtype, decode_rows_first, monkeypatch)
     decode, decode_ctx = [1] * 40, [2049 + i % 15 for i in range(40)]
     q, c = (decode + prompts, decode_ctx + prompt_ctx) if decode_rows_first else (prompts + decode, prompt_ctx + decode_ctx)
     b = _batch(q, c, (16, 8), 128, dtype)
-    assert prefill_tiles(b.query, b.k_cache).persistent
+    tiles = prefill_tiles(b.query, b.k_cache)
+    assert tiles.persistent and (tiles.num_stages <= 2 or dtype == torch.float32)  # two CTAs fit an SM
     _check(b, lambda *a: paged_prefill_attention_triton(*a, split_decode_rows=False, key=b.key, value=b.value))
     scale = 128 ** -0.5
 

@@ -33,7 +33,11 @@ if "--smoke" in sys.argv:
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from ondo.kernels.attention import MIXED_DECODE_OVERLAP_ENV, PREFILL_DECODE_TILE_ENV  # noqa: E402
+from ondo.kernels.attention import (  # noqa: E402
+    MIXED_DECODE_OVERLAP_ENV,
+    PREFILL_DECODE_TILE_ENV,
+    PREFILL_PERSISTENT_ENV,
+)
 from ondo.kernels.triton_attention import paged_prefill_attention_triton, program_tile  # noqa: E402
 
 
@@ -225,12 +229,14 @@ def decode_rows_split_off(b, scale: float, expect: torch.Tensor, bench) -> dict[
     rows in the decode kernel, one kernel after the other (`split`) or the decode kernel on
     a second stream beside the prefill kernel (`overlap`, ONDO_MIXED_DECODE_OVERLAP=1); or
     kept in the prefill kernel in a prompt's tile (`in_prefill`) or in tiles of their own
-    (`decode_tile`, ONDO_PREFILL_DECODE_TILE=1)."""
+    (`decode_tile`, ONDO_PREFILL_DECODE_TILE=1), there also with the persistent grid
+    (`persistent`, ONDO_PREFILL_PERSISTENT=1)."""
     row: dict[str, float] = {}
     runs = (("split", True, {MIXED_DECODE_OVERLAP_ENV: "0"}), ("overlap", True, {MIXED_DECODE_OVERLAP_ENV: "1"}),
             ("in_prefill", False, {PREFILL_DECODE_TILE_ENV: "0"}),
-            ("decode_tile", False, {PREFILL_DECODE_TILE_ENV: "1"}))
-    names = (MIXED_DECODE_OVERLAP_ENV, PREFILL_DECODE_TILE_ENV)
+            ("decode_tile", False, {PREFILL_DECODE_TILE_ENV: "1"}),
+            ("persistent", False, {PREFILL_DECODE_TILE_ENV: "1", PREFILL_PERSISTENT_ENV: "1"}))
+    names = (MIXED_DECODE_OVERLAP_ENV, PREFILL_DECODE_TILE_ENV, PREFILL_PERSISTENT_ENV)
     before = {name: os.environ.get(name) for name in names}
     try:
         for name, split, env in runs:
@@ -270,6 +276,11 @@ def main(argv: list[str] | None = None) -> int:
         mixed = [{"name": f"{model} W3 mixed: 4 x 2048 + 60 decode rows", "query_lens": [2048] * 4 + [1] * 60,
                   "context_lens": [2048] * 4 + [2049 + i % 15 for i in range(60)], "heads": heads, "head_dim": 128}
                  for model, heads in (("qwen3-0.6b", (16, 8)), ("llama3.1-8b", (32, 8)))]
+        # The engine's order: the scheduler puts the running sequences before the new ones.
+        mixed.append({"name": "qwen3-0.6b W3 mixed, scheduler's order: 60 decode rows + 4 x 2048",
+                      "query_lens": [1] * 60 + [2048] * 4,
+                      "context_lens": [2049 + i % 15 for i in range(60)] + [2048] * 4, "heads": (16, 8),
+                      "head_dim": 128})
         shapes = step_shapes(False) + mixed
         if args.quick:
             shapes = [sh for sh in shapes if sh["name"].startswith("qwen3") and "chunks" not in sh["name"]]

@@ -46,8 +46,8 @@ def test_kv_write_sweep_writes_the_reference_caches(tmp_path):
 
 def test_fresh_prompt_bench_agrees_with_ondos_kernel(tmp_path):
     """bench/prefill_fresh_kv.py: the stand-alone variants and ondo's kernel reading the
-    step's own K/V, or with the mixed step's decode rows split off, overlapped or in tiles
-    of their own, all give ondo's default output."""
+    step's own K/V, or with the mixed step's decode rows split off, overlapped, in tiles
+    of their own or on the persistent grid, all give ondo's default output."""
     out = tmp_path / "fresh.json"
     env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
     subprocess.run([sys.executable, str(ROOT / "bench" / "prefill_fresh_kv.py"), "--smoke", "--out", str(out)],
@@ -58,7 +58,8 @@ def test_fresh_prompt_bench_agrees_with_ondos_kernel(tmp_path):
         diffs += [r["max_abs_diff"] for r in row.get("variants", [])]
         assert diffs and all(d < 1e-4 for d in diffs)
     assert fresh["ondo_new_kv1_max_abs_diff"] == fresh["ondo_new_kv2_max_abs_diff"] == 0.0  # same tiles
-    assert {f"ondo_{run}_max_abs_diff" for run in ("split", "overlap", "in_prefill", "decode_tile")} <= mixed.keys()
+    runs = ("split", "overlap", "in_prefill", "decode_tile", "persistent")
+    assert {f"ondo_{run}_max_abs_diff" for run in runs} <= mixed.keys()
     assert "ondo_split_ms" not in fresh  # no decode rows: nothing to split off
 
 

@@ -4,7 +4,7 @@ addresses left out, for each way of reading the step's own keys. Run against two
 checkouts (`--tree`), equal hashes say a change to the kernel's source left its machine
 code as it was.
 
-    python3 bench/prefill_sass.py [--tree DIR] [--decode-m 16] [--quick] [--persistent] [--out FILE]
+    python3 bench/prefill_sass.py [--tree DIR] [--decode-m 16] [--quick] [--persistent | --both-ends] [--out FILE]
     git archive HEAD~1 ondo | tar -x -C /tmp/before && python3 bench/prefill_sass.py --tree /tmp/before
 
 Needs Triton's bundled `nvdisasm` and `cuobjdump` (the `triton` wheel ships them); runs
@@ -76,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--decode-m", type=int, default=0, help="DECODE_M, where the kernel has it")
     ap.add_argument("--quick", action="store_true", help="bf16 at 2 query heads per kv head only")
     ap.add_argument("--persistent", action="store_true", help="PERSISTENT, where the kernel has it (two stages)")
+    ap.add_argument("--both-ends", action="store_true", help="BOTH_ENDS, where the kernel has it")
     ap.add_argument("--out")
     args = ap.parse_args(argv)
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
@@ -102,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
                     constexprs["DECODE_M"] = args.decode_m
                 if "PERSISTENT" in fn.arg_names:
                     constexprs["PERSISTENT"] = args.persistent
+                if "BOTH_ENDS" in fn.arg_names:
+                    constexprs["BOTH_ENDS"] = args.both_ends
                 sig, consts, attrs = signature(fn, constexprs, dtype, new_kv)
                 kernel = triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
                                         options={"num_warps": 4, "num_stages": 2 if args.persistent else 3})
@@ -110,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     result = {"tree": args.tree, "triton": triton.__version__, "decode_m": args.decode_m,
-              "persistent": args.persistent, "rows": rows}
+              "persistent": args.persistent, "both_ends": args.both_ends, "rows": rows}
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)

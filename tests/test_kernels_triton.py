@@ -23,6 +23,7 @@ from ondo.kernels.attention import (  # noqa: E402
     MIXED_DECODE_OVERLAP_ENV,
     MIXED_SPLIT_BY_WORK_ENV,
     MIXED_SPLIT_MIN_ROWS_ENV,
+    PREFILL_BOTH_ENDS_ENV,
     PREFILL_DECODE_TILE_ENV,
     PREFILL_PERSISTENT_ENV,
     check_switches,
@@ -503,6 +504,27 @@ def test_prefill_tiles_started_longest_first_give_the_same_output():
 
 
 @pytest.mark.parametrize("decode_rows_first", [True, False])
+def test_prefill_tiles_taken_from_both_ends_give_the_same_output(decode_rows_first):
+    # Decode rows (the scheduler's order first, or last) beside a long prompt, a chunk over
+    # a cached prefix and an empty sequence; an odd and an even program count (the two
+    # ends meet on one program or between two): each tile is computed exactly once, as
+    # in grid order, or the reference would not match.
+    for query_lens, context_lens in (([70, 23, 0, 9], [70, 90, 11, 9]), ([70, 23, 0, 9, 16], [70, 90, 11, 9, 16])):
+        decode_lens, decode_ctx = [1, 1, 1], [40, 17, 65]
+        if decode_rows_first:
+            query_lens, context_lens = decode_lens + query_lens, decode_ctx + context_lens
+        else:
+            query_lens, context_lens = query_lens + decode_lens, context_lens + decode_ctx
+        b = _batch(query_lens, context_lens, heads=(8, 2), head_dim=64, block_size=8)
+        outs = {}
+        for both_ends in (False, True):
+            tiles = PrefillTiles(16, 32, 4, 1, both_ends=both_ends)
+            outs[both_ends] = _write_then_attend(b, lambda *a, t=tiles: paged_prefill_attention_triton(*a, tiles=t))
+        torch.testing.assert_close(outs[True], _reference(b), atol=ATOL, rtol=RTOL)
+        assert torch.equal(outs[True], outs[False])
+
+
+@pytest.mark.parametrize("decode_rows_first", [True, False])
 def test_persistent_prefill_kernel_matches_the_grid_and_the_reference(decode_rows_first):
     # The scheduler's order (running sequences first) and the other one; a long prompt, a
     # chunk over a cached prefix, decode rows and an empty sequence. Every (tile, kv head)
@@ -709,6 +731,18 @@ def test_the_prefill_persistent_switch(monkeypatch):
     assert prefill_tiles(q, kc).persistent
     monkeypatch.setenv(PREFILL_PERSISTENT_ENV, "yes")
     with pytest.raises(ValueError, match="ONDO_PREFILL_PERSISTENT must be 0 or 1"):
+        check_switches()
+
+
+def test_the_prefill_both_ends_switch(monkeypatch):
+    q = torch.zeros(4, 8, 64, device=DEVICE)
+    kc = torch.zeros(3, 16, 2, 64, device=DEVICE)
+    monkeypatch.delenv(PREFILL_BOTH_ENDS_ENV, raising=False)
+    assert not prefill_tiles(q, kc).both_ends  # off by default
+    monkeypatch.setenv(PREFILL_BOTH_ENDS_ENV, "1")
+    assert prefill_tiles(q, kc).both_ends
+    monkeypatch.setenv(PREFILL_BOTH_ENDS_ENV, "on")
+    with pytest.raises(ValueError, match="ONDO_PREFILL_BOTH_ENDS must be 0 or 1"):
         check_switches()
 
 

@@ -63,6 +63,17 @@ def prefill_persistent() -> bool:
     return on_off(PREFILL_PERSISTENT_ENV, default=False)
 
 
+PREFILL_BOTH_ENDS_ENV = "ONDO_PREFILL_BOTH_ENDS"
+
+
+def prefill_both_ends() -> bool:
+    """Whether the prefill kernel's programs take their tiles from the grid's two ends in
+    turn, so that a step's decode rows (the scheduler puts them first) run beside its
+    prompts' tiles rather than in waves of their own (`_prefill_kernel`): off unless
+    ONDO_PREFILL_BOTH_ENDS=1."""
+    return on_off(PREFILL_BOTH_ENDS_ENV, default=False)
+
+
 PREFILL_DECODE_TILE_ENV = "ONDO_PREFILL_DECODE_TILE"
 
 
@@ -91,6 +102,7 @@ def check_switches() -> None:
     any device (the kernels read them only on a GPU)."""
     mixed_split_min_rows(), mixed_split_by_work(), mixed_decode_overlap()
     prefill_longest_first(), prefill_new_kv(), prefill_decode_tile(), prefill_persistent()
+    prefill_both_ends()
 
 
 def splits_mixed_step(meta: AttentionMetadata, num_kv_heads: int, num_sms: int) -> bool:

@@ -24,6 +24,7 @@ import triton.language as tl
 
 from ondo.kernels.attention import (
     mixed_decode_overlap,
+    prefill_both_ends,
     prefill_decode_tile,
     prefill_longest_first,
     prefill_new_kv,
@@ -533,6 +534,9 @@ def _prefill_kernel(
     # One program per (query tile, kv head), or a persistent grid of two CTAs an SM taking
     # them from a queue (ONDO_PREFILL_PERSISTENT).
     PERSISTENT: tl.constexpr,
+    # Even programs take the grid's tiles from its front, odd ones from its back
+    # (ONDO_PREFILL_BOTH_ENDS).
+    BOTH_ENDS: tl.constexpr,
 ):
     """Causal attention of a tile of one sequence's new tokens over its whole context.
 
@@ -561,6 +565,11 @@ def _prefill_kernel(
     scheduler's order), so on each SM one CTA reads decode rows' contexts, bound by
     memory, beside one running prompt tiles, bound by the tensor cores; where one end's
     work runs out its CTAs go on with the other's.
+
+    BOTH_ENDS gets much the same mix from the hardware's own scheduling, with no queue:
+    program 2i takes the grid's tile i, program 2i + 1 its tile n - 1 - i. The GPU starts
+    programs about in grid order, so the CTAs running at any moment hold tiles from both
+    ends: decode rows beside prompt tiles wherever the step has both.
     """
     if PERSISTENT:
         # Two CTAs an SM, each walking the work queue from one end (see the docstring).
@@ -584,6 +593,8 @@ def _prefill_kernel(
         program = tl.program_id(0)
         if LONGEST_FIRST:
             program = tl.num_programs(0) - 1 - program
+        if BOTH_ENDS:
+            program = tl.where(program % 2 == 0, program // 2, tl.num_programs(0) - 1 - program // 2)
         _prefill_program(
             q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, query_start_loc_ptr, out_ptr,
             scale_log2e, stride_q_t, stride_q_h, stride_o_t, stride_o_h, stride_cache_block, stride_cache_slot,
@@ -871,6 +882,7 @@ class PrefillTiles(NamedTuple):
     num_stages: int
     longest_first: bool = False  # each sequence's last (longest) query tiles start first
     persistent: bool = False  # two CTAs an SM taking tiles from a queue (`_prefill_kernel`)
+    both_ends: bool = False  # programs take tiles from the grid's two ends in turn
 
 
 def _tma_ready(*tensors: torch.Tensor) -> bool:
@@ -914,19 +926,21 @@ def prefill_tiles(query: torch.Tensor, k_cache: torch.Tensor) -> PrefillTiles:
     block_n, stages = _kv_tile_tokens(k_cache, block_d)
     longest_first = prefill_longest_first()
     persistent = prefill_persistent()
+    both_ends = prefill_both_ends()
     if not query.is_cuda:
-        return PrefillTiles(16, block_n, 4, stages, longest_first, persistent)
+        return PrefillTiles(16, block_n, 4, stages, longest_first, persistent, both_ends)
     if query.dtype == torch.float32:
         # fp32 dots run on the CUDA cores ("ieee"), unrolled: with 64 x 64 tiles each fp32
         # prefill GPU test took 35-93 s on an H100 (2026-12-06), the bf16 ones 2-8 s. fp32
         # is served for exactness, not speed; a 32 x 32 tile is a quarter of the code.
-        return PrefillTiles(32, min(block_n, 32), 4, stages, longest_first, persistent)
+        return PrefillTiles(32, min(block_n, 32), 4, stages, longest_first, persistent, both_ends)
     # 64 rows on 4 warps: on an H200 the fastest on both W3 shapes and on chunks over a
     # context (bench/prefill_tiles.py: 7 %, 4 % and 12 % under 128 rows on 8 warps), and
     # a single-token row that stays in this kernel wastes half as many tile rows. Two
     # pipeline stages where two CTAs must share an SM: 81 KiB of shared memory each with
     # 128-wide bf16 heads, against 113 KiB at three.
-    return PrefillTiles(64, block_n, 4, min(stages, 2) if persistent else stages, longest_first, persistent)
+    return PrefillTiles(64, block_n, 4, min(stages, 2) if persistent else stages, longest_first, persistent,
+                        both_ends)
 
 
 def decode_tile_rows(group_pad: int, block_m: int) -> int:
@@ -973,7 +987,8 @@ def paged_prefill_attention_triton(
         return out
     group_pad = triton.next_power_of_2(group)
     block_d = triton.next_power_of_2(head_dim)
-    block_m, block_n, num_warps, stages, longest_first, persistent = tiles or prefill_tiles(query, k_cache)
+    block_m, block_n, num_warps, stages, longest_first, persistent, both_ends = (
+        tiles or prefill_tiles(query, k_cache))
     block_m = max(block_m, group_pad)
     tokens_per_tile = block_m // group_pad
     decode_m = decode_tile_rows(group_pad, block_m)
@@ -1064,6 +1079,7 @@ def paged_prefill_attention_triton(
             DOT_PRECISION=_dot_precision(query.dtype),
             DECODE_M=decode_m,
             PERSISTENT=persistent,
+            BOTH_ENDS=both_ends,
             num_warps=num_warps,
             num_stages=stages,
         )

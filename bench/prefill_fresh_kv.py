@@ -33,12 +33,7 @@ if "--smoke" in sys.argv:
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from ondo.kernels.attention import (  # noqa: E402
-    MIXED_DECODE_OVERLAP_ENV,
-    PREFILL_BOTH_ENDS_ENV,
-    PREFILL_DECODE_TILE_ENV,
-    PREFILL_PERSISTENT_ENV,
-)
+from ondo.kernels.attention import MIXED_DECODE_OVERLAP_ENV, PREFILL_DECODE_TILE_ENV  # noqa: E402
 from ondo.kernels.triton_attention import paged_prefill_attention_triton, program_tile  # noqa: E402
 
 
@@ -230,16 +225,12 @@ def decode_rows_split_off(b, scale: float, expect: torch.Tensor, bench) -> dict[
     rows in the decode kernel, one kernel after the other (`split`) or the decode kernel on
     a second stream beside the prefill kernel (`overlap`, ONDO_MIXED_DECODE_OVERLAP=1); or
     kept in the prefill kernel in a prompt's tile (`in_prefill`) or in tiles of their own
-    (`decode_tile`, ONDO_PREFILL_DECODE_TILE=1), there also with the persistent grid
-    (`persistent`, ONDO_PREFILL_PERSISTENT=1) or with the grid's tiles taken from both its
-    ends in turn (`both_ends`, ONDO_PREFILL_BOTH_ENDS=1)."""
+    (`decode_tile`, ONDO_PREFILL_DECODE_TILE=1)."""
     row: dict[str, float] = {}
     runs = (("split", True, {MIXED_DECODE_OVERLAP_ENV: "0"}), ("overlap", True, {MIXED_DECODE_OVERLAP_ENV: "1"}),
             ("in_prefill", False, {PREFILL_DECODE_TILE_ENV: "0"}),
-            ("decode_tile", False, {PREFILL_DECODE_TILE_ENV: "1"}),
-            ("persistent", False, {PREFILL_DECODE_TILE_ENV: "1", PREFILL_PERSISTENT_ENV: "1"}),
-            ("both_ends", False, {PREFILL_DECODE_TILE_ENV: "1", PREFILL_BOTH_ENDS_ENV: "1"}))
-    names = (MIXED_DECODE_OVERLAP_ENV, PREFILL_DECODE_TILE_ENV, PREFILL_PERSISTENT_ENV, PREFILL_BOTH_ENDS_ENV)
+            ("decode_tile", False, {PREFILL_DECODE_TILE_ENV: "1"}))
+    names = (MIXED_DECODE_OVERLAP_ENV, PREFILL_DECODE_TILE_ENV)
     before = {name: os.environ.get(name) for name in names}
     try:
         for name, split, env in runs:

@@ -4,7 +4,7 @@ addresses left out, for each way of reading the step's own keys. Run against two
 checkouts (`--tree`), equal hashes say a change to the kernel's source left its machine
 code as it was.
 
-    python3 bench/prefill_sass.py [--tree DIR] [--decode-m 16] [--quick] [--persistent | --both-ends] [--out FILE]
+    python3 bench/prefill_sass.py [--tree DIR] [--decode-m 16] [--quick] [--out FILE]
     git archive HEAD~1 ondo | tar -x -C /tmp/before && python3 bench/prefill_sass.py --tree /tmp/before
 
 Needs Triton's bundled `nvdisasm` and `cuobjdump` (the `triton` wheel ships them); runs
@@ -40,8 +40,6 @@ def signature(fn, constexprs: dict, dtype: str, new_kv: int) -> tuple[dict, dict
             continue
         if name in ("q_ptr", "k_cache_ptr", "v_cache_ptr", "out_ptr", "k_new_ptr", "v_new_ptr", "desc_k", "desc_v"):
             sig[name] = "*" + dtype
-        elif name == "queue_ptr":
-            sig[name] = "*i64"
         elif name.endswith("_ptr"):
             sig[name] = "*i32"
         else:
@@ -75,8 +73,6 @@ def main(argv: list[str] | None = None) -> int:
                     help="the checkout whose ondo/ is compiled (default: this one)")
     ap.add_argument("--decode-m", type=int, default=0, help="DECODE_M, where the kernel has it")
     ap.add_argument("--quick", action="store_true", help="bf16 at 2 query heads per kv head only")
-    ap.add_argument("--persistent", action="store_true", help="PERSISTENT, where the kernel has it (two stages)")
-    ap.add_argument("--both-ends", action="store_true", help="BOTH_ENDS, where the kernel has it")
     ap.add_argument("--out")
     args = ap.parse_args(argv)
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
@@ -101,19 +97,14 @@ def main(argv: list[str] | None = None) -> int:
                                   DOT_PRECISION="tf32")
                 if "DECODE_M" in fn.arg_names:
                     constexprs["DECODE_M"] = args.decode_m
-                if "PERSISTENT" in fn.arg_names:
-                    constexprs["PERSISTENT"] = args.persistent
-                if "BOTH_ENDS" in fn.arg_names:
-                    constexprs["BOTH_ENDS"] = args.both_ends
                 sig, consts, attrs = signature(fn, constexprs, dtype, new_kv)
                 kernel = triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", 90, 32),
-                                        options={"num_warps": 4, "num_stages": 2 if args.persistent else 3})
+                                        options={"num_warps": 4, "num_stages": 3})
                 row = {"new_kv": new_kv, "dtype": dtype, "group": group, "shared_bytes": kernel.metadata.shared,
                        **sass_summary(kernel.asm["cubin"], tools)}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-    result = {"tree": args.tree, "triton": triton.__version__, "decode_m": args.decode_m,
-              "persistent": args.persistent, "both_ends": args.both_ends, "rows": rows}
+    result = {"tree": args.tree, "triton": triton.__version__, "decode_m": args.decode_m, "rows": rows}
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)

@@ -6,7 +6,15 @@ difference from the default configuration's output, and the fastest per step sha
 Configurations the GPU cannot hold (shared memory, registers) are recorded as such.
 
     python3 bench/prefill_tiles.py [--out FILE]
+    python3 bench/prefill_tiles.py --mixed [--out FILE]   # W3's mixed step, its prompts, its decode rows
     python3 bench/prefill_tiles.py --smoke   # CPU (Triton's interpreter), tiny shapes
+
+`--mixed` times nine configurations, as the engine launches the kernel (the step's own
+keys read from its projections, every decode row kept in the prefill kernel), on W3's
+mixed step in the scheduler's order (60 decode rows of ~2,050 tokens, then 4 prompts of
+2,048), on its prompts alone and on its decode rows alone (beside one 64-token prompt),
+for both shapes' heads; and the mixed step with its decode rows split off to the decode
+kernel (`split_off_ms`).
 """
 
 from __future__ import annotations
@@ -61,6 +69,25 @@ def shape_batch(shape: dict, dtype: torch.dtype, device: str):
     return b
 
 
+def mixed_shapes(smoke: bool) -> list[dict]:
+    """W3's mixed step in the scheduler's order (running sequences first), its prompts
+    alone and its decode rows alone, for both shapes' heads."""
+    if smoke:
+        return [{"name": "smoke mixed", "query_lens": [1, 1, 20], "context_lens": [40, 37, 20], "heads": (4, 2),
+                 "head_dim": 32}]
+    decode_q, decode_c = [1] * 60, [2049 + i % 15 for i in range(60)]
+    parts = {"mixed: 60 decode rows + 4 x 2048": (decode_q + [2048] * 4, decode_c + [2048] * 4),
+             "prompts: 4 x 2048": ([2048] * 4, [2048] * 4),
+             "decode rows: 60 + one 64-token prompt": (decode_q + [64], decode_c + [64])}
+    return [{"name": f"{model} W3 {part}", "query_lens": q, "context_lens": c, "heads": heads, "head_dim": 128}
+            for model, heads in (("qwen3-0.6b", (16, 8)), ("llama3.1-8b", (32, 8))) for part, (q, c) in parts.items()]
+
+
+MIXED_CANDIDATES = [(64, 64, 4, 3, False), (64, 64, 4, 2, False), (64, 32, 4, 3, False), (64, 128, 4, 2, False),
+                    (128, 64, 8, 3, False), (128, 64, 8, 2, False), (128, 128, 8, 2, False), (128, 32, 8, 3, False),
+                    (128, 64, 4, 2, False)]
+
+
 def candidates(smoke: bool) -> list[tuple[int, int, int, int, bool]]:
     """(rows, K/V tokens, warps, stages, longest tiles first): every tile shape in grid
     order, and the ones fastest on some step so far also started longest first."""
@@ -78,6 +105,7 @@ def flops(query_lens: list[int], context_lens: list[int], heads: int, head_dim: 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--mixed", action="store_true", help="W3's mixed step and its parts, as the engine launches it")
     ap.add_argument("--out")
     args = ap.parse_args(argv)
     if args.smoke:
@@ -92,21 +120,28 @@ def main(argv: list[str] | None = None) -> int:
     cuda = torch.cuda.is_available() and not args.smoke
     device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
     results = []
-    for shape in step_shapes(args.smoke):
+    shapes = mixed_shapes(args.smoke) if args.mixed else step_shapes(args.smoke)
+    configs = MIXED_CANDIDATES if args.mixed and not args.smoke else candidates(args.smoke)
+    # As the engine launches it with --mixed: the step's own keys from its projections, and
+    # every decode row in the prefill kernel.
+    engine = {"key": None, "value": None, "split_decode_rows": False}
+    for shape in shapes:
         hq = shape["heads"][0]
         d = shape["head_dim"]
         b = shape_batch(shape, dtype, device)
         scale = d ** -0.5
         default = prefill_tiles(b.query, b.k_cache)
-        expect = paged_prefill_attention_triton(b.query, b.k_cache, b.v_cache, b.meta, scale).float()
+        kwargs = {**engine, "key": b.key, "value": b.value} if args.mixed else {}
+        expect = paged_prefill_attention_triton(b.query, b.k_cache, b.v_cache, b.meta, scale, **kwargs).float()
         f = flops(shape["query_lens"], shape["context_lens"], hq, d)
         rows = []
-        for config in candidates(args.smoke):
+        for config in configs:
             tiles = PrefillTiles(*config)
             row: dict[str, object] = {**tiles._asdict(), "default": tiles == default}
 
-            def run(b=b, scale=scale, tiles=tiles):
-                return paged_prefill_attention_triton(b.query, b.k_cache, b.v_cache, b.meta, scale, tiles=tiles)
+            def run(b=b, scale=scale, tiles=tiles, kwargs=kwargs):
+                return paged_prefill_attention_triton(b.query, b.k_cache, b.v_cache, b.meta, scale, tiles=tiles,
+                                                      **kwargs)
 
             def check(run=run, expect=expect) -> dict:
                 return {"max_abs_diff": (run().float() - expect).abs().max().item()}
@@ -117,6 +152,12 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(row)
         best, base = fastest(rows, "ms")
         results.append({"shape": shape["name"], "default": default._asdict(), "best": best, "rows": rows})
+        if args.mixed and "mixed" in shape["name"] and cuda:
+            import triton
+
+            results[-1]["split_off_ms"] = triton.testing.do_bench(
+                lambda b=b, scale=scale: paged_prefill_attention_triton(
+                    b.query, b.k_cache, b.v_cache, b.meta, scale, key=b.key, value=b.value, split_decode_rows=True))
         print(f"{shape['name']}: default {default} "
               + (f"{base['ms']:.3f} ms ({base['tflops']:.0f} TFLOP/s)" if base else "not timed")
               + f"; fastest {tuple(best[k] for k in PrefillTiles._fields)} "

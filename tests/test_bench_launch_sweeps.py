@@ -14,11 +14,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def smoke_sweep(script: str, tmp_path: Path) -> dict:
+def smoke_sweep(script: str, tmp_path: Path, *flags: str) -> dict:
     """The script's --smoke run; its one step shape as written to --out."""
     out = tmp_path / "sweep.json"
     env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
-    subprocess.run([sys.executable, str(ROOT / "bench" / script), "--smoke", "--out", str(out)],
+    subprocess.run([sys.executable, str(ROOT / "bench" / script), "--smoke", *flags, "--out", str(out)],
                    check=True, cwd=ROOT, env=env, capture_output=True, timeout=300)
     shape = json.loads(out.read_text())["shapes"][0]
     assert [r["default"] for r in shape["rows"]].count(True) == 1
@@ -36,6 +36,15 @@ def test_prefill_tiles_sweep_agrees_with_the_default_configuration(tmp_path):
     assert shape["best"]["ms"] == min(r["ms"] for r in rows)
 
 
+def test_prefill_tiles_mixed_sweep_agrees_as_the_engine_launches_it(tmp_path):
+    # Decode rows first (the scheduler's order) beside a prompt, the step's own keys read
+    # from its projections, every decode row in the prefill kernel.
+    shape = smoke_sweep("prefill_tiles.py", tmp_path, "--mixed")
+    assert shape["shape"] == "smoke mixed"
+    rows = shape["rows"]
+    assert len(rows) == 3 and all("error" not in r and r["max_abs_diff"] < 1e-4 for r in rows)
+
+
 def test_kv_write_sweep_writes_the_reference_caches(tmp_path):
     shape = smoke_sweep("kv_write_bench.py", tmp_path)
     rows = shape["rows"]
@@ -46,8 +55,8 @@ def test_kv_write_sweep_writes_the_reference_caches(tmp_path):
 
 def test_fresh_prompt_bench_agrees_with_ondos_kernel(tmp_path):
     """bench/prefill_fresh_kv.py: the stand-alone variants and ondo's kernel reading the
-    step's own K/V, or with the mixed step's decode rows split off, overlapped, in tiles
-    of their own or on the persistent grid, all give ondo's default output."""
+    step's own K/V, or with the mixed step's decode rows split off, overlapped or in tiles
+    of their own, all give ondo's default output."""
     out = tmp_path / "fresh.json"
     env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
     subprocess.run([sys.executable, str(ROOT / "bench" / "prefill_fresh_kv.py"), "--smoke", "--out", str(out)],
@@ -58,8 +67,7 @@ def test_fresh_prompt_bench_agrees_with_ondos_kernel(tmp_path):
         diffs += [r["max_abs_diff"] for r in row.get("variants", [])]
         assert diffs and all(d < 1e-4 for d in diffs)
     assert fresh["ondo_new_kv1_max_abs_diff"] == fresh["ondo_new_kv2_max_abs_diff"] == 0.0  # same tiles
-    runs = ("split", "overlap", "in_prefill", "decode_tile", "persistent")
-    assert {f"ondo_{run}_max_abs_diff" for run in runs} <= mixed.keys()
+    assert {f"ondo_{run}_max_abs_diff" for run in ("split", "overlap", "in_prefill", "decode_tile")} <= mixed.keys()
     assert "ondo_split_ms" not in fresh  # no decode rows: nothing to split off
 
 

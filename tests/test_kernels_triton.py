@@ -16,17 +16,12 @@ if DEVICE == "cpu":
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
-import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
 
 from ondo.kernels.attention import (  # noqa: E402
     MIXED_DECODE_OVERLAP_ENV,
     MIXED_SPLIT_BY_WORK_ENV,
     MIXED_SPLIT_MIN_ROWS_ENV,
-    PREFILL_BOTH_ENDS_ENV,
     PREFILL_DECODE_TILE_ENV,
-    PREFILL_PERSISTENT_ENV,
-    check_switches,
     splits_decode_rows,
     splits_mixed_step,
 )
@@ -35,8 +30,6 @@ from ondo.kernels.reference import paged_attention_ref, write_kv_cache_ref  # no
 from ondo.kernels.testing import PagedBatch, make_paged_batch  # noqa: E402
 from ondo.kernels.triton_attention import (  # noqa: E402
     PrefillTiles,
-    _claim,
-    _work_queue,
     decode_tile_rows,
     new_kv_mode,
     paged_attention_triton,
@@ -503,75 +496,6 @@ def test_prefill_tiles_started_longest_first_give_the_same_output():
     torch.testing.assert_close(outs[True], _reference(b), atol=ATOL, rtol=RTOL)
 
 
-@pytest.mark.parametrize("decode_rows_first", [True, False])
-def test_prefill_tiles_taken_from_both_ends_give_the_same_output(decode_rows_first):
-    # Decode rows (the scheduler's order first, or last) beside a long prompt, a chunk over
-    # a cached prefix and an empty sequence; an odd and an even program count (the two
-    # ends meet on one program or between two): each tile is computed exactly once, as
-    # in grid order, or the reference would not match.
-    for query_lens, context_lens in (([70, 23, 0, 9], [70, 90, 11, 9]), ([70, 23, 0, 9, 16], [70, 90, 11, 9, 16])):
-        decode_lens, decode_ctx = [1, 1, 1], [40, 17, 65]
-        if decode_rows_first:
-            query_lens, context_lens = decode_lens + query_lens, decode_ctx + context_lens
-        else:
-            query_lens, context_lens = query_lens + decode_lens, context_lens + decode_ctx
-        b = _batch(query_lens, context_lens, heads=(8, 2), head_dim=64, block_size=8)
-        outs = {}
-        for both_ends in (False, True):
-            tiles = PrefillTiles(16, 32, 4, 1, both_ends=both_ends)
-            outs[both_ends] = _write_then_attend(b, lambda *a, t=tiles: paged_prefill_attention_triton(*a, tiles=t))
-        torch.testing.assert_close(outs[True], _reference(b), atol=ATOL, rtol=RTOL)
-        assert torch.equal(outs[True], outs[False])
-
-
-@pytest.mark.parametrize("decode_rows_first", [True, False])
-def test_persistent_prefill_kernel_matches_the_grid_and_the_reference(decode_rows_first):
-    # The scheduler's order (running sequences first) and the other one; a long prompt, a
-    # chunk over a cached prefix, decode rows and an empty sequence. Every (tile, kv head)
-    # is taken from the queue exactly once, and the queue is left empty for the next launch.
-    query_lens, context_lens = [70, 23, 0, 9], [70, 90, 11, 9]
-    decode_lens, decode_ctx = [1, 1, 1], [40, 17, 65]
-    if decode_rows_first:
-        query_lens, context_lens = decode_lens + query_lens, decode_ctx + context_lens
-    else:
-        query_lens, context_lens = query_lens + decode_lens, context_lens + decode_ctx
-    b = _batch(query_lens, context_lens, heads=(8, 2), head_dim=64, block_size=8)
-    outs = {}
-    for persistent in (False, True):
-        tiles = PrefillTiles(16, 32, 4, 1, False, persistent)
-        outs[persistent] = _write_then_attend(b, lambda *a, t=tiles: paged_prefill_attention_triton(*a, tiles=t))
-        torch.testing.assert_close(outs[persistent], _reference(b), atol=ATOL, rtol=RTOL)
-    assert torch.equal(outs[True], outs[False])
-    assert _work_queue(b.query.device).tolist() == [0, 0]
-
-
-@triton.jit
-def _claims_kernel(queue_ptr, ends_ptr, out_ptr, num_items, num_claims):
-    for i in range(num_claims):
-        tl.store(out_ptr + i, _claim(queue_ptr, num_items, tl.load(ends_ptr + i) != 0))
-
-
-@pytest.mark.parametrize("seed", range(4))
-def test_the_work_queue_splits_its_items_between_its_two_ends_exactly(seed):
-    # Claims from the front and the back in a random order: the valid ones are items
-    # 0, 1, ... from the front and n - 1, n - 2, ... from the back, together each item once;
-    # every claim after the two ends met is refused (-1).
-    gen = torch.Generator().manual_seed(seed)
-    n, num_claims = 37, 45
-    ends = torch.randint(0, 2, (num_claims,), generator=gen, dtype=torch.int32, device=DEVICE)
-    queue = torch.zeros(2, dtype=torch.int64, device=DEVICE)
-    out = torch.full((num_claims,), -2, dtype=torch.int32, device=DEVICE)
-    _claims_kernel[(1,)](queue, ends, out, n, num_claims)
-    got, from_back = out.tolist(), ends.tolist()
-    valid = [item for item in got if item >= 0]
-    assert sorted(valid) == list(range(n))
-    front = [item for item, back in zip(got, from_back) if item >= 0 and not back]
-    back = [item for item, back in zip(got, from_back) if item >= 0 and back]
-    assert front == list(range(len(front))) and back == list(range(n - 1, n - 1 - len(back), -1))
-    assert got[len(valid):] == [-1] * (num_claims - n)  # no gaps: refused only once all are taken
-    assert -2 not in got
-
-
 def _strided_value(b: PagedBatch) -> PagedBatch:
     """The batch with V a view of a wider projection, as the model hands it over (K/V
     rows of 3 * Hkv * D elements), holding the same values."""
@@ -720,30 +644,6 @@ def test_the_prefill_decode_tile_switch(monkeypatch):
     monkeypatch.setenv(PREFILL_DECODE_TILE_ENV, "2")
     with pytest.raises(ValueError, match="ONDO_PREFILL_DECODE_TILE must be 0 or 1"):
         decode_tile_rows(2, 64)
-
-
-def test_the_prefill_persistent_switch(monkeypatch):
-    q = torch.zeros(4, 8, 64, device=DEVICE)
-    kc = torch.zeros(3, 16, 2, 64, device=DEVICE)
-    monkeypatch.delenv(PREFILL_PERSISTENT_ENV, raising=False)
-    assert not prefill_tiles(q, kc).persistent  # off by default
-    monkeypatch.setenv(PREFILL_PERSISTENT_ENV, "1")
-    assert prefill_tiles(q, kc).persistent
-    monkeypatch.setenv(PREFILL_PERSISTENT_ENV, "yes")
-    with pytest.raises(ValueError, match="ONDO_PREFILL_PERSISTENT must be 0 or 1"):
-        check_switches()
-
-
-def test_the_prefill_both_ends_switch(monkeypatch):
-    q = torch.zeros(4, 8, 64, device=DEVICE)
-    kc = torch.zeros(3, 16, 2, 64, device=DEVICE)
-    monkeypatch.delenv(PREFILL_BOTH_ENDS_ENV, raising=False)
-    assert not prefill_tiles(q, kc).both_ends  # off by default
-    monkeypatch.setenv(PREFILL_BOTH_ENDS_ENV, "1")
-    assert prefill_tiles(q, kc).both_ends
-    monkeypatch.setenv(PREFILL_BOTH_ENDS_ENV, "on")
-    with pytest.raises(ValueError, match="ONDO_PREFILL_BOTH_ENDS must be 0 or 1"):
-        check_switches()
 
 
 def test_fp16_inputs_keep_fp16_output_close_to_fp32_reference():

@@ -52,28 +52,6 @@ def prefill_longest_first() -> bool:
     return on_off(PREFILL_LONGEST_FIRST_ENV, default=False)
 
 
-PREFILL_PERSISTENT_ENV = "ONDO_PREFILL_PERSISTENT"
-
-
-def prefill_persistent() -> bool:
-    """Whether the prefill kernel runs as a persistent grid of two CTAs an SM taking its
-    tiles from a queue from both ends, so that a step's decode rows read their contexts
-    beside its prompts' tiles on every SM (`_prefill_kernel`): off unless
-    ONDO_PREFILL_PERSISTENT=1."""
-    return on_off(PREFILL_PERSISTENT_ENV, default=False)
-
-
-PREFILL_BOTH_ENDS_ENV = "ONDO_PREFILL_BOTH_ENDS"
-
-
-def prefill_both_ends() -> bool:
-    """Whether the prefill kernel's programs take their tiles from the grid's two ends in
-    turn, so that a step's decode rows (the scheduler puts them first) run beside its
-    prompts' tiles rather than in waves of their own (`_prefill_kernel`): off unless
-    ONDO_PREFILL_BOTH_ENDS=1."""
-    return on_off(PREFILL_BOTH_ENDS_ENV, default=False)
-
-
 PREFILL_DECODE_TILE_ENV = "ONDO_PREFILL_DECODE_TILE"
 
 
@@ -101,8 +79,7 @@ def check_switches() -> None:
     """Read every attention switch once, so that a bad value fails the engine at start on
     any device (the kernels read them only on a GPU)."""
     mixed_split_min_rows(), mixed_split_by_work(), mixed_decode_overlap()
-    prefill_longest_first(), prefill_new_kv(), prefill_decode_tile(), prefill_persistent()
-    prefill_both_ends()
+    prefill_longest_first(), prefill_new_kv(), prefill_decode_tile()
 
 
 def splits_mixed_step(meta: AttentionMetadata, num_kv_heads: int, num_sms: int) -> bool:

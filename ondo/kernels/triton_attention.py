@@ -24,11 +24,9 @@ import triton.language as tl
 
 from ondo.kernels.attention import (
     mixed_decode_overlap,
-    prefill_both_ends,
     prefill_decode_tile,
     prefill_longest_first,
     prefill_new_kv,
-    prefill_persistent,
     splits_mixed_step,
 )
 from ondo.kernels.decode_splits import MAX_DECODE_SPLITS, decode_longest_first, decode_splits
@@ -510,9 +508,6 @@ def _prefill_kernel(
     stride_k_h,
     stride_v_t,
     stride_v_h,
-    queue_ptr,  # [2] int64, zero between launches: the work queue's counts, read when PERSISTENT
-    num_items,  # query tiles x kv heads, read when PERSISTENT
-    num_kv_heads,
     GROUP: tl.constexpr,
     GROUP_PAD: tl.constexpr,  # GROUP padded to a power of two
     HEAD_DIM: tl.constexpr,
@@ -531,12 +526,6 @@ def _prefill_kernel(
     # 0: a sequence with one new token (a decode row) takes a tile of BLOCK_M rows like any
     # other, GROUP of them live; > 0: a tile of DECODE_M rows (ONDO_PREFILL_DECODE_TILE).
     DECODE_M: tl.constexpr,
-    # One program per (query tile, kv head), or a persistent grid of two CTAs an SM taking
-    # them from a queue (ONDO_PREFILL_PERSISTENT).
-    PERSISTENT: tl.constexpr,
-    # Even programs take the grid's tiles from its front, odd ones from its back
-    # (ONDO_PREFILL_BOTH_ENDS).
-    BOTH_ENDS: tl.constexpr,
 ):
     """Causal attention of a tile of one sequence's new tokens over its whole context.
 
@@ -557,116 +546,12 @@ def _prefill_kernel(
     grid order the longest tiles start last and the kernel ends on a few of them running
     alone. LONGEST_FIRST walks the grid from its end instead: within each sequence the
     longest tiles start first and the kernel ends on short ones, spread over the SMs.
-
-    PERSISTENT launches two CTAs an SM instead (tiles sized so that two fit), each taking
-    (query tile, kv head) items, tile-major, from one queue until none is left: the grid's
-    first half, which the GPU places one CTA on each SM, from the queue's back, the other
-    half from its front. A step's running sequences come before its new ones (the
-    scheduler's order), so on each SM one CTA reads decode rows' contexts, bound by
-    memory, beside one running prompt tiles, bound by the tensor cores; where one end's
-    work runs out its CTAs go on with the other's.
-
-    BOTH_ENDS gets much the same mix from the hardware's own scheduling, with no queue:
-    program 2i takes the grid's tile i, program 2i + 1 its tile n - 1 - i. The GPU starts
-    programs about in grid order, so the CTAs running at any moment hold tiles from both
-    ends: decode rows beside prompt tiles wherever the step has both.
     """
-    if PERSISTENT:
-        # Two CTAs an SM, each walking the work queue from one end (see the docstring).
-        from_back = tl.program_id(0) < tl.num_programs(0) // 2
-        item = _claim(queue_ptr, num_items, from_back)
-        while item >= 0:
-            _prefill_program(
-                q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, query_start_loc_ptr, out_ptr,
-                scale_log2e, stride_q_t, stride_q_h, stride_o_t, stride_o_h, stride_cache_block, stride_cache_slot,
-                stride_cache_h, stride_bt, num_seqs, split_flag_ptr, k_new_ptr, v_new_ptr, desc_k, desc_v,
-                stride_k_t, stride_k_h, stride_v_t, stride_v_h, item // num_kv_heads, item % num_kv_heads,
-                GROUP, GROUP_PAD, HEAD_DIM, BLOCK_D, BLOCK_SIZE, BLOCK_M, BLOCK_N, SKIP_SINGLE, NEW_KV,
-                DOT_PRECISION, DECODE_M,
-            )  # fmt: skip
-            item = _claim(queue_ptr, num_items, from_back)
-        # The last CTA out leaves the queue empty for the next launch.
-        if tl.atomic_add(queue_ptr + 1, 1) == tl.num_programs(0) - 1:
-            tl.atomic_xchg(queue_ptr, 0)
-            tl.atomic_xchg(queue_ptr + 1, 0)
-    else:
-        program = tl.program_id(0)
-        if LONGEST_FIRST:
-            program = tl.num_programs(0) - 1 - program
-        if BOTH_ENDS:
-            program = tl.where(program % 2 == 0, program // 2, tl.num_programs(0) - 1 - program // 2)
-        _prefill_program(
-            q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, query_start_loc_ptr, out_ptr,
-            scale_log2e, stride_q_t, stride_q_h, stride_o_t, stride_o_h, stride_cache_block, stride_cache_slot,
-            stride_cache_h, stride_bt, num_seqs, split_flag_ptr, k_new_ptr, v_new_ptr, desc_k, desc_v,
-            stride_k_t, stride_k_h, stride_v_t, stride_v_h, program, tl.program_id(1),
-            GROUP, GROUP_PAD, HEAD_DIM, BLOCK_D, BLOCK_SIZE, BLOCK_M, BLOCK_N, SKIP_SINGLE, NEW_KV,
-            DOT_PRECISION, DECODE_M,
-        )  # fmt: skip
-
-
-@triton.jit
-def _claim(queue_ptr, num_items, from_back):
-    """The next work item from one end of a queue of `num_items`, or -1 when none is left.
-
-    queue_ptr[0] counts the items taken from the front (high 32 bits) and from the back
-    (low 32 bits), both in one atomic add: item i from the front is free when fewer than
-    num_items - i were taken from the back at that moment, and then the back's claim of
-    it, later, finds it taken. So the two ends split the queue exactly, wherever they meet.
-    """
-    step = tl.where(from_back, 1, 4294967296).to(tl.int64)
-    taken = tl.atomic_add(queue_ptr, step)
-    front = (taken >> 32).to(tl.int32)
-    back = (taken & 4294967295).to(tl.int32)
-    item = tl.where(from_back, num_items - 1 - back, front)
-    return tl.where(front + back < num_items, item, -1)
-
-
-@triton.jit
-def _prefill_program(
-    q_ptr,
-    k_cache_ptr,
-    v_cache_ptr,
-    block_tables_ptr,
-    context_lens_ptr,
-    query_start_loc_ptr,
-    out_ptr,
-    scale_log2e,
-    stride_q_t,
-    stride_q_h,
-    stride_o_t,
-    stride_o_h,
-    stride_cache_block,
-    stride_cache_slot,
-    stride_cache_h,
-    stride_bt,
-    num_seqs,
-    split_flag_ptr,
-    k_new_ptr,
-    v_new_ptr,
-    desc_k,
-    desc_v,
-    stride_k_t,
-    stride_k_h,
-    stride_v_t,
-    stride_v_h,
-    program,  # the flat grid's query tile
-    kv_head,
-    GROUP: tl.constexpr,
-    GROUP_PAD: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    SKIP_SINGLE: tl.constexpr,
-    NEW_KV: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    DECODE_M: tl.constexpr,
-):
-    """One (query tile, kv head) of `_prefill_kernel`'s flat grid: nothing where the tile is
-    past its sequence's tokens or its sequence is the decode kernel's."""
     TOKENS_PER_TILE: tl.constexpr = BLOCK_M // GROUP_PAD
+    program = tl.program_id(0)
+    if LONGEST_FIRST:
+        program = tl.num_programs(0) - 1 - program
+    kv_head = tl.program_id(1)
     seq, q_start, q_len, tile = program_tile(query_start_loc_ptr, num_seqs, program, TOKENS_PER_TILE)
     tok0 = tile * TOKENS_PER_TILE
     done = tok0 >= q_len  # this sequence has fewer tiles (or no new tokens at all)
@@ -674,26 +559,27 @@ def _prefill_program(
         done = done | (q_len == 1)
     elif SKIP_SINGLE == 2:
         done = done | ((q_len == 1) & (tl.load(split_flag_ptr) != 0))
-    if not done:
-        if DECODE_M > 0 and q_len == 1:
-            # A decode row beside prompts: its GROUP rows in a tile of DECODE_M, not BLOCK_M.
-            _attend_tile(
-                q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, out_ptr, scale_log2e,
-                stride_q_t, stride_q_h, stride_o_t, stride_o_h, stride_cache_block, stride_cache_slot,
-                stride_cache_h, stride_bt, k_new_ptr, v_new_ptr, desc_k, desc_v, stride_k_t, stride_k_h,
-                stride_v_t, stride_v_h, seq, q_start, q_len, tok0, kv_head, GROUP, GROUP_PAD, HEAD_DIM,
-                BLOCK_D, BLOCK_SIZE,
-                DECODE_M, BLOCK_N, NEW_KV, DOT_PRECISION,
-            )  # fmt: skip
-        else:
-            _attend_tile(
-                q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, out_ptr, scale_log2e,
-                stride_q_t, stride_q_h, stride_o_t, stride_o_h, stride_cache_block, stride_cache_slot,
-                stride_cache_h, stride_bt, k_new_ptr, v_new_ptr, desc_k, desc_v, stride_k_t, stride_k_h,
-                stride_v_t, stride_v_h, seq, q_start, q_len, tok0, kv_head, GROUP, GROUP_PAD, HEAD_DIM,
-                BLOCK_D, BLOCK_SIZE,
-                BLOCK_M, BLOCK_N, NEW_KV, DOT_PRECISION,
-            )  # fmt: skip
+    if done:
+        return
+    if DECODE_M > 0 and q_len == 1:
+        # A decode row beside prompts: its GROUP rows in a tile of DECODE_M, not BLOCK_M.
+        _attend_tile(
+            q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, out_ptr, scale_log2e,
+            stride_q_t, stride_q_h, stride_o_t, stride_o_h, stride_cache_block, stride_cache_slot,
+            stride_cache_h, stride_bt, k_new_ptr, v_new_ptr, desc_k, desc_v, stride_k_t, stride_k_h,
+            stride_v_t, stride_v_h, seq, q_start, q_len, tok0, kv_head, GROUP, GROUP_PAD, HEAD_DIM,
+            BLOCK_D, BLOCK_SIZE,
+            DECODE_M, BLOCK_N, NEW_KV, DOT_PRECISION,
+        )  # fmt: skip
+    else:
+        _attend_tile(
+            q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, out_ptr, scale_log2e,
+            stride_q_t, stride_q_h, stride_o_t, stride_o_h, stride_cache_block, stride_cache_slot,
+            stride_cache_h, stride_bt, k_new_ptr, v_new_ptr, desc_k, desc_v, stride_k_t, stride_k_h,
+            stride_v_t, stride_v_h, seq, q_start, q_len, tok0, kv_head, GROUP, GROUP_PAD, HEAD_DIM,
+            BLOCK_D, BLOCK_SIZE,
+            BLOCK_M, BLOCK_N, NEW_KV, DOT_PRECISION,
+        )  # fmt: skip
 
 
 # ---------------------------------------------------------------- launch configuration
@@ -881,8 +767,6 @@ class PrefillTiles(NamedTuple):
     num_warps: int
     num_stages: int
     longest_first: bool = False  # each sequence's last (longest) query tiles start first
-    persistent: bool = False  # two CTAs an SM taking tiles from a queue (`_prefill_kernel`)
-    both_ends: bool = False  # programs take tiles from the grid's two ends in turn
 
 
 def _tma_ready(*tensors: torch.Tensor) -> bool:
@@ -925,22 +809,17 @@ def prefill_tiles(query: torch.Tensor, k_cache: torch.Tensor) -> PrefillTiles:
     block_d = triton.next_power_of_2(query.shape[2])
     block_n, stages = _kv_tile_tokens(k_cache, block_d)
     longest_first = prefill_longest_first()
-    persistent = prefill_persistent()
-    both_ends = prefill_both_ends()
     if not query.is_cuda:
-        return PrefillTiles(16, block_n, 4, stages, longest_first, persistent, both_ends)
+        return PrefillTiles(16, block_n, 4, stages, longest_first)
     if query.dtype == torch.float32:
         # fp32 dots run on the CUDA cores ("ieee"), unrolled: with 64 x 64 tiles each fp32
         # prefill GPU test took 35-93 s on an H100 (2026-12-06), the bf16 ones 2-8 s. fp32
         # is served for exactness, not speed; a 32 x 32 tile is a quarter of the code.
-        return PrefillTiles(32, min(block_n, 32), 4, stages, longest_first, persistent, both_ends)
+        return PrefillTiles(32, min(block_n, 32), 4, stages, longest_first)
     # 64 rows on 4 warps: on an H200 the fastest on both W3 shapes and on chunks over a
     # context (bench/prefill_tiles.py: 7 %, 4 % and 12 % under 128 rows on 8 warps), and
-    # a single-token row that stays in this kernel wastes half as many tile rows. Two
-    # pipeline stages where two CTAs must share an SM: 81 KiB of shared memory each with
-    # 128-wide bf16 heads, against 113 KiB at three.
-    return PrefillTiles(64, block_n, 4, min(stages, 2) if persistent else stages, longest_first, persistent,
-                        both_ends)
+    # a single-token row that stays in this kernel wastes half as many tile rows.
+    return PrefillTiles(64, block_n, 4, stages, longest_first)
 
 
 def decode_tile_rows(group_pad: int, block_m: int) -> int:
@@ -987,8 +866,7 @@ def paged_prefill_attention_triton(
         return out
     group_pad = triton.next_power_of_2(group)
     block_d = triton.next_power_of_2(head_dim)
-    block_m, block_n, num_warps, stages, longest_first, persistent, both_ends = (
-        tiles or prefill_tiles(query, k_cache))
+    block_m, block_n, num_warps, stages, longest_first = tiles or prefill_tiles(query, k_cache)
     block_m = max(block_m, group_pad)
     tokens_per_tile = block_m // group_pad
     decode_m = decode_tile_rows(group_pad, block_m)
@@ -1027,86 +905,55 @@ def paged_prefill_attention_triton(
     if mode == 0:
         key = value = query  # any pointer, unread
     desc_k, desc_v = _kv_descriptors(key, value, block_n) if mode == 2 else (key, value)
-    num_items = num_programs * num_kv_heads
-    if persistent:
-        queue = _work_queue(query.device)
-        grid = (min(num_items, 2 * _sm_count(query)), 1)
-    else:
-        queue, grid = meta.context_lens, (num_programs, num_kv_heads)  # any pointer, unread
-    try:
-        launch(
-            _prefill_kernel,
-            grid,
-            query,
-            k_cache,
-            v_cache,
-            meta.block_tables,
-            meta.context_lens,
-            meta.query_start_loc,
-            out,
-            scale * LOG2E,
-            query.stride(0),
-            query.stride(1),
-            out.stride(0),
-            out.stride(1),
-            k_cache.stride(0),
-            k_cache.stride(1),
-            k_cache.stride(2),
-            meta.block_tables.stride(0),
-            meta.num_seqs,
-            meta.context_lens if split_flag is None else split_flag,  # any int32 pointer when unread
-            key,
-            value,
-            desc_k,
-            desc_v,
-            key.stride(0),
-            key.stride(1),
-            value.stride(0),
-            value.stride(1),
-            queue,
-            num_items,
-            num_kv_heads,
-            GROUP=group,
-            GROUP_PAD=group_pad,
-            HEAD_DIM=head_dim,
-            BLOCK_D=block_d,
-            BLOCK_SIZE=k_cache.shape[1],
-            BLOCK_M=block_m,
-            BLOCK_N=block_n,
-            SKIP_SINGLE=skip_single,
-            LONGEST_FIRST=longest_first,
-            NEW_KV=mode,
-            DOT_PRECISION=_dot_precision(query.dtype),
-            DECODE_M=decode_m,
-            PERSISTENT=persistent,
-            BOTH_ENDS=both_ends,
-            num_warps=num_warps,
-            num_stages=stages,
-        )
-    except BaseException:
-        if persistent:  # a launch cut short may leave the queue's counts behind
-            queue.zero_()
-        raise
+    launch(
+        _prefill_kernel,
+        (num_programs, num_kv_heads),
+        query,
+        k_cache,
+        v_cache,
+        meta.block_tables,
+        meta.context_lens,
+        meta.query_start_loc,
+        out,
+        scale * LOG2E,
+        query.stride(0),
+        query.stride(1),
+        out.stride(0),
+        out.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        meta.block_tables.stride(0),
+        meta.num_seqs,
+        meta.context_lens if split_flag is None else split_flag,  # any int32 pointer when unread
+        key,
+        value,
+        desc_k,
+        desc_v,
+        key.stride(0),
+        key.stride(1),
+        value.stride(0),
+        value.stride(1),
+        GROUP=group,
+        GROUP_PAD=group_pad,
+        HEAD_DIM=head_dim,
+        BLOCK_D=block_d,
+        BLOCK_SIZE=k_cache.shape[1],
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        SKIP_SINGLE=skip_single,
+        LONGEST_FIRST=longest_first,
+        NEW_KV=mode,
+        DOT_PRECISION=_dot_precision(query.dtype),
+        DECODE_M=decode_m,
+        num_warps=num_warps,
+        num_stages=stages,
+    )
     if side is not None:
         main.wait_stream(side)
     elif decode_rows is not None:
         decode_rows()
     return out
-
-
-_WORK_QUEUES: dict[torch.device, torch.Tensor] = {}
-
-
-def _work_queue(device: torch.device) -> torch.Tensor:
-    """The persistent prefill kernel's queue counts on `device`: zeros, left zero by each
-    launch's last CTA. One per device: the kernel runs on one stream at a time."""
-    queue = _WORK_QUEUES.get(device)
-    if queue is None:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("the persistent prefill kernel's queue must be made before a CUDA graph's "
-                               "capture: run the kernel once eagerly first")
-        queue = _WORK_QUEUES[device] = torch.zeros(2, dtype=torch.int64, device=device)
-    return queue
 
 
 _SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}

@@ -167,63 +167,6 @@ def test_decode_rows_on_a_second_stream_beside_the_prompts_on_gpu(dtype, monkeyp
     assert torch.equal(captured, expect)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("decode_rows_first", [True, False])
-def test_persistent_prefill_kernel_on_gpu(dtype, decode_rows_first, monkeypatch):
-    """ONDO_PREFILL_PERSISTENT=1: two CTAs an SM taking the tiles from both ends of one queue,
-    on a batch of more tiles than the grid has CTAs; eagerly and replayed from a CUDA graph,
-    whose replays find the queue left empty by the launch before."""
-    monkeypatch.setenv("ONDO_PREFILL_PERSISTENT", "1")
-    prompts, prompt_ctx = [300, 77, 0, 2048, 2048], [300, 1100, 40, 2048, 2048]
-    decode, decode_ctx = [1] * 40, [2049 + i % 15 for i in range(40)]
-    q, c = (decode + prompts, decode_ctx + prompt_ctx) if decode_rows_first else (prompts + decode, prompt_ctx + decode_ctx)
-    b = _batch(q, c, (16, 8), 128, dtype)
-    tiles = prefill_tiles(b.query, b.k_cache)
-    assert tiles.persistent and (tiles.num_stages <= 2 or dtype == torch.float32)  # two CTAs fit an SM
-    _check(b, lambda *a: paged_prefill_attention_triton(*a, split_decode_rows=False, key=b.key, value=b.value))
-    scale = 128 ** -0.5
-
-    def attend(persistent: bool) -> torch.Tensor:
-        tiles = prefill_tiles(b.query, b.k_cache)._replace(persistent=persistent)
-        return paged_prefill_attention_triton(b.query, b.k_cache, b.v_cache, b.meta, scale, split_decode_rows=False,
-                                              tiles=tiles, key=b.key, value=b.value)
-
-    grid = attend(False)
-    assert torch.equal(attend(True), grid)  # each tile computed as in the grid, once
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = attend(True)
-    for _ in range(3):
-        captured.zero_()
-        graph.replay()
-        assert torch.equal(captured, grid)
-    b.query.copy_(torch.randn_like(b.query))  # a new step's queries, same shapes
-    graph.replay()
-    assert torch.equal(captured, attend(False))
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("decode_rows_first", [True, False])
-def test_prefill_tiles_from_both_ends_on_gpu(dtype, decode_rows_first, monkeypatch):
-    """ONDO_PREFILL_BOTH_ENDS=1: the grid's programs take tiles from its two ends in turn;
-    each tile is computed once, as in grid order."""
-    monkeypatch.setenv("ONDO_PREFILL_BOTH_ENDS", "1")
-    prompts, prompt_ctx = [300, 77, 0, 2048, 2048], [300, 1100, 40, 2048, 2048]
-    decode, decode_ctx = [1] * 40, [2049 + i % 15 for i in range(40)]
-    q, c = (decode + prompts, decode_ctx + prompt_ctx) if decode_rows_first else (prompts + decode, prompt_ctx + decode_ctx)
-    b = _batch(q, c, (16, 8), 128, dtype)
-    assert prefill_tiles(b.query, b.k_cache).both_ends
-    _check(b, lambda *a: paged_prefill_attention_triton(*a, split_decode_rows=False, key=b.key, value=b.value))
-    scale = 128 ** -0.5
-
-    def attend(both_ends: bool) -> torch.Tensor:
-        tiles = prefill_tiles(b.query, b.k_cache)._replace(both_ends=both_ends)
-        return paged_prefill_attention_triton(b.query, b.k_cache, b.v_cache, b.meta, scale, split_decode_rows=False,
-                                              tiles=tiles, key=b.key, value=b.value)
-
-    assert torch.equal(attend(True), attend(False))
-
-
 @pytest.mark.parametrize("block_size", [1, 8, 32, 128])
 def test_block_sizes_on_gpu(block_size):
     b = _batch([1, 1, 1], [513, 77, 2], (32, 8), 128, torch.bfloat16, block_size=block_size)

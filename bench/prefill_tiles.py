@@ -122,16 +122,15 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     shapes = mixed_shapes(args.smoke) if args.mixed else step_shapes(args.smoke)
     configs = MIXED_CANDIDATES if args.mixed and not args.smoke else candidates(args.smoke)
-    # As the engine launches it with --mixed: the step's own keys from its projections, and
-    # every decode row in the prefill kernel.
-    engine = {"key": None, "value": None, "split_decode_rows": False}
     for shape in shapes:
         hq = shape["heads"][0]
         d = shape["head_dim"]
         b = shape_batch(shape, dtype, device)
         scale = d ** -0.5
         default = prefill_tiles(b.query, b.k_cache)
-        kwargs = {**engine, "key": b.key, "value": b.value} if args.mixed else {}
+        # As the engine launches it with --mixed: the step's own keys from its projections,
+        # and every decode row in the prefill kernel.
+        kwargs = {"key": b.key, "value": b.value, "split_decode_rows": False} if args.mixed else {}
         expect = paged_prefill_attention_triton(b.query, b.k_cache, b.v_cache, b.meta, scale, **kwargs).float()
         f = flops(shape["query_lens"], shape["context_lens"], hq, d)
         rows = []
@@ -153,11 +152,11 @@ def main(argv: list[str] | None = None) -> int:
         best, base = fastest(rows, "ms")
         results.append({"shape": shape["name"], "default": default._asdict(), "best": best, "rows": rows})
         if args.mixed and "mixed" in shape["name"] and cuda:
-            import triton
+            import triton.testing
 
             results[-1]["split_off_ms"] = triton.testing.do_bench(
-                lambda b=b, scale=scale: paged_prefill_attention_triton(
-                    b.query, b.k_cache, b.v_cache, b.meta, scale, key=b.key, value=b.value, split_decode_rows=True))
+                lambda b=b, scale=scale, kwargs=kwargs: paged_prefill_attention_triton(
+                    b.query, b.k_cache, b.v_cache, b.meta, scale, **{**kwargs, "split_decode_rows": True}))
         print(f"{shape['name']}: default {default} "
               + (f"{base['ms']:.3f} ms ({base['tflops']:.0f} TFLOP/s)" if base else "not timed")
               + f"; fastest {tuple(best[k] for k in PrefillTiles._fields)} "

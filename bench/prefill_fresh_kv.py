@@ -8,8 +8,9 @@ equal-length prompts where it applies. ondo's own kernel is also timed reading t
 keys from the step's K/V (`new_kv` 1 by pointers, 2 by descriptors) on every step shape,
 chunks over a cached prefix and W3's mixed steps with decode rows included; on the mixed
 steps also with the decode rows in the decode kernel, after the prefill kernel or beside
-it on a second stream (ONDO_MIXED_DECODE_OVERLAP=1), and kept in the prefill kernel in a
-prompt's tile or in 16-row tiles of their own (ONDO_PREFILL_DECODE_TILE=1).
+it on a second stream (ONDO_MIXED_DECODE_OVERLAP=1), in the persistent decode kernel there
+beside a two-stage prefill kernel (ONDO_MIXED_DECODE_BESIDE=1), and kept in the prefill
+kernel in a prompt's tile or in 16-row tiles of their own (ONDO_PREFILL_DECODE_TILE=1).
 
     python3 bench/prefill_fresh_kv.py [--out FILE]
     python3 bench/prefill_fresh_kv.py --quick   # W3 0.6B (fresh and mixed), W1's first step
@@ -19,6 +20,7 @@ prompt's tile or in 16-row tiles of their own (ONDO_PREFILL_DECODE_TILE=1).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -33,7 +35,11 @@ if "--smoke" in sys.argv:
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from ondo.kernels.attention import MIXED_DECODE_OVERLAP_ENV, PREFILL_DECODE_TILE_ENV  # noqa: E402
+from ondo.kernels.attention import (  # noqa: E402
+    MIXED_DECODE_BESIDE_ENV,
+    MIXED_DECODE_OVERLAP_ENV,
+    PREFILL_DECODE_TILE_ENV,
+)
 from ondo.kernels.triton_attention import paged_prefill_attention_triton, program_tile  # noqa: E402
 
 
@@ -223,21 +229,26 @@ def measure(shape: dict, cuda: bool, smoke: bool, quick: bool = False) -> dict[s
 def decode_rows_split_off(b, scale: float, expect: torch.Tensor, bench) -> dict[str, float]:
     """ondo's kernels on a mixed step, the step's own keys as the switch says: the decode
     rows in the decode kernel, one kernel after the other (`split`) or the decode kernel on
-    a second stream beside the prefill kernel (`overlap`, ONDO_MIXED_DECODE_OVERLAP=1); or
+    a second stream beside the prefill kernel (`overlap`, ONDO_MIXED_DECODE_OVERLAP=1), or the
+    persistent decode kernel there beside a two-stage prefill kernel (`beside`,
+    ONDO_MIXED_DECODE_BESIDE=1); or
     kept in the prefill kernel in a prompt's tile (`in_prefill`) or in tiles of their own
     (`decode_tile`, ONDO_PREFILL_DECODE_TILE=1)."""
     row: dict[str, float] = {}
     runs = (("split", True, {MIXED_DECODE_OVERLAP_ENV: "0"}), ("overlap", True, {MIXED_DECODE_OVERLAP_ENV: "1"}),
+            ("beside", None, {MIXED_DECODE_BESIDE_ENV: "1"}),
             ("in_prefill", False, {PREFILL_DECODE_TILE_ENV: "0"}),
             ("decode_tile", False, {PREFILL_DECODE_TILE_ENV: "1"}))
-    names = (MIXED_DECODE_OVERLAP_ENV, PREFILL_DECODE_TILE_ENV)
+    names = (MIXED_DECODE_OVERLAP_ENV, MIXED_DECODE_BESIDE_ENV, PREFILL_DECODE_TILE_ENV)
     before = {name: os.environ.get(name) for name in names}
     try:
         for name, split, env in runs:
             os.environ.update(env)
 
-            def go(split=split) -> torch.Tensor:
-                return paged_prefill_attention_triton(b.query, b.k_cache, b.v_cache, b.meta, scale,
+            meta = dataclasses.replace(b.meta, split_choices={})  # the switch's choice, not a kept one
+
+            def go(split=split, meta=meta) -> torch.Tensor:
+                return paged_prefill_attention_triton(b.query, b.k_cache, b.v_cache, meta, scale,
                                                       split_decode_rows=split, key=b.key, value=b.value)
 
             row[f"ondo_{name}_max_abs_diff"] = (go().float() - expect).abs().max().item()

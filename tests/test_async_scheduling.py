@@ -265,8 +265,9 @@ def test_a_bad_mixed_split_setting_fails_the_engine_at_start(tiny_path, monkeypa
     with pytest.raises(ValueError, match="ONDO_MIXED_SPLIT_BY_WORK must be 0 or 1"):
         LLM(tiny_path, block_size=BS, max_model_len=96, max_num_batched_tokens=64)
     monkeypatch.setenv("ONDO_MIXED_SPLIT_BY_WORK", "1")
-    for name in ("ONDO_MIXED_DECODE_OVERLAP", "ONDO_PREFILL_NEW_KV", "ONDO_PREFILL_LONGEST_FIRST",
-                 "ONDO_RESIDUAL_ADD_IN_NORM", "ONDO_FUSED_QK_NORM_ROPE", "ONDO_FUSED_GATE_UP_SILU"):
+    for name in ("ONDO_MIXED_DECODE_OVERLAP", "ONDO_MIXED_DECODE_BESIDE", "ONDO_PREFILL_NEW_KV",
+                 "ONDO_PREFILL_LONGEST_FIRST", "ONDO_RESIDUAL_ADD_IN_NORM", "ONDO_FUSED_QK_NORM_ROPE",
+                 "ONDO_FUSED_GATE_UP_SILU"):
         monkeypatch.setenv(name, "true")
         with pytest.raises(ValueError, match=f"{name} must be 0 or 1"):
             LLM(tiny_path, block_size=BS, max_model_len=96, max_num_batched_tokens=64)

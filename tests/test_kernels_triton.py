@@ -18,6 +18,7 @@ if DEVICE == "cpu":
 import pytest  # noqa: E402
 
 from ondo.kernels.attention import (  # noqa: E402
+    MIXED_DECODE_BESIDE_ENV,
     MIXED_DECODE_OVERLAP_ENV,
     MIXED_SPLIT_BY_WORK_ENV,
     MIXED_SPLIT_MIN_ROWS_ENV,
@@ -426,12 +427,38 @@ def test_overlapping_a_mixed_steps_decode_rows_sends_them_all_to_the_decode_kern
         splits_mixed_step(w3(), 2, 132)
 
 
-def test_prefill_kernel_with_overlapped_decode_rows_matches_the_reference(monkeypatch):
+@pytest.mark.parametrize("switch", [MIXED_DECODE_OVERLAP_ENV, MIXED_DECODE_BESIDE_ENV])
+def test_prefill_kernel_with_overlapped_decode_rows_matches_the_reference(switch, monkeypatch):
     # On a CPU there is no second stream: the same kernels run one after the other.
-    monkeypatch.setenv(MIXED_DECODE_OVERLAP_ENV, "1")
+    monkeypatch.setenv(switch, "1")
     b = _batch([40, 1, 33, 1, 1], [40, 90, 70, 17, 200], heads=(8, 2), head_dim=64)
     out = _write_then_attend(b, paged_prefill_attention_triton)
-    assert list(b.meta.split_choices.values()) == [True]  # the decode rows went to the decode kernel
+    assert list(b.meta.split_choices.values()) == [True]  # the decode rows went to a decode kernel
+    torch.testing.assert_close(out, _reference(b), atol=ATOL, rtol=RTOL)
+
+
+def test_decode_rows_beside_the_prompts_read_the_flag_in_a_graph_shaped_batch(monkeypatch):
+    # ONDO_MIXED_DECODE_BESIDE=1 in a capture's metadata (no host lengths): the persistent
+    # kernel walks every (sequence, kv head) pair, writes the decode rows where the device's
+    # flag says so and leaves them to the prefill kernel where it holds 0.
+    monkeypatch.setenv(MIXED_DECODE_BESIDE_ENV, "1")
+    b = _batch([40, 1, 33, 1, 1], [40, 90, 70, 17, 200], heads=(8, 2), head_dim=64)
+    write_kv_cache_triton(b.key, b.value, b.k_cache, b.v_cache, b.meta.slot_mapping)
+    expect = _reference(b)
+    for flag in (1, 0):
+        meta = dataclasses.replace(b.meta, query_lens_cpu=None, context_lens_cpu=None, split_choices={},
+                                   split_decode_rows=torch.tensor([flag], dtype=torch.int32))
+        out = paged_prefill_attention_triton(b.query, b.k_cache, b.v_cache, meta, b.query.shape[-1] ** -0.5)
+        torch.testing.assert_close(out, expect, atol=ATOL, rtol=RTOL)
+
+
+def test_the_persistent_decode_kernel_walks_more_pairs_than_it_has_programs(monkeypatch):
+    import ondo.kernels.triton_attention as ta
+
+    monkeypatch.setattr(ta, "_sm_count", lambda t: 3)  # 3 programs for 5 rows x 2 kv heads
+    monkeypatch.setenv(MIXED_DECODE_BESIDE_ENV, "1")
+    b = _batch([25, 1, 1, 1, 1, 1], [25, 60, 3, 41, 100, 18], heads=(4, 2), head_dim=32)
+    out = _write_then_attend(b, paged_prefill_attention_triton)
     torch.testing.assert_close(out, _reference(b), atol=ATOL, rtol=RTOL)
 
 

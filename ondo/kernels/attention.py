@@ -43,6 +43,19 @@ def mixed_decode_overlap() -> bool:
     return on_off(MIXED_DECODE_OVERLAP_ENV, default=False)
 
 
+MIXED_DECODE_BESIDE_ENV = "ONDO_MIXED_DECODE_BESIDE"
+
+
+def mixed_decode_beside() -> bool:
+    """Whether a step with a prefill hands all its decode rows to a persistent decode kernel
+    of at most one program an SM, started first on a second stream, beside a prefill
+    kernel whose programs leave each SM room for it (two pipeline stages, not three): off
+    unless ONDO_MIXED_DECODE_BESIDE=1. The decode rows' reads then run beside the prompts'
+    tiles for the whole kernel, rather than taking the SMs' slots from them or waiting
+    for them to drain."""
+    return on_off(MIXED_DECODE_BESIDE_ENV, default=False)
+
+
 PREFILL_LONGEST_FIRST_ENV = "ONDO_PREFILL_LONGEST_FIRST"
 
 
@@ -78,7 +91,7 @@ def prefill_new_kv() -> bool:
 def check_switches() -> None:
     """Read every attention switch once, so that a bad value fails the engine at start on
     any device (the kernels read them only on a GPU)."""
-    mixed_split_min_rows(), mixed_split_by_work(), mixed_decode_overlap()
+    mixed_split_min_rows(), mixed_split_by_work(), mixed_decode_overlap(), mixed_decode_beside()
     prefill_longest_first(), prefill_new_kv(), prefill_decode_tile()
 
 
@@ -94,8 +107,8 @@ def splits_mixed_step(meta: AttentionMetadata, num_kv_heads: int, num_sms: int) 
     by_rule = mixed_split_min_rows() is None  # no row count set
     if by_rule and num_single == 0:
         choice = False  # no decode rows: nothing to split off
-    elif by_rule and mixed_decode_overlap():
-        choice = True  # every decode row to the decode kernel, on its own stream
+    elif by_rule and (mixed_decode_overlap() or mixed_decode_beside()):
+        choice = True  # every decode row to a decode kernel, on its own stream
     else:
         work = meta.prompt_pairs_and_decode_tokens if mixed_split_by_work() else None
         choice = splits_decode_rows(num_single, num_kv_heads, num_sms, work)

@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 from ondo.kernels.attention import (
+    mixed_decode_beside,
     mixed_decode_overlap,
     prefill_decode_tile,
     prefill_longest_first,
@@ -71,6 +72,72 @@ def _load_kv_tile(
     if MASKED:
         return tl.load(cache_ptr + offsets, mask=n_mask[:, None] & d_mask[None, :], other=0.0)
     return tl.load(cache_ptr + offsets, mask=d_mask[None, :], other=0.0)
+
+
+@triton.jit
+def _decode_walk(
+    q_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    block_tables_ptr,
+    scale_log2e,
+    stride_q_t,
+    stride_q_h,
+    stride_cache_block,
+    stride_cache_slot,
+    stride_cache_h,
+    stride_bt,
+    seq,
+    q_start,
+    kv_head,
+    lo,  # the context tokens [lo, hi) this walk reads
+    hi,
+    GROUP: tl.constexpr,
+    GROUP_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """One decode row's query heads of `kv_head` over context tokens [lo, hi): the online
+    softmax's running max and sum and the unnormalised output, with the rows' heads and
+    masks (the decode kernels' shared walk)."""
+    g = tl.arange(0, GROUP_PAD)
+    g_mask = g < GROUP
+    heads = kv_head * GROUP + g
+    d = tl.arange(0, BLOCK_D)
+    d_mask = d < HEAD_DIM
+    q_offsets = q_start.to(tl.int64) * stride_q_t + heads[:, None] * stride_q_h + d[None, :]
+    q = tl.load(q_ptr + q_offsets, mask=g_mask[:, None] & d_mask[None, :], other=0.0)
+
+    m_i = tl.full([GROUP_PAD], NEG_BIG, dtype=tl.float32)
+    l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
+    acc = tl.zeros([GROUP_PAD, BLOCK_D], dtype=tl.float32)
+    table_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
+
+    for start in range(lo, hi, BLOCK_N):
+        n = start + tl.arange(0, BLOCK_N)
+        n_mask = n < hi
+        k = _load_kv_tile(
+            k_cache_ptr, table_row, kv_head, n, n_mask, d, d_mask,
+            stride_cache_block, stride_cache_slot, stride_cache_h, BLOCK_SIZE, True,
+        )  # fmt: skip
+        qk = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION) * scale_log2e
+        qk = tl.where(n_mask[None, :], qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(qk - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = _load_kv_tile(
+            v_cache_ptr, table_row, kv_head, n, n_mask, d, d_mask,
+            stride_cache_block, stride_cache_slot, stride_cache_h, BLOCK_SIZE, True,
+        )  # fmt: skip
+        v = v.to(q.dtype)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    return m_i, l_i, acc, heads, g_mask, d, d_mask
 
 
 # The split count varies with the batch size (16 splits at batch 2, 5 at batch 8, 1 from
@@ -138,40 +205,11 @@ def _decode_split_kernel(
         return
     hi = tl.minimum(lo + split_tokens, ctx_len)
 
-    g = tl.arange(0, GROUP_PAD)
-    g_mask = g < GROUP
-    heads = kv_head * GROUP + g
-    d = tl.arange(0, BLOCK_D)
-    d_mask = d < HEAD_DIM
-    q_offsets = q_start.to(tl.int64) * stride_q_t + heads[:, None] * stride_q_h + d[None, :]
-    q = tl.load(q_ptr + q_offsets, mask=g_mask[:, None] & d_mask[None, :], other=0.0)
-
-    m_i = tl.full([GROUP_PAD], NEG_BIG, dtype=tl.float32)
-    l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
-    acc = tl.zeros([GROUP_PAD, BLOCK_D], dtype=tl.float32)
-    table_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
-
-    for start in range(lo, hi, BLOCK_N):
-        n = start + tl.arange(0, BLOCK_N)
-        n_mask = n < hi
-        k = _load_kv_tile(
-            k_cache_ptr, table_row, kv_head, n, n_mask, d, d_mask,
-            stride_cache_block, stride_cache_slot, stride_cache_h, BLOCK_SIZE, True,
-        )  # fmt: skip
-        qk = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION) * scale_log2e
-        qk = tl.where(n_mask[None, :], qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(qk - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load_kv_tile(
-            v_cache_ptr, table_row, kv_head, n, n_mask, d, d_mask,
-            stride_cache_block, stride_cache_slot, stride_cache_h, BLOCK_SIZE, True,
-        )  # fmt: skip
-        v = v.to(q.dtype)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
-
+    m_i, l_i, acc, heads, g_mask, d, d_mask = _decode_walk(
+        q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, scale_log2e, stride_q_t, stride_q_h,
+        stride_cache_block, stride_cache_slot, stride_cache_h, stride_bt, seq, q_start, kv_head, lo, hi,
+        GROUP, GROUP_PAD, HEAD_DIM, BLOCK_D, BLOCK_SIZE, BLOCK_N, DOT_PRECISION,
+    )  # fmt: skip
     acc = acc / l_i[:, None]  # every live split saw >= 1 key, so l_i > 0
     if not SPLIT:
         o_offsets = q_start.to(tl.int64) * stride_o_t + heads[:, None] * stride_o_h + d[None, :]
@@ -185,6 +223,61 @@ def _decode_split_kernel(
         tl.store(part_max_ptr + row, m_i, mask=g_mask)
         tl.store(part_sum_ptr + row, l_i, mask=g_mask)
         tl.store(part_out_ptr + row[:, None] * BLOCK_D + d[None, :], acc, mask=g_mask[:, None])
+
+
+@triton.jit
+def _decode_persistent_kernel(
+    q_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    block_tables_ptr,
+    context_lens_ptr,
+    query_start_loc_ptr,
+    out_ptr,  # [T, Hq, D]
+    scale_log2e,
+    stride_q_t,
+    stride_q_h,
+    stride_o_t,
+    stride_o_h,
+    stride_cache_block,
+    stride_cache_slot,
+    stride_cache_h,
+    stride_bt,
+    num_seqs,
+    split_flag_ptr,  # [1] int32, read when READ_FLAG: zero means the prefill kernel has them
+    NUM_KV_HEADS: tl.constexpr,
+    GROUP: tl.constexpr,
+    GROUP_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    READ_FLAG: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """The decode rows of a step with a prefill, beside the prefill kernel
+    (ONDO_MIXED_DECODE_BESIDE): a few programs, at most one an SM, each walking (sequence,
+    kv head) pairs in turn, its whole context in one pass (the decode kernel's walk with one
+    split, so the same sums in the same order). Sequences without exactly one new token
+    are the prefill kernel's."""
+    if READ_FLAG:
+        if tl.load(split_flag_ptr) == 0:
+            return
+    for item in range(tl.program_id(0), num_seqs * NUM_KV_HEADS, tl.num_programs(0)):
+        seq = item // NUM_KV_HEADS
+        kv_head = item % NUM_KV_HEADS
+        q_start = tl.load(query_start_loc_ptr + seq)
+        q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
+        if q_len == 1:
+            ctx_len = tl.load(context_lens_ptr + seq)
+            m_i, l_i, acc, heads, g_mask, d, d_mask = _decode_walk(
+                q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, scale_log2e, stride_q_t, stride_q_h,
+                stride_cache_block, stride_cache_slot, stride_cache_h, stride_bt, seq, q_start, kv_head, 0,
+                ctx_len, GROUP, GROUP_PAD, HEAD_DIM, BLOCK_D, BLOCK_SIZE, BLOCK_N, DOT_PRECISION,
+            )  # fmt: skip
+            acc = acc / l_i[:, None]
+            o_offsets = q_start.to(tl.int64) * stride_o_t + heads[:, None] * stride_o_h + d[None, :]
+            tl.store(out_ptr + o_offsets, acc.to(out_ptr.dtype.element_ty), mask=g_mask[:, None] & d_mask[None, :])
 
 
 @triton.jit(do_not_specialize=["num_splits"])
@@ -759,6 +852,63 @@ def _decode_into(
         )
 
 
+def _decode_beside(
+    out: torch.Tensor,
+    query: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+    num_single: int | None,  # the step's decode rows where the host knows them (not in a capture)
+    split_flag: torch.Tensor | None,  # [1] int32: write nothing where it holds 0
+) -> None:
+    """The decode rows of a step with a prefill by `_decode_persistent_kernel`: one program
+    an SM at most (fewer where the step has fewer (row, kv head) pairs), on K/V tiles of 32
+    tokens in three pipeline stages, so that a program fits beside two of the prefill
+    kernel's at two stages (compiled for sm_90: 95 registers and 21 KiB of shared memory,
+    against the 112 and 63 KiB those two leave an SM)."""
+    num_q_heads, head_dim = query.shape[1], query.shape[2]
+    num_kv_heads = k_cache.shape[2]
+    group = num_q_heads // num_kv_heads
+    block_d = triton.next_power_of_2(head_dim)
+    block_n, stages = _kv_tile_tokens(k_cache, block_d)
+    block_n, stages = (min(block_n, 32), 3) if query.is_cuda else (block_n, stages)
+    pairs = (meta.num_seqs if num_single is None else num_single) * num_kv_heads
+    launch(
+        _decode_persistent_kernel,
+        (max(1, min(_sm_count(query), pairs)),),
+        query,
+        k_cache,
+        v_cache,
+        meta.block_tables,
+        meta.context_lens,
+        meta.query_start_loc,
+        out,
+        scale * LOG2E,
+        query.stride(0),
+        query.stride(1),
+        out.stride(0),
+        out.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        meta.block_tables.stride(0),
+        meta.num_seqs,
+        meta.context_lens if split_flag is None else split_flag,  # any int32 pointer when unread
+        NUM_KV_HEADS=num_kv_heads,
+        GROUP=group,
+        GROUP_PAD=max(16, triton.next_power_of_2(group)),
+        HEAD_DIM=head_dim,
+        BLOCK_D=block_d,
+        BLOCK_SIZE=k_cache.shape[1],
+        BLOCK_N=block_n,
+        READ_FLAG=split_flag is not None,
+        DOT_PRECISION=_dot_precision(query.dtype),
+        num_warps=4,
+        num_stages=stages,
+    )
+
+
 class PrefillTiles(NamedTuple):
     """The prefill kernel's launch configuration."""
 
@@ -888,10 +1038,16 @@ def paged_prefill_attention_triton(
     # The decode rows take one split each, whatever the batch: a step replayed from a CUDA
     # graph (which sees only the captured sizes) then sums in the order of the same step
     # run eagerly.
-    decode_rows = functools.partial(_decode_into, out, query, k_cache, v_cache, meta, scale, num_single,
-                                    split_tokens=max(meta.max_context_len, 1),
-                                    split_flag=split_flag) if skip_single else None
-    side = _side_stream(query.device) if decode_rows is not None and query.is_cuda and mixed_decode_overlap() else None
+    decode_rows = None
+    beside = bool(skip_single) and mixed_decode_beside()
+    if beside:
+        decode_rows = functools.partial(_decode_beside, out, query, k_cache, v_cache, meta, scale,
+                                        num_single if meta.query_lens_cpu is not None else None, split_flag)
+    elif skip_single:
+        decode_rows = functools.partial(_decode_into, out, query, k_cache, v_cache, meta, scale, num_single,
+                                        split_tokens=max(meta.max_context_len, 1), split_flag=split_flag)
+    overlap = beside or mixed_decode_overlap()
+    side = _side_stream(query.device) if decode_rows is not None and query.is_cuda and overlap else None
     if side is not None:
         # The decode rows read their contexts while the prompts' tiles keep the tensor cores
         # busy: the decode kernel goes first, on a stream of its own that forks from this
@@ -901,6 +1057,8 @@ def paged_prefill_attention_triton(
         with torch.cuda.stream(side):
             decode_rows()
 
+    if beside and tiles is None and stages > 2:
+        stages = 2  # two of its programs and one of the decode kernel's fit an SM's shared memory
     mode = new_kv_mode(key, value, new_kv)
     if mode == 0:
         key = value = query  # any pointer, unread

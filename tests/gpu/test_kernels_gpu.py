@@ -132,11 +132,15 @@ def test_prefill_reading_the_own_kv_of_a_step_smaller_than_a_tile_on_gpu(mode):
     _check(b, lambda *a: paged_prefill_attention_triton(*a, key=b.key, value=b.value, new_kv=mode))
 
 
+@pytest.mark.parametrize("switch", ["ONDO_MIXED_DECODE_OVERLAP", "ONDO_MIXED_DECODE_BESIDE"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_decode_rows_on_a_second_stream_beside_the_prompts_on_gpu(dtype, monkeypatch):
-    """ONDO_MIXED_DECODE_OVERLAP=1: the decode kernel on a stream of its own, eager and in a
-    CUDA graph (the fork and the join captured, the rows read from the device's flag), the
-    same bits as the two kernels one after the other."""
+def test_decode_rows_on_a_second_stream_beside_the_prompts_on_gpu(dtype, switch, monkeypatch):
+    """ONDO_MIXED_DECODE_OVERLAP=1 (the decode kernel on a stream of its own) and
+    ONDO_MIXED_DECODE_BESIDE=1 (the persistent decode kernel there, the prefill kernel at
+    two stages), eager and in a CUDA graph (the fork and the join captured, the rows read
+    from the device's flag): within the reference's tolerance, and the graph the same bits
+    as the eager step. The overlap's decode kernel sums as the two kernels one after the
+    other do, so there the bits are theirs too."""
     b = _batch([300, 1, 77, 1, 0, 1, 2048], [300, 900, 1100, 5, 40, 2100, 2048], (16, 8), 128, dtype)
     scale = 128 ** -0.5
     write_kv_cache_triton(b.key, b.value, b.k_cache, b.v_cache, b.meta.slot_mapping)
@@ -144,12 +148,18 @@ def test_decode_rows_on_a_second_stream_beside_the_prompts_on_gpu(dtype, monkeyp
     def attend(meta):
         return paged_prefill_attention_triton(b.query, b.k_cache, b.v_cache, meta, scale, key=b.key, value=b.value)
 
-    monkeypatch.setenv("ONDO_MIXED_DECODE_OVERLAP", "0")
-    one_after_the_other = paged_prefill_attention_triton(
-        b.query, b.k_cache, b.v_cache, b.meta, scale, split_decode_rows=True, key=b.key, value=b.value)
-    monkeypatch.setenv("ONDO_MIXED_DECODE_OVERLAP", "1")
+    def one_after_the_other():
+        monkeypatch.setenv(switch, "0")
+        out = paged_prefill_attention_triton(
+            b.query, b.k_cache, b.v_cache, b.meta, scale, split_decode_rows=True, key=b.key, value=b.value)
+        monkeypatch.setenv(switch, "1")
+        return out
+
+    monkeypatch.setenv(switch, "1")
     _check(b, lambda *a: paged_prefill_attention_triton(*a, key=b.key, value=b.value))
-    assert torch.equal(attend(dataclasses.replace(b.meta, split_choices={})), one_after_the_other)
+    eager = attend(dataclasses.replace(b.meta, split_choices={}))
+    if switch == "ONDO_MIXED_DECODE_OVERLAP":
+        assert torch.equal(eager, one_after_the_other())
 
     graph_meta = dataclasses.replace(b.meta, query_lens_cpu=None, context_lens_cpu=None, split_choices={},
                                      split_decode_rows=torch.ones(1, dtype=torch.int32, device="cuda"))
@@ -158,13 +168,12 @@ def test_decode_rows_on_a_second_stream_beside_the_prompts_on_gpu(dtype, monkeyp
     with torch.cuda.graph(graph):
         captured = attend(graph_meta)
     graph.replay()
-    assert torch.equal(captured, one_after_the_other)
+    assert torch.equal(captured, eager)
     b.query.copy_(torch.randn_like(b.query))  # a new step's queries, same shapes
     graph.replay()
-    monkeypatch.setenv("ONDO_MIXED_DECODE_OVERLAP", "0")
-    expect = paged_prefill_attention_triton(
-        b.query, b.k_cache, b.v_cache, b.meta, scale, split_decode_rows=True, key=b.key, value=b.value)
-    assert torch.equal(captured, expect)
+    assert torch.equal(captured, attend(dataclasses.replace(b.meta, split_choices={})))
+    if switch == "ONDO_MIXED_DECODE_OVERLAP":
+        assert torch.equal(captured, one_after_the_other())
 
 
 @pytest.mark.parametrize("block_size", [1, 8, 32, 128])

@@ -67,7 +67,8 @@ def test_fresh_prompt_bench_agrees_with_ondos_kernel(tmp_path):
         diffs += [r["max_abs_diff"] for r in row.get("variants", [])]
         assert diffs and all(d < 1e-4 for d in diffs)
     assert fresh["ondo_new_kv1_max_abs_diff"] == fresh["ondo_new_kv2_max_abs_diff"] == 0.0  # same tiles
-    assert {f"ondo_{run}_max_abs_diff" for run in ("split", "overlap", "in_prefill", "decode_tile")} <= mixed.keys()
+    runs = ("split", "overlap", "beside", "in_prefill", "decode_tile")
+    assert {f"ondo_{run}_max_abs_diff" for run in runs} <= mixed.keys()
     assert "ondo_split_ms" not in fresh  # no decode rows: nothing to split off
 
 

@@ -455,7 +455,7 @@ def test_decode_rows_beside_the_prompts_read_the_flag_in_a_graph_shaped_batch(mo
 def test_the_persistent_decode_kernel_walks_more_pairs_than_it_has_programs(monkeypatch):
     import ondo.kernels.triton_attention as ta
 
-    monkeypatch.setattr(ta, "_sm_count", lambda t: 3)  # 3 programs for 5 rows x 2 kv heads
+    monkeypatch.setattr(ta, "_sm_count", lambda t: 2)  # 4 programs for 5 rows x 2 kv heads
     monkeypatch.setenv(MIXED_DECODE_BESIDE_ENV, "1")
     b = _batch([25, 1, 1, 1, 1, 1], [25, 60, 3, 41, 100, 18], heads=(4, 2), head_dim=32)
     out = _write_then_attend(b, paged_prefill_attention_triton)

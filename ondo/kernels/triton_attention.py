@@ -256,10 +256,10 @@ def _decode_persistent_kernel(
     DOT_PRECISION: tl.constexpr,
 ):
     """The decode rows of a step with a prefill, beside the prefill kernel
-    (ONDO_MIXED_DECODE_BESIDE): a few programs, at most one an SM, each walking (sequence,
-    kv head) pairs in turn, its whole context in one pass (the decode kernel's walk with one
-    split, so the same sums in the same order). Sequences without exactly one new token
-    are the prefill kernel's."""
+    (ONDO_MIXED_DECODE_BESIDE): a fixed number of programs, each walking (sequence, kv head)
+    pairs in turn, its whole context in one pass (the decode kernel's walk with one split,
+    so the same sums in the same order). Sequences without exactly one new token are the
+    prefill kernel's."""
     if READ_FLAG:
         if tl.load(split_flag_ptr) == 0:
             return
@@ -852,6 +852,9 @@ def _decode_into(
         )
 
 
+BESIDE_PROGRAMS_PER_SM = 2  # the persistent decode kernel's programs an SM
+
+
 def _decode_beside(
     out: torch.Tensor,
     query: torch.Tensor,
@@ -862,21 +865,22 @@ def _decode_beside(
     num_single: int | None,  # the step's decode rows where the host knows them (not in a capture)
     split_flag: torch.Tensor | None,  # [1] int32: write nothing where it holds 0
 ) -> None:
-    """The decode rows of a step with a prefill by `_decode_persistent_kernel`: one program
-    an SM at most (fewer where the step has fewer (row, kv head) pairs), on K/V tiles of 32
-    tokens in three pipeline stages, so that a program fits beside two of the prefill
-    kernel's at two stages (compiled for sm_90: 95 registers and 21 KiB of shared memory,
-    against the 112 and 63 KiB those two leave an SM)."""
+    """The decode rows of a step with a prefill by `_decode_persistent_kernel`: two programs
+    an SM at most (fewer where the step has fewer (row, kv head) pairs), on the decode
+    kernel's K/V tiles in two pipeline stages (compiled for sm_90: 118 registers, 38 KiB of
+    shared memory). Started first, they take two programs' room on every SM and leave room
+    for one of the prefill kernel's. (One program an SM on 32-token tiles, beside a
+    two-stage prefill kernel, made W3 10 % slower on an H100: docs/benchmarks.md.)"""
     num_q_heads, head_dim = query.shape[1], query.shape[2]
     num_kv_heads = k_cache.shape[2]
     group = num_q_heads // num_kv_heads
     block_d = triton.next_power_of_2(head_dim)
     block_n, stages = _kv_tile_tokens(k_cache, block_d)
-    block_n, stages = (min(block_n, 32), 3) if query.is_cuda else (block_n, stages)
+    stages = min(stages, 2)
     pairs = (meta.num_seqs if num_single is None else num_single) * num_kv_heads
     launch(
         _decode_persistent_kernel,
-        (max(1, min(_sm_count(query), pairs)),),
+        (max(1, min(BESIDE_PROGRAMS_PER_SM * _sm_count(query), pairs)),),
         query,
         k_cache,
         v_cache,
@@ -1057,8 +1061,6 @@ def paged_prefill_attention_triton(
         with torch.cuda.stream(side):
             decode_rows()
 
-    if beside and tiles is None and stages > 2:
-        stages = 2  # two of its programs and one of the decode kernel's fit an SM's shared memory
     mode = new_kv_mode(key, value, new_kv)
     if mode == 0:
         key = value = query  # any pointer, unread

@@ -136,11 +136,11 @@ def test_prefill_reading_the_own_kv_of_a_step_smaller_than_a_tile_on_gpu(mode):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_decode_rows_on_a_second_stream_beside_the_prompts_on_gpu(dtype, switch, monkeypatch):
     """ONDO_MIXED_DECODE_OVERLAP=1 (the decode kernel on a stream of its own) and
-    ONDO_MIXED_DECODE_BESIDE=1 (the persistent decode kernel there, the prefill kernel at
-    two stages), eager and in a CUDA graph (the fork and the join captured, the rows read
-    from the device's flag): within the reference's tolerance, and the graph the same bits
-    as the eager step. The overlap's decode kernel sums as the two kernels one after the
-    other do, so there the bits are theirs too."""
+    ONDO_MIXED_DECODE_BESIDE=1 (the persistent decode kernel there), eager and in a CUDA
+    graph (the fork and the join captured, the rows read from the device's flag): within
+    the reference's tolerance, and the graph the same bits as the eager step. The overlap's
+    decode kernel sums as the two kernels one after the other do, so there the bits are
+    theirs too."""
     b = _batch([300, 1, 77, 1, 0, 1, 2048], [300, 900, 1100, 5, 40, 2100, 2048], (16, 8), 128, dtype)
     scale = 128 ** -0.5
     write_kv_cache_triton(b.key, b.value, b.k_cache, b.v_cache, b.meta.slot_mapping)

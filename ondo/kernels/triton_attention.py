@@ -852,6 +852,23 @@ def _decode_into(
         )
 
 
+def _step_args(
+    query: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    out: torch.Tensor,
+    scale: float,
+    split_flag: torch.Tensor | None,
+) -> tuple:
+    """The leading arguments that `_prefill_kernel` and `_decode_persistent_kernel` share,
+    in their order: tensors, the scale, strides, the sequence count and the split flag."""
+    return (query, k_cache, v_cache, meta.block_tables, meta.context_lens, meta.query_start_loc, out,
+            scale * LOG2E, query.stride(0), query.stride(1), out.stride(0), out.stride(1), k_cache.stride(0),
+            k_cache.stride(1), k_cache.stride(2), meta.block_tables.stride(0), meta.num_seqs,
+            meta.context_lens if split_flag is None else split_flag)  # any int32 pointer when unread
+
+
 BESIDE_PROGRAMS_PER_SM = 2  # the persistent decode kernel's programs an SM
 
 
@@ -881,24 +898,7 @@ def _decode_beside(
     launch(
         _decode_persistent_kernel,
         (max(1, min(BESIDE_PROGRAMS_PER_SM * _sm_count(query), pairs)),),
-        query,
-        k_cache,
-        v_cache,
-        meta.block_tables,
-        meta.context_lens,
-        meta.query_start_loc,
-        out,
-        scale * LOG2E,
-        query.stride(0),
-        query.stride(1),
-        out.stride(0),
-        out.stride(1),
-        k_cache.stride(0),
-        k_cache.stride(1),
-        k_cache.stride(2),
-        meta.block_tables.stride(0),
-        meta.num_seqs,
-        meta.context_lens if split_flag is None else split_flag,  # any int32 pointer when unread
+        *_step_args(query, k_cache, v_cache, meta, out, scale, split_flag),
         NUM_KV_HEADS=num_kv_heads,
         GROUP=group,
         GROUP_PAD=max(16, triton.next_power_of_2(group)),
@@ -1042,16 +1042,16 @@ def paged_prefill_attention_triton(
     # The decode rows take one split each, whatever the batch: a step replayed from a CUDA
     # graph (which sees only the captured sizes) then sums in the order of the same step
     # run eagerly.
-    decode_rows = None
-    beside = bool(skip_single) and mixed_decode_beside()
-    if beside:
-        decode_rows = functools.partial(_decode_beside, out, query, k_cache, v_cache, meta, scale,
-                                        num_single if meta.query_lens_cpu is not None else None, split_flag)
+    decode_rows, overlap = None, False
+    if skip_single and mixed_decode_beside():
+        decode_rows, overlap = functools.partial(
+            _decode_beside, out, query, k_cache, v_cache, meta, scale,
+            num_single if meta.query_lens_cpu is not None else None, split_flag), True
     elif skip_single:
         decode_rows = functools.partial(_decode_into, out, query, k_cache, v_cache, meta, scale, num_single,
                                         split_tokens=max(meta.max_context_len, 1), split_flag=split_flag)
-    overlap = beside or mixed_decode_overlap()
-    side = _side_stream(query.device) if decode_rows is not None and query.is_cuda and overlap else None
+        overlap = query.is_cuda and mixed_decode_overlap()
+    side = _side_stream(query.device) if overlap and query.is_cuda else None
     if side is not None:
         # The decode rows read their contexts while the prompts' tiles keep the tensor cores
         # busy: the decode kernel goes first, on a stream of its own that forks from this
@@ -1068,24 +1068,7 @@ def paged_prefill_attention_triton(
     launch(
         _prefill_kernel,
         (num_programs, num_kv_heads),
-        query,
-        k_cache,
-        v_cache,
-        meta.block_tables,
-        meta.context_lens,
-        meta.query_start_loc,
-        out,
-        scale * LOG2E,
-        query.stride(0),
-        query.stride(1),
-        out.stride(0),
-        out.stride(1),
-        k_cache.stride(0),
-        k_cache.stride(1),
-        k_cache.stride(2),
-        meta.block_tables.stride(0),
-        meta.num_seqs,
-        meta.context_lens if split_flag is None else split_flag,  # any int32 pointer when unread
+        *_step_args(query, k_cache, v_cache, meta, out, scale, split_flag),
         key,
         value,
         desc_k,

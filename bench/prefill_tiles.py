@@ -1,20 +1,28 @@
 """The prefill attention kernel's launch configurations (`PrefillTiles`: rows per query
-tile, K/V tokens per tile, warps, pipeline stages, and whether each sequence's longest
-tiles start first) swept on W1's first step and W3's steps of both model shapes and a
+tile, K/V tokens per tile, warps, pipeline stages, whether each sequence's longest tiles
+start first, and a cap on registers a thread) swept on W1's first step and W3's steps of both model shapes and a
 chunk over a cached prefix: time and TFLOP/s of each, its largest
 difference from the default configuration's output, and the fastest per step shape.
 Configurations the GPU cannot hold (shared memory, registers) are recorded as such.
 
     python3 bench/prefill_tiles.py [--out FILE]
     python3 bench/prefill_tiles.py --mixed [--out FILE]   # W3's mixed step, its prompts, its decode rows
+    python3 bench/prefill_tiles.py --mixed --tiles 64x64x4x3 128x32x8x3-r128   # these only
     python3 bench/prefill_tiles.py --smoke   # CPU (Triton's interpreter), tiny shapes
 
-`--mixed` times nine configurations, as the engine launches the kernel (the step's own
+`--mixed` times twelve configurations, as the engine launches the kernel (the step's own
 keys read from its projections, every decode row kept in the prefill kernel), on W3's
 mixed step in the scheduler's order (60 decode rows of ~2,050 tokens, then 4 prompts of
 2,048), on its prompts alone and on its decode rows alone (beside one 64-token prompt),
 for both shapes' heads; and the mixed step with its decode rows split off to the decode
-kernel (`split_off_ms`).
+kernel (`split_off_ms`). `--tiles` times the configurations its labels name
+(ONDO_PREFILL_TILES's labels, `ondo.kernels.prefill_tiles`) instead.
+
+The register caps (`-r128`, `-r168`) are there for occupancy: compiled for sm_90 with
+Triton 3.6, 128 rows on 8 warps over 32-token K/V tiles take 144 registers a thread
+uncapped (one program an SM) and 128 capped, without spills on the 0.6B shape's heads (two
+programs an SM, each K/V tile feeding 128 rows instead of the default's 64); 64 rows on 4
+warps over 32-token tiles at 168 fit three programs an SM (`bench/prefill_sass.py --tiles`).
 """
 
 from __future__ import annotations
@@ -83,18 +91,22 @@ def mixed_shapes(smoke: bool) -> list[dict]:
             for model, heads in (("qwen3-0.6b", (16, 8)), ("llama3.1-8b", (32, 8))) for part, (q, c) in parts.items()]
 
 
+# Two programs an SM of 128 rows, three of 64 (see the module's text).
+REGISTER_CAPPED = [(128, 32, 8, 3, False, 128), (128, 32, 8, 4, False, 128), (64, 32, 4, 3, False, 168)]
 MIXED_CANDIDATES = [(64, 64, 4, 3, False), (64, 64, 4, 2, False), (64, 32, 4, 3, False), (64, 128, 4, 2, False),
                     (128, 64, 8, 3, False), (128, 64, 8, 2, False), (128, 128, 8, 2, False), (128, 32, 8, 3, False),
-                    (128, 64, 4, 2, False)]
+                    (128, 64, 4, 2, False)] + REGISTER_CAPPED
 
 
-def candidates(smoke: bool) -> list[tuple[int, int, int, int, bool]]:
-    """(rows, K/V tokens, warps, stages, longest tiles first): every tile shape in grid
-    order, and the ones fastest on some step so far also started longest first."""
+def candidates(smoke: bool) -> list[tuple]:
+    """(rows, K/V tokens, warps, stages, longest tiles first[, register cap]): every tile
+    shape in grid order, the ones fastest on some step so far also started longest first,
+    and the register-capped ones."""
     if smoke:
-        return [(16, 32, 4, 1, False), (32, 16, 4, 1, False), (16, 32, 4, 1, True)]
+        return [(16, 32, 4, 1, False), (32, 16, 4, 1, False), (16, 32, 4, 1, True), (32, 16, 4, 1, False, 128)]
     grid_order = [(*c, False) for c in itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3, 4))]
-    return grid_order + [(64, 64, 4, 3, True), (128, 128, 8, 3, True), (64, 32, 4, 2, True), (128, 32, 8, 3, True)]
+    return (grid_order + [(64, 64, 4, 3, True), (128, 128, 8, 3, True), (64, 32, 4, 2, True), (128, 32, 8, 3, True)]
+            + REGISTER_CAPPED)
 
 
 def flops(query_lens: list[int], context_lens: list[int], heads: int, head_dim: int) -> float:
@@ -106,22 +118,26 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--mixed", action="store_true", help="W3's mixed step and its parts, as the engine launches it")
+    ap.add_argument("--tiles", nargs="+", metavar="LABEL",
+                    help="only these configurations (ONDO_PREFILL_TILES's labels, e.g. 128x32x8x3-r128)")
     ap.add_argument("--out")
     args = ap.parse_args(argv)
     if args.smoke:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are decorated
     from ondo.bench.launch_sweep import fastest, time_config, write_sweep
-    from ondo.kernels.triton_attention import (
-        PrefillTiles,
-        paged_prefill_attention_triton,
-        prefill_tiles,
-    )
+    from ondo.kernels.prefill_tiles import PrefillTiles, parse_prefill_tiles
+    from ondo.kernels.triton_attention import paged_prefill_attention_triton, prefill_tiles
 
     cuda = torch.cuda.is_available() and not args.smoke
     device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
     results = []
     shapes = mixed_shapes(args.smoke) if args.mixed else step_shapes(args.smoke)
     configs = MIXED_CANDIDATES if args.mixed and not args.smoke else candidates(args.smoke)
+    if args.tiles:
+        try:
+            configs = [tuple(parse_prefill_tiles(label)) for label in args.tiles]
+        except ValueError as e:
+            ap.error(str(e))
     for shape in shapes:
         hq = shape["heads"][0]
         d = shape["head_dim"]
@@ -136,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = []
         for config in configs:
             tiles = PrefillTiles(*config)
-            row: dict[str, object] = {**tiles._asdict(), "default": tiles == default}
+            row: dict[str, object] = {**tiles._asdict(), "label": tiles.label, "default": tiles == default}
 
             def run(b=b, scale=scale, tiles=tiles, kwargs=kwargs):
                 return paged_prefill_attention_triton(b.query, b.k_cache, b.v_cache, b.meta, scale, tiles=tiles,

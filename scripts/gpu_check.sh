@@ -52,9 +52,10 @@ for stage in $STAGES; do
     prefill)
       timeout 180 python3 bench/prefill_bench.py 2>&1 | tee "$OUT/prefill_bench.log" | grep -v "^{" ;;
     prefill_tiles)
-      # The prefill kernel's launch configurations on W3's steps (both shapes) and a chunk.
+      # The prefill kernel's launch configurations on W3's steps (both shapes) and a chunk
+      # (PREFILL_TILES_ARGS: e.g. "--mixed --tiles 64x64x4x3 128x32x8x3-r128").
       timeout ${PREFILL_TILES_TIMEOUT:-300} python3 bench/prefill_tiles.py --out "$OUT/prefill_tiles.json" \
-        > "$OUT/prefill_tiles.log" 2>&1
+        ${PREFILL_TILES_ARGS:-} > "$OUT/prefill_tiles.log" 2>&1
       grep -v "^{" "$OUT/prefill_tiles.log" | tail -6 ;;
     prefill_fresh)
       # Fresh prompts' attention reading K/V from the step's projections (pointers or TMA).

@@ -5,6 +5,7 @@ default is among them and the fastest is the one named."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -31,9 +32,25 @@ def test_prefill_tiles_sweep_agrees_with_the_default_configuration(tmp_path):
     assert all("error" not in r and r["max_abs_diff"] < 1e-4 for r in rows)
     assert {r["block_m"] for r in rows} == {16, 32}
     # The default's tiles started from the grid's end too: the same output exactly.
-    assert [(r["block_m"], r["longest_first"]) for r in rows] == [(16, False), (32, False), (16, True)]
+    assert [(r["block_m"], r["longest_first"]) for r in rows] == [(16, False), (32, False), (16, True), (32, False)]
     assert rows[2]["max_abs_diff"] == 0.0
+    # A register cap is a compiler option: the interpreter computes the same tile exactly.
+    assert [r["label"] for r in rows[1::2]] == ["32x16x4x1", "32x16x4x1-r128"]
+    assert rows[3]["max_registers"] == 128 and rows[1]["max_registers"] == 0
     assert shape["best"]["ms"] == min(r["ms"] for r in rows)
+
+
+def test_prefill_tiles_sweep_takes_the_labels_it_is_given(tmp_path):
+    out = tmp_path / "sweep.json"
+    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
+    run = [sys.executable, str(ROOT / "bench" / "prefill_tiles.py"), "--smoke", "--out", str(out), "--tiles"]
+    subprocess.run([*run, "32x16x4x1-r64", "16x32x4x1"], check=True, cwd=ROOT, env=env, capture_output=True,
+                   timeout=300)
+    rows = json.loads(out.read_text())["shapes"][0]["rows"]
+    assert [(r["label"], r["default"]) for r in rows] == [("32x16x4x1-r64", False), ("16x32x4x1", True)]
+    assert rows[0]["max_abs_diff"] < 1e-4
+    bad = subprocess.run([*run, "32x16x4"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "is not rows x kv_tokens x warps x stages" in bad.stderr
 
 
 def test_prefill_tiles_mixed_sweep_agrees_as_the_engine_launches_it(tmp_path):
@@ -42,7 +59,7 @@ def test_prefill_tiles_mixed_sweep_agrees_as_the_engine_launches_it(tmp_path):
     shape = smoke_sweep("prefill_tiles.py", tmp_path, "--mixed")
     assert shape["shape"] == "smoke mixed"
     rows = shape["rows"]
-    assert len(rows) == 3 and all("error" not in r and r["max_abs_diff"] < 1e-4 for r in rows)
+    assert len(rows) == 4 and all("error" not in r and r["max_abs_diff"] < 1e-4 for r in rows)
 
 
 def test_kv_write_sweep_writes_the_reference_caches(tmp_path):
@@ -123,6 +140,34 @@ def test_the_prefill_kernel_compiles_for_sm90_without_spills_either_decode_tile(
         assert tiled["hgmma"] + tiled["hmma"] > plain["hgmma"]  # the decode rows' own products
         assert abs(tiled["registers"] - plain["registers"]) <= 4
         assert tiled["shared_bytes"] == plain["shared_bytes"]
+
+
+def test_prefill_sass_counts_the_programs_an_sm_holds_for_the_tiles_named(tmp_path):
+    """bench/prefill_sass.py --tiles: the default 64-row tiles hold two programs an SM
+    (as the driver's occupancy query said on an H100), 128 rows on 8 warps one, and two
+    with their registers capped at 128."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = tmp_path / "tiles.json"
+    subprocess.run([sys.executable, str(ROOT / "bench" / "prefill_sass.py"), "--quick", "--decode-m", "16",
+                    "--tiles", "64x64x4x3", "128x32x8x3", "128x32x8x3-r128", "--out", str(out)], check=True,
+                   cwd=ROOT, env=env, capture_output=True, timeout=600)
+    rows = {r["tiles"]: r for r in json.loads(out.read_text())["rows"]}
+    assert {t: r["programs_per_sm"] for t, r in rows.items()} == {
+        "64x64x4x3": 2, "128x32x8x3": 1, "128x32x8x3-r128": 2}
+    assert rows["128x32x8x3-r128"]["registers"] <= 128 < rows["128x32x8x3"]["registers"]
+    assert all(r["hgmma"] > 0 and r["group"] == 2 for r in rows.values())
+
+
+def test_programs_an_sm_by_an_h100s_limits():
+    spec = importlib.util.spec_from_file_location("prefill_sass", ROOT / "bench" / "prefill_sass.py")
+    sass = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sass)
+    assert sass.programs_per_sm(198, 115712, 4) == 2  # shared memory and registers both allow two
+    assert sass.programs_per_sm(144, 81976, 8) == 1  # registers: 2 x 256 threads x 144 > 65,536
+    assert sass.programs_per_sm(128, 81976, 8) == 2
+    assert sass.programs_per_sm(167, 66560, 4) == 3  # 167 rounds up to 168
+    assert sass.programs_per_sm(32, 0, 2) == 32  # the block limit
+    assert sass.programs_per_sm(32, 0, 4) == 16  # the warp limit
 
 
 def test_qk_norm_rope_bench_runs_the_operator_against_the_models_path(tmp_path):

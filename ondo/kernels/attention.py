@@ -9,6 +9,7 @@ import os
 import torch
 
 from ondo.kernels.metadata import AttentionMetadata
+from ondo.kernels.prefill_tiles import configured_prefill_tiles
 from ondo.kernels.reference import paged_attention_ref, write_kv_cache_ref
 from ondo.kernels.switches import on_off, whole_number
 
@@ -92,7 +93,7 @@ def check_switches() -> None:
     """Read every attention switch once, so that a bad value fails the engine at start on
     any device (the kernels read them only on a GPU)."""
     mixed_split_min_rows(), mixed_split_by_work(), mixed_decode_overlap(), mixed_decode_beside()
-    prefill_longest_first(), prefill_new_kv(), prefill_decode_tile()
+    prefill_longest_first(), prefill_new_kv(), prefill_decode_tile(), configured_prefill_tiles()
 
 
 def splits_mixed_step(meta: AttentionMetadata, num_kv_heads: int, num_sms: int) -> bool:

@@ -16,7 +16,6 @@ a partial (max, sum, normalised output), and a small kernel combines the splits.
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
 
 import torch
 import triton
@@ -33,6 +32,7 @@ from ondo.kernels.attention import (
 from ondo.kernels.decode_splits import MAX_DECODE_SPLITS, decode_longest_first, decode_splits
 from ondo.kernels.launch import device_sm_count, launch
 from ondo.kernels.metadata import AttentionMetadata
+from ondo.kernels.prefill_tiles import PrefillTiles, configured_prefill_tiles
 
 LOG2E = 1.4426950408889634
 # A finite "minus infinity" for running maxima: exp2(-inf - (-inf)) would be NaN.
@@ -913,16 +913,6 @@ def _decode_beside(
     )
 
 
-class PrefillTiles(NamedTuple):
-    """The prefill kernel's launch configuration."""
-
-    block_m: int  # rows per query tile: (token, head-in-group) pairs
-    block_n: int  # K/V tokens per tile
-    num_warps: int
-    num_stages: int
-    longest_first: bool = False  # each sequence's last (longest) query tiles start first
-
-
 def _tma_ready(*tensors: torch.Tensor) -> bool:
     """Whether these [T, H, D] tensors can be read by tensor descriptors as [T, H * D]:
     a GPU with TMA (Hopper on), a power-of-two head dim, rows a view of 16-byte aligned
@@ -959,7 +949,8 @@ def _kv_descriptors(key: torch.Tensor, value: torch.Tensor, block_n: int) -> tup
 
 
 def prefill_tiles(query: torch.Tensor, k_cache: torch.Tensor) -> PrefillTiles:
-    """The default configuration for these heads and dtypes."""
+    """The configuration for these heads and dtypes: ONDO_PREFILL_TILES's for bf16 and fp16
+    on a GPU where it is set, else the default."""
     block_d = triton.next_power_of_2(query.shape[2])
     block_n, stages = _kv_tile_tokens(k_cache, block_d)
     longest_first = prefill_longest_first()
@@ -970,6 +961,9 @@ def prefill_tiles(query: torch.Tensor, k_cache: torch.Tensor) -> PrefillTiles:
         # prefill GPU test took 35-93 s on an H100 (2026-12-06), the bf16 ones 2-8 s. fp32
         # is served for exactness, not speed; a 32 x 32 tile is a quarter of the code.
         return PrefillTiles(32, min(block_n, 32), 4, stages, longest_first)
+    configured = configured_prefill_tiles()
+    if configured is not None:
+        return configured._replace(longest_first=longest_first)
     # 64 rows on 4 warps: on an H200 the fastest on both W3 shapes and on chunks over a
     # context (bench/prefill_tiles.py: 7 %, 4 % and 12 % under 128 rows on 8 warps), and
     # a single-token row that stays in this kernel wastes half as many tile rows.
@@ -1020,7 +1014,8 @@ def paged_prefill_attention_triton(
         return out
     group_pad = triton.next_power_of_2(group)
     block_d = triton.next_power_of_2(head_dim)
-    block_m, block_n, num_warps, stages, longest_first = tiles or prefill_tiles(query, k_cache)
+    tiles = tiles or prefill_tiles(query, k_cache)
+    block_m, block_n, longest_first = tiles.block_m, tiles.block_n, tiles.longest_first
     block_m = max(block_m, group_pad)
     tokens_per_tile = block_m // group_pad
     decode_m = decode_tile_rows(group_pad, block_m)
@@ -1089,8 +1084,7 @@ def paged_prefill_attention_triton(
         NEW_KV=mode,
         DOT_PRECISION=_dot_precision(query.dtype),
         DECODE_M=decode_m,
-        num_warps=num_warps,
-        num_stages=stages,
+        **tiles.launch_options(),
     )
     if side is not None:
         main.wait_stream(side)

@@ -22,7 +22,6 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
-import os
 from typing import NamedTuple
 
 import torch
@@ -31,6 +30,7 @@ import triton.language as tl
 
 from ondo.kernels.gate_up_silu import gate_up_persistent
 from ondo.kernels.launch import device_sm_count, launch
+from ondo.kernels.switches import labelled
 
 log = logging.getLogger(__name__)
 
@@ -95,13 +95,7 @@ def parse_tiles(label: str) -> GateUpTiles:
 def configured_tiles() -> GateUpTiles | None:
     """The fused kernel's tiles as ONDO_GATE_UP_TILES names them (a `GateUpTiles.label`),
     to tune another GPU; None when unset."""
-    label = os.environ.get(GATE_UP_TILES_ENV)
-    if label is None:
-        return None
-    try:
-        return parse_tiles(label)
-    except ValueError as e:
-        raise ValueError(f"{GATE_UP_TILES_ENV}: {e}") from None
+    return labelled(GATE_UP_TILES_ENV, parse_tiles)
 
 
 def warp_specialization_available() -> bool:

@@ -10,7 +10,7 @@ Configurations the GPU cannot hold (shared memory, registers) are recorded as su
     python3 bench/prefill_tiles.py --mixed --tiles 64x64x4x3 128x32x8x3-r128   # these only
     python3 bench/prefill_tiles.py --smoke   # CPU (Triton's interpreter), tiny shapes
 
-`--mixed` times twelve configurations, as the engine launches the kernel (the step's own
+`--mixed` times fourteen configurations, as the engine launches the kernel (the step's own
 keys read from its projections, every decode row kept in the prefill kernel), on W3's
 mixed step in the scheduler's order (60 decode rows of ~2,050 tokens, then 4 prompts of
 2,048), on its prompts alone and on its decode rows alone (beside one 64-token prompt),
@@ -21,7 +21,8 @@ kernel (`split_off_ms`). `--tiles` times the configurations its labels name
 The register caps (`-r128`, `-r168`) are there for occupancy: compiled for sm_90 with
 Triton 3.6, 128 rows on 8 warps over 32-token K/V tiles take 144 registers a thread
 uncapped (one program an SM) and 128 capped, without spills on the 0.6B shape's heads (two
-programs an SM, each K/V tile feeding 128 rows instead of the default's 64); 64 rows on 4
+programs an SM, each K/V tile feeding 128 rows instead of the default's 64); 256 rows on 16
+warps at 128 fit one, each K/V tile feeding four times the default's rows; 64 rows on 4
 warps over 32-token tiles at 168 fit three programs an SM (`bench/prefill_sass.py --tiles`).
 """
 
@@ -91,8 +92,9 @@ def mixed_shapes(smoke: bool) -> list[dict]:
             for model, heads in (("qwen3-0.6b", (16, 8)), ("llama3.1-8b", (32, 8))) for part, (q, c) in parts.items()]
 
 
-# Two programs an SM of 128 rows, three of 64 (see the module's text).
-REGISTER_CAPPED = [(128, 32, 8, 3, False, 128), (128, 32, 8, 4, False, 128), (64, 32, 4, 3, False, 168)]
+# Two programs an SM of 128 rows, one of 256 on 16 warps, three of 64 (see the module's text).
+REGISTER_CAPPED = [(128, 32, 8, 3, False, 128), (128, 32, 8, 4, False, 128), (128, 16, 8, 4, False, 128),
+                   (256, 32, 16, 2, False, 128), (64, 32, 4, 3, False, 168)]
 MIXED_CANDIDATES = [(64, 64, 4, 3, False), (64, 64, 4, 2, False), (64, 32, 4, 3, False), (64, 128, 4, 2, False),
                     (128, 64, 8, 3, False), (128, 64, 8, 2, False), (128, 128, 8, 2, False), (128, 32, 8, 3, False),
                     (128, 64, 4, 2, False)] + REGISTER_CAPPED

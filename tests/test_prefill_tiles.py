@@ -81,12 +81,12 @@ def test_the_interpreter_keeps_its_own_small_tiles(monkeypatch):
 
 
 @pytest.mark.parametrize("new_kv", [0, 1])
-@pytest.mark.parametrize("label", ["128x32x8x3-r128", "128x16x8x4-r128"])
-def test_128_row_tiles_with_a_register_cap_match_the_reference(label, new_kv):
-    # A fresh prompt longer than one 64-token tile (2 query heads a kv head), a chunk over a
-    # cached prefix, decode rows and an idle sequence, with the step's own keys read back
+@pytest.mark.parametrize("label", ["128x32x8x3-r128", "128x16x8x4-r128", "256x32x16x2-r128"])
+def test_wide_tiles_with_a_register_cap_match_the_reference(label, new_kv):
+    # A fresh prompt longer than one 64-token tile of 128 rows (2 query heads a kv head; 256
+    # rows take 128 tokens), a chunk over a cached prefix, decode rows and an idle sequence, with the step's own keys read back
     # from the cache (0) or from its projections (1).
-    b = make_paged_batch([70, 1, 23, 1, 0], [70, 40, 90, 17, 11], num_q_heads=4, num_kv_heads=2,
+    b = make_paged_batch([150, 1, 23, 1, 0], [150, 40, 90, 17, 11], num_q_heads=4, num_kv_heads=2,
                          head_dim=32, block_size=8, device=DEVICE)
     write_kv_cache_ref(b.key, b.value, b.k_cache, b.v_cache, b.meta.slot_mapping)
     kwargs = {"key": b.key, "value": b.value, "new_kv": new_kv} if new_kv else {}

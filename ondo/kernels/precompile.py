@@ -117,7 +117,7 @@ def _touch_device_caches(index: int) -> None:
     from ondo.kernels import triton_kv_write as kw
     from ondo.kernels import triton_sampling as ts
 
-    for kernel in (ta._decode_split_kernel, ta._decode_reduce_kernel, ta._prefill_kernel,
+    for kernel in (ta._decode_split_kernel, ta._decode_reduce_kernel, ta._prefill_kernel, ta._decode_persistent_kernel,
                    kw._write_kv_cache_kernel, kw._write_kv_tokens_kernel, ts._gumbel_max_chunks_kernel):
         try:
             kernel.device_caches[index]

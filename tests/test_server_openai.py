@@ -234,6 +234,19 @@ def test_malformed_bodies_get_400_json(http, raw):
     assert set(r.json()["error"]) == {"message", "type", "param", "code"}
 
 
+@pytest.mark.parametrize("raw, content_type, says", [
+    (b'{"prompt": "x", "max_tokens": 1}', "text/plain", "sent as Content-Type: application/json, not 'text/plain'"),
+    (b'{"prompt": "x", "max_tokens": 1}', "application/x-www-form-urlencoded", "not 'application/x-www-form"),
+    (b"[1, 2]", "application/json", "the request body must be a JSON object"),
+    (b'"text"', "application/json; charset=utf-8", "the request body must be a JSON object"),
+])
+def test_a_body_that_is_no_json_object_is_refused_saying_so(http, raw, content_type, says):
+    r = http.post("/v1/completions", content=raw, headers={"content-type": content_type})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert says in error["message"] and error["type"] == "invalid_request_error" and error["param"] is None
+
+
 def test_unknown_routes_and_methods_answer_in_the_error_shape(http):
     r = http.get("/v1/nope")
     assert r.status_code == 404 and "error" in r.json()

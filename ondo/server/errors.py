@@ -103,7 +103,14 @@ def _param_path(loc: tuple[Any, ...]) -> str | None:
     return path or None
 
 
-def validation_error(exc: RequestValidationError) -> APIError:
+def _json_media_type(content_type: str) -> bool:
+    media = content_type.split(";")[0].strip().lower()
+    return media == "application/json" or media.endswith("+json")
+
+
+def validation_error(exc: RequestValidationError, content_type: str | None = None) -> APIError:
+    """The 400 a request that failed validation gets, naming what was wrong: the body as
+    a whole (not JSON, sent as another media type, not an object) or its first fields."""
     errors = list(exc.errors())
     if not errors:
         return bad_request("invalid request")
@@ -114,6 +121,11 @@ def validation_error(exc: RequestValidationError) -> APIError:
     param = _param_path(tuple(first.get("loc", ())))
     if first.get("type") == "missing" and param is None:
         return bad_request("a JSON request body is required")
+    if param is None:  # the body as a whole
+        if content_type and not _json_media_type(content_type):
+            return bad_request(f"the request body must be a JSON object sent as Content-Type: application/json, "
+                               f"not {content_type!r}")
+        return bad_request("the request body must be a JSON object")
     messages = []
     for err in errors[:3]:
         where = _param_path(tuple(err.get("loc", ()))) or "body"
@@ -129,7 +141,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return validation_error(exc).response()
+        return validation_error(exc, request.headers.get("content-type")).response()
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:

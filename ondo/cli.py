@@ -7,6 +7,10 @@ import importlib
 import logging
 import sys
 
+from ondo.cli_errors import describe_user_error, user_error
+
+log = logging.getLogger("ondo")
+
 # Each module defines `register(subparsers)`, adding parsers whose `func(args) -> int` runs them.
 COMMAND_MODULES = (
     "ondo.engine.cli",
@@ -45,7 +49,16 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except Exception as e:
+        # Bad input gets one clear line and exit status 2, as argparse gives bad flags; the
+        # traceback is still there at --log-level DEBUG. Anything else is a defect: raised.
+        if not user_error(e):
+            raise
+        log.debug("%s failed", args.command, exc_info=True)
+        print(f"error: {describe_user_error(e, args)}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ondo.cli_errors import describe_user_error
 from ondo.events.config import DetectorConfig
 
 log = logging.getLogger(__name__)
@@ -144,7 +145,7 @@ def verify_cmd(args: argparse.Namespace) -> int:
     try:
         result = verify(args.db)
     except (FileNotFoundError, ValueError, sqlite3.Error) as e:
-        return _error(str(e))
+        return _error(describe_user_error(e, args))
     print(result.describe(), file=sys.stdout if result.ok else sys.stderr)
     return 0 if result.ok else 1
 
@@ -244,7 +245,7 @@ def tail_cmd(args: argparse.Namespace) -> int:
         q = _query(args)
         conn = _open_log(args.db)
     except (FileNotFoundError, ValueError, sqlite3.Error) as e:
-        return _error(str(e))
+        return _error(describe_user_error(e, args))
     try:
         entries = list(read_events(conn, q, last=max(args.lines, 0)))
         _write(entries, args.format, sys.stdout)
@@ -274,7 +275,7 @@ def export_cmd(args: argparse.Namespace) -> int:
         q = _query(args)
         conn = _open_log(args.db)
     except (FileNotFoundError, ValueError, sqlite3.Error) as e:
-        return _error(str(e))
+        return _error(describe_user_error(e, args))
     try:
         if args.output == "-":
             _write(read_events(conn, q), args.format, sys.stdout)
@@ -289,12 +290,12 @@ def export_cmd(args: argparse.Namespace) -> int:
 def replay_cmd(args: argparse.Namespace) -> int:
     from ondo.events.replay import replay_trace
     from ondo.events.trace_input import TraceError
-    from ondo.twin.params import TwinParams, h100_params
+    from ondo.twin.params import params_from
 
     try:
-        params = TwinParams.load(args.params) if args.params else h100_params()
-    except (OSError, ValueError, TypeError) as e:
-        return _error(f"--params {args.params}: {e}")
+        params = params_from("--params", args.params)
+    except ValueError as e:
+        return _error(str(e))
     if args.speed < 0:
         return _error(f"--speed must be >= 0 (0: as fast as possible), got {args.speed}")
     try:
@@ -319,6 +320,6 @@ def analyze_cmd(args: argparse.Namespace) -> int:
         report = analyze(args.db, gpu_index=args.gpu, bin_s=args.bin_s,
                          max_lag_s=args.max_lag_s, lookback_s=args.lookback_s)
     except (FileNotFoundError, ValueError, sqlite3.Error) as e:
-        return _error(str(e))
+        return _error(describe_user_error(e, args))
     print(json.dumps(report, sort_keys=True) if args.json else format_text(report))
     return 0

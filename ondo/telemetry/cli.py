@@ -54,12 +54,21 @@ def sim_load_profile(spec: str) -> Callable[[], LoadDescriptor]:
     if spec == "step":
         t0 = time.monotonic()
         return lambda: LoadDescriptor(1.0, 0.3) if (time.monotonic() - t0) % 20 < 10 else IDLE_LOAD
-    compute, memory = (float(x) for x in spec.split(","))
+    try:
+        compute, memory = (float(x) for x in spec.split(","))
+    except ValueError:
+        raise ValueError(f"--sim-load {spec!r}: expected idle, step or C,M (two numbers)") from None
     load = LoadDescriptor(compute, memory)
     return lambda: load
 
 
 def record(args: argparse.Namespace) -> int:
+    if args.seconds is not None and not args.seconds >= 0:
+        log.error("--seconds must be 0 or more, got %s", args.seconds)
+        return 2
+    if not args.speed >= 0:
+        log.error("--speed must be 0 or more (0: as fast as possible), got %s", args.speed)
+        return 2
     hub = TelemetryHub()
     store = TelemetryStore(args.db, raw_retention_s=args.raw_retention_s)
     store.attach(hub)

@@ -27,10 +27,18 @@ ENGINE_EXPORT_COLUMNS = tuple(c for c in ENGINE_COLUMNS if c != "t_wall_s")
 
 
 def read_rows(db: str | Path, table: str = "raw") -> tuple[list[str], list[dict[str, Any]]]:
-    """(columns, rows) of the export, sorted by time. `table` "raw" or "1s" (aggregates only)."""
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    """(columns, rows) of the export, sorted by time. `table` "raw" or "1s" (aggregates only).
+    A missing file raises FileNotFoundError, a database without telemetry ValueError, each
+    naming it."""
+    if not Path(db).is_file():
+        raise FileNotFoundError(f"{db}: no such database")
+    conn = sqlite3.connect(f"file:{Path(db).resolve()}?mode=ro", uri=True)
     conn.row_factory = sqlite3.Row
     try:
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        wanted = {"gpu_samples_1s"} if table == "1s" else {"gpu_samples", "engine_steps"}
+        if not wanted <= tables:
+            raise ValueError(f"{db}: not a telemetry database (no {' or '.join(sorted(wanted - tables))} table)")
         if table == "1s":
             rows = [dict(r) for r in conn.execute("SELECT * FROM gpu_samples_1s ORDER BY t_s")]
             return ["t", *AGGREGATE_COLUMNS], [{"t": r["t_s"], **r} for r in rows]

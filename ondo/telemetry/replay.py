@@ -45,16 +45,36 @@ def normalize_trace_row(row: dict[str, str]) -> tuple[float, dict[str, float | i
     for name, text in row.items():
         if text is None or text == "":
             continue
-        if name in TRACE_COLUMNS:
-            column, factor = TRACE_COLUMNS[name]
-            values[column] = float(text) * factor
-        elif name in _INT_COLUMNS:
-            values[_INT_COLUMNS[name]] = int(float(text))
-    return float(row["t"]), values
+        try:
+            if name in TRACE_COLUMNS:
+                column, factor = TRACE_COLUMNS[name]
+                values[column] = float(text) * factor
+            elif name in _INT_COLUMNS:
+                values[_INT_COLUMNS[name]] = int(float(text))
+        except (ValueError, OverflowError):
+            raise ValueError(f"column {name!r}: {text!r} is not a number") from None
+    t = row.get("t")
+    try:
+        return float(t), values  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise ValueError(f"column 't': {t!r} is not a time in seconds") from None
 
 
 def read_trace(path: str | Path) -> list[tuple[float, dict[str, float | int]]]:
-    return [normalize_trace_row(row) for row in csv.DictReader(trace_lines(path))]
+    """Every row of the trace at `path`; ValueError naming the file (and the line) where its
+    header has no time column `t` or a cell is not a number."""
+    reader = csv.DictReader(trace_lines(path))
+    header = reader.fieldnames or []
+    if "t" not in header:
+        raise ValueError(f"{path}: not a trace: its header has no time column 't' "
+                         f"(columns: {', '.join(header) or 'none'})")
+    rows = []
+    for row in reader:
+        try:
+            rows.append(normalize_trace_row(row))
+        except (TypeError, ValueError) as e:  # a missing or non-numeric cell
+            raise ValueError(f"{path}: line {reader.line_num}: {e}") from None
+    return rows
 
 
 class ReplaySource:

@@ -44,16 +44,16 @@ def register(sub) -> None:
 def run_adapt(args: argparse.Namespace) -> int:
     from ondo.events.trace_input import TraceError, read_trace_records
     from ondo.twin.adapt_replay import forecast_rows, run_trace, score
-    from ondo.twin.params import TwinParams, h100_params
+    from ondo.twin.params import params_from
 
     if not (math.isfinite(args.horizon_s) and args.horizon_s > 0):
         print(f"--horizon-s must be a positive number of seconds, got {args.horizon_s}",
               file=sys.stderr)
         return 2
     try:
-        params = TwinParams.load(args.params) if args.params else h100_params()
-    except (OSError, ValueError, TypeError) as e:
-        print(f"--params {args.params}: {e}", file=sys.stderr)
+        params = params_from("--params", args.params)
+    except ValueError as e:
+        print(e, file=sys.stderr)
         return 2
     try:
         records = read_trace_records(args.trace)

@@ -100,9 +100,9 @@ def run_fit(args: argparse.Namespace) -> int:
 def _fit_engine_load(args: argparse.Namespace, traces: list[Trace]) -> int:
     from ondo.twin.engine_load import ENGINE_LOAD_NAMES, fit_engine_load, refit_thermal
     from ondo.twin.fit import SPLIT_NAMES, THERMAL_NAMES
-    from ondo.twin.params import TwinParams, h100_params
+    from ondo.twin.params import params_from
 
-    base = TwinParams.load(args.base) if args.base else h100_params()
+    base = params_from("--base", args.base)
     if args.refit_thermal:
         facts = json.loads(Path(args.facts).read_text()) if args.facts else None
         base, thermal_residuals = refit_thermal(base, traces, facts)
@@ -126,11 +126,11 @@ def _fit_engine_load(args: argparse.Namespace, traces: list[Trace]) -> int:
 
 
 def run_predict(args: argparse.Namespace) -> int:
-    from ondo.twin.params import TwinParams, h100_params
+    from ondo.twin.params import params_from
     from ondo.twin.replay import replay, score
     from ondo.twin.traces import read_trace
 
-    params = TwinParams.load(args.params) if args.params else h100_params()
+    params = params_from("--params", args.params)
     trace = read_trace(args.trace)
     rep = replay(params, trace, args.horizon_s)
     with open(args.output, "w", newline="") as f:

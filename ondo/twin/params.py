@@ -77,10 +77,31 @@ class TwinParams:
 
     @classmethod
     def load(cls, path: str | Path) -> TwinParams:
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        """The params saved at `path`; ValueError saying why where the file holds none."""
+        try:
+            data = json.loads(Path(path).read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"not a JSON file: {e}") from None
+        if not isinstance(data, dict):
+            raise ValueError("not twin params (a JSON object of the twin's constants)")
+        try:
+            return cls.from_dict(data)
+        except TypeError as e:  # a constant missing or of the wrong kind
+            raise ValueError(f"not twin params: {e}") from None
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(self.to_json())
+
+
+def params_from(flag: str, path: str | None) -> TwinParams:
+    """The params a command's `flag` names, the packaged H100 fit where it names none;
+    ValueError "FLAG PATH: why" where the file cannot be read or holds none."""
+    if path is None:
+        return h100_params()
+    try:
+        return TwinParams.load(path)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{flag} {path}: {e}") from None
 
 
 def h100_params() -> TwinParams:

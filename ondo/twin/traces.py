@@ -103,6 +103,14 @@ def engine_load_at(
     return np.where(ok, load[j], 0.0)
 
 
+def _number(text: str | None) -> bool:
+    try:
+        float(text)  # type: ignore[arg-type]
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
 def read_trace(path: str | Path) -> Trace:
     """A trace CSV in either format: the NVML traces (one row per reading, `phase` labels or
     activity columns, mW/mJ), or ondo's telemetry (`kind` gpu/engine rows on one clock, W/J)."""
@@ -115,7 +123,14 @@ def read_trace(path: str | Path) -> Trace:
         rows = [r for r in rows if r["kind"] == "gpu"]
 
     def col(name: str, scale: float = 1.0, of: list[dict[str, str]] = rows) -> np.ndarray:
-        return np.array([float(r[name]) * scale for r in of])
+        try:
+            return np.array([float(r[name]) * scale for r in of])
+        except KeyError:
+            kind = "a serving trace (kind gpu/engine rows)" if serving else "an NVML trace"
+            raise ValueError(f"{path}: no column {name!r}, which {kind} needs") from None
+        except (TypeError, ValueError):
+            bad = next(r.get(name) for r in of if not _number(r.get(name)))
+            raise ValueError(f"{path}: column {name!r}: {bad!r} is not a number") from None
 
     t_s = col("t")
     energy_j = col("energy_j") if serving else col("energy_mj", 1e-3)
@@ -130,7 +145,10 @@ def read_trace(path: str | Path) -> Trace:
     elif "compute_activity" in rows[0]:
         a_c, a_m = col("compute_activity"), col("memory_activity")
     else:
-        loads = np.array([load_from_phase(p) for p in phase])
+        try:
+            loads = np.array([load_from_phase(p) for p in phase])
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
         a_c, a_m = loads[:, 0], loads[:, 1]
     if serving:
         power_fast_w = col("power_instant_w")

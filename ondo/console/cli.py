@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from ondo.console.auth import ROLES, TokenStore
+from ondo.server.listen import port_number
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -28,11 +29,19 @@ def _serve(args: argparse.Namespace) -> int:
 
     from ondo.console.app import build_offline_app
     from ondo.console.service import ConsoleService
+    from ondo.server.listen import bind_listen_socket
 
-    service = ConsoleService(db=db)
-    app = build_offline_app(service)
-    print(f"reviewing {db} on http://{args.host}:{args.port}/console/", file=sys.stderr)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    try:
+        sock = bind_listen_socket(args.host, args.port)
+    except OSError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    with sock:
+        service = ConsoleService(db=db)
+        app = build_offline_app(service)
+        port = sock.getsockname()[1]
+        print(f"reviewing {db} on http://{args.host}:{port}/console/", file=sys.stderr)
+        uvicorn.Server(uvicorn.Config(app, host=args.host, port=port, log_level="warning")).run(sockets=[sock])
     return 0
 
 
@@ -84,7 +93,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("console", help="the operator console over a stored database; tokens")
     p.add_argument("--db", default=None, help="the telemetry database (ondo serve --telemetry-db)")
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8001)
+    p.add_argument("--port", type=port_number, default=8001, help="0: any free port")
     p.set_defaults(func=_run)
     csub = p.add_subparsers(dest="console_command", metavar="token")
     t = csub.add_parser("token", help="create, list or revoke console tokens")

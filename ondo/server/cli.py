@@ -18,6 +18,7 @@ from ondo.engine.cli import add_engine_args
 from ondo.events.cli import add_event_args
 from ondo.model.default_model import default_model_path
 from ondo.server.limits import DEFAULT_KEEP_ALIVE_S, DEFAULT_MAX_REQUEST_BYTES
+from ondo.server.listen import port_number
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("model", nargs="?", default=None,
                    help="HF folder or .gguf file (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=port_number, default=8000, help="0: any free port (the log names it)")
     p.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' on /v1 (or set ONDO_API_KEY)")
     p.add_argument("--max-waiting-requests", type=int, default=None,

@@ -8,6 +8,7 @@ import importlib.util
 import logging
 import os
 import signal
+import socket
 import sys
 from types import FrameType
 
@@ -21,35 +22,24 @@ from ondo.engine.gc_pauses import GcPauses, freeze_startup_heap, thaw_heap
 from ondo.engine.restart_policy import RestartPolicy
 from ondo.server.cli import served_name
 from ondo.server.limits import RequestLimits
+from ondo.server.listen import bind_listen_socket
 
 log = logging.getLogger(__name__)
 
 
 def serve(args: argparse.Namespace) -> int:
-    from ondo.server.app import build_app
+    from ondo.control.serve import governor_setup
+    from ondo.telemetry.sim_fleet import parse_inlets, sim_inlets
 
     try:
         engine_args = engine_args_from(args)
         events_config = event_config(args)
-        agent_flags = agent_config(args, events_config)
         console_flags = console_config(args)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if args.max_waiting_requests is not None and args.max_waiting_requests < 1:
-        print("error: --max-waiting-requests must be >= 1", file=sys.stderr)
-        return 2
-    from ondo.control.serve import governor_setup, start_server_governor
-    from ondo.telemetry.sim_fleet import parse_inlets, sim_inlets
-
-    try:
+        if args.max_waiting_requests is not None and args.max_waiting_requests < 1:
+            raise ValueError("--max-waiting-requests must be >= 1")
         gov_setup = governor_setup(args)
         args.sim_inlets = sim_inlets(getattr(args, "sim_gpus", 1),
                                      parse_inlets(getattr(args, "sim_inlet_c", None)))
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    try:
         limits = RequestLimits(args.max_request_bytes, args.request_timeout,
                                args.timeout_keep_alive)
         restart_policy = RestartPolicy(max_restarts=args.engine_restarts)
@@ -57,6 +47,30 @@ def serve(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    try:
+        sock = bind_listen_socket(args.host, args.port)
+    except OSError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    args.port = sock.getsockname()[1]  # the port taken where --port 0 asked for any
+    try:
+        try:
+            agent_flags = agent_config(args, events_config)  # its own endpoint is on that port
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        return _serve_on(sock, args, engine_args, events_config, agent_flags, console_flags, gov_setup, limits,
+                         restart_policy)
+    finally:
+        sock.close()
+
+
+def _serve_on(sock: socket.socket, args: argparse.Namespace, engine_args, events_config, agent_flags, console_flags, gov_setup,
+              limits: RequestLimits, restart_policy: RestartPolicy) -> int:
+    """`serve` from the engine's start on, the socket bound."""
+    from ondo.control.serve import start_server_governor
+    from ondo.server.app import build_app
+
     try:
         async_llm = AsyncLLM.from_engine_args(engine_args, args.max_waiting_requests,
                                               engine_process=args.engine_process,
@@ -97,7 +111,7 @@ def serve(args: argparse.Namespace) -> int:
     freeze_startup_heap()  # this process serves one engine for its whole life
     gc_pauses = GcPauses().start()
     try:
-        server.run()
+        server.run(sockets=[sock])
     finally:
         async_llm.close()
         if console is not None:

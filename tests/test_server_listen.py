@@ -1,5 +1,6 @@
-"""`ondo serve` binds its port before the engine loads: a taken port or a bad one fails at
-once with one line; --port 0 serves on a free port, named in the log."""
+"""`ondo serve` binds its port and checks its database before the engine loads: a taken
+port, a bad one or a telemetry database that is none fails at once with one line; --port 0
+serves on a free port, named in the log."""
 
 from __future__ import annotations
 
@@ -98,3 +99,22 @@ def test_the_stored_consoles_taken_port_is_refused_too(tmp_path, capsys):
         port = taken.getsockname()[1]
         assert ondo.cli.main(["console", "--db", str(db), "--port", str(port)]) == 2
     assert f"error: cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("case", ["not a database", "a folder", "no such folder", "negative drain"])
+def test_flags_that_cannot_work_are_refused_before_the_engine_loads(tmp_path, case):
+    garbage = tmp_path / "garbage.db"
+    garbage.write_text("no database here\n")
+    flags, says = {
+        "not a database": (["--telemetry-db", str(garbage)], f"--telemetry-db {garbage}: file is not a database"),
+        "a folder": (["--telemetry-db", str(tmp_path)], f"--telemetry-db {tmp_path}: a folder, not a database file"),
+        "no such folder": (["--telemetry-db", str(tmp_path / "no" / "t.db")],
+                           f"--telemetry-db {tmp_path / 'no' / 't.db'}: unable to open database file"),
+        "negative drain": (["--shutdown-timeout", "-1"], "--shutdown-timeout must be >= 0 seconds, got -1.0"),
+    }[case]
+    proc = _serve("--port", "0", *flags)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 2, out
+    assert f"error: {says}" in out
+    assert "engine ready" not in out and "Traceback" not in out
+    assert garbage.read_text() == "no database here\n"  # nothing written over it

@@ -23,6 +23,7 @@ from ondo.engine.restart_policy import RestartPolicy
 from ondo.server.cli import served_name
 from ondo.server.limits import RequestLimits
 from ondo.server.listen import bind_listen_socket
+from ondo.telemetry.store import check_database
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,10 @@ def serve(args: argparse.Namespace) -> int:
         console_flags = console_config(args)
         if args.max_waiting_requests is not None and args.max_waiting_requests < 1:
             raise ValueError("--max-waiting-requests must be >= 1")
+        if not args.shutdown_timeout >= 0:
+            raise ValueError(f"--shutdown-timeout must be >= 0 seconds, got {args.shutdown_timeout}")
+        if args.telemetry_db is not None:
+            check_database("--telemetry-db", args.telemetry_db)
         gov_setup = governor_setup(args)
         args.sim_inlets = sim_inlets(getattr(args, "sim_gpus", 1),
                                      parse_inlets(getattr(args, "sim_inlet_c", None)))

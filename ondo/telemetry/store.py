@@ -107,6 +107,22 @@ class _BitOr:
         return self.value
 
 
+def check_database(flag: str, path: str | Path) -> None:
+    """ValueError "FLAG PATH: why" where `path` cannot be opened as a SQLite database (an
+    absent file is created, as the store would): a command checks its database flag before
+    its slow start rather than failing after it."""
+    if Path(path).is_dir():
+        raise ValueError(f"{flag} {path}: a folder, not a database file")
+    try:
+        conn = sqlite3.connect(str(path), timeout=5.0)
+        try:
+            conn.execute("PRAGMA schema_version").fetchone()
+        finally:
+            conn.close()
+    except sqlite3.Error as e:
+        raise ValueError(f"{flag} {path}: {e}") from None
+
+
 def connect(path: str | Path, timeout_s: float = 5.0) -> sqlite3.Connection:
     conn = sqlite3.connect(str(path), timeout=timeout_s, check_same_thread=False)
     conn.execute("PRAGMA journal_mode=WAL")

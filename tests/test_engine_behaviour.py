@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -136,6 +137,51 @@ def test_a_too_long_prompt_fails_alone_and_the_others_run(llm):
     assert "600" in outs[1].error and "512" in outs[1].error
     assert outs[0].outputs[0].finish_reason == "length" and outs[2].outputs[0].finish_reason == "length"
     assert llm.stats()["num_free_blocks"] == llm.stats()["num_total_blocks"]
+
+
+@pytest.mark.parametrize("prompts, says", [
+    (None, "prompts must be a prompt or a sequence of prompts, not NoneType"),
+    (5, "not int"),
+    (b"bytes", "not bytes"),
+    (["fine", 5], "prompts[1] is int 5"),
+    (["fine", [1, "2"]], "prompts[1] is list"),
+])
+def test_what_is_no_prompt_is_refused_naming_it(llm, prompts, says):
+    with pytest.raises(TypeError, match=re.escape(says)):
+        llm.generate(prompts, GREEDY)
+    assert llm.stats()["num_free_blocks"] == llm.stats()["num_total_blocks"]  # nothing was queued
+
+
+@pytest.mark.parametrize("messages, says, error", [
+    ("hello", "messages must be a list of message dicts", TypeError),
+    ([{"role": "user"}], "messages[0] has no content", ValueError),
+    ([{"content": "hi"}], "messages[0] has no role", ValueError),
+    ([[{"role": "user", "content": "hi"}], ["hi"]], "messages[1][0] is str, not a message dict", ValueError),
+    ([[{"role": "user", "content": "hi"}], []], "messages[1] must be a non-empty list", ValueError),
+    ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}],
+     "messages[0].content: only text parts", ValueError),
+])
+def test_a_malformed_conversation_is_refused_naming_the_message(llm, messages, says, error):
+    with pytest.raises(error, match=re.escape(says)):
+        llm.chat(messages, GREEDY)
+
+
+def test_numpy_token_ids_are_a_prompt(llm):
+    import numpy as np
+
+    ids = [o.prompt_token_ids for o in llm.generate([BATCH[0]], GREEDY)]
+    outs = llm.generate([list(np.array(ids[0], dtype=np.int64)), {"prompt_token_ids": np.array(ids[0])}], GREEDY)
+    assert [o.prompt_token_ids for o in outs] == ids * 2
+    assert outs[0].outputs[0].token_ids == outs[1].outputs[0].token_ids != []
+
+
+def test_text_parts_chat_as_their_text(llm):
+    short = SamplingParams(temperature=0, max_tokens=8)
+    plain = llm.chat([{"role": "user", "content": "Name a colour.\nJust one."}], short)[0]
+    parts = llm.chat([{"role": "user", "content": [{"type": "text", "text": "Name a colour."},
+                                                   {"type": "text", "text": "Just one."}]}], short)[0]
+    assert parts.prompt_token_ids == plain.prompt_token_ids
+    assert parts.outputs[0].token_ids == plain.outputs[0].token_ids
 
 
 @pytest.mark.parametrize(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import numbers
 from collections.abc import Sequence as Seq
 from typing import Any
 
@@ -30,12 +31,19 @@ class LLM:
         sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
     ) -> list[RequestOutput]:
         """Outputs in input order. A prompt that cannot run (too long, bad ids) gets an
-        output with finish_reason "error" and the message in `error`; the others run."""
+        output with finish_reason "error" and the message in `error`; the others run. What
+        is no prompt at all (None, a number, a list of strings and numbers) raises TypeError
+        naming it, before anything runs."""
         if isinstance(prompts, (str, dict)) or (
             isinstance(prompts, list) and prompts and isinstance(prompts[0], int)
         ):
             prompts = [prompts]
+        if not isinstance(prompts, Seq) or isinstance(prompts, bytes):
+            raise TypeError(f"prompts must be a prompt or a sequence of prompts, not {type(prompts).__name__}; "
+                            f"{PROMPT_KINDS}")
         prompts = list(prompts)
+        for i, prompt in enumerate(prompts):
+            _check_prompt(prompt, i)
         if sampling_params is None:
             params_list = [SamplingParams()] * len(prompts)
         elif isinstance(sampling_params, SamplingParams):
@@ -77,7 +85,12 @@ class LLM:
     ) -> list[RequestOutput]:
         if self.tokenizer is None:
             raise ValueError("this model has no tokenizer, so no chat template")
+        if not isinstance(messages, list):
+            raise TypeError(f"messages must be a list of message dicts (or a list of such lists), "
+                            f"not {type(messages).__name__}")
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        conversations = [_template_conversation(c, i if len(conversations) > 1 else None)
+                         for i, c in enumerate(conversations)]
         prompts = [
             {"prompt_token_ids": self.tokenizer.apply_chat_template(c, add_generation_prompt=True)}
             for c in conversations
@@ -92,11 +105,60 @@ class LLM:
         self.engine.close()
 
 
+PROMPT_KINDS = "a prompt is a string, a list of token ids, or a dict with 'prompt' or 'prompt_token_ids'"
+
+
+def _check_prompt(prompt: Any, index: int) -> None:
+    """TypeError naming prompts[index] where it is no kind of prompt (its values are the
+    engine's to check: a bad one gets an error output, as in `generate`)."""
+    if isinstance(prompt, (str, dict)):
+        return
+    if isinstance(prompt, Seq) and not isinstance(prompt, bytes) and all(
+            isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in prompt):
+        return  # numpy's integers too
+    raise TypeError(f"prompts[{index}] is {type(prompt).__name__} {prompt!r:.60}: {PROMPT_KINDS}")
+
+
+def _template_conversation(conversation: Any, index: int | None) -> list[dict[str, Any]]:
+    """The conversation as the chat template takes it: a list of messages with a role and
+    content, a content of text parts joined by newlines and an assistant's tool calls with
+    no content given "" (as the server hands them over). ValueError naming the message
+    otherwise."""
+    where = "messages" if index is None else f"messages[{index}]"
+    if not isinstance(conversation, list) or not conversation:
+        raise ValueError(f"{where} must be a non-empty list of messages")
+    out = []
+    for j, message in enumerate(conversation):
+        if not isinstance(message, dict):
+            raise ValueError(f"{where}[{j}] is {type(message).__name__}, not a message dict")
+        if not isinstance(message.get("role"), str):
+            raise ValueError(f"{where}[{j}] has no role (a string: system, user, assistant, tool)")
+        content = message.get("content")
+        if isinstance(content, list):
+            texts = [p.get("text") if isinstance(p, dict) and p.get("type") == "text" else None for p in content]
+            if None in texts or not all(isinstance(t, str) for t in texts):
+                raise ValueError(f"{where}[{j}].content: only text parts ({{'type': 'text', 'text': ...}}) "
+                                 "are supported")
+            message = {**message, "content": "\n".join(texts)}
+        elif content is None and message["role"] == "assistant" and message.get("tool_calls"):
+            message = {**message, "content": ""}  # as the server hands templates a tool call
+        elif not isinstance(content, str):
+            raise ValueError(f"{where}[{j}] has no content (a string or a list of text parts)")
+        out.append(message)
+    return out
+
+
 def _split_prompt(prompt: Prompt) -> tuple[str | None, list[int] | None]:
     if isinstance(prompt, str):
         return prompt, None
     if isinstance(prompt, dict):
         if "prompt_token_ids" in prompt:
-            return prompt.get("prompt"), list(prompt["prompt_token_ids"])
+            return prompt.get("prompt"), _token_ids(prompt["prompt_token_ids"])
         return prompt.get("prompt"), None
-    return None, list(prompt)
+    return None, _token_ids(prompt)
+
+
+def _token_ids(ids: Any) -> list[int]:
+    """Python ints of a sequence of integers (numpy's among them); anything else as it is,
+    for the engine to refuse."""
+    return [int(t) if isinstance(t, numbers.Integral) and not isinstance(t, bool) else t for t in ids]

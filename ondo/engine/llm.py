@@ -109,13 +109,11 @@ PROMPT_KINDS = "a prompt is a string, a list of token ids, or a dict with 'promp
 
 
 def _check_prompt(prompt: Any, index: int) -> None:
-    """TypeError naming prompts[index] where it is no kind of prompt (its values are the
-    engine's to check: a bad one gets an error output, as in `generate`)."""
-    if isinstance(prompt, (str, dict)):
+    """TypeError naming prompts[index] where it is no kind of prompt. Its values are the
+    engine's to check (a bad id gets an error output, as in `generate`): nothing here walks
+    a prompt's tokens, which would cost a long batch seconds."""
+    if isinstance(prompt, (str, dict)) or (isinstance(prompt, Seq) and not isinstance(prompt, bytes)):
         return
-    if isinstance(prompt, Seq) and not isinstance(prompt, bytes) and all(
-            isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in prompt):
-        return  # numpy's integers too
     raise TypeError(f"prompts[{index}] is {type(prompt).__name__} {prompt!r:.60}: {PROMPT_KINDS}")
 
 
@@ -159,6 +157,10 @@ def _split_prompt(prompt: Prompt) -> tuple[str | None, list[int] | None]:
 
 
 def _token_ids(ids: Any) -> list[int]:
-    """Python ints of a sequence of integers (numpy's among them); anything else as it is,
-    for the engine to refuse."""
-    return [int(t) if isinstance(t, numbers.Integral) and not isinstance(t, bool) else t for t in ids]
+    """The ids as a list; numpy's integers made Python ints (judged by the first id, so that
+    a list of Python ints is copied and nothing more). Anything else is left for the engine
+    to refuse."""
+    ids = list(ids)
+    if ids and not isinstance(ids[0], int) and isinstance(ids[0], numbers.Integral):
+        return [int(t) if isinstance(t, numbers.Integral) else t for t in ids]
+    return ids

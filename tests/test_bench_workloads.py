@@ -31,3 +31,17 @@ def test_the_warm_up_pass_is_a_slice_of_w1_on_other_prompts():
     measured = {tuple(r.prompt_token_ids) for r in w1.requests}
     assert not any(tuple(r.prompt_token_ids) in measured for r in warm.requests)
     assert all(100 <= len(r.prompt_token_ids) <= 1024 for r in warm.requests)
+
+
+def test_no_request_of_any_seed_is_longer_than_its_workloads_bound():
+    from ondo.bench.sharing_workloads import MAX_REQUEST_TOKENS as SHARING
+    from ondo.bench.sharing_workloads import w4_shared_system_prompt, w5_parallel_sampling
+    from ondo.bench.workloads import MAX_REQUEST_TOKENS
+
+    for name, bound in MAX_REQUEST_TOKENS.items():
+        longest = max(len(r.prompt_token_ids) + r.max_tokens
+                      for seed in range(8) for r in make_workload(name, VOCAB, seed=seed).requests)
+        assert longest <= bound, name
+        assert longest > bound - 16, name  # the bound is the workload's, not a loose one
+    for name, make in (("W4", w4_shared_system_prompt), ("W5", w5_parallel_sampling)):
+        assert max(len(ids) + p.max_tokens for ids, p in make(1000, seed=0)) == SHARING[name]

@@ -7,12 +7,7 @@ import json
 import logging
 import sys
 
-
-def _rate(value: str) -> float:
-    rate = float(value)
-    if not rate > 0:
-        raise argparse.ArgumentTypeError("must be > 0 requests/s, or inf")
-    return rate
+from ondo.bench.arg_types import request_rate, writable_file
 
 
 def _bench_serve(args: argparse.Namespace) -> int:
@@ -39,9 +34,10 @@ def _add_serve(bench_sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default=None, help="model name (default: the server's first)")
     p.add_argument("--api-key", default=None)
     p.add_argument("--num-prompts", type=int, default=100)
-    p.add_argument("--request-rate", type=_rate, default=float("inf"),
+    p.add_argument("--request-rate", type=request_rate, default=float("inf"),
                    help="Poisson arrivals per second; inf sends all at once (default)")
-    p.add_argument("--max-concurrency", type=int, default=None)
+    p.add_argument("--max-concurrency", type=int, default=None,
+                   help="requests in flight at most (default: no limit)")
     p.add_argument("--dataset", choices=("random", "sharegpt-like"), default="random")
     p.add_argument("--input-len", type=int, default=256)
     p.add_argument("--output-len", type=int, default=128)
@@ -52,7 +48,7 @@ def _add_serve(bench_sub: argparse._SubParsersAction) -> None:
                    help="tokenizer to size prompts (default: the embedded model's; 'none': words)")
     p.add_argument("--token-id-vocab", type=int, default=None,
                    help="send random token-id prompts (for a server without a tokenizer)")
-    p.add_argument("--result-file", default=None, help="also write the JSON summary here")
+    p.add_argument("--result-file", type=writable_file, default=None, help="also write the JSON summary here")
     p.set_defaults(func=_bench_serve)
 
 

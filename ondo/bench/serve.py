@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass, field
 import aiohttp
 import numpy as np
 
+DATASETS = ("random", "sharegpt-like")
 _WORDS = ("time person year way day thing man world life hand part child eye woman place work "
           "week case point number group problem fact water light story river mountain city "
           "garden music color winter summer ocean forest engine signal market letter").split()
@@ -250,6 +251,23 @@ class BenchServeArgs:
     api_key: str | None = None
     max_concurrency: int | None = None
     result_file: str | None = None
+
+    def __post_init__(self) -> None:
+        """Refuses what no run could honour, naming the flag, before a request is sent."""
+        if not self.base_url.startswith(("http://", "https://")):
+            raise ValueError(f"--base-url must be an http:// or https:// URL, got {self.base_url!r}")
+        for flag, value in (("--num-prompts", self.num_prompts), ("--input-len", self.input_len),
+                            ("--output-len", self.output_len),
+                            ("--max-concurrency", self.max_concurrency),
+                            ("--token-id-vocab", self.token_id_vocab)):
+            if value is not None and value < 1:
+                raise ValueError(f"{flag} must be >= 1, got {value}")
+        if not self.request_rate > 0:
+            raise ValueError(f"--request-rate must be > 0 requests/s, or inf, got {self.request_rate}")
+        if not 0 <= self.range_ratio < 1:
+            raise ValueError(f"--range-ratio must be in [0, 1), got {self.range_ratio}")
+        if self.dataset not in DATASETS:
+            raise ValueError(f"--dataset must be one of {', '.join(DATASETS)}, got {self.dataset!r}")
 
 
 def bench_serve(args: BenchServeArgs) -> dict:

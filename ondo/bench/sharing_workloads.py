@@ -21,6 +21,8 @@ from ondo.engine.sampling_params import SamplingParams
 from ondo.engine.step_stats import StepStats
 
 Workload = list[tuple[list[int], SamplingParams]]
+# The longest request (prompt + output tokens) of each, with the defaults below.
+MAX_REQUEST_TOKENS = {"W4": 1024 + 128 + 128, "W5": 512 + 256}
 
 
 def _ids(rng: random.Random, vocab: int, n: int) -> list[int]:

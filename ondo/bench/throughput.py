@@ -20,9 +20,11 @@ from typing import TYPE_CHECKING
 import torch
 
 from ondo.bench.allocator_counts import allocator_counts, counts_between
+from ondo.bench.arg_types import non_negative_int, positive_float, positive_int, sampling_hz
 from ondo.bench.device_limits import DeviceLimits, measure_device_limits
 from ondo.bench.shapes import SHAPES, shape_folder
-from ondo.bench.workloads import Workload, make_workload, warm_up_workload
+from ondo.bench.sharing_workloads import MAX_REQUEST_TOKENS as SHARING_MAX_REQUEST_TOKENS
+from ondo.bench.workloads import MAX_REQUEST_TOKENS, Workload, make_workload, warm_up_workload
 from ondo.engine.step_stats import StepStats
 
 if TYPE_CHECKING:
@@ -175,15 +177,36 @@ def dummy_llm(folder: str, args: argparse.Namespace, **engine_args) -> LLM:
                enforce_eager=args.enforce_eager, **engine_args)
 
 
+def check_run(args: argparse.Namespace, on_gpu: bool) -> None:
+    """Refuses, before an engine starts, a run that could not finish: a --max-model-len
+    shorter than a request it would send (the warm-up pass on a GPU and --sharing's runs
+    take W1's requests too), or an --out-dir it cannot write its JSON to."""
+    bounds = {name: MAX_REQUEST_TOKENS[name] for name in args.workload}
+    if on_gpu or args.sharing:
+        bounds["W1"] = MAX_REQUEST_TOKENS["W1"]
+    if args.sharing:
+        bounds.update(SHARING_MAX_REQUEST_TOKENS)
+    name, need = max(bounds.items(), key=lambda item: item[1])
+    if args.max_model_len < need:
+        raise ValueError(f"--max-model-len {args.max_model_len} is shorter than {name}'s longest "
+                         f"request ({need} tokens, prompt and output): give at least {need}")
+    try:
+        os.makedirs(args.out_dir, exist_ok=True)
+    except OSError as e:
+        raise OSError(f"--out-dir {args.out_dir}: {e.strerror or e}") from None
+    if not os.access(args.out_dir, os.W_OK):
+        raise OSError(f"--out-dir {args.out_dir}: permission denied")
+
+
 def main(args: argparse.Namespace) -> int:
     logging.getLogger("ondo").setLevel(logging.INFO)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    check_run(args, device.type == "cuda")
     limits = measure_device_limits(device) if device.type == "cuda" else None
     if limits:
         log.info("device limits: copy %.0f GB/s, bf16 matmul %.0f TFLOP/s",
                  limits.copy_bytes_per_s / 1e9, limits.matmul_flops_per_s / 1e12)
     rows = []
-    os.makedirs(args.out_dir, exist_ok=True)
     for shape in args.model_shape:
         folder = shape_folder(shape)
         t0 = time.perf_counter()
@@ -322,24 +345,24 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--profile", action="store_true", help="print torch.profiler tables of a few steps")
     p.add_argument("--sharing", action="store_true",
                    help="also run W4/W5 with prefix caching on and off (and W1 with it off)")
-    p.add_argument("--caching-cost-pairs", type=int, default=3,
+    p.add_argument("--caching-cost-pairs", type=non_negative_int, default=3,
                    help="W1 runs with caching off and on, alternated, for caching's cost (0: skip)")
-    p.add_argument("--scale", type=float, default=1.0, help="fraction of each workload's requests")
+    p.add_argument("--scale", type=positive_float, default=1.0, help="fraction of each workload's requests")
     add_engine_flags(p)
     p.add_argument("--baselines", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--baseline-subset", type=int, default=64)
-    p.add_argument("--baseline-workloads", nargs="+", default=["W1", "W2", "W3"])
-    p.add_argument("--baseline-batch-sizes", type=int, nargs="+", default=[32, 64])
-    p.add_argument("--baseline-max-time-s", type=float, default=30.0,
+    p.add_argument("--baseline-subset", type=positive_int, default=64)
+    p.add_argument("--baseline-workloads", nargs="+", default=["W1", "W2", "W3"], choices=["W1", "W2", "W3"])
+    p.add_argument("--baseline-batch-sizes", type=positive_int, nargs="+", default=[32, 64])
+    p.add_argument("--baseline-max-time-s", type=positive_float, default=30.0,
                    help="time limit of each static-batch generate run")
-    p.add_argument("--baseline-cb-requests", type=int, default=16,
+    p.add_argument("--baseline-cb-requests", type=positive_int, default=16,
                    help="requests given to transformers' continuous batching")
-    p.add_argument("--baseline-cb-max-tokens", type=int, default=128,
+    p.add_argument("--baseline-cb-max-tokens", type=positive_int, default=128,
                    help="output cap per request for transformers' continuous batching")
     p.add_argument("--out-dir", default="bench/results")
-    p.add_argument("--telemetry-hz", type=float, nargs="*", default=[],
+    p.add_argument("--telemetry-hz", type=sampling_hz, nargs="*", default=[],
                    help="also run W1 with NVML telemetry at these rates (overhead, energy/token)")
-    p.add_argument("--events-pairs", type=int, default=0,
+    p.add_argument("--events-pairs", type=non_negative_int, default=0,
                    help="also run W1 this many times with telemetry alone and with telemetry, "
                         "event detectors and event log, alternated (their cost)")
     p.set_defaults(func=main)

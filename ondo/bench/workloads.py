@@ -40,6 +40,11 @@ def _random_prompt(rng: random.Random, vocab: int, n: int) -> list[int]:
     return [rng.randrange(100, vocab - 100) for _ in range(n)]
 
 
+# The longest request (prompt + output tokens) each workload can draw, whatever its seed
+# or scale: what max_model_len must hold for it to run.
+MAX_REQUEST_TOKENS = {"W1": 1024 + 1024, "W2": 128 + 1024, "W3": 2048 + 16}
+
+
 def make_workload(name: str, vocab: int, seed: int = 0, scale: float = 1.0) -> Workload:
     """W1 nano-vllm's mix, W2 decode-heavy, W3 prefill-heavy; `scale` shrinks the request
     count (for smoke runs), never the lengths."""

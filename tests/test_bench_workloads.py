@@ -21,6 +21,8 @@ def test_the_workloads_have_the_lengths_they_describe():
     assert w1.output_tokens == sum(r.max_tokens for r in w1.requests)
     assert all(p.ignore_eos and p.max_tokens == r.max_tokens for p, r in zip(w1.params(), w1.requests))
     assert make_workload("W1", VOCAB) == w1  # seeded: the same requests every run
+    assert w3.description == "prefill-heavy: 1024 requests, input 2048, output 16"
+    assert make_workload("W3", VOCAB, scale=0.01).description.startswith("prefill-heavy: 10 requests,")
     with pytest.raises(ValueError, match="unknown workload 'W9'"):
         make_workload("W9", VOCAB)
 

@@ -56,13 +56,13 @@ def make_workload(name: str, vocab: int, seed: int = 0, scale: float = 1.0) -> W
     if name == "W1":
         reqs = [Request(_random_prompt(rng, vocab, rng.randint(100, 1024)), rng.randint(100, 1024))
                 for _ in range(count(256))]
-        return Workload(name, "256 requests, input and output uniform in [100, 1024]", reqs)
+        return Workload(name, f"{len(reqs)} requests, input and output uniform in [100, 1024]", reqs)
     if name == "W2":
         reqs = [Request(_random_prompt(rng, vocab, 128), 1024) for _ in range(count(256))]
-        return Workload(name, "decode-heavy: 256 requests, input 128, output 1024", reqs)
+        return Workload(name, f"decode-heavy: {len(reqs)} requests, input 128, output 1024", reqs)
     if name == "W3":
         reqs = [Request(_random_prompt(rng, vocab, 2048), 16) for _ in range(count(1024))]
-        return Workload(name, "prefill-heavy: 1024 requests, input 2048, output 16", reqs)
+        return Workload(name, f"prefill-heavy: {len(reqs)} requests, input 2048, output 16", reqs)
     raise ValueError(f"unknown workload {name!r}; known: W1, W2, W3")
 
 

@@ -26,9 +26,16 @@ for stage in $STAGES; do
   case $stage in
     tests)
       # On a fresh machine (empty compiler caches) the whole suite took 438-580 s on an H100;
-      # TESTS_PATHS runs part of it (files or node ids).
-      timeout ${TESTS_TIMEOUT:-540} python3 -m pytest -m gpu ${TESTS_PATHS:-tests/gpu} -q -p no:cacheprovider -o addopts="" -s > "$OUT/gpu_tests.log" 2>&1
-      grep -E "RESULT|FAILED|Error|passed|failed" "$OUT/gpu_tests.log" | tail -30 ;;
+      # TESTS_PATHS runs part of it (files or node ids). Each test's outcome is logged as it
+      # ends (-v), so a run stopped by its time limit still says which passed.
+      timeout ${TESTS_TIMEOUT:-540} python3 -m pytest -m gpu ${TESTS_PATHS:-tests/gpu} -v -p no:cacheprovider \
+        -o addopts="" -s > "$OUT/gpu_tests.log" 2>&1
+      rc=$?
+      grep -E "RESULT|FAILED|Error|passed|failed" "$OUT/gpu_tests.log" | grep -vE '(^|::| )PASSED$' | tail -30
+      # Stopped by the limit, pytest printed no summary: count the outcomes logged so far.
+      [ $rc = 124 ] && echo "tests stopped by the ${TESTS_TIMEOUT:-540} s limit at" \
+        "$(grep -oE 'tests/gpu/[^ ]+' "$OUT/gpu_tests.log" | tail -1): $(grep -cE '(^|::| )PASSED' "$OUT/gpu_tests.log")" \
+        "passed, $(grep -cE '(^|::| )FAILED' "$OUT/gpu_tests.log") failed before it" ;;
     timeline)
       # Host against GPU per step in W1's steady state, plus a short torch.profiler trace
       # (TIMELINE_ARGS="--whole ...": every step of the workload, split by batch size).

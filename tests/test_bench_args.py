@@ -29,6 +29,8 @@ SERVE_CASES = [
     (["--range-ratio", "1.5"], "--range-ratio must be in [0, 1), got 1.5"),
     (["--range-ratio", "-1"], "--range-ratio must be in [0, 1), got -1.0"),
     (["--base-url", "localhost:8000"], "--base-url must be an http:// or https:// URL, got 'localhost:8000'"),
+    (["--request-rate", "0"], "--request-rate must be > 0 requests/s, or inf, got 0.0"),
+    (["--request-rate", "nan"], "--request-rate must be > 0 requests/s, or inf, got nan"),
 ]
 
 
@@ -41,7 +43,6 @@ def test_bench_serve_refuses_before_sending(capsys, flags, says):
 
 
 @pytest.mark.parametrize("flags, says", [
-    (["--request-rate", "0"], "argument --request-rate: must be > 0 requests/s, or inf, got 0"),
     (["--result-file", "{tmp}"], "argument --result-file: {tmp} is a folder"),
     (["--result-file", "{tmp}/no/r.json"], "argument --result-file: no folder {tmp}/no to write r.json in"),
 ])
@@ -88,7 +89,7 @@ THROUGHPUT = ["bench", "throughput", "--model-shape", "tiny-llama", "--no-baseli
 
 @pytest.mark.parametrize("flags, says", [
     (["--scale", "0"], "argument --scale: must be > 0 and finite, got 0"),
-    (["--scale", "nan"], "argument --scale: nan is not a number"),
+    (["--scale", "nan"], "argument --scale: must be > 0 and finite, got nan"),
     (["--telemetry-hz", "-5"], "argument --telemetry-hz: must be in (0, 100] Hz, got -5"),
     (["--telemetry-hz", "20", "500"], "argument --telemetry-hz: must be in (0, 100] Hz, got 500"),
     (["--events-pairs", "-1"], "argument --events-pairs: must be >= 0, got -1"),

@@ -15,8 +15,6 @@ def _number(text: str, kind: type) -> int | float:
     except ValueError:
         what = "an integer" if kind is int else "a number"
         raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
-    if isinstance(value, float) and math.isnan(value):
-        raise argparse.ArgumentTypeError("nan is not a number")
     return value
 
 
@@ -38,14 +36,6 @@ def positive_float(text: str) -> float:
     value = _number(text, float)
     if not 0 < value < math.inf:
         raise argparse.ArgumentTypeError(f"must be > 0 and finite, got {text}")
-    return value
-
-
-def request_rate(text: str) -> float:
-    """Poisson arrivals per second, or inf: every request at once."""
-    value = _number(text, float)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0 requests/s, or inf, got {text}")
     return value
 
 

@@ -7,7 +7,7 @@ import json
 import logging
 import sys
 
-from ondo.bench.arg_types import request_rate, writable_file
+from ondo.bench.arg_types import writable_file
 
 
 def _bench_serve(args: argparse.Namespace) -> int:
@@ -34,7 +34,7 @@ def _add_serve(bench_sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default=None, help="model name (default: the server's first)")
     p.add_argument("--api-key", default=None)
     p.add_argument("--num-prompts", type=int, default=100)
-    p.add_argument("--request-rate", type=request_rate, default=float("inf"),
+    p.add_argument("--request-rate", type=float, default=float("inf"),
                    help="Poisson arrivals per second; inf sends all at once (default)")
     p.add_argument("--max-concurrency", type=int, default=None,
                    help="requests in flight at most (default: no limit)")

@@ -273,3 +273,17 @@ def test_stop_strings_and_parallel_samples_match_the_thread(in_process):
         for i in range(2):
             streamed = "".join(c.new_text for out in g for c in out.outputs if c.index == i)
             assert streamed == g[-1].outputs[i].text
+
+
+def test_a_stop_tokens_text_is_left_out_as_on_the_thread(in_process):
+    # The engine process sends ids; this side makes the text and must leave the stop out too.
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True, stop_token_ids=[30])  # "."
+    got = _run_all(in_process, params)
+    want = _on_a_thread(params)
+    for g, w in zip(got, want, strict=True):
+        final = g[-1].outputs[0]
+        assert final.text == w[-1].outputs[0].text == "".join(o.outputs[0].new_text for o in g)
+        assert final.token_ids == w[-1].outputs[0].token_ids
+        if final.finish_reason == "stop":
+            assert final.token_ids[-1] == 30 and not final.text.endswith(".")
+    assert any(o[-1].outputs[0].finish_reason == "stop" for o in got)

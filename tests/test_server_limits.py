@@ -292,6 +292,16 @@ def test_the_request_timeout_aborts_a_request_that_runs_too_long():
                           if line.startswith("data: ") and line != "data: [DONE]"]
             assert events[-1]["choices"][0]["finish_reason"] == "abort"
             assert "--request-timeout" in events[-1]["choices"][0]["stop_reason"]
+            # Every completion of an n > 1 request it cut says why, streamed or not.
+            choices = httpx.post(url, json=body | {"n": 2}, timeout=60).json()["choices"]
+            assert [c["finish_reason"] for c in choices] == ["abort", "abort"]
+            assert all("--request-timeout" in c["stop_reason"] for c in choices)
+            with httpx.stream("POST", url, json=body | {"n": 2, "stream": True}, timeout=60) as r:
+                events = [json.loads(line[6:]) for line in r.iter_lines()
+                          if line.startswith("data: ") and line != "data: [DONE]"]
+            ends = {c["index"]: c for e in events for c in e["choices"] if c["finish_reason"]}
+            assert sorted(ends) == [0, 1]
+            assert all("--request-timeout" in c["stop_reason"] for c in ends.values())
             # A short one is unaffected, and the small body limit holds.
             short = httpx.post(url, json={"prompt": "Hi", "max_tokens": 3, "ignore_eos": True},
                                timeout=60).json()["choices"][0]

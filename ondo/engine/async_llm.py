@@ -124,7 +124,8 @@ class _StreamText:
             if det is None:
                 det = self._detokenizers[c.index] = IncrementalDetokenizer(
                     self.tokenizer, out.prompt_token_ids, self.skip_special_tokens)
-            c.new_text = det.extend(c.new_token_ids)
+            ids = c.new_token_ids
+            c.new_text = det.extend(ids[:-1] if c.stop_token_hidden and ids else ids)
             if c.finished:
                 c.new_text += det.flush()
             c.text = det.output_text
@@ -312,9 +313,13 @@ class AsyncLLM:
                     text.fill(item)
                 if item.finished:
                     finished = True
-                    outcome = "error" if item.error else item.outputs[0].finish_reason or "error"
-                    if stream.abort_reason and item.outputs[0].finish_reason == "abort":
-                        item.outputs[0].stop_reason = stream.abort_reason
+                    reasons = [c.finish_reason for c in item.outputs]
+                    outcome = ("error" if item.error or "error" in reasons
+                               else "abort" if "abort" in reasons else reasons[0] or "error")
+                    if stream.abort_reason:  # every completion it cut, not only the first
+                        for c in item.outputs:
+                            if c.finish_reason == "abort":
+                                c.stop_reason = stream.abort_reason
                 yield item
                 if finished:
                     return

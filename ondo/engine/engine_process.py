@@ -84,7 +84,7 @@ class WireEncoder:
             metrics = self._metrics[out.request_id] = out.metrics
         return (out.request_id, metrics,
                 tuple((c.index, c.new_text, c.new_token_ids, c.new_logprobs, c.cumulative_logprob,
-                       c.stop_reason) for c in out.outputs))
+                       c.stop_reason, c.stop_token_hidden) for c in out.outputs))
 
 
 class WireDecoder:
@@ -109,10 +109,10 @@ class WireDecoder:
         else:
             self._state[request_id] = (prompt, ids, metrics, texts)
         outputs = []
-        for index, new_text, new_ids, new_lps, cumulative, stop_reason in completions:
+        for index, new_text, new_ids, new_lps, cumulative, stop_reason, hidden in completions:
             text = texts[index] = texts.get(index, "") + new_text
             outputs.append(CompletionOutput(index, text, [], None, stop_reason, None, cumulative,
-                                            new_text, new_ids, new_lps))
+                                            new_text, new_ids, new_lps, hidden))
         return RequestOutput(request_id, prompt, ids, outputs, False, metrics=metrics)
 
 

@@ -196,6 +196,7 @@ class _TextState:
     text: str = ""
     final: bool = False  # the sequence finished and `text` is whole
     stopped_by_string: bool = False  # `text` was cut at a stop string
+    stop_token_hidden: bool = False  # the last token ended the sequence; its text is left out
     emitted: int = 0  # characters of `text` already handed out
     emitted_tokens: int = 0
     emitted_logprobs: int = 0
@@ -382,7 +383,8 @@ class LLMEngine:
         num_seqs = params.num_sequences
         if num_seqs > self.scheduler.max_num_seqs:
             name = "n" if params.best_of is None else "best_of"
-            raise ValueError(f"{name}={num_seqs} exceeds max_num_seqs={self.scheduler.max_num_seqs}")
+            raise ValueError(f"invalid sampling parameter {name}={num_seqs}: exceeds "
+                             f"max_num_seqs={self.scheduler.max_num_seqs}")
         bad_bias = [t for t in (params.logit_bias or {}) if t >= vocab]
         if bad_bias:
             raise ValueError(f"logit_bias names token id {bad_bias[0]}, out of range: ids must "
@@ -639,10 +641,16 @@ class LLMEngine:
             history=lambda: ([s.prompt_token_ids for s in seqs], [s.output_token_ids for s in seqs]),
             mask=mask,
             host_generator=self.host_generator,
+            stop_ids=self._stop_ids,
         )
         f.draws.start_copy()
         f.logits = f.masks = None
         self.step_timing_s["sample"] += time.perf_counter() - t0
+
+    def _stop_ids(self, p: SamplingParams) -> tuple[int, ...] | list[int]:
+        """The tokens that end a sequence sampled with `p`: EOS (unless ignore_eos) and its
+        stop_token_ids."""
+        return p.stop_token_ids if p.ignore_eos else (*self.eos_token_ids, *p.stop_token_ids)
 
     def _token_mask(self, seqs: list[Sequence], prev: _InFlight | None) -> PendingMask | None:
         """Start the masks of the rows with a grammar once the forward pass is queued. Each
@@ -765,12 +773,19 @@ class LLMEngine:
         if sampled_lp is not None:
             seq.cumulative_logprob += sampled_lp
         state = self._text[seq.seq_id]
+        p = seq.params
+        num_output = len(seq.token_ids) - len(seq.prompt_token_ids)
+        # A token that ends the sequence (EOS, a stop token id) leaves its text out, unless
+        # include_stop_str_in_output; its id stays in token_ids (as vLLM's).
+        stop_token = ((token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids))
+                      and num_output >= p.min_tokens)
         new_text_len = 0
-        if state.detokenizer is not None:
+        if stop_token and not p.include_stop_str_in_output:
+            state.stop_token_hidden = True
+        elif state.detokenizer is not None:
             delta = state.detokenizer.append(token)
             state.text += delta
             new_text_len = len(delta)
-        p = seq.params
         grammar = self._grammars.get(seq.seq_id) if self._grammars else None
         if grammar is not None:
             grammar.sync(seq.token_ids, seq.num_prompt_tokens)
@@ -779,9 +794,7 @@ class LLMEngine:
                 seq.stop_reason = f"the output left its grammar: {grammar.error}"
                 self.scheduler.finish(seq, "error")
                 return
-        num_output = len(seq.token_ids) - len(seq.prompt_token_ids)
-        if (grammar is None and not p.stop_list and token not in p.stop_token_ids
-                and (p.ignore_eos or token not in self.eos_token_ids)
+        if (grammar is None and not p.stop_list and not stop_token
                 and (p.max_tokens is None or num_output < p.max_tokens)
                 and len(seq.token_ids) < self.max_model_len):
             return  # nothing check_stop looks at can end it: the common decode step
@@ -857,6 +870,7 @@ class LLMEngine:
             new_text=new_text,
             new_token_ids=new_ids,
             new_logprobs=new_lps,
+            stop_token_hidden=finished and state.stop_token_hidden,
         )
 
     def _finish_text(self, seq: Sequence, state: _TextState) -> None:
@@ -869,7 +883,9 @@ class LLMEngine:
             if not state.stopped_by_string:
                 state.text += state.detokenizer.flush()
         elif self.tokenizer is not None and seq.detokenize:
-            state.text = detokenize(self.tokenizer, seq.prompt_token_ids, seq.output_token_ids,
+            ids = seq.output_token_ids
+            state.text = detokenize(self.tokenizer, seq.prompt_token_ids,
+                                    ids[:-1] if state.stop_token_hidden else ids,
                                     seq.params.skip_special_tokens)
 
     def _forget(self, request_id: str) -> None:

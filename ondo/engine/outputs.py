@@ -18,6 +18,9 @@ class CompletionOutput:
     new_text: str = ""
     new_token_ids: list[int] = field(default_factory=list)
     new_logprobs: list[dict[int, float]] | None = None
+    # Finished by a token (EOS, a stop token id) whose text is not in `text`: the last of
+    # `token_ids` (include_stop_str_in_output keeps it, and this is False).
+    stop_token_hidden: bool = False
 
     @property
     def finished(self) -> bool:
@@ -37,14 +40,15 @@ class RequestOutput:
 
 # One streamed step of a request past its first output, as the engine process sends it:
 # (request_id, metrics or None if unchanged, ((index, new_text, new_token_ids, new_logprobs,
-# cumulative_logprob, stop_reason), ...)). The receiver holds the prompt and the text so
-# far and rebuilds the RequestOutput (engine_process.WireDecoder).
+# cumulative_logprob, stop_reason, stop_token_hidden), ...)); stop_token_hidden because a
+# completion of an n > 1 request can end before the request does. The receiver holds the
+# prompt and the text so far and rebuilds the RequestOutput (engine_process.WireDecoder).
 WireDelta = tuple
 
 
 def wire_delta(request_id: str, index: int, new_token_ids: list[int]) -> WireDelta:
     """The wire tuple of a plain step: new token ids only, metrics unchanged."""
-    return (request_id, None, ((index, "", new_token_ids, None, None, None),))
+    return (request_id, None, ((index, "", new_token_ids, None, None, None, False),))
 
 
 def coalesce(earlier: RequestOutput, later: RequestOutput) -> RequestOutput:

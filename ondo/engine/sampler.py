@@ -11,7 +11,7 @@ from __future__ import annotations
 import operator
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,6 +20,11 @@ import torch
 from ondo.engine import staging
 from ondo.engine.sampling_params import SamplingParams
 from ondo.kernels.bitmask import apply_token_bitmask
+
+# The least repetition_penalty and top_p the draws use. Smaller accepted values round to 0
+# in float32 (a division by zero; a top_p that drops every token); 1e-30 acts as they would.
+_MIN_REPETITION_PENALTY = 1e-30
+_MIN_TOP_P = 1e-30
 
 
 @dataclass
@@ -62,13 +67,33 @@ def apply_penalties(
             seen = torch.tensor(prompt_ids[row] + output_ids[row], dtype=torch.long, device=logits.device)
             seen = seen.unique()
             vals = logits[row, seen]
-            logits[row, seen] = torch.where(
-                vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty
-            )
+            # A penalty below float32's range would divide by zero (inf, then NaN draws).
+            penalty = max(p.repetition_penalty, _MIN_REPETITION_PENALTY)
+            logits[row, seen] = torch.where(vals > 0, vals / penalty, vals * penalty)
         if (p.presence_penalty != 0.0 or p.frequency_penalty != 0.0) and out.numel():
             counts = torch.zeros(vocab, dtype=logits.dtype, device=logits.device)
             counts.scatter_add_(0, out, torch.ones_like(out, dtype=logits.dtype))
             logits[row] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
+
+
+def apply_min_tokens(logits: torch.Tensor, params: list[SamplingParams], output_lens: list[int],
+                     stop_ids: Callable[[SamplingParams], Iterable[int]]) -> None:
+    """In place: a row that has generated fewer than its min_tokens cannot draw a token that
+    would end it (`stop_ids(p)`: EOS unless ignore_eos, and its stop_token_ids), so its first
+    possible stop token is token min_tokens + 1, as vLLM's."""
+    rows: list[int] = []
+    cols: list[int] = []
+    vocab = logits.shape[1]
+    for row, p in enumerate(params):
+        if output_lens[row] < p.min_tokens:
+            for token in stop_ids(p):
+                if token < vocab:
+                    rows.append(row)
+                    cols.append(token)
+    if rows:
+        device = logits.device
+        logits.index_put_((to_device(rows, torch.int64, device), to_device(cols, torch.int64, device)),
+                          torch.tensor(float("-inf"), dtype=logits.dtype, device=device))
 
 
 def apply_logit_bias(logits: torch.Tensor, params: list[SamplingParams]) -> None:
@@ -104,8 +129,10 @@ def _filter(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
     vocab = logits.shape[1]
     device = logits.device
     if any(p.top_k > 0 or p.top_p < 1.0 for p in params):
-        top_k = to_device([p.top_k for p in params], torch.int64, device)
-        top_p = to_device([p.top_p for p in params], logits.dtype, device)
+        # A top_k past the vocabulary cuts nothing (and may not fit an int64); a top_p that
+        # rounds to 0 in float32 keeps the first token, as any top_p > 0 does.
+        top_k = to_device([min(p.top_k, vocab) for p in params], torch.int64, device)
+        top_p = to_device([max(p.top_p, _MIN_TOP_P) for p in params], logits.dtype, device)
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         ranks = torch.arange(vocab, device=logits.device)[None, :]
         k = torch.where(top_k > 0, top_k, torch.full_like(top_k, vocab))
@@ -185,6 +212,7 @@ class BatchParams:
     want_logprobs: bool
     penalties: bool
     bias: bool
+    min_tokens: bool  # some row has a min_tokens
     greedy: bool  # every row
     filtered: bool  # some row has top-k, top-p or min-p
     temperatures: np.ndarray  # float64, 1.0 for greedy rows
@@ -193,7 +221,7 @@ class BatchParams:
 
 
 def _summarize(params: list[SamplingParams]) -> BatchParams:
-    want_logprobs = penalties = bias = filtered = False
+    want_logprobs = penalties = bias = filtered = min_tokens = False
     n = len(params)
     temps = np.ones(n, dtype=np.float64)
     noisy = np.zeros(n, dtype=np.int32)
@@ -205,6 +233,8 @@ def _summarize(params: list[SamplingParams]) -> BatchParams:
             penalties = True
         if p.logit_bias:
             bias = True
+        if p.min_tokens:
+            min_tokens = True
         if p.top_k > 0 or p.top_p < 1.0 or p.min_p > 0:
             filtered = True
         if not p.greedy:
@@ -212,7 +242,8 @@ def _summarize(params: list[SamplingParams]) -> BatchParams:
             noisy[row] = 1
             if p.seed is not None:
                 seeded.append(row)
-    return BatchParams(want_logprobs, penalties, bias, not noisy.any(), filtered, temps, noisy, tuple(seeded))
+    return BatchParams(want_logprobs, penalties, bias, min_tokens, not noisy.any(), filtered, temps,
+                       noisy, tuple(seeded))
 
 
 class _LastBatch:
@@ -282,10 +313,13 @@ def sample_on_device(
     history: Callable[[], tuple[list[list[int]], list[list[int]]]] | None = None,
     mask: TokenMask | None = None,
     host_generator: torch.Generator | None = None,
+    stop_ids: Callable[[SamplingParams], Iterable[int]] | None = None,
 ) -> DeviceSample:
     """The draws, queued on the logits' device without waiting for it. `history()` gives
     (prompt ids, output ids) per row; called only if a penalty needs it. Log-probabilities
     are the model's own (before penalties, bias and masks), as vLLM reports them.
+    `stop_ids(p)`: the tokens that would end a row of parameters `p`, which it may not draw
+    before its min_tokens (`apply_min_tokens`); None: min_tokens is not enforced here.
 
     With `fused_sampling` the draws are one kernel over the logits, its rows' seeds drawn
     from `host_generator` (a CPU generator; default torch's); otherwise the exponential
@@ -296,8 +330,9 @@ def sample_on_device(
     summary = batch_params(params)
     want_logprobs, penalties, bias = summary.want_logprobs, summary.penalties, summary.bias
     greedy, filtered = summary.greedy, summary.filtered
+    min_tokens = summary.min_tokens and stop_ids is not None
     fused = fused_sampling(device)
-    if (want_logprobs or penalties or bias or mask is not None
+    if (want_logprobs or penalties or bias or min_tokens or mask is not None
             or not (greedy or (fused and not filtered))):
         logits = logits.float()
     raw_logprobs = logits.log_softmax(-1) if want_logprobs else None
@@ -310,6 +345,8 @@ def sample_on_device(
         apply_penalties(logits, params, prompt_ids, output_ids)
     if bias:
         apply_logit_bias(logits, params)
+    if min_tokens:
+        apply_min_tokens(logits, params, output_lens, stop_ids)
     if mask is not None:
         apply_token_bitmask(logits, mask.bitmask, mask.rows)
 

@@ -82,9 +82,17 @@ class LLM:
         self,
         messages: list[dict[str, str]] | list[list[dict[str, str]]],
         sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
     ) -> list[RequestOutput]:
+        """Each conversation through the chat template, then `generate`. As vLLM's:
+        continue_final_message leaves the last message open for the model to go on with
+        (an assistant's prefill), and needs add_generation_prompt=False."""
         if self.tokenizer is None:
             raise ValueError("this model has no tokenizer, so no chat template")
+        if continue_final_message and add_generation_prompt:
+            raise ValueError("continue_final_message and add_generation_prompt cannot both be "
+                             "true: pass add_generation_prompt=False")
         if not isinstance(messages, list):
             raise TypeError(f"messages must be a list of message dicts (or a list of such lists), "
                             f"not {type(messages).__name__}")
@@ -92,7 +100,9 @@ class LLM:
         conversations = [_template_conversation(c, i if len(conversations) > 1 else None)
                          for i, c in enumerate(conversations)]
         prompts = [
-            {"prompt_token_ids": self.tokenizer.apply_chat_template(c, add_generation_prompt=True)}
+            {"prompt_token_ids": self.tokenizer.apply_chat_template(
+                c, add_generation_prompt=add_generation_prompt,
+                continue_final_message=continue_final_message)}
             for c in conversations
         ]
         return self.generate(prompts, sampling_params)

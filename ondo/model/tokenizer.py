@@ -90,13 +90,18 @@ class Tokenizer:
         add_generation_prompt: bool = True,
         tokenize: bool = True,
         tools: list[dict[str, Any]] | None = None,
+        continue_final_message: bool = False,
     ) -> list[int] | str:
+        """The conversation rendered by the chat template. continue_final_message: the last
+        message is left open (no end-of-turn after it), for the model to go on with it."""
         if not self.has_chat_template:
             raise ValueError(
                 f"the tokenizer from {self.source} has no chat template; "
                 "send a plain completion prompt instead"
             )
-        extra = {"tools": tools} if tools else {}
+        extra: dict[str, Any] = {"tools": tools} if tools else {}
+        if continue_final_message:
+            extra["continue_final_message"] = True
         result = self.hf_tokenizer.apply_chat_template(
             messages, add_generation_prompt=add_generation_prompt, tokenize=tokenize, **extra
         )

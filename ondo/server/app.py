@@ -77,6 +77,13 @@ def build_app(async_llm: AsyncLLM, served_model_name: str, api_key: str | None =
         return ModelList(data=[ModelCard(id=served_model_name, root=served_model_name,
                                          max_model_len=async_llm.max_model_len)])
 
+    @app.get("/v1/models/{model_id:path}", dependencies=v1, response_model=ModelCard,
+             responses=_ERRORS)
+    async def model(model_id: str) -> ModelCard:
+        ctx.check_model(model_id)
+        return ModelCard(id=served_model_name, root=served_model_name,
+                         max_model_len=async_llm.max_model_len)
+
     @app.get("/health")
     async def health() -> Response:
         """Readiness: 200 while requests are taken; 503 while the engine restarts, once it
@@ -105,7 +112,8 @@ def build_app(async_llm: AsyncLLM, served_model_name: str, api_key: str | None =
         if body.messages is not None:
             if not body.messages:
                 raise bad_request("messages must not be empty", "messages")
-            ids = await chat_prompt_ids(ctx, body.messages, body.add_generation_prompt is not False)
+            ids = await chat_prompt_ids(ctx, body.messages, body.add_generation_prompt,
+                                        continue_final_message=body.continue_final_message)
         else:
             ids = await ctx.encode(body.prompt or "", "prompt", body.add_special_tokens is not False)
         return TokenizeResponse(count=len(ids), max_model_len=async_llm.max_model_len, tokens=ids)

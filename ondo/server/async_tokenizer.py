@@ -54,10 +54,11 @@ class AsyncTokenizer:
 
     async def apply_chat_template(self, messages: list[dict[str, Any]],
                                   add_generation_prompt: bool = True,
-                                  tools: list[dict[str, Any]] | None = None) -> list[int]:
+                                  tools: list[dict[str, Any]] | None = None,
+                                  continue_final_message: bool = False) -> list[int]:
         return await self.run(lambda: self.tokenizer.apply_chat_template(
             messages, add_generation_prompt=add_generation_prompt,
-            tools=tools))  # type: ignore[return-value]
+            tools=tools, continue_final_message=continue_final_message))  # type: ignore[return-value]
 
     async def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return await self.run(lambda: self.tokenizer.decode(ids, skip_special_tokens))

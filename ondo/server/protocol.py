@@ -107,7 +107,8 @@ class ChatCompletionRequest(_SamplingFields):
     tool_choice: Any = None
     parallel_tool_calls: bool | None = True
     response_format: ResponseFormat | None = None
-    add_generation_prompt: bool | None = True
+    add_generation_prompt: bool | None = None  # None: true, unless continue_final_message
+    continue_final_message: bool | None = False
     best_of: int | None = None
 
 
@@ -116,7 +117,8 @@ class TokenizeRequest(_Request):
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
     add_special_tokens: bool | None = True
-    add_generation_prompt: bool | None = True
+    add_generation_prompt: bool | None = None  # None: true, unless continue_final_message
+    continue_final_message: bool | None = False
 
 
 class DetokenizeRequest(_Request):

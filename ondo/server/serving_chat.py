@@ -59,9 +59,12 @@ def template_messages(messages: list[ChatMessage], param: str = "messages") -> l
         if isinstance(content, list):
             texts = []
             for j, part in enumerate(content):
-                if part.type != "text" or part.text is None:
+                if part.type != "text":
                     raise bad_request(f"content part type {part.type!r} is not supported: only "
                                       "text parts", f"{param}[{i}].content[{j}]")
+                if part.text is None:
+                    raise bad_request("a text part needs its text: {'type': 'text', 'text': ...}",
+                                      f"{param}[{i}].content[{j}].text")
                 texts.append(part.text)
             content = "\n".join(texts)
         role = "system" if m.role == "developer" else m.role
@@ -95,9 +98,17 @@ def chat_template_text(ctx: ServingContext) -> str | None:
 
 
 async def chat_prompt_ids(ctx: ServingContext, messages: list[ChatMessage],
-                          add_generation_prompt: bool, param: str = "messages",
-                          tools: ToolPlan | None = None) -> list[int]:
-    """The chat template rendered and tokenized off the event loop (see AsyncTokenizer)."""
+                          add_generation_prompt: bool | None, param: str = "messages",
+                          tools: ToolPlan | None = None,
+                          continue_final_message: bool | None = False) -> list[int]:
+    """The chat template rendered and tokenized off the event loop (see AsyncTokenizer).
+    continue_final_message (vLLM's): the last message stays open and the model goes on
+    with it (an assistant's prefill); it excludes add_generation_prompt, whose default
+    (true) it then turns off unless the request set it."""
+    continue_final = continue_final_message is True
+    if continue_final and add_generation_prompt is True:
+        raise bad_request("continue_final_message and add_generation_prompt cannot both be true: "
+                          "set add_generation_prompt to false", "continue_final_message")
     msgs = template_messages(messages, param)
     tokenizer = ctx.async_tokenizer
     template_tools = tools.template_tools if tools is not None else None
@@ -110,7 +121,9 @@ async def chat_prompt_ids(ctx: ServingContext, messages: list[ChatMessage],
             msgs.insert(0, {"role": "system", "content": prompt})
         template_tools = None
     try:
-        ids = await tokenizer.apply_chat_template(msgs, add_generation_prompt, tools=template_tools)
+        ids = await tokenizer.apply_chat_template(
+            msgs, add_generation_prompt is not False and not continue_final, tools=template_tools,
+            continue_final_message=continue_final)
     except Exception as e:  # jinja raises its own kinds on messages a template refuses
         raise bad_request(f"cannot apply the chat template to {param}: {e}", param) from e
     ctx.check_token_ids(list(ids), param)
@@ -144,8 +157,8 @@ async def create_chat_completion(ctx: ServingContext, body: ChatCompletionReques
             raise bad_request(f"{field} and tools both constrain the output: drop one, or set "
                               "tool_choice to 'none'", field)
         structured = tools.structured
-    ids = await chat_prompt_ids(ctx, body.messages, body.add_generation_prompt is not False,
-                                tools=tools)
+    ids = await chat_prompt_ids(ctx, body.messages, body.add_generation_prompt, tools=tools,
+                                continue_final_message=body.continue_final_message)
     param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     max_tokens = ctx.resolve_max_tokens(len(ids), requested, param, "messages")

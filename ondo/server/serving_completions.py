@@ -9,6 +9,7 @@ from fastapi import Request, Response
 from fastapi.responses import StreamingResponse
 
 from ondo.engine.outputs import RequestOutput
+from ondo.model.detokenizer import IncrementalDetokenizer
 from ondo.server.errors import bad_request
 from ondo.server.protocol import (
     CompletionChoice,
@@ -62,17 +63,42 @@ async def _prompts(ctx: ServingContext, prompt: object) -> list[tuple[str | None
     return out
 
 
+class _TextOffsets:
+    """Where each output token's text starts in its choice's text: the length of the text
+    the tokens before it made, through the detokenizer the text itself comes from. A
+    token that only starts a character starts where the character does, and a stop token
+    whose text is left out starts at the end. Without a tokenizer, the decoded tokens'
+    lengths add up."""
+
+    def __init__(self, ctx: ServingContext, prompt_token_ids: list[int],
+                 skip_special_tokens: bool) -> None:
+        tokenizer = ctx.async_llm.tokenizer
+        self._detokenizer = (None if tokenizer is None else
+                             IncrementalDetokenizer(tokenizer, prompt_token_ids, skip_special_tokens))
+        self.length = 0
+
+    def next(self, token_id: int, token: str) -> int:
+        """The offset of `token_id` (decoded alone: `token`), which follows the last one."""
+        offset = self.length
+        made = token if self._detokenizer is None else self._detokenizer.append(token_id)
+        self.length += len(made)
+        return offset
+
+
 def _logprobs(ctx: ServingContext, token_ids: list[int], logprobs: list[dict[int, float]] | None,
-              num_top: int, offset: int) -> CompletionLogprobs:
+              num_top: int, offsets: _TextOffsets) -> CompletionLogprobs:
+    """The legacy logprobs object. Each token's top_logprobs are the num_top most likely
+    tokens and the sampled one (up to num_top + 1), as OpenAI's and vLLM's."""
     lp = CompletionLogprobs()
     for token_id, candidates in zip(token_ids, logprobs or []):
         token = ctx.decode_token(token_id)
         lp.tokens.append(token)
         lp.token_logprobs.append(clamp_logprob(candidates.get(token_id, float("-inf"))))
-        lp.top_logprobs.append({ctx.decode_token(t): clamp_logprob(v)
-                                for t, v in top_n(candidates, num_top)})
-        lp.text_offset.append(offset)
-        offset += len(token)
+        top = top_n(candidates, num_top)
+        if token_id in candidates and all(t != token_id for t, _ in top):
+            top.append((token_id, candidates[token_id]))
+        lp.top_logprobs.append({ctx.decode_token(t): clamp_logprob(v) for t, v in top})
+        lp.text_offset.append(offsets.next(token_id, token))
     return lp
 
 
@@ -102,7 +128,8 @@ async def create_completion(ctx: ServingContext, body: CompletionRequest, raw: R
         if body.stream:
             first = await until_disconnected(raw, first_item(merged))
             return StreamingResponse(
-                _stream(ctx, body, request_id, prompts, echo, num_top, n, first, merged),
+                _stream(ctx, body, request_id, prompts, params[0].skip_special_tokens, echo,
+                        num_top, n, first, merged),
                 media_type="text/event-stream")
         finals = await until_disconnected(raw, _collect(merged, len(prompts)))
     except ClientDisconnected:
@@ -118,7 +145,8 @@ async def create_completion(ctx: ServingContext, body: CompletionRequest, raw: R
             choices.append(CompletionChoice(
                 index=i * n + c.index, text=echo[i] + c.text, finish_reason=c.finish_reason,
                 stop_reason=c.stop_reason,
-                logprobs=(_logprobs(ctx, c.token_ids, c.logprobs, num_top, 0)
+                logprobs=(_logprobs(ctx, c.token_ids, c.logprobs, num_top,
+                                    _TextOffsets(ctx, prompts[i][1], params[i].skip_special_tokens))
                           if body.logprobs is not None else None)))
     prompt_tokens = sum(len(ids) for _, ids in prompts)
     return CompletionResponse(id=request_id, model=ctx.model_name, choices=choices,
@@ -137,13 +165,14 @@ async def _collect(merged: AsyncIterator[tuple[int, RequestOutput]], n: int) -> 
 
 
 async def _stream(ctx: ServingContext, body: CompletionRequest, request_id: str,
-                  prompts: list[tuple[str | None, list[int]]], echo: list[str], num_top: int,
-                  n: int, first: tuple[int, RequestOutput] | None,
+                  prompts: list[tuple[str | None, list[int]]], skip_special_tokens: bool,
+                  echo: list[str], num_top: int, n: int, first: tuple[int, RequestOutput] | None,
                   merged: AsyncIterator[tuple[int, RequestOutput]]) -> AsyncIterator[str]:
     created = CompletionResponse(id=request_id, model=ctx.model_name, choices=[]).created
     completion_tokens = 0
     # By choice index (prompt index * n + completion index).
-    text_len = [len(echo[i // n]) for i in range(len(prompts) * n)]
+    offsets = [_TextOffsets(ctx, prompts[i // n][1], skip_special_tokens)
+               for i in range(len(prompts) * n)] if body.logprobs is not None else []
     echoed = [not echo[i // n] for i in range(len(prompts) * n)]
     done = [False] * (len(prompts) * n)  # its finish_reason went out (n > 1: one ends first)
     text_chunk = TextChunks(lambda index, text: CompletionResponse(
@@ -172,8 +201,7 @@ async def _stream(ctx: ServingContext, body: CompletionRequest, request_id: str,
                     continue
                 lp = None
                 if body.logprobs is not None:
-                    lp = _logprobs(ctx, c.new_token_ids, c.new_logprobs, num_top, text_len[index])
-                text_len[index] += len(text)
+                    lp = _logprobs(ctx, c.new_token_ids, c.new_logprobs, num_top, offsets[index])
                 if lp is None and not c.finished:
                     yield text_chunk(index, text)
                     continue

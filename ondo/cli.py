@@ -11,6 +11,8 @@ from ondo.cli_errors import describe_user_error, user_error
 
 log = logging.getLogger("ondo")
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
 # Each module defines `register(subparsers)`, adding parsers whose `func(args) -> int` runs them.
 COMMAND_MODULES = (
     "ondo.engine.cli",
@@ -26,7 +28,8 @@ COMMAND_MODULES = (
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ondo", description=__doc__)
-    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
+    parser.add_argument("--log-level", default="INFO", type=str.upper, choices=LOG_LEVELS,
+                        help="DEBUG, INFO, WARNING or ERROR (any case)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         try:

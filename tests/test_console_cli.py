@@ -39,7 +39,7 @@ def test_tokens_are_printed_once_stored_hashed_listed_and_revoked(tmp_path) -> N
     token_id = store.list()[0].token_id
     assert main(["console", "token", "revoke", token_id, "--db", str(db)]) == 0
     assert store.lookup(token) is None and store.active_count() == 0
-    assert main(["console", "token", "revoke", token_id, "--db", str(db)]) == 1
+    assert main(["console", "token", "revoke", token_id, "--db", str(db)]) == 2  # no longer active
     assert main(["console", "--db", str(tmp_path / "none.db")]) == 2
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import sqlite3
 import sys
 from pathlib import Path
 
@@ -17,8 +18,9 @@ def _serve(args: argparse.Namespace) -> int:
     from ondo.console.serve import is_loopback
 
     db = Path(args.db)
-    if not db.exists():
-        print(f"error: --db {db}: no such database", file=sys.stderr)
+    problem = _database_problem(db)
+    if problem is not None:
+        print(f"error: --db {db}: {problem}", file=sys.stderr)
         return 2
     if not is_loopback(args.host) and TokenStore(db).active_count() == 0:
         print(f"error: --host {args.host}: the console refuses to listen beyond loopback "
@@ -45,14 +47,39 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _database_problem(db: Path) -> str | None:
+    """Why `db` is no SQLite database to read (None: it is one), found before a server
+    binds its port or a token command acts on it."""
+    if not db.exists():
+        return "no such database"
+    if db.is_dir():
+        return "is a folder, not a database"
+    try:
+        conn = sqlite3.connect(f"file:{db.resolve()}?mode=ro", uri=True)
+        try:
+            conn.execute("PRAGMA schema_version").fetchone()
+        finally:
+            conn.close()
+    except sqlite3.Error as e:
+        return str(e)
+    return None
+
+
 def _token(args: argparse.Namespace) -> int:
+    # create may start the database (tokens made before the first `ondo serve`); list and
+    # revoke need one that exists.
+    problem = None if args.token_command == "create" and not Path(args.db).exists() \
+        else _database_problem(Path(args.db))
+    if problem is not None:
+        print(f"error: --db {args.db}: {problem}", file=sys.stderr)
+        return 2
     store = TokenStore(args.db)
     if args.token_command == "create":
         if not Path(args.db).parent.is_dir():
             print(f"error: --db {args.db}: the folder does not exist", file=sys.stderr)
             return 2
         try:
-            token, info = store.create(args.role, args.name or args.role)
+            token, info = store.create(args.role, args.role if args.name is None else args.name)
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
@@ -72,7 +99,7 @@ def _token(args: argparse.Namespace) -> int:
         return 0
     if not store.revoke(args.token_id):
         print(f"error: no active token {args.token_id!r} in {args.db}", file=sys.stderr)
-        return 1
+        return 2
     print(f"revoked {args.token_id}")
     return 0
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ondo.cli_errors import describe_user_error
+from ondo.cli_paths import refuse_overwriting_inputs
 from ondo.events.config import DetectorConfig
 
 log = logging.getLogger(__name__)
@@ -273,6 +274,7 @@ def export_cmd(args: argparse.Namespace) -> int:
 
     try:
         q = _query(args)
+        refuse_overwriting_inputs("-o", args.output, {"--db": args.db})
         conn = _open_log(args.db)
     except (FileNotFoundError, ValueError, sqlite3.Error) as e:
         return _error(describe_user_error(e, args))
@@ -296,9 +298,10 @@ def replay_cmd(args: argparse.Namespace) -> int:
         params = params_from("--params", args.params)
     except ValueError as e:
         return _error(str(e))
-    if args.speed < 0:
+    if not args.speed >= 0:  # nan too
         return _error(f"--speed must be >= 0 (0: as fast as possible), got {args.speed}")
     try:
+        refuse_overwriting_inputs("--db", args.db, {"--trace": args.trace, "--params": args.params})
         config = detector_config(args, params)
         summary = replay_trace(args.trace, args.db, config=config, params=params,
                                speed=args.speed or float("inf"), overwrite=args.overwrite)
@@ -314,8 +317,9 @@ def analyze_cmd(args: argparse.Namespace) -> int:
     from ondo.events.analysis.report import analyze, format_text
 
     for flag in ("bin_s", "max_lag_s", "lookback_s"):
-        if not getattr(args, flag) > 0:
-            return _error(f"--{flag.replace('_', '-')} must be > 0")
+        if not 0 < getattr(args, flag) < float("inf"):
+            return _error(f"--{flag.replace('_', '-')} must be a number of seconds above 0, "
+                          f"got {getattr(args, flag)}")
     try:
         report = analyze(args.db, gpu_index=args.gpu, bin_s=args.bin_s,
                          max_lag_s=args.max_lag_s, lookback_s=args.lookback_s)

@@ -159,9 +159,9 @@ def _run(trace: TraceRecords, snaps: list[TwinSnapshot], store: TelemetryStore,
         if paced:
             t = record_time(item)[0]  # type: ignore[index]
             t0 = t if t0 is None else t0
-            delay = wall0 + (t - t0) / speed - time.monotonic()
-            if delay > 0:
-                time.sleep(delay)
+            # In slices: one sleep overflows past about 292 years (a speed of 1e-200).
+            while (delay := wall0 + (t - t0) / speed - time.monotonic()) > 0:
+                time.sleep(min(delay, 3600.0))
         for draft in detectors.feed(item):
             events.append(draft)
 

@@ -36,7 +36,7 @@ class VerifyResult:
 
 
 def _body_problem(seq: int, body: str, kind: str, severity: str, t_mono: float,
-                  t_wall: float) -> str | None:
+                  t_wall: float, gpu_index: object) -> str | None:
     try:
         data = json.loads(body)
     except ValueError as e:
@@ -59,6 +59,10 @@ def _body_problem(seq: int, body: str, kind: str, severity: str, t_mono: float,
         same_t = False
     if not same_t:
         return "its time columns differ from its body"
+    subject = data["subject"]
+    gpu = subject.get("gpu") if isinstance(subject, dict) else None
+    if gpu_index != (gpu if isinstance(gpu, int) and not isinstance(gpu, bool) else None):
+        return "its gpu_index column differs from its body's subject"  # it would hide it from --gpu
     return None
 
 
@@ -75,9 +79,9 @@ def verify(db: str | Path) -> VerifyResult:
         if head is None:
             return VerifyResult(False, 0, GENESIS_HASH, 1, "the head row is missing")
         prev, expected = GENESIS_HASH, 1
-        rows = conn.execute("SELECT seq, t_monotonic_s, t_wall_s, kind, severity, body, "
+        rows = conn.execute("SELECT seq, t_monotonic_s, t_wall_s, kind, severity, gpu_index, body, "
                             "prev_hash, hash FROM events ORDER BY seq")
-        for seq, t_mono, t_wall, kind, severity, body, prev_hash, digest in rows:
+        for seq, t_mono, t_wall, kind, severity, gpu_index, body, prev_hash, digest in rows:
             if seq != expected:
                 return VerifyResult(False, expected - 1, prev, expected,
                                     f"it is missing (the next stored entry is {seq})")
@@ -87,7 +91,7 @@ def verify(db: str | Path) -> VerifyResult:
             elif chain_hash(prev_hash, body) != digest:
                 problem = "its hash does not match its content"
             else:
-                problem = _body_problem(seq, body, kind, severity, t_mono, t_wall)
+                problem = _body_problem(seq, body, kind, severity, t_mono, t_wall, gpu_index)
             if problem:
                 return VerifyResult(False, expected - 1, prev, seq, problem)
             prev, expected = digest, expected + 1

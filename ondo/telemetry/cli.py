@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import time
 from collections.abc import Callable
 
+from ondo.cli_paths import refuse_overwriting_inputs
 from ondo.telemetry.export import read_rows, write_csv, write_parquet
 from ondo.telemetry.hub import TelemetryHub
 from ondo.telemetry.pipeline import open_gpu_source
@@ -58,37 +60,34 @@ def sim_load_profile(spec: str) -> Callable[[], LoadDescriptor]:
         compute, memory = (float(x) for x in spec.split(","))
     except ValueError:
         raise ValueError(f"--sim-load {spec!r}: expected idle, step or C,M (two numbers)") from None
+    if not (0.0 <= compute <= 1.0 and 0.0 <= memory <= 1.0):  # nan fails both
+        raise ValueError(f"--sim-load {spec!r}: C and M are utilizations, each in [0, 1]")
     load = LoadDescriptor(compute, memory)
     return lambda: load
 
 
 def record(args: argparse.Namespace) -> int:
+    # Every flag is checked before the database is created or touched.
     if args.seconds is not None and not args.seconds >= 0:
-        log.error("--seconds must be 0 or more, got %s", args.seconds)
-        return 2
+        raise ValueError(f"--seconds must be 0 or more (inf: until interrupted), got {args.seconds}")
     if not args.speed >= 0:
-        log.error("--speed must be 0 or more (0: as fast as possible), got %s", args.speed)
-        return 2
+        raise ValueError(f"--speed must be 0 or more (0: as fast as possible), got {args.speed}")
+    if not 0 < args.raw_retention_s < math.inf:
+        raise ValueError(f"--raw-retention-s must be a number of seconds above 0, got "
+                         f"{args.raw_retention_s}")
     hub = TelemetryHub()
+    source = open_gpu_source(args.source, hub, args.hz, trace=args.trace, speed=args.speed,
+                             load_fn=sim_load_profile(args.sim_load))
+    assert source is not None  # the CLI always falls back to the simulated GPU
     store = TelemetryStore(args.db, raw_retention_s=args.raw_retention_s)
     store.attach(hub)
-    try:
-        source = open_gpu_source(
-            args.source, hub, args.hz, trace=args.trace, speed=args.speed,
-            load_fn=sim_load_profile(args.sim_load),
-        )
-    except (ValueError, OSError) as e:
-        store.close()
-        log.error("%s", e)
-        return 2
-    assert source is not None  # the CLI always falls back to the simulated GPU
     log.info("recording %s source into %s", source.source_name, args.db)
     source.start()
     try:
         if isinstance(source, ReplaySource):
-            source.join(args.seconds)
+            source.join(None if args.seconds is None or args.seconds == math.inf else args.seconds)
         else:
-            time.sleep(10.0 if args.seconds is None else args.seconds)
+            _sleep(10.0 if args.seconds is None else args.seconds)
     except KeyboardInterrupt:
         pass
     finally:
@@ -105,16 +104,24 @@ def record(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sleep(seconds: float) -> None:
+    """time.sleep for any span, inf included (until interrupted): one call overflows past
+    about 292 years."""
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        time.sleep(min(left, 3600.0))
+
+
 def export(args: argparse.Namespace) -> int:
+    refuse_overwriting_inputs("-o", args.output, {"--db": args.db})
     columns, rows = read_rows(args.db, args.table)
     try:
         if args.format == "parquet":
             write_parquet(columns, rows, args.output)
         else:
             write_csv(columns, rows, args.output)
-    except RuntimeError as e:
-        log.error("%s", e)
-        return 2
+    except RuntimeError as e:  # no pyarrow
+        raise ValueError(str(e)) from e
     log.info("wrote %d rows to %s", len(rows), args.output)
     return 0
 

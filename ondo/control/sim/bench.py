@@ -16,6 +16,8 @@ import sys
 from ondo.control.flags import POLICIES
 
 SCENARIO_NAMES = ("nominal", "hot-inlet", "degraded-cooling", "power-budget-450w")
+# The longest simulated run: a day of traffic.
+MAX_DURATION_S = 86_400.0
 
 
 def format_table(report: dict) -> str:
@@ -41,8 +43,9 @@ def main(args: argparse.Namespace) -> int:
         print(f"error: --scenario: {e}", file=sys.stderr)
         return 2
     if args.duration_s is not None:
-        if not args.duration_s > 20:
-            print("error: --duration-s must be > 20 (the first 10 s are not scored)",
+        if not 20 < args.duration_s <= MAX_DURATION_S:
+            print(f"error: --duration-s must be above 20 (the first 10 s are not scored) and "
+                  f"at most {MAX_DURATION_S:g} (a simulated day), got {args.duration_s}",
                   file=sys.stderr)
             return 2
         sc = sc.shortened(args.duration_s)

@@ -128,6 +128,10 @@ def _held_means(t: np.ndarray, values: np.ndarray, edges: np.ndarray) -> np.ndar
     return held
 
 
+# The most bins a series may have (each is a few floats per series).
+MAX_BINS = 10_000_000
+
+
 def on_grid(rec: Recording, bin_s: float) -> Grid:
     """Load and response series of `rec` on bins of `bin_s` seconds over the whole record."""
     times = [s.t_monotonic_s for s in rec.gpus[:1] + rec.gpus[-1:]]
@@ -137,6 +141,9 @@ def on_grid(rec: Recording, bin_s: float) -> Grid:
         raise ValueError("the database holds no GPU sample and no engine step")
     t0, t1 = min(times), max(times)
     n = max(int(np.ceil((t1 - t0) / bin_s)), 1)
+    if n > MAX_BINS:  # a bin far finer than the samples: memory, not insight
+        raise ValueError(f"--bin-s {bin_s:g} makes {n:,} bins over the record's {t1 - t0:.1f} s; "
+                         f"at most {MAX_BINS:,}: give a larger --bin-s")
     edges = t0 + bin_s * np.arange(n + 1)
     series: dict[str, np.ndarray] = {}
     mid = np.array([(s.start_monotonic_s + s.end_monotonic_s) / 2 for s in rec.steps])

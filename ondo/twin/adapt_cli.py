@@ -5,11 +5,26 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import math
 import sys
 from dataclasses import asdict
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+from ondo.bench.arg_types import writable_file
+from ondo.cli_paths import refuse_overwriting_inputs
+from ondo.twin.cli_checks import (
+    check_horizon,
+    check_horizon_within,
+    check_score_from,
+    check_score_window,
+    refused,
+    score_json,
+)
+
+if TYPE_CHECKING:
+    from ondo.events.trace_input import TraceRecords
+    from ondo.twin.params import TwinParams
 
 PRED_COLUMNS = ("t", "temp_c_pred", "mem_temp_c_pred", "power_w_pred", "sm_mhz_pred",
                 "power_cap_pred", "thermal_slowdown_pred")
@@ -25,10 +40,12 @@ def register(sub) -> None:
                        help="trace CSV: an NVML trace or a serving trace (kind gpu/engine rows)")
     adapt.add_argument("--params", help="params JSON to start from (default: the packaged "
                        "H100 fit)")
-    adapt.add_argument("--horizon-s", type=float, default=10.0)
-    adapt.add_argument("-o", "--output", required=True,
+    adapt.add_argument("--horizon-s", type=float, default=10.0,
+                       help="seconds ahead: above 0, at most the trace's length (default 10)")
+    adapt.add_argument("-o", "--output", required=True, type=writable_file,
                        help="PRED.csv: the columns of `ondo twin predict`, then the band")
-    adapt.add_argument("--trajectory", help="CSV of the adapted constants over time")
+    adapt.add_argument("--trajectory", type=writable_file,
+                       help="CSV of the adapted constants over time")
     adapt.add_argument("--score-from-s", type=float,
                        help="also print the score (JSON) of the rows from this time on")
     adapt.set_defaults(func=run_adapt)
@@ -42,25 +59,16 @@ def register(sub) -> None:
 
 
 def run_adapt(args: argparse.Namespace) -> int:
-    from ondo.events.trace_input import TraceError, read_trace_records
     from ondo.twin.adapt_replay import forecast_rows, run_trace, score
-    from ondo.twin.params import params_from
 
-    if not (math.isfinite(args.horizon_s) and args.horizon_s > 0):
-        print(f"--horizon-s must be a positive number of seconds, got {args.horizon_s}",
-              file=sys.stderr)
-        return 2
     try:
-        params = params_from("--params", args.params)
+        params, records = _adapt_inputs(args)
     except ValueError as e:
-        print(e, file=sys.stderr)
-        return 2
+        return refused(e)
     try:
-        records = read_trace_records(args.trace)
         run = run_trace(records, params)
-    except (TraceError, ValueError) as e:
-        print(f"--trace: {e}", file=sys.stderr)
-        return 2
+    except ValueError as e:  # no GPU row it could start from
+        return refused(f"--trace: {e}")
     fc = forecast_rows(run, args.horizon_s)
     write_predictions(args.output, run, fc)
     print(f"wrote {len(fc.t_s)} rows to {args.output}", file=sys.stderr)
@@ -73,8 +81,39 @@ def run_adapt(args: argparse.Namespace) -> int:
           file=sys.stderr)
     if args.score_from_s is not None:
         s = score(run, fc, args.score_from_s)
-        print(json.dumps({"horizon_s": args.horizon_s, "from_s": args.score_from_s, **asdict(s)}))
+        if s.rows == 0:  # every row after the first lacked the readings the twin takes
+            return refused(f"--score-from-s {args.score_from_s:g}: no row of --trace "
+                           f"{args.trace} the twin took to score")
+        print(score_json(args.horizon_s, args.score_from_s, asdict(s)))
     return 0
+
+
+def _adapt_inputs(args: argparse.Namespace) -> tuple[TwinParams, TraceRecords]:
+    """The params and trace records to run, the flags checked against them; ValueError
+    naming the flag where one is wrong, before anything is run or written."""
+    from ondo.events.trace_input import read_trace_records
+    from ondo.telemetry.schema import GpuSample
+    from ondo.twin.params import params_from
+
+    check_horizon(args.horizon_s)
+    check_score_from(args.score_from_s)
+    inputs = {"--trace": args.trace, "--params": args.params}
+    refuse_overwriting_inputs("-o", args.output, inputs)
+    if args.trajectory:
+        refuse_overwriting_inputs("--trajectory", args.trajectory,
+                                  {**inputs, "-o": args.output})
+    params = params_from("--params", args.params)
+    try:
+        records = read_trace_records(args.trace)
+    except ValueError as e:  # TraceError: "PATH: line N: why"
+        raise ValueError(f"--trace: {e}") from None
+    # Trace time, as --score-from-s reads it: seconds after the first GPU row.
+    t_s = np.array([r.t_monotonic_s for r in records.records if isinstance(r, GpuSample)])
+    if len(t_s):  # else run_trace says there is no GPU row
+        check_horizon_within(args.horizon_s, t_s, args.trace)
+        # The first row is forecast from itself, so is never scored.
+        check_score_window(args.score_from_s, t_s[1:] - t_s[0], args.trace)
+    return params, records
 
 
 def write_predictions(path: str, run, fc) -> None:
@@ -127,20 +166,20 @@ HISTORY_SHOWN = ("die_sink_c_per_w", "board_amb_c_per_w", "board_c_j_per_c", "id
 
 
 def run_history(args: argparse.Namespace) -> int:
-    import os
     import time
 
-    from ondo.twin.store_tables import constants_history, drift, gpu_uuids
+    from ondo.twin.store_tables import constants_history, drift
 
-    if not os.path.exists(args.db):
-        print(f"--db {args.db}: no such file", file=sys.stderr)
-        return 2
-    uuids = [args.gpu] if args.gpu else gpu_uuids(args.db)
+    try:
+        uuids = _history_gpus(args.db, args.gpu)
+    except ValueError as e:
+        return refused(e)
     out = {}
     for uuid in uuids:
         rows = constants_history(args.db, uuid)
         if not rows:
-            print(f"{uuid}: nothing saved", file=sys.stderr)
+            print(f"{uuid}: none of its saved constants are this twin's (saved by another "
+                  "version)", file=sys.stderr)
             continue
         print(f"{uuid} ({rows[-1].gpu_name}), {len(rows)} saved, from {rows[0].base}")
         print("  " + f"{'saved at':19} {'inlet_c':>8} " + " ".join(f"{n:>18}"
@@ -153,5 +192,30 @@ def run_history(args: argparse.Namespace) -> int:
         ratios = drift(rows)
         print("  latest / first: " + ", ".join(f"{n} {ratios[n]:.3f}" for n in HISTORY_SHOWN))
         out[uuid] = {"saved": len(rows), "latest": rows[-1].values(), "drift": ratios}
+    if not out:
+        return refused(f"--db {args.db}: no constants this version of the twin can read")
     print(json.dumps(out))
-    return 0 if out else 1
+    return 0
+
+
+def _history_gpus(db: str, gpu: str | None) -> list[str]:
+    """The GPUs to show: `gpu`, or every one with constants saved in `db`. A database with
+    none is refused (exit 2) as much as a file that is none: either way there is no history
+    to show, and an empty answer would read as a GPU that never drifted. sqlite3.Error
+    where the file is not a database."""
+    import os
+
+    from ondo.twin.store_tables import saved_gpu_uuids
+
+    if os.path.isdir(db):
+        raise ValueError(f"--db {db}: is a folder, not a database")
+    if not os.path.exists(db):
+        raise ValueError(f"--db {db}: no such database")
+    saved = saved_gpu_uuids(db)
+    if not saved:
+        raise ValueError(f"--db {db}: no twin constants saved in it (`ondo serve "
+                         "--telemetry-db FILE` saves them there as its live twin adapts)")
+    if gpu is not None and gpu not in saved:
+        raise ValueError(f"--gpu {gpu}: no constants saved for it in --db {db} (saved: "
+                         f"{', '.join(saved)})")
+    return [gpu] if gpu is not None else saved

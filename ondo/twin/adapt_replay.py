@@ -35,6 +35,7 @@ from ondo.twin.plant import (
     reported_sm_mhz,
     throttle_reasons,
 )
+from ondo.twin.replay import check_horizon, forward_steps
 from ondo.twin.state_filter import N_X
 
 FORWARD_DT_S = 0.01
@@ -156,6 +157,7 @@ class AdaptForecast:
 
 def forecast_rows(run: AdaptRun, horizon_s: float,
                   forward_dt_s: float = FORWARD_DT_S) -> AdaptForecast:
+    check_horizon(horizon_s)
     t = run.t_s
     n = len(t)
     origin = np.clip(np.searchsorted(t, t - horizon_s, side="right") - 1, 0, n - 1)
@@ -168,7 +170,7 @@ def forecast_rows(run: AdaptRun, horizon_s: float,
     dt_max = min(forward_dt_s, 0.9 * min(stable.values()))
     p = stacked_params([params[i] for i in origin])
     span_s = t - t[origin]
-    n_steps = max(1, int(np.ceil(horizon_s / dt_max)))
+    n_steps = forward_steps(horizon_s, span_s, dt_max)
     dt = span_s / n_steps
     zo = run.z[origin]
     s = initial_state(p, zo[:, 0], zo[:, 1], zo[:, 2], zo[:, 3], run.sm_mhz[origin],

@@ -4,10 +4,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 H100_PARAMS_PATH = Path(__file__).with_name("h100_params.json")
+# Keys a params file may leave out: the engine load map came after the first fits (the
+# packaged h100_params.json has none), whose loads are already in the plant's units, so the
+# identity map the defaults give is theirs; notes are free text.
+OPTIONAL_KEYS = frozenset(
+    {"engine_compute_gain", "engine_compute_inv_max", "engine_memory_gain", "notes"}
+)
 
 
 @dataclass(frozen=True)
@@ -72,8 +79,20 @@ class TwinParams:
 
     @classmethod
     def from_dict(cls, data: dict) -> TwinParams:
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
+        """The params `data` holds: every constant, each a finite number; ValueError naming
+        the keys that are not constants, the constants missing, or a value that is no number
+        (a params file cut short, or another JSON file, must not run on the defaults)."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = [k for k in data if k not in names]
+        if unknown:
+            raise ValueError(f"not twin params: unknown keys {_listed(unknown)}")
+        missing = [n for n in names if n not in data and n not in OPTIONAL_KEYS]
+        if missing:
+            raise ValueError(f"not twin params: missing {_listed(missing)}")
+        values = {k: v if k == "notes" else _constant(k, v) for k, v in data.items()}
+        if not isinstance(values.get("notes", {}), dict):
+            raise ValueError(f"notes must be a JSON object, got {json.dumps(values['notes'])}")
+        return cls(**values)
 
     @classmethod
     def load(cls, path: str | Path) -> TwinParams:
@@ -84,13 +103,29 @@ class TwinParams:
             raise ValueError(f"not a JSON file: {e}") from None
         if not isinstance(data, dict):
             raise ValueError("not twin params (a JSON object of the twin's constants)")
-        try:
-            return cls.from_dict(data)
-        except TypeError as e:  # a constant missing or of the wrong kind
-            raise ValueError(f"not twin params: {e}") from None
+        return cls.from_dict(data)
 
     def save(self, path: str | Path) -> None:
+        """Written only where `load` would take it back: ValueError naming the first
+        constant that is not a finite number (a fit gone astray), and nothing written."""
+        for f in dataclasses.fields(self):
+            if f.name != "notes":
+                _constant(f.name, getattr(self, f.name))
         Path(path).write_text(self.to_json())
+
+
+def _constant(name: str, value: object) -> float:
+    """A constant's JSON value as a float; ValueError unless a finite number (JSON's true and
+    false are no numbers here, though Python takes them for 1 and 0)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {json.dumps(value)}")
+    return float(value)
+
+
+def _listed(names: list[str], shown: int = 6) -> str:
+    """Names for a message: the first few, then how many more (a wrong file lacks them all)."""
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
 
 
 def params_from(flag: str, path: str | None) -> TwinParams:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -63,18 +64,34 @@ def estimate_states(params: TwinParams, tr: Trace) -> np.ndarray:
     return out
 
 
+def check_horizon(horizon_s: float) -> None:
+    """ValueError unless a forecast horizon is a positive, finite number of seconds: a
+    negative one runs the plant backwards (it blows up), an infinite one never ends."""
+    if not (math.isfinite(horizon_s) and horizon_s > 0):
+        raise ValueError(f"the horizon must be a positive number of seconds, got {horizon_s}")
+
+
+def forward_steps(horizon_s: float, span_s: np.ndarray, dt_s: float) -> int:
+    """Plant steps for every row's span at once: horizon_s / dt_s, but no more than the
+    longest span needs. Where the horizon is within the trace some row spans all of it, so
+    this is horizon_s / dt_s; beyond it, every row starts at the first and the steps stop
+    at the trace's end, instead of running (hours, for a horizon of years) past it."""
+    return max(1, int(np.ceil(min(horizon_s, float(np.max(span_s))) / dt_s)))
+
+
 def replay(
     params: TwinParams, tr: Trace, horizon_s: float, forward_dt_s: float = FORWARD_DT_S
 ) -> Replay:
     """For every row at t: estimate from rows up to t - horizon_s, then simulate forward to t
     with the trace's own load over (t - horizon_s, t]. All rows are simulated together.
     An engine load descriptor goes through the params' engine load map first."""
+    check_horizon(horizon_s)
     tr = in_plant_units(params, tr)
     x = estimate_states(params, tr)
     origin = np.searchsorted(tr.t_s, tr.t_s - horizon_s, side="right") - 1
     origin = np.clip(origin, 0, len(tr) - 1)
     span_s = tr.t_s - tr.t_s[origin]
-    n_steps = max(1, int(np.ceil(horizon_s / forward_dt_s)))
+    n_steps = forward_steps(horizon_s, span_s, forward_dt_s)
     dt = span_s / n_steps
     xo = x[origin]
     capped = (tr.throttle_reasons[origin] & THROTTLE_SW_POWER_CAP) > 0

@@ -148,6 +148,21 @@ def drift(history: list[AdaptedConstants]) -> dict[str, float]:
             for k in first}
 
 
+def saved_gpu_uuids(db_path: str | Path) -> list[str]:
+    """The GPUs with constants saved in the database, for reading them back: unlike
+    `gpu_uuids`, a file that is no database raises (sqlite3.Error), and one without the
+    twin's table gives none rather than hiding the difference."""
+    conn = sqlite3.connect(f"{Path(db_path).resolve().as_uri()}?mode=ro", uri=True, timeout=5.0)
+    try:
+        table = conn.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'twin_params'")
+        if table.fetchone() is None:
+            return []
+        return [r[0] for r in conn.execute("SELECT DISTINCT gpu_uuid FROM twin_params")]
+    finally:
+        conn.close()
+
+
 def gpu_uuids(db_path: str | Path) -> list[str]:
     if not Path(db_path).exists():
         return []

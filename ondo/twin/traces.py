@@ -114,13 +114,25 @@ def _number(text: str | None) -> bool:
 def read_trace(path: str | Path) -> Trace:
     """A trace CSV in either format: the NVML traces (one row per reading, `phase` labels or
     activity columns, mW/mJ), or ondo's telemetry (`kind` gpu/engine rows on one clock, W/J)."""
-    rows = list(csv.DictReader(trace_lines(path)))
+    reader = csv.DictReader(trace_lines(path))
+    rows = list(reader)
+    header = reader.fieldnames
+    # Worded as `ondo twin adapt` (ondo.events.trace_input) words it of the same file.
+    if not header:
+        raise ValueError(f"{path}: line 1: the file is empty (a CSV header is expected)")
+    if "t" not in header:
+        what = "a serving trace (kind gpu/engine rows)" if "kind" in header else "an NVML trace"
+        raise ValueError(
+            f"{path}: no column 't', which {what} needs: not a trace this reader knows"
+        )
     if not rows:
-        raise ValueError(f"{path}: no rows")
+        raise ValueError(f"{path}: no rows after the header")
     serving = "kind" in rows[0]
     engine = [r for r in rows if r["kind"] == "engine"] if serving else []
     if serving:
         rows = [r for r in rows if r["kind"] == "gpu"]
+        if not rows:  # the twin starts from a GPU reading
+            raise ValueError(f"{path}: no GPU rows (kind gpu) in this serving trace")
 
     def col(name: str, scale: float = 1.0, of: list[dict[str, str]] = rows) -> np.ndarray:
         try:
